@@ -1,0 +1,79 @@
+//! Machine provisioners for Paddock: the [`Provisioner`] trait and its backends.
+//!
+//! A provisioner starts and stops the machines that run Paddock's agent. The master writes the
+//! machine's row (with its id, which doubles as the idempotency token) before calling
+//! [`Provisioner::launch`], so a crash between the two is repaired from the store.
+
+pub mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future, so provisioners can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the master asks for when it launches a machine.
+#[derive(Clone)]
+pub struct LaunchSpec {
+    /// The machine's id in the store; also the idempotency token.
+    pub machine_id: i64,
+    pub pool: String,
+    /// URL the agent connects back to.
+    pub master_url: String,
+    /// The machine's one-time token. Never log it.
+    pub token: String,
+}
+
+impl std::fmt::Debug for LaunchSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaunchSpec")
+            .field("machine_id", &self.machine_id)
+            .field("pool", &self.pool)
+            .field("master_url", &self.master_url)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A machine the provisioner started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launched {
+    /// The provider's id for it (a pid for `local`, an instance id for EC2).
+    pub provider_id: String,
+    pub instance_type: Option<String>,
+    /// `on-demand`, `spot` or `local`.
+    pub lifecycle: String,
+}
+
+/// A machine as the provider lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub provider_id: String,
+    /// The machine id this provider tagged it with, if it can tell.
+    pub machine_id: Option<i64>,
+    pub alive: bool,
+}
+
+/// Why a provisioner call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("launch failed: {0}")]
+    Launch(String),
+    #[error("terminate failed: {0}")]
+    Terminate(String),
+    #[error("listing failed: {0}")]
+    List(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Starts and stops machines for one pool.
+pub trait Provisioner: Send + Sync {
+    /// Start a machine that will run `paddock agent` against `spec.master_url` with `spec.token`.
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched, ProvisionError>>;
+    /// Stop a machine: gracefully first, then forcibly. Stopping a machine that is already
+    /// gone is not an error.
+    fn terminate(&self, machine_id: i64, provider_id: &str) -> BoxFuture<'_, Result<(), ProvisionError>>;
+    /// Whether a machine this provisioner started (perhaps in an earlier run) still runs.
+    fn list(&self, known: &[(i64, String)]) -> BoxFuture<'_, Result<Vec<Listed>, ProvisionError>>;
+}

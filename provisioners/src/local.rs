@@ -1,0 +1,152 @@
+//! The `local` provisioner: each machine is a `paddock agent` child process in its own work
+//! directory and its own process group. It is Paddock's embedded default: no cloud account.
+//!
+//! A machine is recognised across master restarts by its pid *and* the `PADDOCK_MACHINE_ID` in
+//! its environment, so a recycled pid is never mistaken for one of ours.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::{BoxFuture, LaunchSpec, Launched, Listed, ProvisionError, Provisioner};
+
+/// Environment variable carrying the machine id into the agent process.
+pub const MACHINE_ID_ENV: &str = "PADDOCK_MACHINE_ID";
+/// Environment variable carrying the one-time token (kept off the command line, where `ps`
+/// would show it).
+pub const TOKEN_ENV: &str = "PADDOCK_AGENT_TOKEN";
+
+/// Starts agents as local child processes.
+#[derive(Debug, Clone)]
+pub struct LocalProvisioner {
+    program: PathBuf,
+    base_dir: PathBuf,
+    grace: Duration,
+}
+
+impl LocalProvisioner {
+    /// Agents run `program agent …` in `base_dir/machine-<id>`.
+    pub fn new(program: PathBuf, base_dir: PathBuf) -> Self {
+        LocalProvisioner { program, base_dir, grace: Duration::from_secs(10) }
+    }
+
+    /// How long a stopped agent gets between SIGTERM and SIGKILL.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    fn workdir(&self, machine_id: i64) -> PathBuf {
+        self.base_dir.join(format!("machine-{machine_id}"))
+    }
+
+    async fn start(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
+        let dir = self.workdir(spec.machine_id);
+        tokio::fs::create_dir_all(&dir).await?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let log_err = log.try_clone()?;
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.arg("agent")
+            .arg("--master")
+            .arg(&spec.master_url)
+            .arg("--workdir")
+            .arg(&dir)
+            .env(TOKEN_ENV, &spec.token)
+            .env(MACHINE_ID_ENV, spec.machine_id.to_string())
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own process group, so stopping it also stops the build steps it started,
+            // and a Ctrl-C aimed at the master's terminal does not reach it directly.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| ProvisionError::Launch(format!("cannot start {}: {e}", self.program.display())))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| ProvisionError::Launch("agent exited at once".into()))?;
+        // Reap the child whenever it exits so it never lingers as a zombie.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        tracing::info!(machine = spec.machine_id, pid, pool = %spec.pool, "local agent started");
+        Ok(Launched { provider_id: pid.to_string(), instance_type: Some("local".into()), lifecycle: "local".into() })
+    }
+
+    async fn stop(&self, machine_id: i64, provider_id: &str) -> Result<(), ProvisionError> {
+        let Ok(pid) = provider_id.parse::<i32>() else {
+            return Ok(());
+        };
+        if is_ours(pid, machine_id) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = tokio::time::Instant::now() + self.grace;
+            while is_ours(pid, machine_id) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if is_ours(pid, machine_id) {
+                tracing::warn!(machine = machine_id, pid, "agent ignored SIGTERM; killing it");
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while is_ours(pid, machine_id) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        } else {
+            // The agent itself is gone, but steps it started may outlive it in its group.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let dir = self.workdir(machine_id);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(machine = machine_id, dir = %dir.display(), "cannot remove work directory: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Provisioner for LocalProvisioner {
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched, ProvisionError>> {
+        Box::pin(self.start(spec))
+    }
+
+    fn terminate(&self, machine_id: i64, provider_id: &str) -> BoxFuture<'_, Result<(), ProvisionError>> {
+        let provider_id = provider_id.to_string();
+        Box::pin(async move { self.stop(machine_id, &provider_id).await })
+    }
+
+    fn list(&self, known: &[(i64, String)]) -> BoxFuture<'_, Result<Vec<Listed>, ProvisionError>> {
+        let listed = known
+            .iter()
+            .map(|(id, provider_id)| Listed {
+                provider_id: provider_id.clone(),
+                machine_id: Some(*id),
+                alive: provider_id.parse::<i32>().map(|pid| is_ours(pid, *id)).unwrap_or(false),
+            })
+            .collect();
+        Box::pin(async move { Ok(listed) })
+    }
+}
+
+/// Whether `pid` is a live (non-zombie) process started for `machine_id`.
+pub fn is_ours(pid: i32, machine_id: i64) -> bool {
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
+        return false;
+    };
+    // The state letter follows the parenthesised command name.
+    let state = stat.rsplit(')').next().and_then(|rest| rest.trim_start().chars().next());
+    if matches!(state, Some('Z') | Some('X') | None) {
+        return false;
+    }
+    let Ok(environ) = std::fs::read(proc_dir.join("environ")) else {
+        return false;
+    };
+    let want = format!("{MACHINE_ID_ENV}={machine_id}");
+    environ.split(|b| *b == 0).any(|var| var == want.as_bytes())
+}

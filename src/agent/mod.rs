@@ -1,0 +1,3 @@
+//! The agent side (`paddock agent`) and the master⇄agent protocol.
+
+pub mod protocol;

@@ -1,0 +1,162 @@
+//! The validated, expanded configuration that the rest of Paddock reads.
+//!
+//! These types are what `config::load` returns after parsing, validation and matrix expansion;
+//! nothing downstream ever sees raw TOML.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the configuration was read from (relative paths resolve against its folder).
+    pub path: PathBuf,
+    pub master: Master,
+    pub repos: Vec<Repo>,
+    /// Pools by name, in the order they appear.
+    pub pools: Vec<Pool>,
+    /// Builders after matrix expansion, in config order then matrix order.
+    pub builders: Vec<Builder>,
+    pub schedulers: Vec<Scheduler>,
+}
+
+/// `[master]`: how the master listens, where it stores state and finds secrets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Master {
+    /// What agents connect back to; the API and UI are served here too. Default `http://127.0.0.1:8010`.
+    pub url: String,
+    /// Address to bind; default derived from `url` (host:port).
+    pub listen: String,
+    /// sqlx URL. Default `sqlite://paddock.db` (relative to the config's folder).
+    pub database: String,
+    /// Folder for mirrors and local worker directories. Default `paddock-state` beside the config.
+    pub state_dir: PathBuf,
+    /// Optional secrets file (TOML `NAME = "value"`), must not be readable by group/others.
+    pub secrets_file: Option<PathBuf>,
+    /// Name of the environment variable holding the GitHub webhook secret. Default `PADDOCK_GITHUB_SECRET`.
+    pub github_secret_env: String,
+    /// Agents that miss heartbeats for this long are lost. Default 30s.
+    pub heartbeat_timeout: Duration,
+    /// How long running builds may take to finish on SIGINT/SIGTERM. Default 60s.
+    pub shutdown_grace: Duration,
+}
+
+/// `[[repo]]`: a git repository that changes come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Repo {
+    pub name: String,
+    /// Any git URL, local paths and file:// included. Relative paths resolve against the config's folder.
+    pub url: String,
+    /// Branch names or glob patterns to watch. Default `["main"]`.
+    pub branches: Vec<String>,
+    /// Poll interval; `None` when `poll = "0s"` or `poll = false`-equivalent (webhook only). Default 60s.
+    pub poll: Option<Duration>,
+}
+
+/// Which backend starts a pool's machines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvisionerKind {
+    /// A child process running `paddock agent`.
+    Local,
+}
+
+/// `[pool.NAME]`: a set of interchangeable machines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub provisioner: ProvisionerKind,
+    /// Default 4.
+    pub max_instances: u32,
+    /// Default 0.
+    pub min_idle: u32,
+    /// Default 5m.
+    pub idle_timeout: Duration,
+    /// Default 5m.
+    pub boot_timeout: Duration,
+    /// Builds per machine before it is stopped; 0 = unlimited (default), 1 = ephemeral.
+    pub max_builds: u32,
+    /// Local provisioner only: the agent binary to start. Default: the running `paddock` binary.
+    pub agent_command: Option<PathBuf>,
+}
+
+/// One step of a builder, with every `{axis}` already substituted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Default: the command itself, shortened.
+    pub name: String,
+    /// Shell command (run with `sh -c`). May contain `{secret:NAME}` references.
+    pub run: String,
+    /// Extra environment; values may contain `{secret:NAME}`.
+    pub env: BTreeMap<String, String>,
+    /// Working directory relative to the checkout. Default: the checkout.
+    pub workdir: Option<String>,
+    /// Per-step timeout. Default 1h.
+    pub timeout: Duration,
+    /// Run even when an earlier step failed.
+    pub always: bool,
+}
+
+/// One builder after matrix expansion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Builder {
+    /// Expanded name, e.g. `py3.12-sqlite`.
+    pub name: String,
+    pub repo: String,
+    pub pool: String,
+    /// Branch globs this builder may build; empty = any.
+    pub branches: Vec<String>,
+    /// The matrix cell that produced it (axis -> value); empty for a plain builder.
+    pub cell: BTreeMap<String, String>,
+    /// Environment for every step (after templating).
+    pub env: BTreeMap<String, String>,
+    pub steps: Vec<Step>,
+}
+
+/// What kind of scheduler, with its own settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchedulerKind {
+    /// One request per (builder, branch) per interesting change.
+    Branch {
+        /// Fold a burst of commits inside this window into one build of the newest.
+        tree_stable: Option<Duration>,
+        /// Only changes touching at least one of these globs trigger (empty = all).
+        files: Vec<String>,
+        /// Changes touching only these globs do not trigger.
+        ignore: Vec<String>,
+    },
+    /// Builds on a cron schedule (UTC, 5 fields).
+    Nightly {
+        cron: String,
+        /// Skip a branch whose head did not change since the last nightly.
+        only_if_changed: bool,
+    },
+}
+
+/// `[[scheduler]]`: decides which changes become build requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduler {
+    /// Default `<kind>-<index>`.
+    pub name: String,
+    pub repo: String,
+    /// Branch globs this scheduler listens to; empty = all the repo's branches.
+    pub branches: Vec<String>,
+    /// Expanded builder names (globs in the file resolved against the expanded builders).
+    pub builders: Vec<String>,
+    pub kind: SchedulerKind,
+}
+
+impl Config {
+    /// The builder with this expanded name.
+    pub fn builder(&self, name: &str) -> Option<&Builder> {
+        self.builders.iter().find(|b| b.name == name)
+    }
+    /// The pool with this name.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+    /// The repository with this name.
+    pub fn repo(&self, name: &str) -> Option<&Repo> {
+        self.repos.iter().find(|r| r.name == name)
+    }
+}
