@@ -1,8 +1,9 @@
 //! The `local` provisioner: each machine is a `paddock agent` child process in its own work
 //! directory and its own process group. It is Paddock's embedded default: no cloud account.
 //!
-//! A machine is recognised across master restarts by its pid *and* the `PADDOCK_MACHINE_ID` in
-//! its environment, so a recycled pid is never mistaken for one of ours.
+//! A machine is recognised across master restarts by its pid *and* the `PADDOCK_MACHINE_KEY` in
+//! its environment (inherited by the steps it runs), so a recycled pid is never mistaken for
+//! one of ours and no step outlives its machine.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +16,9 @@ use crate::{BoxFuture, LaunchSpec, Launched, Listed, ProvisionError, Provisioner
 
 /// Environment variable carrying the machine id into the agent process.
 pub const MACHINE_ID_ENV: &str = "PADDOCK_MACHINE_ID";
+/// Environment variable that marks every process of a machine (the agent and the steps it
+/// starts inherit it): its work directory, unique per master and machine.
+pub const MACHINE_KEY_ENV: &str = "PADDOCK_MACHINE_KEY";
 /// Environment variable carrying the one-time token (kept off the command line, where `ps`
 /// would show it).
 pub const TOKEN_ENV: &str = "PADDOCK_AGENT_TOKEN";
@@ -43,6 +47,10 @@ impl LocalProvisioner {
         self.base_dir.join(format!("machine-{machine_id}"))
     }
 
+    fn key(&self, machine_id: i64) -> String {
+        self.workdir(machine_id).display().to_string()
+    }
+
     async fn start(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
         let dir = self.workdir(spec.machine_id);
         tokio::fs::create_dir_all(&dir).await?;
@@ -56,6 +64,7 @@ impl LocalProvisioner {
             .arg(&dir)
             .env(TOKEN_ENV, &spec.token)
             .env(MACHINE_ID_ENV, spec.machine_id.to_string())
+            .env(MACHINE_KEY_ENV, self.key(spec.machine_id))
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log)
@@ -79,26 +88,36 @@ impl LocalProvisioner {
     }
 
     async fn stop(&self, machine_id: i64, provider_id: &str) -> Result<(), ProvisionError> {
-        let Ok(pid) = provider_id.parse::<i32>() else {
-            return Ok(());
-        };
-        if is_ours(pid, machine_id) {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-            let deadline = tokio::time::Instant::now() + self.grace;
-            while is_ours(pid, machine_id) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if is_ours(pid, machine_id) {
-                tracing::warn!(machine = machine_id, pid, "agent ignored SIGTERM; killing it");
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                while is_ours(pid, machine_id) && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let key = self.key(machine_id);
+        if let Ok(pid) = provider_id.parse::<i32>() {
+            if is_ours(pid, &key) {
+                // The agent cancels its build and exits on SIGTERM.
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+                let deadline = tokio::time::Instant::now() + self.grace;
+                while is_ours(pid, &key) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if is_ours(pid, &key) {
+                    tracing::warn!(machine = machine_id, pid, "agent ignored SIGTERM; killing it");
                 }
             }
-        } else {
-            // The agent itself is gone, but steps it started may outlive it in its group.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // Whatever is left of the machine (the agent, or steps in their own process groups
+        // after the agent died) carries its key: none of it survives the machine.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = processes_with_key(&key);
+            if left.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(machine = machine_id, ?left, "processes survive SIGKILL");
+                break;
+            }
+            for pid in left {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let dir = self.workdir(machine_id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
@@ -126,15 +145,16 @@ impl Provisioner for LocalProvisioner {
             .map(|(id, provider_id)| Listed {
                 provider_id: provider_id.clone(),
                 machine_id: Some(*id),
-                alive: provider_id.parse::<i32>().map(|pid| is_ours(pid, *id)).unwrap_or(false),
+                alive: provider_id.parse::<i32>().map(|pid| is_ours(pid, &self.key(*id))).unwrap_or(false)
+                    || !processes_with_key(&self.key(*id)).is_empty(),
             })
             .collect();
         Box::pin(async move { Ok(listed) })
     }
 }
 
-/// Whether `pid` is a live (non-zombie) process started for `machine_id`.
-pub fn is_ours(pid: i32, machine_id: i64) -> bool {
+/// Whether `pid` is a live (non-zombie) process of the machine whose key is `key`.
+pub fn is_ours(pid: i32, key: &str) -> bool {
     let proc_dir = Path::new("/proc").join(pid.to_string());
     let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
         return false;
@@ -147,6 +167,18 @@ pub fn is_ours(pid: i32, machine_id: i64) -> bool {
     let Ok(environ) = std::fs::read(proc_dir.join("environ")) else {
         return false;
     };
-    let want = format!("{MACHINE_ID_ENV}={machine_id}");
+    let want = format!("{MACHINE_KEY_ENV}={key}");
     environ.split(|b| *b == 0).any(|var| var == want.as_bytes())
+}
+
+/// Every live process carrying the machine key `key` in its environment.
+pub fn processes_with_key(key: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| is_ours(*pid, key))
+        .collect()
 }

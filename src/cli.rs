@@ -1,0 +1,291 @@
+//! The `paddock` command line: the master, the agent, and client subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+/// Paddock: a CI master that runs every build on small on-demand latent workers.
+#[derive(Debug, Parser)]
+#[command(name = "paddock", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where client subcommands find the master.
+#[derive(Debug, clap::Args)]
+struct MasterArg {
+    /// The master's URL.
+    #[arg(long, env = "PADDOCK_MASTER", default_value = "http://127.0.0.1:8010")]
+    master: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the master: pollers, schedulers, the fleet, the API.
+    Run {
+        /// The configuration file.
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the expanded builders with their steps.
+    CheckConfig {
+        /// The configuration file.
+        config: PathBuf,
+    },
+    /// List builds, newest first.
+    Builds {
+        #[command(flatten)]
+        master: MasterArg,
+        /// Only this builder.
+        #[arg(long)]
+        builder: Option<String>,
+        /// Only this branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Only this state (queued, running, success, failure, retry, cancelled, exception).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 30)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a build's log.
+    Log {
+        #[command(flatten)]
+        master: MasterArg,
+        /// The build's id.
+        build: i64,
+    },
+    /// Queue a build by hand.
+    Force {
+        #[command(flatten)]
+        master: MasterArg,
+        /// The builder (its expanded name, e.g. py3.12-sqlite).
+        builder: String,
+        /// The branch to build.
+        #[arg(long)]
+        branch: String,
+        /// The revision (default: the branch's head).
+        #[arg(long)]
+        revision: Option<String>,
+    },
+    /// Run the agent on a worker machine (started for you by the provisioner).
+    Agent {
+        /// The master's URL.
+        #[arg(long)]
+        master: String,
+        /// The machine's one-time token.
+        #[arg(long, env = "PADDOCK_AGENT_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where checkouts live.
+        #[arg(long, default_value = ".")]
+        workdir: PathBuf,
+    },
+    /// Set up a demo repository and run the master on it with local workers.
+    Demo {
+        /// Folder for the demo repository, config and database.
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+        /// Port for the master.
+        #[arg(long, default_value_t = 8010)]
+        port: u16,
+    },
+}
+
+/// Parses the command line and runs the subcommand; the binary's `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let cfg = load_config(&config)?;
+            run_master(cfg).await?;
+        }
+        Command::CheckConfig { config } => {
+            let cfg = load_config(&config)?;
+            print!("{}", crate::config::render_builders(&cfg));
+            println!("{}: OK ({} builders)", config.display(), cfg.builders.len());
+        }
+        Command::Builds { master, builder, branch, state, limit, json } => {
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(builder.map(|b| ("builder", b)));
+            query.extend(branch.map(|b| ("branch", b)));
+            query.extend(state.map(|s| ("state", s)));
+            let body: serde_json::Value = get_json(&master.master, "/api/builds", &query).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                print!("{}", builds_table(&body));
+            }
+        }
+        Command::Log { master, build } => {
+            let url = format!("{}/api/builds/{build}/log", master.master.trim_end_matches('/'));
+            let resp = reqwest::get(&url).await.with_context(|| format!("cannot reach the master at {}", master.master))?;
+            let status = resp.status();
+            let text = resp.text().await?;
+            if !status.is_success() {
+                bail!("{}", api_error(&text, status));
+            }
+            print!("{text}");
+        }
+        Command::Force { master, builder, branch, revision } => {
+            let url = format!("{}/api/builds", master.master.trim_end_matches('/'));
+            let body = serde_json::json!({ "builder": builder, "branch": branch, "revision": revision });
+            let resp = reqwest::Client::new()
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the master at {}", master.master))?;
+            let status = resp.status();
+            let text = resp.text().await?;
+            if !status.is_success() {
+                bail!("{}", api_error(&text, status));
+            }
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            for b in value["builds"].as_array().into_iter().flatten() {
+                println!("queued build {} ({} on {} at {})", b["id"], b["builder"].as_str().unwrap_or(""), b["branch"].as_str().unwrap_or(""), b["revision"].as_str().unwrap_or(""));
+            }
+        }
+        Command::Agent { master, token, workdir } => {
+            let opts = crate::agent::client::AgentOptions { master, token, workdir };
+            if let Err(e) = crate::agent::client::run(opts).await {
+                eprintln!("agent: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Demo { dir, port } => crate::demo::run(&dir, port).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {
+    // The error already says file:line:column and a hint; print it as it is.
+    crate::config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs the master until SIGINT or SIGTERM.
+pub async fn run_master(cfg: crate::config::Config) -> anyhow::Result<()> {
+    let opts = crate::runtime::RunOptions {
+        agent_program: std::env::current_exe().context("cannot find the paddock executable")?,
+        clock: Arc::new(crate::clock::SystemClock),
+        on_ready: None,
+    };
+    crate::runtime::run(cfg, opts, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn get_json(master: &str, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{}{path}", master.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .query(query)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the master at {master}"))?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("{}", api_error(&text, status));
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn api_error(text: &str, status: reqwest::StatusCode) -> String {
+    let reason = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string());
+    format!("master answered {status}: {reason}")
+}
+
+/// Renders `{"builds": [...]}` as a fixed-width table.
+pub fn builds_table(body: &serde_json::Value) -> String {
+    let headers = ["ID", "BUILDER", "BRANCH", "REVISION", "STATE", "ATTEMPT", "MACHINE", "QUEUED"];
+    let rows: Vec<[String; 8]> = body["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let s = |k: &str| b[k].as_str().unwrap_or("").to_string();
+            [
+                b["id"].to_string(),
+                s("builder"),
+                s("branch"),
+                s("revision").chars().take(10).collect(),
+                s("state"),
+                b["attempt"].to_string(),
+                if b["machine"].is_null() { "-".into() } else { b["machine"].to_string() },
+                s("queued_at").chars().take(19).collect(),
+            ]
+        })
+        .collect();
+    let mut widths = headers.map(str::len);
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(widths.iter()).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    if rows.is_empty() {
+        out.push_str("(no builds)\n");
+    }
+    out
+}

@@ -1,0 +1,216 @@
+//! `paddock demo`: Paddock's main job on its embedded default, from nothing but this binary.
+//!
+//! It creates a git repository with two branches and a config with local latent workers,
+//! starts the master, commits to both branches so builds start, and prints every build's
+//! progress and how to make another commit and watch.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::store::{BuildFilter, Store};
+
+const CONFIG: &str = r#"# Paddock demo configuration, written by `paddock demo`. Edit it and run
+# `paddock check-config paddock.toml` to see the expanded builders.
+
+[master]
+url = "http://127.0.0.1:@PORT@"
+database = "sqlite://paddock.db"
+
+[[repo]]
+name = "demo"
+url = "repo"                    # the demo repository beside this file
+branches = ["main", "feature/*"]
+poll = "2s"
+
+[pool.local]
+provisioner = "local"           # each machine is a `paddock agent` child process
+max_instances = 2               # at most two builds at once
+idle_timeout = "15s"            # a machine idle this long is stopped
+boot_timeout = "30s"
+
+# Two builders from one matrix: test-quick and test-full.
+[[builder]]
+name = "test-{suite}"
+repo = "demo"
+pool = "local"
+matrix = { suite = ["quick", "full"] }
+env = { SUITE = "{suite}" }
+steps = [
+  { name = "test", run = "sh ./test.sh {suite}", timeout = "2m" },
+  { name = "report", run = "echo finished the $SUITE suite at $(git rev-parse --short HEAD)", always = true },
+]
+
+[[builder]]
+name = "docs"
+repo = "demo"
+pool = "local"
+steps = [{ run = "wc -w docs/*.md" }]
+
+[[scheduler]]
+kind = "branch"
+repo = "demo"
+builders = ["test-*"]
+tree_stable = "2s"              # a burst of commits gives one build of the newest
+ignore = ["docs/**"]            # docs-only commits do not run the tests
+
+[[scheduler]]
+kind = "branch"
+repo = "demo"
+builders = ["docs"]
+files = ["docs/**"]             # only commits touching docs build the docs
+"#;
+
+const TEST_SH: &str = r#"#!/bin/sh
+# The demo's "test suite": it counts lines and takes a moment, like a real one.
+set -e
+echo "running the $1 suite on $(git rev-parse --abbrev-ref HEAD 2>/dev/null || echo detached)"
+for f in src/*.txt; do
+  echo "checking $f: $(wc -l < "$f") lines"
+done
+if [ "$1" = full ]; then sleep 2; else sleep 1; fi
+grep -q broken src/*.txt && { echo "found 'broken' in the source"; exit 1; }
+echo ok
+"#;
+
+async fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Paddock Demo")
+        .env("GIT_AUTHOR_EMAIL", "demo@paddock.invalid")
+        .env("GIT_COMMITTER_NAME", "Paddock Demo")
+        .env("GIT_COMMITTER_EMAIL", "demo@paddock.invalid")
+        .output()
+        .await
+        .context("cannot run git; is it installed?")?;
+    if !out.status.success() {
+        bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+async fn commit_file(repo: &Path, file: &str, text: &str, message: &str) -> anyhow::Result<()> {
+    let path = repo.join(file);
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let mut old = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+    old.push_str(text);
+    tokio::fs::write(&path, old).await?;
+    git(repo, &["add", file]).await?;
+    git(repo, &["commit", "-q", "-m", message]).await?;
+    Ok(())
+}
+
+async fn create_repo(repo: &Path) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(repo).await?;
+    git(repo, &["init", "-q", "-b", "main"]).await?;
+    // So the person trying the demo can commit here without a global git identity.
+    git(repo, &["config", "user.name", "Paddock Demo"]).await?;
+    git(repo, &["config", "user.email", "demo@paddock.invalid"]).await?;
+    tokio::fs::write(repo.join("test.sh"), TEST_SH).await?;
+    tokio::fs::create_dir_all(repo.join("src")).await?;
+    tokio::fs::write(repo.join("src/app.txt"), "hello\n").await?;
+    tokio::fs::create_dir_all(repo.join("docs")).await?;
+    tokio::fs::write(repo.join("docs/index.md"), "# Demo\n\nThe demo project.\n").await?;
+    tokio::fs::write(repo.join("README.md"), "A demo project for Paddock.\n").await?;
+    git(repo, &["add", "."]).await?;
+    git(repo, &["commit", "-q", "-m", "Start the demo project"]).await?;
+    git(repo, &["branch", "feature/greeting"]).await?;
+    Ok(())
+}
+
+/// Runs the demo in `dir` with the master on `port`, until Ctrl-C.
+pub async fn run(dir: &Path, port: u16) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(dir).await.with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = tokio::fs::canonicalize(dir).await?;
+    let repo = dir.join("repo");
+    if !repo.join(".git").exists() {
+        create_repo(&repo).await?;
+    }
+    let config_path = dir.join("paddock.toml");
+    if !config_path.exists() {
+        tokio::fs::write(&config_path, CONFIG.replace("@PORT@", &port.to_string())).await?;
+    }
+    let config = crate::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let database = config.master.database.clone();
+    let url = config.master.url.clone();
+
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let opts = crate::runtime::RunOptions {
+        agent_program: std::env::current_exe().context("cannot find the paddock executable")?,
+        clock: Arc::new(crate::clock::SystemClock),
+        on_ready: Some(ready_tx),
+    };
+    let master = tokio::spawn(crate::runtime::run(config, opts, crate::cli::shutdown_signal()));
+    if ready_rx.await.is_err() {
+        return match master.await {
+            Ok(Err(e)) => Err(e.into()),
+            _ => bail!("the master stopped before it was ready"),
+        };
+    }
+    let store = Store::open(&database).await?;
+    wait_for_heads(&store).await?;
+
+    commit_file(&repo, "src/app.txt", "a line from the demo\n", "Add a line to the app").await?;
+    git(&repo, &["checkout", "-q", "feature/greeting"]).await?;
+    commit_file(&repo, "src/greeting.txt", "hello, world\n", "Add a greeting").await?;
+    git(&repo, &["checkout", "-q", "main"]).await?;
+
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "paddock".into());
+    println!();
+    println!("Paddock demo: master at {url}, repository at {}", repo.display());
+    println!("Two commits were just made (on main and on feature/greeting); builds follow below.");
+    println!();
+    println!("Try it yourself, in another terminal:");
+    println!("  cd {} && echo 'one more line' >> src/app.txt && git commit -qam 'My change'", repo.display());
+    println!("  {exe} builds --master {url}          # the build table");
+    println!("  {exe} log 1 --master {url}           # a build's log");
+    println!("  {exe} force docs --branch main --master {url}");
+    println!("  (a commit whose text contains 'broken' makes the tests fail; docs/ changes build only the docs)");
+    println!("Stop with Ctrl-C: running builds finish, machines stop.");
+    println!();
+
+    let watcher = tokio::spawn(watch(store));
+    let result = master.await;
+    watcher.abort();
+    match result {
+        Ok(r) => r.map_err(Into::into),
+        Err(e) => bail!("master task failed: {e}"),
+    }
+}
+
+async fn wait_for_heads(store: &Store) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while store.heads("demo").await?.len() < 2 {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the poller did not see the demo repository's branches within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Prints each build when its state changes.
+async fn watch(store: Store) {
+    let mut seen: HashMap<i64, String> = HashMap::new();
+    loop {
+        if let Ok(builds) = store.list_builds(&BuildFilter { limit: Some(50), ..Default::default() }).await {
+            for b in builds.iter().rev() {
+                if seen.get(&b.id) != Some(&b.state) {
+                    let machine = b.machine.map(|m| format!(" on machine {m}")).unwrap_or_default();
+                    println!(
+                        "build {:>3}  {:<12} {:<18} {:.10}  {}{machine}",
+                        b.id, b.builder, b.branch, b.revision, b.state
+                    );
+                    seen.insert(b.id, b.state.clone());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

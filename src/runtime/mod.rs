@@ -1,0 +1,667 @@
+//! The runtime shell: tokio tasks around the sans-IO core.
+//!
+//! One loop owns the [`Fleet`] and the [`Schedulers`]. Everything else (the web server, agent
+//! connections, pollers, provisioner calls) talks to it through one bounded channel of
+//! [`Input`]s. The loop persists what an action intends, then carries it out, and feeds the
+//! outcome back as an event: that is what keeps a crash from losing or duplicating work.
+
+pub mod ingest;
+mod poller;
+pub mod secrets;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use paddock_provisioners::local::LocalProvisioner;
+use paddock_provisioners::{LaunchSpec, Launched, Provisioner};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::agent::protocol::{BuildJob, JobStep, MasterMsg};
+use crate::clock::Clock;
+use crate::config::{Config, ProvisionerKind, SchedulerKind};
+use crate::core::fleet::{Fleet, FleetAction, FleetEvent, MachineState, PoolSpec};
+use crate::core::scheduler::{BuilderRef, ChangeInfo, SchedAction, SchedEvent, SchedulerSpec, Schedulers, SpecKind};
+use crate::core::{BuildId, MachineId, Ts};
+use crate::store::{BuildRow, ChangeRow, Store, StoreError};
+use secrets::Secrets;
+
+/// Why the master could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("invalid scheduler: {0}")]
+    Scheduler(#[from] crate::core::scheduler::SpecError),
+    #[error("web server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What the loop is told, by everyone else.
+#[derive(Debug)]
+pub enum Input {
+    /// A fleet event from an agent connection or a timer.
+    Fleet(FleetEvent),
+    /// A change or a branch head from a poller or a webhook (already stored).
+    Sched(SchedEvent),
+    /// A build attempt was stored in `queued` state (force builds).
+    Queued(BuildRow),
+    /// An agent authenticated; this is how to reach it.
+    AgentConnected { machine: MachineId, tx: mpsc::UnboundedSender<MasterMsg> },
+    /// A provisioner call to launch a machine returned.
+    Launched { machine: MachineId, result: Result<Launched, String> },
+    /// A provisioner call to stop a machine returned.
+    Terminated { machine: MachineId },
+}
+
+/// A build being run: which machine runs it and the secret values to scrub from its log.
+#[derive(Clone)]
+pub struct RunningBuild {
+    pub machine: MachineId,
+    pub secrets: Vec<(String, String)>,
+}
+
+/// State shared by the loop, the web handlers and the pollers.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    /// The master's URL as agents reach it (with the real port when configured as 0).
+    pub url: String,
+    pub inputs: mpsc::Sender<Input>,
+    pub running: Mutex<HashMap<BuildId, RunningBuild>>,
+    pub secrets: Secrets,
+    /// Serialises mirror updates per repository (poller and webhooks share the mirror).
+    pub repo_locks: HashMap<String, tokio::sync::Mutex<()>>,
+    /// Set once shutdown began: no new builds are accepted.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    /// Current time from the injected clock.
+    pub fn now(&self) -> Ts {
+        self.clock.now()
+    }
+    /// Where the bare mirror of `repo` lives.
+    pub fn mirror_dir(&self, repo: &str) -> PathBuf {
+        self.config.master.state_dir.join("mirrors").join(format!("{repo}.git"))
+    }
+    /// Hands the loop an input; fails only when the master is shutting down.
+    pub async fn send(&self, input: Input) {
+        if self.inputs.send(input).await.is_err() {
+            tracing::debug!("master loop has stopped; input dropped");
+        }
+    }
+}
+
+/// Options that are not in the config file.
+pub struct RunOptions {
+    /// The program local machines run as `PROGRAM agent …` (default: this executable).
+    pub agent_program: PathBuf,
+    pub clock: Arc<dyn Clock>,
+    /// Told the bound address once the master listens.
+    pub on_ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+}
+
+/// Runs the master until `shutdown` completes, then drains: running builds get the configured
+/// grace period, machines are stopped, and the function returns.
+pub async fn run(
+    config: Config,
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), MasterError> {
+    let config = Arc::new(config);
+    let store = Store::open(&config.master.database).await?;
+    let secrets = Secrets::load(config.master.secrets_file.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(&config.master.listen)
+        .await
+        .map_err(|source| MasterError::Listen { addr: config.master.listen.clone(), source })?;
+    let addr = listener.local_addr().map_err(|source| MasterError::Listen { addr: config.master.listen.clone(), source })?;
+    let url = effective_url(&config.master.url, addr);
+    let (tx, rx) = mpsc::channel(1024);
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        clock: opts.clock.clone(),
+        url: url.clone(),
+        inputs: tx,
+        running: Mutex::new(HashMap::new()),
+        secrets,
+        repo_locks: config.repos.iter().map(|r| (r.name.clone(), tokio::sync::Mutex::new(()))).collect(),
+        draining: AtomicBool::new(false),
+        config: config.clone(),
+    });
+
+    let mut provisioners: HashMap<String, Arc<dyn Provisioner>> = HashMap::new();
+    for pool in &config.pools {
+        let p: Arc<dyn Provisioner> = match pool.provisioner {
+            ProvisionerKind::Local => Arc::new(LocalProvisioner::new(
+                pool.agent_command.clone().unwrap_or_else(|| opts.agent_program.clone()),
+                config.master.state_dir.join("machines").join(&pool.name),
+            )),
+        };
+        provisioners.insert(pool.name.clone(), p);
+    }
+
+    let mut master = Master::new(shared.clone(), provisioners, rx).await?;
+    master.recover().await?;
+
+    let (web_stop_tx, web_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = crate::web::router(shared.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async {
+                let _ = web_stop_rx.await;
+            })
+            .await
+    });
+    tracing::info!(%url, "master listening");
+    if let Some(ready) = opts.on_ready {
+        let _ = ready.send(addr);
+    }
+    let pollers = poller::spawn_all(shared.clone());
+
+    master.run_loop(shutdown).await?;
+
+    for p in pollers {
+        p.abort();
+    }
+    let _ = web_stop_tx.send(());
+    match server.await {
+        Ok(Err(e)) => return Err(MasterError::Serve(e)),
+        Ok(Ok(())) | Err(_) => {}
+    }
+    tracing::info!("master stopped");
+    Ok(())
+}
+
+/// The URL agents use: the configured one, with the bound port when it says port 0.
+fn effective_url(configured: &str, addr: SocketAddr) -> String {
+    let trimmed = configured.trim_end_matches('/');
+    match trimmed.strip_suffix(":0") {
+        Some(base) => format!("{base}:{}", addr.port()),
+        None => trimmed.to_string(),
+    }
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Hashes a presented agent token the way the store keeps it.
+pub fn token_hash(token: &str) -> String {
+    hash_token(token)
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// The loop's own state: the core machines plus what is needed to reach the outside.
+struct Master {
+    shared: Arc<Shared>,
+    fleet: Fleet,
+    sched: Schedulers,
+    provisioners: HashMap<String, Arc<dyn Provisioner>>,
+    rx: mpsc::Receiver<Input>,
+    agents: HashMap<MachineId, mpsc::UnboundedSender<MasterMsg>>,
+    machine_pool: HashMap<MachineId, String>,
+    provider_ids: HashMap<MachineId, String>,
+    /// Terminations asked for before the launch call returned.
+    terminate_after_launch: HashSet<MachineId>,
+    /// Consecutive launch failures per pool, for backoff.
+    launch_failures: HashMap<String, u32>,
+    pending: VecDeque<FleetEvent>,
+}
+
+impl Master {
+    async fn new(
+        shared: Arc<Shared>,
+        provisioners: HashMap<String, Arc<dyn Provisioner>>,
+        rx: mpsc::Receiver<Input>,
+    ) -> Result<Master, MasterError> {
+        let config = &shared.config;
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| PoolSpec {
+                name: p.name.clone(),
+                max_instances: p.max_instances,
+                min_idle: p.min_idle,
+                idle_timeout: p.idle_timeout,
+                boot_timeout: p.boot_timeout,
+                max_builds: p.max_builds,
+            })
+            .collect();
+        let first_id = shared.store.max_machine_id().await? + 1;
+        let fleet = Fleet::new(pools, config.master.heartbeat_timeout, first_id);
+        let specs = config
+            .schedulers
+            .iter()
+            .map(|s| SchedulerSpec {
+                name: s.name.clone(),
+                repo: s.repo.clone(),
+                branches: s.branches.clone(),
+                builders: s
+                    .builders
+                    .iter()
+                    .filter_map(|b| config.builder(b))
+                    .map(|b| BuilderRef { name: b.name.clone(), branches: b.branches.clone() })
+                    .collect(),
+                kind: match &s.kind {
+                    SchedulerKind::Branch { tree_stable, files, ignore } => {
+                        SpecKind::Branch { tree_stable: *tree_stable, files: files.clone(), ignore: ignore.clone() }
+                    }
+                    SchedulerKind::Nightly { cron, only_if_changed } => {
+                        SpecKind::Nightly { cron: cron.clone(), only_if_changed: *only_if_changed }
+                    }
+                },
+            })
+            .collect();
+        let mut sched = Schedulers::new(specs, shared.now())?;
+        for n in shared.store.nightly_states().await? {
+            sched.restore_nightly(&n.name, n.last_fire, n.built);
+        }
+        Ok(Master {
+            shared,
+            fleet,
+            sched,
+            provisioners,
+            rx,
+            agents: HashMap::new(),
+            machine_pool: HashMap::new(),
+            provider_ids: HashMap::new(),
+            terminate_after_launch: HashSet::new(),
+            launch_failures: HashMap::new(),
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// Repairs what a crash or kill of the previous master left: stops its machines, retries
+    /// the builds they were running, re-queues queued builds and replays unscheduled changes.
+    async fn recover(&mut self) -> Result<(), MasterError> {
+        let store = self.shared.store.clone();
+        let now = self.shared.now();
+        for m in store.live_machines().await? {
+            if let (Some(p), Some(pid)) = (self.provisioners.get(&m.pool), m.provider_id.as_deref()) {
+                tracing::info!(machine = m.id, provider_id = pid, "stopping machine left by the previous run");
+                if let Err(e) = p.terminate(m.id, pid).await {
+                    tracing::warn!(machine = m.id, "cannot stop leftover machine: {e}");
+                }
+            }
+            store.set_machine_state(m.id, "gone", now).await?;
+        }
+        for b in store.builds_in_state("running").await? {
+            store.retry_build(b.id, "master restarted while it ran", now).await?;
+        }
+        for b in store.builds_in_state("queued").await? {
+            self.queue(&b, false);
+        }
+        let config = self.shared.config.clone();
+        for repo in &config.repos {
+            for (branch, revision) in store.heads(&repo.name).await? {
+                self.apply_sched(SchedEvent::Head { repo: repo.name.clone(), branch, revision }).await?;
+            }
+        }
+        for c in store.unscheduled_changes().await? {
+            self.apply_sched(SchedEvent::Change(change_info(&c))).await?;
+        }
+        self.drain_pending().await?;
+        Ok(())
+    }
+
+    fn queue(&mut self, b: &BuildRow, front: bool) {
+        match self.shared.config.builder(&b.builder) {
+            Some(builder) => self.pending.push_back(FleetEvent::BuildQueued { build: b.id, pool: builder.pool.clone(), front }),
+            None => tracing::warn!(build = b.id, builder = %b.builder, "queued build's builder is no longer configured"),
+        }
+    }
+
+    async fn run_loop(&mut self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), MasterError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = Box::pin(shutdown);
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                () = &mut shutdown, if drain_deadline.is_none() => {
+                    tracing::info!(grace = ?self.shared.config.master.shutdown_grace, "shutting down: no new builds, waiting for running ones");
+                    self.shared.draining.store(true, Ordering::SeqCst);
+                    drain_deadline = Some(tokio::time::Instant::now() + self.shared.config.master.shutdown_grace);
+                    self.pending.push_back(FleetEvent::Drain);
+                }
+                input = self.rx.recv() => match input {
+                    Some(input) => self.on_input(input).await?,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.pending.push_back(FleetEvent::Tick);
+                    self.apply_sched(SchedEvent::Tick).await?;
+                    if let Some(deadline) = drain_deadline {
+                        let running = self.shared.store.builds_in_state("running").await?;
+                        if running.is_empty() || tokio::time::Instant::now() >= deadline {
+                            self.drain_pending().await?;
+                            break;
+                        }
+                    }
+                }
+            }
+            self.drain_pending().await?;
+        }
+        self.stop_everything().await
+    }
+
+    /// After the grace period: builds still running are retried by the next start; every
+    /// machine is stopped.
+    async fn stop_everything(&mut self) -> Result<(), MasterError> {
+        let store = self.shared.store.clone();
+        let now = self.shared.now();
+        for b in store.builds_in_state("running").await? {
+            tracing::warn!(build = b.id, "build still running at shutdown; it will be retried on the next start");
+            store.retry_build(b.id, "master shut down while it ran", now).await?;
+        }
+        for tx in self.agents.values() {
+            let _ = tx.send(MasterMsg::Shutdown);
+        }
+        let mut stops = Vec::new();
+        for m in store.live_machines().await? {
+            let p = self.provisioners.get(&m.pool).cloned();
+            let store = store.clone();
+            let clock = self.shared.clock.clone();
+            stops.push(tokio::spawn(async move {
+                if let (Some(p), Some(pid)) = (p, m.provider_id.as_deref()) {
+                    if let Err(e) = p.terminate(m.id, pid).await {
+                        tracing::warn!(machine = m.id, "cannot stop machine: {e}");
+                    }
+                }
+                if let Err(e) = store.set_machine_state(m.id, "gone", clock.now()).await {
+                    tracing::warn!(machine = m.id, "cannot record machine as gone: {e}");
+                }
+            }));
+        }
+        for s in stops {
+            let _ = s.await;
+        }
+        Ok(())
+    }
+
+    async fn on_input(&mut self, input: Input) -> Result<(), MasterError> {
+        match input {
+            Input::Fleet(ev) => self.pending.push_back(ev),
+            Input::Sched(ev) => self.apply_sched(ev).await?,
+            Input::Queued(b) => self.queue(&b, false),
+            Input::AgentConnected { machine, tx } => {
+                if matches!(self.fleet.machine_state(machine), Some(MachineState::Booting | MachineState::Launching | MachineState::Requested)) {
+                    self.agents.insert(machine, tx);
+                    self.pending.push_back(FleetEvent::AgentConnected { machine });
+                } else {
+                    tracing::warn!(machine, "agent connected for a machine that is not booting; telling it to stop");
+                    let _ = tx.send(MasterMsg::Shutdown);
+                }
+            }
+            Input::Launched { machine, result } => {
+                let now = self.shared.now();
+                let pool = self.machine_pool.get(&machine).cloned().unwrap_or_default();
+                match result {
+                    Ok(launched) => {
+                        self.launch_failures.remove(&pool);
+                        self.shared
+                            .store
+                            .machine_launched(machine, &launched.provider_id, launched.instance_type.as_deref(), &launched.lifecycle, now)
+                            .await?;
+                        self.provider_ids.insert(machine, launched.provider_id);
+                        if self.terminate_after_launch.remove(&machine) {
+                            self.terminate(machine);
+                        } else {
+                            self.pending.push_back(FleetEvent::LaunchSucceeded { machine });
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(machine, %pool, %reason, "launch failed");
+                        self.shared.store.machine_event(machine, "launch_failed", &reason, now).await?;
+                        self.terminate_after_launch.remove(&machine);
+                        // Hold the failure back before the fleet sees it, so a broken
+                        // provisioner is retried with backoff instead of in a hot loop.
+                        let failures = self.launch_failures.entry(pool).or_insert(0);
+                        *failures += 1;
+                        let delay = Duration::from_millis(500u64.saturating_mul(1 << (*failures).min(7)));
+                        let inputs = self.shared.inputs.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = inputs.send(Input::Fleet(FleetEvent::LaunchFailed { machine, reason })).await;
+                        });
+                    }
+                }
+            }
+            Input::Terminated { machine } => {
+                self.provider_ids.remove(&machine);
+                self.pending.push_back(FleetEvent::MachineGone { machine });
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_sched(&mut self, ev: SchedEvent) -> Result<(), MasterError> {
+        let now = self.shared.now();
+        for action in self.sched.handle(ev, now) {
+            match action {
+                SchedAction::Request(req) => {
+                    if self.shared.draining.load(Ordering::SeqCst) {
+                        // Still stored: the next start runs it.
+                        tracing::info!(reason = %req.reason, "request stored during shutdown");
+                    }
+                    for builder in &req.builders {
+                        let b = self
+                            .shared
+                            .store
+                            .create_request(builder, &req.repo, &req.branch, &req.revision, &req.scheduler, &req.reason, &req.changes, now)
+                            .await?;
+                        tracing::info!(build = b.id, builder = %b.builder, branch = %b.branch, revision = %b.revision, reason = %req.reason, "build queued");
+                        self.queue(&b, false);
+                    }
+                }
+                SchedAction::ChangesDone(ids) => self.shared.store.mark_scheduled(&ids).await?,
+                SchedAction::NightlyState { scheduler, last_fire, built } => {
+                    self.shared.store.save_nightly(&scheduler, last_fire, &built).await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn drain_pending(&mut self) -> Result<(), MasterError> {
+        while let Some(ev) = self.pending.pop_front() {
+            let now = self.shared.now();
+            for action in self.fleet.handle(ev, now) {
+                self.execute(action, now).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, action: FleetAction, now: Ts) -> Result<(), MasterError> {
+        let store = self.shared.store.clone();
+        match action {
+            FleetAction::SetState { machine, state } => {
+                // The row is created by `Launch`, which follows.
+                if state != MachineState::Requested {
+                    store.set_machine_state(machine, state.as_str(), now).await?;
+                }
+                if state == MachineState::Gone {
+                    self.agents.remove(&machine);
+                    self.machine_pool.remove(&machine);
+                }
+            }
+            FleetAction::Launch { machine, pool } => {
+                let Some(provisioner) = self.provisioners.get(&pool).cloned() else {
+                    self.pending.push_back(FleetEvent::LaunchFailed { machine, reason: format!("no provisioner for pool {pool}") });
+                    return Ok(());
+                };
+                let token = new_token();
+                // Intent first: the row (with the token's hash) exists before the process does.
+                store.insert_machine(machine, &pool, "local", &hash_token(&token), now).await?;
+                self.machine_pool.insert(machine, pool.clone());
+                let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
+                let inputs = self.shared.inputs.clone();
+                tokio::spawn(async move {
+                    let result = provisioner.launch(spec).await.map_err(|e| e.to_string());
+                    let _ = inputs.send(Input::Launched { machine, result }).await;
+                });
+            }
+            FleetAction::Assign { machine, build } => self.assign(machine, build, now).await?,
+            FleetAction::Terminate { machine, reason } => {
+                tracing::info!(machine, %reason, "stopping machine");
+                store.machine_event(machine, "stop_requested", &reason, now).await?;
+                self.terminate(machine);
+            }
+            FleetAction::Retry { build, reason } => {
+                self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
+                if let Some(next) = store.retry_build(build, &reason, now).await? {
+                    tracing::warn!(build, next = next.id, %reason, "build will be retried");
+                    self.queue(&next, true);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn terminate(&mut self, machine: MachineId) {
+        if let Some(tx) = self.agents.remove(&machine) {
+            let _ = tx.send(MasterMsg::Shutdown);
+        }
+        let Some(provider_id) = self.provider_ids.get(&machine).cloned() else {
+            // The launch call has not returned yet; stop it as soon as it does.
+            self.terminate_after_launch.insert(machine);
+            return;
+        };
+        let Some(provisioner) = self.machine_pool.get(&machine).and_then(|p| self.provisioners.get(p)).cloned() else {
+            self.pending.push_back(FleetEvent::MachineGone { machine });
+            return;
+        };
+        let inputs = self.shared.inputs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = provisioner.terminate(machine, &provider_id).await {
+                tracing::warn!(machine, "terminate failed: {e}");
+            }
+            let _ = inputs.send(Input::Terminated { machine }).await;
+        });
+    }
+
+    async fn assign(&mut self, machine: MachineId, build: BuildId, now: Ts) -> Result<(), MasterError> {
+        let store = self.shared.store.clone();
+        let Some(row) = store.build(build).await? else {
+            self.pending.push_back(FleetEvent::BuildFinished { machine, build });
+            return Ok(());
+        };
+        let Some(tx) = self.agents.get(&machine).cloned() else {
+            // The agent vanished between connecting and now: the fleet retries the build.
+            self.pending.push_back(FleetEvent::AgentDisconnected { machine });
+            return Ok(());
+        };
+        let job = match self.job_for(&row) {
+            Ok(job) => job,
+            Err(message) => {
+                tracing::warn!(build, %message, "build cannot start");
+                if store.start_build(build, machine, &["setup".to_string()], now).await? {
+                    store.append_log(build, 0, &format!("paddock: {message}\n"), now).await?;
+                    store.step_finished(build, 0, "exception", None, now).await?;
+                    store.finish_build(build, machine, "exception", now).await?;
+                }
+                self.pending.push_back(FleetEvent::BuildFinished { machine, build });
+                return Ok(());
+            }
+        };
+        let mut names = vec!["checkout".to_string()];
+        names.extend(job.steps.iter().map(|s| s.name.clone()));
+        if !store.start_build(build, machine, &names, now).await? {
+            // Cancelled or already taken: give the machine back.
+            self.pending.push_back(FleetEvent::BuildFinished { machine, build });
+            return Ok(());
+        }
+        let secrets: Vec<(String, String)> = job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Ok(mut running) = self.shared.running.lock() {
+            running.insert(build, RunningBuild { machine, secrets });
+        }
+        tracing::info!(build, machine, builder = %row.builder, "build started");
+        if tx.send(MasterMsg::Run(Box::new(job))).is_err() {
+            self.pending.push_back(FleetEvent::AgentDisconnected { machine });
+        }
+        Ok(())
+    }
+
+    /// Everything the agent needs for `row`, with the secrets it references resolved.
+    fn job_for(&self, row: &BuildRow) -> Result<BuildJob, String> {
+        let config = &self.shared.config;
+        let builder = config.builder(&row.builder).ok_or_else(|| format!("builder {} is no longer configured", row.builder))?;
+        let repo = config.repo(&builder.repo).ok_or_else(|| format!("repository {} is no longer configured", builder.repo))?;
+        let mut wanted = Vec::new();
+        let texts = builder
+            .env
+            .values()
+            .chain(builder.steps.iter().flat_map(|s| std::iter::once(&s.run).chain(s.env.values())));
+        for text in texts {
+            for name in secrets::references(text) {
+                if !wanted.contains(&name) {
+                    wanted.push(name);
+                }
+            }
+        }
+        let mut resolved = std::collections::BTreeMap::new();
+        for name in wanted {
+            let value = self
+                .shared
+                .secrets
+                .get(&name)
+                .ok_or_else(|| format!("secret {name} is not defined (neither in the secrets file nor in the environment)"))?;
+            resolved.insert(name, value);
+        }
+        Ok(BuildJob {
+            build: row.id,
+            builder: row.builder.clone(),
+            repo_url: repo.url.clone(),
+            branch: row.branch.clone(),
+            revision: row.revision.clone(),
+            env: builder.env.clone(),
+            steps: builder
+                .steps
+                .iter()
+                .map(|s| JobStep {
+                    name: s.name.clone(),
+                    run: s.run.clone(),
+                    env: s.env.clone(),
+                    workdir: s.workdir.clone(),
+                    timeout_secs: s.timeout.as_secs().max(1),
+                    always: s.always,
+                })
+                .collect(),
+            secrets: resolved,
+        })
+    }
+}
+
+/// The scheduler's view of a stored change.
+pub fn change_info(c: &ChangeRow) -> ChangeInfo {
+    ChangeInfo { id: c.id, repo: c.repo.clone(), branch: c.branch.clone(), revision: c.revision.clone(), files: c.files.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_becomes_the_bound_port() {
+        let addr: SocketAddr = "127.0.0.1:4567".parse().expect("addr");
+        assert_eq!(effective_url("http://127.0.0.1:0", addr), "http://127.0.0.1:4567");
+        assert_eq!(effective_url("http://ci.example:8010/", addr), "http://ci.example:8010");
+    }
+}

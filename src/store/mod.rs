@@ -1,0 +1,663 @@
+//! The store: every row Paddock keeps, on SQLite through sqlx. All SQL lives here.
+//!
+//! State that matters is written before the side effect it describes (a machine row before the
+//! provisioner call, a build request before the fleet sees it), so a crash loses nothing.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::core::{BuildId, ChangeId, MachineId, Ts};
+
+/// The migrations under `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("cannot apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: only sqlite:// is supported in this build")]
+    Unsupported(String),
+}
+
+/// Result alias for store calls.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Formats a time the way the API and the database want it: RFC 3339, UTC, milliseconds.
+pub fn ts_string(ts: Ts) -> String {
+    match chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ts.0) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        None => "1970-01-01T00:00:00.000Z".to_string(),
+    }
+}
+
+/// A handle on the database (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// A change about to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewChange {
+    pub repo: String,
+    pub branch: String,
+    pub revision: String,
+    pub author: String,
+    pub committed_at: Option<String>,
+    pub message: String,
+    pub files: Vec<String>,
+    pub source: String,
+}
+
+/// A stored change, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChangeRow {
+    pub id: ChangeId,
+    pub repo: String,
+    pub branch: String,
+    pub revision: String,
+    pub author: String,
+    pub committed_at: Option<String>,
+    pub message: String,
+    pub files: Vec<String>,
+    pub source: String,
+    pub created_at: String,
+}
+
+/// A build attempt, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BuildRow {
+    pub id: BuildId,
+    pub request: i64,
+    pub builder: String,
+    pub repo: String,
+    pub branch: String,
+    pub revision: String,
+    pub state: String,
+    pub machine: Option<MachineId>,
+    pub attempt: i64,
+    pub reason: String,
+    pub queued_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+/// A step of a build, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepRow {
+    pub index: i64,
+    pub name: String,
+    pub state: String,
+    pub exit_code: Option<i64>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+/// A machine, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MachineRow {
+    pub id: MachineId,
+    pub pool: String,
+    pub provisioner: String,
+    pub provider_id: Option<String>,
+    pub state: String,
+    pub instance_type: Option<String>,
+    pub lifecycle: Option<String>,
+    pub requested_at: String,
+    pub launched_at: Option<String>,
+    pub connected_at: Option<String>,
+    pub terminated_at: Option<String>,
+    pub builds_run: i64,
+}
+
+/// Filters for [`Store::list_builds`].
+#[derive(Debug, Clone, Default)]
+pub struct BuildFilter {
+    pub builder: Option<String>,
+    pub branch: Option<String>,
+    pub state: Option<String>,
+    pub limit: Option<i64>,
+}
+
+/// A nightly scheduler's persisted state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NightlyRow {
+    pub name: String,
+    pub last_fire: Ts,
+    pub built: BTreeMap<String, String>,
+}
+
+const BUILD_COLUMNS: &str = "id, request_id, builder, repo, branch, revision, state, machine_id, attempt, reason, queued_at, started_at, finished_at";
+const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instance_type, lifecycle, requested_at, launched_at, connected_at, terminated_at, builds_run";
+
+fn build_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
+    BuildRow {
+        id: r.get("id"),
+        request: r.get("request_id"),
+        builder: r.get("builder"),
+        repo: r.get("repo"),
+        branch: r.get("branch"),
+        revision: r.get("revision"),
+        state: r.get("state"),
+        machine: r.get("machine_id"),
+        attempt: r.get("attempt"),
+        reason: r.get("reason"),
+        queued_at: r.get("queued_at"),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
+    }
+}
+
+fn machine_row(r: &sqlx::sqlite::SqliteRow) -> MachineRow {
+    MachineRow {
+        id: r.get("id"),
+        pool: r.get("pool"),
+        provisioner: r.get("provisioner"),
+        provider_id: r.get("provider_id"),
+        state: r.get("state"),
+        instance_type: r.get("instance_type"),
+        lifecycle: r.get("lifecycle"),
+        requested_at: r.get("requested_at"),
+        launched_at: r.get("launched_at"),
+        connected_at: r.get("connected_at"),
+        terminated_at: r.get("terminated_at"),
+        builds_run: r.get("builds_run"),
+    }
+}
+
+fn change_row(r: &sqlx::sqlite::SqliteRow) -> ChangeRow {
+    let files: String = r.get("files");
+    ChangeRow {
+        id: r.get("id"),
+        repo: r.get("repo"),
+        branch: r.get("branch"),
+        revision: r.get("revision"),
+        author: r.get("author"),
+        committed_at: r.get("committed_at"),
+        message: r.get("message"),
+        files: serde_json::from_str(&files).unwrap_or_default(),
+        source: r.get("source"),
+        created_at: r.get("created_at"),
+    }
+}
+
+impl Store {
+    /// Opens (creating if absent) the database at `url` and applies the migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        if !url.starts_with("sqlite:") {
+            return Err(StoreError::Unsupported(url.to_string()));
+        }
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Stores new commits of one branch and moves its head, in one transaction.
+    pub async fn record_changes(&self, changes: &[NewChange], head: Option<(&str, &str, &str)>, now: Ts) -> Result<Vec<ChangeRow>> {
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
+        let mut ids = Vec::with_capacity(changes.len());
+        for c in changes {
+            let files = serde_json::to_string(&c.files).unwrap_or_else(|_| "[]".into());
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO changes (repo, branch, revision, author, committed_at, message, files, source, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(&c.repo)
+            .bind(&c.branch)
+            .bind(&c.revision)
+            .bind(&c.author)
+            .bind(&c.committed_at)
+            .bind(&c.message)
+            .bind(files)
+            .bind(&c.source)
+            .bind(&now_s)
+            .fetch_one(&mut *tx)
+            .await?;
+            ids.push(id);
+        }
+        if let Some((repo, branch, revision)) = head {
+            set_head(&mut *tx, repo, branch, revision, &now_s).await?;
+        }
+        tx.commit().await?;
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(row) = self.change(id).await? {
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Records a branch head without a change (first sight of a branch).
+    pub async fn set_head(&self, repo: &str, branch: &str, revision: &str, now: Ts) -> Result<()> {
+        set_head(&self.pool, repo, branch, revision, &ts_string(now)).await
+    }
+
+    /// Forgets a branch that no longer exists.
+    pub async fn delete_head(&self, repo: &str, branch: &str) -> Result<()> {
+        sqlx::query("DELETE FROM branch_heads WHERE repo = ? AND branch = ?")
+            .bind(repo)
+            .bind(branch)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The last known head of every branch of `repo`.
+    pub async fn heads(&self, repo: &str) -> Result<BTreeMap<String, String>> {
+        let rows = sqlx::query("SELECT branch, revision FROM branch_heads WHERE repo = ?")
+            .bind(repo)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| (r.get("branch"), r.get("revision"))).collect())
+    }
+
+    /// One change by id.
+    pub async fn change(&self, id: ChangeId) -> Result<Option<ChangeRow>> {
+        let row = sqlx::query("SELECT * FROM changes WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.as_ref().map(change_row))
+    }
+
+    /// Changes, newest first.
+    pub async fn list_changes(&self, repo: Option<&str>, branch: Option<&str>, limit: i64) -> Result<Vec<ChangeRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM changes WHERE (?1 IS NULL OR repo = ?1) AND (?2 IS NULL OR branch = ?2) ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(repo)
+        .bind(branch)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(change_row).collect())
+    }
+
+    /// Changes the schedulers have not finished with (replayed after a restart), oldest first.
+    pub async fn unscheduled_changes(&self) -> Result<Vec<ChangeRow>> {
+        let rows = sqlx::query("SELECT * FROM changes WHERE scheduled = 0 ORDER BY id").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(change_row).collect())
+    }
+
+    /// Marks changes as fully considered by the schedulers.
+    pub async fn mark_scheduled(&self, ids: &[ChangeId]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE changes SET scheduled = 1 WHERE id = ?").bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stores a build request and its first attempt (queued); returns the attempt.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_request(
+        &self,
+        builder: &str,
+        repo: &str,
+        branch: &str,
+        revision: &str,
+        scheduler: &str,
+        reason: &str,
+        changes: &[ChangeId],
+        now: Ts,
+    ) -> Result<BuildRow> {
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
+        let request: i64 = sqlx::query_scalar(
+            "INSERT INTO build_requests (builder, repo, branch, revision, scheduler, reason, changes, submitted_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(builder)
+        .bind(repo)
+        .bind(branch)
+        .bind(revision)
+        .bind(scheduler)
+        .bind(reason)
+        .bind(serde_json::to_string(changes).unwrap_or_else(|_| "[]".into()))
+        .bind(&now_s)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {BUILD_COLUMNS}"
+        ))
+        .bind(request)
+        .bind(builder)
+        .bind(repo)
+        .bind(branch)
+        .bind(revision)
+        .bind(reason)
+        .bind(&now_s)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(build_row(&row))
+    }
+
+    /// Builds in the given state, oldest first.
+    pub async fn builds_in_state(&self, state: &str) -> Result<Vec<BuildRow>> {
+        let rows = sqlx::query(&format!("SELECT {BUILD_COLUMNS} FROM builds WHERE state = ? ORDER BY id"))
+            .bind(state)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(build_row).collect())
+    }
+
+    /// One build attempt.
+    pub async fn build(&self, id: BuildId) -> Result<Option<BuildRow>> {
+        let row = sqlx::query(&format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(build_row))
+    }
+
+    /// Build attempts, newest first.
+    pub async fn list_builds(&self, f: &BuildFilter) -> Result<Vec<BuildRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds WHERE (?1 IS NULL OR builder = ?1) AND (?2 IS NULL OR branch = ?2)
+             AND (?3 IS NULL OR state = ?3) ORDER BY id DESC LIMIT ?4"
+        ))
+        .bind(&f.builder)
+        .bind(&f.branch)
+        .bind(&f.state)
+        .bind(f.limit.unwrap_or(100))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(build_row).collect())
+    }
+
+    /// Marks a queued attempt running on `machine` and creates its step rows.
+    pub async fn start_build(&self, build: BuildId, machine: MachineId, steps: &[String], now: Ts) -> Result<bool> {
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE builds SET state = 'running', machine_id = ?, started_at = ? WHERE id = ? AND state = 'queued'")
+            .bind(machine)
+            .bind(&now_s)
+            .bind(build)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for (i, name) in steps.iter().enumerate() {
+            sqlx::query("INSERT INTO steps (build_id, idx, name) VALUES (?, ?, ?)")
+                .bind(build)
+                .bind(i as i64)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE machines SET builds_run = builds_run + 1 WHERE id = ?")
+            .bind(machine)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Ends a running attempt with its result, if it is still running on that machine.
+    pub async fn finish_build(&self, build: BuildId, machine: MachineId, result: &str, now: Ts) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE builds SET state = ?, finished_at = ? WHERE id = ? AND machine_id = ? AND state = 'running'",
+        )
+        .bind(result)
+        .bind(ts_string(now))
+        .bind(build)
+        .bind(machine)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("UPDATE steps SET state = 'skipped' WHERE build_id = ? AND state IN ('pending', 'running')")
+            .bind(build)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks an attempt `retry` and queues the next attempt of the same request, in one
+    /// transaction. Returns the new attempt, or `None` if the attempt had already ended.
+    pub async fn retry_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<Option<BuildRow>> {
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE builds SET state = 'retry', reason = ?, finished_at = ? WHERE id = ? AND state IN ('queued', 'running')",
+        )
+        .bind(reason)
+        .bind(&now_s)
+        .bind(build)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE steps SET state = 'cancelled' WHERE build_id = ? AND state IN ('pending', 'running')")
+            .bind(build)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at, attempt)
+             SELECT request_id, builder, repo, branch, revision, ?, ?, attempt + 1 FROM builds WHERE id = ?
+             RETURNING {BUILD_COLUMNS}"
+        ))
+        .bind(format!("retry of build {build}: {reason}"))
+        .bind(&now_s)
+        .bind(build)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(build_row(&row)))
+    }
+
+    /// Marks a step running.
+    pub async fn step_started(&self, build: BuildId, idx: i64, now: Ts) -> Result<()> {
+        sqlx::query("UPDATE steps SET state = 'running', started_at = ? WHERE build_id = ? AND idx = ?")
+            .bind(ts_string(now))
+            .bind(build)
+            .bind(idx)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a step's result.
+    pub async fn step_finished(&self, build: BuildId, idx: i64, result: &str, exit_code: Option<i32>, now: Ts) -> Result<()> {
+        sqlx::query(
+            "UPDATE steps SET state = ?, exit_code = ?, finished_at = ?,
+             started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?",
+        )
+        .bind(result)
+        .bind(exit_code)
+        .bind(ts_string(now))
+        .bind(if result == "skipped" { None } else { Some(ts_string(now)) })
+        .bind(build)
+        .bind(idx)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Steps of a build, in order.
+    pub async fn steps(&self, build: BuildId) -> Result<Vec<StepRow>> {
+        let rows = sqlx::query("SELECT * FROM steps WHERE build_id = ? ORDER BY idx").bind(build).fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(|r| StepRow {
+                index: r.get("idx"),
+                name: r.get("name"),
+                state: r.get("state"),
+                exit_code: r.get("exit_code"),
+                started_at: r.get("started_at"),
+                finished_at: r.get("finished_at"),
+            })
+            .collect())
+    }
+
+    /// Appends (already redacted) log text to a build's step.
+    pub async fn append_log(&self, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
+        sqlx::query("INSERT INTO log_chunks (build_id, step_idx, text, created_at) VALUES (?, ?, ?, ?)")
+            .bind(build)
+            .bind(idx)
+            .bind(text)
+            .bind(ts_string(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The whole log of a build, chunks concatenated in arrival order.
+    pub async fn log(&self, build: BuildId) -> Result<String> {
+        let rows = sqlx::query("SELECT text FROM log_chunks WHERE build_id = ? ORDER BY id").bind(build).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| r.get::<String, _>("text")).collect())
+    }
+
+    /// The largest machine id ever used (ids are never reused: they are idempotency tokens).
+    pub async fn max_machine_id(&self) -> Result<MachineId> {
+        let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM machines").fetch_one(&self.pool).await?;
+        Ok(id.unwrap_or(0))
+    }
+
+    /// Writes a machine's row in `requested` state, before anything is launched.
+    pub async fn insert_machine(&self, id: MachineId, pool: &str, provisioner: &str, token_hash: &str, now: Ts) -> Result<()> {
+        let now_s = ts_string(now);
+        sqlx::query(
+            "INSERT INTO machines (id, pool, provisioner, state, token_hash, requested_at) VALUES (?, ?, ?, 'requested', ?, ?)",
+        )
+        .bind(id)
+        .bind(pool)
+        .bind(provisioner)
+        .bind(token_hash)
+        .bind(&now_s)
+        .execute(&self.pool)
+        .await?;
+        self.machine_event(id, "requested", "", now).await
+    }
+
+    /// Records what the provisioner said about a launched machine.
+    pub async fn machine_launched(&self, id: MachineId, provider_id: &str, instance_type: Option<&str>, lifecycle: &str, now: Ts) -> Result<()> {
+        sqlx::query("UPDATE machines SET provider_id = ?, instance_type = ?, lifecycle = ?, launched_at = ? WHERE id = ?")
+            .bind(provider_id)
+            .bind(instance_type)
+            .bind(lifecycle)
+            .bind(ts_string(now))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.machine_event(id, "launched", provider_id, now).await
+    }
+
+    /// Moves a machine to a new state and records the event.
+    pub async fn set_machine_state(&self, id: MachineId, state: &str, now: Ts) -> Result<()> {
+        if state == "gone" {
+            sqlx::query("UPDATE machines SET state = ?, terminated_at = COALESCE(terminated_at, ?) WHERE id = ?")
+                .bind(state)
+                .bind(ts_string(now))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query("UPDATE machines SET state = ? WHERE id = ?").bind(state).bind(id).execute(&self.pool).await?;
+        }
+        self.machine_event(id, state, "", now).await
+    }
+
+    /// Appends to the machine's event log (the cost meter's input).
+    pub async fn machine_event(&self, id: MachineId, kind: &str, detail: &str, now: Ts) -> Result<()> {
+        sqlx::query("INSERT INTO machine_events (machine_id, at, kind, detail) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(ts_string(now))
+            .bind(kind)
+            .bind(detail)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Spends a one-time token: returns the machine it belongs to if it was unused and the
+    /// machine is not gone. A second call with the same token returns `None`.
+    pub async fn claim_token(&self, token_hash: &str, now: Ts) -> Result<Option<MachineId>> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "UPDATE machines SET token_used = 1, connected_at = ?
+             WHERE token_hash = ? AND token_used = 0 AND state NOT IN ('gone', 'stopping', 'lost') RETURNING id",
+        )
+        .bind(ts_string(now))
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Machines, newest first.
+    pub async fn list_machines(&self, pool: Option<&str>, state: Option<&str>) -> Result<Vec<MachineRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines WHERE (?1 IS NULL OR pool = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY id DESC"
+        ))
+        .bind(pool)
+        .bind(state)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(machine_row).collect())
+    }
+
+    /// Machines not yet gone (left over from an earlier run, at start-up).
+    pub async fn live_machines(&self) -> Result<Vec<MachineRow>> {
+        let rows = sqlx::query(&format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE state != 'gone' ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(machine_row).collect())
+    }
+
+    /// Every nightly scheduler's saved state.
+    pub async fn nightly_states(&self) -> Result<Vec<NightlyRow>> {
+        let rows = sqlx::query("SELECT name, last_fire, built FROM scheduler_state").fetch_all(&self.pool).await?;
+        Ok(rows
+            .iter()
+            .map(|r| NightlyRow {
+                name: r.get("name"),
+                last_fire: Ts(r.get("last_fire")),
+                built: serde_json::from_str(&r.get::<String, _>("built")).unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Saves a nightly scheduler's state.
+    pub async fn save_nightly(&self, name: &str, last_fire: Ts, built: &BTreeMap<String, String>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO scheduler_state (name, last_fire, built) VALUES (?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire, built = excluded.built",
+        )
+        .bind(name)
+        .bind(last_fire.0)
+        .bind(serde_json::to_string(built).unwrap_or_else(|_| "{}".into()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+async fn set_head<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(exec: E, repo: &str, branch: &str, revision: &str, now: &str) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO branch_heads (repo, branch, revision, updated_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT (repo, branch) DO UPDATE SET revision = excluded.revision, updated_at = excluded.updated_at",
+    )
+    .bind(repo)
+    .bind(branch)
+    .bind(revision)
+    .bind(now)
+    .execute(exec)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! `GET /agent/ws`: where agents connect, authenticate once, and report their builds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::agent::protocol::{AgentMsg, MasterMsg};
+use crate::agent::redact::redact_str;
+use crate::core::fleet::FleetEvent;
+use crate::core::MachineId;
+use crate::runtime::{token_hash, Input, Shared};
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn upgrade(ws: WebSocketUpgrade, State(s): State<Arc<Shared>>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+    ws.on_upgrade(move |socket| serve(socket, s, peer))
+}
+
+async fn send(socket: &mut WebSocket, msg: &MasterMsg) -> bool {
+    match serde_json::to_string(msg) {
+        Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
+    let token = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<AgentMsg>(&text) {
+            Ok(AgentMsg::Hello { token, .. }) => token,
+            _ => {
+                tracing::warn!(%peer, "agent refused: first message was not a hello");
+                let _ = send(&mut socket, &MasterMsg::Refused { reason: "expected hello".into() }).await;
+                return;
+            }
+        },
+        _ => {
+            tracing::warn!(%peer, "agent refused: no hello");
+            return;
+        }
+    };
+    let machine = match s.store.claim_token(&token_hash(&token), s.now()).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            // Never log the token itself: a near-miss could be a real one.
+            tracing::warn!(%peer, "agent refused: unknown or already used token");
+            let _ = send(&mut socket, &MasterMsg::Refused { reason: "unknown or already used token".into() }).await;
+            let _ = socket.close().await;
+            return;
+        }
+        Err(e) => {
+            tracing::error!(%peer, "cannot check agent token: {e}");
+            return;
+        }
+    };
+    let heartbeat_secs = (s.config.master.heartbeat_timeout.as_secs() / 3).max(1);
+    if !send(&mut socket, &MasterMsg::Welcome { machine, heartbeat_secs }).await {
+        return;
+    }
+    tracing::info!(machine, %peer, "agent connected");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.send(Input::AgentConnected { machine, tx }).await;
+
+    let (mut sink, mut stream) = socket.split();
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let shutdown = matches!(msg, MasterMsg::Shutdown);
+            let Ok(text) = serde_json::to_string(&msg) else { continue };
+            if sink.send(Message::Text(text.into())).await.is_err() || shutdown {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    while let Some(frame) = stream.next().await {
+        let text = match frame {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        match serde_json::from_str::<AgentMsg>(&text) {
+            Ok(msg) => handle(&s, machine, msg).await,
+            Err(e) => tracing::warn!(machine, "unreadable message from agent: {e}"),
+        }
+    }
+    writer.abort();
+    tracing::info!(machine, "agent disconnected");
+    s.send(Input::Fleet(FleetEvent::AgentDisconnected { machine })).await;
+}
+
+/// The secrets of `build` if it runs on `machine`; `None` if the agent speaks of a build it
+/// was not given (it is then ignored).
+fn secrets_for(s: &Shared, machine: MachineId, build: i64) -> Option<Vec<(String, String)>> {
+    let running = s.running.lock().ok()?;
+    let r = running.get(&build)?;
+    (r.machine == machine).then(|| r.secrets.clone())
+}
+
+async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg) {
+    let now = s.now();
+    let result = match msg {
+        AgentMsg::Hello { .. } => Ok(()),
+        AgentMsg::Heartbeat => {
+            s.send(Input::Fleet(FleetEvent::Heartbeat { machine })).await;
+            Ok(())
+        }
+        AgentMsg::StepStarted { build, step } => match secrets_for(s, machine, build) {
+            Some(_) => s.store.step_started(build, step as i64, now).await,
+            None => Ok(()),
+        },
+        AgentMsg::Log { build, step, text } => match secrets_for(s, machine, build) {
+            // The agent already scrubbed it; scrub again in case an agent is older or wrong.
+            Some(secrets) => s.store.append_log(build, step as i64, &redact_str(&secrets, &text), now).await,
+            None => Ok(()),
+        },
+        AgentMsg::StepFinished { build, step, result, exit_code } => match secrets_for(s, machine, build) {
+            Some(_) => s.store.step_finished(build, step as i64, result.as_str(), exit_code, now).await,
+            None => Ok(()),
+        },
+        AgentMsg::BuildFinished { build, result } => {
+            if secrets_for(s, machine, build).is_none() {
+                tracing::warn!(machine, build, "agent reported a build it does not run; ignored");
+                return;
+            }
+            if let Ok(mut running) = s.running.lock() {
+                running.remove(&build);
+            }
+            let stored = s.store.finish_build(build, machine, result.as_str(), now).await;
+            tracing::info!(build, machine, result = result.as_str(), "build finished");
+            s.send(Input::Fleet(FleetEvent::BuildFinished { machine, build })).await;
+            stored.map(|_| ())
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(machine, "cannot store agent report: {e}");
+    }
+}

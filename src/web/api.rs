@@ -1,0 +1,181 @@
+//! `/api/…`: builds, builders, machines and changes as JSON (shapes per DESIGN.md).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::ApiError;
+use crate::changes::git::{self, Mirror};
+use crate::changes::hook::ChangeHook;
+use crate::runtime::{ingest, Input, Shared};
+use crate::store::BuildFilter;
+
+/// Query of `GET /api/builds`.
+#[derive(Debug, Deserialize)]
+pub struct BuildsQuery {
+    builder: Option<String>,
+    branch: Option<String>,
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+const BUILD_STATES: &[&str] = &["queued", "running", "success", "failure", "retry", "cancelled", "exception"];
+
+pub async fn list_builds(State(s): State<Arc<Shared>>, Query(q): Query<BuildsQuery>) -> Result<impl IntoResponse, ApiError> {
+    if let Some(state) = &q.state {
+        if !BUILD_STATES.contains(&state.as_str()) {
+            return Err(ApiError::bad_request(format!("unknown state {state:?}; expected one of {}", BUILD_STATES.join(", "))));
+        }
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 10000"));
+    }
+    let builds = s
+        .store
+        .list_builds(&BuildFilter { builder: q.builder, branch: q.branch, state: q.state, limit: Some(limit) })
+        .await?;
+    Ok(Json(json!({ "builds": builds })))
+}
+
+pub async fn get_build(State(s): State<Arc<Shared>>, Path(id): Path<i64>) -> Result<impl IntoResponse, ApiError> {
+    let build = s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
+    let steps = s.store.steps(id).await?;
+    let mut value = serde_json::to_value(&build).unwrap_or_default();
+    value["steps"] = serde_json::to_value(&steps).unwrap_or_default();
+    Ok(Json(value))
+}
+
+pub async fn get_log(State(s): State<Arc<Shared>>, Path(id): Path<i64>) -> Result<impl IntoResponse, ApiError> {
+    s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
+    let log = s.store.log(id).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], log))
+}
+
+pub async fn list_builders(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    let builders: Vec<_> = s
+        .config
+        .builders
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name,
+                "repo": b.repo,
+                "pool": b.pool,
+                "branches": b.branches,
+                "matrix": b.cell,
+                "steps": b.steps.iter().map(|st| json!({"name": st.name, "run": st.run, "timeout_secs": st.timeout.as_secs(), "always": st.always})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({ "builders": builders }))
+}
+
+/// Query of `GET /api/machines`.
+#[derive(Debug, Deserialize)]
+pub struct MachinesQuery {
+    pool: Option<String>,
+    state: Option<String>,
+}
+
+pub async fn list_machines(State(s): State<Arc<Shared>>, Query(q): Query<MachinesQuery>) -> Result<impl IntoResponse, ApiError> {
+    let machines = s.store.list_machines(q.pool.as_deref(), q.state.as_deref()).await?;
+    Ok(Json(json!({ "machines": machines })))
+}
+
+/// Query of `GET /api/changes`.
+#[derive(Debug, Deserialize)]
+pub struct ChangesQuery {
+    repo: Option<String>,
+    branch: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn list_changes(State(s): State<Arc<Shared>>, Query(q): Query<ChangesQuery>) -> Result<impl IntoResponse, ApiError> {
+    let changes = s.store.list_changes(q.repo.as_deref(), q.branch.as_deref(), q.limit.unwrap_or(100).clamp(1, 10_000)).await?;
+    Ok(Json(json!({ "changes": changes })))
+}
+
+/// `POST /api/changes {repo, branch, revision}`: the generic change hook.
+pub async fn post_change(State(s): State<Arc<Shared>>, body: Result<Json<ChangeHook>, JsonRejection>) -> Result<impl IntoResponse, ApiError> {
+    let Json(hook) = body.map_err(|e| ApiError::bad_request(format!("malformed change: {}", e.body_text())))?;
+    hook.validate().map_err(ApiError::bad_request)?;
+    let repo = s.config.repo(&hook.repo).ok_or_else(|| ApiError::bad_request(format!("unknown repository {:?}", hook.repo)))?;
+    if !git::branch_matches(&repo.branches, &hook.branch) {
+        return Err(ApiError::bad_request(format!("branch {:?} is not watched for repository {:?}", hook.branch, hook.repo)));
+    }
+    let commit = {
+        let _guard = match s.repo_locks.get(&repo.name) {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let mirror = Mirror::new(s.mirror_dir(&repo.name), repo.url.clone());
+        let fetched = async {
+            mirror.ensure().await?;
+            mirror.fetch(std::slice::from_ref(&hook.branch)).await?;
+            mirror.commit(&hook.revision).await
+        }
+        .await;
+        match fetched {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(repo = %repo.name, revision = %hook.revision, "change hook: commit not readable from the repository ({e}); using the hook's fields");
+                hook.to_commit(s.clock.now())
+            }
+        }
+    };
+    let rows = ingest::commits(&s, &repo.name, &hook.branch, &commit.revision, std::slice::from_ref(&commit), "hook").await?;
+    Ok((StatusCode::CREATED, Json(json!({ "changes": rows }))))
+}
+
+/// Body of `POST /api/builds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForceBody {
+    builder: String,
+    branch: String,
+    revision: Option<String>,
+    reason: Option<String>,
+}
+
+/// `POST /api/builds {builder, branch, revision?}`: a force build.
+pub async fn force_build(State(s): State<Arc<Shared>>, body: Result<Json<ForceBody>, JsonRejection>) -> Result<impl IntoResponse, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("malformed request: {}", e.body_text())))?;
+    if s.draining.load(Ordering::SeqCst) {
+        return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, reason: "master is shutting down".into() });
+    }
+    let builder = s.config.builder(&body.builder).ok_or_else(|| ApiError::bad_request(format!("unknown builder {:?}", body.builder)))?;
+    if !builder.branches.is_empty() && !git::branch_matches(&builder.branches, &body.branch) {
+        return Err(ApiError::bad_request(format!("builder {} does not build branch {:?}", builder.name, body.branch)));
+    }
+    let revision = match body.revision.filter(|r| !r.trim().is_empty()) {
+        Some(r) if r.chars().all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c)) => r,
+        Some(r) => return Err(ApiError::bad_request(format!("invalid revision {r:?}"))),
+        None => {
+            let heads = s.store.heads(&builder.repo).await?;
+            match heads.get(&body.branch) {
+                Some(h) => h.clone(),
+                None => {
+                    let url = s.config.repo(&builder.repo).map(|r| r.url.clone()).unwrap_or_default();
+                    let remote = git::ls_remote(&url).await.map_err(|e| ApiError::bad_request(format!("cannot resolve branch {:?}: {e}", body.branch)))?;
+                    remote.get(&body.branch).cloned().ok_or_else(|| ApiError::bad_request(format!("unknown branch {:?} in repository {}", body.branch, builder.repo)))?
+                }
+            }
+        }
+    };
+    let reason = body.reason.unwrap_or_else(|| "forced".to_string());
+    let build = s
+        .store
+        .create_request(&builder.name, &builder.repo, &body.branch, &revision, "force", &reason, &[], s.now())
+        .await?;
+    tracing::info!(build = build.id, builder = %build.builder, branch = %build.branch, "force build queued");
+    s.send(Input::Queued(build.clone())).await;
+    Ok((StatusCode::CREATED, Json(json!({ "builds": [build] }))))
+}

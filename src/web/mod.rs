@@ -1,0 +1,60 @@
+//! The master's HTTP side (axum): the JSON API, the agent WebSocket, webhooks, health.
+
+mod agent_ws;
+mod api;
+mod hooks;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::runtime::Shared;
+
+/// Every route the master serves.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/builds", get(api::list_builds).post(api::force_build))
+        .route("/api/builds/{id}", get(api::get_build))
+        .route("/api/builds/{id}/log", get(api::get_log))
+        .route("/api/builders", get(api::list_builders))
+        .route("/api/machines", get(api::list_machines))
+        .route("/api/changes", get(api::list_changes).post(api::post_change))
+        .route("/hooks/github", post(hooks::github))
+        .route("/agent/ws", get(agent_ws::upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(shared)
+}
+
+/// An API error: a status and a reason, sent as `{"error": reason}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+impl ApiError {
+    /// 400 with a reason.
+    pub fn bad_request(reason: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, reason: reason.into() }
+    }
+    /// 404 with a reason.
+    pub fn not_found(reason: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::NOT_FOUND, reason: reason.into() }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!("store error while serving a request: {e}");
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, reason: "internal error".into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.reason }))).into_response()
+    }
+}

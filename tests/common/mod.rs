@@ -1,0 +1,341 @@
+//! Test bed for end-to-end tests: a real git repository, the real `paddock` binary as master,
+//! real agent processes, a real SQLite file. Waits poll the API with a deadline; no guessed sleeps.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub fn paddock_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_paddock"))
+}
+
+/// How long any single wait may take before the test fails (generous for a loaded 2-core box).
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+/// One test's world: a temp folder with a repository, a config and (when started) a master.
+pub struct Bed {
+    pub dir: tempfile::TempDir,
+    pub repo: PathBuf,
+    pub port: u16,
+    master: Option<Child>,
+    pub master_log: PathBuf,
+    pub http: reqwest::blocking::Client,
+    starts: u32,
+}
+
+fn run_git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Ada Tester")
+        .env("GIT_AUTHOR_EMAIL", "ada@example.com")
+        .env("GIT_COMMITTER_NAME", "Ada Tester")
+        .env("GIT_COMMITTER_EMAIL", "ada@example.com")
+        .output()
+        .expect("git must be installed to run these tests (apt-get install git)");
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Bed {
+    /// A repository with `main` (and the given other branches), each with one commit.
+    pub fn new(branches: &[&str]) -> Bed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        run_git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(repo.join("README.md"), "hello\n").expect("write");
+        run_git(&repo, &["add", "."]);
+        run_git(&repo, &["commit", "-q", "-m", "initial"]);
+        for b in branches {
+            run_git(&repo, &["branch", b]);
+        }
+        let master_log = dir.path().join("master.log");
+        Bed {
+            dir,
+            repo,
+            port: free_port(),
+            master: None,
+            master_log,
+            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(20)).build().expect("client"),
+            starts: 0,
+        }
+    }
+
+    /// The test folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs git in the repository.
+    pub fn git(&self, args: &[&str]) -> String {
+        run_git(&self.repo, args)
+    }
+
+    /// Commits `text` appended to `file` on `branch`; returns the new revision.
+    pub fn commit(&self, branch: &str, file: &str, text: &str, message: &str) -> String {
+        self.git(&["checkout", "-q", branch]);
+        let path = self.repo.join(file);
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p).expect("mkdir");
+        }
+        let mut old = std::fs::read_to_string(&path).unwrap_or_default();
+        old.push_str(text);
+        std::fs::write(&path, old).expect("write");
+        self.git(&["add", file]);
+        self.git(&["commit", "-q", "-m", message]);
+        let rev = self.git(&["rev-parse", "HEAD"]);
+        self.git(&["checkout", "-q", "main"]);
+        rev
+    }
+
+    /// The master's base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Writes `paddock.toml`: a `[master]` section for this bed, a repo `app` at the test
+    /// repository, then `rest`.
+    pub fn config(&self, repo_extra: &str, rest: &str) -> PathBuf {
+        let poll = if repo_extra.contains("poll =") { "" } else { "poll = \"300ms\"\n" };
+        let text = format!(
+            "[master]\nurl = \"{url}\"\ndatabase = \"sqlite://paddock.db\"\nheartbeat_timeout = \"6s\"\nshutdown_grace = \"20s\"\n\n\
+             [[repo]]\nname = \"app\"\nurl = \"repo\"\n{poll}{repo_extra}\n\n{rest}\n",
+            url = self.url()
+        );
+        let path = self.path().join("paddock.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Starts `paddock run paddock.toml`, waits for `/healthz` and for the poller to record
+    /// the heads of `branches`.
+    pub fn start(&mut self, branches: &[&str]) {
+        self.start_with_env(branches, &[]);
+    }
+
+    /// Like [`Bed::start`], with extra environment for the master.
+    pub fn start_with_env(&mut self, branches: &[&str], env: &[(&str, &str)]) {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.master_log).expect("log");
+        let mut cmd = Command::new(paddock_bin());
+        cmd.arg("run")
+            .arg(self.path().join("paddock.toml"))
+            .current_dir(self.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.master = Some(cmd.spawn().expect("start master"));
+        self.wait("master /healthz", || self.http.get(format!("{}/healthz", self.url())).send().ok().filter(|r| r.status().is_success()).map(|_| ()));
+        for b in branches {
+            let b = b.to_string();
+            self.wait(&format!("head of {b} recorded"), || {
+                self.sqlite_scalar(&format!("SELECT COUNT(*) FROM branch_heads WHERE branch = '{b}'")).filter(|n| *n > 0).map(|_| ())
+            });
+        }
+    }
+
+    /// Reads one integer from the master's SQLite file with the `sqlite3` CLI (read-only use).
+    pub fn sqlite_scalar(&self, sql: &str) -> Option<i64> {
+        let out = Command::new("sqlite3")
+            .arg(self.path().join("paddock.db"))
+            .arg(sql)
+            .output()
+            .expect("sqlite3 must be installed to run these tests (apt-get install sqlite3)");
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
+    pub fn wait<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            if start.elapsed() > DEADLINE {
+                let log = std::fs::read_to_string(&self.master_log).unwrap_or_default();
+                let tail: String = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                panic!("timed out waiting for: {what}\n--- master log tail ---\n{tail}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET a JSON API path.
+    pub fn get(&self, path: &str) -> Value {
+        let resp = self.http.get(format!("{}{path}", self.url())).send().expect("GET");
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        resp.json().expect("json")
+    }
+
+    /// All builds (newest first).
+    pub fn builds(&self) -> Vec<Value> {
+        self.get("/api/builds?limit=1000")["builds"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// All machines.
+    pub fn machines(&self) -> Vec<Value> {
+        self.get("/api/machines")["machines"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until exactly `n` builds exist and none is queued or running; returns them.
+    pub fn wait_builds_done(&self, n: usize) -> Vec<Value> {
+        self.wait(&format!("{n} finished builds"), || {
+            let builds = self.builds();
+            let done = builds.iter().all(|b| !matches!(b["state"].as_str(), Some("queued") | Some("running")));
+            (done && builds.len() == n).then_some(builds)
+        })
+    }
+
+    /// Pids of agent processes started from this bed (found by their environment and cwd).
+    pub fn agent_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        let root = std::fs::canonicalize(self.path()).unwrap_or_else(|_| self.path().to_path_buf());
+        let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(environ) = std::fs::read(e.path().join("environ")) else { continue };
+            if !environ.split(|b| *b == 0).any(|v| v.starts_with(b"PADDOCK_MACHINE_ID=")) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            if matches!(stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z') | None) {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let is_agent = cmdline.split(|b| *b == 0).any(|a| a == b"agent");
+            if !is_agent {
+                continue;
+            }
+            if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
+                if cwd.starts_with(&root) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// Stops the master with SIGKILL (a crash).
+    pub fn kill_master(&mut self) {
+        if let Some(mut m) = self.master.take() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+
+    /// Stops the master with SIGTERM and waits for it to exit.
+    pub fn stop_master(&mut self) -> std::process::ExitStatus {
+        let mut m = self.master.take().expect("master running");
+        let _ = Command::new("kill").arg("-TERM").arg(m.id().to_string()).status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = m.try_wait() {
+                return status;
+            }
+            assert!(start.elapsed() < DEADLINE, "master did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The master's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.master_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if let Some(mut m) = self.master.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(m.id().to_string()).status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = m.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        // Never leave an agent behind, even when a test failed half-way.
+        for pid in self.agent_pids() {
+            let _ = Command::new("kill").arg("-KILL").arg(format!("-{pid}")).status();
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// Counts live agent processes under a folder (for sampling from another thread).
+pub struct AgentProbe {
+    root: PathBuf,
+}
+
+impl AgentProbe {
+    /// Probes agents whose working directory is under `root`.
+    pub fn new(root: &Path) -> AgentProbe {
+        AgentProbe { root: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()) }
+    }
+
+    /// How many agents run now.
+    pub fn count(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|pid| is_agent(*pid))
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).map(|c| c.starts_with(&self.root)).unwrap_or(false))
+            .count()
+    }
+}
+
+/// Whether `pid` is a live `paddock agent` process started by a local provisioner.
+pub fn is_agent(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if matches!(stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z') | None) {
+        return false;
+    }
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    environ.split(|b| *b == 0).any(|v| v.starts_with(b"PADDOCK_MACHINE_ID=")) && cmdline.split(|b| *b == 0).any(|a| a == b"agent")
+}
+
+/// Live processes (agent or build steps) of machine `id` of the master rooted at `root`.
+pub fn machine_processes(root: &Path, id: i64) -> Vec<i32> {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let suffix = format!("/machine-{id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !matches!(stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z') | None)
+        })
+        .filter(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            env.split(|b| *b == 0).any(|v| {
+                let v = String::from_utf8_lossy(v);
+                v.strip_prefix("PADDOCK_MACHINE_KEY=").is_some_and(|k| k.starts_with(&*root.to_string_lossy()) && k.ends_with(&suffix))
+            })
+        })
+        .collect()
+}
