@@ -5,5 +5,6 @@
 //! `DESIGN.md`-style overview in the README.
 
 pub mod agent;
+pub mod changes;
 pub mod config;
 pub mod core;
