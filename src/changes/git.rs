@@ -323,8 +323,7 @@ impl Mirror {
                     source,
                 })?;
             let mut args = argv(["init", "--quiet", "--bare"]);
-            // `init --bare <dir>` with a path argument; the path is after `--`-free position but
-            // we guard against a leading '-' by making it absolute or `./`-prefixed.
+            // The directory is a positional argument: make sure it cannot start with '-'.
             args.push(self.safe_dir_path());
             run_git(&args, GIT_TIMEOUT).await?;
         }
