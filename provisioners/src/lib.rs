@@ -72,7 +72,8 @@ pub trait Provisioner: Send + Sync {
     /// Start a machine that will run `paddock agent` against `spec.master_url` with `spec.token`.
     fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched, ProvisionError>>;
     /// Stop a machine: gracefully first, then forcibly. Stopping a machine that is already
-    /// gone is not an error.
+    /// gone is not an error. `provider_id` is empty when the launch's outcome is unknown (a
+    /// crash during the call): the provisioner then finds the machine by its id.
     fn terminate(&self, machine_id: i64, provider_id: &str) -> BoxFuture<'_, Result<(), ProvisionError>>;
     /// Whether a machine this provisioner started (perhaps in an earlier run) still runs.
     fn list(&self, known: &[(i64, String)]) -> BoxFuture<'_, Result<Vec<Listed>, ProvisionError>>;

@@ -125,3 +125,8 @@ pub enum FleetAction {
 pub struct Fleet {
     // implementation-defined
 }
+impl Fleet {
+    pub fn new(_p: Vec<PoolSpec>, _h: Duration, _f: MachineId) -> Fleet { todo!() }
+    pub fn handle(&mut self, _e: FleetEvent, _n: Ts) -> Vec<FleetAction> { todo!() }
+    pub fn machine_state(&self, _m: MachineId) -> Option<MachineState> { todo!() }
+}

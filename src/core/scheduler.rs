@@ -104,3 +104,9 @@ pub struct SpecError {
     pub scheduler: String,
     pub message: String,
 }
+pub struct Schedulers;
+impl Schedulers {
+    pub fn new(_s: Vec<SchedulerSpec>, _n: Ts) -> Result<Schedulers, SpecError> { todo!() }
+    pub fn restore_nightly(&mut self, _s: &str, _l: Ts, _b: BTreeMap<String, String>) { todo!() }
+    pub fn handle(&mut self, _e: SchedEvent, _n: Ts) -> Vec<SchedAction> { todo!() }
+}

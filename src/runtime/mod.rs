@@ -293,7 +293,10 @@ impl Master {
         let store = self.shared.store.clone();
         let now = self.shared.now();
         for m in store.live_machines().await? {
-            if let (Some(p), Some(pid)) = (self.provisioners.get(&m.pool), m.provider_id.as_deref()) {
+            // Even without a provider id (a crash during the launch call) the provisioner can
+            // find the machine by its id.
+            if let Some(p) = self.provisioners.get(&m.pool) {
+                let pid = m.provider_id.as_deref().unwrap_or("");
                 tracing::info!(machine = m.id, provider_id = pid, "stopping machine left by the previous run");
                 if let Err(e) = p.terminate(m.id, pid).await {
                     tracing::warn!(machine = m.id, "cannot stop leftover machine: {e}");
@@ -379,8 +382,8 @@ impl Master {
             let store = store.clone();
             let clock = self.shared.clock.clone();
             stops.push(tokio::spawn(async move {
-                if let (Some(p), Some(pid)) = (p, m.provider_id.as_deref()) {
-                    if let Err(e) = p.terminate(m.id, pid).await {
+                if let Some(p) = p {
+                    if let Err(e) = p.terminate(m.id, m.provider_id.as_deref().unwrap_or("")).await {
                         tracing::warn!(machine = m.id, "cannot stop machine: {e}");
                     }
                 }

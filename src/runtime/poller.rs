@@ -69,11 +69,9 @@ pub async fn poll_once(shared: &Shared, repo: &Repo) -> Result<(), PollError> {
             ingest::commits(shared, &repo.name, branch, head, &commits, "poller").await?;
         }
     }
-    for branch in known.keys() {
-        if !result.heads.contains_key(branch) && git::branch_matches(&repo.branches, branch) {
-            tracing::info!(repo = %repo.name, %branch, "branch deleted");
-            shared.store.delete_head(&repo.name, branch).await?;
-        }
+    for branch in &result.deleted {
+        tracing::info!(repo = %repo.name, %branch, "branch deleted or no longer watched");
+        shared.store.delete_head(&repo.name, branch).await?;
     }
     Ok(())
 }

@@ -127,7 +127,7 @@ pub async fn post_change(State(s): State<Arc<Shared>>, body: Result<Json<ChangeH
             Ok(c) => c,
             Err(e) => {
                 tracing::info!(repo = %repo.name, revision = %hook.revision, "change hook: commit not readable from the repository ({e}); using the hook's fields");
-                hook.to_commit(s.clock.now())
+                hook_commit(&hook, s.now())
             }
         }
     };
@@ -178,4 +178,15 @@ pub async fn force_build(State(s): State<Arc<Shared>>, body: Result<Json<ForceBo
     tracing::info!(build = build.id, builder = %build.builder, branch = %build.branch, "force build queued");
     s.send(Input::Queued(build.clone())).await;
     Ok((StatusCode::CREATED, Json(json!({ "builds": [build] }))))
+}
+
+/// A change built from the hook's own fields, for a revision the master cannot read (yet).
+fn hook_commit(hook: &ChangeHook, now: crate::core::Ts) -> git::CommitInfo {
+    git::CommitInfo {
+        revision: hook.revision.clone(),
+        author: hook.author.clone().unwrap_or_default(),
+        committed_at: chrono::DateTime::from_timestamp_millis(now.0).unwrap_or_default(),
+        message: hook.message.clone().unwrap_or_default(),
+        files: hook.files.clone().unwrap_or_default(),
+    }
 }
