@@ -633,3 +633,52 @@ fn garbage_never_panics() {
         let _ = parse(text);
     }
 }
+
+#[test]
+fn misspelt_scheduler_kind_key() {
+    let text = format!("{BASE}{BUILDER}[[scheduler]]\nknd = \"branch\"\nrepo = \"app\"\n");
+    let e = assert_err(&text, 13, 1, "unknown key `knd` in [[scheduler]]");
+    assert!(e.hint.unwrap().contains("did you mean `kind`?"));
+}
+
+#[test]
+fn float_matrix_value_asks_for_quotes() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"py{{py}}\"\nrepo = \"app\"\npool = \"small\"\nmatrix = {{ py = [\"3.9\", 3.10] }}\nsteps = [\"make\"]\n"
+    );
+    let e = assert_err(&text, 11, 25, "matrix values must be strings, not a float");
+    assert!(e.hint.unwrap().contains("\"3.10\""));
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = include_str!("../examples/paddock.toml");
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Arbitrary TOML-ish text never panics.
+        #[test]
+        fn random_text_never_panics(text in "[\\[\\]{}=\"'a-z0-9._ \\n,:*#$-]{0,200}") {
+            let _ = parse(&text);
+        }
+
+        /// Deleting or replacing a slice of a valid config never panics, and any error is located
+        /// inside the file.
+        #[test]
+        fn mutated_example_never_panics(start in 0usize..4000, len in 0usize..40, with in "[{}\\[\\]\"=a-z0-9 \\n]{0,5}") {
+            let mut text = EXAMPLE.to_string();
+            let start = start.min(text.len());
+            let end = (start + len).min(text.len());
+            if text.is_char_boundary(start) && text.is_char_boundary(end) {
+                text.replace_range(start..end, &with);
+            }
+            if let Err(e) = parse(&text) {
+                prop_assert!(e.line >= 1 && e.line <= text.lines().count() + 1, "{}", e);
+                prop_assert!(e.column >= 1);
+            }
+        }
+    }
+}

@@ -38,6 +38,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
+            "" if rest.starts_with(char::is_whitespace) => {
+                return Err(format!(
+                    "invalid duration \"{s}\": no spaces allowed, write units as one letter or two; {ACCEPTED_UNITS}"
+                ))
+            }
             "" => {
                 return Err(format!(
                     "invalid duration \"{s}\": missing unit after {number}; {ACCEPTED_UNITS}"

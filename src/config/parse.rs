@@ -846,6 +846,16 @@ struct RawScheduler {
 
 fn parse_scheduler(node: &Node, index: usize) -> Result<RawScheduler, Diag> {
     let f = Fields::new(node, "[[scheduler]]")?;
+    if f.get("kind").is_none() {
+        // Without a kind we cannot tell which keys belong; a misspelt `kind` is the likely cause.
+        let every: Vec<&str> = SCHEDULER_COMMON_KEYS
+            .iter()
+            .chain(BRANCH_KEYS)
+            .chain(NIGHTLY_KEYS)
+            .copied()
+            .collect();
+        f.allow_only(&every)?;
+    }
     let kind = f.req_str("kind", "\"branch\"")?;
     let (own, other, other_kind) = match kind.v.as_str() {
         "branch" => (BRANCH_KEYS, NIGHTLY_KEYS, "nightly"),
@@ -1008,8 +1018,8 @@ fn resolve_scheduler(s: &RawScheduler, builders: &[Expanded]) -> Result<Schedule
             .copied()
             .filter(|b| b.builder.repo == s.repo.v)
             .collect();
-        if same_repo.is_empty() || (!has_glob_meta(&pat.v) && same_repo.len() != matched.len()) {
-            let b = matched[0];
+        let wrong_repo = matched.iter().find(|b| b.builder.repo != s.repo.v);
+        if let (true, Some(b)) = (same_repo.is_empty() || !has_glob_meta(&pat.v), wrong_repo) {
             return Err(Diag::new(
                 pat.span.clone(),
                 format!(

@@ -41,9 +41,14 @@ pub fn render_builders(cfg: &Config) -> String {
             if let Some(w) = &s.workdir {
                 flags.push_str(&format!(", workdir {w}"));
             }
-            let _ = writeln!(out, "      {}. {}  ({flags})", i + 1, s.name);
-            for line in s.run.lines() {
-                let _ = writeln!(out, "         $ {line}");
+            if s.name == s.run {
+                // A default name is the command itself; printing it twice is noise.
+                let _ = writeln!(out, "      {}. $ {}  ({flags})", i + 1, s.run);
+            } else {
+                let _ = writeln!(out, "      {}. {}  ({flags})", i + 1, s.name);
+                for line in s.run.lines() {
+                    let _ = writeln!(out, "         $ {line}");
+                }
             }
             for (k, v) in &s.env {
                 let _ = writeln!(out, "         env {k}={v}");
