@@ -1,5 +1,35 @@
 //! Configuration: the TOML model, matrix expansion and validation with file:line:column errors.
 
+mod duration;
+mod error;
 mod model;
+mod parse;
+mod render;
+mod template;
+mod tree;
 
+use std::path::Path;
+
+pub use duration::parse_duration;
+pub use error::ConfigError;
 pub use model::*;
+pub use render::render_builders;
+
+/// Read, validate and expand the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, path),
+        Err(e) => Err(ConfigError {
+            file: path.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: format!("cannot read the configuration file: {e}"),
+            hint: Some("pass the path of an existing TOML file, e.g. --config paddock.toml".into()),
+        }),
+    }
+}
+
+/// Validate and expand configuration `text`; `path` names it in errors and anchors relative paths.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    parse::parse_config(text, path).map_err(|d| d.locate(path, text))
+}

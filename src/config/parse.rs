@@ -1,0 +1,1101 @@
+//! Reading each section of the file into raw, spanned structures, then cross-checking and
+//! expanding them into the final [`Config`].
+//!
+//! Errors are collected per item and the earliest one in the file is reported, so the user
+//! fixes problems top to bottom whatever order the sections are written in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobMatcher};
+
+use super::error::{earliest, line_col, Diag};
+use super::model::*;
+use super::template;
+use super::tree::{parse_tree, unknown_key, Entry, Fields, Kind, Node, Sp};
+
+const TOP_KEYS: &[&str] = &["master", "repo", "pool", "builder", "scheduler"];
+const MASTER_KEYS: &[&str] = &[
+    "url",
+    "listen",
+    "database",
+    "state_dir",
+    "secrets_file",
+    "github_secret_env",
+    "heartbeat_timeout",
+    "shutdown_grace",
+];
+const REPO_KEYS: &[&str] = &["name", "url", "branches", "poll"];
+const POOL_KEYS: &[&str] = &[
+    "provisioner",
+    "max_instances",
+    "min_idle",
+    "idle_timeout",
+    "boot_timeout",
+    "max_builds",
+    "agent_command",
+];
+const PROVISIONERS: &[&str] = &["local"];
+const BUILDER_KEYS: &[&str] = &["name", "repo", "pool", "branches", "matrix", "env", "steps"];
+const STEP_KEYS: &[&str] = &["run", "name", "env", "workdir", "timeout", "always"];
+const SCHEDULER_COMMON_KEYS: &[&str] = &["kind", "name", "repo", "branches", "builders"];
+const BRANCH_KEYS: &[&str] = &["tree_stable", "files", "ignore"];
+const NIGHTLY_KEYS: &[&str] = &["cron", "only_if_changed"];
+const SCHEDULER_KINDS: &[&str] = &["branch", "nightly"];
+
+const DEFAULT_URL: &str = "http://127.0.0.1:8010";
+const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Parse, validate and expand `text`, read from `path`.
+pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
+    let root = parse_tree(text)?;
+    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    let mut errs = Vec::new();
+
+    let mut master = None;
+    let mut repos = Vec::new();
+    let mut pools = Vec::new();
+    let mut builders = Vec::new();
+    let mut schedulers = Vec::new();
+    let mut scheduler_index = 0;
+
+    for e in &root {
+        match e.key.as_str() {
+            "master" => master = keep(&mut errs, parse_master(&e.value, &base)),
+            "repo" => {
+                for node in keep(&mut errs, array_of_tables(e, "[[repo]]")).unwrap_or_default() {
+                    repos.extend(keep(&mut errs, parse_repo(node, &base)));
+                }
+            }
+            "pool" => match pool_entries(e) {
+                Ok(entries) => {
+                    for pe in entries {
+                        pools.extend(keep(&mut errs, parse_pool(pe, &base)));
+                    }
+                }
+                Err(d) => errs.push(d),
+            },
+            "builder" => {
+                for node in keep(&mut errs, array_of_tables(e, "[[builder]]")).unwrap_or_default()
+                {
+                    builders.extend(keep(&mut errs, parse_builder(node, text)));
+                }
+            }
+            "scheduler" => {
+                for node in
+                    keep(&mut errs, array_of_tables(e, "[[scheduler]]")).unwrap_or_default()
+                {
+                    scheduler_index += 1;
+                    schedulers.extend(keep(&mut errs, parse_scheduler(node, scheduler_index)));
+                }
+            }
+            other => errs.push(
+                unknown_key(other, e.key_span.clone(), "the top level", TOP_KEYS).hint(format!(
+                    "{}the file has sections [master], [[repo]], [pool.NAME], [[builder]], [[scheduler]]",
+                    super::tree::closest(other, TOP_KEYS)
+                        .map(|b| format!("did you mean `{b}`? "))
+                        .unwrap_or_default()
+                )),
+            ),
+        }
+    }
+    if let Some(d) = earliest(errs) {
+        return Err(d);
+    }
+    let master = match master {
+        Some(m) => m,
+        None => default_master(&base)?,
+    };
+
+    let mut errs = Vec::new();
+    check_repos(&repos, text, &mut errs);
+    let pool_names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+    let repo_names: Vec<&str> = repos.iter().map(|r| r.name.v.as_str()).collect();
+    for b in &builders {
+        if !repo_names.contains(&b.repo.v.as_str()) {
+            errs.push(unknown_ref("repo", &b.repo, &repo_names, "[[repo]]"));
+        }
+        if !pool_names.contains(&b.pool.v.as_str()) {
+            errs.push(unknown_ref("pool", &b.pool, &pool_names, "[pool.NAME]"));
+        }
+    }
+    let expanded = expand_all(&builders, text, &mut errs);
+    let mut out_schedulers = Vec::new();
+    let mut seen_sched: HashMap<&str, Range<usize>> = HashMap::new();
+    for s in &schedulers {
+        if let Some(first) = seen_sched.get(s.name.v.as_str()) {
+            errs.push(
+                Diag::new(
+                    s.name.span.clone(),
+                    format!("duplicate scheduler name `{}`", s.name.v),
+                )
+                .hint(format!(
+                    "the first is at line {}; give each scheduler a distinct `name`",
+                    line_col(text, first.start).0
+                )),
+            );
+        } else {
+            seen_sched.insert(&s.name.v, s.name.span.clone());
+        }
+        if !repo_names.contains(&s.repo.v.as_str()) {
+            errs.push(unknown_ref("repo", &s.repo, &repo_names, "[[repo]]"));
+            continue;
+        }
+        if let Some(sched) = keep(&mut errs, resolve_scheduler(s, &expanded)) {
+            out_schedulers.push(sched);
+        }
+    }
+    if let Some(d) = earliest(errs) {
+        return Err(d);
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        master,
+        repos: repos.into_iter().map(|r| r.repo).collect(),
+        pools,
+        builders: expanded.into_iter().map(|e| e.builder).collect(),
+        schedulers: out_schedulers,
+    })
+}
+
+/// Record an error and carry on with the next item.
+fn keep<T>(errs: &mut Vec<Diag>, r: Result<T, Diag>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(d) => {
+            errs.push(d);
+            None
+        }
+    }
+}
+
+fn array_of_tables<'a>(e: &'a Entry, what: &str) -> Result<Vec<&'a Node>, Diag> {
+    match &e.value.kind {
+        Kind::Array(items) => Ok(items.iter().collect()),
+        _ => Err(Diag::new(
+            e.key_span.clone(),
+            format!(
+                "`{}` must be an array of tables, not {}",
+                e.key,
+                e.value.type_name()
+            ),
+        )
+        .hint(format!("write {what} (double brackets) for each entry"))),
+    }
+}
+
+fn pool_entries(e: &Entry) -> Result<&[Entry], Diag> {
+    match &e.value.kind {
+        Kind::Table(entries) => Ok(entries),
+        _ => Err(Diag::new(
+            e.key_span.clone(),
+            format!(
+                "`pool` must be a table of named pools, not {}",
+                e.value.type_name()
+            ),
+        )
+        .hint("write one [pool.NAME] section per pool, e.g. [pool.small]")),
+    }
+}
+
+fn unknown_ref(what: &str, r: &Sp<String>, defined: &[&str], section: &str) -> Diag {
+    let hint = if defined.is_empty() {
+        format!("no {what} is defined; add a {section} section")
+    } else {
+        let mut h = String::new();
+        if let Some(best) = super::tree::closest(&r.v, defined) {
+            h.push_str(&format!("did you mean `{best}`? "));
+        }
+        h.push_str(&format!("defined {what}s: {}", defined.join(", ")));
+        h
+    };
+    Diag::new(r.span.clone(), format!("unknown {what} `{}`", r.v)).hint(hint)
+}
+
+// ---------------------------------------------------------------------------------------------
+// [master]
+
+fn default_master(base: &Path) -> Result<Master, Diag> {
+    Ok(Master {
+        url: DEFAULT_URL.to_string(),
+        listen: host_port(DEFAULT_URL).map_err(|m| Diag::new(0..0, m))?,
+        database: resolve_db(base, "sqlite://paddock.db"),
+        state_dir: resolve(base, "paddock-state"),
+        secrets_file: None,
+        github_secret_env: "PADDOCK_GITHUB_SECRET".to_string(),
+        heartbeat_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(60),
+    })
+}
+
+fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
+    let f = Fields::new(node, "[master]")?;
+    f.allow_only(MASTER_KEYS)?;
+    let mut m = default_master(base)?;
+    if let Some(url) = f.opt_str("url")? {
+        m.listen = host_port(&url.v).map_err(|msg| {
+            Diag::new(url.span.clone(), format!("`url`: {msg}"))
+                .hint(format!("e.g. url = \"{DEFAULT_URL}\""))
+        })?;
+        m.url = url.v;
+    }
+    if let Some(listen) = f.opt_str("listen")? {
+        let ok = listen
+            .v
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            return Err(Diag::new(
+                listen.span,
+                format!("`listen` must be host:port, not \"{}\"", listen.v),
+            )
+            .hint("e.g. listen = \"0.0.0.0:8010\""));
+        }
+        m.listen = listen.v;
+    }
+    if let Some(db) = f.opt_str("database")? {
+        m.database = resolve_db(base, &db.v);
+    }
+    if let Some(dir) = f.opt_str("state_dir")? {
+        m.state_dir = resolve(base, &dir.v);
+    }
+    if let Some(file) = f.opt_str("secrets_file")? {
+        m.secrets_file = Some(resolve(base, &file.v));
+    }
+    if let Some(env) = f.opt_str("github_secret_env")? {
+        if env.v.is_empty() {
+            return Err(Diag::new(env.span, "`github_secret_env` must not be empty"));
+        }
+        m.github_secret_env = env.v;
+    }
+    if let Some(d) = f.opt_duration("heartbeat_timeout")? {
+        m.heartbeat_timeout = d;
+    }
+    if let Some(d) = f.opt_duration("shutdown_grace")? {
+        m.shutdown_grace = d;
+    }
+    Ok(m)
+}
+
+/// `host:port` of an http(s) URL, with the scheme's default port when none is written.
+fn host_port(url: &str) -> Result<String, String> {
+    let (rest, default_port) = if let Some(r) = url.strip_prefix("http://") {
+        (r, 80)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, 443)
+    } else {
+        return Err(format!(
+            "must start with http:// or https://, got \"{url}\""
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    if authority.is_empty() {
+        return Err(format!("no host in \"{url}\""));
+    }
+    // IPv6 literals keep their brackets; the port is whatever follows "]:".
+    let (host, port) = if authority.starts_with('[') {
+        match authority.split_once(']') {
+            Some((h, p)) => (format!("{h}]"), p.strip_prefix(':')),
+            None => return Err(format!("unterminated IPv6 address in \"{url}\"")),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("no host in \"{url}\""));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("invalid port \"{p}\" in \"{url}\""))?,
+        None => default_port,
+    };
+    Ok(format!("{host}:{port}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// paths
+
+/// Join a relative path onto the config's folder; `.` components are dropped for readability.
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    };
+    let cleaned: PathBuf = joined
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect();
+    if cleaned.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        cleaned
+    }
+}
+
+/// Git URLs stay as written; anything else is a local path relative to the config.
+fn resolve_repo_url(base: &Path, url: &str) -> String {
+    let scp_like = url.split_once('@').is_some_and(|(user, rest)| {
+        !user.is_empty()
+            && !user.contains('/')
+            && rest
+                .split_once(':')
+                .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
+    });
+    if url.contains("://") || scp_like {
+        url.to_string()
+    } else {
+        resolve(base, url).to_string_lossy().into_owned()
+    }
+}
+
+/// A relative sqlite database file resolves against the config's folder; other URLs are kept.
+fn resolve_db(base: &Path, db: &str) -> String {
+    let Some(rest) = db
+        .strip_prefix("sqlite://")
+        .or_else(|| db.strip_prefix("sqlite:"))
+    else {
+        return db.to_string();
+    };
+    let (file, query) = match rest.split_once('?') {
+        Some((f, q)) => (f, Some(q)),
+        None => (rest, None),
+    };
+    if file.is_empty() || file.starts_with(':') || Path::new(file).is_absolute() {
+        return db.to_string();
+    }
+    let mut out = format!("sqlite://{}", resolve(base, file).to_string_lossy());
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+fn check_glob(s: &Sp<String>, what: &str) -> Result<GlobMatcher, Diag> {
+    Glob::new(&s.v).map(|g| g.compile_matcher()).map_err(|e| {
+        Diag::new(
+            s.span.clone(),
+            format!("invalid glob \"{}\" in `{what}`: {}", s.v, e.kind()),
+        )
+        .hint("globs use *, ?, [abc], {a,b} and ** (e.g. \"stable/*\", \"docs/**\")")
+    })
+}
+
+fn globs(list: Option<Vec<Sp<String>>>, what: &str) -> Result<Vec<String>, Diag> {
+    let list = list.unwrap_or_default();
+    for s in &list {
+        check_glob(s, what)?;
+    }
+    Ok(list.into_iter().map(|s| s.v).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// [[repo]]
+
+struct RawRepo {
+    name: Sp<String>,
+    repo: Repo,
+}
+
+fn parse_repo(node: &Node, base: &Path) -> Result<RawRepo, Diag> {
+    let f = Fields::new(node, "[[repo]]")?;
+    f.allow_only(REPO_KEYS)?;
+    let name = f.req_nonempty("name", "\"myproject\"")?;
+    let url = f.req_nonempty("url", "\"https://github.com/me/myproject.git\"")?;
+    let branches = match f.opt_str_array("branches")? {
+        None => vec!["main".to_string()],
+        Some(list) => {
+            if list.is_empty() {
+                let span = f
+                    .get("branches")
+                    .map(|e| e.value.span.clone())
+                    .unwrap_or(f.span.clone());
+                return Err(Diag::new(span, "`branches` must list at least one branch")
+                    .hint("omit it to watch [\"main\"]"));
+            }
+            globs(Some(list), "branches")?
+        }
+    };
+    let poll = match f.opt_duration("poll")? {
+        None => Some(Duration::from_secs(60)),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    };
+    Ok(RawRepo {
+        repo: Repo {
+            name: name.v.clone(),
+            url: resolve_repo_url(base, &url.v),
+            branches,
+            poll,
+        },
+        name,
+    })
+}
+
+fn check_repos(repos: &[RawRepo], text: &str, errs: &mut Vec<Diag>) {
+    let mut seen: HashMap<&str, &Range<usize>> = HashMap::new();
+    for r in repos {
+        if let Some(first) = seen.get(r.name.v.as_str()) {
+            errs.push(
+                Diag::new(
+                    r.name.span.clone(),
+                    format!("duplicate repo name `{}`", r.name.v),
+                )
+                .hint(format!(
+                    "the first `{}` is at line {}; repo names must be unique",
+                    r.name.v,
+                    line_col(text, first.start).0
+                )),
+            );
+        } else {
+            seen.insert(&r.name.v, &r.name.span);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// [pool.NAME]
+
+fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
+    let what = format!("[pool.{}]", e.key);
+    let f = Fields::new(&e.value, what.clone())?;
+    f.allow_only(POOL_KEYS)?;
+    let provisioner = match f.opt_str("provisioner")? {
+        None => ProvisionerKind::Local,
+        Some(p) if p.v == "local" => ProvisionerKind::Local,
+        Some(p) => {
+            return Err(Diag::new(
+                p.span,
+                format!("provisioner \"{}\" is not available in this build", p.v),
+            )
+            .hint(format!(
+                "available provisioners: {}",
+                PROVISIONERS.join(", ")
+            )))
+        }
+    };
+    let max_instances = f.opt_u32("max_instances")?;
+    if let Some(m) = &max_instances {
+        if m.v == 0 {
+            return Err(
+                Diag::new(m.span.clone(), "`max_instances` must be at least 1")
+                    .hint("a pool with no machines can never run a build"),
+            );
+        }
+    }
+    let max_instances = max_instances.map(|m| m.v).unwrap_or(4);
+    let min_idle = f.opt_u32("min_idle")?;
+    if let Some(m) = &min_idle {
+        if m.v > max_instances {
+            return Err(Diag::new(
+                m.span.clone(),
+                format!(
+                    "`min_idle` ({}) is greater than `max_instances` ({max_instances})",
+                    m.v
+                ),
+            )
+            .hint("lower min_idle or raise max_instances"));
+        }
+    }
+    Ok(Pool {
+        name: e.key.clone(),
+        provisioner,
+        max_instances,
+        min_idle: min_idle.map(|m| m.v).unwrap_or(0),
+        idle_timeout: f
+            .opt_duration("idle_timeout")?
+            .unwrap_or(Duration::from_secs(300)),
+        boot_timeout: f
+            .opt_duration("boot_timeout")?
+            .unwrap_or(Duration::from_secs(300)),
+        max_builds: f.opt_u32("max_builds")?.map(|m| m.v).unwrap_or(0),
+        agent_command: f.opt_str("agent_command")?.map(|p| resolve(base, &p.v)),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// [[builder]]
+
+struct RawStep {
+    name: Option<Sp<String>>,
+    run: Sp<String>,
+    env: Vec<(String, Sp<String>)>,
+    workdir: Option<Sp<String>>,
+    timeout: Duration,
+    always: bool,
+}
+
+struct RawBuilder {
+    name: Sp<String>,
+    repo: Sp<String>,
+    pool: Sp<String>,
+    branches: Vec<String>,
+    axes: Vec<(String, Vec<String>)>,
+    env: Vec<(String, Sp<String>)>,
+    steps: Vec<RawStep>,
+}
+
+fn parse_builder(node: &Node, text: &str) -> Result<RawBuilder, Diag> {
+    let f = Fields::new(node, "[[builder]]")?;
+    f.allow_only(BUILDER_KEYS)?;
+    let name = f.req_nonempty("name", "\"tests\"")?;
+    let repo = f.req_nonempty("repo", "\"myproject\"")?;
+    let pool = f.req_nonempty("pool", "\"small\"")?;
+    let branches = globs(f.opt_str_array("branches")?, "branches")?;
+    let axes = match f.get("matrix") {
+        None => Vec::new(),
+        Some(e) => parse_matrix(&e.value)?,
+    };
+    let env = match f.get("env") {
+        None => Vec::new(),
+        Some(e) => parse_env(&e.value, "`env`")?,
+    };
+    let no_steps = |span: Range<usize>| {
+        Diag::new(span, format!("builder `{}` has no steps", name.v))
+            .hint("add e.g. steps = [\"make test\"]")
+    };
+    let steps = match f.get("steps") {
+        None => return Err(no_steps(f.span.clone())),
+        Some(e) => {
+            let items = e.value.array("`steps`")?;
+            if items.is_empty() {
+                return Err(no_steps(e.value.span.clone()));
+            }
+            items
+                .iter()
+                .map(parse_step)
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    let axis_names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+    let mut templated: Vec<&Sp<String>> = vec![&name];
+    templated.extend(env.iter().map(|(_, v)| v));
+    for s in &steps {
+        templated.push(&s.run);
+        templated.extend(s.name.iter());
+        templated.extend(s.workdir.iter());
+        templated.extend(s.env.iter().map(|(_, v)| v));
+    }
+    // Check in file order so the first bad placeholder is the one reported.
+    templated.sort_by_key(|s| s.span.start);
+    for s in templated {
+        template::check(s, &axis_names, text)?;
+    }
+    Ok(RawBuilder {
+        name,
+        repo,
+        pool,
+        branches,
+        axes,
+        env,
+        steps,
+    })
+}
+
+fn parse_matrix(node: &Node) -> Result<Vec<(String, Vec<String>)>, Diag> {
+    let entries = node
+        .table("`matrix`")
+        .map_err(|d| d.hint("write matrix = { axis = [\"a\", \"b\"] }"))?;
+    let mut axes = Vec::new();
+    for e in entries {
+        if !template::is_ident(&e.key) || e.key == "secret" {
+            return Err(Diag::new(
+                e.key_span.clone(),
+                format!("invalid matrix axis name `{}`", e.key),
+            )
+            .hint("axis names start with a letter or _ and contain letters, digits, _ or -"));
+        }
+        let values = e.value.array(&format!("matrix axis `{}`", e.key))?;
+        if values.is_empty() {
+            return Err(Diag::new(
+                e.value.span.clone(),
+                format!("matrix axis `{}` has no values", e.key),
+            )
+            .hint("list at least one value, or remove the axis"));
+        }
+        let mut out = Vec::new();
+        for v in values {
+            out.push(match &v.kind {
+                Kind::Str(s) => s.clone(),
+                Kind::Int(i) => i.to_string(),
+                Kind::Bool(b) => b.to_string(),
+                Kind::Float => {
+                    return Err(Diag::new(
+                        v.span.clone(),
+                        format!(
+                            "matrix values must be strings, not a float (axis `{}`)",
+                            e.key
+                        ),
+                    )
+                    .hint("quote version numbers so 3.10 stays \"3.10\""))
+                }
+                _ => {
+                    return Err(Diag::new(
+                        v.span.clone(),
+                        format!(
+                            "matrix values must be strings, not {} (axis `{}`)",
+                            v.type_name(),
+                            e.key
+                        ),
+                    ))
+                }
+            });
+        }
+        axes.push((e.key.clone(), out));
+    }
+    Ok(axes)
+}
+
+fn parse_env(node: &Node, what: &str) -> Result<Vec<(String, Sp<String>)>, Diag> {
+    let entries = node
+        .table(what)
+        .map_err(|d| d.hint("write env = { NAME = \"value\" }"))?;
+    entries
+        .iter()
+        .map(|e| {
+            let v = e.value.str(&format!("environment variable `{}`", e.key))?;
+            Ok((e.key.clone(), v))
+        })
+        .collect()
+}
+
+fn parse_step(node: &Node) -> Result<RawStep, Diag> {
+    match &node.kind {
+        Kind::Str(s) => {
+            if s.trim().is_empty() {
+                return Err(Diag::new(
+                    node.span.clone(),
+                    "a step's command must not be empty",
+                ));
+            }
+            Ok(RawStep {
+                name: None,
+                run: Sp {
+                    v: s.clone(),
+                    span: node.span.clone(),
+                },
+                env: Vec::new(),
+                workdir: None,
+                timeout: DEFAULT_STEP_TIMEOUT,
+                always: false,
+            })
+        }
+        Kind::Table(_) => {
+            let f = Fields::new(node, "a step")?;
+            f.allow_only(STEP_KEYS)?;
+            Ok(RawStep {
+                run: f.req_nonempty("run", "\"make test\"")?,
+                name: f.opt_str("name")?,
+                env: match f.get("env") {
+                    None => Vec::new(),
+                    Some(e) => parse_env(&e.value, "a step's `env`")?,
+                },
+                workdir: f.opt_str("workdir")?,
+                timeout: f.opt_duration("timeout")?.unwrap_or(DEFAULT_STEP_TIMEOUT),
+                always: f.opt_bool("always")?.unwrap_or(false),
+            })
+        }
+        _ => Err(Diag::new(
+            node.span.clone(),
+            format!(
+                "each step must be a string or a table, not {}",
+                node.type_name()
+            ),
+        )
+        .hint("e.g. steps = [\"make\", { run = \"make test\", timeout = \"20m\" }]")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matrix expansion
+
+/// An expanded builder (kept as a struct so cross-checks can grow extra context).
+struct Expanded {
+    builder: Builder,
+}
+
+/// Every cell of the matrix: the first axis varies slowest, values in the order written.
+fn cells(axes: &[(String, Vec<String>)]) -> Vec<Vec<(String, String)>> {
+    let mut out: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    for (axis, values) in axes {
+        out = out
+            .into_iter()
+            .flat_map(|prefix| {
+                values.iter().map(move |v| {
+                    let mut c = prefix.clone();
+                    c.push((axis.clone(), v.clone()));
+                    c
+                })
+            })
+            .collect();
+    }
+    out
+}
+
+fn describe_cell(cell: &[(String, String)]) -> String {
+    if cell.is_empty() {
+        return "(no matrix)".to_string();
+    }
+    let parts: Vec<String> = cell.iter().map(|(a, v)| format!("{a}={v}")).collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+fn short_name(run: &str) -> String {
+    let first = run
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(run)
+        .trim();
+    let mut name: String = first.chars().take(40).collect();
+    if first.chars().count() > 40 || run.trim().lines().count() > 1 {
+        name.push('…');
+    }
+    name
+}
+
+fn expand_all(raws: &[RawBuilder], text: &str, errs: &mut Vec<Diag>) -> Vec<Expanded> {
+    let mut out: Vec<Expanded> = Vec::new();
+    // name -> (index in raws, cell description, span of that builder's name)
+    let mut seen: HashMap<String, (usize, String, Range<usize>)> = HashMap::new();
+    for (bi, raw) in raws.iter().enumerate() {
+        for cell in cells(&raw.axes) {
+            let map: BTreeMap<String, String> = cell.iter().cloned().collect();
+            let sub = |s: &str| template::substitute(s, &map);
+            let name = sub(&raw.name.v);
+            let desc = describe_cell(&cell);
+            if let Some((first_bi, first_desc, first_span)) = seen.get(&name) {
+                let (message, hint) = if *first_bi == bi {
+                    (
+                        format!(
+                            "duplicate builder name `{name}`: matrix cells {first_desc} and {desc} both produce it"
+                        ),
+                        "use every matrix axis in the name, e.g. name = \"tests-{axis1}-{axis2}\"".to_string(),
+                    )
+                } else {
+                    (
+                        format!(
+                            "duplicate builder name `{name}` ({desc}); also produced by the builder at line {} ({first_desc})",
+                            line_col(text, first_span.start).0
+                        ),
+                        "builder names must be unique after matrix expansion".to_string(),
+                    )
+                };
+                errs.push(Diag::new(raw.name.span.clone(), message).hint(hint));
+                // One duplicate report per builder is enough.
+                break;
+            }
+            seen.insert(name.clone(), (bi, desc, raw.name.span.clone()));
+            let steps = raw
+                .steps
+                .iter()
+                .map(|s| {
+                    let run = sub(&s.run.v);
+                    Step {
+                        name: match &s.name {
+                            Some(n) => sub(&n.v),
+                            None => short_name(&run),
+                        },
+                        env: s.env.iter().map(|(k, v)| (k.clone(), sub(&v.v))).collect(),
+                        workdir: s.workdir.as_ref().map(|w| sub(&w.v)),
+                        timeout: s.timeout,
+                        always: s.always,
+                        run,
+                    }
+                })
+                .collect();
+            out.push(Expanded {
+                builder: Builder {
+                    name,
+                    repo: raw.repo.v.clone(),
+                    pool: raw.pool.v.clone(),
+                    branches: raw.branches.clone(),
+                    env: raw
+                        .env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), sub(&v.v)))
+                        .collect(),
+                    cell: map.clone(),
+                    steps,
+                },
+            });
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// [[scheduler]]
+
+struct RawScheduler {
+    name: Sp<String>,
+    repo: Sp<String>,
+    branches: Vec<String>,
+    builders: Vec<Sp<String>>,
+    kind: SchedulerKind,
+}
+
+fn parse_scheduler(node: &Node, index: usize) -> Result<RawScheduler, Diag> {
+    let f = Fields::new(node, "[[scheduler]]")?;
+    if f.get("kind").is_none() {
+        // Without a kind we cannot tell which keys belong; a misspelt `kind` is the likely cause.
+        let every: Vec<&str> = SCHEDULER_COMMON_KEYS
+            .iter()
+            .chain(BRANCH_KEYS)
+            .chain(NIGHTLY_KEYS)
+            .copied()
+            .collect();
+        f.allow_only(&every)?;
+    }
+    let kind = f.req_str("kind", "\"branch\"")?;
+    let (own, other, other_kind) = match kind.v.as_str() {
+        "branch" => (BRANCH_KEYS, NIGHTLY_KEYS, "nightly"),
+        "nightly" => (NIGHTLY_KEYS, BRANCH_KEYS, "branch"),
+        _ => {
+            return Err(Diag::new(
+                kind.span.clone(),
+                format!("unknown scheduler kind \"{}\"", kind.v),
+            )
+            .hint(format!("valid kinds: {}", SCHEDULER_KINDS.join(", "))))
+        }
+    };
+    let allowed: Vec<&str> = SCHEDULER_COMMON_KEYS.iter().chain(own).copied().collect();
+    for e in f.entries {
+        if allowed.contains(&e.key.as_str()) {
+            continue;
+        }
+        if other.contains(&e.key.as_str()) {
+            return Err(Diag::new(
+                e.key_span.clone(),
+                format!("`{}` is not valid for a {} scheduler", e.key, kind.v),
+            )
+            .hint(format!(
+                "`{}` belongs to kind = \"{other_kind}\"; {} schedulers accept: {}",
+                e.key,
+                kind.v,
+                allowed.join(", ")
+            )));
+        }
+        return Err(unknown_key(
+            &e.key,
+            e.key_span.clone(),
+            &format!("a {} [[scheduler]]", kind.v),
+            &allowed,
+        ));
+    }
+    let name = match f.opt_str("name")? {
+        Some(n) if n.v.trim().is_empty() => {
+            return Err(Diag::new(n.span, "`name` must not be empty"))
+        }
+        Some(n) => n,
+        None => Sp {
+            v: format!("{}-{index}", kind.v),
+            span: f.span.clone(),
+        },
+    };
+    let repo = f.req_nonempty("repo", "\"myproject\"")?;
+    let branches = globs(f.opt_str_array("branches")?, "branches")?;
+    let builders = match f.opt_str_array("builders")? {
+        None => {
+            return Err(Diag::new(
+                f.span.clone(),
+                "missing required key `builders` in [[scheduler]]",
+            )
+            .hint("add e.g. builders = [\"*\"] (names or globs of builders)"))
+        }
+        Some(b) if b.is_empty() => {
+            let span = f
+                .get("builders")
+                .map(|e| e.value.span.clone())
+                .unwrap_or(f.span.clone());
+            return Err(Diag::new(span, "`builders` must list at least one builder")
+                .hint("e.g. builders = [\"*\"]"));
+        }
+        Some(b) => {
+            for p in &b {
+                check_glob(p, "builders")?;
+            }
+            b
+        }
+    };
+    let kind = match kind.v.as_str() {
+        "branch" => SchedulerKind::Branch {
+            tree_stable: f.opt_duration("tree_stable")?.filter(|d| !d.is_zero()),
+            files: globs(f.opt_str_array("files")?, "files")?,
+            ignore: globs(f.opt_str_array("ignore")?, "ignore")?,
+        },
+        _ => {
+            let cron = f.req_str("cron", "\"0 3 * * *\"")?;
+            check_cron(&cron)?;
+            SchedulerKind::Nightly {
+                cron: cron.v,
+                only_if_changed: f.opt_bool("only_if_changed")?.unwrap_or(false),
+            }
+        }
+    };
+    Ok(RawScheduler {
+        name,
+        repo,
+        branches,
+        builders,
+        kind,
+    })
+}
+
+fn check_cron(cron: &Sp<String>) -> Result<(), Diag> {
+    const HINT: &str =
+        "5 fields, UTC: minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\" for 03:00 daily";
+    let fields = cron.v.split_whitespace().count();
+    if fields != 5 {
+        return Err(Diag::new(
+            cron.span.clone(),
+            format!(
+                "invalid cron \"{}\": expected 5 fields, found {fields}",
+                cron.v
+            ),
+        )
+        .hint(HINT));
+    }
+    croner::Cron::new(&cron.v).parse().map_err(|e| {
+        Diag::new(
+            cron.span.clone(),
+            format!("invalid cron \"{}\": {e}", cron.v),
+        )
+        .hint(HINT)
+    })?;
+    Ok(())
+}
+
+fn has_glob_meta(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{'])
+}
+
+/// Resolve the scheduler's builder patterns against the expanded builders of its repo.
+///
+/// A plain name must be a builder of the scheduler's repo; a glob only picks builders of that
+/// repo (so `"*"` is fine in a multi-repo config) but must pick at least one.
+fn resolve_scheduler(s: &RawScheduler, builders: &[Expanded]) -> Result<Scheduler, Diag> {
+    let mut names: Vec<String> = Vec::new();
+    let all: Vec<&str> = builders.iter().map(|b| b.builder.name.as_str()).collect();
+    for pat in &s.builders {
+        let matcher = check_glob(pat, "builders")?;
+        let matched: Vec<&Expanded> = builders
+            .iter()
+            .filter(|b| matcher.is_match(&b.builder.name))
+            .collect();
+        if matched.is_empty() {
+            let mut hint = String::new();
+            if let Some(best) = super::tree::closest(&pat.v, &all) {
+                hint.push_str(&format!("did you mean `{best}`? "));
+            }
+            if all.is_empty() {
+                hint.push_str("no builders are defined");
+            } else {
+                let shown: Vec<&str> = all.iter().take(12).copied().collect();
+                hint.push_str(&format!(
+                    "builders: {}{}",
+                    shown.join(", "),
+                    if all.len() > shown.len() { ", …" } else { "" }
+                ));
+            }
+            return Err(Diag::new(
+                pat.span.clone(),
+                format!("builder pattern \"{}\" matches no builder", pat.v),
+            )
+            .hint(hint));
+        }
+        let same_repo: Vec<&Expanded> = matched
+            .iter()
+            .copied()
+            .filter(|b| b.builder.repo == s.repo.v)
+            .collect();
+        let wrong_repo = matched.iter().find(|b| b.builder.repo != s.repo.v);
+        if let (true, Some(b)) = (same_repo.is_empty() || !has_glob_meta(&pat.v), wrong_repo) {
+            return Err(Diag::new(
+                pat.span.clone(),
+                format!(
+                    "builder `{}` builds repo `{}`, but this scheduler watches repo `{}`",
+                    b.builder.name, b.builder.repo, s.repo.v
+                ),
+            )
+            .hint("a scheduler can only trigger builders of its own repo"));
+        }
+        for b in same_repo {
+            if !names.contains(&b.builder.name) {
+                names.push(b.builder.name.clone());
+            }
+        }
+    }
+    Ok(Scheduler {
+        name: s.name.v.clone(),
+        repo: s.repo.v.clone(),
+        branches: s.branches.clone(),
+        builders: names,
+        kind: s.kind.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_defaults() {
+        assert_eq!(
+            host_port("http://127.0.0.1:8010").unwrap(),
+            "127.0.0.1:8010"
+        );
+        assert_eq!(
+            host_port("https://ci.example.com/x").unwrap(),
+            "ci.example.com:443"
+        );
+        assert_eq!(host_port("http://[::1]:9/").unwrap(), "[::1]:9");
+        assert!(host_port("ftp://x").is_err());
+        assert!(host_port("http://").is_err());
+        assert!(host_port("http://h:99999").is_err());
+    }
+
+    #[test]
+    fn repo_urls() {
+        let b = Path::new("/etc/ci");
+        assert_eq!(resolve_repo_url(b, "./demo"), "/etc/ci/demo");
+        assert_eq!(resolve_repo_url(b, "/srv/r.git"), "/srv/r.git");
+        assert_eq!(
+            resolve_repo_url(b, "git@github.com:a/b.git"),
+            "git@github.com:a/b.git"
+        );
+        assert_eq!(resolve_repo_url(b, "file:///x"), "file:///x");
+    }
+
+    #[test]
+    fn databases() {
+        let b = Path::new("/etc/ci");
+        assert_eq!(resolve_db(b, "sqlite://p.db"), "sqlite:///etc/ci/p.db");
+        assert_eq!(
+            resolve_db(b, "sqlite:p.db?mode=rwc"),
+            "sqlite:///etc/ci/p.db?mode=rwc"
+        );
+        assert_eq!(resolve_db(b, "sqlite:///abs.db"), "sqlite:///abs.db");
+        assert_eq!(resolve_db(b, "sqlite::memory:"), "sqlite::memory:");
+        assert_eq!(resolve_db(b, "postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn cells_first_axis_slowest() {
+        let axes = vec![
+            ("a".to_string(), vec!["1".to_string(), "2".to_string()]),
+            ("b".to_string(), vec!["x".to_string(), "y".to_string()]),
+        ];
+        let c: Vec<String> = cells(&axes).iter().map(|c| describe_cell(c)).collect();
+        assert_eq!(c, ["{a=1, b=x}", "{a=1, b=y}", "{a=2, b=x}", "{a=2, b=y}"]);
+    }
+}

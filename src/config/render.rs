@@ -1,0 +1,123 @@
+//! The human-readable listing printed by `paddock check-config`.
+
+use std::fmt::Write as _;
+
+use super::duration::format_duration;
+use super::model::*;
+
+fn list(items: &[String], empty: &str) -> String {
+    if items.is_empty() {
+        empty.to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Every expanded builder with its steps, then the pools and schedulers, for `check-config`.
+pub fn render_builders(cfg: &Config) -> String {
+    // Writing to a String cannot fail, so the fmt::Results below are safely ignored.
+    let mut out = String::new();
+    let _ = writeln!(out, "builders ({}):", cfg.builders.len());
+    for b in &cfg.builders {
+        let _ = writeln!(out, "  {}", b.name);
+        let _ = writeln!(out, "    repo: {}   pool: {}", b.repo, b.pool);
+        let _ = writeln!(out, "    branches: {}", list(&b.branches, "any"));
+        if !b.cell.is_empty() {
+            let cell: Vec<String> = b.cell.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(out, "    matrix: {}", cell.join(", "));
+        }
+        if !b.env.is_empty() {
+            let _ = writeln!(out, "    env:");
+            for (k, v) in &b.env {
+                let _ = writeln!(out, "      {k}={v}");
+            }
+        }
+        let _ = writeln!(out, "    steps:");
+        for (i, s) in b.steps.iter().enumerate() {
+            let mut flags = format!("timeout {}", format_duration(s.timeout));
+            if s.always {
+                flags.push_str(", always");
+            }
+            if let Some(w) = &s.workdir {
+                flags.push_str(&format!(", workdir {w}"));
+            }
+            if s.name == s.run {
+                // A default name is the command itself; printing it twice is noise.
+                let _ = writeln!(out, "      {}. $ {}  ({flags})", i + 1, s.run);
+            } else {
+                let _ = writeln!(out, "      {}. {}  ({flags})", i + 1, s.name);
+                for line in s.run.lines() {
+                    let _ = writeln!(out, "         $ {line}");
+                }
+            }
+            for (k, v) in &s.env {
+                let _ = writeln!(out, "         env {k}={v}");
+            }
+        }
+    }
+    let _ = writeln!(out, "pools ({}):", cfg.pools.len());
+    for p in &cfg.pools {
+        let kind = match p.provisioner {
+            ProvisionerKind::Local => "local",
+        };
+        let max_builds = if p.max_builds == 0 {
+            "unlimited".to_string()
+        } else {
+            p.max_builds.to_string()
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {kind}, max_instances {}, min_idle {}, idle_timeout {}, boot_timeout {}, builds per machine {max_builds}",
+            p.name,
+            p.max_instances,
+            p.min_idle,
+            format_duration(p.idle_timeout),
+            format_duration(p.boot_timeout),
+        );
+        if let Some(cmd) = &p.agent_command {
+            let _ = writeln!(out, "    agent_command: {}", cmd.display());
+        }
+    }
+    let _ = writeln!(out, "schedulers ({}):", cfg.schedulers.len());
+    for s in &cfg.schedulers {
+        let detail = match &s.kind {
+            SchedulerKind::Branch {
+                tree_stable,
+                files,
+                ignore,
+            } => {
+                let mut d = "branch".to_string();
+                if let Some(t) = tree_stable {
+                    d.push_str(&format!(", tree_stable {}", format_duration(*t)));
+                }
+                if !files.is_empty() {
+                    d.push_str(&format!(", files {}", files.join(" ")));
+                }
+                if !ignore.is_empty() {
+                    d.push_str(&format!(", ignore {}", ignore.join(" ")));
+                }
+                d
+            }
+            SchedulerKind::Nightly {
+                cron,
+                only_if_changed,
+            } => format!(
+                "nightly, cron \"{cron}\"{}",
+                if *only_if_changed {
+                    ", only if changed"
+                } else {
+                    ""
+                }
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "  {}: {detail}; repo {}, branches {}",
+            s.name,
+            s.repo,
+            list(&s.branches, "all")
+        );
+        let _ = writeln!(out, "    builders: {}", s.builders.join(", "));
+    }
+    out
+}

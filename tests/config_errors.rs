@@ -1,0 +1,684 @@
+//! Bad configurations must fail with a precise message and file:line:column; good ones must
+//! parse, expand and resolve paths as documented.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use paddock::config::{self, Config, ConfigError, ProvisionerKind, SchedulerKind};
+
+/// A valid prefix (lines 1-6) that most bad configs extend, so line numbers stay predictable.
+const BASE: &str = r#"[[repo]]
+name = "app"
+url = "https://example.com/app.git"
+
+[pool.small]
+max_instances = 2
+"#;
+
+/// A valid builder appended to BASE (lines 7-11).
+const BUILDER: &str = r#"[[builder]]
+name = "unit"
+repo = "app"
+pool = "small"
+steps = ["make test"]
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    config::parse(text, Path::new("/etc/paddock/paddock.toml"))
+}
+
+#[track_caller]
+fn assert_err(text: &str, line: usize, column: usize, needle: &str) -> ConfigError {
+    let e = match parse(text) {
+        Ok(_) => panic!("expected an error containing {needle:?}, config parsed fine:\n{text}"),
+        Err(e) => e,
+    };
+    assert!(
+        e.message.contains(needle),
+        "message {:?} does not contain {needle:?}",
+        e.message
+    );
+    assert_eq!(
+        (e.line, e.column),
+        (line, column),
+        "wrong position for: {e}\n--- config ---\n{text}"
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with(&format!(
+            "/etc/paddock/paddock.toml:{line}:{column}: error: "
+        )),
+        "{shown}"
+    );
+    e
+}
+
+#[test]
+fn syntax_error() {
+    let e = assert_err(
+        "[master]\nurl = \"http://x:1\nlisten = 3\n",
+        2,
+        18,
+        "invalid TOML",
+    );
+    assert!(e.hint.is_some());
+}
+
+#[test]
+fn unknown_top_level_key_suggests_section() {
+    let e = assert_err("[[repos]]\nname = \"a\"\n", 1, 3, "unknown key `repos`");
+    assert!(e.hint.unwrap().contains("did you mean `repo`?"));
+}
+
+#[test]
+fn unknown_key_in_pool_points_at_key() {
+    let text = format!("{BASE}instance_types = [\"t3.small\"]\n");
+    let e = assert_err(&text, 7, 1, "unknown key `instance_types` in [pool.small]");
+    assert!(e
+        .hint
+        .unwrap()
+        .contains("valid keys: provisioner, max_instances"));
+}
+
+#[test]
+fn unknown_key_in_inline_step_points_at_key() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = [{{ run = \"x\", timout = \"1m\" }}]\n"
+    );
+    let e = assert_err(&text, 11, 23, "unknown key `timout` in a step");
+    assert!(e.hint.unwrap().contains("did you mean `timeout`?"));
+}
+
+#[test]
+fn unknown_pool() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"big\"\nsteps = [\"make\"]\n"
+    );
+    let e = assert_err(&text, 10, 8, "unknown pool `big`");
+    assert!(e.hint.unwrap().contains("defined pools: small"));
+}
+
+#[test]
+fn unknown_repo_in_builder() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"ap\"\npool = \"small\"\nsteps = [\"make\"]\n"
+    );
+    let e = assert_err(&text, 9, 8, "unknown repo `ap`");
+    assert!(e.hint.unwrap().contains("did you mean `app`?"));
+}
+
+#[test]
+fn unknown_repo_in_scheduler() {
+    let text = format!(
+        "{BASE}{BUILDER}[[scheduler]]\nkind = \"branch\"\nrepo = \"other\"\nbuilders = [\"unit\"]\n"
+    );
+    assert_err(&text, 14, 8, "unknown repo `other`");
+}
+
+#[test]
+fn scheduler_pattern_matching_nothing() {
+    let text = format!(
+        "{BASE}{BUILDER}[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"unit\", \"py*\"]\n"
+    );
+    let e = assert_err(&text, 15, 21, "builder pattern \"py*\" matches no builder");
+    assert!(e.hint.unwrap().contains("builders: unit"));
+}
+
+#[test]
+fn empty_matrix_axis() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"t-{{db}}\"\nrepo = \"app\"\npool = \"small\"\nmatrix = {{ db = [] }}\nsteps = [\"make\"]\n"
+    );
+    assert_err(&text, 11, 17, "matrix axis `db` has no values");
+}
+
+#[test]
+fn duplicate_builder_names_within_matrix() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"py{{python}}\"\nrepo = \"app\"\npool = \"small\"\nmatrix = {{ python = [\"3.12\"], db = [\"a\", \"b\"] }}\nsteps = [\"make\"]\n"
+    );
+    let e = assert_err(&text, 8, 8, "duplicate builder name `py3.12`");
+    assert!(e.message.contains("{python=3.12, db=a}"), "{}", e.message);
+    assert!(e.message.contains("{python=3.12, db=b}"), "{}", e.message);
+}
+
+#[test]
+fn duplicate_builder_names_across_builders() {
+    let text = format!("{BASE}{BUILDER}{BUILDER}");
+    let e = assert_err(&text, 13, 8, "duplicate builder name `unit`");
+    assert!(e.message.contains("line 8"), "{}", e.message);
+}
+
+#[test]
+fn bad_durations() {
+    let text = format!("{BASE}idle_timeout = \"10 minutes\"\n");
+    let e = assert_err(
+        &text,
+        7,
+        16,
+        "`idle_timeout`: invalid duration \"10 minutes\"",
+    );
+    assert!(e.hint.unwrap().contains("ms, s, m, h, d"));
+    let text = "[[repo]]\nname = \"a\"\nurl = \"x\"\npoll = \"abc\"\n".to_string();
+    assert_err(&text, 4, 8, "invalid duration \"abc\"");
+    let text = format!("{BASE}boot_timeout = 90\n");
+    assert_err(
+        &text,
+        7,
+        16,
+        "`boot_timeout` must be a string, not an integer",
+    );
+}
+
+#[test]
+fn bad_cron() {
+    let text = format!(
+        "{BASE}{BUILDER}[[scheduler]]\nkind = \"nightly\"\nrepo = \"app\"\ncron = \"0 25 * * *\"\nbuilders = [\"unit\"]\n"
+    );
+    assert_err(&text, 15, 8, "invalid cron \"0 25 * * *\"");
+    let text = format!(
+        "{BASE}{BUILDER}[[scheduler]]\nkind = \"nightly\"\nrepo = \"app\"\ncron = \"0 0 3 * * *\"\nbuilders = [\"unit\"]\n"
+    );
+    assert_err(&text, 15, 8, "expected 5 fields, found 6");
+}
+
+#[test]
+fn missing_required_keys() {
+    let e = assert_err(
+        "[[repo]]\nname = \"a\"\n\n[[repo]]\nurl = \"x\"\n",
+        1,
+        1,
+        "missing required key `url` in [[repo]]",
+    );
+    assert!(e.hint.unwrap().contains("url = "));
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = [{{ name = \"x\" }}]\n"
+    );
+    assert_err(&text, 11, 10, "missing required key `run` in a step");
+}
+
+#[test]
+fn min_idle_above_max_instances() {
+    let text = format!("{BASE}min_idle = 3\n");
+    assert_err(
+        &text,
+        7,
+        12,
+        "`min_idle` (3) is greater than `max_instances` (2)",
+    );
+}
+
+#[test]
+fn zero_max_instances() {
+    let text = "[pool.small]\nmax_instances = 0\n";
+    assert_err(text, 2, 17, "`max_instances` must be at least 1");
+}
+
+#[test]
+fn unknown_placeholder_points_inside_string() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"py{{python}}\"\nrepo = \"app\"\npool = \"small\"\nmatrix = {{ python = [\"3.12\"] }}\nsteps = [\"python{{pyhton}} -m pytest\"]\n"
+    );
+    let e = assert_err(&text, 12, 17, "unknown placeholder `{pyhton}`");
+    assert!(e.hint.unwrap().contains("did you mean `{python}`?"));
+}
+
+#[test]
+fn wrong_type() {
+    let text = "[pool.small]\nmax_instances = \"4\"\n";
+    assert_err(
+        text,
+        2,
+        17,
+        "`max_instances` must be an integer, not a string",
+    );
+    let text = "[[repo]]\nname = 7\nurl = \"x\"\n";
+    assert_err(text, 2, 8, "`name` must be a string, not an integer");
+}
+
+#[test]
+fn no_steps() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = []\n"
+    );
+    assert_err(&text, 11, 9, "builder `unit` has no steps");
+    let text = format!("{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\n");
+    assert_err(&text, 7, 1, "builder `unit` has no steps");
+}
+
+#[test]
+fn duplicate_repo_names() {
+    let text = format!("{BASE}[[repo]]\nname = \"app\"\nurl = \"./other\"\n");
+    let e = assert_err(&text, 8, 8, "duplicate repo name `app`");
+    assert!(e.hint.unwrap().contains("line 2"));
+}
+
+#[test]
+fn bad_glob() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nbranches = [\"main\", \"release/[\"]\nsteps = [\"make\"]\n"
+    );
+    assert_err(&text, 11, 21, "invalid glob \"release/[\"");
+}
+
+#[test]
+fn unknown_scheduler_kind() {
+    let text = format!(
+        "{BASE}{BUILDER}[[scheduler]]\nkind = \"weekly\"\nrepo = \"app\"\nbuilders = [\"unit\"]\n"
+    );
+    let e = assert_err(&text, 13, 8, "unknown scheduler kind \"weekly\"");
+    assert!(e.hint.unwrap().contains("branch, nightly"));
+}
+
+#[test]
+fn key_of_the_other_scheduler_kind() {
+    let text = format!(
+        "{BASE}{BUILDER}[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\ncron = \"0 3 * * *\"\nbuilders = [\"unit\"]\n"
+    );
+    let e = assert_err(&text, 15, 1, "`cron` is not valid for a branch scheduler");
+    assert!(e.hint.unwrap().contains("kind = \"nightly\""));
+}
+
+#[test]
+fn unavailable_provisioner() {
+    let text = "[pool.big]\nprovisioner = \"ec2\"\n";
+    let e = assert_err(
+        text,
+        2,
+        15,
+        "provisioner \"ec2\" is not available in this build",
+    );
+    assert!(e.hint.unwrap().contains("local"));
+}
+
+#[test]
+fn scheduler_builder_of_another_repo() {
+    let text = format!(
+        "{BASE}{BUILDER}[[repo]]\nname = \"other\"\nurl = \"/srv/other\"\n[[scheduler]]\nkind = \"branch\"\nrepo = \"other\"\nbuilders = [\"unit\"]\n"
+    );
+    assert_err(
+        &text,
+        18,
+        13,
+        "builder `unit` builds repo `app`, but this scheduler watches repo `other`",
+    );
+}
+
+#[test]
+fn first_error_in_file_order() {
+    // Builder written before the bad pool: the builder's own error comes first in the file.
+    let text = "[[builder]]\nname = \"x\"\nrepo = \"r\"\npool = \"p\"\nsteps = [\"make\"]\nbogus = 1\n\n[pool.p]\nmax_instances = 0\n";
+    assert_err(text, 6, 1, "unknown key `bogus` in [[builder]]");
+}
+
+#[test]
+fn single_bracket_section_for_array() {
+    let e = assert_err(
+        "[repo]\nname = \"a\"\n",
+        1,
+        2,
+        "`repo` must be an array of tables",
+    );
+    assert!(e.hint.unwrap().contains("[[repo]]"));
+}
+
+#[test]
+fn missing_file_is_a_config_error() {
+    let e = config::load(Path::new("/nonexistent/paddock.toml")).unwrap_err();
+    assert!(e
+        .to_string()
+        .starts_with("/nonexistent/paddock.toml:1:1: error: cannot read"));
+}
+
+#[test]
+fn hint_is_rendered_on_its_own_line() {
+    let e = parse("[pool.big]\nprovisioner = \"ec2\"\n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "/etc/paddock/paddock.toml:2:15: error: provisioner \"ec2\" is not available in this build\n  hint: available provisioners: local"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// good configurations
+
+#[test]
+fn matrix_2x2_expands_in_order() {
+    let text = format!(
+        r#"{BASE}[[builder]]
+name = "py{{python}}-{{db}}"
+repo = "app"
+pool = "small"
+matrix = {{ python = ["3.12", "3.13"], db = ["sqlite", "postgres"] }}
+env = {{ DB = "{{db}}", TOKEN = "{{secret:TOKEN}}" }}
+steps = [
+  "python{{python}} -m pip install -e .",
+  {{ name = "test {{db}}", run = "./runtests.py --settings=test_{{db}}", env = {{ PY = "{{python}}" }}, workdir = "tests/{{db}}", timeout = "20m", always = true }},
+]
+"#
+    );
+    let cfg = parse(&text).unwrap();
+    let names: Vec<&str> = cfg.builders.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "py3.12-sqlite",
+            "py3.12-postgres",
+            "py3.13-sqlite",
+            "py3.13-postgres"
+        ]
+    );
+    let b = cfg.builder("py3.13-postgres").unwrap();
+    assert_eq!(b.cell["python"], "3.13");
+    assert_eq!(b.cell["db"], "postgres");
+    assert_eq!(b.env["DB"], "postgres");
+    assert_eq!(b.env["TOKEN"], "{secret:TOKEN}");
+    assert_eq!(b.steps[0].run, "python3.13 -m pip install -e .");
+    assert_eq!(b.steps[0].name, "python3.13 -m pip install -e .");
+    assert_eq!(b.steps[0].timeout, Duration::from_secs(3600));
+    assert!(!b.steps[0].always);
+    assert_eq!(b.steps[1].name, "test postgres");
+    assert_eq!(b.steps[1].run, "./runtests.py --settings=test_postgres");
+    assert_eq!(b.steps[1].env["PY"], "3.13");
+    assert_eq!(b.steps[1].workdir.as_deref(), Some("tests/postgres"));
+    assert_eq!(b.steps[1].timeout, Duration::from_secs(1200));
+    assert!(b.steps[1].always);
+}
+
+#[test]
+fn shell_braces_are_not_placeholders() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = [\"echo ${{HOME}} {{a,b}} {{1..3}}; {{ true; }}\"]\n"
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(
+        cfg.builders[0].steps[0].run,
+        "echo ${HOME} {a,b} {1..3}; { true; }"
+    );
+}
+
+/// The DESIGN.md sketch, adapted: provisioner "local", EC2-only keys removed.
+const DESIGN_SKETCH: &str = r#"
+[master]
+url = "http://127.0.0.1:8010"        # what agents connect back to; also the web UI and API
+database = "sqlite://paddock.db"      # or postgres://…
+
+[[repo]]
+name = "django"
+url = "https://github.com/django/django.git"   # any git URL, local paths included
+branches = ["main", "stable/5.2.x"]
+poll = "60s"
+
+[pool.small]
+provisioner = "local"
+max_instances = 8
+idle_timeout = "10m"
+boot_timeout = "5m"
+
+[[builder]]
+name = "py{python}-{db}"              # one builder per matrix cell: py3.12-sqlite, …
+repo = "django"
+pool = "small"
+branches = ["main", "stable/*"]       # optional: which branches this builder may build
+matrix = { python = ["3.12", "3.13"], db = ["sqlite", "postgres"] }
+steps = [{ run = "python{python} -m pip install -e ." }, { run = "./runtests.py --settings=test_{db}" }]
+
+[[builder]]
+name = "docs"
+repo = "django"
+pool = "small"
+steps = [{ run = "make -C docs html" }]
+
+[[scheduler]]
+kind = "branch"                       # one build request per (builder, branch) per change
+repo = "django"
+tree_stable = "15s"
+builders = ["py*"]
+ignore = ["docs/**"]                  # changes touching only these files don't trigger
+
+[[scheduler]]
+kind = "branch"
+repo = "django"
+builders = ["docs"]
+files = ["docs/**"]                   # only changes touching these files trigger
+"#;
+
+#[test]
+fn design_sketch_parses() {
+    let cfg = parse(DESIGN_SKETCH).unwrap();
+    assert_eq!(cfg.builders.len(), 5);
+    assert_eq!(cfg.master.database, "sqlite:///etc/paddock/paddock.db");
+    assert_eq!(cfg.master.listen, "127.0.0.1:8010");
+    let pool = cfg.pool("small").unwrap();
+    assert_eq!(pool.max_instances, 8);
+    assert_eq!(pool.idle_timeout, Duration::from_secs(600));
+    assert_eq!(cfg.schedulers[0].name, "branch-1");
+    assert_eq!(cfg.schedulers[1].name, "branch-2");
+    assert_eq!(
+        cfg.schedulers[0].builders,
+        [
+            "py3.12-sqlite",
+            "py3.12-postgres",
+            "py3.13-sqlite",
+            "py3.13-postgres"
+        ]
+    );
+    assert_eq!(
+        cfg.schedulers[0].kind,
+        SchedulerKind::Branch {
+            tree_stable: Some(Duration::from_secs(15)),
+            files: vec![],
+            ignore: vec!["docs/**".into()]
+        }
+    );
+    assert_eq!(cfg.schedulers[1].builders, ["docs"]);
+    let listing = config::render_builders(&cfg);
+    assert!(listing.contains("py3.13-postgres"), "{listing}");
+    assert!(
+        listing.contains("$ ./runtests.py --settings=test_postgres"),
+        "{listing}"
+    );
+    assert!(listing.contains("branch-2"), "{listing}");
+}
+
+#[test]
+fn relative_paths_resolve_against_config_folder() {
+    let text = r#"
+[master]
+database = "sqlite://data/ci.db"
+state_dir = "./state"
+secrets_file = "secrets.toml"
+
+[[repo]]
+name = "local"
+url = "./demo-repo"
+
+[[repo]]
+name = "abs"
+url = "/srv/git/abs.git"
+
+[[repo]]
+name = "ssh"
+url = "git@github.com:me/ssh.git"
+
+[[repo]]
+name = "file"
+url = "file:///srv/git/file.git"
+
+[pool.p]
+agent_command = "../bin/paddock"
+"#;
+    let cfg = parse(text).unwrap();
+    assert_eq!(cfg.master.database, "sqlite:///etc/paddock/data/ci.db");
+    assert_eq!(cfg.master.state_dir, PathBuf::from("/etc/paddock/state"));
+    assert_eq!(
+        cfg.master.secrets_file,
+        Some(PathBuf::from("/etc/paddock/secrets.toml"))
+    );
+    assert_eq!(cfg.repo("local").unwrap().url, "/etc/paddock/demo-repo");
+    assert_eq!(cfg.repo("abs").unwrap().url, "/srv/git/abs.git");
+    assert_eq!(cfg.repo("ssh").unwrap().url, "git@github.com:me/ssh.git");
+    assert_eq!(cfg.repo("file").unwrap().url, "file:///srv/git/file.git");
+    assert_eq!(
+        cfg.pool("p").unwrap().agent_command,
+        Some(PathBuf::from("/etc/paddock/../bin/paddock"))
+    );
+}
+
+#[test]
+fn defaults() {
+    let cfg = parse("[[repo]]\nname = \"a\"\nurl = \"https://x/a.git\"\n\n[pool.p]\n").unwrap();
+    let m = &cfg.master;
+    assert_eq!(m.url, "http://127.0.0.1:8010");
+    assert_eq!(m.listen, "127.0.0.1:8010");
+    assert_eq!(m.database, "sqlite:///etc/paddock/paddock.db");
+    assert_eq!(m.state_dir, PathBuf::from("/etc/paddock/paddock-state"));
+    assert_eq!(m.secrets_file, None);
+    assert_eq!(m.github_secret_env, "PADDOCK_GITHUB_SECRET");
+    assert_eq!(m.heartbeat_timeout, Duration::from_secs(30));
+    assert_eq!(m.shutdown_grace, Duration::from_secs(60));
+    let r = cfg.repo("a").unwrap();
+    assert_eq!(r.branches, ["main"]);
+    assert_eq!(r.poll, Some(Duration::from_secs(60)));
+    let p = cfg.pool("p").unwrap();
+    assert_eq!(p.provisioner, ProvisionerKind::Local);
+    assert_eq!(p.max_instances, 4);
+    assert_eq!(p.min_idle, 0);
+    assert_eq!(p.idle_timeout, Duration::from_secs(300));
+    assert_eq!(p.boot_timeout, Duration::from_secs(300));
+    assert_eq!(p.max_builds, 0);
+    assert_eq!(p.agent_command, None);
+    assert!(cfg.builders.is_empty() && cfg.schedulers.is_empty());
+}
+
+#[test]
+fn listen_follows_url_and_poll_zero_disables_polling() {
+    let cfg = parse(
+        "[master]\nurl = \"https://ci.example.com\"\n[[repo]]\nname = \"a\"\nurl = \"x\"\npoll = \"0s\"\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.master.listen, "ci.example.com:443");
+    assert_eq!(cfg.repo("a").unwrap().poll, None);
+}
+
+#[test]
+fn nightly_scheduler() {
+    let text = format!(
+        "{BASE}{BUILDER}[[scheduler]]\nkind = \"nightly\"\nrepo = \"app\"\ncron = \"30 2 * * 1-5\"\nbuilders = [\"*\"]\n"
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(cfg.schedulers[0].name, "nightly-1");
+    assert_eq!(
+        cfg.schedulers[0].kind,
+        SchedulerKind::Nightly {
+            cron: "30 2 * * 1-5".into(),
+            only_if_changed: false
+        }
+    );
+}
+
+#[test]
+fn example_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/paddock.toml");
+    let cfg = config::load(&path).unwrap();
+    let dir = path.parent().unwrap();
+    assert_eq!(
+        cfg.repo("demo").unwrap().url,
+        dir.join("demo-repo").to_string_lossy()
+    );
+    let names: Vec<&str> = cfg.builders.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "test-py3.12-sqlite",
+            "test-py3.12-postgres",
+            "test-py3.13-sqlite",
+            "test-py3.13-postgres",
+            "docs"
+        ]
+    );
+    assert_eq!(cfg.schedulers.len(), 3);
+    assert_eq!(cfg.schedulers[0].builders.len(), 4);
+    assert_eq!(cfg.schedulers[1].builders, ["docs"]);
+    assert_eq!(cfg.schedulers[2].builders.len(), 5);
+    assert!(matches!(
+        cfg.schedulers[2].kind,
+        SchedulerKind::Nightly {
+            only_if_changed: true,
+            ..
+        }
+    ));
+    assert!(!config::render_builders(&cfg).is_empty());
+}
+
+#[test]
+fn garbage_never_panics() {
+    for text in [
+        "",
+        "\u{0}",
+        "=",
+        "[[builder]]\nsteps = [[]]",
+        "[pool]\nx = 1",
+        "[[scheduler]]\nkind = 3",
+        "[[builder]]\nname = \"{\"\nrepo=\"r\"\npool=\"p\"\nsteps=[\"{}\"]",
+        "master = 1",
+        "[[repo]]\nname=\"a\"\nurl=\"x\"\npoll=\"99999999999999999d\"",
+        "[pool.p]\nmax_instances = -1",
+        "[pool.p]\nmax_instances = 99999999999",
+        "[[builder]]\nmatrix = { \"a b\" = [\"x\"] }",
+        "[[builder]]\nmatrix = { py = [3.10] }",
+        "[master]\nurl = \"http://[::1\"",
+        "[master]\nwhen = 1979-05-27T07:32:00Z",
+    ] {
+        let _ = parse(text);
+    }
+}
+
+#[test]
+fn misspelt_scheduler_kind_key() {
+    let text = format!("{BASE}{BUILDER}[[scheduler]]\nknd = \"branch\"\nrepo = \"app\"\n");
+    let e = assert_err(&text, 13, 1, "unknown key `knd` in [[scheduler]]");
+    assert!(e.hint.unwrap().contains("did you mean `kind`?"));
+}
+
+#[test]
+fn float_matrix_value_asks_for_quotes() {
+    let text = format!(
+        "{BASE}[[builder]]\nname = \"py{{py}}\"\nrepo = \"app\"\npool = \"small\"\nmatrix = {{ py = [\"3.9\", 3.10] }}\nsteps = [\"make\"]\n"
+    );
+    let e = assert_err(&text, 11, 25, "matrix values must be strings, not a float");
+    assert!(e.hint.unwrap().contains("\"3.10\""));
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = include_str!("../examples/paddock.toml");
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Arbitrary TOML-ish text never panics.
+        #[test]
+        fn random_text_never_panics(text in "[\\[\\]{}=\"'a-z0-9._ \\n,:*#$-]{0,200}") {
+            let _ = parse(&text);
+        }
+
+        /// Deleting or replacing a slice of a valid config never panics, and any error is located
+        /// inside the file.
+        #[test]
+        fn mutated_example_never_panics(start in 0usize..4000, len in 0usize..40, with in "[{}\\[\\]\"=a-z0-9 \\n]{0,5}") {
+            let mut text = EXAMPLE.to_string();
+            let start = start.min(text.len());
+            let end = (start + len).min(text.len());
+            if text.is_char_boundary(start) && text.is_char_boundary(end) {
+                text.replace_range(start..end, &with);
+            }
+            if let Err(e) = parse(&text) {
+                prop_assert!(e.line >= 1 && e.line <= text.lines().count() + 1, "{}", e);
+                prop_assert!(e.column >= 1);
+            }
+        }
+    }
+}
