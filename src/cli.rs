@@ -112,7 +112,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match e.downcast_ref::<crate::config::ConfigError>() {
+                // Already `file:line:column: error: …` with its hint.
+                Some(config_error) => eprintln!("{config_error}"),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -189,8 +193,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {
-    // The error already says file:line:column and a hint; print it as it is.
-    crate::config::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(crate::config::load(path)?)
 }
 
 /// Runs the master until SIGINT or SIGTERM.

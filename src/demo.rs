@@ -136,7 +136,7 @@ pub async fn run(dir: &Path, port: u16) -> anyhow::Result<()> {
     if !config_path.exists() {
         tokio::fs::write(&config_path, CONFIG.replace("@PORT@", &port.to_string())).await?;
     }
-    let config = crate::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = crate::config::load(&config_path)?;
     let database = config.master.database.clone();
     let url = config.master.url.clone();
 
