@@ -20,11 +20,7 @@ pub enum AgentMsg {
     /// A step started.
     StepStarted { build: i64, step: usize },
     /// Output of a step, already redacted by the agent (the master redacts again).
-    Log {
-        build: i64,
-        step: usize,
-        text: String,
-    },
+    Log { build: i64, step: usize, text: String },
     /// A step ended.
     StepFinished {
         build: i64,
