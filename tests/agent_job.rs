@@ -414,3 +414,200 @@ async fn cancel_stops_the_running_step() {
     assert!(log(&msgs, 1).contains("cancelled"));
     assert_eq!(finished(&msgs, 2).0, StepResult::Skipped);
 }
+
+// ---- The agent process against a fake master ----
+
+mod client {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use paddock::agent::client::{run as run_agent, AgentError, AgentOptions};
+    use paddock::agent::protocol::MasterMsg;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+
+    type Ws = WebSocketStream<TcpStream>;
+
+    /// Accepts one agent, checking the endpoint path.
+    // The callback's error type is fixed by tungstenite.
+    #[allow(clippy::result_large_err)]
+    async fn accept(listener: &TcpListener) -> Ws {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let path = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let seen = path.clone();
+        let ws = tokio_tungstenite::accept_hdr_async(
+            tcp,
+            move |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                *seen.lock().expect("lock") = req.uri().path().to_string();
+                Ok(resp)
+            },
+        )
+        .await
+        .expect("handshake");
+        assert_eq!(*path.lock().expect("lock"), "/agent/ws");
+        ws
+    }
+
+    async fn recv(ws: &mut Ws) -> Option<AgentMsg> {
+        loop {
+            match ws.next().await? {
+                Ok(Message::Text(t)) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("agent json"))
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn send(ws: &mut Ws, msg: &MasterMsg) {
+        let text = serde_json::to_string(msg).expect("json");
+        ws.send(Message::text(text)).await.expect("send");
+    }
+
+    async fn hello(ws: &mut Ws) {
+        match recv(ws).await {
+            Some(AgentMsg::Hello { token, version }) => {
+                assert_eq!(token, "tok-1");
+                assert_eq!(version, env!("CARGO_PKG_VERSION"));
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+
+    fn options(port: u16, workdir: &Path) -> AgentOptions {
+        AgentOptions {
+            master: format!("http://127.0.0.1:{port}/"),
+            token: "tok-1".into(),
+            workdir: workdir.to_path_buf(),
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_a_build_heartbeats_and_exits_on_shutdown() {
+        let repo = make_repo();
+        let work = tempfile::tempdir().expect("tempdir");
+        // Reserve a port, then start listening only after the agent has begun retrying.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let agent = tokio::spawn(run_agent(options(port, work.path())));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+        let mut ws = accept(&listener).await;
+        hello(&mut ws).await;
+        send(
+            &mut ws,
+            &MasterMsg::Welcome {
+                machine: 5,
+                heartbeat_secs: 1,
+            },
+        )
+        .await;
+        let j = job(
+            42,
+            &repo,
+            &repo.rev1,
+            vec![step("slowish", "git rev-parse HEAD; sleep 1.5")],
+        );
+        send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
+        let mut msgs = Vec::new();
+        loop {
+            let m = recv(&mut ws).await.expect("agent hung up");
+            let done = matches!(m, AgentMsg::BuildFinished { .. });
+            msgs.push(m);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            msgs.last(),
+            Some(&AgentMsg::BuildFinished {
+                build: 42,
+                result: BuildResult::Success
+            })
+        );
+        assert!(msgs.contains(&AgentMsg::Heartbeat), "{msgs:?}");
+        assert!(log(&msgs, 1).contains(&repo.rev1));
+        send(&mut ws, &MasterMsg::Shutdown).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), agent)
+            .await
+            .expect("agent exits")
+            .expect("join");
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn refused_is_an_error() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let agent = tokio::spawn(run_agent(options(port, work.path())));
+        let mut ws = accept(&listener).await;
+        hello(&mut ws).await;
+        send(
+            &mut ws,
+            &MasterMsg::Refused {
+                reason: "unknown token".into(),
+            },
+        )
+        .await;
+        let r = agent.await.expect("join");
+        assert!(
+            matches!(&r, Err(AgentError::Refused(reason)) if reason == "unknown token"),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn master_gone_kills_the_running_step_and_exits() {
+        let repo = make_repo();
+        let work = tempfile::tempdir().expect("tempdir");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let agent = tokio::spawn(run_agent(options(port, work.path())));
+        let mut ws = accept(&listener).await;
+        hello(&mut ws).await;
+        send(
+            &mut ws,
+            &MasterMsg::Welcome {
+                machine: 1,
+                heartbeat_secs: 30,
+            },
+        )
+        .await;
+        let j = job(
+            1,
+            &repo,
+            &repo.rev1,
+            vec![step("forever", "echo pid=$$; exec sleep 60")],
+        );
+        send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
+        let mut text = String::new();
+        let pid: i32 = loop {
+            if let AgentMsg::Log {
+                step: 1, text: t, ..
+            } = recv(&mut ws).await.expect("agent hung up")
+            {
+                text.push_str(&t);
+            }
+            if let Some(pid) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pid="))
+                .and_then(|p| p.trim().parse().ok())
+            {
+                break pid;
+            }
+        };
+        drop(ws);
+        let r = tokio::time::timeout(Duration::from_secs(10), agent)
+            .await
+            .expect("agent exits")
+            .expect("join");
+        assert!(r.is_ok(), "{r:?}");
+        assert!(process_gone(pid), "step process {pid} survived the agent");
+    }
+}

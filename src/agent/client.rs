@@ -67,9 +67,9 @@ pub enum AgentError {
     Connect {
         /// The WebSocket URL tried.
         url: String,
-        /// The last error.
+        /// The last error (boxed: tungstenite errors are large).
         #[source]
-        source: tungstenite::Error,
+        source: Box<tungstenite::Error>,
     },
     /// The master refused the token.
     #[error("refused by master: {0}")]
@@ -79,10 +79,16 @@ pub enum AgentError {
     Protocol(String),
     /// The WebSocket failed during the handshake phase.
     #[error("websocket error: {0}")]
-    Ws(#[from] tungstenite::Error),
+    Ws(#[source] Box<tungstenite::Error>),
     /// Local I/O (work directory, signal handlers).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<tungstenite::Error> for AgentError {
+    fn from(e: tungstenite::Error) -> Self {
+        AgentError::Ws(Box::new(e))
+    }
 }
 
 /// The WebSocket URL of the agent endpoint for a master base URL.
@@ -272,7 +278,7 @@ async fn connect(url: &str) -> Result<Ws, AgentError> {
                 if permanent || tokio::time::Instant::now() + pause > give_up {
                     return Err(AgentError::Connect {
                         url: url.to_string(),
-                        source: e,
+                        source: Box::new(e),
                     });
                 }
                 tracing::debug!("master not reachable yet ({e}); retrying");
