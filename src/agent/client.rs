@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -144,7 +145,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let socket_open = loop {
         tokio::select! {
             _ = heartbeat.tick() => {
-                if sink.send(Message::text(encode(&AgentMsg::Heartbeat)?)).await.is_err() {
+                if !send_msg(&mut sink, &AgentMsg::Heartbeat).await {
                     tracing::warn!("lost the master while sending a heartbeat; exiting");
                     break false;
                 }
@@ -155,7 +156,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                         current = None;
                     }
                 }
-                if sink.send(Message::text(encode(&msg)?)).await.is_err() {
+                if !send_msg(&mut sink, &msg).await {
                     tracing::warn!("lost the master while sending build output; exiting");
                     break false;
                 }
@@ -167,7 +168,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 if let (Err(e), Some(run)) = (r, current.take()) {
                     tracing::error!(build = run.build, "build task failed: {e}");
                     let msg = AgentMsg::BuildFinished { build: run.build, result: BuildResult::Exception };
-                    if sink.send(Message::text(encode(&msg)?)).await.is_err() {
+                    if !send_msg(&mut sink, &msg).await {
                         break false;
                     }
                 }
@@ -219,27 +220,31 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
     };
 
-    // Stop the running build (if any), and if the socket still works, report how it ended.
+    // Stop the running build (if any). While it stops, keep forwarding what it says (its last
+    // log lines, BuildFinished) if the socket still works, so it never blocks on a full channel.
     drop(job_tx);
-    if let Some(run) = current.take() {
+    let mut forward = socket_open;
+    if let Some(mut run) = current.take() {
         let _ = run.cancel.send(true);
-        if tokio::time::timeout(STOP_TIMEOUT, run.handle)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                build = run.build,
-                "build did not stop in time; exiting anyway"
-            );
-        }
-    }
-    if socket_open {
-        // Forward what the job said while stopping (its last log lines, BuildFinished).
-        while let Ok(msg) = job_rx.try_recv() {
-            if sink.send(Message::text(encode(&msg)?)).await.is_err() {
-                break;
+        let give_up = tokio::time::sleep(STOP_TIMEOUT);
+        tokio::pin!(give_up);
+        loop {
+            tokio::select! {
+                _ = &mut run.handle => break,
+                Some(msg) = job_rx.recv() => {
+                    forward = forward && send_msg(&mut sink, &msg).await;
+                }
+                () = &mut give_up => {
+                    tracing::warn!(build = run.build, "build did not stop in time; exiting anyway");
+                    break;
+                }
             }
         }
+    }
+    while let Ok(msg) = job_rx.try_recv() {
+        forward = forward && send_msg(&mut sink, &msg).await;
+    }
+    if forward {
         let _ = sink.send(Message::Close(None)).await;
     }
     Ok(())
@@ -250,6 +255,25 @@ struct Running {
     build: i64,
     handle: JoinHandle<()>,
     cancel: watch::Sender<bool>,
+}
+
+// However the agent leaves its loop, a build it stops tracking is told to stop: the job treats
+// a dropped sender as "never cancelled", so this is what prevents orphaned steps.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.cancel.send(true);
+    }
+}
+
+/// Sends one message; `false` if the socket is gone (encoding cannot fail for these types).
+async fn send_msg(sink: &mut SplitSink<Ws, Message>, msg: &AgentMsg) -> bool {
+    match encode(msg) {
+        Ok(text) => sink.send(Message::text(text)).await.is_ok(),
+        Err(e) => {
+            tracing::error!("{e}");
+            false
+        }
+    }
 }
 
 /// Resolves when the running job's task ends; never while idle.
