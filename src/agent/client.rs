@@ -284,6 +284,7 @@ async fn wait_running(current: &mut Option<Running>) -> Result<(), tokio::task::
     }
 }
 
+/// Serializes a message for a text frame.
 fn encode(msg: &AgentMsg) -> Result<String, AgentError> {
     serde_json::to_string(msg).map_err(|e| AgentError::Protocol(format!("cannot encode: {e}")))
 }
@@ -346,6 +347,7 @@ struct Signals {
 }
 
 impl Signals {
+    /// Installs the handlers (from then on these signals no longer kill the process).
     fn new() -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Signals {
@@ -354,6 +356,7 @@ impl Signals {
         })
     }
 
+    /// Resolves at the next SIGTERM or SIGINT.
     async fn recv(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}

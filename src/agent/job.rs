@@ -5,6 +5,12 @@
 //! [`AgentMsg::Log`] and [`AgentMsg::StepFinished`]; a skipped step only reports
 //! `StepFinished { result: Skipped }`. The caller sends [`AgentMsg::BuildFinished`].
 //!
+//! Secrets: `{secret:NAME}` in a step's command becomes `"$PADDOCK_SECRET_NAME"` (a quoted
+//! variable reference, so it works bare or inside double quotes, not inside single quotes) with
+//! the variable set to the value, so the command text never holds it; in environment values the
+//! reference is replaced by the value. All output goes through a [`Redactor`]. Inherited
+//! `PADDOCK_*` variables (the agent's own settings) are removed from every command.
+//!
 //! Each command runs in its own process group so that a timeout or a cancel kills everything
 //! it started, and whatever is left in the group when the command exits is killed too: a
 //! step never leaves processes behind on a machine that will run the next build.
@@ -146,6 +152,7 @@ impl Ctx {
         .await;
     }
 
+    /// Reports the end of a step.
     async fn finished(&self, step: usize, result: StepResult, exit_code: Option<i32>) {
         self.send(AgentMsg::StepFinished {
             build: self.build,
@@ -156,6 +163,7 @@ impl Ctx {
         .await;
     }
 
+    /// Whether cancellation was requested.
     fn is_cancelled(&self) -> bool {
         *self.cancel.borrow()
     }
@@ -181,7 +189,7 @@ async fn run_step(
     // The header shows the command as configured: secret references, never values.
     ctx.line(idx, &format!("$ {}", step.run)).await;
 
-    let (script, mut env) = match expand_run(&step.run, &job.secrets) {
+    let (script, secret_env) = match expand_run(&step.run, &job.secrets) {
         Ok(x) => x,
         Err(name) => {
             ctx.line(idx, &format!("*** unknown secret {name:?} in command"))
@@ -209,7 +217,8 @@ async fn run_step(
     merged.insert("PADDOCK_BUILDER".into(), job.builder.clone());
     merged.insert("PADDOCK_BRANCH".into(), job.branch.clone());
     merged.insert("PADDOCK_REVISION".into(), job.revision.clone());
-    env.extend(merged);
+    // Secret variables last, so no configured variable can shadow them.
+    let env = merged.into_iter().chain(secret_env);
 
     let dir = match &step.workdir {
         Some(w) => src.join(w),
