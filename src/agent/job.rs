@@ -397,7 +397,7 @@ fn git(dir: &Path, args: &[&str]) -> Command {
 }
 
 /// Runs a git command as part of the checkout, logging `$ git …` (shown as `shown`) and its
-/// output. Returns the exit code on success.
+/// output. `Err((exit code, cancelled))` when it did not succeed.
 async fn run_git(
     ctx: &Ctx,
     dir: &Path,
