@@ -1,5 +1,398 @@
-pub struct AgentOptions { pub master: String, pub token: String, pub workdir: std::path::PathBuf }
+//! The `paddock agent` process: connect to the master, authenticate, heartbeat, run builds.
+//!
+//! The agent is a latent worker. It runs one build at a time, and when its master goes away
+//! (socket closed, [`MasterMsg::Shutdown`], SIGTERM/SIGINT) it kills whatever is running and
+//! exits, so nothing is left behind. Only the initial connection is retried (the master may be
+//! starting); after [`MasterMsg::Welcome`] it never reconnects: the master replaces a lost
+//! machine rather than waiting for it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::job::run_job;
+use super::protocol::{AgentMsg, BuildResult, MasterMsg};
+
+/// How long the initial connection is retried.
+const CONNECT_WINDOW: Duration = Duration::from_secs(30);
+/// First and largest pause between connection attempts.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long to wait for Welcome/Refused after Hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a cancelled job may take to stop before the agent exits anyway (kill grace and
+/// output drain fit well within this).
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Messages buffered between the running job and the socket.
+const JOB_CHANNEL: usize = 256;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Settings of `paddock agent`.
+#[derive(Clone)]
+pub struct AgentOptions {
+    /// Base URL of the master (`http://…`, `https://…`, `ws://…` or `wss://…`).
+    pub master: String,
+    /// One-time token bound to this machine.
+    pub token: String,
+    /// Where checkouts and build files live.
+    pub workdir: PathBuf,
+}
+
+// Hand-written so that the token never reaches a log through `{:?}`.
+impl std::fmt::Debug for AgentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentOptions")
+            .field("master", &self.master)
+            .field("token", &"<redacted>")
+            .field("workdir", &self.workdir)
+            .finish()
+    }
+}
+
+/// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
-#[error("x")]
-pub struct AgentError;
-pub async fn run(_o: AgentOptions) -> Result<(), AgentError> { todo!() }
+pub enum AgentError {
+    /// The master URL is not http(s)/ws(s).
+    #[error("invalid master URL {0:?}: expected http://, https://, ws:// or wss://")]
+    BadUrl(String),
+    /// No connection could be made within the retry window.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The WebSocket URL tried.
+        url: String,
+        /// The last error (boxed: tungstenite errors are large).
+        #[source]
+        source: Box<tungstenite::Error>,
+    },
+    /// The master refused the token.
+    #[error("refused by master: {0}")]
+    Refused(String),
+    /// The master did not follow the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The WebSocket failed during the handshake phase.
+    #[error("websocket error: {0}")]
+    Ws(#[source] Box<tungstenite::Error>),
+    /// Local I/O (work directory, signal handlers).
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<tungstenite::Error> for AgentError {
+    fn from(e: tungstenite::Error) -> Self {
+        AgentError::Ws(Box::new(e))
+    }
+}
+
+/// The WebSocket URL of the agent endpoint for a master base URL.
+pub fn ws_url(master: &str) -> Result<String, AgentError> {
+    let base = master.trim_end_matches('/');
+    let rest = if let Some(r) = base.strip_prefix("http://") {
+        format!("ws://{r}")
+    } else if let Some(r) = base.strip_prefix("https://") {
+        format!("wss://{r}")
+    } else if base.starts_with("ws://") || base.starts_with("wss://") {
+        base.to_string()
+    } else {
+        return Err(AgentError::BadUrl(master.to_string()));
+    };
+    Ok(format!("{rest}/agent/ws"))
+}
+
+/// Runs the agent until the master says Shutdown, the socket closes or a signal arrives.
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    tokio::fs::create_dir_all(&opts.workdir).await?;
+    let url = ws_url(&opts.master)?;
+    let mut signals = Signals::new()?;
+
+    let ws = tokio::select! {
+        r = connect(&url) => r?,
+        () = signals.recv() => {
+            tracing::info!("signal received before connecting; exiting");
+            return Ok(());
+        }
+    };
+    let (mut sink, mut stream) = ws.split();
+
+    let hello = AgentMsg::Hello {
+        token: opts.token.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    sink.send(Message::text(encode(&hello)?)).await?;
+    let (machine, heartbeat_secs) = tokio::select! {
+        r = tokio::time::timeout(WELCOME_TIMEOUT, await_welcome(&mut stream)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(AgentError::Protocol("no welcome from master".into())),
+        },
+        () = signals.recv() => return Ok(()),
+    };
+    tracing::info!(machine, heartbeat_secs, "connected to master");
+
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(heartbeat_secs.max(1)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (job_tx, mut job_rx) = mpsc::channel::<AgentMsg>(JOB_CHANNEL);
+    let mut current: Option<Running> = None;
+
+    // Why the loop ended; whether the socket can still take the job's last messages.
+    let socket_open = loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                if !send_msg(&mut sink, &AgentMsg::Heartbeat).await {
+                    tracing::warn!("lost the master while sending a heartbeat; exiting");
+                    break false;
+                }
+            }
+            Some(msg) = job_rx.recv() => {
+                if let AgentMsg::BuildFinished { build, .. } = &msg {
+                    if current.as_ref().is_some_and(|r| r.build == *build) {
+                        current = None;
+                    }
+                }
+                if !send_msg(&mut sink, &msg).await {
+                    tracing::warn!("lost the master while sending build output; exiting");
+                    break false;
+                }
+            }
+            // A job task that ends without its BuildFinished (it panicked) must still be reported.
+            r = wait_running(&mut current) => {
+                // Taken either way: a finished JoinHandle must not be polled again. A normal end
+                // has already queued its BuildFinished, which is forwarded in order.
+                if let (Err(e), Some(run)) = (r, current.take()) {
+                    tracing::error!(build = run.build, "build task failed: {e}");
+                    let msg = AgentMsg::BuildFinished { build: run.build, result: BuildResult::Exception };
+                    if !send_msg(&mut sink, &msg).await {
+                        break false;
+                    }
+                }
+            }
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<MasterMsg>(text.as_str()) {
+                    Ok(MasterMsg::Run(job)) => {
+                        if let Some(run) = &current {
+                            tracing::warn!(busy_with = run.build, build = job.build, "ignoring a second build while busy");
+                            continue;
+                        }
+                        // Log identifiers only: the job carries secrets.
+                        tracing::info!(build = job.build, builder = %job.builder, revision = %job.revision, "running build");
+                        let (cancel_tx, cancel_rx) = watch::channel(false);
+                        let tx = job_tx.clone();
+                        let workdir = opts.workdir.clone();
+                        let build = job.build;
+                        let handle = tokio::spawn(async move {
+                            let result = run_job(&job, &workdir, tx.clone(), cancel_rx).await;
+                            tracing::info!(build, result = result.as_str(), "build finished");
+                            let _ = tx.send(AgentMsg::BuildFinished { build, result }).await;
+                        });
+                        current = Some(Running { build, handle, cancel: cancel_tx });
+                    }
+                    Ok(MasterMsg::Shutdown) => {
+                        tracing::info!("master asked to shut down");
+                        break true;
+                    }
+                    Ok(MasterMsg::Welcome { .. } | MasterMsg::Refused { .. }) => {
+                        tracing::warn!("unexpected handshake message after welcome; ignored");
+                    }
+                    Err(e) => tracing::warn!("unreadable message from master ignored: {e}"),
+                },
+                Some(Ok(Message::Close(_))) | None => {
+                    tracing::info!("master closed the connection; exiting");
+                    break false;
+                }
+                // Pings are answered by tungstenite itself; binary frames are not part of the protocol.
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!("connection to master failed: {e}; exiting");
+                    break false;
+                }
+            },
+            () = signals.recv() => {
+                tracing::info!("signal received; stopping");
+                break true;
+            }
+        }
+    };
+
+    // Stop the running build (if any). While it stops, keep forwarding what it says (its last
+    // log lines, BuildFinished) if the socket still works, so it never blocks on a full channel.
+    drop(job_tx);
+    let mut forward = socket_open;
+    if let Some(mut run) = current.take() {
+        let _ = run.cancel.send(true);
+        let give_up = tokio::time::sleep(STOP_TIMEOUT);
+        tokio::pin!(give_up);
+        loop {
+            tokio::select! {
+                _ = &mut run.handle => break,
+                Some(msg) = job_rx.recv() => {
+                    forward = forward && send_msg(&mut sink, &msg).await;
+                }
+                () = &mut give_up => {
+                    tracing::warn!(build = run.build, "build did not stop in time; exiting anyway");
+                    break;
+                }
+            }
+        }
+    }
+    while let Ok(msg) = job_rx.try_recv() {
+        forward = forward && send_msg(&mut sink, &msg).await;
+    }
+    if forward {
+        let _ = sink.send(Message::Close(None)).await;
+    }
+    Ok(())
+}
+
+/// The build being run.
+struct Running {
+    build: i64,
+    handle: JoinHandle<()>,
+    cancel: watch::Sender<bool>,
+}
+
+// However the agent leaves its loop, a build it stops tracking is told to stop: the job treats
+// a dropped sender as "never cancelled", so this is what prevents orphaned steps.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.cancel.send(true);
+    }
+}
+
+/// Sends one message; `false` if the socket is gone (encoding cannot fail for these types).
+async fn send_msg(sink: &mut SplitSink<Ws, Message>, msg: &AgentMsg) -> bool {
+    match encode(msg) {
+        Ok(text) => sink.send(Message::text(text)).await.is_ok(),
+        Err(e) => {
+            tracing::error!("{e}");
+            false
+        }
+    }
+}
+
+/// Resolves when the running job's task ends; never while idle.
+async fn wait_running(current: &mut Option<Running>) -> Result<(), tokio::task::JoinError> {
+    match current {
+        Some(run) => (&mut run.handle).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serializes a message for a text frame.
+fn encode(msg: &AgentMsg) -> Result<String, AgentError> {
+    serde_json::to_string(msg).map_err(|e| AgentError::Protocol(format!("cannot encode: {e}")))
+}
+
+/// Connects, retrying for [`CONNECT_WINDOW`] with a growing pause.
+async fn connect(url: &str) -> Result<Ws, AgentError> {
+    let give_up = tokio::time::Instant::now() + CONNECT_WINDOW;
+    let mut pause = BACKOFF_START;
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _response)) => return Ok(ws),
+            Err(e) => {
+                // Errors that waiting cannot fix are reported at once.
+                let permanent =
+                    matches!(e, tungstenite::Error::Url(_) | tungstenite::Error::Tls(_));
+                if permanent || tokio::time::Instant::now() + pause > give_up {
+                    return Err(AgentError::Connect {
+                        url: url.to_string(),
+                        source: Box::new(e),
+                    });
+                }
+                tracing::debug!("master not reachable yet ({e}); retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Waits for Welcome (machine id, heartbeat period) or Refused.
+async fn await_welcome(
+    stream: &mut futures_util::stream::SplitStream<Ws>,
+) -> Result<(i64, u64), AgentError> {
+    while let Some(msg) = stream.next().await {
+        match msg? {
+            Message::Text(text) => {
+                return match serde_json::from_str::<MasterMsg>(text.as_str()) {
+                    Ok(MasterMsg::Welcome {
+                        machine,
+                        heartbeat_secs,
+                    }) => Ok((machine, heartbeat_secs)),
+                    Ok(MasterMsg::Refused { reason }) => Err(AgentError::Refused(reason)),
+                    Ok(_) => Err(AgentError::Protocol("expected welcome".into())),
+                    Err(e) => Err(AgentError::Protocol(format!("unreadable welcome: {e}"))),
+                };
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    Err(AgentError::Protocol(
+        "master closed the connection before welcome".into(),
+    ))
+}
+
+/// SIGTERM and SIGINT as one stream.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (from then on these signals no longer kill the process).
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            ws_url("http://127.0.0.1:8010/").ok(),
+            Some("ws://127.0.0.1:8010/agent/ws".to_string())
+        );
+        assert_eq!(
+            ws_url("https://ci.example.org").ok(),
+            Some("wss://ci.example.org/agent/ws".to_string())
+        );
+        assert_eq!(
+            ws_url("ws://h:1").ok(),
+            Some("ws://h:1/agent/ws".to_string())
+        );
+        assert!(matches!(ws_url("ftp://x"), Err(AgentError::BadUrl(_))));
+    }
+
+    #[test]
+    fn debug_hides_token() {
+        let opts = AgentOptions {
+            master: "http://m".into(),
+            token: "tok-123".into(),
+            workdir: PathBuf::from("/tmp"),
+        };
+        assert!(!format!("{opts:?}").contains("tok-123"));
+    }
+}
