@@ -9,7 +9,8 @@
 //! variable reference, so it works bare or inside double quotes, not inside single quotes) with
 //! the variable set to the value, so the command text never holds it; in environment values the
 //! reference is replaced by the value. All output goes through a [`Redactor`]. Inherited
-//! `PADDOCK_*` variables (the agent's own settings) are removed from every command.
+//! `PADDOCK_*` variables (the agent's own settings) are removed from every command, except the
+//! machine markers the provisioner uses to find every process of a machine.
 //!
 //! Each command runs in its own process group so that a timeout or a cancel kills everything
 //! it started, and whatever is left in the group when the command exits is killed too: a
@@ -277,11 +278,16 @@ async fn run_step(
     }
 }
 
+/// Inherited variables a step keeps: the machine's markers, which let the provisioner find
+/// (and stop) every process of the machine, steps included. They hold no secret.
+const KEPT_ENV: &[&str] = &["PADDOCK_MACHINE_ID", "PADDOCK_MACHINE_KEY"];
+
 /// Removes inherited `PADDOCK_*` variables: that namespace belongs to the agent (the agent's
 /// own settings, e.g. its token, must not leak into build steps).
 fn scrub_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PADDOCK_") {
+        let name = key.to_string_lossy();
+        if name.starts_with("PADDOCK_") && !KEPT_ENV.contains(&name.as_ref()) {
             cmd.env_remove(key);
         }
     }
