@@ -518,3 +518,292 @@ impl Schedulers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1000;
+
+    fn builder(name: &str, branches: &[&str]) -> BuilderRef {
+        BuilderRef {
+            name: name.into(),
+            branches: branches.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn branch_spec(
+        name: &str,
+        tree_stable: Option<u64>,
+        files: &[&str],
+        ignore: &[&str],
+    ) -> SchedulerSpec {
+        SchedulerSpec {
+            name: name.into(),
+            repo: "r".into(),
+            branches: vec![],
+            builders: vec![builder("all", &[]), builder("main-only", &["main"])],
+            kind: SpecKind::Branch {
+                tree_stable: tree_stable.map(Duration::from_secs),
+                files: files.iter().map(|s| s.to_string()).collect(),
+                ignore: ignore.iter().map(|s| s.to_string()).collect(),
+            },
+        }
+    }
+
+    fn change(id: ChangeId, branch: &str, rev: &str, files: &[&str]) -> SchedEvent {
+        SchedEvent::Change(ChangeInfo {
+            id,
+            repo: "r".into(),
+            branch: branch.into(),
+            revision: rev.into(),
+            files: files.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    fn requests(a: &[SchedAction]) -> Vec<&Request> {
+        a.iter()
+            .filter_map(|a| match a {
+                SchedAction::Request(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn done(a: &[SchedAction]) -> Vec<ChangeId> {
+        a.iter()
+            .flat_map(|a| match a {
+                SchedAction::ChangesDone(v) => v.clone(),
+                _ => vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn immediate_request_filtered_by_builder_branches() {
+        let mut s = Schedulers::new(vec![branch_spec("b", None, &[], &[])], Ts(0)).unwrap();
+        let a = s.handle(change(1, "main", "aaa", &["src/x.rs"]), Ts(0));
+        let r = requests(&a);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].builders, vec!["all", "main-only"]);
+        assert_eq!(r[0].revision, "aaa");
+        assert_eq!(r[0].changes, vec![1]);
+        assert_eq!(done(&a), vec![1]);
+        let a = s.handle(change(2, "feature", "bbb", &[]), Ts(0));
+        assert_eq!(requests(&a)[0].builders, vec!["all"]);
+    }
+
+    #[test]
+    fn tree_stable_folds_burst_into_newest() {
+        let mut s = Schedulers::new(vec![branch_spec("b", Some(15), &[], &[])], Ts(0)).unwrap();
+        let a = s.handle(change(1, "main", "old", &[]), Ts(0));
+        assert!(a.is_empty(), "held, not done yet: {a:?}");
+        assert_eq!(s.next_wakeup(), Some(Ts(15 * S)));
+        s.handle(change(2, "main", "new", &[]), Ts(10 * S));
+        // The second change restarts the timer.
+        assert_eq!(s.next_wakeup(), Some(Ts(25 * S)));
+        assert!(s.handle(SchedEvent::Tick, Ts(20 * S)).is_empty());
+        let a = s.handle(SchedEvent::Tick, Ts(25 * S));
+        let r = requests(&a);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].revision, "new");
+        assert_eq!(r[0].changes, vec![1, 2]);
+        assert_eq!(done(&a), vec![1, 2]);
+        assert_eq!(s.next_wakeup(), None);
+    }
+
+    #[test]
+    fn tree_stable_branches_are_independent() {
+        let mut s = Schedulers::new(vec![branch_spec("b", Some(15), &[], &[])], Ts(0)).unwrap();
+        s.handle(change(1, "main", "m1", &[]), Ts(0));
+        s.handle(change(2, "dev", "d1", &[]), Ts(10 * S));
+        let a = s.handle(SchedEvent::Tick, Ts(15 * S));
+        assert_eq!(requests(&a).len(), 1);
+        assert_eq!(requests(&a)[0].branch, "main");
+        assert_eq!(done(&a), vec![1]);
+    }
+
+    #[test]
+    fn files_filter() {
+        let mut s =
+            Schedulers::new(vec![branch_spec("docs", None, &["docs/**"], &[])], Ts(0)).unwrap();
+        let a = s.handle(change(1, "main", "a", &["src/lib.rs"]), Ts(0));
+        assert!(requests(&a).is_empty());
+        assert_eq!(done(&a), vec![1]);
+        let a = s.handle(
+            change(2, "main", "b", &["src/lib.rs", "docs/index.rst"]),
+            Ts(0),
+        );
+        assert_eq!(requests(&a).len(), 1);
+        let a = s.handle(change(3, "main", "c", &[]), Ts(0));
+        assert_eq!(requests(&a).len(), 1, "no file list = interesting");
+    }
+
+    #[test]
+    fn ignore_filter() {
+        let mut s =
+            Schedulers::new(vec![branch_spec("code", None, &[], &["docs/**"])], Ts(0)).unwrap();
+        let a = s.handle(change(1, "main", "a", &["docs/a.rst", "docs/b.rst"]), Ts(0));
+        assert!(requests(&a).is_empty());
+        let a = s.handle(change(2, "main", "b", &["docs/a.rst", "setup.py"]), Ts(0));
+        assert_eq!(requests(&a).len(), 1);
+    }
+
+    #[test]
+    fn uninteresting_burst_is_done_without_request() {
+        let mut s =
+            Schedulers::new(vec![branch_spec("code", Some(5), &[], &["docs/**"])], Ts(0)).unwrap();
+        s.handle(change(1, "main", "a", &["docs/a.rst"]), Ts(0));
+        let a = s.handle(SchedEvent::Tick, Ts(5 * S));
+        assert!(requests(&a).is_empty());
+        assert_eq!(done(&a), vec![1]);
+        // One interesting change makes the whole burst build, at the newest revision.
+        s.handle(change(2, "main", "b", &["x.c"]), Ts(10 * S));
+        s.handle(change(3, "main", "c", &["docs/a.rst"]), Ts(11 * S));
+        let a = s.handle(SchedEvent::Tick, Ts(16 * S));
+        assert_eq!(requests(&a)[0].revision, "c");
+    }
+
+    #[test]
+    fn other_repo_and_branch_globs() {
+        let mut spec = branch_spec("b", None, &[], &[]);
+        spec.branches = vec!["stable/*".into()];
+        let mut s = Schedulers::new(vec![spec], Ts(0)).unwrap();
+        let a = s.handle(change(1, "main", "a", &[]), Ts(0));
+        assert!(requests(&a).is_empty());
+        assert_eq!(done(&a), vec![1]);
+        assert_eq!(
+            requests(&s.handle(change(2, "stable/5.2.x", "b", &[]), Ts(0))).len(),
+            1
+        );
+        let a = s.handle(
+            SchedEvent::Change(ChangeInfo {
+                id: 3,
+                repo: "other".into(),
+                branch: "stable/1".into(),
+                revision: "c".into(),
+                files: vec![],
+            }),
+            Ts(0),
+        );
+        assert!(requests(&a).is_empty());
+        assert_eq!(done(&a), vec![3]);
+    }
+
+    fn nightly(only_if_changed: bool) -> SchedulerSpec {
+        SchedulerSpec {
+            name: "n".into(),
+            repo: "r".into(),
+            branches: vec!["main".into(), "stable/*".into()],
+            builders: vec![builder("all", &[])],
+            kind: SpecKind::Nightly {
+                cron: "0 3 * * *".into(),
+                only_if_changed,
+            },
+        }
+    }
+
+    const DAY: i64 = 86_400 * S;
+    const THREE_AM: i64 = 3 * 3600 * S;
+
+    #[test]
+    fn nightly_fires_at_time_and_skips_unchanged() {
+        let mut s = Schedulers::new(vec![nightly(true)], Ts(0)).unwrap();
+        assert_eq!(s.next_wakeup(), Some(Ts(THREE_AM)));
+        s.handle(
+            SchedEvent::Head {
+                repo: "r".into(),
+                branch: "main".into(),
+                revision: "m1".into(),
+            },
+            Ts(0),
+        );
+        s.handle(change(1, "stable/1", "s1", &[]), Ts(0));
+        s.handle(change(2, "feature", "f1", &[]), Ts(0));
+        assert!(s.handle(SchedEvent::Tick, Ts(THREE_AM - 1)).is_empty());
+        let a = s.handle(SchedEvent::Tick, Ts(THREE_AM));
+        let r = requests(&a);
+        assert_eq!(r.len(), 2, "feature does not match the nightly's branches");
+        assert_eq!(
+            (r[0].branch.as_str(), r[0].revision.as_str()),
+            ("main", "m1")
+        );
+        assert_eq!(
+            (r[1].branch.as_str(), r[1].revision.as_str()),
+            ("stable/1", "s1")
+        );
+        assert!(a.iter().any(
+            |a| matches!(a, SchedAction::NightlyState { last_fire, built, .. }
+            if *last_fire == Ts(THREE_AM) && built.len() == 2)
+        ));
+        assert_eq!(s.next_wakeup(), Some(Ts(DAY + THREE_AM)));
+        // Next night: only main changed.
+        s.handle(change(3, "main", "m2", &[]), Ts(DAY));
+        let a = s.handle(SchedEvent::Tick, Ts(DAY + THREE_AM + 5 * S));
+        let r = requests(&a);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].revision, "m2");
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, SchedAction::NightlyState { .. })));
+    }
+
+    #[test]
+    fn nightly_without_only_if_changed_rebuilds() {
+        let mut s = Schedulers::new(vec![nightly(false)], Ts(0)).unwrap();
+        s.handle(change(1, "main", "m1", &[]), Ts(0));
+        assert_eq!(requests(&s.handle(SchedEvent::Tick, Ts(THREE_AM))).len(), 1);
+        assert_eq!(
+            requests(&s.handle(SchedEvent::Tick, Ts(DAY + THREE_AM))).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn nightly_missed_times_fire_once() {
+        let mut s = Schedulers::new(vec![nightly(false)], Ts(0)).unwrap();
+        s.handle(change(1, "main", "m1", &[]), Ts(0));
+        let a = s.handle(SchedEvent::Tick, Ts(5 * DAY));
+        assert_eq!(requests(&a).len(), 1);
+        assert_eq!(s.next_wakeup(), Some(Ts(5 * DAY + THREE_AM)));
+    }
+
+    #[test]
+    fn nightly_restore() {
+        let mut s = Schedulers::new(vec![nightly(true)], Ts(THREE_AM + S)).unwrap();
+        let built: BTreeMap<String, String> = [("main".to_string(), "m1".to_string())].into();
+        s.restore_nightly("n", Ts(THREE_AM), built);
+        assert_eq!(s.next_wakeup(), Some(Ts(DAY + THREE_AM)));
+        s.handle(change(1, "main", "m1", &[]), Ts(THREE_AM + 2 * S));
+        let a = s.handle(SchedEvent::Tick, Ts(DAY + THREE_AM));
+        assert!(requests(&a).is_empty(), "already built m1");
+    }
+
+    #[test]
+    fn bad_specs_are_errors() {
+        let mut n = nightly(false);
+        n.kind = SpecKind::Nightly {
+            cron: "not a cron".into(),
+            only_if_changed: false,
+        };
+        assert!(Schedulers::new(vec![n], Ts(0)).is_err());
+        let b = branch_spec("b", None, &["a[".into()], &[]);
+        let e = Schedulers::new(vec![b], Ts(0)).unwrap_err();
+        assert_eq!(e.scheduler, "b");
+    }
+
+    #[test]
+    fn change_held_by_two_schedulers_done_once_both_fire() {
+        let specs = vec![
+            branch_spec("a", Some(5), &[], &[]),
+            branch_spec("b", Some(10), &[], &[]),
+        ];
+        let mut s = Schedulers::new(specs, Ts(0)).unwrap();
+        s.handle(change(1, "main", "x", &[]), Ts(0));
+        let a = s.handle(SchedEvent::Tick, Ts(5 * S));
+        assert_eq!(requests(&a).len(), 1);
+        assert!(done(&a).is_empty());
+        let a = s.handle(SchedEvent::Tick, Ts(10 * S));
+        assert_eq!(done(&a), vec![1]);
+    }
+}
