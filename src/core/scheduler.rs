@@ -787,7 +787,7 @@ mod tests {
             only_if_changed: false,
         };
         assert!(Schedulers::new(vec![n], Ts(0)).is_err());
-        let b = branch_spec("b", None, &["a[".into()], &[]);
+        let b = branch_spec("b", None, &["a["], &[]);
         let e = Schedulers::new(vec![b], Ts(0)).unwrap_err();
         assert_eq!(e.scheduler, "b");
     }
