@@ -5,6 +5,8 @@
 //! past `idle_timeout`, never connected within `boot_timeout`, went silent past the heartbeat
 //! limit, or reached `max_builds`.
 
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::time::Duration;
 
 use super::{BuildId, MachineId, Ts};
@@ -12,10 +14,15 @@ use super::{BuildId, MachineId, Ts};
 /// The fleet's view of one pool's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolSpec {
+    /// The pool's name (the `[pool.NAME]` key).
     pub name: String,
+    /// Most machines launching or alive at once.
     pub max_instances: u32,
+    /// Idle machines kept warm even with an empty queue.
     pub min_idle: u32,
+    /// An idle machine beyond `min_idle` is stopped after this long.
     pub idle_timeout: Duration,
+    /// A machine whose agent has not connected this long after launch is stopped.
     pub boot_timeout: Duration,
     /// 0 = unlimited.
     pub max_builds: u32,
@@ -30,9 +37,13 @@ pub enum MachineState {
     Launching,
     /// Running, waiting for its agent to connect.
     Booting,
+    /// Agent connected, no build.
     Idle,
+    /// Running exactly one build.
     Busy,
+    /// Terminate requested, waiting for the provisioner to confirm.
     Stopping,
+    /// Confirmed stopped; dropped from the fleet's memory.
     Gone,
     /// Agent silent past the heartbeat limit or disconnected.
     Lost,
@@ -81,7 +92,11 @@ impl MachineState {
 pub enum FleetEvent {
     /// A build attempt is waiting for a machine of `pool`. `front` puts it at the head of the
     /// queue (retries keep their place in line).
-    BuildQueued { build: BuildId, pool: String, front: bool },
+    BuildQueued {
+        build: BuildId,
+        pool: String,
+        front: bool,
+    },
     /// A queued build was cancelled before it started (no-op if it is not queued).
     BuildCancelled { build: BuildId },
     /// The provisioner started the machine (`Requested` -> `Booting`).
@@ -102,6 +117,11 @@ pub enum FleetEvent {
     Tick,
     /// Stop taking new builds and launching machines (shutdown or pause).
     Drain,
+    /// Undo [`FleetEvent::Drain`]: assign and launch again.
+    Resume,
+    /// The cloud announced it reclaims the machine (spot interruption notice): its build, if
+    /// any, is retried elsewhere and the machine is terminated.
+    Interrupted { machine: MachineId },
 }
 
 /// What the shell must do, returned by [`Fleet::handle`].
@@ -117,16 +137,1147 @@ pub enum FleetAction {
     /// attempt (the shell feeds `BuildQueued { front: true }` for it).
     Retry { build: BuildId, reason: String },
     /// Record the machine's new state (persist it; a machine event for the cost meter).
-    SetState { machine: MachineId, state: MachineState },
+    SetState {
+        machine: MachineId,
+        state: MachineState,
+    },
 }
 
 /// The fleet state machine. See the module docs.
+///
+/// Costs: every non-`Tick` event touches one machine and one pool (hash lookups, `VecDeque`
+/// and `BTreeSet` operations), so it is O(log n) at worst; `Tick` pops only due timers and
+/// sweeps each pool's oldest idle machines. `Drain`/`Resume` scan everything (rare).
 #[derive(Debug, Clone)]
 pub struct Fleet {
-    // implementation-defined
+    pools: Vec<Pool>,
+    pool_index: HashMap<String, usize>,
+    machines: HashMap<MachineId, Machine>,
+    /// Queued build -> (pool index, sequence number of its live queue entry).
+    queued: HashMap<BuildId, (usize, u64)>,
+    /// Running build -> machine.
+    running: HashMap<BuildId, MachineId>,
+    /// Lazy timer wheel: (when, machine). An entry is live only if it equals the machine's
+    /// `next_check`; stale entries are skipped, which keeps heartbeats O(1).
+    timers: BinaryHeap<Reverse<(Ts, MachineId)>>,
+    heartbeat_timeout: Duration,
+    next_id: MachineId,
+    seq: u64,
+    draining: bool,
 }
+
+#[derive(Debug, Clone)]
+struct Machine {
+    pool: usize,
+    state: MachineState,
+    build: Option<BuildId>,
+    launched_at: Ts,
+    last_seen: Ts,
+    idle_since: Ts,
+    builds_run: u32,
+    next_check: Option<Ts>,
+}
+
+#[derive(Debug, Clone)]
+struct Pool {
+    spec: PoolSpec,
+    /// (build, seq); entries whose seq no longer matches `Fleet::queued` are cancelled leftovers.
+    queue: VecDeque<(BuildId, u64)>,
+    queued_len: usize,
+    /// Idle machines ordered by when they became idle (oldest first).
+    idle: BTreeSet<(Ts, MachineId)>,
+    /// Requested/Launching/Booting: will become available without a new launch.
+    starting: usize,
+    busy: usize,
+    /// Every state but Gone (counted against `max_instances`).
+    live: usize,
+}
+
+impl Pool {
+    fn new(spec: PoolSpec) -> Pool {
+        Pool {
+            spec,
+            queue: VecDeque::new(),
+            queued_len: 0,
+            idle: BTreeSet::new(),
+            starting: 0,
+            busy: 0,
+            live: 0,
+        }
+    }
+}
+
+fn is_starting(s: MachineState) -> bool {
+    matches!(
+        s,
+        MachineState::Requested | MachineState::Launching | MachineState::Booting
+    )
+}
+
 impl Fleet {
-    pub fn new(_p: Vec<PoolSpec>, _h: Duration, _f: MachineId) -> Fleet { todo!() }
-    pub fn handle(&mut self, _e: FleetEvent, _n: Ts) -> Vec<FleetAction> { todo!() }
-    pub fn machine_state(&self, _m: MachineId) -> Option<MachineState> { todo!() }
+    /// A fleet with these pools and no machines; new machine ids count up from `first_machine_id`.
+    pub fn new(
+        pools: Vec<PoolSpec>,
+        heartbeat_timeout: Duration,
+        first_machine_id: MachineId,
+    ) -> Fleet {
+        let mut fleet = Fleet {
+            pools: Vec::new(),
+            pool_index: HashMap::new(),
+            machines: HashMap::new(),
+            queued: HashMap::new(),
+            running: HashMap::new(),
+            timers: BinaryHeap::new(),
+            heartbeat_timeout,
+            next_id: first_machine_id,
+            seq: 0,
+            draining: false,
+        };
+        for spec in pools {
+            // First definition wins; config validation rejects duplicates anyway.
+            if !fleet.pool_index.contains_key(&spec.name) {
+                fleet
+                    .pool_index
+                    .insert(spec.name.clone(), fleet.pools.len());
+                fleet.pools.push(Pool::new(spec));
+            }
+        }
+        fleet
+    }
+
+    /// Re-insert a machine known from the store after a restart (no actions; send a `Tick`
+    /// afterwards). Timers restart from `now`. Ignored if the id is already known.
+    pub fn restore_machine(
+        &mut self,
+        machine: MachineId,
+        pool: &str,
+        state: MachineState,
+        build: Option<BuildId>,
+        builds_run: u32,
+        now: Ts,
+    ) {
+        if self.machines.contains_key(&machine) || state == MachineState::Gone {
+            return;
+        }
+        if let Some(b) = build {
+            if self.running.contains_key(&b) || self.queued.contains_key(&b) {
+                return;
+            }
+        }
+        let p = self.pool_idx(pool);
+        self.next_id = self.next_id.max(machine.saturating_add(1));
+        // A Busy row without a build (or vice versa) cannot be trusted: stop it.
+        let state = match (state, build) {
+            (MachineState::Busy, None) => MachineState::Stopping,
+            (MachineState::Busy, Some(_)) => MachineState::Busy,
+            (_, Some(_)) => MachineState::Stopping,
+            (s, None) => s,
+        };
+        let pool = &mut self.pools[p];
+        pool.live += 1;
+        let build = if state == MachineState::Busy {
+            build
+        } else {
+            None
+        };
+        match state {
+            s if is_starting(s) => pool.starting += 1,
+            MachineState::Idle => {
+                pool.idle.insert((now, machine));
+            }
+            MachineState::Busy => pool.busy += 1,
+            _ => {}
+        }
+        if let Some(b) = build {
+            self.running.insert(b, machine);
+        }
+        self.machines.insert(
+            machine,
+            Machine {
+                pool: p,
+                state,
+                build,
+                launched_at: now,
+                last_seen: now,
+                idle_since: now,
+                builds_run,
+                next_check: None,
+            },
+        );
+        self.schedule(machine, now);
+    }
+
+    /// Feed one event; returns the actions the shell must carry out, in order.
+    ///
+    /// `LaunchFailed` frees the slot and, if the queue still wants a machine, launches a new
+    /// one at once: backing off after repeated failures is the shell's job (it can delay
+    /// feeding `LaunchFailed`, or `Drain`).
+    pub fn handle(&mut self, event: FleetEvent, now: Ts) -> Vec<FleetAction> {
+        let mut out = Vec::new();
+        match event {
+            FleetEvent::BuildQueued { build, pool, front } => {
+                if self.queued.contains_key(&build) || self.running.contains_key(&build) {
+                    // Already queued or running: queueing again could run it twice.
+                    return out;
+                }
+                let p = self.pool_idx(&pool);
+                self.seq += 1;
+                self.queued.insert(build, (p, self.seq));
+                let pool = &mut self.pools[p];
+                if front {
+                    pool.queue.push_front((build, self.seq));
+                } else {
+                    pool.queue.push_back((build, self.seq));
+                }
+                pool.queued_len += 1;
+                self.assign(p, &mut out);
+                self.provision(p, now, &mut out);
+            }
+            FleetEvent::BuildCancelled { build } => {
+                if let Some((p, _)) = self.queued.remove(&build) {
+                    let pool = &mut self.pools[p];
+                    pool.queued_len -= 1;
+                    // Cancelled entries stay in the deque until popped; compact when they
+                    // dominate so a pool nobody serves cannot grow without bound.
+                    if pool.queue.len() > 2 * pool.queued_len + 64 {
+                        let queued = &self.queued;
+                        pool.queue
+                            .retain(|(b, s)| queued.get(b).map(|&(_, qs)| qs) == Some(*s));
+                    }
+                }
+            }
+            FleetEvent::LaunchSucceeded { machine } => {
+                let Some(m) = self.machines.get(&machine) else {
+                    return out;
+                };
+                if matches!(m.state, MachineState::Requested | MachineState::Launching) {
+                    self.set_state(machine, MachineState::Booting, now, &mut out);
+                    if self.draining {
+                        self.terminate(machine, "draining", now, &mut out);
+                    }
+                }
+            }
+            FleetEvent::LaunchFailed { machine, reason } => {
+                if let Some(p) = self.machines.get(&machine).map(|m| m.pool) {
+                    self.gone(machine, &format!("launch failed: {reason}"), now, &mut out);
+                    self.provision(p, now, &mut out);
+                }
+            }
+            FleetEvent::AgentConnected { machine } => {
+                let Some(m) = self.machines.get_mut(&machine) else {
+                    return out;
+                };
+                let p = m.pool;
+                match m.state {
+                    s if is_starting(s) => {
+                        m.last_seen = now;
+                        self.set_state(machine, MachineState::Idle, now, &mut out);
+                        if self.draining {
+                            self.terminate(machine, "draining", now, &mut out);
+                        } else {
+                            self.assign(p, &mut out);
+                            self.provision(p, now, &mut out);
+                        }
+                    }
+                    // A reconnect of a live agent only proves it is alive.
+                    MachineState::Idle | MachineState::Busy => m.last_seen = now,
+                    _ => {}
+                }
+            }
+            FleetEvent::Heartbeat { machine } => {
+                if let Some(m) = self.machines.get_mut(&machine) {
+                    if matches!(
+                        m.state,
+                        MachineState::Booting | MachineState::Idle | MachineState::Busy
+                    ) {
+                        m.last_seen = now;
+                    }
+                }
+            }
+            FleetEvent::AgentDisconnected { machine } => {
+                let Some(m) = self.machines.get(&machine) else {
+                    return out;
+                };
+                let p = m.pool;
+                if matches!(
+                    m.state,
+                    MachineState::Booting | MachineState::Idle | MachineState::Busy
+                ) {
+                    self.lose(
+                        machine,
+                        MachineState::Lost,
+                        "agent disconnected",
+                        now,
+                        &mut out,
+                    );
+                    self.provision(p, now, &mut out);
+                }
+            }
+            FleetEvent::Interrupted { machine } => {
+                let Some(m) = self.machines.get(&machine) else {
+                    return out;
+                };
+                let p = m.pool;
+                if !matches!(
+                    m.state,
+                    MachineState::Stopping
+                        | MachineState::Gone
+                        | MachineState::Lost
+                        | MachineState::Interrupted
+                ) {
+                    self.lose(
+                        machine,
+                        MachineState::Interrupted,
+                        "spot interruption",
+                        now,
+                        &mut out,
+                    );
+                    self.provision(p, now, &mut out);
+                }
+            }
+            FleetEvent::BuildFinished { machine, build } => {
+                let Some(m) = self.machines.get_mut(&machine) else {
+                    return out;
+                };
+                if m.state != MachineState::Busy || m.build != Some(build) {
+                    // Late result from a machine we already gave up on: its build was retried.
+                    return out;
+                }
+                m.build = None;
+                m.builds_run = m.builds_run.saturating_add(1);
+                m.last_seen = now;
+                let p = m.pool;
+                self.running.remove(&build);
+                let max = self.pools[p].spec.max_builds;
+                if max > 0 && m.builds_run >= max {
+                    self.terminate(machine, "reached max_builds", now, &mut out);
+                } else if self.draining {
+                    self.terminate(machine, "draining", now, &mut out);
+                } else {
+                    self.set_state(machine, MachineState::Idle, now, &mut out);
+                    self.assign(p, &mut out);
+                }
+                self.provision(p, now, &mut out);
+            }
+            FleetEvent::MachineGone { machine } => {
+                if let Some(p) = self.machines.get(&machine).map(|m| m.pool) {
+                    self.gone(machine, "machine gone", now, &mut out);
+                    self.provision(p, now, &mut out);
+                }
+            }
+            FleetEvent::Tick => self.tick(now, &mut out),
+            FleetEvent::Drain => {
+                self.draining = true;
+                let mut stop: Vec<MachineId> = self
+                    .machines
+                    .iter()
+                    .filter(|(_, m)| matches!(m.state, MachineState::Idle | MachineState::Booting))
+                    .map(|(&id, _)| id)
+                    .collect();
+                // Deterministic output order regardless of hash order.
+                stop.sort_unstable();
+                for id in stop {
+                    self.terminate(id, "draining", now, &mut out);
+                }
+            }
+            FleetEvent::Resume => {
+                self.draining = false;
+                for p in 0..self.pools.len() {
+                    self.assign(p, &mut out);
+                    self.provision(p, now, &mut out);
+                }
+            }
+        }
+        self.drop_stale_timers();
+        out
+    }
+
+    /// A machine's state, `None` once gone (or never known).
+    pub fn machine_state(&self, id: MachineId) -> Option<MachineState> {
+        self.machines.get(&id).map(|m| m.state)
+    }
+
+    /// The build a machine is running.
+    pub fn machine_build(&self, id: MachineId) -> Option<BuildId> {
+        self.machines.get(&id).and_then(|m| m.build)
+    }
+
+    /// The pool a (not yet gone) machine belongs to.
+    pub fn machine_pool(&self, id: MachineId) -> Option<&str> {
+        self.machines
+            .get(&id)
+            .map(|m| self.pools[m.pool].spec.name.as_str())
+    }
+
+    /// Builds a machine has finished since launch.
+    pub fn machine_builds_run(&self, id: MachineId) -> Option<u32> {
+        self.machines.get(&id).map(|m| m.builds_run)
+    }
+
+    /// Every known (not gone) machine with its state, in id order.
+    pub fn machines(&self) -> Vec<(MachineId, MachineState)> {
+        let mut v: Vec<_> = self.machines.iter().map(|(&id, m)| (id, m.state)).collect();
+        v.sort_unstable_by_key(|&(id, _)| id);
+        v
+    }
+
+    /// The machine running a build, if it is running.
+    pub fn build_machine(&self, build: BuildId) -> Option<MachineId> {
+        self.running.get(&build).copied()
+    }
+
+    /// Whether a build is waiting in some pool's queue.
+    pub fn is_queued(&self, build: BuildId) -> bool {
+        self.queued.contains_key(&build)
+    }
+
+    /// Builds waiting in a pool's queue.
+    pub fn queue_len(&self, pool: &str) -> usize {
+        self.pool(pool).map_or(0, |p| p.queued_len)
+    }
+
+    /// A pool's queued builds, head first.
+    pub fn queued(&self, pool: &str) -> Vec<BuildId> {
+        let Some(p) = self.pool(pool) else {
+            return Vec::new();
+        };
+        p.queue
+            .iter()
+            .filter(|(b, s)| self.queued.get(b).map(|&(_, qs)| qs) == Some(*s))
+            .map(|&(b, _)| b)
+            .collect()
+    }
+
+    /// Machines of a pool counted against `max_instances` (everything not gone).
+    pub fn live_machines(&self, pool: &str) -> usize {
+        self.pool(pool).map_or(0, |p| p.live)
+    }
+
+    /// Idle machines across all pools.
+    pub fn idle_total(&self) -> usize {
+        self.pools.iter().map(|p| p.idle.len()).sum()
+    }
+
+    /// Busy machines across all pools.
+    pub fn busy_total(&self) -> usize {
+        self.pools.iter().map(|p| p.busy).sum()
+    }
+
+    /// Whether a `Drain` is in effect.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// The earliest time a `Tick` may change something (a boot, heartbeat or idle deadline);
+    /// `None` if no timer is pending. Never later than the true deadline.
+    pub fn next_deadline(&self) -> Option<Ts> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pool_index.get(name).map(|&i| &self.pools[i])
+    }
+
+    /// Index of a pool; an unknown name gets an empty pool with `max_instances = 0`, so its
+    /// builds stay visibly queued instead of being dropped (config validation should prevent it).
+    fn pool_idx(&mut self, name: &str) -> usize {
+        if let Some(&i) = self.pool_index.get(name) {
+            return i;
+        }
+        let i = self.pools.len();
+        self.pools.push(Pool::new(PoolSpec {
+            name: name.to_string(),
+            max_instances: 0,
+            min_idle: 0,
+            idle_timeout: Duration::ZERO,
+            boot_timeout: Duration::ZERO,
+            max_builds: 0,
+        }));
+        self.pool_index.insert(name.to_string(), i);
+        i
+    }
+
+    /// Move a machine to a new state, keeping the pool counters, idle set and timer in step.
+    fn set_state(&mut self, id: MachineId, new: MachineState, now: Ts, out: &mut Vec<FleetAction>) {
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        let old = m.state;
+        if old == new {
+            return;
+        }
+        let pool = &mut self.pools[m.pool];
+        match old {
+            s if is_starting(s) => pool.starting -= 1,
+            MachineState::Idle => {
+                pool.idle.remove(&(m.idle_since, id));
+            }
+            MachineState::Busy => pool.busy -= 1,
+            _ => {}
+        }
+        match new {
+            s if is_starting(s) => pool.starting += 1,
+            MachineState::Idle => {
+                m.idle_since = now;
+                pool.idle.insert((now, id));
+            }
+            MachineState::Busy => pool.busy += 1,
+            MachineState::Gone => pool.live -= 1,
+            _ => {}
+        }
+        m.state = new;
+        out.push(FleetAction::SetState {
+            machine: id,
+            state: new,
+        });
+        if new == MachineState::Gone {
+            self.machines.remove(&id);
+        } else {
+            self.schedule(id, now);
+        }
+    }
+
+    /// The next time this machine needs a look, given its state.
+    fn deadline(&self, m: &Machine, now: Ts) -> Option<Ts> {
+        let spec = &self.pools[m.pool].spec;
+        match m.state {
+            s if is_starting(s) => Some(m.launched_at.plus(spec.boot_timeout)),
+            MachineState::Idle => {
+                let hb = m.last_seen.plus(self.heartbeat_timeout);
+                let idle = m.idle_since.plus(spec.idle_timeout);
+                // Once past its idle deadline a machine kept for min_idle needs no more idle
+                // checks; a newer idle machine's deadline triggers the pool sweep.
+                Some(if idle > now { hb.min(idle) } else { hb })
+            }
+            MachineState::Busy => Some(m.last_seen.plus(self.heartbeat_timeout)),
+            _ => None,
+        }
+    }
+
+    fn schedule(&mut self, id: MachineId, now: Ts) {
+        let Some(m) = self.machines.get(&id) else {
+            return;
+        };
+        let d = self.deadline(m, now);
+        if d != m.next_check {
+            if let Some(t) = d {
+                self.timers.push(Reverse((t, id)));
+            }
+            if let Some(m) = self.machines.get_mut(&id) {
+                m.next_check = d;
+            }
+        }
+    }
+
+    fn drop_stale_timers(&mut self) {
+        while let Some(&Reverse((t, id))) = self.timers.peek() {
+            match self.machines.get(&id) {
+                Some(m) if m.next_check == Some(t) => break,
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Ts, out: &mut Vec<FleetAction>) {
+        while let Some(&Reverse((t, id))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(m) = self.machines.get_mut(&id) else {
+                continue;
+            };
+            if m.next_check != Some(t) {
+                continue;
+            }
+            m.next_check = None;
+            self.check(id, now, out);
+        }
+        for p in 0..self.pools.len() {
+            self.idle_sweep(p, now, out);
+            self.assign(p, out);
+            self.provision(p, now, out);
+        }
+    }
+
+    /// Apply boot and heartbeat timeouts to one machine whose timer fired.
+    fn check(&mut self, id: MachineId, now: Ts, out: &mut Vec<FleetAction>) {
+        let Some(m) = self.machines.get(&id) else {
+            return;
+        };
+        let spec = &self.pools[m.pool].spec;
+        match m.state {
+            s if is_starting(s) => {
+                if now >= m.launched_at.plus(spec.boot_timeout) {
+                    self.terminate(id, "boot timeout", now, out);
+                    return;
+                }
+            }
+            MachineState::Busy => {
+                if now >= m.last_seen.plus(self.heartbeat_timeout) {
+                    self.lose(id, MachineState::Lost, "heartbeat timeout", now, out);
+                    return;
+                }
+            }
+            MachineState::Idle => {
+                if now >= m.last_seen.plus(self.heartbeat_timeout) {
+                    self.terminate(id, "heartbeat timeout", now, out);
+                    return;
+                }
+            }
+            _ => return,
+        }
+        self.schedule(id, now);
+    }
+
+    /// Stop idle machines past `idle_timeout`, oldest first, keeping `min_idle`.
+    fn idle_sweep(&mut self, p: usize, now: Ts, out: &mut Vec<FleetAction>) {
+        loop {
+            let pool = &self.pools[p];
+            if pool.idle.len() <= pool.spec.min_idle as usize {
+                return;
+            }
+            let Some(&(since, id)) = pool.idle.first() else {
+                return;
+            };
+            if now < since.plus(pool.spec.idle_timeout) {
+                return;
+            }
+            self.terminate(id, "idle timeout", now, out);
+        }
+    }
+
+    /// Hand queued builds to idle machines (most recently idle first, so older ones can time out).
+    fn assign(&mut self, p: usize, out: &mut Vec<FleetAction>) {
+        if self.draining {
+            return;
+        }
+        loop {
+            let pool = &mut self.pools[p];
+            if pool.queued_len == 0 {
+                return;
+            }
+            let Some(&(since, id)) = pool.idle.last() else {
+                return;
+            };
+            let Some(build) = pop_queued(pool, &mut self.queued) else {
+                return;
+            };
+            pool.idle.remove(&(since, id));
+            pool.busy += 1;
+            let Some(m) = self.machines.get_mut(&id) else {
+                return;
+            };
+            m.state = MachineState::Busy;
+            m.build = Some(build);
+            self.running.insert(build, id);
+            out.push(FleetAction::SetState {
+                machine: id,
+                state: MachineState::Busy,
+            });
+            out.push(FleetAction::Assign { machine: id, build });
+            // Busy machines only need heartbeat checks.
+            let hb = m.last_seen.plus(self.heartbeat_timeout);
+            if m.next_check != Some(hb) {
+                m.next_check = Some(hb);
+                self.timers.push(Reverse((hb, id)));
+            }
+        }
+    }
+
+    /// Launch what the queue and `min_idle` need, within `max_instances`.
+    fn provision(&mut self, p: usize, now: Ts, out: &mut Vec<FleetAction>) {
+        if self.draining {
+            return;
+        }
+        let pool = &mut self.pools[p];
+        let wanted = pool.queued_len + pool.spec.min_idle as usize;
+        let available = pool.starting + pool.idle.len();
+        let room = (pool.spec.max_instances as usize).saturating_sub(pool.live);
+        let n = wanted.saturating_sub(available).min(room);
+        for _ in 0..n {
+            let id = self.next_id;
+            self.next_id += 1;
+            pool.starting += 1;
+            pool.live += 1;
+            let deadline = now.plus(pool.spec.boot_timeout);
+            self.machines.insert(
+                id,
+                Machine {
+                    pool: p,
+                    state: MachineState::Requested,
+                    build: None,
+                    launched_at: now,
+                    last_seen: now,
+                    idle_since: now,
+                    builds_run: 0,
+                    next_check: Some(deadline),
+                },
+            );
+            self.timers.push(Reverse((deadline, id)));
+            out.push(FleetAction::SetState {
+                machine: id,
+                state: MachineState::Requested,
+            });
+            out.push(FleetAction::Launch {
+                machine: id,
+                pool: pool.spec.name.clone(),
+            });
+        }
+    }
+
+    /// Ask the provisioner to stop a machine (no-op if already stopping or lost).
+    fn terminate(&mut self, id: MachineId, reason: &str, now: Ts, out: &mut Vec<FleetAction>) {
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        if matches!(
+            m.state,
+            MachineState::Stopping
+                | MachineState::Gone
+                | MachineState::Lost
+                | MachineState::Interrupted
+        ) {
+            return;
+        }
+        if let Some(build) = m.build.take() {
+            // Never lose a build, even if a caller terminates a busy machine.
+            self.running.remove(&build);
+            out.push(FleetAction::Retry {
+                build,
+                reason: reason.to_string(),
+            });
+        }
+        self.set_state(id, MachineState::Stopping, now, out);
+        out.push(FleetAction::Terminate {
+            machine: id,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The machine is unusable (`Lost`/`Interrupted`): retry its build and stop it.
+    fn lose(
+        &mut self,
+        id: MachineId,
+        state: MachineState,
+        reason: &str,
+        now: Ts,
+        out: &mut Vec<FleetAction>,
+    ) {
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        if let Some(build) = m.build.take() {
+            self.running.remove(&build);
+            out.push(FleetAction::Retry {
+                build,
+                reason: reason.to_string(),
+            });
+        }
+        self.set_state(id, state, now, out);
+        out.push(FleetAction::Terminate {
+            machine: id,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The machine no longer exists: retry its build if it had one and forget it.
+    fn gone(&mut self, id: MachineId, reason: &str, now: Ts, out: &mut Vec<FleetAction>) {
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        if let Some(build) = m.build.take() {
+            self.running.remove(&build);
+            out.push(FleetAction::Retry {
+                build,
+                reason: reason.to_string(),
+            });
+        }
+        self.set_state(id, MachineState::Gone, now, out);
+    }
+}
+
+/// Pop the head of a pool's queue, skipping cancelled leftovers.
+fn pop_queued(pool: &mut Pool, queued: &mut HashMap<BuildId, (usize, u64)>) -> Option<BuildId> {
+    while let Some((b, seq)) = pool.queue.pop_front() {
+        if queued.get(&b).map(|&(_, s)| s) == Some(seq) {
+            queued.remove(&b);
+            pool.queued_len -= 1;
+            return Some(b);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1000;
+
+    fn spec(name: &str, max: u32, min_idle: u32, max_builds: u32) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            max_instances: max,
+            min_idle,
+            idle_timeout: Duration::from_secs(600),
+            boot_timeout: Duration::from_secs(300),
+            max_builds,
+        }
+    }
+
+    fn fleet(specs: Vec<PoolSpec>) -> Fleet {
+        Fleet::new(specs, Duration::from_secs(60), 1)
+    }
+
+    fn q(f: &mut Fleet, build: BuildId, now: i64) -> Vec<FleetAction> {
+        f.handle(
+            FleetEvent::BuildQueued {
+                build,
+                pool: "p".into(),
+                front: false,
+            },
+            Ts(now),
+        )
+    }
+
+    fn launched(a: &[FleetAction]) -> Vec<MachineId> {
+        a.iter()
+            .filter_map(|a| match a {
+                FleetAction::Launch { machine, .. } => Some(*machine),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn has_terminate(a: &[FleetAction], m: MachineId) -> bool {
+        a.iter()
+            .any(|a| matches!(a, FleetAction::Terminate { machine, .. } if *machine == m))
+    }
+
+    /// Launch, boot and connect machine `m`, returning the connect actions.
+    fn bring_up(f: &mut Fleet, m: MachineId, now: i64) -> Vec<FleetAction> {
+        f.handle(FleetEvent::LaunchSucceeded { machine: m }, Ts(now));
+        f.handle(FleetEvent::AgentConnected { machine: m }, Ts(now))
+    }
+
+    #[test]
+    fn queued_build_launches_and_assigns() {
+        let mut f = fleet(vec![spec("p", 4, 0, 0)]);
+        let a = q(&mut f, 10, 0);
+        assert_eq!(
+            a,
+            vec![
+                FleetAction::SetState {
+                    machine: 1,
+                    state: MachineState::Requested
+                },
+                FleetAction::Launch {
+                    machine: 1,
+                    pool: "p".into()
+                }
+            ]
+        );
+        assert_eq!(f.machine_state(1), Some(MachineState::Requested));
+        f.handle(FleetEvent::LaunchSucceeded { machine: 1 }, Ts(S));
+        assert_eq!(f.machine_state(1), Some(MachineState::Booting));
+        let a = f.handle(FleetEvent::AgentConnected { machine: 1 }, Ts(2 * S));
+        assert!(a.contains(&FleetAction::Assign {
+            machine: 1,
+            build: 10
+        }));
+        assert_eq!(f.machine_build(1), Some(10));
+        assert_eq!(f.queue_len("p"), 0);
+        // Finished: idle, no new launch.
+        let a = f.handle(
+            FleetEvent::BuildFinished {
+                machine: 1,
+                build: 10,
+            },
+            Ts(3 * S),
+        );
+        assert_eq!(
+            a,
+            vec![FleetAction::SetState {
+                machine: 1,
+                state: MachineState::Idle
+            }]
+        );
+        // Next build goes straight to the idle machine.
+        let a = q(&mut f, 11, 4 * S);
+        assert!(a.contains(&FleetAction::Assign {
+            machine: 1,
+            build: 11
+        }));
+        assert!(launched(&a).is_empty());
+    }
+
+    #[test]
+    fn max_instances_caps_launches() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        let mut l = Vec::new();
+        for b in 0..5 {
+            l.extend(launched(&q(&mut f, b, 0)));
+        }
+        assert_eq!(l, vec![1, 2]);
+        assert_eq!(f.live_machines("p"), 2);
+        assert_eq!(f.queued("p"), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn retry_goes_to_front() {
+        let mut f = fleet(vec![spec("p", 0, 0, 0)]);
+        q(&mut f, 1, 0);
+        q(&mut f, 2, 0);
+        f.handle(
+            FleetEvent::BuildQueued {
+                build: 3,
+                pool: "p".into(),
+                front: true,
+            },
+            Ts(0),
+        );
+        assert_eq!(f.queued("p"), vec![3, 1, 2]);
+        f.handle(FleetEvent::BuildCancelled { build: 1 }, Ts(0));
+        assert_eq!(f.queued("p"), vec![3, 2]);
+        assert_eq!(f.queue_len("p"), 2);
+    }
+
+    #[test]
+    fn duplicate_queue_is_ignored() {
+        let mut f = fleet(vec![spec("p", 4, 0, 0)]);
+        q(&mut f, 1, 0);
+        assert!(q(&mut f, 1, 0).is_empty());
+        assert_eq!(f.queue_len("p"), 1);
+    }
+
+    #[test]
+    fn launch_failure_relaunches() {
+        let mut f = fleet(vec![spec("p", 1, 0, 0)]);
+        q(&mut f, 1, 0);
+        let a = f.handle(
+            FleetEvent::LaunchFailed {
+                machine: 1,
+                reason: "capacity".into(),
+            },
+            Ts(S),
+        );
+        assert!(a.contains(&FleetAction::SetState {
+            machine: 1,
+            state: MachineState::Gone
+        }));
+        assert_eq!(launched(&a), vec![2]);
+        assert_eq!(f.machine_state(1), None);
+    }
+
+    #[test]
+    fn boot_timeout_terminates_and_relaunches() {
+        let mut f = fleet(vec![spec("p", 1, 0, 0)]);
+        q(&mut f, 1, 0);
+        f.handle(FleetEvent::LaunchSucceeded { machine: 1 }, Ts(S));
+        assert_eq!(f.next_deadline(), Some(Ts(300 * S)));
+        assert!(f.handle(FleetEvent::Tick, Ts(299 * S)).is_empty());
+        let a = f.handle(FleetEvent::Tick, Ts(300 * S));
+        assert!(has_terminate(&a, 1));
+        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
+        // Still counted against max_instances until gone.
+        assert!(launched(&a).is_empty());
+        let a = f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(301 * S));
+        assert_eq!(launched(&a), vec![2]);
+    }
+
+    #[test]
+    fn idle_timeout_keeps_min_idle() {
+        let mut f = fleet(vec![spec("p", 3, 1, 0)]);
+        // min_idle launches one machine with no queue.
+        let a = f.handle(FleetEvent::Tick, Ts(0));
+        assert_eq!(launched(&a), vec![1]);
+        q(&mut f, 10, 0);
+        q(&mut f, 11, 0);
+        for m in 1..=3 {
+            bring_up(&mut f, m, 0);
+        }
+        f.handle(
+            FleetEvent::BuildFinished {
+                machine: 1,
+                build: 10,
+            },
+            Ts(10 * S),
+        );
+        f.handle(
+            FleetEvent::BuildFinished {
+                machine: 2,
+                build: 11,
+            },
+            Ts(20 * S),
+        );
+        // Keep heartbeats flowing so only idle timeouts matter.
+        for t in (0..=700).step_by(30) {
+            for m in 1..=3 {
+                f.handle(FleetEvent::Heartbeat { machine: m }, Ts(t * S));
+            }
+        }
+        assert_eq!(f.idle_total(), 3);
+        // Machine 3 became idle at 0 (no build left), 1 at 10s, 2 at 20s.
+        let a = f.handle(FleetEvent::Tick, Ts(600 * S));
+        assert!(has_terminate(&a, 3));
+        assert!(!has_terminate(&a, 1));
+        let a = f.handle(FleetEvent::Tick, Ts(625 * S));
+        assert!(has_terminate(&a, 1));
+        assert!(
+            !has_terminate(&a, 2),
+            "min_idle = 1 keeps the newest idle machine"
+        );
+        assert!(f.handle(FleetEvent::Tick, Ts(700 * S)).is_empty());
+        assert_eq!(f.machine_state(2), Some(MachineState::Idle));
+    }
+
+    #[test]
+    fn ephemeral_machine_runs_one_build() {
+        let mut f = fleet(vec![spec("p", 2, 0, 1)]);
+        q(&mut f, 1, 0);
+        q(&mut f, 2, 0);
+        bring_up(&mut f, 1, 0);
+        bring_up(&mut f, 2, 0);
+        let a = f.handle(
+            FleetEvent::BuildFinished {
+                machine: 1,
+                build: 1,
+            },
+            Ts(S),
+        );
+        assert!(has_terminate(&a, 1));
+        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
+        q(&mut f, 3, 2 * S);
+        assert_eq!(f.queue_len("p"), 1, "the stopping machine takes nothing");
+        let a = f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(3 * S));
+        assert_eq!(launched(&a), vec![3]);
+    }
+
+    #[test]
+    fn heartbeat_loss_retries_build() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        q(&mut f, 7, 0);
+        bring_up(&mut f, 1, 0);
+        f.handle(FleetEvent::Heartbeat { machine: 1 }, Ts(30 * S));
+        assert!(f.handle(FleetEvent::Tick, Ts(60 * S)).is_empty());
+        let a = f.handle(FleetEvent::Tick, Ts(90 * S));
+        assert!(a.contains(&FleetAction::SetState {
+            machine: 1,
+            state: MachineState::Lost
+        }));
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
+        assert!(has_terminate(&a, 1));
+        assert_eq!(f.machine_build(1), None);
+        // The late result is ignored; the retry runs elsewhere.
+        assert!(f
+            .handle(
+                FleetEvent::BuildFinished {
+                    machine: 1,
+                    build: 7
+                },
+                Ts(91 * S)
+            )
+            .is_empty());
+        let a = f.handle(
+            FleetEvent::BuildQueued {
+                build: 8,
+                pool: "p".into(),
+                front: true,
+            },
+            Ts(92 * S),
+        );
+        assert_eq!(launched(&a), vec![2]);
+    }
+
+    #[test]
+    fn disconnect_retries_and_gone_retries() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        q(&mut f, 7, 0);
+        bring_up(&mut f, 1, 0);
+        let a = f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(S));
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
+        q(&mut f, 8, 0);
+        bring_up(&mut f, 2, 0);
+        let a = f.handle(FleetEvent::MachineGone { machine: 2 }, Ts(S));
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, FleetAction::Retry { build: 8, .. })));
+    }
+
+    #[test]
+    fn drain_stops_idle_and_lets_busy_finish() {
+        let mut f = fleet(vec![spec("p", 3, 0, 0)]);
+        q(&mut f, 1, 0);
+        q(&mut f, 2, 0);
+        bring_up(&mut f, 1, 0);
+        bring_up(&mut f, 2, 0);
+        f.handle(
+            FleetEvent::BuildFinished {
+                machine: 2,
+                build: 2,
+            },
+            Ts(S),
+        );
+        let a = f.handle(FleetEvent::Drain, Ts(2 * S));
+        assert!(has_terminate(&a, 2));
+        assert!(!has_terminate(&a, 1));
+        assert!(launched(&q(&mut f, 3, 3 * S)).is_empty());
+        let a = f.handle(
+            FleetEvent::BuildFinished {
+                machine: 1,
+                build: 1,
+            },
+            Ts(4 * S),
+        );
+        assert!(has_terminate(&a, 1));
+        assert!(f.is_draining());
+        let a = f.handle(FleetEvent::Resume, Ts(5 * S));
+        assert_eq!(launched(&a).len(), 1);
+    }
+
+    #[test]
+    fn unknown_ids_are_ignored() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        for e in [
+            FleetEvent::LaunchSucceeded { machine: 99 },
+            FleetEvent::LaunchFailed {
+                machine: 99,
+                reason: String::new(),
+            },
+            FleetEvent::AgentConnected { machine: 99 },
+            FleetEvent::Heartbeat { machine: 99 },
+            FleetEvent::AgentDisconnected { machine: 99 },
+            FleetEvent::BuildFinished {
+                machine: 99,
+                build: 1,
+            },
+            FleetEvent::MachineGone { machine: 99 },
+            FleetEvent::Interrupted { machine: 99 },
+            FleetEvent::BuildCancelled { build: 5 },
+        ] {
+            assert!(f.handle(e, Ts(0)).is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_pool_keeps_build_queued() {
+        let mut f = fleet(vec![]);
+        let a = f.handle(
+            FleetEvent::BuildQueued {
+                build: 1,
+                pool: "nope".into(),
+                front: false,
+            },
+            Ts(0),
+        );
+        assert!(a.is_empty());
+        assert_eq!(f.queue_len("nope"), 1);
+    }
 }

@@ -1,0 +1,578 @@
+//! Property tests for the sans-IO core: random event sequences against a modelled environment.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use paddock::core::fleet::{Fleet, FleetAction, FleetEvent, MachineState, PoolSpec};
+use paddock::core::scheduler::{
+    BuilderRef, ChangeInfo, SchedAction, SchedEvent, SchedulerSpec, Schedulers, SpecKind,
+};
+use paddock::core::{BuildId, MachineId, Ts};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Queue { pool: usize, front: bool },
+    Cancel(usize),
+    LaunchResult { pick: usize, ok: bool },
+    Connect(usize),
+    Heartbeat(usize),
+    Disconnect(usize),
+    Interrupt(usize),
+    Finish(usize),
+    Gone(usize),
+    StaleFinish { machine: i64, build: i64 },
+    Advance(u32),
+    Tick,
+    Drain,
+    Resume,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..3usize, any::<bool>()).prop_map(|(pool, front)| Op::Queue { pool, front }),
+        1 => any::<usize>().prop_map(Op::Cancel),
+        4 => (any::<usize>(), prop::bool::weighted(0.8)).prop_map(|(pick, ok)| Op::LaunchResult { pick, ok }),
+        4 => any::<usize>().prop_map(Op::Connect),
+        3 => any::<usize>().prop_map(Op::Heartbeat),
+        1 => any::<usize>().prop_map(Op::Disconnect),
+        1 => any::<usize>().prop_map(Op::Interrupt),
+        5 => any::<usize>().prop_map(Op::Finish),
+        3 => any::<usize>().prop_map(Op::Gone),
+        1 => (0..40i64, 0..40i64).prop_map(|(machine, build)| Op::StaleFinish { machine, build }),
+        3 => (1..200_000u32).prop_map(Op::Advance),
+        3 => Just(Op::Tick),
+        1 => prop::bool::weighted(0.1).prop_map(|d| if d { Op::Drain } else { Op::Tick }),
+        1 => Just(Op::Resume),
+    ]
+}
+
+fn pool_spec() -> impl Strategy<Value = (u32, u32, u64, u64, u32)> {
+    (0..5u32, 0..3u32, 1..600u64, 1..300u64, 0..3u32)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BuildState {
+    Queued,
+    Running(MachineId),
+    Finished,
+    Retried,
+    Cancelled,
+}
+
+/// The world outside the fleet: what the provisioner and agents would see.
+struct Env {
+    fleet: Fleet,
+    specs: Vec<PoolSpec>,
+    now: i64,
+    next_build: BuildId,
+    builds: BTreeMap<BuildId, (usize, BuildState)>,
+    /// Machine -> (pool, state as reported by SetState).
+    machines: BTreeMap<MachineId, (usize, MachineState)>,
+    machine_build: HashMap<MachineId, BuildId>,
+    ever_launched: BTreeSet<MachineId>,
+    max_id: MachineId,
+    pending_launch: Vec<MachineId>,
+    booted: Vec<MachineId>,
+    connected: Vec<MachineId>,
+    terminating: Vec<MachineId>,
+}
+
+fn pick<T: Copy>(v: &[T], i: usize) -> Option<T> {
+    if v.is_empty() {
+        None
+    } else {
+        Some(v[i % v.len()])
+    }
+}
+
+impl Env {
+    fn new(specs: Vec<PoolSpec>) -> Env {
+        Env {
+            fleet: Fleet::new(specs.clone(), Duration::from_secs(90), 1),
+            specs,
+            now: 0,
+            next_build: 1,
+            builds: BTreeMap::new(),
+            machines: BTreeMap::new(),
+            machine_build: HashMap::new(),
+            ever_launched: BTreeSet::new(),
+            max_id: 0,
+            pending_launch: Vec::new(),
+            booted: Vec::new(),
+            connected: Vec::new(),
+            terminating: Vec::new(),
+        }
+    }
+
+    fn pool_of(&self, name: &str) -> usize {
+        self.specs
+            .iter()
+            .position(|s| s.name == name)
+            .expect("known pool")
+    }
+
+    fn queue(&mut self, pool: usize, front: bool) {
+        let b = self.next_build;
+        self.next_build += 1;
+        self.builds.insert(b, (pool, BuildState::Queued));
+        let name = self.specs[pool].name.clone();
+        self.send(FleetEvent::BuildQueued {
+            build: b,
+            pool: name,
+            front,
+        });
+    }
+
+    fn send(&mut self, e: FleetEvent) {
+        let actions = self.fleet.handle(e, Ts(self.now));
+        let mut retries = Vec::new();
+        for a in actions {
+            match a {
+                FleetAction::SetState { machine, state } => {
+                    if state == MachineState::Requested {
+                        assert!(
+                            !self.ever_launched.contains(&machine),
+                            "machine id {machine} reused"
+                        );
+                        assert!(machine > self.max_id, "ids increase");
+                        self.max_id = machine;
+                        self.ever_launched.insert(machine);
+                        self.machines.insert(machine, (usize::MAX, state));
+                        continue;
+                    }
+                    let entry = self
+                        .machines
+                        .get_mut(&machine)
+                        .expect("SetState for known machine");
+                    if state == MachineState::Busy {
+                        assert_eq!(
+                            entry.1,
+                            MachineState::Idle,
+                            "only idle machines become busy"
+                        );
+                    }
+                    entry.1 = state;
+                    if state == MachineState::Gone {
+                        assert!(
+                            !self.machine_build.contains_key(&machine),
+                            "gone with a build"
+                        );
+                        self.machines.remove(&machine);
+                        self.forget(machine);
+                        self.terminating.retain(|&m| m != machine);
+                    }
+                }
+                FleetAction::Launch { machine, pool } => {
+                    let p = self.pool_of(&pool);
+                    let entry = self
+                        .machines
+                        .get_mut(&machine)
+                        .expect("Launch after Requested");
+                    assert_eq!(entry.1, MachineState::Requested);
+                    entry.0 = p;
+                    self.pending_launch.push(machine);
+                }
+                FleetAction::Assign { machine, build } => {
+                    let (_, st) = self.machines[&machine];
+                    assert_eq!(
+                        st,
+                        MachineState::Busy,
+                        "assign to a non-busy(-from-idle) machine"
+                    );
+                    assert!(
+                        !self.machine_build.contains_key(&machine),
+                        "machine runs two builds"
+                    );
+                    let entry = self.builds.get_mut(&build).expect("assigned build exists");
+                    assert_eq!(entry.1, BuildState::Queued, "build {build} assigned twice");
+                    assert_eq!(entry.0, self.machines[&machine].0, "build runs in its pool");
+                    entry.1 = BuildState::Running(machine);
+                    self.machine_build.insert(machine, build);
+                }
+                FleetAction::Terminate { machine, .. } => {
+                    assert!(self.machines.contains_key(&machine));
+                    self.forget(machine);
+                    if !self.terminating.contains(&machine) {
+                        self.terminating.push(machine);
+                    }
+                }
+                FleetAction::Retry { build, .. } => {
+                    let entry = self.builds.get_mut(&build).expect("retried build exists");
+                    let BuildState::Running(m) = entry.1 else {
+                        panic!("retry of a build that is not running: {:?}", entry.1)
+                    };
+                    entry.1 = BuildState::Retried;
+                    assert_eq!(self.machine_build.remove(&m), Some(build));
+                    retries.push(entry.0);
+                }
+            }
+        }
+        // The shell queues a new attempt at the front for every retry.
+        for pool in retries {
+            self.queue(pool, true);
+        }
+    }
+
+    /// The machine is no longer reachable by the environment's agents/provisioner.
+    fn forget(&mut self, m: MachineId) {
+        self.pending_launch.retain(|&x| x != m);
+        self.booted.retain(|&x| x != m);
+        self.connected.retain(|&x| x != m);
+    }
+
+    fn step(&mut self, op: Op) {
+        match op {
+            Op::Queue { pool, front } => {
+                let pool = pool % self.specs.len();
+                self.queue(pool, front)
+            }
+            Op::Cancel(i) => {
+                let queued: Vec<BuildId> = self
+                    .builds
+                    .iter()
+                    .filter(|(_, (_, s))| *s == BuildState::Queued)
+                    .map(|(&b, _)| b)
+                    .collect();
+                if let Some(b) = pick(&queued, i) {
+                    self.builds.get_mut(&b).unwrap().1 = BuildState::Cancelled;
+                    self.send(FleetEvent::BuildCancelled { build: b });
+                }
+            }
+            Op::LaunchResult { pick: i, ok } => {
+                if let Some(m) = pick(&self.pending_launch, i) {
+                    self.pending_launch.retain(|&x| x != m);
+                    if ok {
+                        self.booted.push(m);
+                        self.send(FleetEvent::LaunchSucceeded { machine: m });
+                    } else {
+                        self.send(FleetEvent::LaunchFailed {
+                            machine: m,
+                            reason: "capacity".into(),
+                        });
+                    }
+                }
+            }
+            Op::Connect(i) => {
+                if let Some(m) = pick(&self.booted, i) {
+                    self.booted.retain(|&x| x != m);
+                    self.connected.push(m);
+                    self.send(FleetEvent::AgentConnected { machine: m });
+                }
+            }
+            Op::Heartbeat(i) => {
+                if let Some(m) = pick(&self.connected, i) {
+                    self.send(FleetEvent::Heartbeat { machine: m });
+                }
+            }
+            Op::Disconnect(i) => {
+                if let Some(m) = pick(&self.connected, i) {
+                    self.connected.retain(|&x| x != m);
+                    self.send(FleetEvent::AgentDisconnected { machine: m });
+                }
+            }
+            Op::Interrupt(i) => {
+                let all: Vec<MachineId> = self.machines.keys().copied().collect();
+                if let Some(m) = pick(&all, i) {
+                    self.send(FleetEvent::Interrupted { machine: m });
+                }
+            }
+            Op::Finish(i) => {
+                let mut running: Vec<(MachineId, BuildId)> =
+                    self.machine_build.iter().map(|(&m, &b)| (m, b)).collect();
+                running.sort_unstable();
+                if let Some((m, b)) = pick(&running, i) {
+                    if self.connected.contains(&m) {
+                        self.builds.get_mut(&b).unwrap().1 = BuildState::Finished;
+                        self.machine_build.remove(&m);
+                        self.send(FleetEvent::BuildFinished {
+                            machine: m,
+                            build: b,
+                        });
+                    }
+                }
+            }
+            Op::Gone(i) => {
+                // Usually a confirmed terminate; sometimes a machine vanishing on its own.
+                let all: Vec<MachineId> = self.machines.keys().copied().collect();
+                let m = if i % 4 == 0 {
+                    pick(&all, i / 4)
+                } else {
+                    pick(&self.terminating, i)
+                };
+                if let Some(m) = m {
+                    self.send(FleetEvent::MachineGone { machine: m });
+                }
+            }
+            Op::StaleFinish { machine, build } => {
+                // Only reports that cannot be the real, current assignment.
+                if self.machine_build.get(&machine) != Some(&build) {
+                    self.send(FleetEvent::BuildFinished { machine, build });
+                }
+            }
+            Op::Advance(ms) => {
+                self.now += ms as i64;
+                self.send(FleetEvent::Tick);
+            }
+            Op::Tick => self.send(FleetEvent::Tick),
+            Op::Drain => self.send(FleetEvent::Drain),
+            Op::Resume => self.send(FleetEvent::Resume),
+        }
+        self.check();
+    }
+
+    fn check(&self) {
+        for (p, spec) in self.specs.iter().enumerate() {
+            let live = self
+                .machines
+                .values()
+                .filter(|(mp, s)| *mp == p && *s != MachineState::Gone)
+                .count();
+            assert!(
+                live <= spec.max_instances as usize,
+                "pool {p}: {live} > max"
+            );
+            assert_eq!(self.fleet.live_machines(&spec.name), live);
+            let queued: Vec<BuildId> = self
+                .builds
+                .iter()
+                .filter(|(_, (bp, s))| *bp == p && *s == BuildState::Queued)
+                .map(|(&b, _)| b)
+                .collect();
+            let mut fq = self.fleet.queued(&spec.name);
+            assert_eq!(fq.len(), self.fleet.queue_len(&spec.name));
+            fq.sort_unstable();
+            assert_eq!(fq, queued, "pool {p} queue");
+        }
+        for (&b, &(_, s)) in &self.builds {
+            if let BuildState::Running(m) = s {
+                assert_eq!(
+                    self.fleet.machine_build(m),
+                    Some(b),
+                    "build {b} on machine {m}"
+                );
+                assert_eq!(self.machine_build.get(&m), Some(&b));
+            }
+        }
+        for (&m, &(_, s)) in &self.machines {
+            assert_eq!(self.fleet.machine_state(m), Some(s), "machine {m}");
+        }
+    }
+
+    /// A well-behaved world: everything launches, connects, finishes and stops.
+    fn settle(&mut self) {
+        self.send(FleetEvent::Resume);
+        for round in 0..400 {
+            // The world reacts instantly; time only moves every few rounds, so short boot
+            // timeouts do not starve the pool.
+            if round % 4 == 3 {
+                self.now += 1000;
+            }
+            while let Some(m) = self.pending_launch.pop() {
+                self.booted.push(m);
+                self.send(FleetEvent::LaunchSucceeded { machine: m });
+            }
+            while let Some(m) = self.booted.pop() {
+                self.connected.push(m);
+                self.send(FleetEvent::AgentConnected { machine: m });
+            }
+            let mut running: Vec<(MachineId, BuildId)> =
+                self.machine_build.iter().map(|(&m, &b)| (m, b)).collect();
+            running.sort_unstable();
+            for (m, b) in running {
+                self.builds.get_mut(&b).unwrap().1 = BuildState::Finished;
+                self.machine_build.remove(&m);
+                self.send(FleetEvent::BuildFinished {
+                    machine: m,
+                    build: b,
+                });
+            }
+            while let Some(m) = self.terminating.pop() {
+                self.send(FleetEvent::MachineGone { machine: m });
+            }
+            for m in self.connected.clone() {
+                self.send(FleetEvent::Heartbeat { machine: m });
+            }
+            self.send(FleetEvent::Tick);
+            self.check();
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fleet_invariants(
+        pools in prop::collection::vec(pool_spec(), 1..=3),
+        ops in prop::collection::vec(op(), 0..300),
+    ) {
+        let specs: Vec<PoolSpec> = pools
+            .iter()
+            .enumerate()
+            .map(|(i, &(max, min_idle, idle, boot, max_builds))| PoolSpec {
+                name: format!("pool{i}"),
+                max_instances: max,
+                min_idle,
+                idle_timeout: Duration::from_secs(idle),
+                boot_timeout: Duration::from_secs(boot),
+                max_builds,
+            })
+            .collect();
+        let mut env = Env::new(specs.clone());
+        for o in ops {
+            env.step(o);
+        }
+        // Liveness: in a well-behaved world every pool with capacity drains its queue.
+        env.settle();
+        for (p, spec) in specs.iter().enumerate() {
+            if spec.max_instances > 0 {
+                prop_assert_eq!(env.fleet.queue_len(&spec.name), 0, "pool {} stuck", p);
+            }
+        }
+        for (&b, &(p, s)) in &env.builds {
+            if specs[p].max_instances > 0 {
+                prop_assert!(
+                    matches!(s, BuildState::Finished | BuildState::Retried | BuildState::Cancelled),
+                    "build {} left {:?}", b, s
+                );
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum SOp {
+    Change {
+        repo: usize,
+        branch: usize,
+        files: Vec<usize>,
+    },
+    Head {
+        branch: usize,
+    },
+    Advance(u32),
+    Tick,
+}
+
+fn sop() -> impl Strategy<Value = SOp> {
+    prop_oneof![
+        5 => (0..2usize, 0..3usize, prop::collection::vec(0..4usize, 0..3))
+            .prop_map(|(repo, branch, files)| SOp::Change { repo, branch, files }),
+        1 => (0..3usize).prop_map(|branch| SOp::Head { branch }),
+        3 => (1..40_000u32).prop_map(SOp::Advance),
+        2 => Just(SOp::Tick),
+    ]
+}
+
+const BRANCHES: [&str; 3] = ["main", "stable/1", "feature"];
+const FILES: [&str; 4] = ["docs/a.rst", "docs/b.rst", "src/lib.rs", "README"];
+
+fn sched_specs() -> Vec<SchedulerSpec> {
+    let builders = vec![
+        BuilderRef {
+            name: "py".into(),
+            branches: vec![],
+        },
+        BuilderRef {
+            name: "main-only".into(),
+            branches: vec!["main".into()],
+        },
+    ];
+    let branch = |name: &str, tree: Option<u64>, files: &[&str], ignore: &[&str]| SchedulerSpec {
+        name: name.into(),
+        repo: "r0".into(),
+        branches: vec![],
+        builders: builders.clone(),
+        kind: SpecKind::Branch {
+            tree_stable: tree.map(Duration::from_secs),
+            files: files.iter().map(|s| s.to_string()).collect(),
+            ignore: ignore.iter().map(|s| s.to_string()).collect(),
+        },
+    };
+    vec![
+        branch("stable", Some(15), &[], &["docs/**"]),
+        branch("slow", Some(60), &[], &[]),
+        branch("docs", None, &["docs/**"], &[]),
+        SchedulerSpec {
+            name: "nightly".into(),
+            repo: "r0".into(),
+            branches: vec!["main".into(), "stable/*".into()],
+            builders,
+            kind: SpecKind::Nightly {
+                cron: "*/5 * * * *".into(),
+                only_if_changed: true,
+            },
+        },
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn changes_never_lost(ops in prop::collection::vec(sop(), 0..200)) {
+        let mut s = Schedulers::new(sched_specs(), Ts(0)).unwrap();
+        let mut now = 0i64;
+        let mut next_id = 1;
+        let mut sent = BTreeSet::new();
+        let mut done: BTreeMap<i64, u32> = BTreeMap::new();
+        let record = |acts: Vec<SchedAction>, done: &mut BTreeMap<i64, u32>| {
+            for a in acts {
+                match a {
+                    SchedAction::ChangesDone(ids) => {
+                        for id in ids {
+                            *done.entry(id).or_default() += 1;
+                        }
+                    }
+                    SchedAction::Request(r) => {
+                        assert!(!r.builders.is_empty());
+                        if r.branch != "main" {
+                            assert!(!r.builders.iter().any(|b| b == "main-only"));
+                        }
+                    }
+                    SchedAction::NightlyState { .. } => {}
+                }
+            }
+        };
+        for o in ops {
+            let acts = match o {
+                SOp::Change { repo, branch, files } => {
+                    let id = next_id;
+                    next_id += 1;
+                    sent.insert(id);
+                    s.handle(
+                        SchedEvent::Change(ChangeInfo {
+                            id,
+                            repo: format!("r{repo}"),
+                            branch: BRANCHES[branch].into(),
+                            revision: format!("rev{id}"),
+                            files: files.iter().map(|&f| FILES[f].to_string()).collect(),
+                        }),
+                        Ts(now),
+                    )
+                }
+                SOp::Head { branch } => s.handle(
+                    SchedEvent::Head { repo: "r0".into(), branch: BRANCHES[branch].into(), revision: "h".into() },
+                    Ts(now),
+                ),
+                SOp::Advance(ms) => {
+                    now += ms as i64;
+                    s.handle(SchedEvent::Tick, Ts(now))
+                }
+                SOp::Tick => s.handle(SchedEvent::Tick, Ts(now)),
+            };
+            record(acts, &mut done);
+            if let Some(w) = s.next_wakeup() {
+                prop_assert!(w.0 > now, "next_wakeup {} not after now {}", w.0, now);
+            }
+        }
+        now += 3_600_000;
+        let acts = s.handle(SchedEvent::Tick, Ts(now));
+        record(acts, &mut done);
+        prop_assert_eq!(s.pending_changes(), 0);
+        let done_ids: BTreeSet<i64> = done.keys().copied().collect();
+        prop_assert_eq!(&done_ids, &sent);
+        prop_assert!(done.values().all(|&n| n == 1), "a change reported done twice");
+    }
+}
