@@ -52,11 +52,7 @@ impl Rng {
 fn vm_hwm() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM"))
-                .map(|l| l.to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l.to_string()))
         .unwrap_or_else(|| "VmHWM: n/a".into())
 }
 
@@ -72,9 +68,7 @@ fn main() {
             max_builds: if i % 2 == 0 { 1 } else { 0 },
         })
         .collect();
-    let builder_pool: Vec<String> = (0..BUILDERS)
-        .map(|b| format!("pool{}", b % POOLS))
-        .collect();
+    let builder_pool: Vec<String> = (0..BUILDERS).map(|b| format!("pool{}", b % POOLS)).collect();
     let mut fleet = Fleet::new(specs, Duration::from_secs(120), 1);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
 
@@ -96,16 +90,7 @@ fn main() {
         let builder = (rng.next() as usize) % BUILDERS;
         let t = (rng.next() % 3_600_000) as i64;
         let pool = builder_pool[builder].clone();
-        at(
-            &mut agenda,
-            &mut pending,
-            t,
-            FleetEvent::BuildQueued {
-                build: b,
-                pool,
-                front: false,
-            },
-        );
+        at(&mut agenda, &mut pending, t, FleetEvent::BuildQueued { build: b, pool, front: false });
     }
 
     let start = Instant::now();
@@ -152,36 +137,16 @@ fn main() {
             match a {
                 FleetAction::Launch { machine, .. } => {
                     let boot = 20_000 + (rng.next() % 40_000) as i64;
-                    at(
-                        &mut agenda,
-                        &mut pending,
-                        now + 2_000,
-                        FleetEvent::LaunchSucceeded { machine },
-                    );
-                    at(
-                        &mut agenda,
-                        &mut pending,
-                        now + boot,
-                        FleetEvent::AgentConnected { machine },
-                    );
+                    at(&mut agenda, &mut pending, now + 2_000, FleetEvent::LaunchSucceeded { machine });
+                    at(&mut agenda, &mut pending, now + boot, FleetEvent::AgentConnected { machine });
                 }
                 FleetAction::Assign { machine, build } => {
                     let dur = 60_000 + (rng.next() % 540_000) as i64;
-                    at(
-                        &mut agenda,
-                        &mut pending,
-                        now + dur,
-                        FleetEvent::BuildFinished { machine, build },
-                    );
+                    at(&mut agenda, &mut pending, now + dur, FleetEvent::BuildFinished { machine, build });
                 }
                 FleetAction::Terminate { machine, .. } => {
                     alive.remove(&machine);
-                    at(
-                        &mut agenda,
-                        &mut pending,
-                        now + 5_000,
-                        FleetEvent::MachineGone { machine },
-                    );
+                    at(&mut agenda, &mut pending, now + 5_000, FleetEvent::MachineGone { machine });
                 }
                 FleetAction::Retry { build, .. } => {
                     // Not expected in this well-behaved world, but keep the count honest.
@@ -191,9 +156,7 @@ fn main() {
                 FleetAction::SetState { .. } => {}
             }
         }
-        let live: usize = (0..POOLS)
-            .map(|i| fleet.live_machines(&format!("pool{i}")))
-            .sum();
+        let live: usize = (0..POOLS).map(|i| fleet.live_machines(&format!("pool{i}"))).sum();
         peak_machines = peak_machines.max(live);
     }
     let elapsed = start.elapsed();
@@ -203,9 +166,6 @@ fn main() {
     println!("total events: {events}");
     println!("elapsed: {:.3} s", elapsed.as_secs_f64());
     println!("events/s: {:.0}", events as f64 / elapsed.as_secs_f64());
-    println!(
-        "peak heap (counting allocator): {:.2} MB",
-        PEAK.load(Ordering::Relaxed) as f64 / 1_048_576.0
-    );
+    println!("peak heap (counting allocator): {:.2} MB", PEAK.load(Ordering::Relaxed) as f64 / 1_048_576.0);
     println!("{}", vm_hwm());
 }

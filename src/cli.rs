@@ -153,7 +153,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Log { master, build } => {
             let url = format!("{}/api/builds/{build}/log", master.master.trim_end_matches('/'));
-            let resp = reqwest::get(&url).await.with_context(|| format!("cannot reach the master at {}", master.master))?;
+            let resp =
+                reqwest::get(&url).await.with_context(|| format!("cannot reach the master at {}", master.master))?;
             let status = resp.status();
             let text = resp.text().await?;
             if !status.is_success() {
@@ -177,7 +178,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             let value: serde_json::Value = serde_json::from_str(&text)?;
             for b in value["builds"].as_array().into_iter().flatten() {
-                println!("queued build {} ({} on {} at {})", b["id"], b["builder"].as_str().unwrap_or(""), b["branch"].as_str().unwrap_or(""), b["revision"].as_str().unwrap_or(""));
+                println!(
+                    "queued build {} ({} on {} at {})",
+                    b["id"],
+                    b["builder"].as_str().unwrap_or(""),
+                    b["branch"].as_str().unwrap_or(""),
+                    b["revision"].as_str().unwrap_or("")
+                );
             }
         }
         Command::Agent { master, token, workdir } => {

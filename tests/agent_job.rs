@@ -26,11 +26,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
         .current_dir(dir)
         .output()
         .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -58,23 +54,11 @@ fn make_repo() -> Repo {
     git(&path, &["checkout", "-q", "-b", "feature"]);
     let rev2 = commit_file(&path, "b.txt", "hello from b\n", "second");
     git(&path, &["checkout", "-q", "main"]);
-    Repo {
-        _dir: dir,
-        path,
-        rev1,
-        rev2,
-    }
+    Repo { _dir: dir, path, rev1, rev2 }
 }
 
 fn step(name: &str, run: &str) -> JobStep {
-    JobStep {
-        name: name.into(),
-        run: run.into(),
-        env: BTreeMap::new(),
-        workdir: None,
-        timeout_secs: 60,
-        always: false,
-    }
+    JobStep { name: name.into(), run: run.into(), env: BTreeMap::new(), workdir: None, timeout_secs: 60, always: false }
 }
 
 fn job(build: i64, repo: &Repo, revision: &str, steps: Vec<JobStep>) -> BuildJob {
@@ -128,12 +112,7 @@ fn finished(msgs: &[AgentMsg], step: usize) -> (StepResult, Option<i32>) {
     let found: Vec<_> = msgs
         .iter()
         .filter_map(|m| match m {
-            AgentMsg::StepFinished {
-                step: s,
-                result,
-                exit_code,
-                ..
-            } if *s == step => Some((*result, *exit_code)),
+            AgentMsg::StepFinished { step: s, result, exit_code, .. } if *s == step => Some((*result, *exit_code)),
             _ => None,
         })
         .collect();
@@ -142,18 +121,14 @@ fn finished(msgs: &[AgentMsg], step: usize) -> (StepResult, Option<i32>) {
 }
 
 fn started(msgs: &[AgentMsg], step: usize) -> bool {
-    msgs.iter()
-        .any(|m| matches!(m, AgentMsg::StepStarted { step: s, .. } if *s == step))
+    msgs.iter().any(|m| matches!(m, AgentMsg::StepStarted { step: s, .. } if *s == step))
 }
 
 /// Whether a process is gone (or only a zombie nobody reaped yet).
 fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
     }
 }
 
@@ -161,26 +136,20 @@ fn process_gone(pid: i32) -> bool {
 async fn passing_steps_at_exact_revision() {
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
-    let mut env_step = step("env", "echo \"$PADDOCK_BUILD $PADDOCK_BUILDER $PADDOCK_BRANCH $PADDOCK_REVISION $JOB_VAR $STEP_VAR\"");
+    let mut env_step =
+        step("env", "echo \"$PADDOCK_BUILD $PADDOCK_BUILDER $PADDOCK_BRANCH $PADDOCK_REVISION $JOB_VAR $STEP_VAR\"");
     env_step.env.insert("STEP_VAR".into(), "from-step".into());
     let mut j = job(
         7,
         &repo,
         &repo.rev2,
-        vec![
-            step("rev", "git rev-parse HEAD"),
-            step("files", "cat a.txt b.txt; echo to-stderr >&2"),
-            env_step,
-        ],
+        vec![step("rev", "git rev-parse HEAD"), step("files", "cat a.txt b.txt; echo to-stderr >&2"), env_step],
     );
     j.env.insert("JOB_VAR".into(), "from-job".into());
     let (result, msgs) = run(&j, work.path()).await;
 
     assert_eq!(result, BuildResult::Success, "{msgs:?}");
-    assert!(matches!(
-        msgs.first(),
-        Some(AgentMsg::StepStarted { build: 7, step: 0 })
-    ));
+    assert!(matches!(msgs.first(), Some(AgentMsg::StepStarted { build: 7, step: 0 })));
     for i in 0..=3 {
         assert!(started(&msgs, i));
         assert_eq!(finished(&msgs, i).0, StepResult::Success);
@@ -192,15 +161,10 @@ async fn passing_steps_at_exact_revision() {
     let files = log(&msgs, 2);
     assert!(files.contains("hello from a\nhello from b\n"), "{files}");
     assert!(files.contains("to-stderr\n"));
-    assert!(log(&msgs, 3).contains(&format!(
-        "7 py3.12/sqlite main {} from-job from-step\n",
-        repo.rev2
-    )));
+    assert!(log(&msgs, 3).contains(&format!("7 py3.12/sqlite main {} from-job from-step\n", repo.rev2)));
     assert!(work.path().join("src/py3.12_sqlite/.git").is_dir());
     // Nothing arrives for a step after it finished.
-    let last_finish = msgs
-        .iter()
-        .rposition(|m| matches!(m, AgentMsg::StepFinished { step: 3, .. }));
+    let last_finish = msgs.iter().rposition(|m| matches!(m, AgentMsg::StepFinished { step: 3, .. }));
     assert_eq!(last_finish, Some(msgs.len() - 1));
 }
 
@@ -214,11 +178,7 @@ async fn failure_skips_later_steps_but_runs_always() {
         1,
         &repo,
         &repo.rev1,
-        vec![
-            step("fail", "echo before; exit 3"),
-            step("never", "echo should-not-run"),
-            cleanup,
-        ],
+        vec![step("fail", "echo before; exit 3"), step("never", "echo should-not-run"), cleanup],
     );
     let (result, msgs) = run(&j, work.path()).await;
 
@@ -236,17 +196,9 @@ async fn failure_skips_later_steps_but_runs_always() {
 async fn timeout_kills_the_process_group() {
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
-    let mut slow = step(
-        "slow",
-        "sleep 30 & echo bg=$!; echo fg=$$; sleep 30; echo not-reached",
-    );
+    let mut slow = step("slow", "sleep 30 & echo bg=$!; echo fg=$$; sleep 30; echo not-reached");
     slow.timeout_secs = 1;
-    let j = job(
-        1,
-        &repo,
-        &repo.rev1,
-        vec![slow, step("after", "echo after")],
-    );
+    let j = job(1, &repo, &repo.rev1, vec![slow, step("after", "echo after")]);
     let t0 = Instant::now();
     let (result, msgs) = run(&j, work.path()).await;
 
@@ -278,8 +230,7 @@ async fn secrets_never_reach_the_log() {
         "secret",
         "echo whole={secret:API}; printf 'abc'; sleep 0.2; printf 'def\\n'; printf 'ab' >&2; sleep 0.2; printf 'cdef!\\n' >&2; echo \"env=$WITH_SECRET\"",
     );
-    s.env
-        .insert("WITH_SECRET".into(), "x-{secret:API}-y".into());
+    s.env.insert("WITH_SECRET".into(), "x-{secret:API}-y".into());
     let mut j = job(1, &repo, &repo.rev1, vec![s]);
     j.secrets.insert("API".into(), "abcdef".into());
     let (result, msgs) = run(&j, work.path()).await;
@@ -303,12 +254,7 @@ async fn secrets_never_reach_the_log() {
 async fn unknown_secret_is_an_exception() {
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
-    let j = job(
-        1,
-        &repo,
-        &repo.rev1,
-        vec![step("bad", "echo {secret:MISSING}"), step("next", "true")],
-    );
+    let j = job(1, &repo, &repo.rev1, vec![step("bad", "echo {secret:MISSING}"), step("next", "true")]);
     let (result, msgs) = run(&j, work.path()).await;
     assert_eq!(result, BuildResult::Exception);
     assert_eq!(finished(&msgs, 1).0, StepResult::Exception);
@@ -320,35 +266,16 @@ async fn unknown_secret_is_an_exception() {
 async fn source_dir_is_reused_across_builds() {
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
-    let first = job(
-        1,
-        &repo,
-        &repo.rev1,
-        vec![step(
-            "dirty",
-            "git rev-parse HEAD; touch junk; mkdir -p out && touch out/x",
-        )],
-    );
+    let first =
+        job(1, &repo, &repo.rev1, vec![step("dirty", "git rev-parse HEAD; touch junk; mkdir -p out && touch out/x")]);
     let (result, msgs) = run(&first, work.path()).await;
     assert_eq!(result, BuildResult::Success, "{msgs:?}");
     assert!(log(&msgs, 0).contains("clone --no-checkout"));
 
-    let second = job(
-        2,
-        &repo,
-        &repo.rev2,
-        vec![step(
-            "check",
-            "git rev-parse HEAD; ls; test ! -e junk && test ! -e out",
-        )],
-    );
+    let second =
+        job(2, &repo, &repo.rev2, vec![step("check", "git rev-parse HEAD; ls; test ! -e junk && test ! -e out")]);
     let (result, msgs) = run(&second, work.path()).await;
-    assert_eq!(
-        result,
-        BuildResult::Success,
-        "{}",
-        log(&msgs, 0) + &log(&msgs, 1)
-    );
+    assert_eq!(result, BuildResult::Success, "{}", log(&msgs, 0) + &log(&msgs, 1));
     let checkout = log(&msgs, 0);
     assert!(checkout.contains("reusing"), "{checkout}");
     assert!(!checkout.contains("clone --no-checkout"), "{checkout}");
@@ -358,12 +285,7 @@ async fn source_dir_is_reused_across_builds() {
 
     // A commit made after the clone is fetched.
     let rev3 = commit_file(&repo.path, "c.txt", "third\n", "third");
-    let third = job(
-        3,
-        &repo,
-        &rev3,
-        vec![step("check", "git rev-parse HEAD; cat c.txt")],
-    );
+    let third = job(3, &repo, &rev3, vec![step("check", "git rev-parse HEAD; cat c.txt")]);
     let (result, msgs) = run(&third, work.path()).await;
     assert_eq!(result, BuildResult::Success, "{}", log(&msgs, 0));
     assert!(log(&msgs, 1).contains(&format!("{rev3}\nthird\n")));
@@ -375,12 +297,7 @@ async fn bad_revision_is_a_checkout_exception() {
     let work = tempfile::tempdir().expect("tempdir");
     let mut always = step("always", "echo x");
     always.always = true;
-    let j = job(
-        1,
-        &repo,
-        "0123456789abcdef0123456789abcdef01234567",
-        vec![step("s", "true"), always],
-    );
+    let j = job(1, &repo, "0123456789abcdef0123456789abcdef01234567", vec![step("s", "true"), always]);
     let (result, msgs) = run(&j, work.path()).await;
     assert_eq!(result, BuildResult::Exception);
     assert_eq!(finished(&msgs, 0).0, StepResult::Exception);
@@ -392,12 +309,7 @@ async fn bad_revision_is_a_checkout_exception() {
 async fn cancel_stops_the_running_step() {
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
-    let j = job(
-        1,
-        &repo,
-        &repo.rev1,
-        vec![step("slow", "echo started; sleep 30"), step("next", "true")],
-    );
+    let j = job(1, &repo, &repo.rev1, vec![step("slow", "echo started; sleep 30"), step("next", "true")]);
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let canceller = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -451,9 +363,7 @@ mod client {
     async fn recv(ws: &mut Ws) -> Option<AgentMsg> {
         loop {
             match ws.next().await? {
-                Ok(Message::Text(t)) => {
-                    return Some(serde_json::from_str(t.as_str()).expect("agent json"))
-                }
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("agent json")),
                 Ok(Message::Close(_)) | Err(_) => return None,
                 Ok(_) => {}
             }
@@ -488,31 +398,14 @@ mod client {
         let repo = make_repo();
         let work = tempfile::tempdir().expect("tempdir");
         // Reserve a port, then start listening only after the agent has begun retrying.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
         let agent = tokio::spawn(run_agent(options(port, work.path())));
         tokio::time::sleep(Duration::from_millis(700)).await;
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         let mut ws = accept(&listener).await;
         hello(&mut ws).await;
-        send(
-            &mut ws,
-            &MasterMsg::Welcome {
-                machine: 5,
-                heartbeat_secs: 1,
-            },
-        )
-        .await;
-        let j = job(
-            42,
-            &repo,
-            &repo.rev1,
-            vec![step("slowish", "git rev-parse HEAD; sleep 1.5")],
-        );
+        send(&mut ws, &MasterMsg::Welcome { machine: 5, heartbeat_secs: 1 }).await;
+        let j = job(42, &repo, &repo.rev1, vec![step("slowish", "git rev-parse HEAD; sleep 1.5")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut msgs = Vec::new();
         loop {
@@ -523,20 +416,11 @@ mod client {
                 break;
             }
         }
-        assert_eq!(
-            msgs.last(),
-            Some(&AgentMsg::BuildFinished {
-                build: 42,
-                result: BuildResult::Success
-            })
-        );
+        assert_eq!(msgs.last(), Some(&AgentMsg::BuildFinished { build: 42, result: BuildResult::Success }));
         assert!(msgs.contains(&AgentMsg::Heartbeat), "{msgs:?}");
         assert!(log(&msgs, 1).contains(&repo.rev1));
         send(&mut ws, &MasterMsg::Shutdown).await;
-        let r = tokio::time::timeout(Duration::from_secs(10), agent)
-            .await
-            .expect("agent exits")
-            .expect("join");
+        let r = tokio::time::timeout(Duration::from_secs(10), agent).await.expect("agent exits").expect("join");
         assert!(r.is_ok(), "{r:?}");
     }
 
@@ -548,18 +432,9 @@ mod client {
         let agent = tokio::spawn(run_agent(options(port, work.path())));
         let mut ws = accept(&listener).await;
         hello(&mut ws).await;
-        send(
-            &mut ws,
-            &MasterMsg::Refused {
-                reason: "unknown token".into(),
-            },
-        )
-        .await;
+        send(&mut ws, &MasterMsg::Refused { reason: "unknown token".into() }).await;
         let r = agent.await.expect("join");
-        assert!(
-            matches!(&r, Err(AgentError::Refused(reason)) if reason == "unknown token"),
-            "{r:?}"
-        );
+        assert!(matches!(&r, Err(AgentError::Refused(reason)) if reason == "unknown token"), "{r:?}");
     }
 
     #[tokio::test]
@@ -571,42 +446,20 @@ mod client {
         let agent = tokio::spawn(run_agent(options(port, work.path())));
         let mut ws = accept(&listener).await;
         hello(&mut ws).await;
-        send(
-            &mut ws,
-            &MasterMsg::Welcome {
-                machine: 1,
-                heartbeat_secs: 30,
-            },
-        )
-        .await;
-        let j = job(
-            1,
-            &repo,
-            &repo.rev1,
-            vec![step("forever", "echo pid=$$; exec sleep 60")],
-        );
+        send(&mut ws, &MasterMsg::Welcome { machine: 1, heartbeat_secs: 30 }).await;
+        let j = job(1, &repo, &repo.rev1, vec![step("forever", "echo pid=$$; exec sleep 60")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut text = String::new();
         let pid: i32 = loop {
-            if let AgentMsg::Log {
-                step: 1, text: t, ..
-            } = recv(&mut ws).await.expect("agent hung up")
-            {
+            if let AgentMsg::Log { step: 1, text: t, .. } = recv(&mut ws).await.expect("agent hung up") {
                 text.push_str(&t);
             }
-            if let Some(pid) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("pid="))
-                .and_then(|p| p.trim().parse().ok())
-            {
+            if let Some(pid) = text.lines().find_map(|l| l.strip_prefix("pid=")).and_then(|p| p.trim().parse().ok()) {
                 break pid;
             }
         };
         drop(ws);
-        let r = tokio::time::timeout(Duration::from_secs(10), agent)
-            .await
-            .expect("agent exits")
-            .expect("join");
+        let r = tokio::time::timeout(Duration::from_secs(10), agent).await.expect("agent exits").expect("join");
         assert!(r.is_ok(), "{r:?}");
         assert!(process_gone(pid), "step process {pid} survived the agent");
     }

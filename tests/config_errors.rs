@@ -33,34 +33,16 @@ fn assert_err(text: &str, line: usize, column: usize, needle: &str) -> ConfigErr
         Ok(_) => panic!("expected an error containing {needle:?}, config parsed fine:\n{text}"),
         Err(e) => e,
     };
-    assert!(
-        e.message.contains(needle),
-        "message {:?} does not contain {needle:?}",
-        e.message
-    );
-    assert_eq!(
-        (e.line, e.column),
-        (line, column),
-        "wrong position for: {e}\n--- config ---\n{text}"
-    );
+    assert!(e.message.contains(needle), "message {:?} does not contain {needle:?}", e.message);
+    assert_eq!((e.line, e.column), (line, column), "wrong position for: {e}\n--- config ---\n{text}");
     let shown = e.to_string();
-    assert!(
-        shown.starts_with(&format!(
-            "/etc/paddock/paddock.toml:{line}:{column}: error: "
-        )),
-        "{shown}"
-    );
+    assert!(shown.starts_with(&format!("/etc/paddock/paddock.toml:{line}:{column}: error: ")), "{shown}");
     e
 }
 
 #[test]
 fn syntax_error() {
-    let e = assert_err(
-        "[master]\nurl = \"http://x:1\nlisten = 3\n",
-        2,
-        18,
-        "invalid TOML",
-    );
+    let e = assert_err("[master]\nurl = \"http://x:1\nlisten = 3\n", 2, 18, "invalid TOML");
     assert!(e.hint.is_some());
 }
 
@@ -74,10 +56,7 @@ fn unknown_top_level_key_suggests_section() {
 fn unknown_key_in_pool_points_at_key() {
     let text = format!("{BASE}instance_types = [\"t3.small\"]\n");
     let e = assert_err(&text, 7, 1, "unknown key `instance_types` in [pool.small]");
-    assert!(e
-        .hint
-        .unwrap()
-        .contains("valid keys: provisioner, max_instances"));
+    assert!(e.hint.unwrap().contains("valid keys: provisioner, max_instances"));
 }
 
 #[test]
@@ -91,35 +70,28 @@ fn unknown_key_in_inline_step_points_at_key() {
 
 #[test]
 fn unknown_pool() {
-    let text = format!(
-        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"big\"\nsteps = [\"make\"]\n"
-    );
+    let text = format!("{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"big\"\nsteps = [\"make\"]\n");
     let e = assert_err(&text, 10, 8, "unknown pool `big`");
     assert!(e.hint.unwrap().contains("defined pools: small"));
 }
 
 #[test]
 fn unknown_repo_in_builder() {
-    let text = format!(
-        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"ap\"\npool = \"small\"\nsteps = [\"make\"]\n"
-    );
+    let text = format!("{BASE}[[builder]]\nname = \"unit\"\nrepo = \"ap\"\npool = \"small\"\nsteps = [\"make\"]\n");
     let e = assert_err(&text, 9, 8, "unknown repo `ap`");
     assert!(e.hint.unwrap().contains("did you mean `app`?"));
 }
 
 #[test]
 fn unknown_repo_in_scheduler() {
-    let text = format!(
-        "{BASE}{BUILDER}[[scheduler]]\nkind = \"branch\"\nrepo = \"other\"\nbuilders = [\"unit\"]\n"
-    );
+    let text = format!("{BASE}{BUILDER}[[scheduler]]\nkind = \"branch\"\nrepo = \"other\"\nbuilders = [\"unit\"]\n");
     assert_err(&text, 14, 8, "unknown repo `other`");
 }
 
 #[test]
 fn scheduler_pattern_matching_nothing() {
-    let text = format!(
-        "{BASE}{BUILDER}[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"unit\", \"py*\"]\n"
-    );
+    let text =
+        format!("{BASE}{BUILDER}[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"unit\", \"py*\"]\n");
     let e = assert_err(&text, 15, 21, "builder pattern \"py*\" matches no builder");
     assert!(e.hint.unwrap().contains("builders: unit"));
 }
@@ -152,22 +124,12 @@ fn duplicate_builder_names_across_builders() {
 #[test]
 fn bad_durations() {
     let text = format!("{BASE}idle_timeout = \"10 minutes\"\n");
-    let e = assert_err(
-        &text,
-        7,
-        16,
-        "`idle_timeout`: invalid duration \"10 minutes\"",
-    );
+    let e = assert_err(&text, 7, 16, "`idle_timeout`: invalid duration \"10 minutes\"");
     assert!(e.hint.unwrap().contains("ms, s, m, h, d"));
     let text = "[[repo]]\nname = \"a\"\nurl = \"x\"\npoll = \"abc\"\n".to_string();
     assert_err(&text, 4, 8, "invalid duration \"abc\"");
     let text = format!("{BASE}boot_timeout = 90\n");
-    assert_err(
-        &text,
-        7,
-        16,
-        "`boot_timeout` must be a string, not an integer",
-    );
+    assert_err(&text, 7, 16, "`boot_timeout` must be a string, not an integer");
 }
 
 #[test]
@@ -184,28 +146,18 @@ fn bad_cron() {
 
 #[test]
 fn missing_required_keys() {
-    let e = assert_err(
-        "[[repo]]\nname = \"a\"\n\n[[repo]]\nurl = \"x\"\n",
-        1,
-        1,
-        "missing required key `url` in [[repo]]",
-    );
+    let e =
+        assert_err("[[repo]]\nname = \"a\"\n\n[[repo]]\nurl = \"x\"\n", 1, 1, "missing required key `url` in [[repo]]");
     assert!(e.hint.unwrap().contains("url = "));
-    let text = format!(
-        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = [{{ name = \"x\" }}]\n"
-    );
+    let text =
+        format!("{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = [{{ name = \"x\" }}]\n");
     assert_err(&text, 11, 10, "missing required key `run` in a step");
 }
 
 #[test]
 fn min_idle_above_max_instances() {
     let text = format!("{BASE}min_idle = 3\n");
-    assert_err(
-        &text,
-        7,
-        12,
-        "`min_idle` (3) is greater than `max_instances` (2)",
-    );
+    assert_err(&text, 7, 12, "`min_idle` (3) is greater than `max_instances` (2)");
 }
 
 #[test]
@@ -226,21 +178,14 @@ fn unknown_placeholder_points_inside_string() {
 #[test]
 fn wrong_type() {
     let text = "[pool.small]\nmax_instances = \"4\"\n";
-    assert_err(
-        text,
-        2,
-        17,
-        "`max_instances` must be an integer, not a string",
-    );
+    assert_err(text, 2, 17, "`max_instances` must be an integer, not a string");
     let text = "[[repo]]\nname = 7\nurl = \"x\"\n";
     assert_err(text, 2, 8, "`name` must be a string, not an integer");
 }
 
 #[test]
 fn no_steps() {
-    let text = format!(
-        "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = []\n"
-    );
+    let text = format!("{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = []\n");
     assert_err(&text, 11, 9, "builder `unit` has no steps");
     let text = format!("{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\n");
     assert_err(&text, 7, 1, "builder `unit` has no steps");
@@ -263,9 +208,7 @@ fn bad_glob() {
 
 #[test]
 fn unknown_scheduler_kind() {
-    let text = format!(
-        "{BASE}{BUILDER}[[scheduler]]\nkind = \"weekly\"\nrepo = \"app\"\nbuilders = [\"unit\"]\n"
-    );
+    let text = format!("{BASE}{BUILDER}[[scheduler]]\nkind = \"weekly\"\nrepo = \"app\"\nbuilders = [\"unit\"]\n");
     let e = assert_err(&text, 13, 8, "unknown scheduler kind \"weekly\"");
     assert!(e.hint.unwrap().contains("branch, nightly"));
 }
@@ -282,12 +225,7 @@ fn key_of_the_other_scheduler_kind() {
 #[test]
 fn unavailable_provisioner() {
     let text = "[pool.big]\nprovisioner = \"ec2\"\n";
-    let e = assert_err(
-        text,
-        2,
-        15,
-        "provisioner \"ec2\" is not available in this build",
-    );
+    let e = assert_err(text, 2, 15, "provisioner \"ec2\" is not available in this build");
     assert!(e.hint.unwrap().contains("local"));
 }
 
@@ -296,12 +234,7 @@ fn scheduler_builder_of_another_repo() {
     let text = format!(
         "{BASE}{BUILDER}[[repo]]\nname = \"other\"\nurl = \"/srv/other\"\n[[scheduler]]\nkind = \"branch\"\nrepo = \"other\"\nbuilders = [\"unit\"]\n"
     );
-    assert_err(
-        &text,
-        18,
-        13,
-        "builder `unit` builds repo `app`, but this scheduler watches repo `other`",
-    );
+    assert_err(&text, 18, 13, "builder `unit` builds repo `app`, but this scheduler watches repo `other`");
 }
 
 #[test]
@@ -313,21 +246,14 @@ fn first_error_in_file_order() {
 
 #[test]
 fn single_bracket_section_for_array() {
-    let e = assert_err(
-        "[repo]\nname = \"a\"\n",
-        1,
-        2,
-        "`repo` must be an array of tables",
-    );
+    let e = assert_err("[repo]\nname = \"a\"\n", 1, 2, "`repo` must be an array of tables");
     assert!(e.hint.unwrap().contains("[[repo]]"));
 }
 
 #[test]
 fn missing_file_is_a_config_error() {
     let e = config::load(Path::new("/nonexistent/paddock.toml")).unwrap_err();
-    assert!(e
-        .to_string()
-        .starts_with("/nonexistent/paddock.toml:1:1: error: cannot read"));
+    assert!(e.to_string().starts_with("/nonexistent/paddock.toml:1:1: error: cannot read"));
 }
 
 #[test]
@@ -359,15 +285,7 @@ steps = [
     );
     let cfg = parse(&text).unwrap();
     let names: Vec<&str> = cfg.builders.iter().map(|b| b.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "py3.12-sqlite",
-            "py3.12-postgres",
-            "py3.13-sqlite",
-            "py3.13-postgres"
-        ]
-    );
+    assert_eq!(names, ["py3.12-sqlite", "py3.12-postgres", "py3.13-sqlite", "py3.13-postgres"]);
     let b = cfg.builder("py3.13-postgres").unwrap();
     assert_eq!(b.cell["python"], "3.13");
     assert_eq!(b.cell["db"], "postgres");
@@ -391,10 +309,7 @@ fn shell_braces_are_not_placeholders() {
         "{BASE}[[builder]]\nname = \"unit\"\nrepo = \"app\"\npool = \"small\"\nsteps = [\"echo ${{HOME}} {{a,b}} {{1..3}}; {{ true; }}\"]\n"
     );
     let cfg = parse(&text).unwrap();
-    assert_eq!(
-        cfg.builders[0].steps[0].run,
-        "echo ${HOME} {a,b} {1..3}; { true; }"
-    );
+    assert_eq!(cfg.builders[0].steps[0].run, "echo ${HOME} {a,b} {1..3}; { true; }");
 }
 
 /// The DESIGN.md sketch, adapted: provisioner "local", EC2-only keys removed.
@@ -454,15 +369,7 @@ fn design_sketch_parses() {
     assert_eq!(pool.idle_timeout, Duration::from_secs(600));
     assert_eq!(cfg.schedulers[0].name, "branch-1");
     assert_eq!(cfg.schedulers[1].name, "branch-2");
-    assert_eq!(
-        cfg.schedulers[0].builders,
-        [
-            "py3.12-sqlite",
-            "py3.12-postgres",
-            "py3.13-sqlite",
-            "py3.13-postgres"
-        ]
-    );
+    assert_eq!(cfg.schedulers[0].builders, ["py3.12-sqlite", "py3.12-postgres", "py3.13-sqlite", "py3.13-postgres"]);
     assert_eq!(
         cfg.schedulers[0].kind,
         SchedulerKind::Branch {
@@ -474,10 +381,7 @@ fn design_sketch_parses() {
     assert_eq!(cfg.schedulers[1].builders, ["docs"]);
     let listing = config::render_builders(&cfg);
     assert!(listing.contains("py3.13-postgres"), "{listing}");
-    assert!(
-        listing.contains("$ ./runtests.py --settings=test_postgres"),
-        "{listing}"
-    );
+    assert!(listing.contains("$ ./runtests.py --settings=test_postgres"), "{listing}");
     assert!(listing.contains("branch-2"), "{listing}");
 }
 
@@ -511,18 +415,12 @@ agent_command = "../bin/paddock"
     let cfg = parse(text).unwrap();
     assert_eq!(cfg.master.database, "sqlite:///etc/paddock/data/ci.db");
     assert_eq!(cfg.master.state_dir, PathBuf::from("/etc/paddock/state"));
-    assert_eq!(
-        cfg.master.secrets_file,
-        Some(PathBuf::from("/etc/paddock/secrets.toml"))
-    );
+    assert_eq!(cfg.master.secrets_file, Some(PathBuf::from("/etc/paddock/secrets.toml")));
     assert_eq!(cfg.repo("local").unwrap().url, "/etc/paddock/demo-repo");
     assert_eq!(cfg.repo("abs").unwrap().url, "/srv/git/abs.git");
     assert_eq!(cfg.repo("ssh").unwrap().url, "git@github.com:me/ssh.git");
     assert_eq!(cfg.repo("file").unwrap().url, "file:///srv/git/file.git");
-    assert_eq!(
-        cfg.pool("p").unwrap().agent_command,
-        Some(PathBuf::from("/etc/paddock/../bin/paddock"))
-    );
+    assert_eq!(cfg.pool("p").unwrap().agent_command, Some(PathBuf::from("/etc/paddock/../bin/paddock")));
 }
 
 #[test]
@@ -553,10 +451,8 @@ fn defaults() {
 
 #[test]
 fn listen_follows_url_and_poll_zero_disables_polling() {
-    let cfg = parse(
-        "[master]\nurl = \"https://ci.example.com\"\n[[repo]]\nname = \"a\"\nurl = \"x\"\npoll = \"0s\"\n",
-    )
-    .unwrap();
+    let cfg = parse("[master]\nurl = \"https://ci.example.com\"\n[[repo]]\nname = \"a\"\nurl = \"x\"\npoll = \"0s\"\n")
+        .unwrap();
     assert_eq!(cfg.master.listen, "ci.example.com:443");
     assert_eq!(cfg.repo("a").unwrap().poll, None);
 }
@@ -568,13 +464,7 @@ fn nightly_scheduler() {
     );
     let cfg = parse(&text).unwrap();
     assert_eq!(cfg.schedulers[0].name, "nightly-1");
-    assert_eq!(
-        cfg.schedulers[0].kind,
-        SchedulerKind::Nightly {
-            cron: "30 2 * * 1-5".into(),
-            only_if_changed: false
-        }
-    );
+    assert_eq!(cfg.schedulers[0].kind, SchedulerKind::Nightly { cron: "30 2 * * 1-5".into(), only_if_changed: false });
 }
 
 #[test]
@@ -582,32 +472,17 @@ fn example_config_parses() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/paddock.toml");
     let cfg = config::load(&path).unwrap();
     let dir = path.parent().unwrap();
-    assert_eq!(
-        cfg.repo("demo").unwrap().url,
-        dir.join("demo-repo").to_string_lossy()
-    );
+    assert_eq!(cfg.repo("demo").unwrap().url, dir.join("demo-repo").to_string_lossy());
     let names: Vec<&str> = cfg.builders.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(
         names,
-        [
-            "test-py3.12-sqlite",
-            "test-py3.12-postgres",
-            "test-py3.13-sqlite",
-            "test-py3.13-postgres",
-            "docs"
-        ]
+        ["test-py3.12-sqlite", "test-py3.12-postgres", "test-py3.13-sqlite", "test-py3.13-postgres", "docs"]
     );
     assert_eq!(cfg.schedulers.len(), 3);
     assert_eq!(cfg.schedulers[0].builders.len(), 4);
     assert_eq!(cfg.schedulers[1].builders, ["docs"]);
     assert_eq!(cfg.schedulers[2].builders.len(), 5);
-    assert!(matches!(
-        cfg.schedulers[2].kind,
-        SchedulerKind::Nightly {
-            only_if_changed: true,
-            ..
-        }
-    ));
+    assert!(matches!(cfg.schedulers[2].kind, SchedulerKind::Nightly { only_if_changed: true, .. }));
     assert!(!config::render_builders(&cfg).is_empty());
 }
 

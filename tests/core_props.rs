@@ -4,9 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use paddock::core::fleet::{Fleet, FleetAction, FleetEvent, MachineState, PoolSpec};
-use paddock::core::scheduler::{
-    BuilderRef, ChangeInfo, SchedAction, SchedEvent, SchedulerSpec, Schedulers, SpecKind,
-};
+use paddock::core::scheduler::{BuilderRef, ChangeInfo, SchedAction, SchedEvent, SchedulerSpec, Schedulers, SpecKind};
 use paddock::core::{BuildId, MachineId, Ts};
 use proptest::prelude::*;
 
@@ -106,10 +104,7 @@ impl Env {
     }
 
     fn pool_of(&self, name: &str) -> usize {
-        self.specs
-            .iter()
-            .position(|s| s.name == name)
-            .expect("known pool")
+        self.specs.iter().position(|s| s.name == name).expect("known pool")
     }
 
     fn queue(&mut self, pool: usize, front: bool) {
@@ -117,11 +112,7 @@ impl Env {
         self.next_build += 1;
         self.builds.insert(b, (pool, BuildState::Queued));
         let name = self.specs[pool].name.clone();
-        self.send(FleetEvent::BuildQueued {
-            build: b,
-            pool: name,
-            front,
-        });
+        self.send(FleetEvent::BuildQueued { build: b, pool: name, front });
     }
 
     fn send(&mut self, e: FleetEvent) {
@@ -131,33 +122,20 @@ impl Env {
             match a {
                 FleetAction::SetState { machine, state } => {
                     if state == MachineState::Requested {
-                        assert!(
-                            !self.ever_launched.contains(&machine),
-                            "machine id {machine} reused"
-                        );
+                        assert!(!self.ever_launched.contains(&machine), "machine id {machine} reused");
                         assert!(machine > self.max_id, "ids increase");
                         self.max_id = machine;
                         self.ever_launched.insert(machine);
                         self.machines.insert(machine, (usize::MAX, state));
                         continue;
                     }
-                    let entry = self
-                        .machines
-                        .get_mut(&machine)
-                        .expect("SetState for known machine");
+                    let entry = self.machines.get_mut(&machine).expect("SetState for known machine");
                     if state == MachineState::Busy {
-                        assert_eq!(
-                            entry.1,
-                            MachineState::Idle,
-                            "only idle machines become busy"
-                        );
+                        assert_eq!(entry.1, MachineState::Idle, "only idle machines become busy");
                     }
                     entry.1 = state;
                     if state == MachineState::Gone {
-                        assert!(
-                            !self.machine_build.contains_key(&machine),
-                            "gone with a build"
-                        );
+                        assert!(!self.machine_build.contains_key(&machine), "gone with a build");
                         self.machines.remove(&machine);
                         self.forget(machine);
                         self.terminating.retain(|&m| m != machine);
@@ -165,25 +143,15 @@ impl Env {
                 }
                 FleetAction::Launch { machine, pool } => {
                     let p = self.pool_of(&pool);
-                    let entry = self
-                        .machines
-                        .get_mut(&machine)
-                        .expect("Launch after Requested");
+                    let entry = self.machines.get_mut(&machine).expect("Launch after Requested");
                     assert_eq!(entry.1, MachineState::Requested);
                     entry.0 = p;
                     self.pending_launch.push(machine);
                 }
                 FleetAction::Assign { machine, build } => {
                     let (_, st) = self.machines[&machine];
-                    assert_eq!(
-                        st,
-                        MachineState::Busy,
-                        "assign to a non-busy(-from-idle) machine"
-                    );
-                    assert!(
-                        !self.machine_build.contains_key(&machine),
-                        "machine runs two builds"
-                    );
+                    assert_eq!(st, MachineState::Busy, "assign to a non-busy(-from-idle) machine");
+                    assert!(!self.machine_build.contains_key(&machine), "machine runs two builds");
                     let entry = self.builds.get_mut(&build).expect("assigned build exists");
                     assert_eq!(entry.1, BuildState::Queued, "build {build} assigned twice");
                     assert_eq!(entry.0, self.machines[&machine].0, "build runs in its pool");
@@ -228,12 +196,8 @@ impl Env {
                 self.queue(pool, front)
             }
             Op::Cancel(i) => {
-                let queued: Vec<BuildId> = self
-                    .builds
-                    .iter()
-                    .filter(|(_, (_, s))| *s == BuildState::Queued)
-                    .map(|(&b, _)| b)
-                    .collect();
+                let queued: Vec<BuildId> =
+                    self.builds.iter().filter(|(_, (_, s))| *s == BuildState::Queued).map(|(&b, _)| b).collect();
                 if let Some(b) = pick(&queued, i) {
                     self.builds.get_mut(&b).unwrap().1 = BuildState::Cancelled;
                     self.send(FleetEvent::BuildCancelled { build: b });
@@ -246,10 +210,7 @@ impl Env {
                         self.booted.push(m);
                         self.send(FleetEvent::LaunchSucceeded { machine: m });
                     } else {
-                        self.send(FleetEvent::LaunchFailed {
-                            machine: m,
-                            reason: "capacity".into(),
-                        });
+                        self.send(FleetEvent::LaunchFailed { machine: m, reason: "capacity".into() });
                     }
                 }
             }
@@ -278,28 +239,20 @@ impl Env {
                 }
             }
             Op::Finish(i) => {
-                let mut running: Vec<(MachineId, BuildId)> =
-                    self.machine_build.iter().map(|(&m, &b)| (m, b)).collect();
+                let mut running: Vec<(MachineId, BuildId)> = self.machine_build.iter().map(|(&m, &b)| (m, b)).collect();
                 running.sort_unstable();
                 if let Some((m, b)) = pick(&running, i) {
                     if self.connected.contains(&m) {
                         self.builds.get_mut(&b).unwrap().1 = BuildState::Finished;
                         self.machine_build.remove(&m);
-                        self.send(FleetEvent::BuildFinished {
-                            machine: m,
-                            build: b,
-                        });
+                        self.send(FleetEvent::BuildFinished { machine: m, build: b });
                     }
                 }
             }
             Op::Gone(i) => {
                 // Usually a confirmed terminate; sometimes a machine vanishing on its own.
                 let all: Vec<MachineId> = self.machines.keys().copied().collect();
-                let m = if i % 4 == 0 {
-                    pick(&all, i / 4)
-                } else {
-                    pick(&self.terminating, i)
-                };
+                let m = if i % 4 == 0 { pick(&all, i / 4) } else { pick(&self.terminating, i) };
                 if let Some(m) = m {
                     self.send(FleetEvent::MachineGone { machine: m });
                 }
@@ -323,15 +276,8 @@ impl Env {
 
     fn check(&self) {
         for (p, spec) in self.specs.iter().enumerate() {
-            let live = self
-                .machines
-                .values()
-                .filter(|(mp, s)| *mp == p && *s != MachineState::Gone)
-                .count();
-            assert!(
-                live <= spec.max_instances as usize,
-                "pool {p}: {live} > max"
-            );
+            let live = self.machines.values().filter(|(mp, s)| *mp == p && *s != MachineState::Gone).count();
+            assert!(live <= spec.max_instances as usize, "pool {p}: {live} > max");
             assert_eq!(self.fleet.live_machines(&spec.name), live);
             let queued: Vec<BuildId> = self
                 .builds
@@ -346,11 +292,7 @@ impl Env {
         }
         for (&b, &(_, s)) in &self.builds {
             if let BuildState::Running(m) = s {
-                assert_eq!(
-                    self.fleet.machine_build(m),
-                    Some(b),
-                    "build {b} on machine {m}"
-                );
+                assert_eq!(self.fleet.machine_build(m), Some(b), "build {b} on machine {m}");
                 assert_eq!(self.machine_build.get(&m), Some(&b));
             }
         }
@@ -376,16 +318,12 @@ impl Env {
                 self.connected.push(m);
                 self.send(FleetEvent::AgentConnected { machine: m });
             }
-            let mut running: Vec<(MachineId, BuildId)> =
-                self.machine_build.iter().map(|(&m, &b)| (m, b)).collect();
+            let mut running: Vec<(MachineId, BuildId)> = self.machine_build.iter().map(|(&m, &b)| (m, b)).collect();
             running.sort_unstable();
             for (m, b) in running {
                 self.builds.get_mut(&b).unwrap().1 = BuildState::Finished;
                 self.machine_build.remove(&m);
-                self.send(FleetEvent::BuildFinished {
-                    machine: m,
-                    build: b,
-                });
+                self.send(FleetEvent::BuildFinished { machine: m, build: b });
             }
             while let Some(m) = self.terminating.pop() {
                 self.send(FleetEvent::MachineGone { machine: m });
@@ -443,14 +381,8 @@ proptest! {
 
 #[derive(Debug, Clone)]
 enum SOp {
-    Change {
-        repo: usize,
-        branch: usize,
-        files: Vec<usize>,
-    },
-    Head {
-        branch: usize,
-    },
+    Change { repo: usize, branch: usize, files: Vec<usize> },
+    Head { branch: usize },
     Advance(u32),
     Tick,
 }
@@ -470,14 +402,8 @@ const FILES: [&str; 4] = ["docs/a.rst", "docs/b.rst", "src/lib.rs", "README"];
 
 fn sched_specs() -> Vec<SchedulerSpec> {
     let builders = vec![
-        BuilderRef {
-            name: "py".into(),
-            branches: vec![],
-        },
-        BuilderRef {
-            name: "main-only".into(),
-            branches: vec!["main".into()],
-        },
+        BuilderRef { name: "py".into(), branches: vec![] },
+        BuilderRef { name: "main-only".into(), branches: vec!["main".into()] },
     ];
     let branch = |name: &str, tree: Option<u64>, files: &[&str], ignore: &[&str]| SchedulerSpec {
         name: name.into(),
@@ -499,10 +425,7 @@ fn sched_specs() -> Vec<SchedulerSpec> {
             repo: "r0".into(),
             branches: vec!["main".into(), "stable/*".into()],
             builders,
-            kind: SpecKind::Nightly {
-                cron: "*/5 * * * *".into(),
-                only_if_changed: true,
-            },
+            kind: SpecKind::Nightly { cron: "*/5 * * * *".into(), only_if_changed: true },
         },
     ]
 }

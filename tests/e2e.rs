@@ -49,17 +49,15 @@ builders = [\"*\"]
     let rev = bed.commit("main", "src/a.txt", "x\n", "change on main");
     let builds = bed.wait_builds_done(4);
     let names: BTreeSet<&str> = builds.iter().map(|b| b["builder"].as_str().unwrap_or("")).collect();
-    assert_eq!(
-        names,
-        BTreeSet::from(["unit-3.12-pg", "unit-3.12-sqlite", "unit-3.13-pg", "unit-3.13-sqlite"])
-    );
+    assert_eq!(names, BTreeSet::from(["unit-3.12-pg", "unit-3.12-sqlite", "unit-3.13-pg", "unit-3.13-sqlite"]));
     for b in &builds {
         assert_eq!(b["branch"], "main");
         assert_eq!(b["revision"], rev.as_str());
         assert_eq!(state(b), "success", "{b}");
     }
     let one = builds.iter().find(|b| b["builder"] == "unit-3.12-sqlite").expect("build");
-    let log = bed.http.get(format!("{}/api/builds/{}/log", bed.url(), one["id"])).send().expect("log").text().expect("text");
+    let log =
+        bed.http.get(format!("{}/api/builds/{}/log", bed.url(), one["id"])).send().expect("log").text().expect("text");
     assert!(log.contains(&format!("testing 3.12 with sqlite at {rev}")), "checkout at the exact revision: {log}");
 
     let rev2 = bed.commit("feature", "src/b.txt", "y\n", "change on feature");
@@ -102,7 +100,9 @@ builders = [\"tests\"]
     let builds = bed.wait_builds_done(1);
     assert_eq!(builds[0]["revision"], second.as_str());
     // Both changes were seen and fully scheduled, and still only one build exists.
-    bed.wait("both changes scheduled", || (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(()));
+    bed.wait("both changes scheduled", || {
+        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(())
+    });
     assert_eq!(bed.builds().len(), 1);
 }
 
@@ -143,13 +143,17 @@ files = [\"docs/**\"]
     bed.commit("main", "docs/index.md", "# Docs\n", "docs only");
     let builds = bed.wait_builds_done(1);
     assert_eq!(builds[0]["builder"], "docs");
-    bed.wait("change scheduled", || (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(1)).then_some(()));
+    bed.wait("change scheduled", || {
+        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(1)).then_some(())
+    });
     assert_eq!(bed.builds().len(), 1);
 
     bed.commit("main", "src/lib.txt", "code\n", "code only");
     let builds = bed.wait_builds_done(2);
     assert_eq!(builds[0]["builder"], "tests");
-    bed.wait("both changes scheduled", || (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(()));
+    bed.wait("both changes scheduled", || {
+        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(())
+    });
     assert_eq!(bed.builds().len(), 2);
 }
 
@@ -336,7 +340,9 @@ fn an_agent_killed_mid_build_is_retried_on_a_new_machine() {
     bed.wait("the killed machine to be gone", || {
         bed.machines().into_iter().find(|m| m["id"] == killed && m["state"] == "gone").map(|_| ())
     });
-    bed.wait("no process of the killed machine", || common::machine_processes(bed.path(), killed).is_empty().then_some(()));
+    bed.wait("no process of the killed machine", || {
+        common::machine_processes(bed.path(), killed).is_empty().then_some(())
+    });
 }
 
 #[test]
@@ -363,7 +369,10 @@ fn a_master_killed_mid_build_loses_nothing_duplicates_nothing_and_leaves_no_agen
     assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1), "no duplicate request");
     assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM changes"), Some(1), "the change was not recorded twice");
     for pid in old_agents {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}/environ")).exists() || !common::is_agent(pid), "agent {pid} from the killed master is still running");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}/environ")).exists() || !common::is_agent(pid),
+            "agent {pid} from the killed master is still running"
+        );
     }
 }
 
@@ -414,7 +423,9 @@ fn a_step_that_prints_a_secret_leaves_no_trace_of_it() {
     std::fs::write(&secrets, format!("DEPLOY_KEY = \"{secret}\"\n")).expect("secrets");
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let text = bed.config("", "");
-    let body = std::fs::read_to_string(&text).expect("read").replace("[master]\n", "[master]\nsecrets_file = \"secrets.toml\"\n");
+    let body = std::fs::read_to_string(&text)
+        .expect("read")
+        .replace("[master]\n", "[master]\nsecrets_file = \"secrets.toml\"\n");
     std::fs::write(
         &text,
         format!(
@@ -446,7 +457,8 @@ builders = [\"deploy\"]
     let log = bed.http.get(format!("{}/api/builds/{id}/log", bed.url())).send().expect("log").text().expect("text");
     assert!(!log.contains(secret), "secret in stored log:\n{log}");
     assert_eq!(log.matches("<secret:DEPLOY_KEY>").count(), 3, "three redacted prints:\n{log}");
-    let api = format!("{}{}{}", bed.get("/api/builds"), bed.get(&format!("/api/builds/{id}")), bed.get("/api/builders"));
+    let api =
+        format!("{}{}{}", bed.get("/api/builds"), bed.get(&format!("/api/builds/{id}")), bed.get("/api/builders"));
     assert!(!api.contains(secret), "secret in the API");
     assert!(!bed.log().contains(secret), "secret in the master's log");
     let db = std::fs::read(bed.path().join("paddock.db")).expect("db");
@@ -460,7 +472,11 @@ fn an_agent_with_a_wrong_or_reused_token_is_refused() {
     let script = bed.path().join("recording-agent.sh");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\nprintf '%s' \"$PADDOCK_AGENT_TOKEN\" > {}\nexec {} \"$@\"\n", saved.display(), paddock_bin().display()),
+        format!(
+            "#!/bin/sh\nprintf '%s' \"$PADDOCK_AGENT_TOKEN\" > {}\nexec {} \"$@\"\n",
+            saved.display(),
+            paddock_bin().display()
+        ),
     )
     .expect("script");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -507,8 +523,16 @@ fn force_builds_logs_and_the_builds_table_through_the_cli() {
     );
     bed.start(&["main", "topic"]);
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(paddock_bin()).args(args).env("PADDOCK_MASTER", bed.url()).output().expect("cli");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        let out = std::process::Command::new(paddock_bin())
+            .args(args)
+            .env("PADDOCK_MASTER", bed.url())
+            .output()
+            .expect("cli");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (ok, out, err) = cli(&["force", "b", "--branch", "topic"]);
     assert!(ok, "{err}");
@@ -562,7 +586,10 @@ fn sigterm_lets_the_running_build_finish_then_stops_every_machine() {
     let _ = stopper.join();
     assert!(status.success(), "master exit: {status:?}");
     assert!(bed.log()[master_log_before..].contains("shutting down"));
-    assert_eq!(bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM builds WHERE id = {id} AND state = 'success'")), Some(1));
+    assert_eq!(
+        bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM builds WHERE id = {id} AND state = 'success'")),
+        Some(1)
+    );
     assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM machines WHERE state != 'gone'"), Some(0));
     assert!(bed.agent_pids().is_empty());
 }

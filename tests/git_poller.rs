@@ -32,14 +32,7 @@ impl Upstream {
 
     fn git_as(&self, name: &str, email: &str, args: &[&str]) -> String {
         let out = Command::new("git")
-            .args([
-                "-c",
-                "init.defaultBranch=main",
-                "-c",
-                "commit.gpgsign=false",
-                "-c",
-                "core.hooksPath=/dev/null",
-            ])
+            .args(["-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null"])
             .args(args)
             .current_dir(self.path())
             .env_remove("GIT_DIR")
@@ -52,11 +45,7 @@ impl Upstream {
             .env("GIT_AUTHOR_DATE", "2024-03-04T05:06:07+02:00")
             .output()
             .expect("run git");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -103,16 +92,11 @@ fn pats(p: &[&str]) -> Vec<String> {
 }
 
 async fn poll(m: &Mirror, patterns: &[&str], known: &BTreeMap<String, String>) -> PollResult {
-    git::poll(m, &pats(patterns), known, 100)
-        .await
-        .expect("poll")
+    git::poll(m, &pats(patterns), known, 100).await.expect("poll")
 }
 
 fn revs(r: &PollResult) -> Vec<(String, String)> {
-    r.new
-        .iter()
-        .map(|(b, c)| (b.clone(), c.revision.clone()))
-        .collect()
+    r.new.iter().map(|(b, c)| (b.clone(), c.revision.clone())).collect()
 }
 
 #[tokio::test]
@@ -132,24 +116,17 @@ async fn first_poll_records_then_new_commits_oldest_first() {
     assert!(r.new.is_empty() && r.first_seen.is_empty() && r.deleted.is_empty());
     assert_eq!(r.heads, known);
 
-    let message =
-        "Fixed #1 | ünïcödé ✓\n\nBody with | pipes,\nnewlines,\ttabs and \x1e\x1f separators.\n";
+    let message = "Fixed #1 | ünïcödé ✓\n\nBody with | pipes,\nnewlines,\ttabs and \x1e\x1f separators.\n";
     let c1 = up.commit(message, &[("a.txt", "a2"), ("dir/new file.txt", "n")]);
     std::fs::remove_file(up.path().join("old.txt")).expect("rm");
     let c2 = up.commit("second", &[]);
 
     let r = poll(&m, &["main"], &known).await;
-    assert_eq!(
-        revs(&r),
-        vec![("main".into(), c1.clone()), ("main".into(), c2.clone())]
-    );
+    assert_eq!(revs(&r), vec![("main".into(), c1.clone()), ("main".into(), c2.clone())]);
     assert_eq!(r.heads.get("main"), Some(&c2));
     let first: &CommitInfo = &r.new[0].1;
     assert_eq!(first.author, "Zoë Tester <zoe@example.com>");
-    assert_eq!(
-        first.message,
-        "Fixed #1 | ünïcödé ✓\n\nBody with | pipes,\nnewlines,\ttabs and \x1e\x1f separators."
-    );
+    assert_eq!(first.message, "Fixed #1 | ünïcödé ✓\n\nBody with | pipes,\nnewlines,\ttabs and \x1e\x1f separators.");
     assert_eq!(first.committed_at.to_rfc3339(), "2024-03-04T03:06:07+00:00");
     assert_eq!(first.files, vec!["a.txt", "dir/new file.txt"]);
     assert_eq!(r.new[1].1.files, vec!["old.txt"]);
@@ -217,20 +194,11 @@ async fn branch_globs() {
     }
     let (_d, m) = mirror(up.url());
     let r = poll(&m, &["stable/*"], &BTreeMap::new()).await;
-    assert_eq!(
-        r.heads.keys().collect::<Vec<_>>(),
-        vec!["stable/5.1.x", "stable/5.2.x"]
-    );
+    assert_eq!(r.heads.keys().collect::<Vec<_>>(), vec!["stable/5.1.x", "stable/5.2.x"]);
     let r = poll(&m, &["main", "stable/*"], &BTreeMap::new()).await;
-    assert_eq!(
-        r.heads.keys().collect::<Vec<_>>(),
-        vec!["main", "stable/5.1.x", "stable/5.2.x"]
-    );
+    assert_eq!(r.heads.keys().collect::<Vec<_>>(), vec!["main", "stable/5.1.x", "stable/5.2.x"]);
     let r = poll(&m, &["*"], &BTreeMap::new()).await;
-    assert_eq!(
-        r.heads.keys().collect::<Vec<_>>(),
-        vec!["main", "stable-old"]
-    );
+    assert_eq!(r.heads.keys().collect::<Vec<_>>(), vec!["main", "stable-old"]);
 }
 
 #[tokio::test]
@@ -256,9 +224,7 @@ async fn file_url_and_plain_path_both_work() {
     let up = Upstream::new();
     let c0 = up.commit("c0", &[("a", "0")]);
     let by_path = git::ls_remote(&up.url()).await.expect("ls-remote path");
-    let by_url = git::ls_remote(&up.file_url())
-        .await
-        .expect("ls-remote file://");
+    let by_url = git::ls_remote(&up.file_url()).await.expect("ls-remote file://");
     assert_eq!(by_path, by_url);
     assert_eq!(by_path.get("main"), Some(&c0));
 
@@ -304,24 +270,12 @@ async fn merge_files_are_vs_first_parent_and_limit_keeps_newest() {
         made.push(up.commit(&format!("n{i}"), &[("n", &i.to_string())]));
     }
     let known2 = BTreeMap::from([("main".to_string(), merge.clone())]);
-    let r = git::poll(&m, &pats(&["main"]), &known2, 2)
-        .await
-        .expect("poll");
-    assert_eq!(
-        revs(&r),
-        vec![
-            ("main".into(), made[3].clone()),
-            ("main".into(), made[4].clone())
-        ]
-    );
+    let r = git::poll(&m, &pats(&["main"]), &known2, 2).await.expect("poll");
+    assert_eq!(revs(&r), vec![("main".into(), made[3].clone()), ("main".into(), made[4].clone())]);
     let _ = known;
 
     // old == new: nothing; old None: just the head.
-    assert!(m
-        .new_commits(Some(&merge), &merge, 10)
-        .await
-        .expect("same")
-        .is_empty());
+    assert!(m.new_commits(Some(&merge), &merge, 10).await.expect("same").is_empty());
     let head_only = m.new_commits(None, &made[4], 10).await.expect("none");
     assert_eq!(head_only.len(), 1);
     assert_eq!(head_only[0].revision, made[4]);
@@ -332,36 +286,19 @@ async fn merge_files_are_vs_first_parent_and_limit_keeps_newest() {
 #[tokio::test]
 async fn bad_url_fails_with_git_stderr() {
     let missing = tempfile::tempdir().expect("tempdir");
-    let url = missing
-        .path()
-        .join("no-such-repo")
-        .to_string_lossy()
-        .into_owned();
+    let url = missing.path().join("no-such-repo").to_string_lossy().into_owned();
     let (_d, m) = mirror(url);
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        git::poll(&m, &pats(&["*"]), &BTreeMap::new(), 10),
-    )
-    .await
-    .expect("no hang");
+    let r = tokio::time::timeout(Duration::from_secs(60), git::poll(&m, &pats(&["*"]), &BTreeMap::new(), 10))
+        .await
+        .expect("no hang");
     match r {
-        Err(GitError::Failed {
-            command, stderr, ..
-        }) => {
+        Err(GitError::Failed { command, stderr, .. }) => {
             assert!(command.contains("ls-remote"), "{command}");
             assert!(!stderr.is_empty());
-            let shown = format!(
-                "{}",
-                GitError::Failed {
-                    command,
-                    status: String::new(),
-                    stderr: stderr.clone(),
-                }
-            );
+            let shown = format!("{}", GitError::Failed { command, status: String::new(), stderr: stderr.clone() });
             assert!(shown.contains(&stderr));
             assert!(
-                stderr.contains("does not appear to be a git repository")
-                    || stderr.contains("no-such-repo"),
+                stderr.contains("does not appear to be a git repository") || stderr.contains("no-such-repo"),
                 "{stderr}"
             );
         }
@@ -369,12 +306,9 @@ async fn bad_url_fails_with_git_stderr() {
     }
 
     // An unreachable HTTP remote fails promptly rather than asking for credentials.
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        git::ls_remote("http://127.0.0.1:9/nope.git"),
-    )
-    .await
-    .expect("no hang");
+    let r = tokio::time::timeout(Duration::from_secs(60), git::ls_remote("http://127.0.0.1:9/nope.git"))
+        .await
+        .expect("no hang");
     let err = r.expect_err("unreachable");
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
 

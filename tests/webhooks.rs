@@ -76,7 +76,8 @@ fn bad_webhooks_get_a_4xx_and_store_nothing_good_ones_build() {
 
     let api = format!("{}/api/changes", bed.url());
     let post_json = |body: &str| {
-        let resp = bed.http.post(&api).header("content-type", "application/json").body(body.to_string()).send().expect("post");
+        let resp =
+            bed.http.post(&api).header("content-type", "application/json").body(body.to_string()).send().expect("post");
         (resp.status().as_u16(), resp.text().unwrap_or_default())
     };
     assert_eq!(post_json("{not json").0, 400);

@@ -73,12 +73,9 @@ impl LocalProvisioner {
             // and a Ctrl-C aimed at the master's terminal does not reach it directly.
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| ProvisionError::Launch(format!("cannot start {}: {e}", self.program.display())))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| ProvisionError::Launch("agent exited at once".into()))?;
+        let mut child =
+            cmd.spawn().map_err(|e| ProvisionError::Launch(format!("cannot start {}: {e}", self.program.display())))?;
+        let pid = child.id().ok_or_else(|| ProvisionError::Launch("agent exited at once".into()))?;
         // Reap the child whenever it exits so it never lingers as a zombie.
         tokio::spawn(async move {
             let _ = child.wait().await;

@@ -122,10 +122,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     let (mut sink, mut stream) = ws.split();
 
-    let hello = AgentMsg::Hello {
-        token: opts.token.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
+    let hello = AgentMsg::Hello { token: opts.token.clone(), version: env!("CARGO_PKG_VERSION").to_string() };
     sink.send(Message::text(encode(&hello)?)).await?;
     let (machine, heartbeat_secs) = tokio::select! {
         r = tokio::time::timeout(WELCOME_TIMEOUT, await_welcome(&mut stream)) => match r {
@@ -298,13 +295,9 @@ async fn connect(url: &str) -> Result<Ws, AgentError> {
             Ok((ws, _response)) => return Ok(ws),
             Err(e) => {
                 // Errors that waiting cannot fix are reported at once.
-                let permanent =
-                    matches!(e, tungstenite::Error::Url(_) | tungstenite::Error::Tls(_));
+                let permanent = matches!(e, tungstenite::Error::Url(_) | tungstenite::Error::Tls(_));
                 if permanent || tokio::time::Instant::now() + pause > give_up {
-                    return Err(AgentError::Connect {
-                        url: url.to_string(),
-                        source: Box::new(e),
-                    });
+                    return Err(AgentError::Connect { url: url.to_string(), source: Box::new(e) });
                 }
                 tracing::debug!("master not reachable yet ({e}); retrying");
                 tokio::time::sleep(pause).await;
@@ -315,17 +308,12 @@ async fn connect(url: &str) -> Result<Ws, AgentError> {
 }
 
 /// Waits for Welcome (machine id, heartbeat period) or Refused.
-async fn await_welcome(
-    stream: &mut futures_util::stream::SplitStream<Ws>,
-) -> Result<(i64, u64), AgentError> {
+async fn await_welcome(stream: &mut futures_util::stream::SplitStream<Ws>) -> Result<(i64, u64), AgentError> {
     while let Some(msg) = stream.next().await {
         match msg? {
             Message::Text(text) => {
                 return match serde_json::from_str::<MasterMsg>(text.as_str()) {
-                    Ok(MasterMsg::Welcome {
-                        machine,
-                        heartbeat_secs,
-                    }) => Ok((machine, heartbeat_secs)),
+                    Ok(MasterMsg::Welcome { machine, heartbeat_secs }) => Ok((machine, heartbeat_secs)),
                     Ok(MasterMsg::Refused { reason }) => Err(AgentError::Refused(reason)),
                     Ok(_) => Err(AgentError::Protocol("expected welcome".into())),
                     Err(e) => Err(AgentError::Protocol(format!("unreadable welcome: {e}"))),
@@ -335,9 +323,7 @@ async fn await_welcome(
             _ => {}
         }
     }
-    Err(AgentError::Protocol(
-        "master closed the connection before welcome".into(),
-    ))
+    Err(AgentError::Protocol("master closed the connection before welcome".into()))
 }
 
 /// SIGTERM and SIGINT as one stream.
@@ -350,10 +336,7 @@ impl Signals {
     /// Installs the handlers (from then on these signals no longer kill the process).
     fn new() -> std::io::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
 
     /// Resolves at the next SIGTERM or SIGINT.
@@ -371,28 +354,15 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(
-            ws_url("http://127.0.0.1:8010/").ok(),
-            Some("ws://127.0.0.1:8010/agent/ws".to_string())
-        );
-        assert_eq!(
-            ws_url("https://ci.example.org").ok(),
-            Some("wss://ci.example.org/agent/ws".to_string())
-        );
-        assert_eq!(
-            ws_url("ws://h:1").ok(),
-            Some("ws://h:1/agent/ws".to_string())
-        );
+        assert_eq!(ws_url("http://127.0.0.1:8010/").ok(), Some("ws://127.0.0.1:8010/agent/ws".to_string()));
+        assert_eq!(ws_url("https://ci.example.org").ok(), Some("wss://ci.example.org/agent/ws".to_string()));
+        assert_eq!(ws_url("ws://h:1").ok(), Some("ws://h:1/agent/ws".to_string()));
         assert!(matches!(ws_url("ftp://x"), Err(AgentError::BadUrl(_))));
     }
 
     #[test]
     fn debug_hides_token() {
-        let opts = AgentOptions {
-            master: "http://m".into(),
-            token: "tok-123".into(),
-            workdir: PathBuf::from("/tmp"),
-        };
+        let opts = AgentOptions { master: "http://m".into(), token: "tok-123".into(), workdir: PathBuf::from("/tmp") };
         assert!(!format!("{opts:?}").contains("tok-123"));
     }
 }

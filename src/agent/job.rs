@@ -54,28 +54,15 @@ const NO_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Runs `job` in `workdir` (checkout under `workdir/src/<builder>`), streaming progress to
 /// `out`; returns the build result for the caller's `BuildFinished`.
-pub async fn run_job(
-    job: &BuildJob,
-    workdir: &Path,
-    out: mpsc::Sender<AgentMsg>,
-    cancel: CancelRx,
-) -> BuildResult {
+pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>, cancel: CancelRx) -> BuildResult {
     let ctx = Ctx {
         build: job.build,
         out,
-        secrets: job
-            .secrets
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        secrets: job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         cancel,
     };
 
-    ctx.send(AgentMsg::StepStarted {
-        build: ctx.build,
-        step: CHECKOUT_STEP,
-    })
-    .await;
+    ctx.send(AgentMsg::StepStarted { build: ctx.build, step: CHECKOUT_STEP }).await;
     let (src, result, code) = checkout(&ctx, job, workdir).await;
     ctx.finished(CHECKOUT_STEP, result, code).await;
     let src = match src {
@@ -84,11 +71,7 @@ pub async fn run_job(
             for idx in 1..=job.steps.len() {
                 ctx.finished(idx, StepResult::Skipped, None).await;
             }
-            return if ctx.is_cancelled() {
-                BuildResult::Failure
-            } else {
-                BuildResult::Exception
-            };
+            return if ctx.is_cancelled() { BuildResult::Failure } else { BuildResult::Exception };
         }
     };
 
@@ -102,11 +85,7 @@ pub async fn run_job(
             ctx.finished(idx, StepResult::Skipped, None).await;
             continue;
         }
-        ctx.send(AgentMsg::StepStarted {
-            build: ctx.build,
-            step: idx,
-        })
-        .await;
+        ctx.send(AgentMsg::StepStarted { build: ctx.build, step: idx }).await;
         let (result, code, was_cancelled) = run_step(&ctx, job, step, idx, &src).await;
         cancelled |= was_cancelled;
         match result {
@@ -145,23 +124,12 @@ impl Ctx {
     /// Sends an agent-written line (headers, notices), redacted like step output.
     async fn line(&self, step: usize, text: &str) {
         let text = redact_str(&self.secrets, &format!("{text}\n"));
-        self.send(AgentMsg::Log {
-            build: self.build,
-            step,
-            text,
-        })
-        .await;
+        self.send(AgentMsg::Log { build: self.build, step, text }).await;
     }
 
     /// Reports the end of a step.
     async fn finished(&self, step: usize, result: StepResult, exit_code: Option<i32>) {
-        self.send(AgentMsg::StepFinished {
-            build: self.build,
-            step,
-            result,
-            exit_code,
-        })
-        .await;
+        self.send(AgentMsg::StepFinished { build: self.build, step, result, exit_code }).await;
     }
 
     /// Whether cancellation was requested.
@@ -193,8 +161,7 @@ async fn run_step(
     let (script, secret_env) = match expand_run(&step.run, &job.secrets) {
         Ok(x) => x,
         Err(name) => {
-            ctx.line(idx, &format!("*** unknown secret {name:?} in command"))
-                .await;
+            ctx.line(idx, &format!("*** unknown secret {name:?} in command")).await;
             return (StepResult::Exception, None, false);
         }
     };
@@ -205,11 +172,7 @@ async fn run_step(
                 merged.insert(k.clone(), v);
             }
             Err(name) => {
-                ctx.line(
-                    idx,
-                    &format!("*** unknown secret {name:?} in environment variable {k}"),
-                )
-                .await;
+                ctx.line(idx, &format!("*** unknown secret {name:?} in environment variable {k}")).await;
                 return (StepResult::Exception, None, false);
             }
         }
@@ -226,11 +189,7 @@ async fn run_step(
         None => src.to_path_buf(),
     };
     if !dir.is_dir() {
-        ctx.line(
-            idx,
-            &format!("*** working directory {} does not exist", dir.display()),
-        )
-        .await;
+        ctx.line(idx, &format!("*** working directory {} does not exist", dir.display())).await;
         return (StepResult::Exception, None, false);
     }
 
@@ -256,19 +215,11 @@ async fn run_step(
             }
         },
         Outcome::TimedOut => {
-            ctx.line(
-                idx,
-                &format!(
-                    "*** timed out after {}s; process group killed",
-                    timeout.as_secs()
-                ),
-            )
-            .await;
+            ctx.line(idx, &format!("*** timed out after {}s; process group killed", timeout.as_secs())).await;
             (StepResult::Timeout, None, false)
         }
         Outcome::Cancelled => {
-            ctx.line(idx, "*** build cancelled; process group killed")
-                .await;
+            ctx.line(idx, "*** build cancelled; process group killed").await;
             (StepResult::Failure, None, true)
         }
         Outcome::SpawnFailed(e) => {
@@ -295,10 +246,7 @@ fn scrub_env(cmd: &mut Command) {
 
 /// Environment variable that carries secret `name` into a step.
 fn secret_var(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let clean: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     format!("PADDOCK_SECRET_{clean}")
 }
 
@@ -324,10 +272,7 @@ fn secret_refs(text: &str) -> Vec<(usize, usize, &str)> {
 
 /// Replaces `{secret:NAME}` by `"$PADDOCK_SECRET_NAME"` so the command text never holds the
 /// value; returns the script and the variables to set. `Err(name)` for an unknown secret.
-fn expand_run(
-    run: &str,
-    secrets: &BTreeMap<String, String>,
-) -> Result<(String, Vec<(String, String)>), String> {
+fn expand_run(run: &str, secrets: &BTreeMap<String, String>) -> Result<(String, Vec<(String, String)>), String> {
     let mut script = String::with_capacity(run.len());
     let mut env = Vec::new();
     let mut last = 0;
@@ -361,13 +306,7 @@ fn substitute_secrets(text: &str, secrets: &BTreeMap<String, String>) -> Result<
 fn sanitize(builder: &str) -> String {
     let mut s: String = builder
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
         .collect();
     if s.is_empty() || s.starts_with('.') {
         s.insert(0, '_');
@@ -404,12 +343,7 @@ fn git(dir: &Path, args: &[&str]) -> Command {
 
 /// Runs a git command as part of the checkout, logging `$ git …` (shown as `shown`) and its
 /// output. `Err((exit code, cancelled))` when it did not succeed.
-async fn run_git(
-    ctx: &Ctx,
-    dir: &Path,
-    args: &[&str],
-    shown: &str,
-) -> Result<(), (Option<i32>, bool)> {
+async fn run_git(ctx: &Ctx, dir: &Path, args: &[&str], shown: &str) -> Result<(), (Option<i32>, bool)> {
     ctx.line(CHECKOUT_STEP, &format!("$ git {shown}")).await;
     match run_process(ctx, CHECKOUT_STEP, git(dir, args), GIT_TIMEOUT).await {
         Outcome::Exited(status) if status.success() => Ok(()),
@@ -423,8 +357,7 @@ async fn run_git(
             Err((None, true))
         }
         Outcome::SpawnFailed(e) => {
-            ctx.line(CHECKOUT_STEP, &format!("*** cannot start git: {e}"))
-                .await;
+            ctx.line(CHECKOUT_STEP, &format!("*** cannot start git: {e}")).await;
             Err((None, false))
         }
     }
@@ -434,10 +367,7 @@ async fn run_git(
 async fn has_commit(dir: &Path, rev: &str) -> bool {
     let spec = format!("{rev}^{{commit}}");
     let mut cmd = git(dir, &["rev-parse", "--verify", "--quiet", &spec]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
     matches!(
         tokio::time::timeout(Duration::from_secs(60), cmd.status()).await,
         Ok(Ok(status)) if status.success()
@@ -446,36 +376,20 @@ async fn has_commit(dir: &Path, rev: &str) -> bool {
 
 /// Step 0: brings `workdir/src/<builder>` to exactly `job.revision`, reusing an earlier clone.
 /// Returns the source directory (or `None` on failure), the step result and an exit code.
-async fn checkout(
-    ctx: &Ctx,
-    job: &BuildJob,
-    workdir: &Path,
-) -> (Option<PathBuf>, StepResult, Option<i32>) {
+async fn checkout(ctx: &Ctx, job: &BuildJob, workdir: &Path) -> (Option<PathBuf>, StepResult, Option<i32>) {
     let fail = |(code, cancelled): (Option<i32>, bool)| {
-        let result = if cancelled {
-            StepResult::Failure
-        } else {
-            StepResult::Exception
-        };
+        let result = if cancelled { StepResult::Failure } else { StepResult::Exception };
         (None, result, code)
     };
     // Option-looking values would be parsed by git as options.
     if job.revision.is_empty() || job.revision.starts_with('-') {
-        ctx.line(
-            CHECKOUT_STEP,
-            &format!("*** invalid revision {:?}", job.revision),
-        )
-        .await;
+        ctx.line(CHECKOUT_STEP, &format!("*** invalid revision {:?}", job.revision)).await;
         return fail((None, false));
     }
     let parent = workdir.join("src");
     let dir = parent.join(sanitize(&job.builder));
     if let Err(e) = tokio::fs::create_dir_all(&parent).await {
-        ctx.line(
-            CHECKOUT_STEP,
-            &format!("*** cannot create {}: {e}", parent.display()),
-        )
-        .await;
+        ctx.line(CHECKOUT_STEP, &format!("*** cannot create {}: {e}", parent.display())).await;
         return fail((None, false));
     }
     let dir_str = dir.to_string_lossy().into_owned();
@@ -490,28 +404,19 @@ async fn checkout(
             .stderr(Stdio::null())
             .status()
             .await;
-        if let Err(e) = run_git(
-            ctx,
-            &dir,
-            &["fetch", "--prune", "origin"],
-            "fetch --prune origin",
-        )
-        .await
-        {
+        if let Err(e) = run_git(ctx, &dir, &["fetch", "--prune", "origin"], "fetch --prune origin").await {
             if e.1 {
                 return fail(e);
             }
             // A broken clone (interrupted earlier, disk trouble) is replaced by a fresh one.
-            ctx.line(CHECKOUT_STEP, "fetch failed; cloning afresh")
-                .await;
+            ctx.line(CHECKOUT_STEP, "fetch failed; cloning afresh").await;
             fresh = true;
         }
     }
     if fresh {
         if dir.exists() {
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
-                ctx.line(CHECKOUT_STEP, &format!("*** cannot remove {dir_str}: {e}"))
-                    .await;
+                ctx.line(CHECKOUT_STEP, &format!("*** cannot remove {dir_str}: {e}")).await;
                 return fail((None, false));
             }
         }
@@ -532,14 +437,7 @@ async fn checkout(
     let mut target = job.revision.clone();
     let sha = looks_like_sha(&job.revision);
     if !sha || !has_commit(&dir, &job.revision).await {
-        match run_git(
-            ctx,
-            &dir,
-            &["fetch", "origin", &job.revision],
-            &format!("fetch origin {}", job.revision),
-        )
-        .await
-        {
+        match run_git(ctx, &dir, &["fetch", "origin", &job.revision], &format!("fetch origin {}", job.revision)).await {
             Ok(()) if !sha => target = "FETCH_HEAD".to_string(),
             Ok(()) => {}
             Err(e) if e.1 => return fail(e),
@@ -578,11 +476,7 @@ async fn cancelled(rx: &mut CancelRx) {
 /// Spawns `cmd` in its own process group with output captured into the log of `step`, and
 /// waits for it, the timeout or a cancel.
 async fn run_process(ctx: &Ctx, step: usize, mut cmd: Command, timeout: Duration) -> Outcome {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => return Outcome::SpawnFailed(e),
@@ -590,14 +484,8 @@ async fn run_process(ctx: &Ctx, step: usize, mut cmd: Command, timeout: Duration
     // The child leads its own group, so its pid is the group id.
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
     let readers: [Option<Box<dyn AsyncRead + Unpin + Send>>; 2] = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
     ];
     let pump = pump_output(ctx.build, step, ctx.out.clone(), &ctx.secrets, readers);
     tokio::pin!(pump);
@@ -645,11 +533,7 @@ async fn run_process(ctx: &Ctx, step: usize, mut cmd: Command, timeout: Duration
         signal_group(pgid, Signal::SIGKILL);
     }
     if !pump_done && tokio::time::timeout(DRAIN_GRACE, &mut pump).await.is_err() {
-        ctx.line(
-            step,
-            "*** output still open after the command ended (a process left its group?); not waiting",
-        )
-        .await;
+        ctx.line(step, "*** output still open after the command ended (a process left its group?); not waiting").await;
     }
     outcome
 }
@@ -743,23 +627,15 @@ mod tests {
     use super::*;
 
     fn secrets() -> BTreeMap<String, String> {
-        [("TOKEN".to_string(), "s3cr3t".to_string())]
-            .into_iter()
-            .collect()
+        [("TOKEN".to_string(), "s3cr3t".to_string())].into_iter().collect()
     }
 
     #[test]
     fn run_references_become_variables() {
         let (script, env) = expand_run("curl -H {secret:TOKEN} x", &secrets()).unwrap_or_default();
         assert_eq!(script, "curl -H \"$PADDOCK_SECRET_TOKEN\" x");
-        assert_eq!(
-            env,
-            vec![("PADDOCK_SECRET_TOKEN".to_string(), "s3cr3t".to_string())]
-        );
-        assert_eq!(
-            expand_run("echo {secret:NOPE}", &secrets()),
-            Err("NOPE".to_string())
-        );
+        assert_eq!(env, vec![("PADDOCK_SECRET_TOKEN".to_string(), "s3cr3t".to_string())]);
+        assert_eq!(expand_run("echo {secret:NOPE}", &secrets()), Err("NOPE".to_string()));
         assert_eq!(
             expand_run("echo {secret:unterminated", &secrets()),
             Ok(("echo {secret:unterminated".to_string(), vec![]))
@@ -768,14 +644,8 @@ mod tests {
 
     #[test]
     fn env_references_are_substituted() {
-        assert_eq!(
-            substitute_secrets("Bearer {secret:TOKEN}", &secrets()),
-            Ok("Bearer s3cr3t".to_string())
-        );
-        assert_eq!(
-            substitute_secrets("{secret:X}", &secrets()),
-            Err("X".to_string())
-        );
+        assert_eq!(substitute_secrets("Bearer {secret:TOKEN}", &secrets()), Ok("Bearer s3cr3t".to_string()));
+        assert_eq!(substitute_secrets("{secret:X}", &secrets()), Err("X".to_string()));
     }
 
     #[test]
@@ -788,10 +658,7 @@ mod tests {
 
     #[test]
     fn urls_are_masked() {
-        assert_eq!(
-            mask_url("https://user:pw@github.com/a/b.git"),
-            "https://***@github.com/a/b.git"
-        );
+        assert_eq!(mask_url("https://user:pw@github.com/a/b.git"), "https://***@github.com/a/b.git");
         assert_eq!(mask_url("/tmp/repo"), "/tmp/repo");
         assert_eq!(mask_url("https://github.com/a@b"), "https://github.com/a@b");
     }

@@ -27,9 +27,7 @@ pub struct Redactor {
 // Hand-written so that a stray `{:?}` can never print secret values.
 impl std::fmt::Debug for Redactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Redactor")
-            .field("secrets", &self.secrets.len())
-            .finish_non_exhaustive()
+        f.debug_struct("Redactor").field("secrets", &self.secrets.len()).finish_non_exhaustive()
     }
 }
 
@@ -45,11 +43,7 @@ impl Redactor {
         list.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.cmp(b)));
         // Two names for one value: keep one marker (the first after sorting).
         list.dedup_by(|later, earlier| later.0 == earlier.0);
-        Redactor {
-            secrets: list,
-            pending: Vec::new(),
-            undecoded: Vec::new(),
-        }
+        Redactor { secrets: list, pending: Vec::new(), undecoded: Vec::new() }
     }
 
     /// Feeds bytes; returns the redacted text that is safe to emit now.
@@ -78,12 +72,7 @@ impl Redactor {
         while i < buf.len() {
             let rest = &buf[i..];
             // A longer secret might still match once more bytes arrive: decide later.
-            if !last
-                && self
-                    .secrets
-                    .iter()
-                    .any(|(v, _)| v.len() > rest.len() && v.starts_with(rest))
-            {
+            if !last && self.secrets.iter().any(|(v, _)| v.len() > rest.len() && v.starts_with(rest)) {
                 break;
             }
             match self.secrets.iter().find(|(v, _)| rest.starts_with(v)) {
@@ -171,10 +160,7 @@ mod tests {
     #[test]
     fn whole_secret_is_replaced() {
         let secrets = [s("TOKEN", "hunter2")];
-        assert_eq!(
-            redact_str(&secrets, "pw=hunter2 and hunter2!"),
-            "pw=<secret:TOKEN> and <secret:TOKEN>!"
-        );
+        assert_eq!(redact_str(&secrets, "pw=hunter2 and hunter2!"), "pw=<secret:TOKEN> and <secret:TOKEN>!");
     }
 
     #[test]
@@ -198,10 +184,7 @@ mod tests {
     #[test]
     fn longer_secret_wins() {
         let secrets = [s("SHORT", "abc"), s("LONG", "abcdef")];
-        assert_eq!(
-            redact_str(&secrets, "abcdef abcde"),
-            "<secret:LONG> <secret:SHORT>de"
-        );
+        assert_eq!(redact_str(&secrets, "abcdef abcde"), "<secret:LONG> <secret:SHORT>de");
         let mut r = Redactor::new(secrets.iter().cloned());
         assert_eq!(feed(&mut r, &[b"ab", b"cde", b"f"]), "<secret:LONG>");
     }
@@ -226,10 +209,7 @@ mod tests {
     #[test]
     fn invalid_bytes_become_replacement() {
         let mut r = Redactor::new(Vec::<(String, String)>::new());
-        assert_eq!(
-            feed(&mut r, &[b"a\xffb", b"\xe2\x82"]),
-            "a\u{FFFD}b\u{FFFD}"
-        );
+        assert_eq!(feed(&mut r, &[b"a\xffb", b"\xe2\x82"]), "a\u{FFFD}b\u{FFFD}");
     }
 
     #[test]
@@ -238,10 +218,7 @@ mod tests {
         let bytes = "x pässwörd y".as_bytes();
         for cut in 0..bytes.len() {
             let mut r = Redactor::new(secrets.iter().cloned());
-            assert_eq!(
-                feed(&mut r, &[&bytes[..cut], &bytes[cut..]]),
-                "x <secret:U> y"
-            );
+            assert_eq!(feed(&mut r, &[&bytes[..cut], &bytes[cut..]]), "x <secret:U> y");
         }
     }
 
@@ -254,11 +231,8 @@ mod tests {
     /// Secret values are drawn from characters that never occur in a `<secret:NAME>` marker, so
     /// a marker can never form a secret by itself.
     fn secret_value() -> impl Strategy<Value = String> {
-        proptest::collection::vec(
-            prop::sample::select(vec!['X', 'Y', 'Z', '0', '1', 'é', '€']),
-            1..6,
-        )
-        .prop_map(|v| v.into_iter().collect())
+        proptest::collection::vec(prop::sample::select(vec!['X', 'Y', 'Z', '0', '1', 'é', '€']), 1..6)
+            .prop_map(|v| v.into_iter().collect())
     }
 
     fn text_piece(secrets: Vec<String>) -> impl Strategy<Value = String> {
@@ -279,8 +253,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, v)| (["pa", "pb", "pc", "pd"][i % 4].to_string(), v.clone()))
                 .collect();
-            let text = proptest::collection::vec(text_piece(values), 0..12)
-                .prop_map(|pieces| pieces.concat());
+            let text = proptest::collection::vec(text_piece(values), 0..12).prop_map(|pieces| pieces.concat());
             let cuts = proptest::collection::vec(0usize..64, 0..8);
             (Just(secrets), text, cuts)
         })

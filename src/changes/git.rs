@@ -94,9 +94,7 @@ fn redact(text: &str) -> String {
         let (head, tail) = rest.split_at(pos + 3);
         out.push_str(head);
         // The authority ends at the first '/', whitespace or quote.
-        let end = tail
-            .find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"')
-            .unwrap_or(tail.len());
+        let end = tail.find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"').unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
             Some(at) => {
@@ -114,28 +112,15 @@ fn redact(text: &str) -> String {
 /// Refuse values git would parse as options (a URL or ref starting with `-`).
 fn check_arg(what: &'static str, value: &str) -> Result<(), GitError> {
     if value.is_empty() || value.starts_with('-') || value.contains('\0') {
-        return Err(GitError::InvalidArgument {
-            what,
-            value: redact(value),
-        });
+        return Err(GitError::InvalidArgument { what, value: redact(value) });
     }
     Ok(())
 }
 
 /// Run git with `args`; return stdout on success. `ok_codes` lists extra exit codes that count
 /// as success (their code is returned too), for commands like `merge-base --is-ancestor`.
-async fn run_git_status(
-    args: &[OsString],
-    timeout: Duration,
-    ok_codes: &[i32],
-) -> Result<(i32, Vec<u8>), GitError> {
-    let command = redact(&format!(
-        "git {}",
-        args.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    ));
+async fn run_git_status(args: &[OsString], timeout: Duration, ok_codes: &[i32]) -> Result<(i32, Vec<u8>), GitError> {
+    let command = redact(&format!("git {}", args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")));
     let mut cmd = Command::new("git");
     cmd.args(args)
         // A bad URL or missing credentials must fail, not wait for a human at a terminal.
@@ -156,19 +141,11 @@ async fn run_git_status(
         .stderr(Stdio::piped())
         // Dropping the future on timeout must not leave git running.
         .kill_on_drop(true);
-    let child = cmd.spawn().map_err(|source| GitError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
+    let child = cmd.spawn().map_err(|source| GitError::Spawn { command: command.clone(), source })?;
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(Ok(output)) => output,
         Ok(Err(source)) => return Err(GitError::Spawn { command, source }),
-        Err(_) => {
-            return Err(GitError::Timeout {
-                command,
-                secs: timeout.as_secs(),
-            })
-        }
+        Err(_) => return Err(GitError::Timeout { command, secs: timeout.as_secs() }),
     };
     let code = output.status.code();
     if output.status.success() {
@@ -188,11 +165,7 @@ async fn run_git_status(
         stderr.truncate(cut);
         stderr.push('…');
     }
-    Err(GitError::Failed {
-        command,
-        status: output.status.to_string(),
-        stderr: redact(&stderr),
-    })
+    Err(GitError::Failed { command, status: output.status.to_string(), stderr: redact(&stderr) })
 }
 
 /// Run git and return stdout, failing on any non-zero exit.
@@ -248,10 +221,7 @@ pub fn branch_matches(patterns: &[String], branch: &str) -> bool {
             builder.add(glob);
         }
     }
-    builder
-        .build()
-        .map(|set| set.is_match(branch))
-        .unwrap_or(false)
+    builder.build().map(|set| set.is_match(branch)).unwrap_or(false)
 }
 
 /// A bare mirror of one remote repository, in a directory the master owns.
@@ -272,11 +242,7 @@ const LOG_FIELDS: usize = 6;
 impl Mirror {
     /// A mirror of `url` kept in `dir` (created by [`Mirror::ensure`]).
     pub fn new(dir: PathBuf, url: String) -> Self {
-        Mirror {
-            dir,
-            url,
-            lock: tokio::sync::Mutex::new(()),
-        }
+        Mirror { dir, url, lock: tokio::sync::Mutex::new(()) }
     }
 
     /// The mirror's directory.
@@ -318,10 +284,7 @@ impl Mirror {
         if !self.dir.join("HEAD").exists() {
             tokio::fs::create_dir_all(&self.dir)
                 .await
-                .map_err(|source| GitError::Spawn {
-                    command: format!("mkdir -p {}", self.dir.display()),
-                    source,
-                })?;
+                .map_err(|source| GitError::Spawn { command: format!("mkdir -p {}", self.dir.display()), source })?;
             let mut args = argv(["init", "--quiet", "--bare"]);
             // The directory is a positional argument: make sure it cannot start with '-'.
             args.push(self.safe_dir_path());
@@ -366,13 +329,7 @@ impl Mirror {
     pub async fn branch_head(&self, branch: &str) -> Result<String, GitError> {
         check_branch(branch)?;
         let full = format!("refs/heads/{branch}^{{commit}}");
-        let args = self.args([
-            "rev-parse",
-            "--verify",
-            "--quiet",
-            "--end-of-options",
-            &full,
-        ]);
+        let args = self.args(["rev-parse", "--verify", "--quiet", "--end-of-options", &full]);
         let out = run_git(&args, GIT_TIMEOUT).await?;
         let sha = String::from_utf8_lossy(&out).trim().to_string();
         if !is_hex_sha(&sha) {
@@ -391,10 +348,7 @@ impl Mirror {
         let mut list = self.log(&["-1", "--end-of-options", &spec, "--"]).await?;
         match list.pop() {
             Some(c) => Ok(c),
-            None => Err(GitError::Parse {
-                command: format!("git log -1 {spec}"),
-                reason: "no commit printed".into(),
-            }),
+            None => Err(GitError::Parse { command: format!("git log -1 {spec}"), reason: "no commit printed".into() }),
         }
     }
 
@@ -403,12 +357,7 @@ impl Mirror {
     /// If `old` is `None`, unknown to the mirror, or not an ancestor of `new` (a force-push),
     /// only `new`'s own commit is returned: we cannot tell which commits are new, and building
     /// the head is what matters. `old == new` yields nothing.
-    pub async fn new_commits(
-        &self,
-        old: Option<&str>,
-        new: &str,
-        limit: usize,
-    ) -> Result<Vec<CommitInfo>, GitError> {
+    pub async fn new_commits(&self, old: Option<&str>, new: &str, limit: usize) -> Result<Vec<CommitInfo>, GitError> {
         check_arg("revision", new)?;
         let limit = limit.max(1);
         let Some(old) = old else {
@@ -423,9 +372,7 @@ impl Mirror {
         }
         let range = format!("{old}..{new}");
         let max = format!("--max-count={limit}");
-        let mut list = self
-            .log(&[max.as_str(), "--end-of-options", &range, "--"])
-            .await?;
+        let mut list = self.log(&[max.as_str(), "--end-of-options", &range, "--"]).await?;
         // git lists newest first; callers want history order.
         list.reverse();
         Ok(list)
@@ -454,14 +401,11 @@ impl Mirror {
         let out = run_git(&args, GIT_TIMEOUT).await?;
         let command = format!("git log {}", extra.join(" "));
         let mut commits = Vec::new();
-        for (commit, parents) in parse_log(&out).map_err(|reason| GitError::Parse {
-            command: command.clone(),
-            reason,
-        })? {
+        for (commit, parents) in
+            parse_log(&out).map_err(|reason| GitError::Parse { command: command.clone(), reason })?
+        {
             let first_parent = parents.split_whitespace().next().map(str::to_string);
-            let files = self
-                .files(&commit.revision, first_parent.as_deref())
-                .await?;
+            let files = self.files(&commit.revision, first_parent.as_deref()).await?;
             commits.push(CommitInfo { files, ..commit });
         }
         Ok(commits)
@@ -469,14 +413,7 @@ impl Mirror {
 
     /// Paths changed by `rev` relative to `first_parent` (or all paths for a root commit).
     async fn files(&self, rev: &str, first_parent: Option<&str>) -> Result<Vec<String>, GitError> {
-        let mut args = self.args([
-            "diff-tree",
-            "-r",
-            "-z",
-            "--name-only",
-            "--no-commit-id",
-            "--no-renames",
-        ]);
+        let mut args = self.args(["diff-tree", "-r", "-z", "--name-only", "--no-commit-id", "--no-renames"]);
         match first_parent {
             Some(p) => {
                 args.push(p.into());
@@ -502,17 +439,12 @@ impl Mirror {
 fn check_branch(branch: &str) -> Result<(), GitError> {
     let bad = branch.is_empty()
         || branch.starts_with('-')
-        || branch.chars().any(|c| {
-            c.is_whitespace()
-                || c.is_control()
-                || matches!(c, ':' | '*' | '^' | '~' | '?' | '[' | '\\')
-        })
+        || branch
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | '*' | '^' | '~' | '?' | '[' | '\\'))
         || branch.contains("..");
     if bad {
-        return Err(GitError::InvalidArgument {
-            what: "branch",
-            value: branch.to_string(),
-        });
+        return Err(GitError::InvalidArgument { what: "branch", value: branch.to_string() });
     }
     Ok(())
 }
@@ -525,10 +457,7 @@ fn parse_log(out: &[u8]) -> Result<Vec<(CommitInfo, String)>, String> {
         fields.pop();
     }
     if !fields.len().is_multiple_of(LOG_FIELDS) {
-        return Err(format!(
-            "{} NUL-separated fields, not a multiple of {LOG_FIELDS}",
-            fields.len()
-        ));
+        return Err(format!("{} NUL-separated fields, not a multiple of {LOG_FIELDS}", fields.len()));
     }
     let mut commits = Vec::new();
     for rec in fields.chunks(LOG_FIELDS) {
@@ -597,11 +526,7 @@ pub async fn poll(
         }
         result.heads.insert(branch, sha);
     }
-    result.deleted = known
-        .keys()
-        .filter(|b| !result.heads.contains_key(*b))
-        .cloned()
-        .collect();
+    result.deleted = known.keys().filter(|b| !result.heads.contains_key(*b)).cloned().collect();
     if changed.is_empty() {
         return Ok(result);
     }
@@ -638,10 +563,7 @@ mod tests {
 
     #[test]
     fn redacts_credentials() {
-        assert_eq!(
-            redact("fatal: 'https://me:tok@host/x.git' nope"),
-            "fatal: 'https://***@host/x.git' nope"
-        );
+        assert_eq!(redact("fatal: 'https://me:tok@host/x.git' nope"), "fatal: 'https://***@host/x.git' nope");
         assert_eq!(redact("https://host/x"), "https://host/x");
         assert_eq!(redact("no url"), "no url");
     }
@@ -657,10 +579,7 @@ mod tests {
         let v = parse_log(rec.as_bytes()).unwrap();
         assert_eq!(v[0].0.author, "N <e@x>");
         assert_eq!(v[0].0.message, "m|sg\n\nbody");
-        assert_eq!(
-            v[0].0.committed_at.to_rfc3339(),
-            "2024-01-02T02:04:05+00:00"
-        );
+        assert_eq!(v[0].0.committed_at.to_rfc3339(), "2024-01-02T02:04:05+00:00");
     }
 
     #[test]

@@ -30,28 +30,20 @@ pub enum WebhookError {
 }
 
 /// Check GitHub's `X-Hub-Signature-256` header (`sha256=<hex>`) against `body`, in constant time.
-pub fn verify_signature(
-    secret: &[u8],
-    body: &[u8],
-    header: Option<&str>,
-) -> Result<(), WebhookError> {
+pub fn verify_signature(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), WebhookError> {
     if secret.is_empty() {
         return Err(WebhookError::NoSecret);
     }
     let header = header.ok_or(WebhookError::MissingSignature)?.trim();
-    let hex_sig = header
-        .strip_prefix("sha256=")
-        .ok_or(WebhookError::MalformedSignature(
-            "expected a sha256= prefix",
-        ))?;
+    let hex_sig =
+        header.strip_prefix("sha256=").ok_or(WebhookError::MalformedSignature("expected a sha256= prefix"))?;
     let sig = hex::decode(hex_sig).map_err(|_| WebhookError::MalformedSignature("not hex"))?;
     if sig.len() != 32 {
         return Err(WebhookError::MalformedSignature("wrong length"));
     }
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| WebhookError::NoSecret)?;
     mac.update(body);
-    mac.verify_slice(&sig)
-        .map_err(|_| WebhookError::BadSignature)
+    mac.verify_slice(&sig).map_err(|_| WebhookError::BadSignature)
 }
 
 /// A push, as much of it as Paddock uses.
@@ -128,8 +120,7 @@ fn nonempty(s: Option<String>) -> Option<String> {
 
 impl RawCommit {
     fn into_commit(self) -> Result<CommitInfo, WebhookError> {
-        let revision =
-            nonempty(self.id).ok_or_else(|| WebhookError::Malformed("commit without id".into()))?;
+        let revision = nonempty(self.id).ok_or_else(|| WebhookError::Malformed("commit without id".into()))?;
         let ts = self.timestamp.unwrap_or_default();
         let committed_at = DateTime::parse_from_rfc3339(&ts)
             .map_err(|_| WebhookError::Malformed(format!("commit {revision}: bad timestamp")))?
@@ -138,11 +129,7 @@ impl RawCommit {
             Some(p) => (p.name.unwrap_or_default(), p.email.unwrap_or_default()),
             None => (String::new(), String::new()),
         };
-        let author = if email.is_empty() {
-            name
-        } else {
-            format!("{name} <{email}>")
-        };
+        let author = if email.is_empty() { name } else { format!("{name} <{email}>") };
         let mut seen = HashSet::new();
         let files = [self.added, self.modified, self.removed]
             .into_iter()
@@ -150,47 +137,23 @@ impl RawCommit {
             .flatten()
             .filter(|f| seen.insert(f.clone()))
             .collect();
-        Ok(CommitInfo {
-            revision,
-            author,
-            committed_at,
-            message: self.message.unwrap_or_default(),
-            files,
-        })
+        Ok(CommitInfo { revision, author, committed_at, message: self.message.unwrap_or_default(), files })
     }
 }
 
 /// Parse a GitHub `push` event body.
 pub fn parse_push(body: &[u8]) -> Result<PushEvent, WebhookError> {
-    let raw: RawPush =
-        serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
-    let git_ref = raw
-        .git_ref
-        .ok_or_else(|| WebhookError::Malformed("missing ref".into()))?;
-    let after = raw
-        .after
-        .ok_or_else(|| WebhookError::Malformed("missing after".into()))?;
-    let repo = raw
-        .repository
-        .ok_or_else(|| WebhookError::Malformed("missing repository".into()))?;
-    let branch = git_ref
-        .strip_prefix("refs/heads/")
-        .filter(|b| !b.is_empty())
-        .map(str::to_string);
-    let deleted =
-        raw.deleted.unwrap_or(false) || (!after.is_empty() && after.bytes().all(|b| b == b'0'));
+    let raw: RawPush = serde_json::from_slice(body).map_err(|e| WebhookError::Malformed(e.to_string()))?;
+    let git_ref = raw.git_ref.ok_or_else(|| WebhookError::Malformed("missing ref".into()))?;
+    let after = raw.after.ok_or_else(|| WebhookError::Malformed("missing after".into()))?;
+    let repo = raw.repository.ok_or_else(|| WebhookError::Malformed("missing repository".into()))?;
+    let branch = git_ref.strip_prefix("refs/heads/").filter(|b| !b.is_empty()).map(str::to_string);
+    let deleted = raw.deleted.unwrap_or(false) || (!after.is_empty() && after.bytes().all(|b| b == b'0'));
     let created = raw.created.unwrap_or(false);
-    let repo_names = [
-        repo.clone_url,
-        repo.html_url,
-        repo.ssh_url,
-        repo.git_url,
-        repo.full_name,
-        repo.name,
-    ]
-    .into_iter()
-    .filter_map(nonempty)
-    .collect();
+    let repo_names = [repo.clone_url, repo.html_url, repo.ssh_url, repo.git_url, repo.full_name, repo.name]
+        .into_iter()
+        .filter_map(nonempty)
+        .collect();
     let mut commits = Vec::new();
     if !deleted {
         for c in raw.commits.unwrap_or_default() {
@@ -202,15 +165,7 @@ pub fn parse_push(body: &[u8]) -> Result<PushEvent, WebhookError> {
             }
         }
     }
-    Ok(PushEvent {
-        branch,
-        after,
-        deleted,
-        created,
-        forced: raw.forced.unwrap_or(false),
-        repo_names,
-        commits,
-    })
+    Ok(PushEvent { branch, after, deleted, created, forced: raw.forced.unwrap_or(false), repo_names, commits })
 }
 
 /// A URL reduced to `(host, path)` for comparison; plain names and paths have an empty host.
@@ -272,10 +227,7 @@ pub fn repo_matches(config_url: &str, config_name: &str, ev: &PushEvent) -> bool
         return false;
     }
     // Only URL-like entries are compared as URLs; a bare `name` must not match a local path.
-    ev.repo_names
-        .iter()
-        .filter(|n| n.contains("://") || scp_like(n).is_some())
-        .any(|n| normalise_url(n) == want)
+    ev.repo_names.iter().filter(|n| n.contains("://") || scp_like(n).is_some()).any(|n| normalise_url(n) == want)
 }
 
 #[cfg(test)]
@@ -312,24 +264,15 @@ mod tests {
     fn bad_signature() {
         let body = b"payload";
         let h = sign(b"other secret", body);
-        assert_eq!(
-            verify_signature(SECRET, body, Some(&h)),
-            Err(WebhookError::BadSignature)
-        );
+        assert_eq!(verify_signature(SECRET, body, Some(&h)), Err(WebhookError::BadSignature));
         // Tampered body.
         let h = sign(SECRET, body);
-        assert_eq!(
-            verify_signature(SECRET, b"payload!", Some(&h)),
-            Err(WebhookError::BadSignature)
-        );
+        assert_eq!(verify_signature(SECRET, b"payload!", Some(&h)), Err(WebhookError::BadSignature));
     }
 
     #[test]
     fn missing_header() {
-        assert_eq!(
-            verify_signature(SECRET, b"x", None),
-            Err(WebhookError::MissingSignature)
-        );
+        assert_eq!(verify_signature(SECRET, b"x", None), Err(WebhookError::MissingSignature));
     }
 
     #[test]
@@ -339,16 +282,10 @@ mod tests {
         let sha1 = h.replacen("sha256=", "sha1=", 1);
         for bad in [sha1.as_str(), "sha256=zz", "sha256=abcd", "", "sha256="] {
             let err = verify_signature(SECRET, body, Some(bad)).unwrap_err();
-            assert!(
-                matches!(err, WebhookError::MalformedSignature(_)),
-                "{bad}: {err:?}"
-            );
+            assert!(matches!(err, WebhookError::MalformedSignature(_)), "{bad}: {err:?}");
             assert!(!err.to_string().contains("Secret"));
         }
-        assert_eq!(
-            verify_signature(b"", body, Some(&h)),
-            Err(WebhookError::NoSecret)
-        );
+        assert_eq!(verify_signature(b"", body, Some(&h)), Err(WebhookError::NoSecret));
     }
 
     fn push_payload() -> String {
@@ -451,9 +388,11 @@ mod tests {
 
     #[test]
     fn force_push_to_old_commit_uses_head() {
-        let body = push_payload()
-            .replace(r#""forced": false"#, r#""forced": true"#)
-            .replacen(r#""commits": ["#, r#""commits": [], "unused": ["#, 1);
+        let body = push_payload().replace(r#""forced": false"#, r#""forced": true"#).replacen(
+            r#""commits": ["#,
+            r#""commits": [], "unused": ["#,
+            1,
+        );
         let ev = parse_push(body.as_bytes()).unwrap();
         assert!(ev.forced);
         assert_eq!(ev.commits.len(), 1);
@@ -478,11 +417,7 @@ mod tests {
             br#"{"ref":"refs/heads/main","after":"x","repository":{},"commits":"no"}"#,
         ] {
             let r = parse_push(body);
-            assert!(
-                matches!(r, Err(WebhookError::Malformed(_))),
-                "{:?}",
-                String::from_utf8_lossy(body)
-            );
+            assert!(matches!(r, Err(WebhookError::Malformed(_))), "{:?}", String::from_utf8_lossy(body));
         }
     }
 
@@ -520,18 +455,9 @@ mod tests {
 
     #[test]
     fn normalisation() {
-        assert_eq!(
-            normalise_url("git@github.com:o/r.git"),
-            ("github.com".into(), "o/r".into())
-        );
-        assert_eq!(
-            normalise_url("https://Example.COM/O/R.git/"),
-            ("example.com".into(), "O/R".into())
-        );
+        assert_eq!(normalise_url("git@github.com:o/r.git"), ("github.com".into(), "o/r".into()));
+        assert_eq!(normalise_url("https://Example.COM/O/R.git/"), ("example.com".into(), "O/R".into()));
         assert_eq!(normalise_url("/srv/r.git"), (String::new(), "srv/r".into()));
-        assert_eq!(
-            normalise_url("file:///srv/r"),
-            (String::new(), "srv/r".into())
-        );
+        assert_eq!(normalise_url("file:///srv/r"), (String::new(), "srv/r".into()));
     }
 }

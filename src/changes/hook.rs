@@ -28,8 +28,7 @@ const MAX_LEN: usize = 1024;
 impl ChangeHook {
     /// Parse and validate a hook body.
     pub fn parse(body: &[u8]) -> Result<ChangeHook, String> {
-        let hook: ChangeHook =
-            serde_json::from_slice(body).map_err(|e| format!("malformed change: {e}"))?;
+        let hook: ChangeHook = serde_json::from_slice(body).map_err(|e| format!("malformed change: {e}"))?;
         hook.validate()?;
         Ok(hook)
     }
@@ -44,16 +43,10 @@ impl ChangeHook {
             return Err("repo is not a plausible name".into());
         }
         if !is_valid_ref_name(&self.branch) {
-            return Err(format!(
-                "branch {:?} is not a valid branch name",
-                self.branch
-            ));
+            return Err(format!("branch {:?} is not a valid branch name", self.branch));
         }
         if !is_hex_sha(&self.revision) && !is_valid_ref_name(&self.revision) {
-            return Err(format!(
-                "revision {:?} is neither a commit id nor a ref name",
-                self.revision
-            ));
+            return Err(format!("revision {:?} is neither a commit id nor a ref name", self.revision));
         }
         Ok(())
     }
@@ -79,9 +72,7 @@ pub fn is_valid_ref_name(s: &str) -> bool {
         && !s.contains("@{")
         && !s.contains("//")
         && s != "@"
-        && !s
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
+        && !s.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
         && s.split('/').all(|part| !part.starts_with('.'))
 }
 

@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 /// Units accepted by [`parse_duration`], quoted in every error so the fix is obvious.
-pub(crate) const ACCEPTED_UNITS: &str =
-    "accepted units: ms, s, m, h, d, combined like \"90s\", \"10m\", \"1h30m\"";
+pub(crate) const ACCEPTED_UNITS: &str = "accepted units: ms, s, m, h, d, combined like \"90s\", \"10m\", \"1h30m\"";
 
 /// Parse a duration such as `"90s"`, `"1h30m"` or `"500ms"`; bare numbers are rejected because
 /// their unit would be a guess.
@@ -15,21 +14,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total_ms: u64 = 0;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits_end = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits_end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits_end == 0 {
-            return Err(format!(
-                "invalid duration \"{s}\": expected a number at \"{rest}\"; {ACCEPTED_UNITS}"
-            ));
+            return Err(format!("invalid duration \"{s}\": expected a number at \"{rest}\"; {ACCEPTED_UNITS}"));
         }
-        let number: u64 = rest[..digits_end]
-            .parse()
-            .map_err(|_| format!("invalid duration \"{s}\": number too large"))?;
+        let number: u64 =
+            rest[..digits_end].parse().map_err(|_| format!("invalid duration \"{s}\": number too large"))?;
         rest = &rest[digits_end..];
-        let unit_end = rest
-            .find(|c: char| !c.is_ascii_alphabetic())
-            .unwrap_or(rest.len());
+        let unit_end = rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(rest.len());
         let unit = &rest[..unit_end];
         rest = &rest[unit_end..];
         let factor: u64 = match unit {
@@ -43,16 +35,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                     "invalid duration \"{s}\": no spaces allowed, write units as one letter or two; {ACCEPTED_UNITS}"
                 ))
             }
-            "" => {
-                return Err(format!(
-                    "invalid duration \"{s}\": missing unit after {number}; {ACCEPTED_UNITS}"
-                ))
-            }
-            other => {
-                return Err(format!(
-                    "invalid duration \"{s}\": unknown unit \"{other}\"; {ACCEPTED_UNITS}"
-                ))
-            }
+            "" => return Err(format!("invalid duration \"{s}\": missing unit after {number}; {ACCEPTED_UNITS}")),
+            other => return Err(format!("invalid duration \"{s}\": unknown unit \"{other}\"; {ACCEPTED_UNITS}")),
         };
         total_ms = number
             .checked_mul(factor)
@@ -69,13 +53,7 @@ pub(crate) fn format_duration(d: Duration) -> String {
         return "0s".to_string();
     }
     let mut out = String::new();
-    for (unit, size) in [
-        ("d", 86_400_000u128),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-        ("ms", 1),
-    ] {
+    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
         if ms >= size {
             out.push_str(&format!("{}{unit}", ms / size));
             ms %= size;
@@ -111,22 +89,11 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            "10 minutes",
-            "abc",
-            "1.5h",
-            "-1s",
-            "5x",
-            "h",
-            " 5s",
-            "99999999999999999999s",
-        ] {
+        for bad in ["10 minutes", "abc", "1.5h", "-1s", "5x", "h", " 5s", "99999999999999999999s"] {
             let e = parse_duration(bad).unwrap_err();
             assert!(e.contains("invalid duration"), "{bad}: {e}");
         }
-        assert!(parse_duration("10minutes")
-            .unwrap_err()
-            .contains("unknown unit"));
+        assert!(parse_duration("10minutes").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("213503982334601d").is_err());
     }
 

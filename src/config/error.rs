@@ -21,14 +21,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: error: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )?;
+        write!(f, "{}:{}:{}: error: {}", self.file.display(), self.line, self.column, self.message)?;
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
         }
@@ -50,11 +43,7 @@ pub(crate) struct Diag {
 impl Diag {
     /// An error at `span` without a hint.
     pub fn new(span: Range<usize>, message: impl Into<String>) -> Self {
-        Diag {
-            span,
-            message: message.into(),
-            hint: None,
-        }
+        Diag { span, message: message.into(), hint: None }
     }
 
     /// Attach a hint.
@@ -66,13 +55,7 @@ impl Diag {
     /// Locate the error in `text` (the contents of `file`).
     pub fn locate(self, file: &Path, text: &str) -> ConfigError {
         let (line, column) = line_col(text, self.span.start);
-        ConfigError {
-            file: file.to_path_buf(),
-            line,
-            column,
-            message: self.message,
-            hint: self.hint,
-        }
+        ConfigError { file: file.to_path_buf(), line, column, message: self.message, hint: self.hint }
     }
 }
 
@@ -111,9 +94,7 @@ mod tests {
 
     #[test]
     fn display_has_hint_on_second_line() {
-        let e = Diag::new(0..1, "bad")
-            .hint("fix it")
-            .locate(Path::new("p.toml"), "x");
+        let e = Diag::new(0..1, "bad").hint("fix it").locate(Path::new("p.toml"), "x");
         assert_eq!(e.to_string(), "p.toml:1:1: error: bad\n  hint: fix it");
     }
 }

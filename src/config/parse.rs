@@ -28,15 +28,8 @@ const MASTER_KEYS: &[&str] = &[
     "shutdown_grace",
 ];
 const REPO_KEYS: &[&str] = &["name", "url", "branches", "poll"];
-const POOL_KEYS: &[&str] = &[
-    "provisioner",
-    "max_instances",
-    "min_idle",
-    "idle_timeout",
-    "boot_timeout",
-    "max_builds",
-    "agent_command",
-];
+const POOL_KEYS: &[&str] =
+    &["provisioner", "max_instances", "min_idle", "idle_timeout", "boot_timeout", "max_builds", "agent_command"];
 const PROVISIONERS: &[&str] = &["local"];
 const BUILDER_KEYS: &[&str] = &["name", "repo", "pool", "branches", "matrix", "env", "steps"];
 const STEP_KEYS: &[&str] = &["run", "name", "env", "workdir", "timeout", "always"];
@@ -78,27 +71,20 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
                 Err(d) => errs.push(d),
             },
             "builder" => {
-                for node in keep(&mut errs, array_of_tables(e, "[[builder]]")).unwrap_or_default()
-                {
+                for node in keep(&mut errs, array_of_tables(e, "[[builder]]")).unwrap_or_default() {
                     builders.extend(keep(&mut errs, parse_builder(node, text)));
                 }
             }
             "scheduler" => {
-                for node in
-                    keep(&mut errs, array_of_tables(e, "[[scheduler]]")).unwrap_or_default()
-                {
+                for node in keep(&mut errs, array_of_tables(e, "[[scheduler]]")).unwrap_or_default() {
                     scheduler_index += 1;
                     schedulers.extend(keep(&mut errs, parse_scheduler(node, scheduler_index)));
                 }
             }
-            other => errs.push(
-                unknown_key(other, e.key_span.clone(), "the top level", TOP_KEYS).hint(format!(
-                    "{}the file has sections [master], [[repo]], [pool.NAME], [[builder]], [[scheduler]]",
-                    super::tree::closest(other, TOP_KEYS)
-                        .map(|b| format!("did you mean `{b}`? "))
-                        .unwrap_or_default()
-                )),
-            ),
+            other => errs.push(unknown_key(other, e.key_span.clone(), "the top level", TOP_KEYS).hint(format!(
+                "{}the file has sections [master], [[repo]], [pool.NAME], [[builder]], [[scheduler]]",
+                super::tree::closest(other, TOP_KEYS).map(|b| format!("did you mean `{b}`? ")).unwrap_or_default()
+            ))),
         }
     }
     if let Some(d) = earliest(errs) {
@@ -126,16 +112,12 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
     let mut seen_sched: HashMap<&str, Range<usize>> = HashMap::new();
     for s in &schedulers {
         if let Some(first) = seen_sched.get(s.name.v.as_str()) {
-            errs.push(
-                Diag::new(
-                    s.name.span.clone(),
-                    format!("duplicate scheduler name `{}`", s.name.v),
-                )
-                .hint(format!(
+            errs.push(Diag::new(s.name.span.clone(), format!("duplicate scheduler name `{}`", s.name.v)).hint(
+                format!(
                     "the first is at line {}; give each scheduler a distinct `name`",
                     line_col(text, first.start).0
-                )),
-            );
+                ),
+            ));
         } else {
             seen_sched.insert(&s.name.v, s.name.span.clone());
         }
@@ -177,11 +159,7 @@ fn array_of_tables<'a>(e: &'a Entry, what: &str) -> Result<Vec<&'a Node>, Diag> 
         Kind::Array(items) => Ok(items.iter().collect()),
         _ => Err(Diag::new(
             e.key_span.clone(),
-            format!(
-                "`{}` must be an array of tables, not {}",
-                e.key,
-                e.value.type_name()
-            ),
+            format!("`{}` must be an array of tables, not {}", e.key, e.value.type_name()),
         )
         .hint(format!("write {what} (double brackets) for each entry"))),
     }
@@ -192,10 +170,7 @@ fn pool_entries(e: &Entry) -> Result<&[Entry], Diag> {
         Kind::Table(entries) => Ok(entries),
         _ => Err(Diag::new(
             e.key_span.clone(),
-            format!(
-                "`pool` must be a table of named pools, not {}",
-                e.value.type_name()
-            ),
+            format!("`pool` must be a table of named pools, not {}", e.value.type_name()),
         )
         .hint("write one [pool.NAME] section per pool, e.g. [pool.small]")),
     }
@@ -237,22 +212,15 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
     let mut m = default_master(base)?;
     if let Some(url) = f.opt_str("url")? {
         m.listen = host_port(&url.v).map_err(|msg| {
-            Diag::new(url.span.clone(), format!("`url`: {msg}"))
-                .hint(format!("e.g. url = \"{DEFAULT_URL}\""))
+            Diag::new(url.span.clone(), format!("`url`: {msg}")).hint(format!("e.g. url = \"{DEFAULT_URL}\""))
         })?;
         m.url = url.v;
     }
     if let Some(listen) = f.opt_str("listen")? {
-        let ok = listen
-            .v
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        let ok = listen.v.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if !ok {
-            return Err(Diag::new(
-                listen.span,
-                format!("`listen` must be host:port, not \"{}\"", listen.v),
-            )
-            .hint("e.g. listen = \"0.0.0.0:8010\""));
+            return Err(Diag::new(listen.span, format!("`listen` must be host:port, not \"{}\"", listen.v))
+                .hint("e.g. listen = \"0.0.0.0:8010\""));
         }
         m.listen = listen.v;
     }
@@ -287,9 +255,7 @@ fn host_port(url: &str) -> Result<String, String> {
     } else if let Some(r) = url.strip_prefix("https://") {
         (r, 443)
     } else {
-        return Err(format!(
-            "must start with http:// or https://, got \"{url}\""
-        ));
+        return Err(format!("must start with http:// or https://, got \"{url}\""));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let authority = authority.rsplit('@').next().unwrap_or(authority);
@@ -312,9 +278,7 @@ fn host_port(url: &str) -> Result<String, String> {
         return Err(format!("no host in \"{url}\""));
     }
     let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .map_err(|_| format!("invalid port \"{p}\" in \"{url}\""))?,
+        Some(p) => p.parse::<u16>().map_err(|_| format!("invalid port \"{p}\" in \"{url}\""))?,
         None => default_port,
     };
     Ok(format!("{host}:{port}"))
@@ -326,15 +290,8 @@ fn host_port(url: &str) -> Result<String, String> {
 /// Join a relative path onto the config's folder; `.` components are dropped for readability.
 fn resolve(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
-    let joined = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    };
-    let cleaned: PathBuf = joined
-        .components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .collect();
+    let joined = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    let cleaned: PathBuf = joined.components().filter(|c| !matches!(c, Component::CurDir)).collect();
     if cleaned.as_os_str().is_empty() {
         PathBuf::from(".")
     } else {
@@ -347,9 +304,7 @@ fn resolve_repo_url(base: &Path, url: &str) -> String {
     let scp_like = url.split_once('@').is_some_and(|(user, rest)| {
         !user.is_empty()
             && !user.contains('/')
-            && rest
-                .split_once(':')
-                .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
+            && rest.split_once(':').is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
     });
     if url.contains("://") || scp_like {
         url.to_string()
@@ -360,10 +315,7 @@ fn resolve_repo_url(base: &Path, url: &str) -> String {
 
 /// A relative sqlite database file resolves against the config's folder; other URLs are kept.
 fn resolve_db(base: &Path, db: &str) -> String {
-    let Some(rest) = db
-        .strip_prefix("sqlite://")
-        .or_else(|| db.strip_prefix("sqlite:"))
-    else {
+    let Some(rest) = db.strip_prefix("sqlite://").or_else(|| db.strip_prefix("sqlite:")) else {
         return db.to_string();
     };
     let (file, query) = match rest.split_once('?') {
@@ -383,11 +335,8 @@ fn resolve_db(base: &Path, db: &str) -> String {
 
 fn check_glob(s: &Sp<String>, what: &str) -> Result<GlobMatcher, Diag> {
     Glob::new(&s.v).map(|g| g.compile_matcher()).map_err(|e| {
-        Diag::new(
-            s.span.clone(),
-            format!("invalid glob \"{}\" in `{what}`: {}", s.v, e.kind()),
-        )
-        .hint("globs use *, ?, [abc], {a,b} and ** (e.g. \"stable/*\", \"docs/**\")")
+        Diag::new(s.span.clone(), format!("invalid glob \"{}\" in `{what}`: {}", s.v, e.kind()))
+            .hint("globs use *, ?, [abc], {a,b} and ** (e.g. \"stable/*\", \"docs/**\")")
     })
 }
 
@@ -416,12 +365,10 @@ fn parse_repo(node: &Node, base: &Path) -> Result<RawRepo, Diag> {
         None => vec!["main".to_string()],
         Some(list) => {
             if list.is_empty() {
-                let span = f
-                    .get("branches")
-                    .map(|e| e.value.span.clone())
-                    .unwrap_or(f.span.clone());
-                return Err(Diag::new(span, "`branches` must list at least one branch")
-                    .hint("omit it to watch [\"main\"]"));
+                let span = f.get("branches").map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+                return Err(
+                    Diag::new(span, "`branches` must list at least one branch").hint("omit it to watch [\"main\"]")
+                );
             }
             globs(Some(list), "branches")?
         }
@@ -431,32 +378,18 @@ fn parse_repo(node: &Node, base: &Path) -> Result<RawRepo, Diag> {
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
     };
-    Ok(RawRepo {
-        repo: Repo {
-            name: name.v.clone(),
-            url: resolve_repo_url(base, &url.v),
-            branches,
-            poll,
-        },
-        name,
-    })
+    Ok(RawRepo { repo: Repo { name: name.v.clone(), url: resolve_repo_url(base, &url.v), branches, poll }, name })
 }
 
 fn check_repos(repos: &[RawRepo], text: &str, errs: &mut Vec<Diag>) {
     let mut seen: HashMap<&str, &Range<usize>> = HashMap::new();
     for r in repos {
         if let Some(first) = seen.get(r.name.v.as_str()) {
-            errs.push(
-                Diag::new(
-                    r.name.span.clone(),
-                    format!("duplicate repo name `{}`", r.name.v),
-                )
-                .hint(format!(
-                    "the first `{}` is at line {}; repo names must be unique",
-                    r.name.v,
-                    line_col(text, first.start).0
-                )),
-            );
+            errs.push(Diag::new(r.name.span.clone(), format!("duplicate repo name `{}`", r.name.v)).hint(format!(
+                "the first `{}` is at line {}; repo names must be unique",
+                r.name.v,
+                line_col(text, first.start).0
+            )));
         } else {
             seen.insert(&r.name.v, &r.name.span);
         }
@@ -474,23 +407,15 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
         None => ProvisionerKind::Local,
         Some(p) if p.v == "local" => ProvisionerKind::Local,
         Some(p) => {
-            return Err(Diag::new(
-                p.span,
-                format!("provisioner \"{}\" is not available in this build", p.v),
-            )
-            .hint(format!(
-                "available provisioners: {}",
-                PROVISIONERS.join(", ")
-            )))
+            return Err(Diag::new(p.span, format!("provisioner \"{}\" is not available in this build", p.v))
+                .hint(format!("available provisioners: {}", PROVISIONERS.join(", "))))
         }
     };
     let max_instances = f.opt_u32("max_instances")?;
     if let Some(m) = &max_instances {
         if m.v == 0 {
-            return Err(
-                Diag::new(m.span.clone(), "`max_instances` must be at least 1")
-                    .hint("a pool with no machines can never run a build"),
-            );
+            return Err(Diag::new(m.span.clone(), "`max_instances` must be at least 1")
+                .hint("a pool with no machines can never run a build"));
         }
     }
     let max_instances = max_instances.map(|m| m.v).unwrap_or(4);
@@ -499,10 +424,7 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
         if m.v > max_instances {
             return Err(Diag::new(
                 m.span.clone(),
-                format!(
-                    "`min_idle` ({}) is greater than `max_instances` ({max_instances})",
-                    m.v
-                ),
+                format!("`min_idle` ({}) is greater than `max_instances` ({max_instances})", m.v),
             )
             .hint("lower min_idle or raise max_instances"));
         }
@@ -512,12 +434,8 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
         provisioner,
         max_instances,
         min_idle: min_idle.map(|m| m.v).unwrap_or(0),
-        idle_timeout: f
-            .opt_duration("idle_timeout")?
-            .unwrap_or(Duration::from_secs(300)),
-        boot_timeout: f
-            .opt_duration("boot_timeout")?
-            .unwrap_or(Duration::from_secs(300)),
+        idle_timeout: f.opt_duration("idle_timeout")?.unwrap_or(Duration::from_secs(300)),
+        boot_timeout: f.opt_duration("boot_timeout")?.unwrap_or(Duration::from_secs(300)),
         max_builds: f.opt_u32("max_builds")?.map(|m| m.v).unwrap_or(0),
         agent_command: f.opt_str("agent_command")?.map(|p| resolve(base, &p.v)),
     })
@@ -561,8 +479,7 @@ fn parse_builder(node: &Node, text: &str) -> Result<RawBuilder, Diag> {
         Some(e) => parse_env(&e.value, "`env`")?,
     };
     let no_steps = |span: Range<usize>| {
-        Diag::new(span, format!("builder `{}` has no steps", name.v))
-            .hint("add e.g. steps = [\"make test\"]")
+        Diag::new(span, format!("builder `{}` has no steps", name.v)).hint("add e.g. steps = [\"make test\"]")
     };
     let steps = match f.get("steps") {
         None => return Err(no_steps(f.span.clone())),
@@ -571,10 +488,7 @@ fn parse_builder(node: &Node, text: &str) -> Result<RawBuilder, Diag> {
             if items.is_empty() {
                 return Err(no_steps(e.value.span.clone()));
             }
-            items
-                .iter()
-                .map(parse_step)
-                .collect::<Result<Vec<_>, _>>()?
+            items.iter().map(parse_step).collect::<Result<Vec<_>, _>>()?
         }
     };
     let axis_names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
@@ -591,37 +505,21 @@ fn parse_builder(node: &Node, text: &str) -> Result<RawBuilder, Diag> {
     for s in templated {
         template::check(s, &axis_names, text)?;
     }
-    Ok(RawBuilder {
-        name,
-        repo,
-        pool,
-        branches,
-        axes,
-        env,
-        steps,
-    })
+    Ok(RawBuilder { name, repo, pool, branches, axes, env, steps })
 }
 
 fn parse_matrix(node: &Node) -> Result<Vec<(String, Vec<String>)>, Diag> {
-    let entries = node
-        .table("`matrix`")
-        .map_err(|d| d.hint("write matrix = { axis = [\"a\", \"b\"] }"))?;
+    let entries = node.table("`matrix`").map_err(|d| d.hint("write matrix = { axis = [\"a\", \"b\"] }"))?;
     let mut axes = Vec::new();
     for e in entries {
         if !template::is_ident(&e.key) || e.key == "secret" {
-            return Err(Diag::new(
-                e.key_span.clone(),
-                format!("invalid matrix axis name `{}`", e.key),
-            )
-            .hint("axis names start with a letter or _ and contain letters, digits, _ or -"));
+            return Err(Diag::new(e.key_span.clone(), format!("invalid matrix axis name `{}`", e.key))
+                .hint("axis names start with a letter or _ and contain letters, digits, _ or -"));
         }
         let values = e.value.array(&format!("matrix axis `{}`", e.key))?;
         if values.is_empty() {
-            return Err(Diag::new(
-                e.value.span.clone(),
-                format!("matrix axis `{}` has no values", e.key),
-            )
-            .hint("list at least one value, or remove the axis"));
+            return Err(Diag::new(e.value.span.clone(), format!("matrix axis `{}` has no values", e.key))
+                .hint("list at least one value, or remove the axis"));
         }
         let mut out = Vec::new();
         for v in values {
@@ -632,21 +530,14 @@ fn parse_matrix(node: &Node) -> Result<Vec<(String, Vec<String>)>, Diag> {
                 Kind::Float => {
                     return Err(Diag::new(
                         v.span.clone(),
-                        format!(
-                            "matrix values must be strings, not a float (axis `{}`)",
-                            e.key
-                        ),
+                        format!("matrix values must be strings, not a float (axis `{}`)", e.key),
                     )
                     .hint("quote version numbers so 3.10 stays \"3.10\""))
                 }
                 _ => {
                     return Err(Diag::new(
                         v.span.clone(),
-                        format!(
-                            "matrix values must be strings, not {} (axis `{}`)",
-                            v.type_name(),
-                            e.key
-                        ),
+                        format!("matrix values must be strings, not {} (axis `{}`)", v.type_name(), e.key),
                     ))
                 }
             });
@@ -657,9 +548,7 @@ fn parse_matrix(node: &Node) -> Result<Vec<(String, Vec<String>)>, Diag> {
 }
 
 fn parse_env(node: &Node, what: &str) -> Result<Vec<(String, Sp<String>)>, Diag> {
-    let entries = node
-        .table(what)
-        .map_err(|d| d.hint("write env = { NAME = \"value\" }"))?;
+    let entries = node.table(what).map_err(|d| d.hint("write env = { NAME = \"value\" }"))?;
     entries
         .iter()
         .map(|e| {
@@ -673,17 +562,11 @@ fn parse_step(node: &Node) -> Result<RawStep, Diag> {
     match &node.kind {
         Kind::Str(s) => {
             if s.trim().is_empty() {
-                return Err(Diag::new(
-                    node.span.clone(),
-                    "a step's command must not be empty",
-                ));
+                return Err(Diag::new(node.span.clone(), "a step's command must not be empty"));
             }
             Ok(RawStep {
                 name: None,
-                run: Sp {
-                    v: s.clone(),
-                    span: node.span.clone(),
-                },
+                run: Sp { v: s.clone(), span: node.span.clone() },
                 env: Vec::new(),
                 workdir: None,
                 timeout: DEFAULT_STEP_TIMEOUT,
@@ -707,10 +590,7 @@ fn parse_step(node: &Node) -> Result<RawStep, Diag> {
         }
         _ => Err(Diag::new(
             node.span.clone(),
-            format!(
-                "each step must be a string or a table, not {}",
-                node.type_name()
-            ),
+            format!("each step must be a string or a table, not {}", node.type_name()),
         )
         .hint("e.g. steps = [\"make\", { run = \"make test\", timeout = \"20m\" }]")),
     }
@@ -751,11 +631,7 @@ fn describe_cell(cell: &[(String, String)]) -> String {
 }
 
 fn short_name(run: &str) -> String {
-    let first = run
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or(run)
-        .trim();
+    let first = run.lines().find(|l| !l.trim().is_empty()).unwrap_or(run).trim();
     let mut name: String = first.chars().take(40).collect();
     if first.chars().count() > 40 || run.trim().lines().count() > 1 {
         name.push('…');
@@ -819,11 +695,7 @@ fn expand_all(raws: &[RawBuilder], text: &str, errs: &mut Vec<Diag>) -> Vec<Expa
                     repo: raw.repo.v.clone(),
                     pool: raw.pool.v.clone(),
                     branches: raw.branches.clone(),
-                    env: raw
-                        .env
-                        .iter()
-                        .map(|(k, v)| (k.clone(), sub(&v.v)))
-                        .collect(),
+                    env: raw.env.iter().map(|(k, v)| (k.clone(), sub(&v.v))).collect(),
                     cell: map.clone(),
                     steps,
                 },
@@ -848,12 +720,7 @@ fn parse_scheduler(node: &Node, index: usize) -> Result<RawScheduler, Diag> {
     let f = Fields::new(node, "[[scheduler]]")?;
     if f.get("kind").is_none() {
         // Without a kind we cannot tell which keys belong; a misspelt `kind` is the likely cause.
-        let every: Vec<&str> = SCHEDULER_COMMON_KEYS
-            .iter()
-            .chain(BRANCH_KEYS)
-            .chain(NIGHTLY_KEYS)
-            .copied()
-            .collect();
+        let every: Vec<&str> = SCHEDULER_COMMON_KEYS.iter().chain(BRANCH_KEYS).chain(NIGHTLY_KEYS).copied().collect();
         f.allow_only(&every)?;
     }
     let kind = f.req_str("kind", "\"branch\"")?;
@@ -861,11 +728,8 @@ fn parse_scheduler(node: &Node, index: usize) -> Result<RawScheduler, Diag> {
         "branch" => (BRANCH_KEYS, NIGHTLY_KEYS, "nightly"),
         "nightly" => (NIGHTLY_KEYS, BRANCH_KEYS, "branch"),
         _ => {
-            return Err(Diag::new(
-                kind.span.clone(),
-                format!("unknown scheduler kind \"{}\"", kind.v),
-            )
-            .hint(format!("valid kinds: {}", SCHEDULER_KINDS.join(", "))))
+            return Err(Diag::new(kind.span.clone(), format!("unknown scheduler kind \"{}\"", kind.v))
+                .hint(format!("valid kinds: {}", SCHEDULER_KINDS.join(", "))))
         }
     };
     let allowed: Vec<&str> = SCHEDULER_COMMON_KEYS.iter().chain(own).copied().collect();
@@ -874,51 +738,31 @@ fn parse_scheduler(node: &Node, index: usize) -> Result<RawScheduler, Diag> {
             continue;
         }
         if other.contains(&e.key.as_str()) {
-            return Err(Diag::new(
-                e.key_span.clone(),
-                format!("`{}` is not valid for a {} scheduler", e.key, kind.v),
-            )
-            .hint(format!(
-                "`{}` belongs to kind = \"{other_kind}\"; {} schedulers accept: {}",
-                e.key,
-                kind.v,
-                allowed.join(", ")
-            )));
+            return Err(Diag::new(e.key_span.clone(), format!("`{}` is not valid for a {} scheduler", e.key, kind.v))
+                .hint(format!(
+                    "`{}` belongs to kind = \"{other_kind}\"; {} schedulers accept: {}",
+                    e.key,
+                    kind.v,
+                    allowed.join(", ")
+                )));
         }
-        return Err(unknown_key(
-            &e.key,
-            e.key_span.clone(),
-            &format!("a {} [[scheduler]]", kind.v),
-            &allowed,
-        ));
+        return Err(unknown_key(&e.key, e.key_span.clone(), &format!("a {} [[scheduler]]", kind.v), &allowed));
     }
     let name = match f.opt_str("name")? {
-        Some(n) if n.v.trim().is_empty() => {
-            return Err(Diag::new(n.span, "`name` must not be empty"))
-        }
+        Some(n) if n.v.trim().is_empty() => return Err(Diag::new(n.span, "`name` must not be empty")),
         Some(n) => n,
-        None => Sp {
-            v: format!("{}-{index}", kind.v),
-            span: f.span.clone(),
-        },
+        None => Sp { v: format!("{}-{index}", kind.v), span: f.span.clone() },
     };
     let repo = f.req_nonempty("repo", "\"myproject\"")?;
     let branches = globs(f.opt_str_array("branches")?, "branches")?;
     let builders = match f.opt_str_array("builders")? {
         None => {
-            return Err(Diag::new(
-                f.span.clone(),
-                "missing required key `builders` in [[scheduler]]",
-            )
-            .hint("add e.g. builders = [\"*\"] (names or globs of builders)"))
+            return Err(Diag::new(f.span.clone(), "missing required key `builders` in [[scheduler]]")
+                .hint("add e.g. builders = [\"*\"] (names or globs of builders)"))
         }
         Some(b) if b.is_empty() => {
-            let span = f
-                .get("builders")
-                .map(|e| e.value.span.clone())
-                .unwrap_or(f.span.clone());
-            return Err(Diag::new(span, "`builders` must list at least one builder")
-                .hint("e.g. builders = [\"*\"]"));
+            let span = f.get("builders").map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+            return Err(Diag::new(span, "`builders` must list at least one builder").hint("e.g. builders = [\"*\"]"));
         }
         Some(b) => {
             for p in &b {
@@ -936,42 +780,25 @@ fn parse_scheduler(node: &Node, index: usize) -> Result<RawScheduler, Diag> {
         _ => {
             let cron = f.req_str("cron", "\"0 3 * * *\"")?;
             check_cron(&cron)?;
-            SchedulerKind::Nightly {
-                cron: cron.v,
-                only_if_changed: f.opt_bool("only_if_changed")?.unwrap_or(false),
-            }
+            SchedulerKind::Nightly { cron: cron.v, only_if_changed: f.opt_bool("only_if_changed")?.unwrap_or(false) }
         }
     };
-    Ok(RawScheduler {
-        name,
-        repo,
-        branches,
-        builders,
-        kind,
-    })
+    Ok(RawScheduler { name, repo, branches, builders, kind })
 }
 
 fn check_cron(cron: &Sp<String>) -> Result<(), Diag> {
-    const HINT: &str =
-        "5 fields, UTC: minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\" for 03:00 daily";
+    const HINT: &str = "5 fields, UTC: minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\" for 03:00 daily";
     let fields = cron.v.split_whitespace().count();
     if fields != 5 {
         return Err(Diag::new(
             cron.span.clone(),
-            format!(
-                "invalid cron \"{}\": expected 5 fields, found {fields}",
-                cron.v
-            ),
+            format!("invalid cron \"{}\": expected 5 fields, found {fields}", cron.v),
         )
         .hint(HINT));
     }
-    croner::Cron::new(&cron.v).parse().map_err(|e| {
-        Diag::new(
-            cron.span.clone(),
-            format!("invalid cron \"{}\": {e}", cron.v),
-        )
-        .hint(HINT)
-    })?;
+    croner::Cron::new(&cron.v)
+        .parse()
+        .map_err(|e| Diag::new(cron.span.clone(), format!("invalid cron \"{}\": {e}", cron.v)).hint(HINT))?;
     Ok(())
 }
 
@@ -988,10 +815,7 @@ fn resolve_scheduler(s: &RawScheduler, builders: &[Expanded]) -> Result<Schedule
     let all: Vec<&str> = builders.iter().map(|b| b.builder.name.as_str()).collect();
     for pat in &s.builders {
         let matcher = check_glob(pat, "builders")?;
-        let matched: Vec<&Expanded> = builders
-            .iter()
-            .filter(|b| matcher.is_match(&b.builder.name))
-            .collect();
+        let matched: Vec<&Expanded> = builders.iter().filter(|b| matcher.is_match(&b.builder.name)).collect();
         if matched.is_empty() {
             let mut hint = String::new();
             if let Some(best) = super::tree::closest(&pat.v, &all) {
@@ -1007,17 +831,11 @@ fn resolve_scheduler(s: &RawScheduler, builders: &[Expanded]) -> Result<Schedule
                     if all.len() > shown.len() { ", …" } else { "" }
                 ));
             }
-            return Err(Diag::new(
-                pat.span.clone(),
-                format!("builder pattern \"{}\" matches no builder", pat.v),
-            )
-            .hint(hint));
+            return Err(
+                Diag::new(pat.span.clone(), format!("builder pattern \"{}\" matches no builder", pat.v)).hint(hint)
+            );
         }
-        let same_repo: Vec<&Expanded> = matched
-            .iter()
-            .copied()
-            .filter(|b| b.builder.repo == s.repo.v)
-            .collect();
+        let same_repo: Vec<&Expanded> = matched.iter().copied().filter(|b| b.builder.repo == s.repo.v).collect();
         let wrong_repo = matched.iter().find(|b| b.builder.repo != s.repo.v);
         if let (true, Some(b)) = (same_repo.is_empty() || !has_glob_meta(&pat.v), wrong_repo) {
             return Err(Diag::new(
@@ -1050,14 +868,8 @@ mod tests {
 
     #[test]
     fn host_port_defaults() {
-        assert_eq!(
-            host_port("http://127.0.0.1:8010").unwrap(),
-            "127.0.0.1:8010"
-        );
-        assert_eq!(
-            host_port("https://ci.example.com/x").unwrap(),
-            "ci.example.com:443"
-        );
+        assert_eq!(host_port("http://127.0.0.1:8010").unwrap(), "127.0.0.1:8010");
+        assert_eq!(host_port("https://ci.example.com/x").unwrap(), "ci.example.com:443");
         assert_eq!(host_port("http://[::1]:9/").unwrap(), "[::1]:9");
         assert!(host_port("ftp://x").is_err());
         assert!(host_port("http://").is_err());
@@ -1069,10 +881,7 @@ mod tests {
         let b = Path::new("/etc/ci");
         assert_eq!(resolve_repo_url(b, "./demo"), "/etc/ci/demo");
         assert_eq!(resolve_repo_url(b, "/srv/r.git"), "/srv/r.git");
-        assert_eq!(
-            resolve_repo_url(b, "git@github.com:a/b.git"),
-            "git@github.com:a/b.git"
-        );
+        assert_eq!(resolve_repo_url(b, "git@github.com:a/b.git"), "git@github.com:a/b.git");
         assert_eq!(resolve_repo_url(b, "file:///x"), "file:///x");
     }
 
@@ -1080,10 +889,7 @@ mod tests {
     fn databases() {
         let b = Path::new("/etc/ci");
         assert_eq!(resolve_db(b, "sqlite://p.db"), "sqlite:///etc/ci/p.db");
-        assert_eq!(
-            resolve_db(b, "sqlite:p.db?mode=rwc"),
-            "sqlite:///etc/ci/p.db?mode=rwc"
-        );
+        assert_eq!(resolve_db(b, "sqlite:p.db?mode=rwc"), "sqlite:///etc/ci/p.db?mode=rwc");
         assert_eq!(resolve_db(b, "sqlite:///abs.db"), "sqlite:///abs.db");
         assert_eq!(resolve_db(b, "sqlite::memory:"), "sqlite::memory:");
         assert_eq!(resolve_db(b, "postgres://h/db"), "postgres://h/db");

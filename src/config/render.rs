@@ -60,11 +60,7 @@ pub fn render_builders(cfg: &Config) -> String {
         let kind = match p.provisioner {
             ProvisionerKind::Local => "local",
         };
-        let max_builds = if p.max_builds == 0 {
-            "unlimited".to_string()
-        } else {
-            p.max_builds.to_string()
-        };
+        let max_builds = if p.max_builds == 0 { "unlimited".to_string() } else { p.max_builds.to_string() };
         let _ = writeln!(
             out,
             "  {}: {kind}, max_instances {}, min_idle {}, idle_timeout {}, boot_timeout {}, builds per machine {max_builds}",
@@ -81,11 +77,7 @@ pub fn render_builders(cfg: &Config) -> String {
     let _ = writeln!(out, "schedulers ({}):", cfg.schedulers.len());
     for s in &cfg.schedulers {
         let detail = match &s.kind {
-            SchedulerKind::Branch {
-                tree_stable,
-                files,
-                ignore,
-            } => {
+            SchedulerKind::Branch { tree_stable, files, ignore } => {
                 let mut d = "branch".to_string();
                 if let Some(t) = tree_stable {
                     d.push_str(&format!(", tree_stable {}", format_duration(*t)));
@@ -98,25 +90,11 @@ pub fn render_builders(cfg: &Config) -> String {
                 }
                 d
             }
-            SchedulerKind::Nightly {
-                cron,
-                only_if_changed,
-            } => format!(
-                "nightly, cron \"{cron}\"{}",
-                if *only_if_changed {
-                    ", only if changed"
-                } else {
-                    ""
-                }
-            ),
+            SchedulerKind::Nightly { cron, only_if_changed } => {
+                format!("nightly, cron \"{cron}\"{}", if *only_if_changed { ", only if changed" } else { "" })
+            }
         };
-        let _ = writeln!(
-            out,
-            "  {}: {detail}; repo {}, branches {}",
-            s.name,
-            s.repo,
-            list(&s.branches, "all")
-        );
+        let _ = writeln!(out, "  {}: {detail}; repo {}, branches {}", s.name, s.repo, list(&s.branches, "all"));
         let _ = writeln!(out, "    builders: {}", s.builders.join(", "));
     }
     out

@@ -58,11 +58,7 @@ pub(crate) fn check(s: &Sp<String>, axes: &[&str], src: &str) -> Result<(), Diag
             hint.push_str(&format!("matrix axes here: {}", axes.join(", ")));
         }
         hint.push_str("; secrets are written {secret:NAME}");
-        return Err(Diag::new(
-            span,
-            format!("unknown placeholder `{{{name}}}`: it is not a matrix axis"),
-        )
-        .hint(hint));
+        return Err(Diag::new(span, format!("unknown placeholder `{{{name}}}`: it is not a matrix axis")).hint(hint));
     }
     Ok(())
 }

@@ -48,8 +48,7 @@ pub(crate) struct Entry {
 pub(crate) fn parse_tree(text: &str) -> Result<Vec<Entry>, Diag> {
     let doc = toml_edit::ImDocument::parse(text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        Diag::new(span, format!("invalid TOML: {}", e.message().trim()))
-            .hint("see https://toml.io for the syntax")
+        Diag::new(span, format!("invalid TOML: {}", e.message().trim())).hint("see https://toml.io for the syntax")
     })?;
     Ok(table_entries(doc.as_table(), 0..0))
 }
@@ -57,15 +56,8 @@ pub(crate) fn parse_tree(text: &str) -> Result<Vec<Entry>, Diag> {
 fn table_entries(t: &toml_edit::Table, fallback: Range<usize>) -> Vec<Entry> {
     t.iter()
         .map(|(k, item)| {
-            let key_span = t
-                .key(k)
-                .and_then(|key| key.span())
-                .unwrap_or_else(|| fallback.clone());
-            Entry {
-                key: k.to_string(),
-                value: from_item(item, key_span.clone()),
-                key_span,
-            }
+            let key_span = t.key(k).and_then(|key| key.span()).unwrap_or_else(|| fallback.clone());
+            Entry { key: k.to_string(), value: from_item(item, key_span.clone()), key_span }
         })
         .collect()
 }
@@ -73,15 +65,8 @@ fn table_entries(t: &toml_edit::Table, fallback: Range<usize>) -> Vec<Entry> {
 fn inline_entries(t: &toml_edit::InlineTable, fallback: Range<usize>) -> Vec<Entry> {
     t.iter()
         .map(|(k, v)| {
-            let key_span = t
-                .key(k)
-                .and_then(|key| key.span())
-                .unwrap_or_else(|| fallback.clone());
-            Entry {
-                key: k.to_string(),
-                value: from_value(v, key_span.clone()),
-                key_span,
-            }
+            let key_span = t.key(k).and_then(|key| key.span()).unwrap_or_else(|| fallback.clone());
+            Entry { key: k.to_string(), value: from_value(v, key_span.clone()), key_span }
         })
         .collect()
 }
@@ -91,10 +76,7 @@ fn from_item(item: &toml_edit::Item, fallback: Range<usize>) -> Node {
         toml_edit::Item::Value(v) => from_value(v, fallback),
         toml_edit::Item::Table(t) => {
             let span = t.span().unwrap_or_else(|| fallback.clone());
-            Node {
-                kind: Kind::Table(table_entries(t, span.clone())),
-                span,
-            }
+            Node { kind: Kind::Table(table_entries(t, span.clone())), span }
         }
         toml_edit::Item::ArrayOfTables(a) => {
             let span = a.span().unwrap_or_else(|| fallback.clone());
@@ -102,23 +84,14 @@ fn from_item(item: &toml_edit::Item, fallback: Range<usize>) -> Node {
                 .iter()
                 .map(|t| {
                     let ts = t.span().unwrap_or_else(|| span.clone());
-                    Node {
-                        kind: Kind::Table(table_entries(t, ts.clone())),
-                        span: ts,
-                    }
+                    Node { kind: Kind::Table(table_entries(t, ts.clone())), span: ts }
                 })
                 .collect();
             // The first table header is a better anchor than the whole array.
             let span = items.first().map(|n: &Node| n.span.clone()).unwrap_or(span);
-            Node {
-                kind: Kind::Array(items),
-                span,
-            }
+            Node { kind: Kind::Array(items), span }
         }
-        toml_edit::Item::None => Node {
-            kind: Kind::Table(Vec::new()),
-            span: fallback,
-        },
+        toml_edit::Item::None => Node { kind: Kind::Table(Vec::new()), span: fallback },
     }
 }
 
@@ -130,9 +103,7 @@ fn from_value(v: &toml_edit::Value, fallback: Range<usize>) -> Node {
         toml_edit::Value::Float(_) => Kind::Float,
         toml_edit::Value::Boolean(b) => Kind::Bool(*b.value()),
         toml_edit::Value::Datetime(_) => Kind::Datetime,
-        toml_edit::Value::Array(a) => {
-            Kind::Array(a.iter().map(|x| from_value(x, span.clone())).collect())
-        }
+        toml_edit::Value::Array(a) => Kind::Array(a.iter().map(|x| from_value(x, span.clone())).collect()),
         toml_edit::Value::InlineTable(t) => Kind::Table(inline_entries(t, span.clone())),
     };
     Node { span, kind }
@@ -153,35 +124,22 @@ impl Node {
     }
 
     fn wrong_type(&self, what: &str, expected: &str) -> Diag {
-        Diag::new(
-            self.span.clone(),
-            format!("{what} must be {expected}, not {}", self.type_name()),
-        )
+        Diag::new(self.span.clone(), format!("{what} must be {expected}, not {}", self.type_name()))
     }
 
     /// This value as a string.
     pub fn str(&self, what: &str) -> Result<Sp<String>, Diag> {
         match &self.kind {
-            Kind::Str(s) => Ok(Sp {
-                v: s.clone(),
-                span: self.span.clone(),
-            }),
-            _ => Err(self
-                .wrong_type(what, "a string")
-                .hint("quote the value: \"...\"")),
+            Kind::Str(s) => Ok(Sp { v: s.clone(), span: self.span.clone() }),
+            _ => Err(self.wrong_type(what, "a string").hint("quote the value: \"...\"")),
         }
     }
 
     /// This value as an array of strings.
     pub fn str_array(&self, what: &str) -> Result<Vec<Sp<String>>, Diag> {
         match &self.kind {
-            Kind::Array(items) => items
-                .iter()
-                .map(|n| n.str(&format!("each item of {what}")))
-                .collect(),
-            _ => Err(self
-                .wrong_type(what, "an array of strings")
-                .hint("write it as [\"a\", \"b\"]")),
+            Kind::Array(items) => items.iter().map(|n| n.str(&format!("each item of {what}"))).collect(),
+            _ => Err(self.wrong_type(what, "an array of strings").hint("write it as [\"a\", \"b\"]")),
         }
     }
 
@@ -216,11 +174,7 @@ impl<'a> Fields<'a> {
     pub fn new(node: &'a Node, what: impl Into<String>) -> Result<Self, Diag> {
         let what = what.into();
         let entries = node.table(&what)?;
-        Ok(Fields {
-            what,
-            span: node.span.clone(),
-            entries,
-        })
+        Ok(Fields { what, span: node.span.clone(), entries })
     }
 
     /// Reject the first key (in file order) not in `allowed`.
@@ -239,11 +193,8 @@ impl<'a> Fields<'a> {
     }
 
     fn missing(&self, key: &str, example: &str) -> Diag {
-        Diag::new(
-            self.span.clone(),
-            format!("missing required key `{key}` in {}", self.what),
-        )
-        .hint(format!("add `{key} = {example}`"))
+        Diag::new(self.span.clone(), format!("missing required key `{key}` in {}", self.what))
+            .hint(format!("add `{key} = {example}`"))
     }
 
     /// A required string.
@@ -265,16 +216,12 @@ impl<'a> Fields<'a> {
 
     /// An optional string.
     pub fn opt_str(&self, key: &str) -> Result<Option<Sp<String>>, Diag> {
-        self.get(key)
-            .map(|e| e.value.str(&format!("`{key}`")))
-            .transpose()
+        self.get(key).map(|e| e.value.str(&format!("`{key}`"))).transpose()
     }
 
     /// An optional array of strings.
     pub fn opt_str_array(&self, key: &str) -> Result<Option<Vec<Sp<String>>>, Diag> {
-        self.get(key)
-            .map(|e| e.value.str_array(&format!("`{key}`")))
-            .transpose()
+        self.get(key).map(|e| e.value.str_array(&format!("`{key}`"))).transpose()
     }
 
     /// An optional boolean.
@@ -283,10 +230,7 @@ impl<'a> Fields<'a> {
             None => Ok(None),
             Some(e) => match e.value.kind {
                 Kind::Bool(b) => Ok(Some(b)),
-                _ => Err(e
-                    .value
-                    .wrong_type(&format!("`{key}`"), "a boolean")
-                    .hint("use true or false (unquoted)")),
+                _ => Err(e.value.wrong_type(&format!("`{key}`"), "a boolean").hint("use true or false (unquoted)")),
             },
         }
     }
@@ -296,19 +240,9 @@ impl<'a> Fields<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(e) => match e.value.kind {
-                Kind::Int(i) => u32::try_from(i)
-                    .map(|v| {
-                        Some(Sp {
-                            v,
-                            span: e.value.span.clone(),
-                        })
-                    })
-                    .map_err(|_| {
-                        Diag::new(
-                            e.value.span.clone(),
-                            format!("`{key}` must be between 0 and {}, not {i}", u32::MAX),
-                        )
-                    }),
+                Kind::Int(i) => u32::try_from(i).map(|v| Some(Sp { v, span: e.value.span.clone() })).map_err(|_| {
+                    Diag::new(e.value.span.clone(), format!("`{key}` must be between 0 and {}, not {i}", u32::MAX))
+                }),
                 _ => Err(e
                     .value
                     .wrong_type(&format!("`{key}`"), "an integer")

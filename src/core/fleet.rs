@@ -92,11 +92,7 @@ impl MachineState {
 pub enum FleetEvent {
     /// A build attempt is waiting for a machine of `pool`. `front` puts it at the head of the
     /// queue (retries keep their place in line).
-    BuildQueued {
-        build: BuildId,
-        pool: String,
-        front: bool,
-    },
+    BuildQueued { build: BuildId, pool: String, front: bool },
     /// A queued build was cancelled before it started (no-op if it is not queued).
     BuildCancelled { build: BuildId },
     /// The provisioner started the machine (`Requested` -> `Booting`).
@@ -137,10 +133,7 @@ pub enum FleetAction {
     /// attempt (the shell feeds `BuildQueued { front: true }` for it).
     Retry { build: BuildId, reason: String },
     /// Record the machine's new state (persist it; a machine event for the cost meter).
-    SetState {
-        machine: MachineId,
-        state: MachineState,
-    },
+    SetState { machine: MachineId, state: MachineState },
 }
 
 /// The fleet state machine. See the module docs.
@@ -195,32 +188,17 @@ struct Pool {
 
 impl Pool {
     fn new(spec: PoolSpec) -> Pool {
-        Pool {
-            spec,
-            queue: VecDeque::new(),
-            queued_len: 0,
-            idle: BTreeSet::new(),
-            starting: 0,
-            busy: 0,
-            live: 0,
-        }
+        Pool { spec, queue: VecDeque::new(), queued_len: 0, idle: BTreeSet::new(), starting: 0, busy: 0, live: 0 }
     }
 }
 
 fn is_starting(s: MachineState) -> bool {
-    matches!(
-        s,
-        MachineState::Requested | MachineState::Launching | MachineState::Booting
-    )
+    matches!(s, MachineState::Requested | MachineState::Launching | MachineState::Booting)
 }
 
 impl Fleet {
     /// A fleet with these pools and no machines; new machine ids count up from `first_machine_id`.
-    pub fn new(
-        pools: Vec<PoolSpec>,
-        heartbeat_timeout: Duration,
-        first_machine_id: MachineId,
-    ) -> Fleet {
+    pub fn new(pools: Vec<PoolSpec>, heartbeat_timeout: Duration, first_machine_id: MachineId) -> Fleet {
         let mut fleet = Fleet {
             pools: Vec::new(),
             pool_index: HashMap::new(),
@@ -236,9 +214,7 @@ impl Fleet {
         for spec in pools {
             // First definition wins; config validation rejects duplicates anyway.
             if !fleet.pool_index.contains_key(&spec.name) {
-                fleet
-                    .pool_index
-                    .insert(spec.name.clone(), fleet.pools.len());
+                fleet.pool_index.insert(spec.name.clone(), fleet.pools.len());
                 fleet.pools.push(Pool::new(spec));
             }
         }
@@ -275,11 +251,7 @@ impl Fleet {
         };
         let pool = &mut self.pools[p];
         pool.live += 1;
-        let build = if state == MachineState::Busy {
-            build
-        } else {
-            None
-        };
+        let build = if state == MachineState::Busy { build } else { None };
         match state {
             s if is_starting(s) => pool.starting += 1,
             MachineState::Idle => {
@@ -341,8 +313,7 @@ impl Fleet {
                     // dominate so a pool nobody serves cannot grow without bound.
                     if pool.queue.len() > 2 * pool.queued_len + 64 {
                         let queued = &self.queued;
-                        pool.queue
-                            .retain(|(b, s)| queued.get(b).map(|&(_, qs)| qs) == Some(*s));
+                        pool.queue.retain(|(b, s)| queued.get(b).map(|&(_, qs)| qs) == Some(*s));
                     }
                 }
             }
@@ -386,10 +357,7 @@ impl Fleet {
             }
             FleetEvent::Heartbeat { machine } => {
                 if let Some(m) = self.machines.get_mut(&machine) {
-                    if matches!(
-                        m.state,
-                        MachineState::Booting | MachineState::Idle | MachineState::Busy
-                    ) {
+                    if matches!(m.state, MachineState::Booting | MachineState::Idle | MachineState::Busy) {
                         m.last_seen = now;
                     }
                 }
@@ -399,17 +367,8 @@ impl Fleet {
                     return out;
                 };
                 let p = m.pool;
-                if matches!(
-                    m.state,
-                    MachineState::Booting | MachineState::Idle | MachineState::Busy
-                ) {
-                    self.lose(
-                        machine,
-                        MachineState::Lost,
-                        "agent disconnected",
-                        now,
-                        &mut out,
-                    );
+                if matches!(m.state, MachineState::Booting | MachineState::Idle | MachineState::Busy) {
+                    self.lose(machine, MachineState::Lost, "agent disconnected", now, &mut out);
                     self.provision(p, now, &mut out);
                 }
             }
@@ -420,18 +379,9 @@ impl Fleet {
                 let p = m.pool;
                 if !matches!(
                     m.state,
-                    MachineState::Stopping
-                        | MachineState::Gone
-                        | MachineState::Lost
-                        | MachineState::Interrupted
+                    MachineState::Stopping | MachineState::Gone | MachineState::Lost | MachineState::Interrupted
                 ) {
-                    self.lose(
-                        machine,
-                        MachineState::Interrupted,
-                        "spot interruption",
-                        now,
-                        &mut out,
-                    );
+                    self.lose(machine, MachineState::Interrupted, "spot interruption", now, &mut out);
                     self.provision(p, now, &mut out);
                 }
             }
@@ -504,9 +454,7 @@ impl Fleet {
 
     /// The pool a (not yet gone) machine belongs to.
     pub fn machine_pool(&self, id: MachineId) -> Option<&str> {
-        self.machines
-            .get(&id)
-            .map(|m| self.pools[m.pool].spec.name.as_str())
+        self.machines.get(&id).map(|m| self.pools[m.pool].spec.name.as_str())
     }
 
     /// Builds a machine has finished since launch.
@@ -541,11 +489,7 @@ impl Fleet {
         let Some(p) = self.pool(pool) else {
             return Vec::new();
         };
-        p.queue
-            .iter()
-            .filter(|(b, s)| self.queued.get(b).map(|&(_, qs)| qs) == Some(*s))
-            .map(|&(b, _)| b)
-            .collect()
+        p.queue.iter().filter(|(b, s)| self.queued.get(b).map(|&(_, qs)| qs) == Some(*s)).map(|&(b, _)| b).collect()
     }
 
     /// Machines of a pool counted against `max_instances` (everything not gone).
@@ -626,10 +570,7 @@ impl Fleet {
             _ => {}
         }
         m.state = new;
-        out.push(FleetAction::SetState {
-            machine: id,
-            state: new,
-        });
+        out.push(FleetAction::SetState { machine: id, state: new });
         if new == MachineState::Gone {
             self.machines.remove(&id);
         } else {
@@ -773,10 +714,7 @@ impl Fleet {
             m.state = MachineState::Busy;
             m.build = Some(build);
             self.running.insert(build, id);
-            out.push(FleetAction::SetState {
-                machine: id,
-                state: MachineState::Busy,
-            });
+            out.push(FleetAction::SetState { machine: id, state: MachineState::Busy });
             out.push(FleetAction::Assign { machine: id, build });
             // Busy machines only need heartbeat checks.
             let hb = m.last_seen.plus(self.heartbeat_timeout);
@@ -817,14 +755,8 @@ impl Fleet {
                 },
             );
             self.timers.push(Reverse((deadline, id)));
-            out.push(FleetAction::SetState {
-                machine: id,
-                state: MachineState::Requested,
-            });
-            out.push(FleetAction::Launch {
-                machine: id,
-                pool: pool.spec.name.clone(),
-            });
+            out.push(FleetAction::SetState { machine: id, state: MachineState::Requested });
+            out.push(FleetAction::Launch { machine: id, pool: pool.spec.name.clone() });
         }
     }
 
@@ -835,52 +767,30 @@ impl Fleet {
         };
         if matches!(
             m.state,
-            MachineState::Stopping
-                | MachineState::Gone
-                | MachineState::Lost
-                | MachineState::Interrupted
+            MachineState::Stopping | MachineState::Gone | MachineState::Lost | MachineState::Interrupted
         ) {
             return;
         }
         if let Some(build) = m.build.take() {
             // Never lose a build, even if a caller terminates a busy machine.
             self.running.remove(&build);
-            out.push(FleetAction::Retry {
-                build,
-                reason: reason.to_string(),
-            });
+            out.push(FleetAction::Retry { build, reason: reason.to_string() });
         }
         self.set_state(id, MachineState::Stopping, now, out);
-        out.push(FleetAction::Terminate {
-            machine: id,
-            reason: reason.to_string(),
-        });
+        out.push(FleetAction::Terminate { machine: id, reason: reason.to_string() });
     }
 
     /// The machine is unusable (`Lost`/`Interrupted`): retry its build and stop it.
-    fn lose(
-        &mut self,
-        id: MachineId,
-        state: MachineState,
-        reason: &str,
-        now: Ts,
-        out: &mut Vec<FleetAction>,
-    ) {
+    fn lose(&mut self, id: MachineId, state: MachineState, reason: &str, now: Ts, out: &mut Vec<FleetAction>) {
         let Some(m) = self.machines.get_mut(&id) else {
             return;
         };
         if let Some(build) = m.build.take() {
             self.running.remove(&build);
-            out.push(FleetAction::Retry {
-                build,
-                reason: reason.to_string(),
-            });
+            out.push(FleetAction::Retry { build, reason: reason.to_string() });
         }
         self.set_state(id, state, now, out);
-        out.push(FleetAction::Terminate {
-            machine: id,
-            reason: reason.to_string(),
-        });
+        out.push(FleetAction::Terminate { machine: id, reason: reason.to_string() });
     }
 
     /// The machine no longer exists: retry its build if it had one and forget it.
@@ -890,10 +800,7 @@ impl Fleet {
         };
         if let Some(build) = m.build.take() {
             self.running.remove(&build);
-            out.push(FleetAction::Retry {
-                build,
-                reason: reason.to_string(),
-            });
+            out.push(FleetAction::Retry { build, reason: reason.to_string() });
         }
         self.set_state(id, MachineState::Gone, now, out);
     }
@@ -933,14 +840,7 @@ mod tests {
     }
 
     fn q(f: &mut Fleet, build: BuildId, now: i64) -> Vec<FleetAction> {
-        f.handle(
-            FleetEvent::BuildQueued {
-                build,
-                pool: "p".into(),
-                front: false,
-            },
-            Ts(now),
-        )
+        f.handle(FleetEvent::BuildQueued { build, pool: "p".into(), front: false }, Ts(now))
     }
 
     fn launched(a: &[FleetAction]) -> Vec<MachineId> {
@@ -953,8 +853,7 @@ mod tests {
     }
 
     fn has_terminate(a: &[FleetAction], m: MachineId) -> bool {
-        a.iter()
-            .any(|a| matches!(a, FleetAction::Terminate { machine, .. } if *machine == m))
+        a.iter().any(|a| matches!(a, FleetAction::Terminate { machine, .. } if *machine == m))
     }
 
     /// Launch, boot and connect machine `m`, returning the connect actions.
@@ -970,47 +869,23 @@ mod tests {
         assert_eq!(
             a,
             vec![
-                FleetAction::SetState {
-                    machine: 1,
-                    state: MachineState::Requested
-                },
-                FleetAction::Launch {
-                    machine: 1,
-                    pool: "p".into()
-                }
+                FleetAction::SetState { machine: 1, state: MachineState::Requested },
+                FleetAction::Launch { machine: 1, pool: "p".into() }
             ]
         );
         assert_eq!(f.machine_state(1), Some(MachineState::Requested));
         f.handle(FleetEvent::LaunchSucceeded { machine: 1 }, Ts(S));
         assert_eq!(f.machine_state(1), Some(MachineState::Booting));
         let a = f.handle(FleetEvent::AgentConnected { machine: 1 }, Ts(2 * S));
-        assert!(a.contains(&FleetAction::Assign {
-            machine: 1,
-            build: 10
-        }));
+        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 10 }));
         assert_eq!(f.machine_build(1), Some(10));
         assert_eq!(f.queue_len("p"), 0);
         // Finished: idle, no new launch.
-        let a = f.handle(
-            FleetEvent::BuildFinished {
-                machine: 1,
-                build: 10,
-            },
-            Ts(3 * S),
-        );
-        assert_eq!(
-            a,
-            vec![FleetAction::SetState {
-                machine: 1,
-                state: MachineState::Idle
-            }]
-        );
+        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(3 * S));
+        assert_eq!(a, vec![FleetAction::SetState { machine: 1, state: MachineState::Idle }]);
         // Next build goes straight to the idle machine.
         let a = q(&mut f, 11, 4 * S);
-        assert!(a.contains(&FleetAction::Assign {
-            machine: 1,
-            build: 11
-        }));
+        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }));
         assert!(launched(&a).is_empty());
     }
 
@@ -1031,14 +906,7 @@ mod tests {
         let mut f = fleet(vec![spec("p", 0, 0, 0)]);
         q(&mut f, 1, 0);
         q(&mut f, 2, 0);
-        f.handle(
-            FleetEvent::BuildQueued {
-                build: 3,
-                pool: "p".into(),
-                front: true,
-            },
-            Ts(0),
-        );
+        f.handle(FleetEvent::BuildQueued { build: 3, pool: "p".into(), front: true }, Ts(0));
         assert_eq!(f.queued("p"), vec![3, 1, 2]);
         f.handle(FleetEvent::BuildCancelled { build: 1 }, Ts(0));
         assert_eq!(f.queued("p"), vec![3, 2]);
@@ -1057,17 +925,8 @@ mod tests {
     fn launch_failure_relaunches() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
         q(&mut f, 1, 0);
-        let a = f.handle(
-            FleetEvent::LaunchFailed {
-                machine: 1,
-                reason: "capacity".into(),
-            },
-            Ts(S),
-        );
-        assert!(a.contains(&FleetAction::SetState {
-            machine: 1,
-            state: MachineState::Gone
-        }));
+        let a = f.handle(FleetEvent::LaunchFailed { machine: 1, reason: "capacity".into() }, Ts(S));
+        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Gone }));
         assert_eq!(launched(&a), vec![2]);
         assert_eq!(f.machine_state(1), None);
     }
@@ -1099,20 +958,8 @@ mod tests {
         for m in 1..=3 {
             bring_up(&mut f, m, 0);
         }
-        f.handle(
-            FleetEvent::BuildFinished {
-                machine: 1,
-                build: 10,
-            },
-            Ts(10 * S),
-        );
-        f.handle(
-            FleetEvent::BuildFinished {
-                machine: 2,
-                build: 11,
-            },
-            Ts(20 * S),
-        );
+        f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(10 * S));
+        f.handle(FleetEvent::BuildFinished { machine: 2, build: 11 }, Ts(20 * S));
         // Keep heartbeats flowing so only idle timeouts matter.
         for t in (0..=700).step_by(30) {
             for m in 1..=3 {
@@ -1126,10 +973,7 @@ mod tests {
         assert!(!has_terminate(&a, 1));
         let a = f.handle(FleetEvent::Tick, Ts(625 * S));
         assert!(has_terminate(&a, 1));
-        assert!(
-            !has_terminate(&a, 2),
-            "min_idle = 1 keeps the newest idle machine"
-        );
+        assert!(!has_terminate(&a, 2), "min_idle = 1 keeps the newest idle machine");
         assert!(f.handle(FleetEvent::Tick, Ts(700 * S)).is_empty());
         assert_eq!(f.machine_state(2), Some(MachineState::Idle));
     }
@@ -1141,13 +985,7 @@ mod tests {
         q(&mut f, 2, 0);
         bring_up(&mut f, 1, 0);
         bring_up(&mut f, 2, 0);
-        let a = f.handle(
-            FleetEvent::BuildFinished {
-                machine: 1,
-                build: 1,
-            },
-            Ts(S),
-        );
+        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 1 }, Ts(S));
         assert!(has_terminate(&a, 1));
         assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
         q(&mut f, 3, 2 * S);
@@ -1164,33 +1002,13 @@ mod tests {
         f.handle(FleetEvent::Heartbeat { machine: 1 }, Ts(30 * S));
         assert!(f.handle(FleetEvent::Tick, Ts(60 * S)).is_empty());
         let a = f.handle(FleetEvent::Tick, Ts(90 * S));
-        assert!(a.contains(&FleetAction::SetState {
-            machine: 1,
-            state: MachineState::Lost
-        }));
-        assert!(a
-            .iter()
-            .any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
+        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Lost }));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
         assert!(has_terminate(&a, 1));
         assert_eq!(f.machine_build(1), None);
         // The late result is ignored; the retry runs elsewhere.
-        assert!(f
-            .handle(
-                FleetEvent::BuildFinished {
-                    machine: 1,
-                    build: 7
-                },
-                Ts(91 * S)
-            )
-            .is_empty());
-        let a = f.handle(
-            FleetEvent::BuildQueued {
-                build: 8,
-                pool: "p".into(),
-                front: true,
-            },
-            Ts(92 * S),
-        );
+        assert!(f.handle(FleetEvent::BuildFinished { machine: 1, build: 7 }, Ts(91 * S)).is_empty());
+        let a = f.handle(FleetEvent::BuildQueued { build: 8, pool: "p".into(), front: true }, Ts(92 * S));
         assert_eq!(launched(&a), vec![2]);
     }
 
@@ -1200,15 +1018,11 @@ mod tests {
         q(&mut f, 7, 0);
         bring_up(&mut f, 1, 0);
         let a = f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(S));
-        assert!(a
-            .iter()
-            .any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
         q(&mut f, 8, 0);
         bring_up(&mut f, 2, 0);
         let a = f.handle(FleetEvent::MachineGone { machine: 2 }, Ts(S));
-        assert!(a
-            .iter()
-            .any(|a| matches!(a, FleetAction::Retry { build: 8, .. })));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 8, .. })));
     }
 
     #[test]
@@ -1218,24 +1032,12 @@ mod tests {
         q(&mut f, 2, 0);
         bring_up(&mut f, 1, 0);
         bring_up(&mut f, 2, 0);
-        f.handle(
-            FleetEvent::BuildFinished {
-                machine: 2,
-                build: 2,
-            },
-            Ts(S),
-        );
+        f.handle(FleetEvent::BuildFinished { machine: 2, build: 2 }, Ts(S));
         let a = f.handle(FleetEvent::Drain, Ts(2 * S));
         assert!(has_terminate(&a, 2));
         assert!(!has_terminate(&a, 1));
         assert!(launched(&q(&mut f, 3, 3 * S)).is_empty());
-        let a = f.handle(
-            FleetEvent::BuildFinished {
-                machine: 1,
-                build: 1,
-            },
-            Ts(4 * S),
-        );
+        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 1 }, Ts(4 * S));
         assert!(has_terminate(&a, 1));
         assert!(f.is_draining());
         let a = f.handle(FleetEvent::Resume, Ts(5 * S));
@@ -1247,17 +1049,11 @@ mod tests {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
         for e in [
             FleetEvent::LaunchSucceeded { machine: 99 },
-            FleetEvent::LaunchFailed {
-                machine: 99,
-                reason: String::new(),
-            },
+            FleetEvent::LaunchFailed { machine: 99, reason: String::new() },
             FleetEvent::AgentConnected { machine: 99 },
             FleetEvent::Heartbeat { machine: 99 },
             FleetEvent::AgentDisconnected { machine: 99 },
-            FleetEvent::BuildFinished {
-                machine: 99,
-                build: 1,
-            },
+            FleetEvent::BuildFinished { machine: 99, build: 1 },
             FleetEvent::MachineGone { machine: 99 },
             FleetEvent::Interrupted { machine: 99 },
             FleetEvent::BuildCancelled { build: 5 },
@@ -1269,14 +1065,7 @@ mod tests {
     #[test]
     fn unknown_pool_keeps_build_queued() {
         let mut f = fleet(vec![]);
-        let a = f.handle(
-            FleetEvent::BuildQueued {
-                build: 1,
-                pool: "nope".into(),
-                front: false,
-            },
-            Ts(0),
-        );
+        let a = f.handle(FleetEvent::BuildQueued { build: 1, pool: "nope".into(), front: false }, Ts(0));
         assert!(a.is_empty());
         assert_eq!(f.queue_len("nope"), 1);
     }

@@ -41,11 +41,7 @@ pub struct SchedulerSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SpecKind {
     /// One request per interesting change (or per tree-stable burst).
-    Branch {
-        tree_stable: Option<Duration>,
-        files: Vec<String>,
-        ignore: Vec<String>,
-    },
+    Branch { tree_stable: Option<Duration>, files: Vec<String>, ignore: Vec<String> },
     /// Fires on a cron schedule for every matching branch.
     Nightly {
         /// 5-field cron expression, UTC.
@@ -75,11 +71,7 @@ pub enum SchedEvent {
     /// A new change was stored.
     Change(ChangeInfo),
     /// The current head of a branch, known without a change (e.g. recorded on first poll).
-    Head {
-        repo: String,
-        branch: String,
-        revision: String,
-    },
+    Head { repo: String, branch: String, revision: String },
     /// Time passed: fire due tree-stable timers and nightlies.
     Tick,
 }
@@ -183,16 +175,11 @@ fn globs(scheduler: &str, pats: &[String]) -> Result<Option<GlobSet>, SpecError>
     }
     let mut b = GlobSetBuilder::new();
     for p in pats {
-        let g = Glob::new(p).map_err(|e| SpecError {
-            scheduler: scheduler.to_string(),
-            message: format!("bad glob {p:?}: {e}"),
-        })?;
+        let g = Glob::new(p)
+            .map_err(|e| SpecError { scheduler: scheduler.to_string(), message: format!("bad glob {p:?}: {e}") })?;
         b.add(g);
     }
-    b.build().map(Some).map_err(|e| SpecError {
-        scheduler: scheduler.to_string(),
-        message: e.to_string(),
-    })
+    b.build().map(Some).map_err(|e| SpecError { scheduler: scheduler.to_string(), message: e.to_string() })
 }
 
 fn matches(set: &Option<GlobSet>, s: &str) -> bool {
@@ -208,11 +195,7 @@ fn next_after(cron: &Cron, t: Ts) -> Option<Ts> {
 
 impl Sched {
     fn builders_for(&self, branch: &str) -> Vec<String> {
-        self.builders
-            .iter()
-            .filter(|(_, g)| matches(g, branch))
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.builders.iter().filter(|(_, g)| matches(g, branch)).map(|(n, _)| n.clone()).collect()
     }
 }
 
@@ -245,67 +228,34 @@ impl Schedulers {
                 builders.push((b.name.clone(), globs(&name, &b.branches)?));
             }
             let kind = match spec.kind {
-                SpecKind::Branch {
-                    tree_stable,
-                    files,
-                    ignore,
-                } => Kind::Branch {
+                SpecKind::Branch { tree_stable, files, ignore } => Kind::Branch {
                     tree_stable,
                     files: globs(&name, &files)?,
                     ignore: globs(&name, &ignore)?,
                     bursts: BTreeMap::new(),
                 },
-                SpecKind::Nightly {
-                    cron,
-                    only_if_changed,
-                } => {
+                SpecKind::Nightly { cron, only_if_changed } => {
                     let c = Cron::new(&cron).parse().map_err(|e| SpecError {
                         scheduler: name.clone(),
                         message: format!("bad cron {cron:?}: {e}"),
                     })?;
                     let next_fire = next_after(&c, now);
-                    Kind::Nightly {
-                        cron: Box::new(c),
-                        only_if_changed,
-                        next_fire,
-                        built: BTreeMap::new(),
-                    }
+                    Kind::Nightly { cron: Box::new(c), only_if_changed, next_fire, built: BTreeMap::new() }
                 }
             };
-            scheds.push(Sched {
-                branches: globs(&name, &spec.branches)?,
-                name,
-                repo: spec.repo,
-                builders,
-                kind,
-            });
+            scheds.push(Sched { branches: globs(&name, &spec.branches)?, name, repo: spec.repo, builders, kind });
         }
-        Ok(Schedulers {
-            scheds,
-            heads: HashMap::new(),
-            holders: HashMap::new(),
-        })
+        Ok(Schedulers { scheds, heads: HashMap::new(), holders: HashMap::new() })
     }
 
     /// Restore a nightly's persisted state after a restart: the next fire is the first cron
     /// time strictly after `last_fire`. Unknown or non-nightly names are ignored.
-    pub fn restore_nightly(
-        &mut self,
-        scheduler: &str,
-        last_fire: Ts,
-        built: BTreeMap<String, String>,
-    ) {
+    pub fn restore_nightly(&mut self, scheduler: &str, last_fire: Ts, built: BTreeMap<String, String>) {
         for s in &mut self.scheds {
             if s.name != scheduler {
                 continue;
             }
-            if let Kind::Nightly {
-                cron,
-                next_fire,
-                built: b,
-                ..
-            } = &mut s.kind
-            {
+            if let Kind::Nightly { cron, next_fire, built: b, .. } = &mut s.kind {
                 *next_fire = next_after(cron, last_fire);
                 *b = built.clone();
             }
@@ -317,11 +267,7 @@ impl Schedulers {
         let mut out = Vec::new();
         match event {
             SchedEvent::Change(c) => self.change(c, now, &mut out),
-            SchedEvent::Head {
-                repo,
-                branch,
-                revision,
-            } => {
+            SchedEvent::Head { repo, branch, revision } => {
                 self.heads.entry(repo).or_default().insert(branch, revision);
             }
             SchedEvent::Tick => self.tick(now, &mut out),
@@ -352,23 +298,14 @@ impl Schedulers {
     }
 
     fn change(&mut self, c: ChangeInfo, now: Ts, out: &mut Vec<SchedAction>) {
-        self.heads
-            .entry(c.repo.clone())
-            .or_default()
-            .insert(c.branch.clone(), c.revision.clone());
+        self.heads.entry(c.repo.clone()).or_default().insert(c.branch.clone(), c.revision.clone());
         let mut held = 0u32;
         for s in &mut self.scheds {
             if s.repo != c.repo || !matches(&s.branches, &c.branch) {
                 continue;
             }
             let builders = s.builders_for(&c.branch);
-            let Kind::Branch {
-                tree_stable,
-                files,
-                ignore,
-                bursts,
-            } = &mut s.kind
-            else {
+            let Kind::Branch { tree_stable, files, ignore, bursts } = &mut s.kind else {
                 continue;
             };
             let hit = interesting(files, ignore, &c);
@@ -417,11 +354,8 @@ impl Schedulers {
         for s in &mut self.scheds {
             match &mut s.kind {
                 Kind::Branch { bursts, .. } => {
-                    let due: Vec<String> = bursts
-                        .iter()
-                        .filter(|(_, b)| b.deadline <= now)
-                        .map(|(k, _)| k.clone())
-                        .collect();
+                    let due: Vec<String> =
+                        bursts.iter().filter(|(_, b)| b.deadline <= now).map(|(k, _)| k.clone()).collect();
                     for branch in due {
                         let Some(b) = bursts.remove(&branch) else {
                             continue;
@@ -438,12 +372,8 @@ impl Schedulers {
                         if !b.interesting {
                             continue;
                         }
-                        let builders: Vec<String> = s
-                            .builders
-                            .iter()
-                            .filter(|(_, g)| matches(g, &branch))
-                            .map(|(n, _)| n.clone())
-                            .collect();
+                        let builders: Vec<String> =
+                            s.builders.iter().filter(|(_, g)| matches(g, &branch)).map(|(n, _)| n.clone()).collect();
                         if builders.is_empty() {
                             continue;
                         }
@@ -463,12 +393,7 @@ impl Schedulers {
                         }));
                     }
                 }
-                Kind::Nightly {
-                    cron,
-                    only_if_changed,
-                    next_fire,
-                    built,
-                } => {
+                Kind::Nightly { cron, only_if_changed, next_fire, built } => {
                     let Some(due) = *next_fire else { continue };
                     if due > now {
                         continue;
@@ -483,12 +408,8 @@ impl Schedulers {
                             if *only_if_changed && built.get(branch) == Some(rev) {
                                 continue;
                             }
-                            let builders: Vec<String> = s
-                                .builders
-                                .iter()
-                                .filter(|(_, g)| matches(g, branch))
-                                .map(|(n, _)| n.clone())
-                                .collect();
+                            let builders: Vec<String> =
+                                s.builders.iter().filter(|(_, g)| matches(g, branch)).map(|(n, _)| n.clone()).collect();
                             if builders.is_empty() {
                                 continue;
                             }
@@ -526,18 +447,10 @@ mod tests {
     const S: i64 = 1000;
 
     fn builder(name: &str, branches: &[&str]) -> BuilderRef {
-        BuilderRef {
-            name: name.into(),
-            branches: branches.iter().map(|s| s.to_string()).collect(),
-        }
+        BuilderRef { name: name.into(), branches: branches.iter().map(|s| s.to_string()).collect() }
     }
 
-    fn branch_spec(
-        name: &str,
-        tree_stable: Option<u64>,
-        files: &[&str],
-        ignore: &[&str],
-    ) -> SchedulerSpec {
+    fn branch_spec(name: &str, tree_stable: Option<u64>, files: &[&str], ignore: &[&str]) -> SchedulerSpec {
         SchedulerSpec {
             name: name.into(),
             repo: "r".into(),
@@ -625,15 +538,11 @@ mod tests {
 
     #[test]
     fn files_filter() {
-        let mut s =
-            Schedulers::new(vec![branch_spec("docs", None, &["docs/**"], &[])], Ts(0)).unwrap();
+        let mut s = Schedulers::new(vec![branch_spec("docs", None, &["docs/**"], &[])], Ts(0)).unwrap();
         let a = s.handle(change(1, "main", "a", &["src/lib.rs"]), Ts(0));
         assert!(requests(&a).is_empty());
         assert_eq!(done(&a), vec![1]);
-        let a = s.handle(
-            change(2, "main", "b", &["src/lib.rs", "docs/index.rst"]),
-            Ts(0),
-        );
+        let a = s.handle(change(2, "main", "b", &["src/lib.rs", "docs/index.rst"]), Ts(0));
         assert_eq!(requests(&a).len(), 1);
         let a = s.handle(change(3, "main", "c", &[]), Ts(0));
         assert_eq!(requests(&a).len(), 1, "no file list = interesting");
@@ -641,8 +550,7 @@ mod tests {
 
     #[test]
     fn ignore_filter() {
-        let mut s =
-            Schedulers::new(vec![branch_spec("code", None, &[], &["docs/**"])], Ts(0)).unwrap();
+        let mut s = Schedulers::new(vec![branch_spec("code", None, &[], &["docs/**"])], Ts(0)).unwrap();
         let a = s.handle(change(1, "main", "a", &["docs/a.rst", "docs/b.rst"]), Ts(0));
         assert!(requests(&a).is_empty());
         let a = s.handle(change(2, "main", "b", &["docs/a.rst", "setup.py"]), Ts(0));
@@ -651,8 +559,7 @@ mod tests {
 
     #[test]
     fn uninteresting_burst_is_done_without_request() {
-        let mut s =
-            Schedulers::new(vec![branch_spec("code", Some(5), &[], &["docs/**"])], Ts(0)).unwrap();
+        let mut s = Schedulers::new(vec![branch_spec("code", Some(5), &[], &["docs/**"])], Ts(0)).unwrap();
         s.handle(change(1, "main", "a", &["docs/a.rst"]), Ts(0));
         let a = s.handle(SchedEvent::Tick, Ts(5 * S));
         assert!(requests(&a).is_empty());
@@ -672,10 +579,7 @@ mod tests {
         let a = s.handle(change(1, "main", "a", &[]), Ts(0));
         assert!(requests(&a).is_empty());
         assert_eq!(done(&a), vec![1]);
-        assert_eq!(
-            requests(&s.handle(change(2, "stable/5.2.x", "b", &[]), Ts(0))).len(),
-            1
-        );
+        assert_eq!(requests(&s.handle(change(2, "stable/5.2.x", "b", &[]), Ts(0))).len(), 1);
         let a = s.handle(
             SchedEvent::Change(ChangeInfo {
                 id: 3,
@@ -696,10 +600,7 @@ mod tests {
             repo: "r".into(),
             branches: vec!["main".into(), "stable/*".into()],
             builders: vec![builder("all", &[])],
-            kind: SpecKind::Nightly {
-                cron: "0 3 * * *".into(),
-                only_if_changed,
-            },
+            kind: SpecKind::Nightly { cron: "0 3 * * *".into(), only_if_changed },
         }
     }
 
@@ -710,32 +611,17 @@ mod tests {
     fn nightly_fires_at_time_and_skips_unchanged() {
         let mut s = Schedulers::new(vec![nightly(true)], Ts(0)).unwrap();
         assert_eq!(s.next_wakeup(), Some(Ts(THREE_AM)));
-        s.handle(
-            SchedEvent::Head {
-                repo: "r".into(),
-                branch: "main".into(),
-                revision: "m1".into(),
-            },
-            Ts(0),
-        );
+        s.handle(SchedEvent::Head { repo: "r".into(), branch: "main".into(), revision: "m1".into() }, Ts(0));
         s.handle(change(1, "stable/1", "s1", &[]), Ts(0));
         s.handle(change(2, "feature", "f1", &[]), Ts(0));
         assert!(s.handle(SchedEvent::Tick, Ts(THREE_AM - 1)).is_empty());
         let a = s.handle(SchedEvent::Tick, Ts(THREE_AM));
         let r = requests(&a);
         assert_eq!(r.len(), 2, "feature does not match the nightly's branches");
-        assert_eq!(
-            (r[0].branch.as_str(), r[0].revision.as_str()),
-            ("main", "m1")
-        );
-        assert_eq!(
-            (r[1].branch.as_str(), r[1].revision.as_str()),
-            ("stable/1", "s1")
-        );
-        assert!(a.iter().any(
-            |a| matches!(a, SchedAction::NightlyState { last_fire, built, .. }
-            if *last_fire == Ts(THREE_AM) && built.len() == 2)
-        ));
+        assert_eq!((r[0].branch.as_str(), r[0].revision.as_str()), ("main", "m1"));
+        assert_eq!((r[1].branch.as_str(), r[1].revision.as_str()), ("stable/1", "s1"));
+        assert!(a.iter().any(|a| matches!(a, SchedAction::NightlyState { last_fire, built, .. }
+            if *last_fire == Ts(THREE_AM) && built.len() == 2)));
         assert_eq!(s.next_wakeup(), Some(Ts(DAY + THREE_AM)));
         // Next night: only main changed.
         s.handle(change(3, "main", "m2", &[]), Ts(DAY));
@@ -743,9 +629,7 @@ mod tests {
         let r = requests(&a);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].revision, "m2");
-        assert!(a
-            .iter()
-            .any(|a| matches!(a, SchedAction::NightlyState { .. })));
+        assert!(a.iter().any(|a| matches!(a, SchedAction::NightlyState { .. })));
     }
 
     #[test]
@@ -753,10 +637,7 @@ mod tests {
         let mut s = Schedulers::new(vec![nightly(false)], Ts(0)).unwrap();
         s.handle(change(1, "main", "m1", &[]), Ts(0));
         assert_eq!(requests(&s.handle(SchedEvent::Tick, Ts(THREE_AM))).len(), 1);
-        assert_eq!(
-            requests(&s.handle(SchedEvent::Tick, Ts(DAY + THREE_AM))).len(),
-            1
-        );
+        assert_eq!(requests(&s.handle(SchedEvent::Tick, Ts(DAY + THREE_AM))).len(), 1);
     }
 
     #[test]
@@ -782,10 +663,7 @@ mod tests {
     #[test]
     fn bad_specs_are_errors() {
         let mut n = nightly(false);
-        n.kind = SpecKind::Nightly {
-            cron: "not a cron".into(),
-            only_if_changed: false,
-        };
+        n.kind = SpecKind::Nightly { cron: "not a cron".into(), only_if_changed: false };
         assert!(Schedulers::new(vec![n], Ts(0)).is_err());
         let b = branch_spec("b", None, &["a["], &[]);
         let e = Schedulers::new(vec![b], Ts(0)).unwrap_err();
@@ -794,10 +672,7 @@ mod tests {
 
     #[test]
     fn change_held_by_two_schedulers_done_once_both_fire() {
-        let specs = vec![
-            branch_spec("a", Some(5), &[], &[]),
-            branch_spec("b", Some(10), &[], &[]),
-        ];
+        let specs = vec![branch_spec("a", Some(5), &[], &[]), branch_spec("b", Some(10), &[], &[])];
         let mut s = Schedulers::new(specs, Ts(0)).unwrap();
         s.handle(change(1, "main", "x", &[]), Ts(0));
         let a = s.handle(SchedEvent::Tick, Ts(5 * S));

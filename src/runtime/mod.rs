@@ -125,7 +125,8 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&config.master.listen)
         .await
         .map_err(|source| MasterError::Listen { addr: config.master.listen.clone(), source })?;
-    let addr = listener.local_addr().map_err(|source| MasterError::Listen { addr: config.master.listen.clone(), source })?;
+    let addr =
+        listener.local_addr().map_err(|source| MasterError::Listen { addr: config.master.listen.clone(), source })?;
     let url = effective_url(&config.master.url, addr);
     let (tx, rx) = mpsc::channel(1024);
     let shared = Arc::new(Shared {
@@ -175,9 +176,8 @@ pub async fn run(
         p.abort();
     }
     let _ = web_stop_tx.send(());
-    match server.await {
-        Ok(Err(e)) => return Err(MasterError::Serve(e)),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(e)) = server.await {
+        return Err(MasterError::Serve(e));
     }
     tracing::info!("master stopped");
     Ok(())
@@ -325,12 +325,19 @@ impl Master {
 
     fn queue(&mut self, b: &BuildRow, front: bool) {
         match self.shared.config.builder(&b.builder) {
-            Some(builder) => self.pending.push_back(FleetEvent::BuildQueued { build: b.id, pool: builder.pool.clone(), front }),
-            None => tracing::warn!(build = b.id, builder = %b.builder, "queued build's builder is no longer configured"),
+            Some(builder) => {
+                self.pending.push_back(FleetEvent::BuildQueued { build: b.id, pool: builder.pool.clone(), front })
+            }
+            None => {
+                tracing::warn!(build = b.id, builder = %b.builder, "queued build's builder is no longer configured")
+            }
         }
     }
 
-    async fn run_loop(&mut self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), MasterError> {
+    async fn run_loop(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), MasterError> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = Box::pin(shutdown);
@@ -404,7 +411,10 @@ impl Master {
             Input::Sched(ev) => self.apply_sched(ev).await?,
             Input::Queued(b) => self.queue(&b, false),
             Input::AgentConnected { machine, tx } => {
-                if matches!(self.fleet.machine_state(machine), Some(MachineState::Booting | MachineState::Launching | MachineState::Requested)) {
+                if matches!(
+                    self.fleet.machine_state(machine),
+                    Some(MachineState::Booting | MachineState::Launching | MachineState::Requested)
+                ) {
                     self.agents.insert(machine, tx);
                     self.pending.push_back(FleetEvent::AgentConnected { machine });
                 } else {
@@ -420,7 +430,13 @@ impl Master {
                         self.launch_failures.remove(&pool);
                         self.shared
                             .store
-                            .machine_launched(machine, &launched.provider_id, launched.instance_type.as_deref(), &launched.lifecycle, now)
+                            .machine_launched(
+                                machine,
+                                &launched.provider_id,
+                                launched.instance_type.as_deref(),
+                                &launched.lifecycle,
+                                now,
+                            )
                             .await?;
                         self.provider_ids.insert(machine, launched.provider_id);
                         if self.terminate_after_launch.remove(&machine) {
@@ -467,7 +483,16 @@ impl Master {
                         let b = self
                             .shared
                             .store
-                            .create_request(builder, &req.repo, &req.branch, &req.revision, &req.scheduler, &req.reason, &req.changes, now)
+                            .create_request(
+                                builder,
+                                &req.repo,
+                                &req.branch,
+                                &req.revision,
+                                &req.scheduler,
+                                &req.reason,
+                                &req.changes,
+                                now,
+                            )
                             .await?;
                         tracing::info!(build = b.id, builder = %b.builder, branch = %b.branch, revision = %b.revision, reason = %req.reason, "build queued");
                         self.queue(&b, false);
@@ -507,7 +532,10 @@ impl Master {
             }
             FleetAction::Launch { machine, pool } => {
                 let Some(provisioner) = self.provisioners.get(&pool).cloned() else {
-                    self.pending.push_back(FleetEvent::LaunchFailed { machine, reason: format!("no provisioner for pool {pool}") });
+                    self.pending.push_back(FleetEvent::LaunchFailed {
+                        machine,
+                        reason: format!("no provisioner for pool {pool}"),
+                    });
                     return Ok(());
                 };
                 let token = new_token();
@@ -605,8 +633,10 @@ impl Master {
     /// Everything the agent needs for `row`, with the secrets it references resolved.
     fn job_for(&self, row: &BuildRow) -> Result<BuildJob, String> {
         let config = &self.shared.config;
-        let builder = config.builder(&row.builder).ok_or_else(|| format!("builder {} is no longer configured", row.builder))?;
-        let repo = config.repo(&builder.repo).ok_or_else(|| format!("repository {} is no longer configured", builder.repo))?;
+        let builder =
+            config.builder(&row.builder).ok_or_else(|| format!("builder {} is no longer configured", row.builder))?;
+        let repo =
+            config.repo(&builder.repo).ok_or_else(|| format!("repository {} is no longer configured", builder.repo))?;
         let mut wanted = Vec::new();
         let texts = builder
             .env
@@ -621,11 +651,9 @@ impl Master {
         }
         let mut resolved = std::collections::BTreeMap::new();
         for name in wanted {
-            let value = self
-                .shared
-                .secrets
-                .get(&name)
-                .ok_or_else(|| format!("secret {name} is not defined (neither in the secrets file nor in the environment)"))?;
+            let value = self.shared.secrets.get(&name).ok_or_else(|| {
+                format!("secret {name} is not defined (neither in the secrets file nor in the environment)")
+            })?;
             resolved.insert(name, value);
         }
         Ok(BuildJob {
@@ -654,7 +682,13 @@ impl Master {
 
 /// The scheduler's view of a stored change.
 pub fn change_info(c: &ChangeRow) -> ChangeInfo {
-    ChangeInfo { id: c.id, repo: c.repo.clone(), branch: c.branch.clone(), revision: c.revision.clone(), files: c.files.clone() }
+    ChangeInfo {
+        id: c.id,
+        repo: c.repo.clone(),
+        branch: c.branch.clone(),
+        revision: c.revision.clone(),
+        files: c.files.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -207,7 +207,12 @@ impl Store {
     }
 
     /// Stores new commits of one branch and moves its head, in one transaction.
-    pub async fn record_changes(&self, changes: &[NewChange], head: Option<(&str, &str, &str)>, now: Ts) -> Result<Vec<ChangeRow>> {
+    pub async fn record_changes(
+        &self,
+        changes: &[NewChange],
+        head: Option<(&str, &str, &str)>,
+        now: Ts,
+    ) -> Result<Vec<ChangeRow>> {
         let now_s = ts_string(now);
         let mut tx = self.pool.begin().await?;
         let mut ids = Vec::with_capacity(changes.len());
@@ -385,12 +390,14 @@ impl Store {
     pub async fn start_build(&self, build: BuildId, machine: MachineId, steps: &[String], now: Ts) -> Result<bool> {
         let now_s = ts_string(now);
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("UPDATE builds SET state = 'running', machine_id = ?, started_at = ? WHERE id = ? AND state = 'queued'")
-            .bind(machine)
-            .bind(&now_s)
-            .bind(build)
-            .execute(&mut *tx)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE builds SET state = 'running', machine_id = ?, started_at = ? WHERE id = ? AND state = 'queued'",
+        )
+        .bind(machine)
+        .bind(&now_s)
+        .bind(build)
+        .execute(&mut *tx)
+        .await?;
         if done.rows_affected() == 0 {
             return Ok(false);
         }
@@ -474,7 +481,14 @@ impl Store {
     }
 
     /// Records a step's result.
-    pub async fn step_finished(&self, build: BuildId, idx: i64, result: &str, exit_code: Option<i32>, now: Ts) -> Result<()> {
+    pub async fn step_finished(
+        &self,
+        build: BuildId,
+        idx: i64,
+        result: &str,
+        exit_code: Option<i32>,
+        now: Ts,
+    ) -> Result<()> {
         sqlx::query(
             "UPDATE steps SET state = ?, exit_code = ?, finished_at = ?,
              started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?",
@@ -492,7 +506,10 @@ impl Store {
 
     /// Steps of a build, in order.
     pub async fn steps(&self, build: BuildId) -> Result<Vec<StepRow>> {
-        let rows = sqlx::query("SELECT * FROM steps WHERE build_id = ? ORDER BY idx").bind(build).fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM steps WHERE build_id = ? ORDER BY idx")
+            .bind(build)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .iter()
             .map(|r| StepRow {
@@ -520,7 +537,10 @@ impl Store {
 
     /// The whole log of a build, chunks concatenated in arrival order.
     pub async fn log(&self, build: BuildId) -> Result<String> {
-        let rows = sqlx::query("SELECT text FROM log_chunks WHERE build_id = ? ORDER BY id").bind(build).fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT text FROM log_chunks WHERE build_id = ? ORDER BY id")
+            .bind(build)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(|r| r.get::<String, _>("text")).collect())
     }
 
@@ -531,7 +551,14 @@ impl Store {
     }
 
     /// Writes a machine's row in `requested` state, before anything is launched.
-    pub async fn insert_machine(&self, id: MachineId, pool: &str, provisioner: &str, token_hash: &str, now: Ts) -> Result<()> {
+    pub async fn insert_machine(
+        &self,
+        id: MachineId,
+        pool: &str,
+        provisioner: &str,
+        token_hash: &str,
+        now: Ts,
+    ) -> Result<()> {
         let now_s = ts_string(now);
         sqlx::query(
             "INSERT INTO machines (id, pool, provisioner, state, token_hash, requested_at) VALUES (?, ?, ?, 'requested', ?, ?)",
@@ -547,15 +574,24 @@ impl Store {
     }
 
     /// Records what the provisioner said about a launched machine.
-    pub async fn machine_launched(&self, id: MachineId, provider_id: &str, instance_type: Option<&str>, lifecycle: &str, now: Ts) -> Result<()> {
-        sqlx::query("UPDATE machines SET provider_id = ?, instance_type = ?, lifecycle = ?, launched_at = ? WHERE id = ?")
-            .bind(provider_id)
-            .bind(instance_type)
-            .bind(lifecycle)
-            .bind(ts_string(now))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    pub async fn machine_launched(
+        &self,
+        id: MachineId,
+        provider_id: &str,
+        instance_type: Option<&str>,
+        lifecycle: &str,
+        now: Ts,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE machines SET provider_id = ?, instance_type = ?, lifecycle = ?, launched_at = ? WHERE id = ?",
+        )
+        .bind(provider_id)
+        .bind(instance_type)
+        .bind(lifecycle)
+        .bind(ts_string(now))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         self.machine_event(id, "launched", provider_id, now).await
     }
 
@@ -648,7 +684,13 @@ impl Store {
     }
 }
 
-async fn set_head<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(exec: E, repo: &str, branch: &str, revision: &str, now: &str) -> Result<()> {
+async fn set_head<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
+    exec: E,
+    repo: &str,
+    branch: &str,
+    revision: &str,
+    now: &str,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO branch_heads (repo, branch, revision, updated_at) VALUES (?, ?, ?, ?)
          ON CONFLICT (repo, branch) DO UPDATE SET revision = excluded.revision, updated_at = excluded.updated_at",

@@ -19,7 +19,11 @@ use crate::runtime::{token_hash, Input, Shared};
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn upgrade(ws: WebSocketUpgrade, State(s): State<Arc<Shared>>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
+pub async fn upgrade(
+    ws: WebSocketUpgrade,
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
     ws.on_upgrade(move |socket| serve(socket, s, peer))
 }
 

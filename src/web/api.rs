@@ -1,7 +1,7 @@
 //! `/api/…`: builds, builders, machines and changes as JSON (shapes per DESIGN.md).
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
@@ -28,10 +28,16 @@ pub struct BuildsQuery {
 
 const BUILD_STATES: &[&str] = &["queued", "running", "success", "failure", "retry", "cancelled", "exception"];
 
-pub async fn list_builds(State(s): State<Arc<Shared>>, Query(q): Query<BuildsQuery>) -> Result<impl IntoResponse, ApiError> {
+pub async fn list_builds(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<BuildsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
     if let Some(state) = &q.state {
         if !BUILD_STATES.contains(&state.as_str()) {
-            return Err(ApiError::bad_request(format!("unknown state {state:?}; expected one of {}", BUILD_STATES.join(", "))));
+            return Err(ApiError::bad_request(format!(
+                "unknown state {state:?}; expected one of {}",
+                BUILD_STATES.join(", ")
+            )));
         }
     }
     let limit = q.limit.unwrap_or(100);
@@ -85,7 +91,10 @@ pub struct MachinesQuery {
     state: Option<String>,
 }
 
-pub async fn list_machines(State(s): State<Arc<Shared>>, Query(q): Query<MachinesQuery>) -> Result<impl IntoResponse, ApiError> {
+pub async fn list_machines(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<MachinesQuery>,
+) -> Result<impl IntoResponse, ApiError> {
     let machines = s.store.list_machines(q.pool.as_deref(), q.state.as_deref()).await?;
     Ok(Json(json!({ "machines": machines })))
 }
@@ -98,18 +107,31 @@ pub struct ChangesQuery {
     limit: Option<i64>,
 }
 
-pub async fn list_changes(State(s): State<Arc<Shared>>, Query(q): Query<ChangesQuery>) -> Result<impl IntoResponse, ApiError> {
-    let changes = s.store.list_changes(q.repo.as_deref(), q.branch.as_deref(), q.limit.unwrap_or(100).clamp(1, 10_000)).await?;
+pub async fn list_changes(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<ChangesQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let changes =
+        s.store.list_changes(q.repo.as_deref(), q.branch.as_deref(), q.limit.unwrap_or(100).clamp(1, 10_000)).await?;
     Ok(Json(json!({ "changes": changes })))
 }
 
 /// `POST /api/changes {repo, branch, revision}`: the generic change hook.
-pub async fn post_change(State(s): State<Arc<Shared>>, body: Result<Json<ChangeHook>, JsonRejection>) -> Result<impl IntoResponse, ApiError> {
+pub async fn post_change(
+    State(s): State<Arc<Shared>>,
+    body: Result<Json<ChangeHook>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
     let Json(hook) = body.map_err(|e| ApiError::bad_request(format!("malformed change: {}", e.body_text())))?;
     hook.validate().map_err(ApiError::bad_request)?;
-    let repo = s.config.repo(&hook.repo).ok_or_else(|| ApiError::bad_request(format!("unknown repository {:?}", hook.repo)))?;
+    let repo = s
+        .config
+        .repo(&hook.repo)
+        .ok_or_else(|| ApiError::bad_request(format!("unknown repository {:?}", hook.repo)))?;
     if !git::branch_matches(&repo.branches, &hook.branch) {
-        return Err(ApiError::bad_request(format!("branch {:?} is not watched for repository {:?}", hook.branch, hook.repo)));
+        return Err(ApiError::bad_request(format!(
+            "branch {:?} is not watched for repository {:?}",
+            hook.branch, hook.repo
+        )));
     }
     let commit = {
         let _guard = match s.repo_locks.get(&repo.name) {
@@ -131,7 +153,8 @@ pub async fn post_change(State(s): State<Arc<Shared>>, body: Result<Json<ChangeH
             }
         }
     };
-    let rows = ingest::commits(&s, &repo.name, &hook.branch, &commit.revision, std::slice::from_ref(&commit), "hook").await?;
+    let rows =
+        ingest::commits(&s, &repo.name, &hook.branch, &commit.revision, std::slice::from_ref(&commit), "hook").await?;
     Ok((StatusCode::CREATED, Json(json!({ "changes": rows }))))
 }
 
@@ -146,12 +169,18 @@ pub struct ForceBody {
 }
 
 /// `POST /api/builds {builder, branch, revision?}`: a force build.
-pub async fn force_build(State(s): State<Arc<Shared>>, body: Result<Json<ForceBody>, JsonRejection>) -> Result<impl IntoResponse, ApiError> {
+pub async fn force_build(
+    State(s): State<Arc<Shared>>,
+    body: Result<Json<ForceBody>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::bad_request(format!("malformed request: {}", e.body_text())))?;
     if s.draining.load(Ordering::SeqCst) {
         return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, reason: "master is shutting down".into() });
     }
-    let builder = s.config.builder(&body.builder).ok_or_else(|| ApiError::bad_request(format!("unknown builder {:?}", body.builder)))?;
+    let builder = s
+        .config
+        .builder(&body.builder)
+        .ok_or_else(|| ApiError::bad_request(format!("unknown builder {:?}", body.builder)))?;
     if !builder.branches.is_empty() && !git::branch_matches(&builder.branches, &body.branch) {
         return Err(ApiError::bad_request(format!("builder {} does not build branch {:?}", builder.name, body.branch)));
     }
@@ -164,8 +193,15 @@ pub async fn force_build(State(s): State<Arc<Shared>>, body: Result<Json<ForceBo
                 Some(h) => h.clone(),
                 None => {
                     let url = s.config.repo(&builder.repo).map(|r| r.url.clone()).unwrap_or_default();
-                    let remote = git::ls_remote(&url).await.map_err(|e| ApiError::bad_request(format!("cannot resolve branch {:?}: {e}", body.branch)))?;
-                    remote.get(&body.branch).cloned().ok_or_else(|| ApiError::bad_request(format!("unknown branch {:?} in repository {}", body.branch, builder.repo)))?
+                    let remote = git::ls_remote(&url)
+                        .await
+                        .map_err(|e| ApiError::bad_request(format!("cannot resolve branch {:?}: {e}", body.branch)))?;
+                    remote.get(&body.branch).cloned().ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "unknown branch {:?} in repository {}",
+                            body.branch, builder.repo
+                        ))
+                    })?
                 }
             }
         }

@@ -13,7 +13,11 @@ use super::ApiError;
 use crate::changes::github::{self, verify_signature};
 use crate::runtime::{ingest, Shared};
 
-pub async fn github(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+pub async fn github(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let unauthorized = |reason: &str| ApiError { status: StatusCode::UNAUTHORIZED, reason: reason.to_string() };
     let Some(secret) = std::env::var(&s.config.master.github_secret_env).ok().filter(|v| !v.is_empty()) else {
         tracing::warn!(env = %s.config.master.github_secret_env, "GitHub webhook refused: no secret configured in the environment");

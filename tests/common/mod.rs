@@ -141,11 +141,15 @@ impl Bed {
             cmd.env(k, v);
         }
         self.master = Some(cmd.spawn().expect("start master"));
-        self.wait("master /healthz", || self.http.get(format!("{}/healthz", self.url())).send().ok().filter(|r| r.status().is_success()).map(|_| ()));
+        self.wait("master /healthz", || {
+            self.http.get(format!("{}/healthz", self.url())).send().ok().filter(|r| r.status().is_success()).map(|_| ())
+        });
         for b in branches {
             let b = b.to_string();
             self.wait(&format!("head of {b} recorded"), || {
-                self.sqlite_scalar(&format!("SELECT COUNT(*) FROM branch_heads WHERE branch = '{b}'")).filter(|n| *n > 0).map(|_| ())
+                self.sqlite_scalar(&format!("SELECT COUNT(*) FROM branch_heads WHERE branch = '{b}'"))
+                    .filter(|n| *n > 0)
+                    .map(|_| ())
             });
         }
     }
@@ -172,7 +176,8 @@ impl Bed {
             }
             if start.elapsed() > DEADLINE {
                 let log = std::fs::read_to_string(&self.master_log).unwrap_or_default();
-                let tail: String = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                let tail: String =
+                    log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
                 panic!("timed out waiting for: {what}\n--- master log tail ---\n{tail}");
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -302,7 +307,9 @@ impl AgentProbe {
             .flatten()
             .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
             .filter(|pid| is_agent(*pid))
-            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).map(|c| c.starts_with(&self.root)).unwrap_or(false))
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/cwd")).map(|c| c.starts_with(&self.root)).unwrap_or(false)
+            })
             .count()
     }
 }
@@ -315,7 +322,8 @@ pub fn is_agent(pid: i32) -> bool {
     }
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    environ.split(|b| *b == 0).any(|v| v.starts_with(b"PADDOCK_MACHINE_ID=")) && cmdline.split(|b| *b == 0).any(|a| a == b"agent")
+    environ.split(|b| *b == 0).any(|v| v.starts_with(b"PADDOCK_MACHINE_ID="))
+        && cmdline.split(|b| *b == 0).any(|a| a == b"agent")
 }
 
 /// Live processes (agent or build steps) of machine `id` of the master rooted at `root`.
@@ -334,7 +342,8 @@ pub fn machine_processes(root: &Path, id: i64) -> Vec<i32> {
             let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
             env.split(|b| *b == 0).any(|v| {
                 let v = String::from_utf8_lossy(v);
-                v.strip_prefix("PADDOCK_MACHINE_KEY=").is_some_and(|k| k.starts_with(&*root.to_string_lossy()) && k.ends_with(&suffix))
+                v.strip_prefix("PADDOCK_MACHINE_KEY=")
+                    .is_some_and(|k| k.starts_with(&*root.to_string_lossy()) && k.ends_with(&suffix))
             })
         })
         .collect()
