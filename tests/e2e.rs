@@ -593,3 +593,36 @@ fn sigterm_lets_the_running_build_finish_then_stops_every_machine() {
     assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM machines WHERE state != 'gone'"), Some(0));
     assert!(bed.agent_pids().is_empty());
 }
+
+#[test]
+fn an_agent_silent_past_the_heartbeat_limit_is_lost_and_its_build_retried() {
+    let mut bed = Bed::new(&[]);
+    let steps = first_attempt_hangs(&bed);
+    bed.config(
+        "",
+        &format!("{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\n{steps}\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"),
+    );
+    bed.start(&["main"]);
+    bed.commit("main", "a.txt", "1\n", "go");
+    let first = bed.wait("a running build", || bed.builds().into_iter().find(|b| state(b) == "running"));
+    let id = first["id"].as_i64().expect("id");
+    wait_for_log(&bed, id, "first attempt");
+    let machine = bed.machines().into_iter().find(|m| m["id"] == first["machine"]).expect("machine");
+    let pid = machine["provider_id"].as_str().expect("pid").to_string();
+    // Frozen, not dead: the connection stays open but no heartbeat comes.
+    let status = std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill");
+    assert!(status.success());
+    let builds = bed.wait_builds_done(2);
+    let old = builds.iter().find(|b| b["id"] == id).expect("old attempt");
+    let new = builds.iter().find(|b| b["id"] != id).expect("new attempt");
+    assert_eq!(state(old), "retry");
+    assert_eq!(state(new), "success");
+    let frozen = old["machine"].as_i64().expect("machine");
+    bed.wait("the silent machine to be stopped", || {
+        let gone = bed.machines().into_iter().any(|m| m["id"] == frozen && m["state"] == "gone");
+        (gone && common::machine_processes(bed.path(), frozen).is_empty()).then_some(())
+    });
+    let events = bed
+        .sqlite_scalar(&format!("SELECT COUNT(*) FROM machine_events WHERE machine_id = {frozen} AND kind = 'lost'"));
+    assert_eq!(events, Some(1), "the machine was recorded as lost");
+}
