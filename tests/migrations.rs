@@ -9,10 +9,8 @@ async fn migrations_apply_to_a_fresh_database_and_keep_data_on_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("p.db").display());
     let store = Store::open(&url).await.expect("open");
-    let build = store
-        .create_request("b", "app", "main", "abc123", "force", "test", &[], Ts(1_000))
-        .await
-        .expect("request");
+    let build =
+        store.create_request("b", "app", "main", "abc123", "force", "test", &[], Ts(1_000)).await.expect("request");
     store.insert_machine(1, "local", "local", "hash", Ts(2_000)).await.expect("machine");
     drop(store);
     // Opening again applies nothing new and loses nothing.

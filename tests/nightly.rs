@@ -15,7 +15,7 @@ const START: i64 = 1_772_333_940_000;
 
 #[test]
 fn a_nightly_fires_at_its_time_and_skips_an_unchanged_branch() {
-    let mut bed = Bed::new(&[]);
+    let bed = Bed::new(&[]);
     let path = bed.config(
         "",
         "[pool.local]\nidle_timeout = \"1h\"\n

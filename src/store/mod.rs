@@ -419,6 +419,7 @@ impl Store {
 
     /// Ends a running attempt with its result, if it is still running on that machine.
     pub async fn finish_build(&self, build: BuildId, machine: MachineId, result: &str, now: Ts) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE builds SET state = ?, finished_at = ? WHERE id = ? AND machine_id = ? AND state = 'running'",
         )
@@ -426,13 +427,18 @@ impl Store {
         .bind(ts_string(now))
         .bind(build)
         .bind(machine)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if done.rows_affected() == 0 {
+            // A stale report (the attempt was retried meanwhile): the new attempt owns the build.
+            return Ok(false);
+        }
         sqlx::query("UPDATE steps SET state = 'skipped' WHERE build_id = ? AND state IN ('pending', 'running')")
             .bind(build)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() > 0)
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Marks an attempt `retry` and queues the next attempt of the same request, in one

@@ -247,10 +247,15 @@ impl Bed {
         }
     }
 
-    /// Stops the master with SIGTERM and waits for it to exit.
-    pub fn stop_master(&mut self) -> std::process::ExitStatus {
-        let mut m = self.master.take().expect("master running");
+    /// Sends SIGTERM to the master without waiting.
+    pub fn term_master(&self) {
+        let m = self.master.as_ref().expect("master running");
         let _ = Command::new("kill").arg("-TERM").arg(m.id().to_string()).status();
+    }
+
+    /// Waits for the master to exit and returns its status.
+    pub fn wait_master_exit(&mut self) -> std::process::ExitStatus {
+        let mut m = self.master.take().expect("master running");
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = m.try_wait() {
@@ -259,6 +264,12 @@ impl Bed {
             assert!(start.elapsed() < DEADLINE, "master did not stop after SIGTERM");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops the master with SIGTERM and waits for it to exit.
+    pub fn stop_master(&mut self) -> std::process::ExitStatus {
+        self.term_master();
+        self.wait_master_exit()
     }
 
     /// The master's log so far.
