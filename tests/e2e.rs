@@ -608,3 +608,34 @@ fn an_agent_silent_past_the_heartbeat_limit_is_lost_and_its_build_retried() {
         bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM machine_events WHERE machine_id = {lost} AND kind = 'lost'"));
     assert_eq!(events, Some(1), "the machine was recorded as lost");
 }
+
+#[test]
+fn an_ephemeral_pool_gives_every_build_a_fresh_machine() {
+    let mut bed = Bed::new(&[]);
+    bed.config(
+        "",
+        "[pool.local]\nmax_instances = 1\nmax_builds = 1\n
+[[builder]]
+name = \"e-{n}\"
+repo = \"app\"
+pool = \"local\"
+matrix = { n = [\"1\", \"2\", \"3\"] }
+steps = [\"test ! -e leftover && touch leftover\"]
+
+[[scheduler]]
+kind = \"branch\"
+repo = \"app\"
+builders = [\"e-*\"]
+",
+    );
+    bed.start(&["main"]);
+    bed.commit("main", "a.txt", "1\n", "three builds");
+    let builds = bed.wait_builds_done(3);
+    assert!(builds.iter().all(|b| state(b) == "success"), "{builds:?}");
+    let machines: BTreeSet<i64> = builds.iter().map(|b| b["machine"].as_i64().expect("machine")).collect();
+    assert_eq!(machines.len(), 3, "one machine per build");
+    bed.wait("every ephemeral machine gone", || {
+        let ms = bed.machines();
+        (ms.len() == 3 && ms.iter().all(|m| m["state"] == "gone" && m["builds_run"] == 1)).then_some(())
+    });
+}
