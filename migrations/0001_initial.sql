@@ -16,6 +16,8 @@ CREATE TABLE changes (
     scheduled    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX changes_repo_branch ON changes (repo, branch, id);
+-- The poller and a webhook may both report the same commit: it is one change.
+CREATE UNIQUE INDEX changes_unique ON changes (repo, branch, revision);
 CREATE INDEX changes_unscheduled ON changes (scheduled) WHERE scheduled = 0;
 
 -- The last revision seen per branch, so a restart neither rebuilds old commits nor misses new ones.

@@ -439,6 +439,7 @@ steps = [
   \"echo whole: {{secret:DEPLOY_KEY}}\",
   \"printf 'halves: s3cr3t-'; sleep 0.3; printf 'v4lue-xyz\\\\n'\",
   \"echo from env: $KEY\",
+  \"env\",
 ]
 
 [[scheduler]]
@@ -449,14 +450,17 @@ builders = [\"deploy\"]
         ),
     )
     .expect("config");
-    bed.start(&["main"]);
+    // A secret of the master's own environment that no step references.
+    bed.start_with_env(&["main"], &[("CLOUD_KEY_OF_THE_MASTER", "m4ster-only-k3y")]);
     bed.commit("main", "a.txt", "1\n", "go");
     let builds = bed.wait_builds_done(1);
     assert_eq!(state(&builds[0]), "success", "{builds:?}");
     let id = builds[0]["id"].as_i64().expect("id");
     let log = bed.http.get(format!("{}/api/builds/{id}/log", bed.url())).send().expect("log").text().expect("text");
     assert!(!log.contains(secret), "secret in stored log:\n{log}");
-    assert_eq!(log.matches("<secret:DEPLOY_KEY>").count(), 3, "three redacted prints:\n{log}");
+    assert_eq!(log.matches("<secret:DEPLOY_KEY>").count(), 4, "three redacted prints and the env dump:\n{log}");
+    assert!(!log.contains("m4ster-only-k3y"), "a machine starts with a clean environment:\n{log}");
+    assert!(log.contains("PATH="), "the env step ran:\n{log}");
     let api =
         format!("{}{}{}", bed.get("/api/builds"), bed.get(&format!("/api/builds/{id}")), bed.get("/api/builders"));
     assert!(!api.contains(secret), "secret in the API");
@@ -638,4 +642,24 @@ builders = [\"e-*\"]
         let ms = bed.machines();
         (ms.len() == 3 && ms.iter().all(|m| m["state"] == "gone" && m["builds_run"] == 1)).then_some(())
     });
+}
+
+#[test]
+fn a_build_that_keeps_killing_its_machine_gives_up_after_three_attempts() {
+    let mut bed = Bed::new(&[]);
+    bed.config(
+        "",
+        &format!(
+            "{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"kill -KILL $PPID\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"
+        ),
+    );
+    bed.start(&["main"]);
+    bed.commit("main", "a.txt", "1\n", "go");
+    let mut builds = bed.wait_builds_done(3);
+    builds.sort_by_key(|b| b["attempt"].as_i64());
+    let states: Vec<&str> = builds.iter().map(state).collect();
+    assert_eq!(states, ["retry", "retry", "exception"], "{builds:?}");
+    assert!(builds[2]["reason"].as_str().unwrap_or("").contains("gave up after 3 attempts"), "{builds:?}");
+    bed.wait("every machine gone", || bed.machines().iter().all(|m| m["state"] == "gone").then_some(()));
+    assert_eq!(bed.machines().len(), 3);
 }

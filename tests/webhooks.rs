@@ -100,6 +100,15 @@ fn bad_webhooks_get_a_4xx_and_store_nothing_good_ones_build() {
     assert_eq!(changes[0]["author"], "Ada Tester <ada@example.com>");
     assert_eq!(changes[0]["files"], serde_json::json!(["src/new.txt"]));
 
+    // The same push delivered again (GitHub redelivers) and the same commit through the
+    // generic hook are the same change: nothing new is stored or built.
+    let (status, body) = post(&good, Some(&sign(&good)));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post_json(&format!("{{\"repo\": \"app\", \"branch\": \"main\", \"revision\": \"{rev}\"}}"));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM changes"), Some(1));
+    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
+
     // The generic hook records a second change for a new commit, read from the repository.
     let rev2 = bed.commit("main", "src/new.txt", "more\n", "Second change");
     let (status, body) = post_json(&format!("{{\"repo\": \"app\", \"branch\": \"main\", \"revision\": \"{rev2}\"}}"));

@@ -23,6 +23,10 @@ pub const MACHINE_KEY_ENV: &str = "PADDOCK_MACHINE_KEY";
 /// would show it).
 pub const TOKEN_ENV: &str = "PADDOCK_AGENT_TOKEN";
 
+/// The only variables of the master's environment that a local machine inherits.
+pub const PASSED_ENV: &[&str] =
+    &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM"];
+
 /// Starts agents as local child processes.
 #[derive(Debug, Clone)]
 pub struct LocalProvisioner {
@@ -34,6 +38,9 @@ pub struct LocalProvisioner {
 impl LocalProvisioner {
     /// Agents run `program agent …` in `base_dir/machine-<id>`.
     pub fn new(program: PathBuf, base_dir: PathBuf) -> Self {
+        // The work directory is also the machine's key in its processes' environment: it must
+        // be absolute, or two masters started from different folders would share keys.
+        let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
         LocalProvisioner { program, base_dir, grace: Duration::from_secs(10) }
     }
 
@@ -57,6 +64,14 @@ impl LocalProvisioner {
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let log_err = log.try_clone()?;
         let mut cmd = tokio::process::Command::new(&self.program);
+        // A machine starts with a clean environment, as a fresh VM would: the master's own
+        // (webhook secrets, cloud keys, secrets that other builds use) must not reach steps.
+        cmd.env_clear();
+        for name in PASSED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
         cmd.arg("agent")
             .arg("--master")
             .arg(&spec.master_url)
@@ -108,8 +123,9 @@ impl LocalProvisioner {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(machine = machine_id, ?left, "processes survive SIGKILL");
-                break;
+                return Err(ProvisionError::Terminate(format!(
+                    "processes {left:?} of machine {machine_id} survive SIGKILL"
+                )));
             }
             for pid in left {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -18,13 +18,19 @@ pub use render::render_builders;
 /// Read, validate and expand the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, path),
+        // Relative paths inside resolve against an absolute folder, so that the state
+        // directory (and the machine keys derived from it) never depends on the current
+        // directory; errors still name the file as the user gave it.
+        Ok(text) => parse(&text, &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())).map_err(|mut e| {
+            e.file = path.to_path_buf();
+            e
+        }),
         Err(e) => Err(ConfigError {
             file: path.to_path_buf(),
             line: 1,
             column: 1,
             message: format!("cannot read the configuration file: {e}"),
-            hint: Some("pass the path of an existing TOML file, e.g. --config paddock.toml".into()),
+            hint: Some("pass the path of an existing TOML file, e.g. paddock check-config paddock.toml".into()),
         }),
     }
 }

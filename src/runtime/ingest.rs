@@ -7,14 +7,15 @@ use crate::store::{ChangeRow, NewChange, StoreError};
 
 use super::{change_info, Input, Shared};
 
-/// Stores `commits` (oldest first) of `repo`/`branch`, moves the branch head to `head`, and
-/// hands each stored change to the schedulers. Storing comes first, so a crash right after
-/// loses nothing: unscheduled changes are replayed at start.
+/// Stores `commits` (oldest first) of `repo`/`branch`, moves the branch head to `head` when
+/// given, and hands each newly stored change to the schedulers (a commit already stored is
+/// not a new change). Storing comes first, so a crash right after loses nothing: unscheduled
+/// changes are replayed at start. Callers hold the repository's lock.
 pub async fn commits(
     shared: &Shared,
     repo: &str,
     branch: &str,
-    head: &str,
+    head: Option<&str>,
     commits: &[CommitInfo],
     source: &str,
 ) -> Result<Vec<ChangeRow>, StoreError> {
@@ -31,7 +32,7 @@ pub async fn commits(
             source: source.to_string(),
         })
         .collect();
-    let rows = shared.store.record_changes(&new, Some((repo, branch, head)), shared.now()).await?;
+    let rows = shared.store.record_changes(&new, head.map(|h| (repo, branch, h)), shared.now()).await?;
     for row in &rows {
         tracing::info!(change = row.id, %repo, %branch, revision = %row.revision, %source, "new change");
         shared.send(Input::Sched(SchedEvent::Change(change_info(row)))).await;

@@ -6,7 +6,7 @@
 //! outcome back as an event: that is what keeps a crash from losing or duplicating work.
 
 pub mod ingest;
-mod poller;
+pub mod poller;
 pub mod secrets;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -95,6 +95,14 @@ impl Shared {
     pub fn mirror_dir(&self, repo: &str) -> PathBuf {
         self.config.master.state_dir.join("mirrors").join(format!("{repo}.git"))
     }
+    /// Holds the lock that serialises updates of `repo`'s mirror and branch heads.
+    pub async fn lock_repo(&self, repo: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.repo_locks.get(repo) {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        }
+    }
+
     /// Hands the loop an input; fails only when the master is shutting down.
     pub async fn send(&self, input: Input) {
         if self.inputs.send(input).await.is_err() {
@@ -191,6 +199,9 @@ fn effective_url(configured: &str, addr: SocketAddr) -> String {
         None => trimmed.to_string(),
     }
 }
+
+/// How long a provisioner's launch call may take before it counts as failed.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -299,7 +310,9 @@ impl Master {
                 let pid = m.provider_id.as_deref().unwrap_or("");
                 tracing::info!(machine = m.id, provider_id = pid, "stopping machine left by the previous run");
                 if let Err(e) = p.terminate(m.id, pid).await {
-                    tracing::warn!(machine = m.id, "cannot stop leftover machine: {e}");
+                    // Left as it is: the next start tries again rather than forget it.
+                    tracing::error!(machine = m.id, "cannot stop leftover machine: {e}");
+                    continue;
                 }
             }
             store.set_machine_state(m.id, "gone", now).await?;
@@ -308,6 +321,12 @@ impl Master {
             store.retry_build(b.id, "master restarted while it ran", now).await?;
         }
         for b in store.builds_in_state("queued").await? {
+            if self.shared.config.builder(&b.builder).is_none() {
+                let reason = format!("builder {} is no longer configured", b.builder);
+                tracing::warn!(build = b.id, %reason, "queued build abandoned");
+                store.abandon_build(b.id, &reason, now).await?;
+                continue;
+            }
             self.queue(&b, false);
         }
         let config = self.shared.config.clone();
@@ -351,22 +370,34 @@ impl Master {
                     self.pending.push_back(FleetEvent::Drain);
                 }
                 input = self.rx.recv() => match input {
-                    Some(input) => self.on_input(input).await?,
+                    Some(input) => {
+                        if let Err(e) = self.on_input(input).await {
+                            tracing::error!("cannot handle an event (it will be repaired at the next start): {e}");
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick() => {
                     self.pending.push_back(FleetEvent::Tick);
-                    self.apply_sched(SchedEvent::Tick).await?;
+                    if let Err(e) = self.apply_sched(SchedEvent::Tick).await {
+                        tracing::error!("scheduler tick failed: {e}");
+                    }
                     if let Some(deadline) = drain_deadline {
-                        let running = self.shared.store.builds_in_state("running").await?;
-                        if running.is_empty() || tokio::time::Instant::now() >= deadline {
-                            self.drain_pending().await?;
+                        let running = self.shared.store.builds_in_state("running").await.map(|r| r.len()).unwrap_or(1);
+                        if running == 0 || tokio::time::Instant::now() >= deadline {
+                            if let Err(e) = self.drain_pending().await {
+                                tracing::error!("cannot handle an event during shutdown: {e}");
+                            }
                             break;
                         }
                     }
                 }
             }
-            self.drain_pending().await?;
+            // A store error in one event must not take the master (and its machines' stops)
+            // down with it: what was not written is repaired from the store at the next start.
+            if let Err(e) = self.drain_pending().await {
+                tracing::error!("cannot handle a fleet event (it will be repaired at the next start): {e}");
+            }
         }
         self.stop_everything().await
     }
@@ -391,7 +422,8 @@ impl Master {
             stops.push(tokio::spawn(async move {
                 if let Some(p) = p {
                     if let Err(e) = p.terminate(m.id, m.provider_id.as_deref().unwrap_or("")).await {
-                        tracing::warn!(machine = m.id, "cannot stop machine: {e}");
+                        tracing::error!(machine = m.id, "cannot stop machine; the next start tries again: {e}");
+                        return;
                     }
                 }
                 if let Err(e) = store.set_machine_state(m.id, "gone", clock.now()).await {
@@ -528,6 +560,7 @@ impl Master {
                 if state == MachineState::Gone {
                     self.agents.remove(&machine);
                     self.machine_pool.remove(&machine);
+                    self.terminate_after_launch.remove(&machine);
                 }
             }
             FleetAction::Launch { machine, pool } => {
@@ -545,7 +578,10 @@ impl Master {
                 let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
                 let inputs = self.shared.inputs.clone();
                 tokio::spawn(async move {
-                    let result = provisioner.launch(spec).await.map_err(|e| e.to_string());
+                    let result = match tokio::time::timeout(LAUNCH_TIMEOUT, provisioner.launch(spec)).await {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("the provisioner did not answer within {LAUNCH_TIMEOUT:?}")),
+                    };
                     let _ = inputs.send(Input::Launched { machine, result }).await;
                 });
             }
@@ -581,8 +617,13 @@ impl Master {
         };
         let inputs = self.shared.inputs.clone();
         tokio::spawn(async move {
-            if let Err(e) = provisioner.terminate(machine, &provider_id).await {
-                tracing::warn!(machine, "terminate failed: {e}");
+            // The machine is gone only once the provisioner says so; until then it stays
+            // `stopping` (and counts against the pool's limit), and the stop is retried.
+            let mut delay = Duration::from_secs(1);
+            while let Err(e) = provisioner.terminate(machine, &provider_id).await {
+                tracing::error!(machine, retry_in = ?delay, "terminate failed: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
             }
             let _ = inputs.send(Input::Terminated { machine }).await;
         });

@@ -8,8 +8,9 @@ use crate::config::Repo;
 
 use super::{ingest, Shared};
 
-/// Most commits recorded for one branch in one poll; older ones in a huge push are skipped.
-const MAX_NEW_COMMITS: usize = 100;
+/// Most commits recorded for one branch in one poll or push; older ones in a huge push are
+/// skipped.
+pub const MAX_NEW_COMMITS: usize = 100;
 
 /// Starts a poller for every repository that has a poll interval.
 pub fn spawn_all(shared: Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
@@ -47,10 +48,7 @@ async fn poll_forever(shared: Arc<Shared>, repo: Repo, interval: Duration) {
 
 /// Polls one repository once: records first-seen heads and new commits.
 pub async fn poll_once(shared: &Shared, repo: &Repo) -> Result<(), PollError> {
-    let _guard = match shared.repo_locks.get(&repo.name) {
-        Some(lock) => Some(lock.lock().await),
-        None => None,
-    };
+    let _guard = shared.lock_repo(&repo.name).await;
     let mirror = Mirror::new(shared.mirror_dir(&repo.name), repo.url.clone());
     mirror.ensure().await?;
     let known = shared.store.heads(&repo.name).await?;
@@ -66,7 +64,7 @@ pub async fn poll_once(shared: &Shared, repo: &Repo) -> Result<(), PollError> {
     }
     for (branch, commits) in by_branch {
         if let Some(head) = result.heads.get(branch) {
-            ingest::commits(shared, &repo.name, branch, head, &commits, "poller").await?;
+            ingest::commits(shared, &repo.name, branch, Some(head), &commits, "poller").await?;
         }
     }
     for branch in &result.deleted {

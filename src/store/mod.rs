@@ -27,6 +27,9 @@ pub enum StoreError {
     Unsupported(String),
 }
 
+/// Attempts of one build request before it ends as `exception` instead of being retried.
+pub const MAX_ATTEMPTS: i64 = 3;
+
 /// Result alias for store calls.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -206,7 +209,8 @@ impl Store {
         Ok(Store { pool })
     }
 
-    /// Stores new commits of one branch and moves its head, in one transaction.
+    /// Stores new commits of one branch and moves its head, in one transaction. A commit
+    /// already stored for that branch is skipped; only the new changes are returned.
     pub async fn record_changes(
         &self,
         changes: &[NewChange],
@@ -218,9 +222,9 @@ impl Store {
         let mut ids = Vec::with_capacity(changes.len());
         for c in changes {
             let files = serde_json::to_string(&c.files).unwrap_or_else(|_| "[]".into());
-            let id: i64 = sqlx::query_scalar(
+            let id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO changes (repo, branch, revision, author, committed_at, message, files, source, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (repo, branch, revision) DO NOTHING RETURNING id",
             )
             .bind(&c.repo)
             .bind(&c.branch)
@@ -231,9 +235,9 @@ impl Store {
             .bind(files)
             .bind(&c.source)
             .bind(&now_s)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            ids.push(id);
+            ids.extend(id);
         }
         if let Some((repo, branch, revision)) = head {
             set_head(&mut *tx, repo, branch, revision, &now_s).await?;
@@ -446,6 +450,26 @@ impl Store {
     pub async fn retry_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<Option<BuildRow>> {
         let now_s = ts_string(now);
         let mut tx = self.pool.begin().await?;
+        // A build that keeps killing its machine must not launch machines forever.
+        let attempt: Option<i64> =
+            sqlx::query_scalar("SELECT attempt FROM builds WHERE id = ? AND state IN ('queued', 'running')")
+                .bind(build)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if attempt.is_some_and(|a| a >= MAX_ATTEMPTS) {
+            sqlx::query("UPDATE builds SET state = 'exception', reason = ?, finished_at = ? WHERE id = ?")
+                .bind(format!("gave up after {MAX_ATTEMPTS} attempts; the last one: {reason}"))
+                .bind(&now_s)
+                .bind(build)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE steps SET state = 'cancelled' WHERE build_id = ? AND state IN ('pending', 'running')")
+                .bind(build)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
         let done = sqlx::query(
             "UPDATE builds SET state = 'retry', reason = ?, finished_at = ? WHERE id = ? AND state IN ('queued', 'running')",
         )
@@ -475,14 +499,30 @@ impl Store {
         Ok(Some(build_row(&row)))
     }
 
+    /// Ends a queued attempt that can never run, as `exception` with the reason.
+    pub async fn abandon_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<()> {
+        sqlx::query(
+            "UPDATE builds SET state = 'exception', reason = ?, finished_at = ? WHERE id = ? AND state = 'queued'",
+        )
+        .bind(reason)
+        .bind(ts_string(now))
+        .bind(build)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Marks a step running.
     pub async fn step_started(&self, build: BuildId, idx: i64, now: Ts) -> Result<()> {
-        sqlx::query("UPDATE steps SET state = 'running', started_at = ? WHERE build_id = ? AND idx = ?")
-            .bind(ts_string(now))
-            .bind(build)
-            .bind(idx)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE steps SET state = 'running', started_at = ? WHERE build_id = ? AND idx = ?
+             AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
+        )
+        .bind(ts_string(now))
+        .bind(build)
+        .bind(idx)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -497,7 +537,8 @@ impl Store {
     ) -> Result<()> {
         sqlx::query(
             "UPDATE steps SET state = ?, exit_code = ?, finished_at = ?,
-             started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?",
+             started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?
+             AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
         )
         .bind(result)
         .bind(exit_code)

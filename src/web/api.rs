@@ -133,28 +133,30 @@ pub async fn post_change(
             hook.branch, hook.repo
         )));
     }
-    let commit = {
-        let _guard = match s.repo_locks.get(&repo.name) {
-            Some(lock) => Some(lock.lock().await),
-            None => None,
-        };
-        let mirror = Mirror::new(s.mirror_dir(&repo.name), repo.url.clone());
-        let fetched = async {
-            mirror.ensure().await?;
-            mirror.fetch(std::slice::from_ref(&hook.branch)).await?;
-            mirror.commit(&hook.revision).await
+    // One lock across fetch and store, so the poller cannot record the same commit in between.
+    let _guard = s.lock_repo(&repo.name).await;
+    let mirror = Mirror::new(s.mirror_dir(&repo.name), repo.url.clone());
+    let fetched = async {
+        mirror.ensure().await?;
+        mirror.fetch(std::slice::from_ref(&hook.branch)).await?;
+        let commit = mirror.commit(&hook.revision).await?;
+        let tip = mirror.branch_head(&hook.branch).await?;
+        Ok::<_, git::GitError>((commit, tip))
+    }
+    .await;
+    let (commit, head) = match fetched {
+        // The branch head only moves to the branch's real tip, never back to an older commit.
+        Ok((commit, tip)) => {
+            let head = (tip == commit.revision).then_some(tip);
+            (commit, head)
         }
-        .await;
-        match fetched {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::info!(repo = %repo.name, revision = %hook.revision, "change hook: commit not readable from the repository ({e}); using the hook's fields");
-                hook_commit(&hook, s.now())
-            }
+        Err(e) => {
+            tracing::info!(repo = %repo.name, revision = %hook.revision, "change hook: commit not readable from the repository ({e}); using the hook's fields");
+            (hook_commit(&hook, s.now()), None)
         }
     };
     let rows =
-        ingest::commits(&s, &repo.name, &hook.branch, &commit.revision, std::slice::from_ref(&commit), "hook").await?;
+        ingest::commits(&s, &repo.name, &hook.branch, head.as_deref(), std::slice::from_ref(&commit), "hook").await?;
     Ok((StatusCode::CREATED, Json(json!({ "changes": rows }))))
 }
 

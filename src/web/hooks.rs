@@ -48,6 +48,8 @@ pub async fn github(
     if push.deleted || !crate::changes::git::branch_matches(&repo.branches, &branch) {
         return Ok((StatusCode::OK, Json(json!({ "ignored": "branch not watched or deleted", "changes": [] }))));
     }
-    let rows = ingest::commits(&s, &repo.name, &branch, &push.after, &push.commits, "github").await?;
+    let skip = push.commits.len().saturating_sub(crate::runtime::poller::MAX_NEW_COMMITS);
+    let _guard = s.lock_repo(&repo.name).await;
+    let rows = ingest::commits(&s, &repo.name, &branch, Some(&push.after), &push.commits[skip..], "github").await?;
     Ok((StatusCode::OK, Json(json!({ "changes": rows }))))
 }
