@@ -663,3 +663,32 @@ fn a_build_that_keeps_killing_its_machine_gives_up_after_three_attempts() {
     bed.wait("every machine gone", || bed.machines().iter().all(|m| m["state"] == "gone").then_some(()));
     assert_eq!(bed.machines().len(), 3);
 }
+
+#[test]
+fn a_change_replayed_after_a_crash_is_not_requested_twice() {
+    let mut bed = Bed::new(&[]);
+    bed.config(
+        "",
+        &format!(
+            "{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"true\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"
+        ),
+    );
+    bed.start(&["main"]);
+    bed.commit("main", "a.txt", "1\n", "go");
+    bed.wait_builds_done(1);
+    bed.kill_master();
+    // As if the master had died after storing the request but before marking the change done.
+    let out = std::process::Command::new("sqlite3")
+        .arg(bed.path().join("paddock.db"))
+        .arg("UPDATE changes SET scheduled = 0")
+        .output()
+        .expect("sqlite3");
+    assert!(out.status.success());
+    bed.start(&["main"]);
+    bed.wait("the replayed change to be done", || {
+        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(1)).then_some(())
+    });
+    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
+    assert_eq!(bed.builds().len(), 1);
+    assert!(bed.log().contains("already requested before the restart"));
+}

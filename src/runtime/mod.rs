@@ -63,12 +63,18 @@ pub enum Input {
     Terminated { machine: MachineId },
 }
 
-/// A build being run: which machine runs it and the secret values to scrub from its log.
+/// A build being run: which machine runs it, the secret values to scrub from its log, and how
+/// much log it has stored.
 #[derive(Clone)]
 pub struct RunningBuild {
     pub machine: MachineId,
     pub secrets: Vec<(String, String)>,
+    pub log_bytes: usize,
 }
+
+/// Most log text stored per build attempt; past it, one notice and the rest is dropped, so a
+/// runaway step cannot fill the database.
+pub const MAX_LOG_BYTES: usize = 64 * 1024 * 1024;
 
 /// State shared by the loop, the web handlers and the pollers.
 pub struct Shared {
@@ -233,6 +239,8 @@ struct Master {
     /// Consecutive launch failures per pool, for backoff.
     launch_failures: HashMap<String, u32>,
     pending: VecDeque<FleetEvent>,
+    /// (scheduler, change) pairs requested before a crash, for changes replayed at start.
+    already_requested: HashSet<(String, crate::core::ChangeId)>,
 }
 
 impl Master {
@@ -295,6 +303,7 @@ impl Master {
             terminate_after_launch: HashSet::new(),
             launch_failures: HashMap::new(),
             pending: VecDeque::new(),
+            already_requested: HashSet::new(),
         })
     }
 
@@ -335,7 +344,11 @@ impl Master {
                 self.apply_sched(SchedEvent::Head { repo: repo.name.clone(), branch, revision }).await?;
             }
         }
-        for c in store.unscheduled_changes().await? {
+        let replay = store.unscheduled_changes().await?;
+        if let Some(oldest) = replay.iter().map(|c| c.created_at.as_str()).min() {
+            self.already_requested = store.requested_changes(oldest).await?;
+        }
+        for c in replay {
             self.apply_sched(SchedEvent::Change(change_info(&c))).await?;
         }
         self.drain_pending().await?;
@@ -506,6 +519,15 @@ impl Master {
         let now = self.shared.now();
         for action in self.sched.handle(ev, now) {
             match action {
+                SchedAction::Request(req)
+                    if !req.changes.is_empty()
+                        && req
+                            .changes
+                            .iter()
+                            .all(|c| self.already_requested.contains(&(req.scheduler.clone(), *c))) =>
+                {
+                    tracing::info!(scheduler = %req.scheduler, changes = ?req.changes, "replayed changes were already requested before the restart");
+                }
                 SchedAction::Request(req) => {
                     if self.shared.draining.load(Ordering::SeqCst) {
                         // Still stored: the next start runs it.
@@ -662,7 +684,7 @@ impl Master {
         }
         let secrets: Vec<(String, String)> = job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Ok(mut running) = self.shared.running.lock() {
-            running.insert(build, RunningBuild { machine, secrets });
+            running.insert(build, RunningBuild { machine, secrets, log_bytes: 0 });
         }
         tracing::info!(build, machine, builder = %row.builder, "build started");
         if tx.send(MasterMsg::Run(Box::new(job))).is_err() {

@@ -301,6 +301,23 @@ impl Store {
         Ok(rows.iter().map(change_row).collect())
     }
 
+    /// (scheduler, change) pairs already turned into build requests since `since`: a change
+    /// replayed after a crash must not be requested twice by the same scheduler.
+    pub async fn requested_changes(&self, since: &str) -> Result<std::collections::HashSet<(String, ChangeId)>> {
+        let rows =
+            sqlx::query("SELECT scheduler, changes FROM build_requests WHERE changes != '[]' AND submitted_at >= ?")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out = std::collections::HashSet::new();
+        for r in rows {
+            let scheduler: String = r.get("scheduler");
+            let ids: Vec<ChangeId> = serde_json::from_str(&r.get::<String, _>("changes")).unwrap_or_default();
+            out.extend(ids.into_iter().map(|id| (scheduler.clone(), id)));
+        }
+        Ok(out)
+    }
+
     /// Marks changes as fully considered by the schedulers.
     pub async fn mark_scheduled(&self, ids: &[ChangeId]) -> Result<()> {
         let mut tx = self.pool.begin().await?;

@@ -14,7 +14,7 @@ use crate::agent::protocol::{AgentMsg, MasterMsg};
 use crate::agent::redact::redact_str;
 use crate::core::fleet::FleetEvent;
 use crate::core::MachineId;
-use crate::runtime::{token_hash, Input, Shared};
+use crate::runtime::{token_hash, Input, Shared, MAX_LOG_BYTES};
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,6 +106,30 @@ fn secrets_for(s: &Shared, machine: MachineId, build: i64) -> Option<Vec<(String
     (r.machine == machine).then(|| r.secrets.clone())
 }
 
+/// What to do with a log chunk.
+enum LogVerdict {
+    /// Store it, scrubbed of these secrets.
+    Store(Vec<(String, String)>),
+    /// The build just reached its log limit: store a notice instead.
+    Truncate,
+    /// Not this machine's build, or past the limit.
+    Drop,
+}
+
+fn accept_log(s: &Shared, machine: MachineId, build: i64, len: usize) -> LogVerdict {
+    let Ok(mut running) = s.running.lock() else { return LogVerdict::Drop };
+    let Some(r) = running.get_mut(&build).filter(|r| r.machine == machine) else { return LogVerdict::Drop };
+    let before = r.log_bytes;
+    r.log_bytes = r.log_bytes.saturating_add(len);
+    if r.log_bytes <= MAX_LOG_BYTES {
+        LogVerdict::Store(r.secrets.clone())
+    } else if before <= MAX_LOG_BYTES {
+        LogVerdict::Truncate
+    } else {
+        LogVerdict::Drop
+    }
+}
+
 async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg) {
     let now = s.now();
     let result = match msg {
@@ -118,10 +142,16 @@ async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg) {
             Some(_) => s.store.step_started(build, step as i64, now).await,
             None => Ok(()),
         },
-        AgentMsg::Log { build, step, text } => match secrets_for(s, machine, build) {
+        AgentMsg::Log { build, step, text } => match accept_log(s, machine, build, text.len()) {
             // The agent already scrubbed it; scrub again in case an agent is older or wrong.
-            Some(secrets) => s.store.append_log(build, step as i64, &redact_str(&secrets, &text), now).await,
-            None => Ok(()),
+            LogVerdict::Store(secrets) => {
+                s.store.append_log(build, step as i64, &redact_str(&secrets, &text), now).await
+            }
+            LogVerdict::Truncate => {
+                let notice = format!("\n[paddock: log truncated at {} MiB]\n", MAX_LOG_BYTES / (1024 * 1024));
+                s.store.append_log(build, step as i64, &notice, now).await
+            }
+            LogVerdict::Drop => Ok(()),
         },
         AgentMsg::StepFinished { build, step, result, exit_code } => match secrets_for(s, machine, build) {
             Some(_) => s.store.step_finished(build, step as i64, result.as_str(), exit_code, now).await,
