@@ -90,6 +90,9 @@ CREATE TABLE machines (
     -- SHA-256 of the one-time token; the token itself is never stored.
     token_hash    TEXT NOT NULL,
     token_used    INTEGER NOT NULL DEFAULT 0,
+    -- SHA-256 of the agent's current resume token (rotated at every Welcome), with which a
+    -- connected agent may reconnect after a master restart or a dropped connection.
+    resume_hash   TEXT,
     instance_type TEXT,
     lifecycle     TEXT,
     requested_at  TEXT NOT NULL,

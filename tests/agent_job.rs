@@ -404,7 +404,8 @@ mod client {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         let mut ws = accept(&listener).await;
         hello(&mut ws).await;
-        send(&mut ws, &MasterMsg::Welcome { machine: 5, heartbeat_secs: 1 }).await;
+        send(&mut ws, &MasterMsg::Welcome { machine: 5, heartbeat_secs: 1, resume_token: None, reconnect_secs: 0 })
+            .await;
         let j = job(42, &repo, &repo.rev1, vec![step("slowish", "git rev-parse HEAD; sleep 1.5")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut msgs = Vec::new();
@@ -446,7 +447,8 @@ mod client {
         let agent = tokio::spawn(run_agent(options(port, work.path())));
         let mut ws = accept(&listener).await;
         hello(&mut ws).await;
-        send(&mut ws, &MasterMsg::Welcome { machine: 1, heartbeat_secs: 30 }).await;
+        send(&mut ws, &MasterMsg::Welcome { machine: 1, heartbeat_secs: 30, resume_token: None, reconnect_secs: 0 })
+            .await;
         let j = job(1, &repo, &repo.rev1, vec![step("forever", "echo pid=$$; exec sleep 60")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut text = String::new();

@@ -356,24 +356,72 @@ fn an_agent_killed_mid_build_is_retried_on_a_new_machine() {
     assert_retried_elsewhere(&bed, id);
 }
 
-#[test]
-fn a_master_killed_mid_build_loses_nothing_duplicates_nothing_and_leaves_no_agent() {
-    let mut bed = Bed::new(&[]);
-    let (_, _) = start_hanging_build(&mut bed);
-    let rev = bed.git(&["rev-parse", "main"]);
-    let old_agents = bed.agent_pids();
-    assert_eq!(old_agents.len(), 1);
-    bed.kill_master();
+/// Starts a master whose only build runs until the file `go` appears; commits and waits until
+/// the build is running. Returns the build id, its machine and the path of `go`.
+fn start_waiting_build(bed: &mut Bed) -> (i64, serde_json::Value, std::path::PathBuf) {
+    let go = bed.path().join("go");
+    bed.config(
+        "",
+        &format!(
+            "{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"echo started; while [ ! -e {} ]; do sleep 0.1; done; echo finished\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
+            go.display()
+        ),
+    );
     bed.start(&["main"]);
-    let builds = bed.wait_builds_done(2);
-    assert!(builds.iter().all(|b| b["revision"] == rev.as_str()));
-    let states: BTreeSet<&str> = builds.iter().map(state).collect();
-    assert_eq!(states, BTreeSet::from(["retry", "success"]), "{builds:?}");
+    bed.commit("main", "a.txt", "1\n", "go");
+    let b = bed.wait("a running build", || bed.builds().into_iter().find(|b| state(b) == "running"));
+    let id = b["id"].as_i64().expect("id");
+    wait_for_log(bed, id, "started");
+    let machine = bed.machines().into_iter().find(|m| m["id"] == b["machine"]).expect("machine");
+    (id, machine, go)
+}
+
+#[test]
+fn a_master_killed_mid_build_re_attaches_to_the_running_build() {
+    let mut bed = Bed::new(&[]);
+    let (id, machine, go) = start_waiting_build(&mut bed);
+    let agents = bed.agent_pids();
+    assert_eq!(agents.len(), 1);
+    bed.kill_master();
+    // The build goes on while the master is away; it says so when the master is back.
+    bed.start(&["main"]);
+    bed.wait("the agent to reconnect", || bed.log().contains("agent reconnected").then_some(()));
+    std::fs::write(&go, "").expect("go");
+    let builds = bed.wait_builds_done(1);
+    assert_eq!(builds[0]["id"], id);
+    assert_eq!(state(&builds[0]), "success", "{builds:?}");
+    assert_eq!(builds[0]["attempt"], 1, "nothing ran twice");
+    assert_eq!(builds[0]["machine"], machine["id"], "the same machine finished it");
+    wait_for_log(&bed, id, "finished");
+    let log = bed.http.get(format!("{}/api/builds/{id}/log", bed.url())).send().expect("log").text().expect("text");
+    assert_eq!(log.lines().filter(|l| *l == "started").count(), 1, "the step ran once:\n{log}");
     assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1), "no duplicate request");
     assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM changes"), Some(1), "the change was not recorded twice");
-    for pid in old_agents {
-        assert!(!common::is_agent(pid), "agent {pid} from the killed master is still running");
-    }
+    assert_eq!(bed.agent_pids(), agents, "the same agent, no other");
+}
+
+#[test]
+fn an_agent_that_dies_while_the_master_is_down_has_its_build_retried() {
+    let mut bed = Bed::new(&[]);
+    let (id, machine, go) = start_waiting_build(&mut bed);
+    bed.kill_master();
+    signal_agent(&machine, "-KILL");
+    let lost = machine["id"].as_i64().expect("machine");
+    bed.wait("the agent to die", || {
+        common::machine_processes(bed.path(), lost).iter().all(|p| !common::is_agent(*p)).then_some(())
+    });
+    std::fs::write(&go, "").expect("go");
+    bed.start(&["main"]);
+    let builds = bed.wait_builds_done(2);
+    let old = builds.iter().find(|b| b["id"] == id).expect("old attempt");
+    let new = builds.iter().find(|b| b["id"] != id).expect("new attempt");
+    assert_eq!(state(old), "retry");
+    assert_eq!(state(new), "success");
+    assert_ne!(new["machine"], old["machine"]);
+    bed.wait("every process of the lost machine gone", || {
+        common::machine_processes(bed.path(), lost).is_empty().then_some(())
+    });
+    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
 }
 
 #[test]
@@ -562,19 +610,7 @@ fn force_builds_logs_and_the_builds_table_through_the_cli() {
 #[test]
 fn sigterm_lets_the_running_build_finish_then_stops_every_machine() {
     let mut bed = Bed::new(&[]);
-    let go = bed.path().join("go");
-    bed.config(
-        "",
-        &format!(
-            "{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"echo started; while [ ! -e {} ]; do sleep 0.1; done; echo finished\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
-            go.display()
-        ),
-    );
-    bed.start(&["main"]);
-    bed.commit("main", "a.txt", "1\n", "go");
-    let b = bed.wait("a running build", || bed.builds().into_iter().find(|b| state(b) == "running"));
-    let id = b["id"].as_i64().expect("id");
-    wait_for_log(&bed, id, "started");
+    let (id, _, go) = start_waiting_build(&mut bed);
     // Ask the master to stop; once it says so, let the build finish within the grace period.
     let log_before = bed.log().len();
     bed.term_master();

@@ -1,15 +1,21 @@
 //! The `paddock agent` process: connect to the master, authenticate, heartbeat, run builds.
 //!
-//! The agent is a latent worker. It runs one build at a time, and when its master goes away
-//! (socket closed, [`MasterMsg::Shutdown`], SIGTERM/SIGINT) it kills whatever is running and
-//! exits, so nothing is left behind. Only the initial connection is retried (the master may be
-//! starting); after [`MasterMsg::Welcome`] it never reconnects: the master replaces a lost
-//! machine rather than waiting for it.
+//! The agent is a latent worker. It runs one build at a time. On [`MasterMsg::Shutdown`] or
+//! SIGTERM/SIGINT it kills whatever is running and exits, so nothing is left behind.
+//!
+//! When the connection drops (the master restarts, the network hiccups), a build in progress
+//! carries on: the agent keeps its messages and reconnects with the resume token of its last
+//! [`MasterMsg::Welcome`], for up to `reconnect_secs`. Once back, the master adopts the build
+//! and receives what was said meanwhile. A master that gave no resume token, refuses the
+//! resume, or stays away past the window, gets the old behaviour: the build is killed and the
+//! agent exits.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures_util::stream::SplitSink;
+use std::collections::VecDeque;
+
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -32,6 +38,10 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Messages buffered between the running job and the socket.
 const JOB_CHANNEL: usize = 256;
+/// How long one reconnection attempt (connect, Resume, Welcome) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Log text kept while disconnected; more is dropped (and counted) rather than filling memory.
+const OUTBOX_LOG_BYTES: usize = 16 * 1024 * 1024;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -107,7 +117,46 @@ pub fn ws_url(master: &str) -> Result<String, AgentError> {
     Ok(format!("{rest}/agent/ws"))
 }
 
-/// Runs the agent until the master says Shutdown, the socket closes or a signal arrives.
+/// What a Welcome granted. No `Debug`: it holds the resume token.
+struct Session {
+    machine: i64,
+    heartbeat_secs: u64,
+    resume_token: Option<String>,
+    reconnect_secs: u64,
+}
+
+/// Why a connected stretch ended.
+enum End {
+    /// The master said Shutdown, or a signal arrived: stop, the socket still works.
+    Stop,
+    /// The connection is gone, with the message that could not be sent, if any.
+    Lost(Option<AgentMsg>),
+}
+
+/// Messages kept while the master is unreachable, in order.
+#[derive(Default)]
+struct Outbox {
+    msgs: VecDeque<AgentMsg>,
+    log_bytes: usize,
+    dropped_bytes: usize,
+}
+
+impl Outbox {
+    /// Keeps `msg` for later, dropping log text past [`OUTBOX_LOG_BYTES`] (results are always kept).
+    fn keep(&mut self, msg: AgentMsg) {
+        if let AgentMsg::Log { text, .. } = &msg {
+            if self.log_bytes + text.len() > OUTBOX_LOG_BYTES {
+                self.dropped_bytes += text.len();
+                return;
+            }
+            self.log_bytes += text.len();
+        }
+        self.msgs.push_back(msg);
+    }
+}
+
+/// Runs the agent until the master says Shutdown, a signal arrives, or the master stays
+/// unreachable past the reconnection window.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     tokio::fs::create_dir_all(&opts.workdir).await?;
     let url = ws_url(&opts.master)?;
@@ -124,95 +173,59 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let hello = AgentMsg::Hello { token: opts.token.clone(), version: env!("CARGO_PKG_VERSION").to_string() };
     sink.send(Message::text(encode(&hello)?)).await?;
-    let (machine, heartbeat_secs) = tokio::select! {
+    let mut session = tokio::select! {
         r = tokio::time::timeout(WELCOME_TIMEOUT, await_welcome(&mut stream)) => match r {
             Ok(r) => r?,
             Err(_) => return Err(AgentError::Protocol("no welcome from master".into())),
         },
         () = signals.recv() => return Ok(()),
     };
-    tracing::info!(machine, heartbeat_secs, "connected to master");
+    tracing::info!(machine = session.machine, heartbeat_secs = session.heartbeat_secs, "connected to master");
 
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(heartbeat_secs.max(1)));
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (job_tx, mut job_rx) = mpsc::channel::<AgentMsg>(JOB_CHANNEL);
     let mut current: Option<Running> = None;
+    let mut outbox = Outbox::default();
 
-    // Why the loop ended; whether the socket can still take the job's last messages.
+    // Whether the socket can still take the job's last messages.
     let socket_open = loop {
-        tokio::select! {
-            _ = heartbeat.tick() => {
-                if !send_msg(&mut sink, &AgentMsg::Heartbeat).await {
-                    tracing::warn!("lost the master while sending a heartbeat; exiting");
-                    break false;
-                }
+        let end = match flush(&mut sink, &mut outbox).await {
+            true => {
+                connected(&mut sink, &mut stream, &session, &opts, &job_tx, &mut job_rx, &mut current, &mut signals)
+                    .await
             }
-            Some(msg) = job_rx.recv() => {
-                if let AgentMsg::BuildFinished { build, .. } = &msg {
-                    if current.as_ref().is_some_and(|r| r.build == *build) {
-                        current = None;
-                    }
+            false => End::Lost(None),
+        };
+        match end {
+            End::Stop => break true,
+            End::Lost(unsent) => {
+                // Not sent: it goes out first after the reconnection.
+                if let Some(msg) = unsent {
+                    outbox.keep(msg);
                 }
-                if !send_msg(&mut sink, &msg).await {
-                    tracing::warn!("lost the master while sending build output; exiting");
+                let Some(token) = session.resume_token.clone().filter(|_| session.reconnect_secs > 0) else {
+                    tracing::warn!("lost the master; exiting");
                     break false;
-                }
-            }
-            // A job task that ends without its BuildFinished (it panicked) must still be reported.
-            r = wait_running(&mut current) => {
-                // Taken either way: a finished JoinHandle must not be polled again. A normal end
-                // has already queued its BuildFinished, which is forwarded in order.
-                if let (Err(e), Some(run)) = (r, current.take()) {
-                    tracing::error!(build = run.build, "build task failed: {e}");
-                    let msg = AgentMsg::BuildFinished { build: run.build, result: BuildResult::Exception };
-                    if !send_msg(&mut sink, &msg).await {
-                        break false;
+                };
+                tracing::warn!(window_secs = session.reconnect_secs, "lost the master; reconnecting");
+                let window = Duration::from_secs(session.reconnect_secs);
+                let back = reconnect(
+                    &url,
+                    session.machine,
+                    &token,
+                    window,
+                    &mut job_rx,
+                    &mut current,
+                    &mut outbox,
+                    &mut signals,
+                )
+                .await;
+                match back {
+                    Some((new_sink, new_stream, new_session)) => {
+                        tracing::info!(machine = new_session.machine, "reconnected to master");
+                        (sink, stream, session) = (new_sink, new_stream, new_session);
                     }
+                    None => break false,
                 }
-            }
-            incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<MasterMsg>(text.as_str()) {
-                    Ok(MasterMsg::Run(job)) => {
-                        if let Some(run) = &current {
-                            tracing::warn!(busy_with = run.build, build = job.build, "ignoring a second build while busy");
-                            continue;
-                        }
-                        // Log identifiers only: the job carries secrets.
-                        tracing::info!(build = job.build, builder = %job.builder, revision = %job.revision, "running build");
-                        let (cancel_tx, cancel_rx) = watch::channel(false);
-                        let tx = job_tx.clone();
-                        let workdir = opts.workdir.clone();
-                        let build = job.build;
-                        let handle = tokio::spawn(async move {
-                            let result = run_job(&job, &workdir, tx.clone(), cancel_rx).await;
-                            tracing::info!(build, result = result.as_str(), "build finished");
-                            let _ = tx.send(AgentMsg::BuildFinished { build, result }).await;
-                        });
-                        current = Some(Running { build, handle, cancel: cancel_tx });
-                    }
-                    Ok(MasterMsg::Shutdown) => {
-                        tracing::info!("master asked to shut down");
-                        break true;
-                    }
-                    Ok(MasterMsg::Welcome { .. } | MasterMsg::Refused { .. }) => {
-                        tracing::warn!("unexpected handshake message after welcome; ignored");
-                    }
-                    Err(e) => tracing::warn!("unreadable message from master ignored: {e}"),
-                },
-                Some(Ok(Message::Close(_))) | None => {
-                    tracing::info!("master closed the connection; exiting");
-                    break false;
-                }
-                // Pings are answered by tungstenite itself; binary frames are not part of the protocol.
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!("connection to master failed: {e}; exiting");
-                    break false;
-                }
-            },
-            () = signals.recv() => {
-                tracing::info!("signal received; stopping");
-                break true;
             }
         }
     };
@@ -245,6 +258,113 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         let _ = sink.send(Message::Close(None)).await;
     }
     Ok(())
+}
+
+/// Sends what was kept while disconnected; `false` if the socket failed (the rest stays kept).
+async fn flush(sink: &mut SplitSink<Ws, Message>, outbox: &mut Outbox) -> bool {
+    if outbox.dropped_bytes > 0 {
+        tracing::warn!(bytes = outbox.dropped_bytes, "build output dropped while the master was unreachable");
+        outbox.dropped_bytes = 0;
+    }
+    while let Some(msg) = outbox.msgs.pop_front() {
+        if !send_msg(sink, &msg).await {
+            outbox.msgs.push_front(msg);
+            return false;
+        }
+    }
+    outbox.log_bytes = 0;
+    true
+}
+
+/// Serves one connection: heartbeats, runs builds, forwards their messages.
+#[allow(clippy::too_many_arguments)]
+async fn connected(
+    sink: &mut SplitSink<Ws, Message>,
+    stream: &mut SplitStream<Ws>,
+    session: &Session,
+    opts: &AgentOptions,
+    job_tx: &mpsc::Sender<AgentMsg>,
+    job_rx: &mut mpsc::Receiver<AgentMsg>,
+    current: &mut Option<Running>,
+    signals: &mut Signals,
+) -> End {
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(session.heartbeat_secs.max(1)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                if !send_msg(sink, &AgentMsg::Heartbeat).await {
+                    return End::Lost(None);
+                }
+            }
+            Some(msg) = job_rx.recv() => {
+                if let AgentMsg::BuildFinished { build, .. } = &msg {
+                    if current.as_ref().is_some_and(|r| r.build == *build) {
+                        *current = None;
+                    }
+                }
+                if !send_msg(sink, &msg).await {
+                    return End::Lost(Some(msg));
+                }
+            }
+            // A job task that ends without its BuildFinished (it panicked) must still be reported.
+            r = wait_running(current) => {
+                // Taken either way: a finished JoinHandle must not be polled again. A normal end
+                // has already queued its BuildFinished, which is forwarded in order.
+                if let (Err(e), Some(run)) = (r, current.take()) {
+                    tracing::error!(build = run.build, "build task failed: {e}");
+                    let msg = AgentMsg::BuildFinished { build: run.build, result: BuildResult::Exception };
+                    if !send_msg(sink, &msg).await {
+                        return End::Lost(Some(msg));
+                    }
+                }
+            }
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<MasterMsg>(text.as_str()) {
+                    Ok(MasterMsg::Run(job)) => {
+                        if let Some(run) = current.as_ref() {
+                            tracing::warn!(busy_with = run.build, build = job.build, "ignoring a second build while busy");
+                            continue;
+                        }
+                        // Log identifiers only: the job carries secrets.
+                        tracing::info!(build = job.build, builder = %job.builder, revision = %job.revision, "running build");
+                        let (cancel_tx, cancel_rx) = watch::channel(false);
+                        let tx = job_tx.clone();
+                        let workdir = opts.workdir.clone();
+                        let build = job.build;
+                        let handle = tokio::spawn(async move {
+                            let result = run_job(&job, &workdir, tx.clone(), cancel_rx).await;
+                            tracing::info!(build, result = result.as_str(), "build finished");
+                            let _ = tx.send(AgentMsg::BuildFinished { build, result }).await;
+                        });
+                        *current = Some(Running { build, handle, cancel: cancel_tx });
+                    }
+                    Ok(MasterMsg::Shutdown) => {
+                        tracing::info!("master asked to shut down");
+                        return End::Stop;
+                    }
+                    Ok(MasterMsg::Welcome { .. } | MasterMsg::Refused { .. }) => {
+                        tracing::warn!("unexpected handshake message after welcome; ignored");
+                    }
+                    Err(e) => tracing::warn!("unreadable message from master ignored: {e}"),
+                },
+                Some(Ok(Message::Close(_))) | None => {
+                    tracing::info!("master closed the connection");
+                    return End::Lost(None);
+                }
+                // Pings are answered by tungstenite itself; binary frames are not part of the protocol.
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!("connection to master failed: {e}");
+                    return End::Lost(None);
+                }
+            },
+            () = signals.recv() => {
+                tracing::info!("signal received; stopping");
+                return End::Stop;
+            }
+        }
+    }
 }
 
 /// The build being run.
@@ -307,13 +427,101 @@ async fn connect(url: &str) -> Result<Ws, AgentError> {
     }
 }
 
-/// Waits for Welcome (machine id, heartbeat period) or Refused.
-async fn await_welcome(stream: &mut futures_util::stream::SplitStream<Ws>) -> Result<(i64, u64), AgentError> {
+/// Tries to reconnect for up to `window`, keeping the job's messages meanwhile. `None` when
+/// the window passed, the master refused, or a signal arrived.
+#[allow(clippy::too_many_arguments)]
+async fn reconnect(
+    url: &str,
+    machine: i64,
+    token: &str,
+    window: Duration,
+    job_rx: &mut mpsc::Receiver<AgentMsg>,
+    current: &mut Option<Running>,
+    outbox: &mut Outbox,
+    signals: &mut Signals,
+) -> Option<(SplitSink<Ws, Message>, SplitStream<Ws>, Session)> {
+    let give_up = tokio::time::sleep(window);
+    tokio::pin!(give_up);
+    let mut pause = BACKOFF_START;
+    loop {
+        let build = current.as_ref().map(|r| r.build);
+        let attempt = resume_once(url, machine, token, build);
+        tokio::pin!(attempt);
+        let pause_over = tokio::time::sleep(pause);
+        tokio::pin!(pause_over);
+        let mut attempt_done = false;
+        // Drive the attempt, then the pause, while the job goes on and its messages are kept.
+        loop {
+            tokio::select! {
+                r = &mut attempt, if !attempt_done => match r {
+                    Ok(back) => return Some(back),
+                    Err(AgentError::Refused(reason)) => {
+                        tracing::warn!(%reason, "master refused the reconnection; exiting");
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::debug!("master not reachable yet: {e}");
+                        attempt_done = true;
+                    }
+                },
+                () = &mut pause_over, if attempt_done => break,
+                Some(msg) = job_rx.recv() => {
+                    if let AgentMsg::BuildFinished { build, .. } = &msg {
+                        if current.as_ref().is_some_and(|r| r.build == *build) {
+                            *current = None;
+                        }
+                    }
+                    outbox.keep(msg);
+                }
+                r = wait_running(current) => {
+                    if let (Err(e), Some(run)) = (r, current.take()) {
+                        tracing::error!(build = run.build, "build task failed: {e}");
+                        outbox.keep(AgentMsg::BuildFinished { build: run.build, result: BuildResult::Exception });
+                    }
+                }
+                () = signals.recv() => {
+                    tracing::info!("signal received while reconnecting; stopping");
+                    return None;
+                }
+                () = &mut give_up => {
+                    tracing::warn!("the master stayed unreachable; exiting");
+                    return None;
+                }
+            }
+        }
+        pause = (pause * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One reconnection attempt: connect, Resume, wait for Welcome.
+async fn resume_once(
+    url: &str,
+    machine: i64,
+    token: &str,
+    build: Option<i64>,
+) -> Result<(SplitSink<Ws, Message>, SplitStream<Ws>, Session), AgentError> {
+    let timed_out = || AgentError::Protocol("reconnection attempt timed out".into());
+    let connected =
+        tokio::time::timeout(ATTEMPT_TIMEOUT, tokio_tungstenite::connect_async(url)).await.map_err(|_| timed_out())?;
+    let (ws, _response) = connected.map_err(|e| AgentError::Connect { url: url.to_string(), source: Box::new(e) })?;
+    let (mut sink, mut stream) = ws.split();
+    let resume =
+        AgentMsg::Resume { machine, token: token.to_string(), version: env!("CARGO_PKG_VERSION").to_string(), build };
+    sink.send(Message::text(encode(&resume)?)).await?;
+    let session =
+        tokio::time::timeout(ATTEMPT_TIMEOUT, await_welcome(&mut stream)).await.map_err(|_| timed_out())??;
+    Ok((sink, stream, session))
+}
+
+/// Waits for Welcome or Refused.
+async fn await_welcome(stream: &mut SplitStream<Ws>) -> Result<Session, AgentError> {
     while let Some(msg) = stream.next().await {
         match msg? {
             Message::Text(text) => {
                 return match serde_json::from_str::<MasterMsg>(text.as_str()) {
-                    Ok(MasterMsg::Welcome { machine, heartbeat_secs }) => Ok((machine, heartbeat_secs)),
+                    Ok(MasterMsg::Welcome { machine, heartbeat_secs, resume_token, reconnect_secs }) => {
+                        Ok(Session { machine, heartbeat_secs, resume_token, reconnect_secs })
+                    }
                     Ok(MasterMsg::Refused { reason }) => Err(AgentError::Refused(reason)),
                     Ok(_) => Err(AgentError::Protocol("expected welcome".into())),
                     Err(e) => Err(AgentError::Protocol(format!("unreadable welcome: {e}"))),

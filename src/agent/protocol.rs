@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 pub enum AgentMsg {
     /// First message: authenticate with the machine's one-time token.
     Hello { token: String, version: String },
+    /// First message of a reconnection (the master restarted or the network dropped): the
+    /// machine and the resume token of its last Welcome. The build it is running, if any,
+    /// carries on and its buffered messages follow the new Welcome.
+    Resume { machine: i64, token: String, version: String, build: Option<i64> },
     /// Liveness, every `heartbeat_secs`.
     Heartbeat,
     /// A step started.
@@ -37,8 +41,17 @@ pub enum AgentMsg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MasterMsg {
-    /// Authentication accepted.
-    Welcome { machine: i64, heartbeat_secs: u64 },
+    /// Authentication accepted. `resume_token` (a new one at every Welcome) lets the agent
+    /// reconnect within `reconnect_secs` after losing the connection; without it the agent
+    /// exits when the connection ends.
+    Welcome {
+        machine: i64,
+        heartbeat_secs: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_token: Option<String>,
+        #[serde(default)]
+        reconnect_secs: u64,
+    },
     /// Authentication refused; the socket closes after this.
     Refused { reason: String },
     /// Run this build now.

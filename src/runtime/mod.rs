@@ -55,8 +55,11 @@ pub enum Input {
     Sched(SchedEvent),
     /// A build attempt was stored in `queued` state (force builds).
     Queued(BuildRow),
-    /// An agent authenticated; this is how to reach it.
-    AgentConnected { machine: MachineId, tx: mpsc::UnboundedSender<MasterMsg> },
+    /// An agent authenticated (`resumed`: with a resume token, after losing its connection);
+    /// this is how to reach it, over connection `conn`.
+    AgentConnected { machine: MachineId, conn: u64, tx: mpsc::UnboundedSender<MasterMsg>, resumed: bool },
+    /// Connection `conn` of a machine's agent closed.
+    AgentClosed { machine: MachineId, conn: u64 },
     /// A provisioner call to launch a machine returned.
     Launched { machine: MachineId, result: Result<Launched, String> },
     /// A provisioner call to stop a machine returned.
@@ -218,7 +221,8 @@ pub fn token_hash(token: &str) -> String {
     hash_token(token)
 }
 
-fn new_token() -> String {
+/// A fresh random token (32 bytes, hex).
+pub fn new_token() -> String {
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
@@ -231,7 +235,8 @@ struct Master {
     sched: Schedulers,
     provisioners: HashMap<String, Arc<dyn Provisioner>>,
     rx: mpsc::Receiver<Input>,
-    agents: HashMap<MachineId, mpsc::UnboundedSender<MasterMsg>>,
+    /// Connected agents: connection id and sender.
+    agents: HashMap<MachineId, (u64, mpsc::UnboundedSender<MasterMsg>)>,
     machine_pool: HashMap<MachineId, String>,
     provider_ids: HashMap<MachineId, String>,
     /// Terminations asked for before the launch call returned.
@@ -307,12 +312,19 @@ impl Master {
         })
     }
 
-    /// Repairs what a crash or kill of the previous master left: stops its machines, retries
-    /// the builds they were running, re-queues queued builds and replays unscheduled changes.
+    /// Repairs what a crash or kill of the previous master left: adopts machines still running
+    /// a build (their agents reconnect), stops the other machines, retries the builds whose
+    /// machine is gone, re-queues queued builds and replays unscheduled changes.
     async fn recover(&mut self) -> Result<(), MasterError> {
         let store = self.shared.store.clone();
         let now = self.shared.now();
+        let running = store.builds_in_state("running").await?;
+        let mut adopted = HashSet::new();
         for m in store.live_machines().await? {
+            if let Some(build) = self.adopt(&m, &running, now).await {
+                adopted.insert(build);
+                continue;
+            }
             // Even without a provider id (a crash during the launch call) the provisioner can
             // find the machine by its id.
             if let Some(p) = self.provisioners.get(&m.pool) {
@@ -326,8 +338,8 @@ impl Master {
             }
             store.set_machine_state(m.id, "gone", now).await?;
         }
-        for b in store.builds_in_state("running").await? {
-            store.retry_build(b.id, "master restarted while it ran", now).await?;
+        for b in running.iter().filter(|b| !adopted.contains(&b.id)) {
+            store.retry_build(b.id, "its machine was lost while the master was down", now).await?;
         }
         for b in store.builds_in_state("queued").await? {
             if self.shared.config.builder(&b.builder).is_none() {
@@ -353,6 +365,40 @@ impl Master {
         }
         self.drain_pending().await?;
         Ok(())
+    }
+
+    /// Takes back a machine of the previous run that is still running a build: the fleet
+    /// counts it busy with that build and the agent, which keeps the build going while the
+    /// master is away, reconnects with its resume token. If it does not within the heartbeat
+    /// limit, the fleet declares it lost and the build is retried. Returns the adopted build.
+    async fn adopt(&mut self, m: &crate::store::MachineRow, running: &[BuildRow], now: Ts) -> Option<BuildId> {
+        let build = running.iter().find(|b| b.machine == Some(m.id))?;
+        let pid = m.provider_id.clone()?;
+        let provisioner = self.provisioners.get(&m.pool)?.clone();
+        if m.state != MachineState::Busy.as_str() {
+            return None;
+        }
+        let alive = provisioner.list(&[(m.id, pid.clone())]).await.map(|l| l.iter().any(|x| x.alive)).unwrap_or(false);
+        if !alive {
+            return None;
+        }
+        let job = self.job_for(build).ok()?;
+        let secrets = job.secrets.into_iter().collect();
+        self.fleet.restore_machine(m.id, &m.pool, MachineState::Busy, Some(build.id), m.builds_run.max(0) as u32, now);
+        if self.fleet.machine_build(m.id) != Some(build.id) {
+            return None;
+        }
+        self.provider_ids.insert(m.id, pid);
+        self.machine_pool.insert(m.id, m.pool.clone());
+        if let Ok(mut r) = self.shared.running.lock() {
+            r.insert(build.id, RunningBuild { machine: m.id, secrets, log_bytes: 0 });
+        }
+        tracing::info!(
+            machine = m.id,
+            build = build.id,
+            "adopting a machine still running a build; waiting for its agent"
+        );
+        Some(build.id)
     }
 
     fn queue(&mut self, b: &BuildRow, front: bool) {
@@ -424,7 +470,7 @@ impl Master {
             tracing::warn!(build = b.id, "build still running at shutdown; it will be retried on the next start");
             store.retry_build(b.id, "master shut down while it ran", now).await?;
         }
-        for tx in self.agents.values() {
+        for (_, tx) in self.agents.values() {
             let _ = tx.send(MasterMsg::Shutdown);
         }
         let mut stops = Vec::new();
@@ -455,16 +501,38 @@ impl Master {
             Input::Fleet(ev) => self.pending.push_back(ev),
             Input::Sched(ev) => self.apply_sched(ev).await?,
             Input::Queued(b) => self.queue(&b, false),
-            Input::AgentConnected { machine, tx } => {
-                if matches!(
-                    self.fleet.machine_state(machine),
-                    Some(MachineState::Booting | MachineState::Launching | MachineState::Requested)
-                ) {
-                    self.agents.insert(machine, tx);
+            Input::AgentConnected { machine, conn, tx, resumed } => {
+                let state = self.fleet.machine_state(machine);
+                let starting =
+                    matches!(state, Some(MachineState::Booting | MachineState::Launching | MachineState::Requested));
+                let adoptable = matches!(state, Some(MachineState::Busy | MachineState::Idle));
+                if !resumed && starting {
+                    self.agents.insert(machine, (conn, tx));
                     self.pending.push_back(FleetEvent::AgentConnected { machine });
+                } else if resumed && adoptable {
+                    tracing::info!(machine, "agent reconnected; its build carries on");
+                    self.agents.insert(machine, (conn, tx));
+                    self.pending.push_back(FleetEvent::Heartbeat { machine });
                 } else {
-                    tracing::warn!(machine, "agent connected for a machine that is not booting; telling it to stop");
+                    tracing::warn!(
+                        machine,
+                        ?state,
+                        resumed,
+                        "agent connected for a machine that cannot take it; telling it to stop"
+                    );
                     let _ = tx.send(MasterMsg::Shutdown);
+                }
+            }
+            Input::AgentClosed { machine, conn } => {
+                if self.agents.get(&machine).is_some_and(|(c, _)| *c == conn) {
+                    self.agents.remove(&machine);
+                    if self.fleet.machine_state(machine) == Some(MachineState::Busy) {
+                        // Its build may still be running: give the agent until the heartbeat
+                        // limit to reconnect before the fleet declares it lost.
+                        tracing::info!(machine, "busy agent disconnected; waiting for it to reconnect");
+                    } else {
+                        self.pending.push_back(FleetEvent::AgentDisconnected { machine });
+                    }
                 }
             }
             Input::Launched { machine, result } => {
@@ -625,7 +693,7 @@ impl Master {
     }
 
     fn terminate(&mut self, machine: MachineId) {
-        if let Some(tx) = self.agents.remove(&machine) {
+        if let Some((_, tx)) = self.agents.remove(&machine) {
             let _ = tx.send(MasterMsg::Shutdown);
         }
         let Some(provider_id) = self.provider_ids.get(&machine).cloned() else {
@@ -657,7 +725,7 @@ impl Master {
             self.pending.push_back(FleetEvent::BuildFinished { machine, build });
             return Ok(());
         };
-        let Some(tx) = self.agents.get(&machine).cloned() else {
+        let Some((_, tx)) = self.agents.get(&machine).cloned() else {
             // The agent vanished between connecting and now: the fleet retries the build.
             self.pending.push_back(FleetEvent::AgentDisconnected { machine });
             return Ok(());

@@ -700,6 +700,30 @@ impl Store {
         Ok(id)
     }
 
+    /// Records the hash of the resume token just given to a machine's agent.
+    pub async fn set_resume_hash(&self, machine: MachineId, hash: &str) -> Result<()> {
+        sqlx::query("UPDATE machines SET resume_hash = ? WHERE id = ?")
+            .bind(hash)
+            .bind(machine)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Spends a resume token: if `old_hash` is the machine's current one and the machine is
+    /// still alive, replaces it with `new_hash` and returns `true`. Each token works once.
+    pub async fn claim_resume(&self, machine: MachineId, old_hash: &str, new_hash: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE machines SET resume_hash = ? WHERE id = ? AND resume_hash = ? AND state IN ('idle', 'busy')",
+        )
+        .bind(new_hash)
+        .bind(machine)
+        .bind(old_hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Machines, newest first.
     pub async fn list_machines(&self, pool: Option<&str>, state: Option<&str>) -> Result<Vec<MachineRow>> {
         let rows = sqlx::query(&format!(

@@ -1,6 +1,7 @@
 //! `GET /agent/ws`: where agents connect, authenticate once, and report their builds.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +15,14 @@ use crate::agent::protocol::{AgentMsg, MasterMsg};
 use crate::agent::redact::redact_str;
 use crate::core::fleet::FleetEvent;
 use crate::core::MachineId;
-use crate::runtime::{token_hash, Input, Shared, MAX_LOG_BYTES};
+use crate::runtime::{new_token, token_hash, Input, Shared, MAX_LOG_BYTES};
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent keeps trying to reconnect after losing its master (a restart, say).
+const RECONNECT_SECS: u64 = 300;
+/// Tells a connection's close from that of an earlier connection of the same machine.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 pub async fn upgrade(
     ws: WebSocketUpgrade,
@@ -34,42 +39,61 @@ async fn send(socket: &mut WebSocket, msg: &MasterMsg) -> bool {
     }
 }
 
+/// Tells the agent why it is refused, logs it (never the token), and closes.
+async fn refuse(mut socket: WebSocket, peer: SocketAddr, reason: &str) {
+    tracing::warn!(%peer, "agent refused: {reason}");
+    let _ = send(&mut socket, &MasterMsg::Refused { reason: reason.into() }).await;
+    let _ = socket.close().await;
+}
+
 async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
-    let token = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
-        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<AgentMsg>(&text) {
-            Ok(AgentMsg::Hello { token, .. }) => token,
-            _ => {
-                tracing::warn!(%peer, "agent refused: first message was not a hello");
-                let _ = send(&mut socket, &MasterMsg::Refused { reason: "expected hello".into() }).await;
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<AgentMsg>(&text).ok(),
+        _ => None,
+    };
+    let resume_token = new_token();
+    let new_hash = token_hash(&resume_token);
+    let (machine, resumed) = match first {
+        Some(AgentMsg::Hello { token, .. }) => match s.store.claim_token(&token_hash(&token), s.now()).await {
+            Ok(Some(m)) => match s.store.set_resume_hash(m, &new_hash).await {
+                Ok(()) => (m, false),
+                Err(e) => {
+                    tracing::error!(%peer, "cannot store the resume token: {e}");
+                    return;
+                }
+            },
+            Ok(None) => return refuse(socket, peer, "unknown or already used token").await,
+            Err(e) => {
+                tracing::error!(%peer, "cannot check agent token: {e}");
                 return;
             }
         },
-        _ => {
-            tracing::warn!(%peer, "agent refused: no hello");
-            return;
+        Some(AgentMsg::Resume { machine, token, .. }) => {
+            match s.store.claim_resume(machine, &token_hash(&token), &new_hash).await {
+                Ok(true) => (machine, true),
+                Ok(false) => return refuse(socket, peer, "unknown or already used resume token").await,
+                Err(e) => {
+                    tracing::error!(%peer, "cannot check resume token: {e}");
+                    return;
+                }
+            }
         }
-    };
-    let machine = match s.store.claim_token(&token_hash(&token), s.now()).await {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            // Never log the token itself: a near-miss could be a real one.
-            tracing::warn!(%peer, "agent refused: unknown or already used token");
-            let _ = send(&mut socket, &MasterMsg::Refused { reason: "unknown or already used token".into() }).await;
-            let _ = socket.close().await;
-            return;
-        }
-        Err(e) => {
-            tracing::error!(%peer, "cannot check agent token: {e}");
-            return;
-        }
+        _ => return refuse(socket, peer, "expected hello").await,
     };
     let heartbeat_secs = (s.config.master.heartbeat_timeout.as_secs() / 3).max(1);
-    if !send(&mut socket, &MasterMsg::Welcome { machine, heartbeat_secs }).await {
+    let welcome = MasterMsg::Welcome {
+        machine,
+        heartbeat_secs,
+        resume_token: Some(resume_token),
+        reconnect_secs: RECONNECT_SECS,
+    };
+    if !send(&mut socket, &welcome).await {
         return;
     }
-    tracing::info!(machine, %peer, "agent connected");
+    tracing::info!(machine, %peer, resumed, "agent connected");
+    let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    s.send(Input::AgentConnected { machine, tx }).await;
+    s.send(Input::AgentConnected { machine, conn, tx, resumed }).await;
 
     let (mut sink, mut stream) = socket.split();
     let writer = tokio::spawn(async move {
@@ -95,7 +119,7 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
     }
     writer.abort();
     tracing::info!(machine, "agent disconnected");
-    s.send(Input::Fleet(FleetEvent::AgentDisconnected { machine })).await;
+    s.send(Input::AgentClosed { machine, conn }).await;
 }
 
 /// The secrets of `build` if it runs on `machine`; `None` if the agent speaks of a build it
@@ -133,7 +157,7 @@ fn accept_log(s: &Shared, machine: MachineId, build: i64, len: usize) -> LogVerd
 async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg) {
     let now = s.now();
     let result = match msg {
-        AgentMsg::Hello { .. } => Ok(()),
+        AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => Ok(()),
         AgentMsg::Heartbeat => {
             s.send(Input::Fleet(FleetEvent::Heartbeat { machine })).await;
             Ok(())
