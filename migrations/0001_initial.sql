@@ -93,6 +93,9 @@ CREATE TABLE machines (
     -- SHA-256 of the agent's current resume token (rotated at every Welcome), with which a
     -- connected agent may reconnect after a master restart or a dropped connection.
     resume_hash   TEXT,
+    -- The token before it: still accepted until the current one is used, so a Welcome lost
+    -- in transit does not lock the agent out.
+    resume_prev   TEXT,
     instance_type TEXT,
     lifecycle     TEXT,
     requested_at  TEXT NOT NULL,

@@ -378,7 +378,7 @@ mod client {
     async fn hello(ws: &mut Ws) {
         match recv(ws).await {
             Some(AgentMsg::Hello { token, version }) => {
-                assert_eq!(token, "tok-1");
+                assert_eq!(token.expose(), "tok-1");
                 assert_eq!(version, env!("CARGO_PKG_VERSION"));
             }
             other => panic!("expected hello, got {other:?}"),

@@ -728,3 +728,18 @@ fn a_change_replayed_after_a_crash_is_not_requested_twice() {
     assert_eq!(bed.builds().len(), 1);
     assert!(bed.log().contains("already requested before the restart"));
 }
+
+#[test]
+fn a_build_that_finishes_while_the_master_is_down_is_reported_when_it_returns() {
+    let mut bed = Bed::new(&[]);
+    let (id, machine, go) = start_waiting_build(&mut bed);
+    bed.kill_master();
+    std::fs::write(&go, "").expect("go");
+    // The agent keeps the result until the master is back.
+    bed.start(&["main"]);
+    let builds = bed.wait_builds_done(1);
+    assert_eq!(builds[0]["id"], id);
+    assert_eq!(state(&builds[0]), "success", "{builds:?}");
+    assert_eq!(builds[0]["machine"], machine["id"]);
+    wait_for_log(&bed, id, "finished");
+}

@@ -36,3 +36,25 @@ fn later_migrations_never_add_a_not_null_column_without_a_default() {
     }
     assert!(MIGRATOR.iter().count() >= 1);
 }
+
+#[tokio::test]
+async fn a_resume_token_works_once_and_its_predecessor_only_until_then() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("p.db").display());
+    let store = Store::open(&url).await.expect("open");
+    store.insert_machine(7, "local", "local", "one-time", Ts(0)).await.expect("machine");
+    store.set_machine_state(7, "busy", Ts(1)).await.expect("busy");
+    store.set_resume_hash(7, "a").await.expect("first token");
+    assert!(!store.claim_resume(7, "wrong", "b").await.expect("claim"), "an unknown token is refused");
+    assert!(!store.claim_resume(8, "a", "b").await.expect("claim"), "a token works only for its machine");
+    assert!(store.claim_resume(7, "a", "b").await.expect("claim"));
+    // The Welcome carrying "b" was lost: "a" still works once more.
+    assert!(store.claim_resume(7, "a", "c").await.expect("claim"));
+    // "c" arrived and is used: from then on "a" and "b" are dead.
+    assert!(store.claim_resume(7, "c", "d").await.expect("claim"));
+    assert!(!store.claim_resume(7, "a", "x").await.expect("claim"));
+    assert!(!store.claim_resume(7, "b", "x").await.expect("claim"));
+    // A machine that is gone cannot be resumed.
+    store.set_machine_state(7, "gone", Ts(2)).await.expect("gone");
+    assert!(!store.claim_resume(7, "d", "e").await.expect("claim"));
+}

@@ -158,8 +158,8 @@ impl Provisioner for LocalProvisioner {
             .map(|(id, provider_id)| Listed {
                 provider_id: provider_id.clone(),
                 machine_id: Some(*id),
-                alive: provider_id.parse::<i32>().map(|pid| is_ours(pid, &self.key(*id))).unwrap_or(false)
-                    || !processes_with_key(&self.key(*id)).is_empty(),
+                // The agent itself: steps that outlived it do not make a machine alive.
+                alive: provider_id.parse::<i32>().map(|pid| is_ours(pid, &self.key(*id))).unwrap_or(false),
             })
             .collect();
         Box::pin(async move { Ok(listed) })

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::job::run_job;
-use super::protocol::{AgentMsg, BuildResult, MasterMsg};
+use super::protocol::{AgentMsg, BuildResult, MasterMsg, Secret};
 
 /// How long the initial connection is retried.
 const CONNECT_WINDOW: Duration = Duration::from_secs(30);
@@ -133,15 +133,34 @@ enum End {
     Lost(Option<AgentMsg>),
 }
 
-/// Messages kept while the master is unreachable, in order.
+/// Messages kept while the master is unreachable, in order, and the last BuildFinished sent.
 #[derive(Default)]
 struct Outbox {
     msgs: VecDeque<AgentMsg>,
     log_bytes: usize,
     dropped_bytes: usize,
+    /// Sent, but a socket can die with it unread: repeated after a reconnection until the
+    /// next build starts (the master ignores a repeat).
+    last_finished: Option<AgentMsg>,
 }
 
 impl Outbox {
+    /// The build a Resume speaks of: the one running, else the last one finished.
+    fn resume_build(&self, current: &Option<Running>) -> Option<i64> {
+        current.as_ref().map(|r| r.build).or(match &self.last_finished {
+            Some(AgentMsg::BuildFinished { build, .. }) => Some(*build),
+            _ => None,
+        })
+    }
+
+    /// After a reconnection: repeat the last BuildFinished unless it is still waiting here.
+    fn repeat_last_finished(&mut self) {
+        let Some(last) = self.last_finished.clone() else { return };
+        if !self.msgs.contains(&last) {
+            self.msgs.push_back(last);
+        }
+    }
+
     /// Keeps `msg` for later, dropping log text past [`OUTBOX_LOG_BYTES`] (results are always kept).
     fn keep(&mut self, msg: AgentMsg) {
         if let AgentMsg::Log { text, .. } = &msg {
@@ -171,7 +190,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     let (mut sink, mut stream) = ws.split();
 
-    let hello = AgentMsg::Hello { token: opts.token.clone(), version: env!("CARGO_PKG_VERSION").to_string() };
+    let hello = AgentMsg::Hello { token: Secret(opts.token.clone()), version: env!("CARGO_PKG_VERSION").to_string() };
     sink.send(Message::text(encode(&hello)?)).await?;
     let mut session = tokio::select! {
         r = tokio::time::timeout(WELCOME_TIMEOUT, await_welcome(&mut stream)) => match r {
@@ -190,8 +209,18 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let socket_open = loop {
         let end = match flush(&mut sink, &mut outbox).await {
             true => {
-                connected(&mut sink, &mut stream, &session, &opts, &job_tx, &mut job_rx, &mut current, &mut signals)
-                    .await
+                connected(
+                    &mut sink,
+                    &mut stream,
+                    &session,
+                    &opts,
+                    &job_tx,
+                    &mut job_rx,
+                    &mut current,
+                    &mut outbox,
+                    &mut signals,
+                )
+                .await
             }
             false => End::Lost(None),
         };
@@ -223,6 +252,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                     Some((new_sink, new_stream, new_session)) => {
                         tracing::info!(machine = new_session.machine, "reconnected to master");
                         (sink, stream, session) = (new_sink, new_stream, new_session);
+                        outbox.repeat_last_finished();
                     }
                     None => break false,
                 }
@@ -286,13 +316,22 @@ async fn connected(
     job_tx: &mpsc::Sender<AgentMsg>,
     job_rx: &mut mpsc::Receiver<AgentMsg>,
     current: &mut Option<Running>,
+    outbox: &mut Outbox,
     signals: &mut Signals,
 ) -> End {
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(session.heartbeat_secs.max(1)));
+    let period = Duration::from_secs(session.heartbeat_secs.max(1));
+    let mut heartbeat = tokio::time::interval(period);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The master pings every heartbeat period: silence for three means the connection is
+    // half-open (the master's host vanished without closing it).
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
+                if last_heard.elapsed() > period * 3 && session.resume_token.is_some() {
+                    tracing::warn!("nothing heard from the master for {:?}", last_heard.elapsed());
+                    return End::Lost(None);
+                }
                 if !send_msg(sink, &AgentMsg::Heartbeat).await {
                     return End::Lost(None);
                 }
@@ -302,6 +341,7 @@ async fn connected(
                     if current.as_ref().is_some_and(|r| r.build == *build) {
                         *current = None;
                     }
+                    outbox.last_finished = Some(msg.clone());
                 }
                 if !send_msg(sink, &msg).await {
                     return End::Lost(Some(msg));
@@ -319,7 +359,7 @@ async fn connected(
                     }
                 }
             }
-            incoming = stream.next() => match incoming {
+            incoming = stream.next() => match incoming.inspect(|frame| if frame.is_ok() { last_heard = tokio::time::Instant::now() }) {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<MasterMsg>(text.as_str()) {
                     Ok(MasterMsg::Run(job)) => {
                         if let Some(run) = current.as_ref() {
@@ -338,6 +378,7 @@ async fn connected(
                             let _ = tx.send(AgentMsg::BuildFinished { build, result }).await;
                         });
                         *current = Some(Running { build, handle, cancel: cancel_tx });
+                        outbox.last_finished = None;
                     }
                     Ok(MasterMsg::Shutdown) => {
                         tracing::info!("master asked to shut down");
@@ -444,7 +485,7 @@ async fn reconnect(
     tokio::pin!(give_up);
     let mut pause = BACKOFF_START;
     loop {
-        let build = current.as_ref().map(|r| r.build);
+        let build = outbox.resume_build(current);
         let attempt = resume_once(url, machine, token, build);
         tokio::pin!(attempt);
         let pause_over = tokio::time::sleep(pause);
@@ -470,6 +511,7 @@ async fn reconnect(
                         if current.as_ref().is_some_and(|r| r.build == *build) {
                             *current = None;
                         }
+                        outbox.last_finished = Some(msg.clone());
                     }
                     outbox.keep(msg);
                 }
@@ -505,8 +547,12 @@ async fn resume_once(
         tokio::time::timeout(ATTEMPT_TIMEOUT, tokio_tungstenite::connect_async(url)).await.map_err(|_| timed_out())?;
     let (ws, _response) = connected.map_err(|e| AgentError::Connect { url: url.to_string(), source: Box::new(e) })?;
     let (mut sink, mut stream) = ws.split();
-    let resume =
-        AgentMsg::Resume { machine, token: token.to_string(), version: env!("CARGO_PKG_VERSION").to_string(), build };
+    let resume = AgentMsg::Resume {
+        machine,
+        token: Secret(token.to_string()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        build,
+    };
     sink.send(Message::text(encode(&resume)?)).await?;
     let session =
         tokio::time::timeout(ATTEMPT_TIMEOUT, await_welcome(&mut stream)).await.map_err(|_| timed_out())??;
@@ -519,9 +565,12 @@ async fn await_welcome(stream: &mut SplitStream<Ws>) -> Result<Session, AgentErr
         match msg? {
             Message::Text(text) => {
                 return match serde_json::from_str::<MasterMsg>(text.as_str()) {
-                    Ok(MasterMsg::Welcome { machine, heartbeat_secs, resume_token, reconnect_secs }) => {
-                        Ok(Session { machine, heartbeat_secs, resume_token, reconnect_secs })
-                    }
+                    Ok(MasterMsg::Welcome { machine, heartbeat_secs, resume_token, reconnect_secs }) => Ok(Session {
+                        machine,
+                        heartbeat_secs,
+                        resume_token: resume_token.map(|t| t.expose().to_string()),
+                        reconnect_secs,
+                    }),
                     Ok(MasterMsg::Refused { reason }) => Err(AgentError::Refused(reason)),
                     Ok(_) => Err(AgentError::Protocol("expected welcome".into())),
                     Err(e) => Err(AgentError::Protocol(format!("unreadable welcome: {e}"))),

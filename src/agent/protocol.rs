@@ -14,11 +14,12 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMsg {
     /// First message: authenticate with the machine's one-time token.
-    Hello { token: String, version: String },
+    Hello { token: Secret, version: String },
     /// First message of a reconnection (the master restarted or the network dropped): the
-    /// machine and the resume token of its last Welcome. The build it is running, if any,
-    /// carries on and its buffered messages follow the new Welcome.
-    Resume { machine: i64, token: String, version: String, build: Option<i64> },
+    /// machine and the resume token of its last Welcome. `build` is the build it is running or,
+    /// when idle, the last one it finished (its BuildFinished is sent again after the Welcome,
+    /// in case the master never got it). Buffered messages follow the Welcome.
+    Resume { machine: i64, token: Secret, version: String, build: Option<i64> },
     /// Liveness, every `heartbeat_secs`.
     Heartbeat,
     /// A step started.
@@ -48,7 +49,7 @@ pub enum MasterMsg {
         machine: i64,
         heartbeat_secs: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        resume_token: Option<String>,
+        resume_token: Option<Secret>,
         #[serde(default)]
         reconnect_secs: u64,
     },
@@ -60,8 +61,27 @@ pub enum MasterMsg {
     Shutdown,
 }
 
-/// Everything an agent needs to run one build.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A credential carried in a message. Its `Debug` never shows it, so no log line or failed
+/// assertion can print it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The value, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Everything an agent needs to run one build. Its `Debug` shows secret names, not values.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct BuildJob {
     pub build: i64,
     pub builder: String,
@@ -73,6 +93,21 @@ pub struct BuildJob {
     pub steps: Vec<JobStep>,
     /// Secret name -> value. Referenced as `{secret:NAME}` in steps; must never be logged.
     pub secrets: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for BuildJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildJob")
+            .field("build", &self.build)
+            .field("builder", &self.builder)
+            .field("repo_url", &self.repo_url)
+            .field("branch", &self.branch)
+            .field("revision", &self.revision)
+            .field("env", &self.env)
+            .field("steps", &self.steps)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// One step to run.

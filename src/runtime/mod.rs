@@ -55,9 +55,14 @@ pub enum Input {
     Sched(SchedEvent),
     /// A build attempt was stored in `queued` state (force builds).
     Queued(BuildRow),
-    /// An agent authenticated (`resumed`: with a resume token, after losing its connection);
-    /// this is how to reach it, over connection `conn`.
-    AgentConnected { machine: MachineId, conn: u64, tx: mpsc::UnboundedSender<MasterMsg>, resumed: bool },
+    /// An agent authenticated; this is how to reach it, over connection `conn`. `resumed` is
+    /// `Some(build it speaks of)` when it reconnected with a resume token.
+    AgentConnected {
+        machine: MachineId,
+        conn: u64,
+        tx: mpsc::UnboundedSender<MasterMsg>,
+        resumed: Option<Option<BuildId>>,
+    },
     /// Connection `conn` of a machine's agent closed.
     AgentClosed { machine: MachineId, conn: u64 },
     /// A provisioner call to launch a machine returned.
@@ -228,6 +233,14 @@ pub fn new_token() -> String {
     hex::encode(bytes)
 }
 
+/// A machine of the previous run still running a build, found at start-up.
+struct Adoption {
+    machine: crate::store::MachineRow,
+    build: BuildRow,
+    pid: String,
+    secrets: Vec<(String, String)>,
+}
+
 /// The loop's own state: the core machines plus what is needed to reach the outside.
 struct Master {
     shared: Arc<Shared>,
@@ -319,24 +332,24 @@ impl Master {
         let store = self.shared.store.clone();
         let now = self.shared.now();
         let running = store.builds_in_state("running").await?;
-        let mut adopted = HashSet::new();
+        let mut keep = Vec::new();
         for m in store.live_machines().await? {
-            if let Some(build) = self.adopt(&m, &running, now).await {
-                adopted.insert(build);
+            if let Some(a) = self.adoptable(&m, &running).await {
+                keep.push(a);
                 continue;
             }
-            // Even without a provider id (a crash during the launch call) the provisioner can
-            // find the machine by its id.
-            if let Some(p) = self.provisioners.get(&m.pool) {
-                let pid = m.provider_id.as_deref().unwrap_or("");
-                tracing::info!(machine = m.id, provider_id = pid, "stopping machine left by the previous run");
-                if let Err(e) = p.terminate(m.id, pid).await {
-                    // Left as it is: the next start tries again rather than forget it.
-                    tracing::error!(machine = m.id, "cannot stop leftover machine: {e}");
-                    continue;
-                }
+            self.stop_leftover(&m, now).await?;
+        }
+        // Adopted machines' timers start now, after the leftovers were stopped, so a slow
+        // stop does not eat into the time their agents have to reconnect.
+        let now = self.shared.now();
+        let mut adopted = HashSet::new();
+        for a in keep {
+            if self.adopt(&a, now) {
+                adopted.insert(a.build.id);
+            } else {
+                self.stop_leftover(&a.machine, now).await?;
             }
-            store.set_machine_state(m.id, "gone", now).await?;
         }
         for b in running.iter().filter(|b| !adopted.contains(&b.id)) {
             store.retry_build(b.id, "its machine was lost while the master was down", now).await?;
@@ -367,38 +380,60 @@ impl Master {
         Ok(())
     }
 
-    /// Takes back a machine of the previous run that is still running a build: the fleet
-    /// counts it busy with that build and the agent, which keeps the build going while the
-    /// master is away, reconnects with its resume token. If it does not within the heartbeat
-    /// limit, the fleet declares it lost and the build is retried. Returns the adopted build.
-    async fn adopt(&mut self, m: &crate::store::MachineRow, running: &[BuildRow], now: Ts) -> Option<BuildId> {
-        let build = running.iter().find(|b| b.machine == Some(m.id))?;
-        let pid = m.provider_id.clone()?;
-        let provisioner = self.provisioners.get(&m.pool)?.clone();
+    /// Stops a machine of the previous run and records it gone. Even without a provider id (a
+    /// crash during the launch call) the provisioner finds the machine by its id. If the stop
+    /// fails, the row is left as it is: the next start tries again rather than forget it.
+    async fn stop_leftover(&mut self, m: &crate::store::MachineRow, now: Ts) -> Result<(), MasterError> {
+        if let Some(p) = self.provisioners.get(&m.pool) {
+            let pid = m.provider_id.as_deref().unwrap_or("");
+            tracing::info!(machine = m.id, provider_id = pid, "stopping machine left by the previous run");
+            if let Err(e) = p.terminate(m.id, pid).await {
+                tracing::error!(machine = m.id, "cannot stop leftover machine: {e}");
+                return Ok(());
+            }
+        }
+        self.shared.store.set_machine_state(m.id, "gone", now).await?;
+        Ok(())
+    }
+
+    /// A machine of the previous run that can be taken back: busy with a build that is still
+    /// running in the store, its agent process alive, the build's job still buildable.
+    async fn adoptable(&self, m: &crate::store::MachineRow, running: &[BuildRow]) -> Option<Adoption> {
         if m.state != MachineState::Busy.as_str() {
             return None;
         }
+        let build = running.iter().find(|b| b.machine == Some(m.id))?;
+        let pid = m.provider_id.clone()?;
+        let provisioner = self.provisioners.get(&m.pool)?;
         let alive = provisioner.list(&[(m.id, pid.clone())]).await.map(|l| l.iter().any(|x| x.alive)).unwrap_or(false);
-        if !alive {
-            return None;
+        let job = self.job_for(build).ok().filter(|_| alive)?;
+        Some(Adoption { machine: m.clone(), build: build.clone(), pid, secrets: job.secrets.into_iter().collect() })
+    }
+
+    /// Takes back an adoptable machine: the fleet counts it busy with its build, and the agent,
+    /// which keeps the build going while the master is away, reconnects with its resume token.
+    /// If it does not within the heartbeat limit, the fleet declares it lost and the build is
+    /// retried.
+    fn adopt(&mut self, a: &Adoption, now: Ts) -> bool {
+        let m = &a.machine;
+        // The store counted the running build when it started; the fleet counts it when it ends.
+        let builds_run = (m.builds_run - 1).max(0) as u32;
+        self.fleet.restore_machine(m.id, &m.pool, MachineState::Busy, Some(a.build.id), builds_run, now);
+        if self.fleet.machine_build(m.id) != Some(a.build.id) {
+            tracing::error!(machine = m.id, build = a.build.id, "the fleet refused to adopt the machine");
+            return false;
         }
-        let job = self.job_for(build).ok()?;
-        let secrets = job.secrets.into_iter().collect();
-        self.fleet.restore_machine(m.id, &m.pool, MachineState::Busy, Some(build.id), m.builds_run.max(0) as u32, now);
-        if self.fleet.machine_build(m.id) != Some(build.id) {
-            return None;
-        }
-        self.provider_ids.insert(m.id, pid);
+        self.provider_ids.insert(m.id, a.pid.clone());
         self.machine_pool.insert(m.id, m.pool.clone());
         if let Ok(mut r) = self.shared.running.lock() {
-            r.insert(build.id, RunningBuild { machine: m.id, secrets, log_bytes: 0 });
+            r.insert(a.build.id, RunningBuild { machine: m.id, secrets: a.secrets.clone(), log_bytes: 0 });
         }
         tracing::info!(
             machine = m.id,
-            build = build.id,
+            build = a.build.id,
             "adopting a machine still running a build; waiting for its agent"
         );
-        Some(build.id)
+        true
     }
 
     fn queue(&mut self, b: &BuildRow, front: bool) {
@@ -506,13 +541,21 @@ impl Master {
                 let starting =
                     matches!(state, Some(MachineState::Booting | MachineState::Launching | MachineState::Requested));
                 let adoptable = matches!(state, Some(MachineState::Busy | MachineState::Idle));
-                if !resumed && starting {
+                let expected = self.fleet.machine_build(machine);
+                if resumed.is_none() && starting {
                     self.agents.insert(machine, (conn, tx));
                     self.pending.push_back(FleetEvent::AgentConnected { machine });
-                } else if resumed && adoptable {
-                    tracing::info!(machine, "agent reconnected; its build carries on");
+                } else if let (Some(build), true) = (resumed, adoptable) {
                     self.agents.insert(machine, (conn, tx));
-                    self.pending.push_back(FleetEvent::Heartbeat { machine });
+                    if expected.is_some() && build != expected {
+                        // The agent never got (or lost) the build the master gave it: retry it.
+                        tracing::warn!(machine, ?expected, ?build, "reconnected agent is not running its build");
+                        self.pending.push_back(FleetEvent::AgentDisconnected { machine });
+                    } else {
+                        // Running it, or finished it: its BuildFinished is sent again next.
+                        tracing::info!(machine, "agent reconnected; its build carries on");
+                        self.pending.push_back(FleetEvent::Heartbeat { machine });
+                    }
                 } else {
                     tracing::warn!(
                         machine,

@@ -710,15 +710,17 @@ impl Store {
         Ok(())
     }
 
-    /// Spends a resume token: if `old_hash` is the machine's current one and the machine is
-    /// still alive, replaces it with `new_hash` and returns `true`. Each token works once.
-    pub async fn claim_resume(&self, machine: MachineId, old_hash: &str, new_hash: &str) -> Result<bool> {
+    /// Spends a resume token: if `presented` is the machine's current token (or the one before
+    /// it, whose successor never arrived) and the machine is alive, `new_hash` becomes current
+    /// and `presented` the one before. Once the current token is used, older ones stop working.
+    pub async fn claim_resume(&self, machine: MachineId, presented: &str, new_hash: &str) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE machines SET resume_hash = ? WHERE id = ? AND resume_hash = ? AND state IN ('idle', 'busy')",
+            "UPDATE machines SET resume_prev = ?1, resume_hash = ?2
+             WHERE id = ?3 AND (resume_hash = ?1 OR resume_prev = ?1) AND state IN ('idle', 'busy')",
         )
+        .bind(presented)
         .bind(new_hash)
         .bind(machine)
-        .bind(old_hash)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)

@@ -11,7 +11,7 @@ use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::agent::protocol::{AgentMsg, MasterMsg};
+use crate::agent::protocol::{AgentMsg, MasterMsg, Secret};
 use crate::agent::redact::redact_str;
 use crate::core::fleet::FleetEvent;
 use crate::core::MachineId;
@@ -19,8 +19,6 @@ use crate::runtime::{new_token, token_hash, Input, Shared, MAX_LOG_BYTES};
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an agent keeps trying to reconnect after losing its master (a restart, say).
-const RECONNECT_SECS: u64 = 300;
 /// Tells a connection's close from that of an earlier connection of the same machine.
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
@@ -54,9 +52,9 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
     let resume_token = new_token();
     let new_hash = token_hash(&resume_token);
     let (machine, resumed) = match first {
-        Some(AgentMsg::Hello { token, .. }) => match s.store.claim_token(&token_hash(&token), s.now()).await {
+        Some(AgentMsg::Hello { token, .. }) => match s.store.claim_token(&token_hash(token.expose()), s.now()).await {
             Ok(Some(m)) => match s.store.set_resume_hash(m, &new_hash).await {
-                Ok(()) => (m, false),
+                Ok(()) => (m, None),
                 Err(e) => {
                     tracing::error!(%peer, "cannot store the resume token: {e}");
                     return;
@@ -68,9 +66,9 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
                 return;
             }
         },
-        Some(AgentMsg::Resume { machine, token, .. }) => {
-            match s.store.claim_resume(machine, &token_hash(&token), &new_hash).await {
-                Ok(true) => (machine, true),
+        Some(AgentMsg::Resume { machine, token, build, .. }) => {
+            match s.store.claim_resume(machine, &token_hash(token.expose()), &new_hash).await {
+                Ok(true) => (machine, Some(build)),
                 Ok(false) => return refuse(socket, peer, "unknown or already used resume token").await,
                 Err(e) => {
                     tracing::error!(%peer, "cannot check resume token: {e}");
@@ -84,29 +82,51 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
     let welcome = MasterMsg::Welcome {
         machine,
         heartbeat_secs,
-        resume_token: Some(resume_token),
-        reconnect_secs: RECONNECT_SECS,
+        resume_token: Some(Secret(resume_token)),
+        // Long enough to ride out a master restart; no longer than the master waits for a
+        // busy machine, so an agent never builds on after its build was given to another.
+        reconnect_secs: s.config.master.heartbeat_timeout.as_secs().max(1),
     };
     if !send(&mut socket, &welcome).await {
         return;
     }
-    tracing::info!(machine, %peer, resumed, "agent connected");
+    tracing::info!(machine, %peer, resumed = resumed.is_some(), "agent connected");
     let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
     s.send(Input::AgentConnected { machine, conn, tx, resumed }).await;
 
     let (mut sink, mut stream) = socket.split();
     let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            let shutdown = matches!(msg, MasterMsg::Shutdown);
-            let Ok(text) = serde_json::to_string(&msg) else { continue };
-            if sink.send(Message::Text(text.into())).await.is_err() || shutdown {
-                break;
+        // Pings let the agent tell a live master from a half-open connection.
+        let mut ping = tokio::time::interval(Duration::from_secs(heartbeat_secs));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    let shutdown = matches!(msg, MasterMsg::Shutdown);
+                    let Ok(text) = serde_json::to_string(&msg) else { continue };
+                    if sink.send(Message::Text(text.into())).await.is_err() || shutdown {
+                        break;
+                    }
+                }
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        break;
+                    }
+                }
             }
         }
         let _ = sink.close().await;
     });
+    // Any message is a sign of life, not only heartbeats: an agent delivering a long backlog
+    // after a reconnection is alive. Told to the fleet at most once a second.
+    let mut last_alive = tokio::time::Instant::now();
     while let Some(frame) = stream.next().await {
+        if frame.is_ok() && last_alive.elapsed() >= Duration::from_secs(1) {
+            last_alive = tokio::time::Instant::now();
+            s.send(Input::Fleet(FleetEvent::Heartbeat { machine })).await;
+        }
         let text = match frame {
             Ok(Message::Text(text)) => text,
             Ok(Message::Close(_)) | Err(_) => break,
@@ -158,10 +178,8 @@ async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg) {
     let now = s.now();
     let result = match msg {
         AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => Ok(()),
-        AgentMsg::Heartbeat => {
-            s.send(Input::Fleet(FleetEvent::Heartbeat { machine })).await;
-            Ok(())
-        }
+        // Counted as a sign of life when it arrived (see `serve`).
+        AgentMsg::Heartbeat => Ok(()),
         AgentMsg::StepStarted { build, step } => match secrets_for(s, machine, build) {
             Some(_) => s.store.step_started(build, step as i64, now).await,
             None => Ok(()),
