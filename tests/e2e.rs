@@ -177,7 +177,7 @@ builders = [\"job-*\"]
 ",
     );
     bed.start(&["main"]);
-    // Count live agent processes while the builds run.
+    // Count machines with a live process while the builds run.
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicUsize::new(0));
     let sampler = {
@@ -196,7 +196,7 @@ builders = [\"job-*\"]
     stop.store(true, Ordering::SeqCst);
     let _ = sampler.join();
     assert!(builds.iter().all(|b| state(b) == "success"), "{builds:?}");
-    assert!(peak.load(Ordering::SeqCst) <= 2, "peak agents {}", peak.load(Ordering::SeqCst));
+    assert!(peak.load(Ordering::SeqCst) <= 2, "peak machines alive {}", peak.load(Ordering::SeqCst));
     assert!(peak.load(Ordering::SeqCst) >= 1);
     assert!(bed.machines().len() <= 2, "machines are reused: {:?}", bed.machines());
     // No machine ran two builds at once: its builds' intervals do not overlap.

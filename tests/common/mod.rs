@@ -227,7 +227,7 @@ impl Bed {
             }
             let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let is_agent = cmdline.split(|b| *b == 0).any(|a| a == b"agent");
-            if !is_agent {
+            if !is_agent || forked_by_its_machine(pid) {
                 continue;
             }
             if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
@@ -311,17 +311,45 @@ impl AgentProbe {
         AgentProbe { root: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()) }
     }
 
-    /// How many agents run now.
+    /// How many machines have a live process now. Counted by machine key, not by process: a
+    /// step just forked by its agent (before it execs) looks exactly like the agent.
     pub fn count(&self) -> usize {
+        let root = self.root.to_string_lossy().to_string();
         let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
-        entries
+        let keys: std::collections::BTreeSet<String> = entries
             .flatten()
             .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-            .filter(|pid| is_agent(*pid))
             .filter(|pid| {
-                std::fs::read_link(format!("/proc/{pid}/cwd")).map(|c| c.starts_with(&self.root)).unwrap_or(false)
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                !matches!(stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z') | None)
             })
-            .count()
+            .filter_map(|pid| {
+                let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+                env.split(|b| *b == 0).find_map(|v| {
+                    let v = String::from_utf8_lossy(v);
+                    v.strip_prefix("PADDOCK_MACHINE_KEY=").filter(|k| k.starts_with(&root)).map(str::to_string)
+                })
+            })
+            .collect();
+        keys.len()
+    }
+}
+
+/// The machine key in a process's environment.
+fn machine_key(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0)
+        .find_map(|v| String::from_utf8_lossy(v).strip_prefix("PADDOCK_MACHINE_KEY=").map(str::to_string))
+}
+
+/// Whether `pid`'s parent belongs to the same machine: then it is a process the agent just
+/// forked (to exec a step or git), which looks like the agent until it execs.
+fn forked_by_its_machine(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse::<i32>().ok());
+    match (ppid, machine_key(pid)) {
+        (Some(ppid), Some(key)) => machine_key(ppid).as_deref() == Some(key.as_str()),
+        _ => false,
     }
 }
 
@@ -335,6 +363,7 @@ pub fn is_agent(pid: i32) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     environ.split(|b| *b == 0).any(|v| v.starts_with(b"PADDOCK_MACHINE_ID="))
         && cmdline.split(|b| *b == 0).any(|a| a == b"agent")
+        && !forked_by_its_machine(pid)
 }
 
 /// Live processes (agent or build steps) of machine `id` of the master rooted at `root`.
