@@ -12,6 +12,14 @@ use common::{paddock_bin, Bed};
 
 const POOL: &str = "[pool.local]\nmax_instances = 4\nidle_timeout = \"30s\"\nboot_timeout = \"60s\"\n";
 
+/// `pool` followed by one builder `b` with `steps` and a branch scheduler that builds it.
+fn one_builder(pool: &str, steps: &str) -> String {
+    format!(
+        "{pool}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\n{steps}\n\n\
+         [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"
+    )
+}
+
 fn state(b: &serde_json::Value) -> &str {
     b["state"].as_str().unwrap_or("")
 }
@@ -302,10 +310,7 @@ fn start_hanging_build(bed: &mut Bed) -> (i64, serde_json::Value) {
         "steps = [\"if [ -e {m} ]; then echo second attempt; else touch {m}; echo first attempt; sleep 120; fi\"]",
         m = marker.display()
     );
-    bed.config(
-        "",
-        &format!("{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\n{steps}\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"),
-    );
+    bed.config("", &one_builder(POOL, &steps));
     bed.start(&["main"]);
     bed.commit("main", "a.txt", "1\n", "go");
     let first = bed.wait("a running build", || bed.builds().into_iter().find(|b| state(b) == "running"));
@@ -362,9 +367,9 @@ fn start_waiting_build(bed: &mut Bed) -> (i64, serde_json::Value, std::path::Pat
     let go = bed.path().join("go");
     bed.config(
         "",
-        &format!(
-            "{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"echo started; while [ ! -e {} ]; do sleep 0.1; done; echo finished\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
-            go.display()
+        &one_builder(
+            POOL,
+            &format!("steps = [\"echo started; while [ ! -e {} ]; do sleep 0.1; done; echo finished\"]", go.display()),
         ),
     );
     bed.start(&["main"]);
@@ -441,11 +446,12 @@ fn a_machine_that_never_connects_is_stopped_after_boot_timeout_and_its_build_ret
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     bed.config(
         "",
-        &format!(
-            "[pool.local]\nmax_instances = 1\nboot_timeout = \"2s\"\nagent_command = \"{}\"\n
-[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"true\"]\n
-[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
-            script.display()
+        &one_builder(
+            &format!(
+                "[pool.local]\nmax_instances = 1\nboot_timeout = \"2s\"\nagent_command = \"{}\"\n",
+                script.display()
+            ),
+            "steps = [\"true\"]",
         ),
     );
     bed.start(&["main"]);
@@ -534,10 +540,7 @@ fn an_agent_with_a_wrong_or_reused_token_is_refused() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     bed.config(
         "",
-        &format!(
-            "[pool.local]\nagent_command = \"{}\"\n\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"true\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
-            script.display()
-        ),
+        &one_builder(&format!("[pool.local]\nagent_command = \"{}\"\n", script.display()), "steps = [\"true\"]"),
     );
     bed.start(&["main"]);
     // A made-up token.
@@ -683,12 +686,7 @@ builders = [\"e-*\"]
 #[test]
 fn a_build_that_keeps_killing_its_machine_gives_up_after_three_attempts() {
     let mut bed = Bed::new(&[]);
-    bed.config(
-        "",
-        &format!(
-            "{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"kill -KILL $PPID\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"
-        ),
-    );
+    bed.config("", &one_builder(POOL, "steps = [\"kill -KILL $PPID\"]"));
     bed.start(&["main"]);
     bed.commit("main", "a.txt", "1\n", "go");
     let mut builds = bed.wait_builds_done(3);
@@ -703,12 +701,7 @@ fn a_build_that_keeps_killing_its_machine_gives_up_after_three_attempts() {
 #[test]
 fn a_change_replayed_after_a_crash_is_not_requested_twice() {
     let mut bed = Bed::new(&[]);
-    bed.config(
-        "",
-        &format!(
-            "{POOL}\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"true\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"
-        ),
-    );
+    bed.config("", &one_builder(POOL, "steps = [\"true\"]"));
     bed.start(&["main"]);
     bed.commit("main", "a.txt", "1\n", "go");
     bed.wait_builds_done(1);
