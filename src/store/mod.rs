@@ -454,10 +454,7 @@ impl Store {
             // A stale report (the attempt was retried meanwhile): the new attempt owns the build.
             return Ok(false);
         }
-        sqlx::query("UPDATE steps SET state = 'skipped' WHERE build_id = ? AND state IN ('pending', 'running')")
-            .bind(build)
-            .execute(&mut *tx)
-            .await?;
+        close_open_steps(&mut tx, build, "skipped").await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -467,41 +464,32 @@ impl Store {
     pub async fn retry_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<Option<BuildRow>> {
         let now_s = ts_string(now);
         let mut tx = self.pool.begin().await?;
-        // A build that keeps killing its machine must not launch machines forever.
         let attempt: Option<i64> =
             sqlx::query_scalar("SELECT attempt FROM builds WHERE id = ? AND state IN ('queued', 'running')")
                 .bind(build)
                 .fetch_optional(&mut *tx)
                 .await?;
-        if attempt.is_some_and(|a| a >= MAX_ATTEMPTS) {
-            sqlx::query("UPDATE builds SET state = 'exception', reason = ?, finished_at = ? WHERE id = ?")
-                .bind(format!("gave up after {MAX_ATTEMPTS} attempts; the last one: {reason}"))
-                .bind(&now_s)
-                .bind(build)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE steps SET state = 'cancelled' WHERE build_id = ? AND state IN ('pending', 'running')")
-                .bind(build)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+        let Some(attempt) = attempt else {
             return Ok(None);
-        }
-        let done = sqlx::query(
-            "UPDATE builds SET state = 'retry', reason = ?, finished_at = ? WHERE id = ? AND state IN ('queued', 'running')",
-        )
-        .bind(reason)
-        .bind(&now_s)
-        .bind(build)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        sqlx::query("UPDATE steps SET state = 'cancelled' WHERE build_id = ? AND state IN ('pending', 'running')")
+        };
+        // A build that keeps killing its machine must not launch machines forever.
+        let give_up = attempt >= MAX_ATTEMPTS;
+        let (state, why) = match give_up {
+            true => ("exception", format!("gave up after {MAX_ATTEMPTS} attempts; the last one: {reason}")),
+            false => ("retry", reason.to_string()),
+        };
+        sqlx::query("UPDATE builds SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
+            .bind(state)
+            .bind(why)
+            .bind(&now_s)
             .bind(build)
             .execute(&mut *tx)
             .await?;
+        close_open_steps(&mut tx, build, "cancelled").await?;
+        if give_up {
+            tx.commit().await?;
+            return Ok(None);
+        }
         let row = sqlx::query(&format!(
             "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at, attempt)
              SELECT request_id, builder, repo, branch, revision, ?, ?, attempt + 1 FROM builds WHERE id = ?
@@ -772,6 +760,16 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// Gives the steps of an ended attempt that had not finished their final state.
+async fn close_open_steps(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, build: BuildId, state: &str) -> Result<()> {
+    sqlx::query("UPDATE steps SET state = ? WHERE build_id = ? AND state IN ('pending', 'running')")
+        .bind(state)
+        .bind(build)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 async fn set_head<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
