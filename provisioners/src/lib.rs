@@ -4,6 +4,8 @@
 //! machine's row (with its id, which doubles as the idempotency token) before calling
 //! [`Provisioner::launch`], so a crash between the two is repaired from the store.
 
+#[cfg(feature = "ec2")]
+pub mod ec2;
 pub mod local;
 
 use std::future::Future;

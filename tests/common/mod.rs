@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+pub mod boot;
+pub mod faultproxy;
+pub mod moto;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

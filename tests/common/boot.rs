@@ -1,0 +1,1 @@
+//! Boot emulator: plays the cloud's part for instances moto reports running (filled in next).

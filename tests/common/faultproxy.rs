@@ -1,0 +1,1 @@
+//! Fault-injecting HTTP proxy between the SDK and moto (filled in next).
