@@ -79,4 +79,15 @@ pub trait Provisioner: Send + Sync {
     fn terminate(&self, machine_id: i64, provider_id: &str) -> BoxFuture<'_, Result<(), ProvisionError>>;
     /// Whether a machine this provisioner started (perhaps in an earlier run) still runs.
     fn list(&self, known: &[(i64, String)]) -> BoxFuture<'_, Result<Vec<Listed>, ProvisionError>>;
+    /// Every machine of this cluster that the provider knows in this provisioner's scope
+    /// (for EC2: the region), for the reconcile loop. `None` = the provider cannot list what
+    /// it did not start in this run; the master then checks its known machines with `list`.
+    fn inventory(&self) -> BoxFuture<'_, Result<Option<Vec<Listed>>, ProvisionError>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// Provisioners with the same scope share one inventory: one listing per region and
+    /// cluster, however many pools use it.
+    fn scope(&self) -> String {
+        String::new()
+    }
 }

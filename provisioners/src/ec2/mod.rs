@@ -51,3 +51,629 @@ pub struct Ec2Settings {
     /// Metadata service address the agent polls; default [`DEFAULT_IMDS_URL`].
     pub imds_url: Option<String>,
 }
+
+pub mod throttle;
+pub mod userdata;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_ec2::config::{BehaviorVersion, Region};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior,
+    SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
+};
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::{BoxFuture, LaunchSpec, Launched, Listed, ProvisionError, Provisioner};
+use throttle::Buckets;
+
+/// Error codes that mean "this type, zone or market has no room now": try the next candidate.
+const CAPACITY_CODES: &[&str] = &[
+    "InsufficientInstanceCapacity",
+    "InsufficientCapacity",
+    "InsufficientHostCapacity",
+    "InsufficientFreeAddressesInSubnet",
+    "Unsupported",
+    "UnsupportedOperation",
+    "InvalidInstanceType",
+    "VcpuLimitExceeded",
+    "MaxSpotInstanceCountExceeded",
+    "SpotMaxPriceTooLow",
+    "InsufficientSpotCapacity",
+];
+/// Error codes that mean "slow down": the call was not served.
+const THROTTLE_CODES: &[&str] = &["RequestLimitExceeded", "Throttling", "ThrottlingException"];
+/// Instance states in which an instance still exists (and may cost money).
+const LIVE_STATES: &[&str] = &["pending", "running", "stopping", "stopped"];
+
+/// One region's EC2 client with its request buckets, shared by every pool in that region.
+#[derive(Debug)]
+pub struct Ec2Api {
+    client: aws_sdk_ec2::Client,
+    buckets: Buckets,
+    scope: String,
+}
+
+impl Ec2Api {
+    /// A client on aws-config's standard chain (environment, profile, SSO, instance role).
+    /// The SDK's own retries are off: every attempt goes through Paddock's buckets and its
+    /// launch retries look the machine up first.
+    pub async fn connect(region: Option<&str>, endpoint_url: Option<&str>) -> Ec2Api {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(r) = region {
+            loader = loader.region(Region::new(r.to_string()));
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_ec2::config::Builder::from(&shared)
+            .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+            .timeout_config(
+                aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .build(),
+            );
+        if let Some(url) = endpoint_url {
+            conf = conf.endpoint_url(url);
+        }
+        let region_name = shared.region().map(|r| r.to_string()).unwrap_or_default();
+        Ec2Api {
+            client: aws_sdk_ec2::Client::from_conf(conf.build()),
+            buckets: Buckets::default(),
+            scope: format!("ec2:{region_name}:{}", endpoint_url.unwrap_or("")),
+        }
+    }
+}
+
+/// The [`Ec2Api`]s in use, one per region and endpoint.
+#[derive(Debug, Default)]
+pub struct Ec2Regions {
+    apis: tokio::sync::Mutex<HashMap<(Option<String>, Option<String>), Arc<Ec2Api>>>,
+}
+
+impl Ec2Regions {
+    /// The shared client for this region and endpoint, created on first use.
+    pub async fn api(&self, region: Option<&str>, endpoint_url: Option<&str>) -> Arc<Ec2Api> {
+        let key = (region.map(String::from), endpoint_url.map(String::from));
+        let mut apis = self.apis.lock().await;
+        if let Some(a) = apis.get(&key) {
+            return a.clone();
+        }
+        let api = Arc::new(Ec2Api::connect(region, endpoint_url).await);
+        apis.insert(key, api.clone());
+        api
+    }
+}
+
+/// How a failed call is handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// No room for this candidate: try the next one.
+    Capacity(String),
+    /// Throttled: the call was not served; wait and retry.
+    Throttled(String),
+    /// The call may or may not have been served (timeout, dropped answer, 5xx).
+    Unknown(String),
+    /// Retrying will not help (bad AMI, no permission, …).
+    Fatal(String),
+}
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, R>) -> Failure {
+    match e {
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            let code = err.code().unwrap_or("Unknown").to_string();
+            let text = format!("{code}: {}", err.message().unwrap_or(""));
+            if CAPACITY_CODES.contains(&code.as_str()) {
+                Failure::Capacity(text)
+            } else if THROTTLE_CODES.contains(&code.as_str()) {
+                Failure::Throttled(text)
+            } else if matches!(code.as_str(), "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable")
+            {
+                Failure::Unknown(text)
+            } else {
+                Failure::Fatal(text)
+            }
+        }
+        SdkError::ConstructionFailure(_) => {
+            Failure::Fatal(format!("{}", aws_sdk_ec2::error::DisplayErrorContext(e)))
+        }
+        _ => Failure::Unknown(format!("{}", aws_sdk_ec2::error::DisplayErrorContext(e))),
+    }
+}
+
+/// One way to launch: an instance type (or the template's), a subnet (or the default), a market.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Candidate {
+    instance_type: Option<String>,
+    subnet: Option<String>,
+    spot: bool,
+}
+
+impl std::fmt::Display for Candidate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} in {}",
+            if self.spot { "spot" } else { "on-demand" },
+            self.instance_type.as_deref().unwrap_or("(template's type)"),
+            self.subnet.as_deref().unwrap_or("(default subnet)")
+        )
+    }
+}
+
+/// Spot first (when asked), then on-demand; within a market, types in order, and within a
+/// type, subnets in order.
+fn candidates(s: &Ec2Settings) -> Vec<Candidate> {
+    let types: Vec<Option<String>> =
+        if s.instance_types.is_empty() { vec![None] } else { s.instance_types.iter().cloned().map(Some).collect() };
+    let subnets: Vec<Option<String>> =
+        if s.subnets.is_empty() { vec![None] } else { s.subnets.iter().cloned().map(Some).collect() };
+    let markets: &[bool] = if s.spot { &[true, false] } else { &[false] };
+    let mut out = Vec::new();
+    for &spot in markets {
+        for t in &types {
+            for sn in &subnets {
+                out.push(Candidate { instance_type: t.clone(), subnet: sn.clone(), spot });
+            }
+        }
+    }
+    out
+}
+
+/// How launches and other calls retry transient failures.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// Retries per call (after the first attempt).
+    pub max_retries: usize,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        // Bounded so a launch gives up well inside the master's launch timeout (120 s); the
+        // master then retries with its own backoff.
+        RetryPolicy { min_delay: Duration::from_millis(200), max_delay: Duration::from_secs(10), max_retries: 6 }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_max_times(self.max_retries)
+            .with_jitter()
+            .build()
+    }
+}
+
+/// Starts machines as EC2 instances for one pool.
+#[derive(Debug)]
+pub struct Ec2Provisioner {
+    api: Arc<Ec2Api>,
+    settings: Ec2Settings,
+    cluster: String,
+    pool: String,
+    retry: RetryPolicy,
+    /// Root device name per AMI, looked up once.
+    root_devices: tokio::sync::Mutex<HashMap<String, String>>,
+}
+
+/// An instance as a listing shows it.
+#[derive(Debug, Clone)]
+struct Seen {
+    id: String,
+    state: String,
+    machine: Option<i64>,
+    instance_type: Option<String>,
+    spot: bool,
+}
+
+impl Ec2Provisioner {
+    /// A provisioner for `pool` of `cluster`, on a shared region client.
+    pub fn new(api: Arc<Ec2Api>, settings: Ec2Settings, cluster: &str, pool: &str) -> Ec2Provisioner {
+        Ec2Provisioner {
+            api,
+            settings,
+            cluster: cluster.to_string(),
+            pool: pool.to_string(),
+            retry: RetryPolicy::default(),
+            root_devices: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Overrides the retry policy (tests use short delays).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    fn tags(&self, machine_id: i64) -> Vec<Tag> {
+        let mut tags = vec![
+            (TAG_CLUSTER.to_string(), self.cluster.clone()),
+            (TAG_POOL.to_string(), self.pool.clone()),
+            (TAG_MACHINE.to_string(), machine_id.to_string()),
+            ("Name".to_string(), format!("paddock-{}-{}-{machine_id}", self.cluster, self.pool)),
+        ];
+        for (k, v) in &self.settings.tags {
+            if !tags.iter().any(|(key, _)| key == k) {
+                tags.push((k.clone(), v.clone()));
+            }
+        }
+        tags.into_iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+    }
+
+    /// The idempotency token for one candidate of one machine's launch: the same attempt
+    /// retried carries the same token; another candidate (other parameters) needs its own.
+    fn client_token(&self, machine_id: i64, candidate: usize) -> String {
+        let mut t = format!("paddock-{}-{machine_id}-{candidate}", self.cluster);
+        t.truncate(64);
+        t
+    }
+
+    async fn root_device(&self) -> Result<Option<String>, ProvisionError> {
+        if self.settings.root_volume_size.is_none() && self.settings.root_volume_type.is_none() {
+            return Ok(None);
+        }
+        if let Some(d) = &self.settings.root_device_name {
+            return Ok(Some(d.clone()));
+        }
+        let Some(ami) = &self.settings.ami else { return Ok(Some("/dev/xvda".to_string())) };
+        let mut cache = self.root_devices.lock().await;
+        if let Some(d) = cache.get(ami) {
+            return Ok(Some(d.clone()));
+        }
+        self.api.buckets.describe.acquire().await;
+        let out = self
+            .api
+            .client
+            .describe_images()
+            .image_ids(ami)
+            .send()
+            .await
+            .map_err(|e| ProvisionError::Launch(format!("cannot look up AMI {ami}: {}", describe_error(&e))))?;
+        let dev = out
+            .images()
+            .first()
+            .and_then(|i| i.root_device_name())
+            .ok_or_else(|| ProvisionError::Launch(format!("AMI {ami} not found or has no root device")))?
+            .to_string();
+        cache.insert(ami.clone(), dev.clone());
+        Ok(Some(dev))
+    }
+
+    async fn run_once(
+        &self,
+        spec: &LaunchSpec,
+        c: &Candidate,
+        token: &str,
+        user_data: &str,
+        root_device: Option<&str>,
+    ) -> Result<Launched, SdkError<aws_sdk_ec2::operation::run_instances::RunInstancesError, aws_sdk_ec2::config::http::HttpResponse>>
+    {
+        let s = &self.settings;
+        let tags = self.tags(spec.machine_id);
+        let mut req = self
+            .api
+            .client
+            .run_instances()
+            .min_count(1)
+            .max_count(1)
+            .client_token(token)
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_put_response_hop_limit(1)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .user_data(user_data)
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Instance).set_tags(Some(tags.clone())).build(),
+            )
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Volume).set_tags(Some(tags)).build(),
+            );
+        if let Some(ami) = &s.ami {
+            req = req.image_id(ami);
+        }
+        if let Some(lt) = &s.launch_template {
+            let spec = LaunchTemplateSpecification::builder()
+                .version(s.launch_template_version.as_deref().unwrap_or("$Default"));
+            let spec = if lt.starts_with("lt-") { spec.launch_template_id(lt) } else { spec.launch_template_name(lt) };
+            req = req.launch_template(spec.build());
+        }
+        if let Some(t) = &c.instance_type {
+            req = req.instance_type(t.as_str().into());
+        }
+        if let Some(sn) = &c.subnet {
+            req = req.subnet_id(sn);
+        }
+        for sg in &s.security_groups {
+            req = req.security_group_ids(sg);
+        }
+        if let Some(p) = &s.iam_instance_profile {
+            let b = IamInstanceProfileSpecification::builder();
+            req = req.iam_instance_profile(if p.starts_with("arn:") { b.arn(p) } else { b.name(p) }.build());
+        }
+        if let Some(dev) = root_device {
+            let mut ebs = EbsBlockDevice::builder().delete_on_termination(true).encrypted(true);
+            if let Some(size) = s.root_volume_size {
+                ebs = ebs.volume_size(size);
+            }
+            if let Some(t) = &s.root_volume_type {
+                ebs = ebs.volume_type(VolumeType::from(t.as_str()));
+            }
+            req = req.block_device_mappings(BlockDeviceMapping::builder().device_name(dev).ebs(ebs.build()).build());
+        }
+        if let Some(k) = &s.key_name {
+            req = req.key_name(k);
+        }
+        if c.spot {
+            req = req.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(
+                        SpotMarketOptions::builder()
+                            .spot_instance_type(SpotInstanceType::OneTime)
+                            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        let out = req.send().await?;
+        let inst = out.instances().first();
+        Ok(Launched {
+            provider_id: inst.and_then(|i| i.instance_id()).unwrap_or_default().to_string(),
+            instance_type: inst.and_then(|i| i.instance_type()).map(|t| t.as_str().to_string()).or(c.instance_type.clone()),
+            lifecycle: if c.spot { "spot" } else { "on-demand" }.to_string(),
+        })
+    }
+
+    /// Instances of this cluster, optionally only those of one machine; live states only.
+    async fn describe(&self, machine_id: Option<i64>) -> Result<Vec<Seen>, String> {
+        let mut filters = vec![
+            Filter::builder().name(format!("tag:{TAG_CLUSTER}")).values(&self.cluster).build(),
+            Filter::builder().name("instance-state-name").set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect())).build(),
+        ];
+        if let Some(m) = machine_id {
+            filters.push(Filter::builder().name(format!("tag:{TAG_MACHINE}")).values(m.to_string()).build());
+        }
+        let mut seen = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .with_retries(|| {
+                    let req = self
+                        .api
+                        .client
+                        .describe_instances()
+                        .set_filters(Some(filters.clone()))
+                        .set_next_token(next.clone());
+                    let req = if machine_id.is_none() { req.max_results(1000) } else { req };
+                    async move { req.send().await }
+                }, &self.api.buckets.describe)
+                .await?;
+            for r in page.reservations() {
+                for i in r.instances() {
+                    let tag = |k: &str| i.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value()).map(String::from);
+                    // Filters are the cloud's business; checking the tag again here means a
+                    // cloud that ignores a filter can never make us touch another cluster.
+                    if tag(TAG_CLUSTER).as_deref() != Some(self.cluster.as_str()) {
+                        continue;
+                    }
+                    seen.push(Seen {
+                        id: i.instance_id().unwrap_or_default().to_string(),
+                        state: i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default(),
+                        machine: tag(TAG_MACHINE).and_then(|m| m.parse().ok()),
+                        instance_type: i.instance_type().map(|t| t.as_str().to_string()),
+                        spot: i.instance_lifecycle().is_some_and(|l| l.as_str() == "spot"),
+                    });
+                }
+            }
+            next = page.next_token().filter(|t| !t.is_empty()).map(String::from);
+            if next.is_none() {
+                break;
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Runs an idempotent call through a bucket, retrying throttling and transient failures.
+    async fn with_retries<T, E, F, Fut>(&self, mut call: F, bucket: &throttle::TokenBucket) -> Result<T, String>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>>,
+    {
+        let mut backoff = self.retry.backoff();
+        loop {
+            bucket.acquire().await;
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) => match classify(&e) {
+                    Failure::Throttled(r) | Failure::Unknown(r) => match backoff.next() {
+                        Some(d) => {
+                            tracing::debug!(retry_in = ?d, "EC2 call failed, retrying: {r}");
+                            tokio::time::sleep(d).await;
+                        }
+                        None => return Err(r),
+                    },
+                    Failure::Capacity(r) | Failure::Fatal(r) => return Err(r),
+                },
+            }
+        }
+    }
+
+    async fn launch_inner(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
+        let imds = self.settings.imds_url.as_deref().unwrap_or(DEFAULT_IMDS_URL);
+        let user_data = aws_smithy_types::base64::encode(userdata::render(&userdata::BootVars {
+            master_url: &spec.master_url,
+            token: &spec.token,
+            machine_id: spec.machine_id,
+            pool: &self.pool,
+            cluster: &self.cluster,
+            imds_url: imds,
+        }));
+        let root_device = self.root_device().await?;
+        let mut reasons = Vec::new();
+        for (n, c) in candidates(&self.settings).iter().enumerate() {
+            let token = self.client_token(spec.machine_id, n);
+            let mut backoff = self.retry.backoff();
+            loop {
+                self.api.buckets.run.acquire().await;
+                let err = match self.run_once(&spec, c, &token, &user_data, root_device.as_deref()).await {
+                    Ok(l) => {
+                        tracing::info!(machine = spec.machine_id, instance = %l.provider_id, candidate = %c, "instance launched");
+                        return Ok(l);
+                    }
+                    Err(e) => classify(&e),
+                };
+                let unknown = matches!(err, Failure::Unknown(_));
+                match err {
+                    Failure::Capacity(r) => {
+                        tracing::warn!(machine = spec.machine_id, candidate = %c, "no capacity, trying the next choice: {r}");
+                        reasons.push(format!("{c}: {r}"));
+                        break;
+                    }
+                    Failure::Fatal(r) => return Err(ProvisionError::Launch(format!("{c}: {r}"))),
+                    Failure::Throttled(r) | Failure::Unknown(r) => {
+                        // Whatever the cloud did with the token, a launch that may have been
+                        // served is looked up by its tags before it is sent again.
+                        if unknown {
+                            let found = self
+                                .describe(Some(spec.machine_id))
+                                .await
+                                .map_err(|e| ProvisionError::Launch(format!("{c}: {r}; then the lookup failed: {e}")))?;
+                            if let Some(s) = found.into_iter().find(|s| s.state == "pending" || s.state == "running") {
+                                tracing::info!(machine = spec.machine_id, instance = %s.id, "launch outcome was unknown; found the instance by its tags");
+                                return Ok(Launched {
+                                    provider_id: s.id,
+                                    instance_type: s.instance_type,
+                                    lifecycle: if s.spot { "spot" } else { "on-demand" }.to_string(),
+                                });
+                            }
+                        }
+                        match backoff.next() {
+                            Some(d) => {
+                                tracing::warn!(machine = spec.machine_id, candidate = %c, retry_in = ?d, "launch failed, retrying: {r}");
+                                tokio::time::sleep(d).await;
+                            }
+                            None => return Err(ProvisionError::Launch(format!("{c}: {r} (gave up after retries)"))),
+                        }
+                    }
+                }
+            }
+        }
+        Err(ProvisionError::Launch(format!("no capacity: {}", reasons.join("; "))))
+    }
+
+    async fn terminate_inner(&self, machine_id: i64, provider_id: &str) -> Result<(), ProvisionError> {
+        let ids: Vec<String> = if provider_id.is_empty() {
+            self.describe(Some(machine_id)).await.map_err(ProvisionError::Terminate)?.into_iter().map(|s| s.id).collect()
+        } else {
+            vec![provider_id.to_string()]
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .with_retries(
+                || {
+                    let req = self.api.client.terminate_instances().set_instance_ids(Some(ids.clone()));
+                    async move { req.send().await }
+                },
+                &self.api.buckets.terminate,
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if e.starts_with("InvalidInstanceID.NotFound") || e.starts_with("InvalidInstanceID.Malformed") => Ok(()),
+            Err(e) => Err(ProvisionError::Terminate(e)),
+        }
+    }
+}
+
+fn describe_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, R>) -> String {
+    match classify(e) {
+        Failure::Capacity(r) | Failure::Throttled(r) | Failure::Unknown(r) | Failure::Fatal(r) => r,
+    }
+}
+
+impl Provisioner for Ec2Provisioner {
+    fn launch(&self, spec: LaunchSpec) -> BoxFuture<'_, Result<Launched, ProvisionError>> {
+        Box::pin(self.launch_inner(spec))
+    }
+
+    fn terminate(&self, machine_id: i64, provider_id: &str) -> BoxFuture<'_, Result<(), ProvisionError>> {
+        let provider_id = provider_id.to_string();
+        Box::pin(async move { self.terminate_inner(machine_id, &provider_id).await })
+    }
+
+    fn list(&self, known: &[(i64, String)]) -> BoxFuture<'_, Result<Vec<Listed>, ProvisionError>> {
+        let known = known.to_vec();
+        Box::pin(async move {
+            let seen = self.describe(None).await.map_err(ProvisionError::List)?;
+            Ok(known
+                .into_iter()
+                .map(|(id, pid)| Listed {
+                    alive: seen.iter().any(|s| s.id == pid && (s.state == "pending" || s.state == "running")),
+                    provider_id: pid,
+                    machine_id: Some(id),
+                })
+                .collect())
+        })
+    }
+
+    fn inventory(&self) -> BoxFuture<'_, Result<Option<Vec<Listed>>, ProvisionError>> {
+        Box::pin(async move {
+            let seen = self.describe(None).await.map_err(ProvisionError::List)?;
+            Ok(Some(
+                seen.into_iter()
+                    .map(|s| Listed {
+                        alive: s.state == "pending" || s.state == "running",
+                        provider_id: s.id,
+                        machine_id: s.machine,
+                    })
+                    .collect(),
+            ))
+        })
+    }
+
+    fn scope(&self) -> String {
+        format!("{}:{}", self.api.scope, self.cluster)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_go_type_then_subnet_then_on_demand() {
+        let s = Ec2Settings {
+            instance_types: vec!["a".into(), "b".into()],
+            subnets: vec!["s1".into(), "s2".into()],
+            spot: true,
+            ..Default::default()
+        };
+        let got: Vec<String> = candidates(&s).iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "spot a in s1", "spot a in s2", "spot b in s1", "spot b in s2",
+                "on-demand a in s1", "on-demand a in s2", "on-demand b in s1", "on-demand b in s2"
+            ]
+        );
+        let plain = candidates(&Ec2Settings::default());
+        assert_eq!(plain, vec![Candidate { instance_type: None, subnet: None, spot: false }]);
+    }
+}
