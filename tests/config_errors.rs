@@ -223,10 +223,101 @@ fn key_of_the_other_scheduler_kind() {
 }
 
 #[test]
-fn unavailable_provisioner() {
-    let text = "[pool.big]\nprovisioner = \"ec2\"\n";
-    let e = assert_err(text, 2, 15, "provisioner \"ec2\" is not available in this build");
-    assert!(e.hint.unwrap().contains("local"));
+fn unknown_provisioner() {
+    let text = "[pool.big]\nprovisioner = \"gce\"\n";
+    let e = assert_err(text, 2, 15, "unknown provisioner \"gce\"");
+    assert!(e.hint.unwrap().contains("local, ec2"));
+}
+
+#[test]
+fn ec2_pool_needs_an_image() {
+    let text = "[pool.big]\nprovisioner = \"ec2\"\ninstance_types = [\"t3.small\"]\n";
+    let e = assert_err(text, 1, 1, "[pool.big] needs `ami` or `launch_template`");
+    assert!(e.hint.unwrap().contains("stock Linux AMI"));
+}
+
+#[test]
+fn ec2_pool_needs_instance_types_without_a_template() {
+    let text = "[pool.big]\nprovisioner = \"ec2\"\nami = \"ami-1\"\n";
+    assert_err(text, 1, 1, "[pool.big] needs `instance_types`");
+}
+
+#[test]
+fn ec2_key_typo_gets_a_did_you_mean() {
+    let text = "[pool.big]\nprovisioner = \"ec2\"\nami = \"ami-1\"\ninstance_type = [\"t3.small\"]\n";
+    let e = assert_err(text, 4, 1, "unknown key `instance_type` in [pool.big]");
+    assert!(e.hint.unwrap().contains("did you mean `instance_types`"));
+}
+
+#[test]
+fn ec2_keys_are_refused_on_a_local_pool() {
+    let text = "[pool.big]\nami = \"ami-1\"\n";
+    assert_err(text, 2, 1, "unknown key `ami` in [pool.big]");
+    let text = "[pool.big]\nprovisioner = \"ec2\"\nami = \"ami-1\"\ninstance_types = [\"t3.small\"]\nagent_command = \"/bin/x\"\n";
+    assert_err(text, 5, 1, "unknown key `agent_command` in [pool.big]");
+}
+
+#[test]
+fn ec2_reserved_tag_and_bad_values() {
+    let pool = "[pool.big]\nprovisioner = \"ec2\"\nami = \"ami-1\"\ninstance_types = [\"t3.small\"]\n";
+    let e =
+        assert_err(&format!("{pool}tags = {{ \"paddock:pool\" = \"x\" }}\n"), 5, 27, "tag `paddock:pool` is reserved");
+    assert!(e.hint.unwrap().contains("Paddock's own"));
+    assert_err(&format!("{pool}root_volume_size = 0\n"), 5, 20, "`root_volume_size` is in GiB");
+    assert_err(&format!("{pool}endpoint_url = \"localhost:5000\"\n"), 5, 16, "`endpoint_url` must start with http://");
+    assert_err(&format!("{pool}subnets = [\"\"]\n"), 5, 12, "`subnets` has an empty entry");
+    assert_err(&format!("{pool}spot = \"yes\"\n"), 5, 8, "`spot` must be a boolean");
+}
+
+#[test]
+fn bad_cluster_and_reconcile_interval() {
+    let e = assert_err("[master]\ncluster = \"my cluster\"\n", 2, 11, "`cluster` must be 1 to 40 letters");
+    assert!(e.hint.unwrap().contains("tags every cloud machine"));
+    assert_err("[master]\nreconcile_interval = \"0s\"\n", 2, 22, "`reconcile_interval` must be more than 0s");
+}
+
+#[test]
+fn ec2_pool_parses_every_setting() {
+    let text = r#"[master]
+cluster = "prod"
+reconcile_interval = "30s"
+orphan_grace = "5m"
+
+[[repo]]
+name = "app"
+url = "https://example.com/app.git"
+
+[pool.small]
+provisioner = "ec2"
+region = "eu-west-1"
+endpoint_url = "http://127.0.0.1:5000"
+ami = "ami-0123"
+launch_template = "lt-0abc"
+launch_template_version = "3"
+instance_types = ["t3.small", "t3a.small"]
+subnets = ["subnet-a", "subnet-b"]
+security_groups = ["sg-1"]
+iam_instance_profile = "paddock-prod-worker"
+root_volume_size = 20
+root_volume_type = "gp3"
+spot = true
+tags = { team = "ci" }
+key_name = "ops"
+imds_url = "http://127.0.0.1:9999"
+"#;
+    let c = parse(text).expect("parses");
+    assert_eq!(c.master.cluster, "prod");
+    assert_eq!(c.master.reconcile_interval, std::time::Duration::from_secs(30));
+    assert_eq!(c.master.orphan_grace, std::time::Duration::from_secs(300));
+    let ProvisionerKind::Ec2(e) = &c.pools[0].provisioner else { panic!("not ec2: {:?}", c.pools[0].provisioner) };
+    assert_eq!(e.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(e.instance_types, ["t3.small", "t3a.small"]);
+    assert_eq!(e.subnets, ["subnet-a", "subnet-b"]);
+    assert_eq!(e.root_volume_size, Some(20));
+    assert!(e.spot);
+    assert_eq!(e.tags.get("team").map(String::as_str), Some("ci"));
+    assert_eq!(e.launch_template.as_deref(), Some("lt-0abc"));
+    assert_eq!(e.imds_url.as_deref(), Some("http://127.0.0.1:9999"));
 }
 
 #[test]
@@ -258,10 +349,10 @@ fn missing_file_is_a_config_error() {
 
 #[test]
 fn hint_is_rendered_on_its_own_line() {
-    let e = parse("[pool.big]\nprovisioner = \"ec2\"\n").unwrap_err();
+    let e = parse("[pool.big]\nprovisioner = \"gce\"\n").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "/etc/paddock/paddock.toml:2:15: error: provisioner \"ec2\" is not available in this build\n  hint: available provisioners: local"
+        "/etc/paddock/paddock.toml:2:15: error: unknown provisioner \"gce\"\n  hint: available provisioners: local, ec2"
     );
 }
 

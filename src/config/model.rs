@@ -40,6 +40,15 @@ pub struct Master {
     pub heartbeat_timeout: Duration,
     /// How long running builds may take to finish on SIGINT/SIGTERM. Default 60s.
     pub shutdown_grace: Duration,
+    /// Tags every cloud machine this master owns (`paddock:cluster`); two masters sharing an
+    /// account must differ. Default `paddock`.
+    pub cluster: String,
+    /// How often the cloud's listing is compared with the store. Default 60s.
+    pub reconcile_interval: Duration,
+    /// How long a tagged machine the store does not know may live before it is terminated as
+    /// an orphan, and how long a launched machine may be missing from listings before it
+    /// counts as gone. Default 120s.
+    pub orphan_grace: Duration,
 }
 
 /// `[[repo]]`: a git repository that changes come from.
@@ -59,6 +68,8 @@ pub struct Repo {
 pub enum ProvisionerKind {
     /// A child process running `paddock agent`.
     Local,
+    /// An EC2 instance bootstrapped by cloud-init.
+    Ec2(Box<paddock_provisioners::ec2::Ec2Settings>),
 }
 
 /// `[pool.NAME]`: a set of interchangeable machines.

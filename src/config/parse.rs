@@ -15,6 +15,7 @@ use super::error::{earliest, line_col, Diag};
 use super::model::*;
 use super::template;
 use super::tree::{parse_tree, unknown_key, Entry, Fields, Kind, Node, Sp};
+use paddock_provisioners::ec2::Ec2Settings;
 
 const TOP_KEYS: &[&str] = &["master", "repo", "pool", "builder", "scheduler"];
 const MASTER_KEYS: &[&str] = &[
@@ -26,11 +27,32 @@ const MASTER_KEYS: &[&str] = &[
     "github_secret_env",
     "heartbeat_timeout",
     "shutdown_grace",
+    "cluster",
+    "reconcile_interval",
+    "orphan_grace",
 ];
 const REPO_KEYS: &[&str] = &["name", "url", "branches", "poll"];
 const POOL_KEYS: &[&str] =
     &["provisioner", "max_instances", "min_idle", "idle_timeout", "boot_timeout", "max_builds", "agent_command"];
-const PROVISIONERS: &[&str] = &["local"];
+const EC2_KEYS: &[&str] = &[
+    "region",
+    "endpoint_url",
+    "ami",
+    "launch_template",
+    "launch_template_version",
+    "instance_types",
+    "subnets",
+    "security_groups",
+    "iam_instance_profile",
+    "root_volume_size",
+    "root_volume_type",
+    "root_device_name",
+    "spot",
+    "tags",
+    "key_name",
+    "imds_url",
+];
+const PROVISIONERS: &[&str] = &["local", "ec2"];
 const BUILDER_KEYS: &[&str] = &["name", "repo", "pool", "branches", "matrix", "env", "steps"];
 const STEP_KEYS: &[&str] = &["run", "name", "env", "workdir", "timeout", "always"];
 const SCHEDULER_COMMON_KEYS: &[&str] = &["kind", "name", "repo", "branches", "builders"];
@@ -201,6 +223,9 @@ fn default_master(base: &Path) -> Result<Master, Diag> {
         state_dir: resolve(base, "paddock-state"),
         secrets_file: None,
         github_secret_env: "PADDOCK_GITHUB_SECRET".to_string(),
+        cluster: "paddock".to_string(),
+        reconcile_interval: Duration::from_secs(60),
+        orphan_grace: Duration::from_secs(120),
         heartbeat_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(60),
     })
@@ -244,6 +269,30 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
     }
     if let Some(d) = f.opt_duration("shutdown_grace")? {
         m.shutdown_grace = d;
+    }
+    if let Some(c) = f.opt_str("cluster")? {
+        let ok = !c.v.is_empty()
+            && c.v.len() <= 40
+            && c.v.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+        if !ok {
+            return Err(Diag::new(
+                c.span,
+                format!("`cluster` must be 1 to 40 letters, digits, `-`, `_` or `.`, not \"{}\"", c.v),
+            )
+            .hint("e.g. cluster = \"prod\"; it tags every cloud machine this master owns"));
+        }
+        m.cluster = c.v;
+    }
+    if let Some(d) = f.opt_duration("reconcile_interval")? {
+        if d.is_zero() {
+            let span = f.get("reconcile_interval").map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+            return Err(Diag::new(span, "`reconcile_interval` must be more than 0s")
+                .hint("the reconcile loop is what finds leaked and vanished machines; e.g. \"60s\""));
+        }
+        m.reconcile_interval = d;
+    }
+    if let Some(d) = f.opt_duration("orphan_grace")? {
+        m.orphan_grace = d;
     }
     Ok(m)
 }
@@ -402,12 +451,20 @@ fn check_repos(repos: &[RawRepo], text: &str, errs: &mut Vec<Diag>) {
 fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
     let what = format!("[pool.{}]", e.key);
     let f = Fields::new(&e.value, what.clone())?;
-    f.allow_only(POOL_KEYS)?;
-    let provisioner = match f.opt_str("provisioner")? {
+    let kind = f.opt_str("provisioner")?;
+    let is_ec2 = kind.as_ref().is_some_and(|k| k.v == "ec2");
+    let mut allowed: Vec<&str> = POOL_KEYS.to_vec();
+    if is_ec2 {
+        allowed.extend(EC2_KEYS);
+        allowed.retain(|k| *k != "agent_command");
+    }
+    f.allow_only(&allowed)?;
+    let provisioner = match &kind {
         None => ProvisionerKind::Local,
         Some(p) if p.v == "local" => ProvisionerKind::Local,
+        Some(p) if p.v == "ec2" => ProvisionerKind::Ec2(Box::new(parse_ec2(&f, &what)?)),
         Some(p) => {
-            return Err(Diag::new(p.span, format!("provisioner \"{}\" is not available in this build", p.v))
+            return Err(Diag::new(p.span.clone(), format!("unknown provisioner \"{}\"", p.v))
                 .hint(format!("available provisioners: {}", PROVISIONERS.join(", "))))
         }
     };
@@ -439,6 +496,75 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
         max_builds: f.opt_u32("max_builds")?.map(|m| m.v).unwrap_or(0),
         agent_command: f.opt_str("agent_command")?.map(|p| resolve(base, &p.v)),
     })
+}
+
+/// The EC2 settings of a `provisioner = "ec2"` pool.
+fn parse_ec2(f: &Fields<'_>, what: &str) -> Result<Ec2Settings, Diag> {
+    let strs = |key: &str| -> Result<Vec<String>, Diag> {
+        let list = f.opt_str_array(key)?.unwrap_or_default();
+        for s in &list {
+            if s.v.trim().is_empty() {
+                return Err(Diag::new(s.span.clone(), format!("`{key}` has an empty entry")));
+            }
+        }
+        Ok(list.into_iter().map(|s| s.v).collect())
+    };
+    let opt = |key: &str| -> Result<Option<String>, Diag> {
+        match f.opt_str(key)? {
+            Some(s) if s.v.trim().is_empty() => Err(Diag::new(s.span, format!("`{key}` must not be empty"))),
+            other => Ok(other.map(|s| s.v)),
+        }
+    };
+    let mut s = Ec2Settings {
+        region: opt("region")?,
+        endpoint_url: opt("endpoint_url")?,
+        ami: opt("ami")?,
+        launch_template: opt("launch_template")?,
+        launch_template_version: opt("launch_template_version")?,
+        instance_types: strs("instance_types")?,
+        subnets: strs("subnets")?,
+        security_groups: strs("security_groups")?,
+        iam_instance_profile: opt("iam_instance_profile")?,
+        root_volume_size: None,
+        root_volume_type: opt("root_volume_type")?,
+        root_device_name: opt("root_device_name")?,
+        spot: f.opt_bool("spot")?.unwrap_or(false),
+        tags: Default::default(),
+        key_name: opt("key_name")?,
+        imds_url: opt("imds_url")?,
+    };
+    if let Some(size) = f.opt_u32("root_volume_size")? {
+        if size.v == 0 || size.v > 65536 {
+            return Err(Diag::new(size.span, format!("`root_volume_size` is in GiB, 1 to 65536, not {}", size.v)));
+        }
+        s.root_volume_size = Some(size.v as i32);
+    }
+    for (key, url) in [("endpoint_url", &s.endpoint_url), ("imds_url", &s.imds_url)] {
+        if let Some(u) = url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                let span = f.get(key).map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+                return Err(Diag::new(span, format!("`{key}` must start with http:// or https://, got \"{u}\"")));
+            }
+        }
+    }
+    if let Some(e) = f.get("tags") {
+        for (k, v) in parse_env(&e.value, "`tags`").map_err(|d| d.hint("write tags = { team = \"ci\" }"))? {
+            if k.starts_with("paddock:") || k.starts_with("aws:") {
+                return Err(Diag::new(v.span, format!("tag `{k}` is reserved"))
+                    .hint("keys starting with paddock: are Paddock's own, aws: are AWS's"));
+            }
+            s.tags.insert(k, v.v);
+        }
+    }
+    if s.ami.is_none() && s.launch_template.is_none() {
+        return Err(Diag::new(f.span.clone(), format!("{what} needs `ami` or `launch_template`"))
+            .hint("e.g. ami = \"ami-0123456789abcdef0\" (a stock Linux AMI works: the agent is fetched at boot)"));
+    }
+    if s.instance_types.is_empty() && s.launch_template.is_none() {
+        return Err(Diag::new(f.span.clone(), format!("{what} needs `instance_types`"))
+            .hint("e.g. instance_types = [\"t3.small\", \"t3a.small\"] (tried in order when one has no capacity)"));
+    }
+    Ok(s)
 }
 
 // ---------------------------------------------------------------------------------------------

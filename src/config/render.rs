@@ -59,6 +59,7 @@ pub fn render_builders(cfg: &Config) -> String {
     for p in &cfg.pools {
         let kind = match p.provisioner {
             ProvisionerKind::Local => "local",
+            ProvisionerKind::Ec2(_) => "ec2",
         };
         let max_builds = if p.max_builds == 0 { "unlimited".to_string() } else { p.max_builds.to_string() };
         let _ = writeln!(
@@ -72,6 +73,21 @@ pub fn render_builders(cfg: &Config) -> String {
         );
         if let Some(cmd) = &p.agent_command {
             let _ = writeln!(out, "    agent_command: {}", cmd.display());
+        }
+        if let ProvisionerKind::Ec2(e) = &p.provisioner {
+            let image = match (&e.ami, &e.launch_template) {
+                (Some(ami), _) => ami.clone(),
+                (None, Some(lt)) => format!("launch template {lt}"),
+                (None, None) => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "    ec2: region {}, {image}, types [{}], subnets [{}], {}",
+                e.region.as_deref().unwrap_or("(from the environment)"),
+                e.instance_types.join(", "),
+                e.subnets.join(", "),
+                if e.spot { "spot, falling back to on-demand" } else { "on-demand" }
+            );
         }
     }
     let _ = writeln!(out, "schedulers ({}):", cfg.schedulers.len());

@@ -5,6 +5,7 @@
 //! decision deterministic, replayable and testable with property tests.
 
 pub mod fleet;
+pub mod reconcile;
 pub mod scheduler;
 
 use std::time::Duration;

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use paddock_provisioners::ec2::{Ec2Provisioner, Ec2Regions};
 use paddock_provisioners::local::LocalProvisioner;
 use paddock_provisioners::{LaunchSpec, Launched, Provisioner};
 use rand::RngCore;
@@ -26,6 +27,7 @@ use crate::agent::protocol::{BuildJob, JobStep, MasterMsg};
 use crate::clock::Clock;
 use crate::config::{Config, ProvisionerKind, SchedulerKind};
 use crate::core::fleet::{Fleet, FleetAction, FleetEvent, MachineState, PoolSpec};
+use crate::core::reconcile::{Believed, Listed, Reconciler, Verdict};
 use crate::core::scheduler::{BuilderRef, ChangeInfo, SchedAction, SchedEvent, SchedulerSpec, Schedulers, SpecKind};
 use crate::core::{BuildId, MachineId, Ts};
 use crate::store::{BuildRow, ChangeRow, Store, StoreError};
@@ -69,6 +71,9 @@ pub enum Input {
     Launched { machine: MachineId, result: Result<Launched, String> },
     /// A provisioner call to stop a machine returned.
     Terminated { machine: MachineId },
+    /// A reconcile round's listing of one scope (a region and cluster, or a local pool), or
+    /// why it could not be had.
+    Listing { scope: String, result: Result<Vec<Listed>, String> },
 }
 
 /// A build being run: which machine runs it, the secret values to scrub from its log, and how
@@ -164,12 +169,17 @@ pub async fn run(
     });
 
     let mut provisioners: HashMap<String, Arc<dyn Provisioner>> = HashMap::new();
+    let regions = Ec2Regions::default();
     for pool in &config.pools {
-        let p: Arc<dyn Provisioner> = match pool.provisioner {
+        let p: Arc<dyn Provisioner> = match &pool.provisioner {
             ProvisionerKind::Local => Arc::new(LocalProvisioner::new(
                 pool.agent_command.clone().unwrap_or_else(|| opts.agent_program.clone()),
                 config.master.state_dir.join("machines").join(&pool.name),
             )),
+            ProvisionerKind::Ec2(settings) => {
+                let api = regions.api(settings.region.as_deref(), settings.endpoint_url.as_deref()).await;
+                Arc::new(Ec2Provisioner::new(api, (**settings).clone(), &config.master.cluster, &pool.name))
+            }
         };
         provisioners.insert(pool.name.clone(), p);
     }
@@ -259,6 +269,12 @@ struct Master {
     pending: VecDeque<FleetEvent>,
     /// (scheduler, change) pairs requested before a crash, for changes replayed at start.
     already_requested: HashSet<(String, crate::core::ChangeId)>,
+    /// When each machine's launch returned (or it was adopted): listings may lag behind it.
+    launched_at: HashMap<MachineId, Ts>,
+    /// One reconciler per scope (see [`Provisioner::scope`]).
+    reconcilers: HashMap<String, Reconciler>,
+    /// Scopes whose listing is under way, so a slow cloud never gets two at once.
+    listing: HashSet<String>,
 }
 
 impl Master {
@@ -322,6 +338,9 @@ impl Master {
             launch_failures: HashMap::new(),
             pending: VecDeque::new(),
             already_requested: HashSet::new(),
+            launched_at: HashMap::new(),
+            reconcilers: HashMap::new(),
+            listing: HashSet::new(),
         })
     }
 
@@ -425,6 +444,7 @@ impl Master {
         }
         self.provider_ids.insert(m.id, a.pid.clone());
         self.machine_pool.insert(m.id, m.pool.clone());
+        self.launched_at.insert(m.id, now);
         if let Ok(mut r) = self.shared.running.lock() {
             r.insert(a.build.id, RunningBuild { machine: m.id, secrets: a.secrets.clone(), log_bytes: 0 });
         }
@@ -453,6 +473,8 @@ impl Master {
     ) -> Result<(), MasterError> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconcile = tokio::time::interval(self.shared.config.master.reconcile_interval);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = Box::pin(shutdown);
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -471,6 +493,7 @@ impl Master {
                     }
                     None => break,
                 },
+                _ = reconcile.tick(), if drain_deadline.is_none() => self.start_listings(),
                 _ = tick.tick() => {
                     self.pending.push_back(FleetEvent::Tick);
                     if let Err(e) = self.apply_sched(SchedEvent::Tick).await {
@@ -595,6 +618,7 @@ impl Master {
                             )
                             .await?;
                         self.provider_ids.insert(machine, launched.provider_id);
+                        self.launched_at.insert(machine, now);
                         if self.terminate_after_launch.remove(&machine) {
                             self.terminate(machine);
                         } else {
@@ -621,6 +645,110 @@ impl Master {
             Input::Terminated { machine } => {
                 self.provider_ids.remove(&machine);
                 self.pending.push_back(FleetEvent::MachineGone { machine });
+            }
+            Input::Listing { scope, result } => {
+                self.listing.remove(&scope);
+                match result {
+                    Ok(listing) => self.judge(&scope, &listing).await?,
+                    Err(e) => tracing::warn!(%scope, "reconcile: cannot list machines; trying again next round: {e}"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pools of each scope: pools sharing a region and cluster share one listing.
+    fn scopes(&self) -> HashMap<String, Vec<String>> {
+        let mut scopes: HashMap<String, Vec<String>> = HashMap::new();
+        for (pool, p) in &self.provisioners {
+            let scope = p.scope();
+            let scope = if scope.is_empty() { format!("pool:{pool}") } else { scope };
+            scopes.entry(scope).or_default().push(pool.clone());
+        }
+        scopes
+    }
+
+    /// Starts one listing per scope (level-triggered reconcile): the cloud's inventory where
+    /// the provisioner has one, else a liveness check of the machines this master knows.
+    fn start_listings(&mut self) {
+        for (scope, pools) in self.scopes() {
+            if !self.listing.insert(scope.clone()) {
+                continue;
+            }
+            let Some(p) = pools.first().and_then(|pool| self.provisioners.get(pool)).cloned() else { continue };
+            let known: Vec<(MachineId, String)> = self
+                .provider_ids
+                .iter()
+                .filter(|(m, _)| self.machine_pool.get(m).is_some_and(|pool| pools.contains(pool)))
+                .map(|(m, pid)| (*m, pid.clone()))
+                .collect();
+            let inputs = self.shared.inputs.clone();
+            tokio::spawn(async move {
+                let result = match p.inventory().await {
+                    Ok(Some(all)) => Ok(all),
+                    Ok(None) => p.list(&known).await,
+                    Err(e) => Err(e),
+                };
+                let result = result
+                    .map(|l| {
+                        l.into_iter()
+                            .map(|x| Listed { provider_id: x.provider_id, machine: x.machine_id, alive: x.alive })
+                            .collect()
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = inputs.send(Input::Listing { scope, result }).await;
+            });
+        }
+    }
+
+    /// Acts on one listing: orphans are terminated, vanished machines are gone (their builds
+    /// retried).
+    async fn judge(&mut self, scope: &str, listing: &[Listed]) -> Result<(), MasterError> {
+        let Some(pools) = self.scopes().remove(scope) else { return Ok(()) };
+        let believed: Vec<Believed> = self
+            .machine_pool
+            .iter()
+            .filter(|(m, pool)| {
+                pools.contains(pool) && self.fleet.machine_state(**m).is_some_and(|s| s != MachineState::Gone)
+            })
+            .map(|(m, _)| Believed {
+                machine: *m,
+                provider_id: self.provider_ids.get(m).cloned(),
+                launched_at: self.launched_at.get(m).copied(),
+            })
+            .collect();
+        let now = self.shared.now();
+        let grace = self.shared.config.master.orphan_grace;
+        let verdicts = self
+            .reconcilers
+            .entry(scope.to_string())
+            .or_insert_with(|| Reconciler::new(grace))
+            .judge(listing, &believed, now);
+        for v in verdicts {
+            match v {
+                Verdict::Orphan { provider_id, machine } => {
+                    tracing::warn!(%provider_id, ?machine, "reconcile: terminating an orphan (tagged as ours, owned by no machine)");
+                    let Some(p) = pools.first().and_then(|pool| self.provisioners.get(pool)).cloned() else { continue };
+                    tokio::spawn(async move {
+                        if let Err(e) = p.terminate(machine.unwrap_or(0), &provider_id).await {
+                            tracing::error!(%provider_id, "reconcile: cannot terminate orphan; next round tries again: {e}");
+                        }
+                    });
+                }
+                Verdict::Vanished { machine, .. }
+                    if self.fleet.machine_state(machine) == Some(MachineState::Stopping) =>
+                {
+                    // Being stopped: gone once the stop is confirmed, not before.
+                }
+                Verdict::Vanished { machine, provider_id } => {
+                    tracing::warn!(machine, %provider_id, "reconcile: machine is gone from the cloud; its build (if any) is retried");
+                    self.shared
+                        .store
+                        .machine_event(machine, "vanished", &format!("{provider_id} no longer running"), now)
+                        .await?;
+                    self.provider_ids.remove(&machine);
+                    self.pending.push_back(FleetEvent::MachineGone { machine });
+                }
             }
         }
         Ok(())
@@ -694,6 +822,7 @@ impl Master {
                     self.agents.remove(&machine);
                     self.machine_pool.remove(&machine);
                     self.terminate_after_launch.remove(&machine);
+                    self.launched_at.remove(&machine);
                 }
             }
             FleetAction::Launch { machine, pool } => {
@@ -706,7 +835,11 @@ impl Master {
                 };
                 let token = new_token();
                 // Intent first: the row (with the token's hash) exists before the process does.
-                store.insert_machine(machine, &pool, "local", &hash_token(&token), now).await?;
+                let kind = match self.shared.config.pool(&pool).map(|p| &p.provisioner) {
+                    Some(ProvisionerKind::Ec2(_)) => "ec2",
+                    _ => "local",
+                };
+                store.insert_machine(machine, &pool, kind, &hash_token(&token), now).await?;
                 self.machine_pool.insert(machine, pool.clone());
                 let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
                 let inputs = self.shared.inputs.clone();

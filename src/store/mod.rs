@@ -119,6 +119,8 @@ pub struct MachineRow {
     pub connected_at: Option<String>,
     pub terminated_at: Option<String>,
     pub builds_run: i64,
+    /// The machine's latest event (`kind: detail`), e.g. why its launch failed.
+    pub last_event: Option<String>,
 }
 
 /// Filters for [`Store::list_builds`].
@@ -139,7 +141,9 @@ pub struct NightlyRow {
 }
 
 const BUILD_COLUMNS: &str = "id, request_id, builder, repo, branch, revision, state, machine_id, attempt, reason, queued_at, started_at, finished_at";
-const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instance_type, lifecycle, requested_at, launched_at, connected_at, terminated_at, builds_run";
+const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instance_type, lifecycle, requested_at, launched_at, connected_at, terminated_at, builds_run, \
+     (SELECT e.kind || CASE WHEN e.detail = '' THEN '' ELSE ': ' || e.detail END FROM machine_events e \
+      WHERE e.machine_id = machines.id ORDER BY e.id DESC LIMIT 1) AS last_event";
 
 fn build_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
     BuildRow {
@@ -173,6 +177,7 @@ fn machine_row(r: &sqlx::sqlite::SqliteRow) -> MachineRow {
         connected_at: r.get("connected_at"),
         terminated_at: r.get("terminated_at"),
         builds_run: r.get("builds_run"),
+        last_event: r.get("last_event"),
     }
 }
 
@@ -672,6 +677,19 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The machine whose one-time token this is, if the token is unspent and the machine is
+    /// starting: what authorises a machine to download the agent while it boots.
+    pub async fn machine_for_unused_token(&self, token_hash: &str) -> Result<Option<MachineId>> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM machines
+             WHERE token_hash = ? AND token_used = 0 AND state IN ('requested', 'launching', 'booting')",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id)
     }
 
     /// Spends a one-time token: returns the machine it belongs to if it was unused and the

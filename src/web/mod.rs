@@ -2,6 +2,7 @@
 
 mod agent_ws;
 mod api;
+mod download;
 mod hooks;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/changes", get(api::list_changes).post(api::post_change))
         .route("/hooks/github", post(hooks::github))
         .route("/agent/ws", get(agent_ws::upgrade))
+        .route("/agent/download", get(download::agent_download))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(shared)
 }

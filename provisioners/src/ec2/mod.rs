@@ -129,10 +129,13 @@ impl Ec2Api {
     }
 }
 
+/// A region (or the environment's) and an endpoint override (or the standard one).
+type RegionKey = (Option<String>, Option<String>);
+
 /// The [`Ec2Api`]s in use, one per region and endpoint.
 #[derive(Debug, Default)]
 pub struct Ec2Regions {
-    apis: tokio::sync::Mutex<HashMap<(Option<String>, Option<String>), Arc<Ec2Api>>>,
+    apis: tokio::sync::Mutex<HashMap<RegionKey, Arc<Ec2Api>>>,
 }
 
 impl Ec2Regions {
@@ -172,16 +175,16 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::
                 Failure::Capacity(text)
             } else if THROTTLE_CODES.contains(&code.as_str()) {
                 Failure::Throttled(text)
-            } else if matches!(code.as_str(), "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable")
-            {
+            } else if matches!(
+                code.as_str(),
+                "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"
+            ) {
                 Failure::Unknown(text)
             } else {
                 Failure::Fatal(text)
             }
         }
-        SdkError::ConstructionFailure(_) => {
-            Failure::Fatal(format!("{}", aws_sdk_ec2::error::DisplayErrorContext(e)))
-        }
+        SdkError::ConstructionFailure(_) => Failure::Fatal(format!("{}", aws_sdk_ec2::error::DisplayErrorContext(e))),
         _ => Failure::Unknown(format!("{}", aws_sdk_ec2::error::DisplayErrorContext(e))),
     }
 }
@@ -355,8 +358,10 @@ impl Ec2Provisioner {
         token: &str,
         user_data: &str,
         root_device: Option<&str>,
-    ) -> Result<Launched, SdkError<aws_sdk_ec2::operation::run_instances::RunInstancesError, aws_sdk_ec2::config::http::HttpResponse>>
-    {
+    ) -> Result<
+        Launched,
+        SdkError<aws_sdk_ec2::operation::run_instances::RunInstancesError, aws_sdk_ec2::config::http::HttpResponse>,
+    > {
         let s = &self.settings;
         let tags = self.tags(spec.machine_id);
         let mut req = self
@@ -433,7 +438,10 @@ impl Ec2Provisioner {
         let inst = out.instances().first();
         Ok(Launched {
             provider_id: inst.and_then(|i| i.instance_id()).unwrap_or_default().to_string(),
-            instance_type: inst.and_then(|i| i.instance_type()).map(|t| t.as_str().to_string()).or(c.instance_type.clone()),
+            instance_type: inst
+                .and_then(|i| i.instance_type())
+                .map(|t| t.as_str().to_string())
+                .or(c.instance_type.clone()),
             lifecycle: if c.spot { "spot" } else { "on-demand" }.to_string(),
         })
     }
@@ -442,7 +450,10 @@ impl Ec2Provisioner {
     async fn describe(&self, machine_id: Option<i64>) -> Result<Vec<Seen>, String> {
         let mut filters = vec![
             Filter::builder().name(format!("tag:{TAG_CLUSTER}")).values(&self.cluster).build(),
-            Filter::builder().name("instance-state-name").set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect())).build(),
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
+                .build(),
         ];
         if let Some(m) = machine_id {
             filters.push(Filter::builder().name(format!("tag:{TAG_MACHINE}")).values(m.to_string()).build());
@@ -451,20 +462,25 @@ impl Ec2Provisioner {
         let mut next: Option<String> = None;
         loop {
             let page = self
-                .with_retries(|| {
-                    let req = self
-                        .api
-                        .client
-                        .describe_instances()
-                        .set_filters(Some(filters.clone()))
-                        .set_next_token(next.clone());
-                    let req = if machine_id.is_none() { req.max_results(1000) } else { req };
-                    async move { req.send().await }
-                }, &self.api.buckets.describe)
+                .with_retries(
+                    || {
+                        let req = self
+                            .api
+                            .client
+                            .describe_instances()
+                            .set_filters(Some(filters.clone()))
+                            .set_next_token(next.clone());
+                        let req = if machine_id.is_none() { req.max_results(1000) } else { req };
+                        async move { req.send().await }
+                    },
+                    &self.api.buckets.describe,
+                )
                 .await?;
             for r in page.reservations() {
                 for i in r.instances() {
-                    let tag = |k: &str| i.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value()).map(String::from);
+                    let tag = |k: &str| {
+                        i.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value()).map(String::from)
+                    };
                     // Filters are the cloud's business; checking the tag again here means a
                     // cloud that ignores a filter can never make us touch another cluster.
                     if tag(TAG_CLUSTER).as_deref() != Some(self.cluster.as_str()) {
@@ -549,10 +565,9 @@ impl Ec2Provisioner {
                         // Whatever the cloud did with the token, a launch that may have been
                         // served is looked up by its tags before it is sent again.
                         if unknown {
-                            let found = self
-                                .describe(Some(spec.machine_id))
-                                .await
-                                .map_err(|e| ProvisionError::Launch(format!("{c}: {r}; then the lookup failed: {e}")))?;
+                            let found = self.describe(Some(spec.machine_id)).await.map_err(|e| {
+                                ProvisionError::Launch(format!("{c}: {r}; then the lookup failed: {e}"))
+                            })?;
                             if let Some(s) = found.into_iter().find(|s| s.state == "pending" || s.state == "running") {
                                 tracing::info!(machine = spec.machine_id, instance = %s.id, "launch outcome was unknown; found the instance by its tags");
                                 return Ok(Launched {
@@ -578,7 +593,12 @@ impl Ec2Provisioner {
 
     async fn terminate_inner(&self, machine_id: i64, provider_id: &str) -> Result<(), ProvisionError> {
         let ids: Vec<String> = if provider_id.is_empty() {
-            self.describe(Some(machine_id)).await.map_err(ProvisionError::Terminate)?.into_iter().map(|s| s.id).collect()
+            self.describe(Some(machine_id))
+                .await
+                .map_err(ProvisionError::Terminate)?
+                .into_iter()
+                .map(|s| s.id)
+                .collect()
         } else {
             vec![provider_id.to_string()]
         };
@@ -596,13 +616,17 @@ impl Ec2Provisioner {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if e.starts_with("InvalidInstanceID.NotFound") || e.starts_with("InvalidInstanceID.Malformed") => Ok(()),
+            Err(e) if e.starts_with("InvalidInstanceID.NotFound") || e.starts_with("InvalidInstanceID.Malformed") => {
+                Ok(())
+            }
             Err(e) => Err(ProvisionError::Terminate(e)),
         }
     }
 }
 
-fn describe_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, R>) -> String {
+fn describe_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    e: &SdkError<E, R>,
+) -> String {
     match classify(e) {
         Failure::Capacity(r) | Failure::Throttled(r) | Failure::Unknown(r) | Failure::Fatal(r) => r,
     }
@@ -669,8 +693,14 @@ mod tests {
         assert_eq!(
             got,
             [
-                "spot a in s1", "spot a in s2", "spot b in s1", "spot b in s2",
-                "on-demand a in s1", "on-demand a in s2", "on-demand b in s1", "on-demand b in s2"
+                "spot a in s1",
+                "spot a in s2",
+                "spot b in s1",
+                "spot b in s2",
+                "on-demand a in s1",
+                "on-demand a in s2",
+                "on-demand b in s1",
+                "on-demand b in s2"
             ]
         );
         let plain = candidates(&Ec2Settings::default());

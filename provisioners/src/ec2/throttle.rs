@@ -18,7 +18,11 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(capacity: u32, refill_per_sec: f64) -> TokenBucket {
         let capacity = f64::from(capacity.max(1));
-        TokenBucket { capacity, refill_per_sec: refill_per_sec.max(0.001), state: Mutex::new((capacity, Instant::now())) }
+        TokenBucket {
+            capacity,
+            refill_per_sec: refill_per_sec.max(0.001),
+            state: Mutex::new((capacity, Instant::now())),
+        }
     }
 
     /// Takes a token if one is there; otherwise says how long until one is.

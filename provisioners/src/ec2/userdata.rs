@@ -12,5 +12,8 @@ pub struct BootVars<'a> {
 
 /// The `#cloud-config` user-data for one machine.
 pub fn render(vars: &BootVars<'_>) -> String {
-    format!("#cloud-config\n# {} {} {} {} {}\n", vars.master_url, vars.machine_id, vars.pool, vars.cluster, vars.imds_url)
+    format!(
+        "#cloud-config\n# {} {} {} {} {}\n",
+        vars.master_url, vars.machine_id, vars.pool, vars.cluster, vars.imds_url
+    )
 }
