@@ -86,6 +86,13 @@ enum Command {
         /// Where checkouts live.
         #[arg(long, default_value = ".")]
         workdir: PathBuf,
+        /// Instance metadata service to poll for spot interruption notices (on EC2:
+        /// http://169.254.169.254). Unset: no polling, as on machines outside EC2.
+        #[arg(long, env = "PADDOCK_IMDS_URL")]
+        imds_url: Option<String>,
+        /// Time between two metadata polls (tests shorten it).
+        #[arg(long, env = "PADDOCK_IMDS_POLL", default_value = "5s", value_parser = crate::config::parse_duration, hide = true)]
+        imds_poll: std::time::Duration,
     },
     /// Set up a demo repository and run the master on it with local workers.
     Demo {
@@ -187,9 +194,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Command::Agent { master, token, workdir } => {
+        Command::Agent { master, token, workdir, imds_url, imds_poll } => {
             let opts = crate::agent::client::AgentOptions { master, token, workdir };
-            if let Err(e) = crate::agent::client::run(opts).await {
+            let imds = imds_url
+                .filter(|url| !url.trim().is_empty())
+                .map(|url| crate::agent::client::ImdsOptions { url, poll: imds_poll });
+            if let Err(e) = crate::agent::client::run_with(opts, imds).await {
                 eprintln!("agent: {e}");
                 return Ok(ExitCode::from(2));
             }

@@ -9,6 +9,10 @@
 //! and receives what was said meanwhile. A master that gave no resume token, refuses the
 //! resume, or stays away past the window, gets the old behaviour: the build is killed and the
 //! agent exits.
+//!
+//! On EC2 the agent also polls the instance metadata service (see [`super::imds`]). A spot
+//! interruption notice or rebalance recommendation is told to the master at once, and told again
+//! after a reconnection; the build carries on until the master says Shutdown.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::imds::{self, Notice};
 use super::job::run_job;
 use super::protocol::{AgentMsg, BuildResult, MasterMsg, Secret};
 
@@ -42,6 +47,8 @@ const JOB_CHANNEL: usize = 256;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Log text kept while disconnected; more is dropped (and counted) rather than filling memory.
 const OUTBOX_LOG_BYTES: usize = 16 * 1024 * 1024;
+/// Notices waiting for the connection (there are at most two kinds, each reported once).
+const NOTICE_CHANNEL: usize = 4;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -65,6 +72,15 @@ impl std::fmt::Debug for AgentOptions {
             .field("workdir", &self.workdir)
             .finish()
     }
+}
+
+/// Where `paddock agent` watches for spot interruption notices (on EC2 only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImdsOptions {
+    /// Base URL of the instance metadata service, e.g. `http://169.254.169.254`.
+    pub url: String,
+    /// Time between two polls.
+    pub poll: Duration,
 }
 
 /// Why the agent stopped with an error.
@@ -142,6 +158,10 @@ struct Outbox {
     /// Sent, but a socket can die with it unread: repeated after a reconnection until the
     /// next build starts (the master ignores a repeat).
     last_finished: Option<AgentMsg>,
+    /// Interruption notices told to the master. Nothing acknowledges them, so each is repeated
+    /// after every reconnection (the master ignores a repeat); they matter more than a few
+    /// duplicate lines.
+    notices: Vec<AgentMsg>,
 }
 
 impl Outbox {
@@ -161,6 +181,15 @@ impl Outbox {
         }
     }
 
+    /// After a reconnection: repeat every notice that is not still waiting here.
+    fn repeat_notices(&mut self) {
+        for notice in &self.notices {
+            if !self.msgs.contains(notice) {
+                self.msgs.push_back(notice.clone());
+            }
+        }
+    }
+
     /// Keeps `msg` for later, dropping log text past [`OUTBOX_LOG_BYTES`] (results are always kept).
     fn keep(&mut self, msg: AgentMsg) {
         if let AgentMsg::Log { text, .. } = &msg {
@@ -174,12 +203,31 @@ impl Outbox {
     }
 }
 
+/// Stops a background task when the agent stops, however it stops.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the agent until the master says Shutdown, a signal arrives, or the master stays
 /// unreachable past the reconnection window.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    run_with(opts, None).await
+}
+
+/// [`run`], also watching the metadata service for spot notices when `metadata` is given; the
+/// poller lives as long as the agent.
+pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Result<(), AgentError> {
     tokio::fs::create_dir_all(&opts.workdir).await?;
     let url = ws_url(&opts.master)?;
     let mut signals = Signals::new()?;
+    // Started before connecting: a notice that comes early waits in the channel for the Welcome.
+    // Without a poller the sender is dropped at once and the channel simply stays empty.
+    let (notice_tx, mut notices) = mpsc::channel::<Notice>(NOTICE_CHANNEL);
+    let _poller = metadata.map(|i| AbortOnDrop(tokio::spawn(imds::poll(i.url, i.poll, notice_tx))));
 
     let ws = tokio::select! {
         r = connect(&url) => r?,
@@ -218,6 +266,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                     &mut job_rx,
                     &mut current,
                     &mut outbox,
+                    &mut notices,
                     &mut signals,
                 )
                 .await
@@ -245,6 +294,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                     &mut job_rx,
                     &mut current,
                     &mut outbox,
+                    &mut notices,
                     &mut signals,
                 )
                 .await;
@@ -253,6 +303,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                         tracing::info!(machine = new_session.machine, "reconnected to master");
                         (sink, stream, session) = (new_sink, new_stream, new_session);
                         outbox.repeat_last_finished();
+                        outbox.repeat_notices();
                     }
                     None => break false,
                 }
@@ -317,6 +368,7 @@ async fn connected(
     job_rx: &mut mpsc::Receiver<AgentMsg>,
     current: &mut Option<Running>,
     outbox: &mut Outbox,
+    notices: &mut mpsc::Receiver<Notice>,
     signals: &mut Signals,
 ) -> End {
     let period = Duration::from_secs(session.heartbeat_secs.max(1));
@@ -343,6 +395,14 @@ async fn connected(
                     }
                     outbox.last_finished = Some(msg.clone());
                 }
+                if !send_msg(sink, &msg).await {
+                    return End::Lost(Some(msg));
+                }
+            }
+            Some(notice) = notices.recv() => {
+                let msg = notice.to_msg();
+                tracing::warn!(kind = notice.kind.as_str(), detail = %notice.detail, "this machine is going away; telling the master");
+                outbox.notices.push(msg.clone());
                 if !send_msg(sink, &msg).await {
                     return End::Lost(Some(msg));
                 }
@@ -479,6 +539,7 @@ async fn reconnect(
     job_rx: &mut mpsc::Receiver<AgentMsg>,
     current: &mut Option<Running>,
     outbox: &mut Outbox,
+    notices: &mut mpsc::Receiver<Notice>,
     signals: &mut Signals,
 ) -> Option<(SplitSink<Ws, Message>, SplitStream<Ws>, Session)> {
     let give_up = tokio::time::sleep(window);
@@ -513,6 +574,12 @@ async fn reconnect(
                         }
                         outbox.last_finished = Some(msg.clone());
                     }
+                    outbox.keep(msg);
+                }
+                Some(notice) = notices.recv() => {
+                    tracing::warn!(kind = notice.kind.as_str(), detail = %notice.detail, "this machine is going away; will tell the master");
+                    let msg = notice.to_msg();
+                    outbox.notices.push(msg.clone());
                     outbox.keep(msg);
                 }
                 r = wait_running(current) => {

@@ -36,6 +36,12 @@ pub enum AgentMsg {
     },
     /// The build ended; `result` is `success`, `failure` or `exception` (checkout failed, …).
     BuildFinished { build: i64, result: BuildResult },
+    /// The cloud announced that this machine is going away: `kind` is `spot-interruption` or
+    /// `rebalance`, `detail` says what and when (`terminate at 2026-11-24T20:00:00Z`). The agent
+    /// carries on with its build; the master requeues it and stops the machine. Sent again after
+    /// a reconnection, as the first send may have died with the socket (the master ignores a
+    /// repeat).
+    Interrupted { kind: String, detail: String },
 }
 
 /// Messages from the master to the agent.
@@ -166,5 +172,31 @@ impl BuildResult {
             BuildResult::Failure => "failure",
             BuildResult::Exception => "exception",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_wire_shape() {
+        let msg = AgentMsg::Interrupted {
+            kind: "spot-interruption".into(),
+            detail: "terminate at 2026-11-24T20:00:00Z".into(),
+        };
+        let json = serde_json::to_value(&msg).ok();
+        assert_eq!(
+            json,
+            Some(serde_json::json!({
+                "type": "interrupted",
+                "kind": "spot-interruption",
+                "detail": "terminate at 2026-11-24T20:00:00Z"
+            }))
+        );
+        let back = serde_json::from_value::<AgentMsg>(
+            serde_json::json!({"type": "interrupted", "kind": "rebalance", "detail": ""}),
+        );
+        assert_eq!(back.ok(), Some(AgentMsg::Interrupted { kind: "rebalance".into(), detail: String::new() }));
     }
 }

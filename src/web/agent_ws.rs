@@ -1,5 +1,6 @@
 //! `GET /agent/ws`: where agents connect, authenticate once, and report their builds.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use crate::runtime::{new_token, token_hash, Input, Shared, MAX_LOG_BYTES};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tells a connection's close from that of an earlier connection of the same machine.
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+/// Most characters of an interruption notice stored in the machine's event log.
+const MAX_NOTICE_DETAIL: usize = 300;
 
 pub async fn upgrade(
     ws: WebSocketUpgrade,
@@ -122,6 +125,8 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
     // Any message is a sign of life, not only heartbeats: an agent delivering a long backlog
     // after a reconnection is alive. Told to the fleet at most once a second.
     let mut last_alive = tokio::time::Instant::now();
+    // Interruption notices already handled on this connection (agents repeat them).
+    let mut notices = HashSet::new();
     while let Some(frame) = stream.next().await {
         if frame.is_ok() && last_alive.elapsed() >= Duration::from_secs(1) {
             last_alive = tokio::time::Instant::now();
@@ -133,7 +138,7 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
             Ok(_) => continue,
         };
         match serde_json::from_str::<AgentMsg>(&text) {
-            Ok(msg) => handle(&s, machine, msg).await,
+            Ok(msg) => handle(&s, machine, msg, &mut notices).await,
             Err(e) => tracing::warn!(machine, "unreadable message from agent: {e}"),
         }
     }
@@ -174,7 +179,37 @@ fn accept_log(s: &Shared, machine: MachineId, build: i64, len: usize) -> LogVerd
     }
 }
 
-async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg) {
+/// The agent says its machine is going away (spot interruption or rebalance recommendation):
+/// record it, and have the fleet requeue the build and stop the machine. A repeat (agents send
+/// notices again after a reconnection) changes nothing.
+async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, seen: &mut HashSet<String>) {
+    // Agent text ends up in the event log and the master's log: keep it short and on one line.
+    let detail: String =
+        format!("{kind}: {detail}").chars().filter(|c| !c.is_control()).take(MAX_NOTICE_DETAIL).collect();
+    if !seen.insert(detail.clone()) {
+        tracing::debug!(machine, %detail, "repeated interruption notice ignored");
+        return;
+    }
+    // Once the fleet has acted the machine is `interrupted` and can no longer resume; but a
+    // reconnection that raced the fleet repeats the notice on a new connection: old news.
+    match s.store.list_machines(None, Some("interrupted")).await {
+        Ok(rows) if rows.iter().any(|m| m.id == machine) => {
+            tracing::debug!(machine, %detail, "interruption notice for a machine already interrupted ignored");
+            return;
+        }
+        Ok(_) => {}
+        // Acting on it matters more than recording it once: carry on.
+        Err(e) => tracing::error!(machine, "cannot read the machine's state: {e}"),
+    }
+    tracing::warn!(machine, %detail, "machine is being interrupted; requeueing its build, if any");
+    if let Err(e) = s.store.machine_event(machine, "interrupted", &detail, s.now()).await {
+        tracing::error!(machine, "cannot record the interruption: {e}");
+    }
+    // The fleet ignores it for a machine already interrupted, stopping or gone.
+    s.send(Input::Fleet(FleetEvent::Interrupted { machine })).await;
+}
+
+async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg, notices: &mut HashSet<String>) {
     let now = s.now();
     let result = match msg {
         AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => Ok(()),
@@ -212,8 +247,96 @@ async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg) {
             s.send(Input::Fleet(FleetEvent::BuildFinished { machine, build })).await;
             stored.map(|_| ())
         }
+        AgentMsg::Interrupted { kind, detail } => {
+            interrupted(s, machine, &kind, &detail, notices).await;
+            Ok(())
+        }
     };
     if let Err(e) = result {
         tracing::error!(machine, "cannot store agent report: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::runtime::secrets::Secrets;
+    use crate::store::Store;
+
+    /// A master's shared state on a fresh database holding busy machine 7, and its loop's inbox.
+    async fn master(dir: &std::path::Path) -> (Shared, mpsc::Receiver<Input>, String) {
+        let db = format!("sqlite://{}", dir.join("paddock.db").display());
+        let text = format!("[master]\nurl = \"http://127.0.0.1:0\"\ndatabase = \"{db}\"\n");
+        let config = crate::config::parse(&text, &dir.join("paddock.toml")).expect("config");
+        let store = Store::open(&db).await.expect("store");
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+        store.insert_machine(7, "spot", "ec2", "hash", clock.now()).await.expect("machine");
+        store.set_machine_state(7, "busy", clock.now()).await.expect("busy");
+        let (inputs, rx) = mpsc::channel(16);
+        let shared = Shared {
+            config: Arc::new(config),
+            store,
+            clock,
+            url: "http://127.0.0.1:0".into(),
+            inputs,
+            running: Mutex::new(HashMap::new()),
+            secrets: Secrets::default(),
+            repo_locks: HashMap::new(),
+            draining: AtomicBool::new(false),
+        };
+        (shared, rx, db)
+    }
+
+    /// The details of the events of `kind` recorded for machine 7, oldest first.
+    async fn events(db: &str, kind: &str) -> Vec<String> {
+        let pool = sqlx::SqlitePool::connect(db).await.expect("db");
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT detail FROM machine_events WHERE machine_id = 7 AND kind = ? ORDER BY id")
+                .bind(kind)
+                .fetch_all(&pool)
+                .await
+                .expect("events");
+        pool.close().await;
+        rows
+    }
+
+    #[tokio::test]
+    async fn an_interruption_is_recorded_and_acted_on_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, mut inbox, db) = master(dir.path()).await;
+        let mut seen = HashSet::new();
+
+        interrupted(&s, 7, "spot-interruption", "terminate at 2026-11-24T20:00:00Z", &mut seen).await;
+        assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::Interrupted { machine: 7 }))));
+        assert_eq!(events(&db, "interrupted").await, ["spot-interruption: terminate at 2026-11-24T20:00:00Z"]);
+
+        // The same notice again on this connection: nothing more.
+        interrupted(&s, 7, "spot-interruption", "terminate at 2026-11-24T20:00:00Z", &mut seen).await;
+        assert!(inbox.try_recv().is_err());
+
+        // Repeated on a new connection after the fleet acted (it marks the machine interrupted,
+        // which also records an event without detail): nothing more either.
+        s.store.set_machine_state(7, "interrupted", s.now()).await.expect("state");
+        let mut seen_later = HashSet::new();
+        interrupted(&s, 7, "spot-interruption", "terminate at 2026-11-24T20:00:00Z", &mut seen_later).await;
+        assert!(inbox.try_recv().is_err());
+        assert_eq!(events(&db, "interrupted").await, ["spot-interruption: terminate at 2026-11-24T20:00:00Z", ""]);
+    }
+
+    #[tokio::test]
+    async fn agent_text_is_kept_short_and_on_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, mut inbox, db) = master(dir.path()).await;
+        let long = format!("terminate\nnow{}", "x".repeat(1000));
+        interrupted(&s, 7, "rebalance", &long, &mut HashSet::new()).await;
+        assert!(inbox.try_recv().is_ok());
+        let recorded = events(&db, "interrupted").await;
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].chars().count(), MAX_NOTICE_DETAIL);
+        assert!(recorded[0].starts_with("rebalance: terminatenowxxx"), "{}", recorded[0]);
     }
 }
