@@ -112,9 +112,14 @@ impl Bed {
     /// Writes `paddock.toml`: a `[master]` section for this bed, a repo `app` at the test
     /// repository, then `rest`.
     pub fn config(&self, repo_extra: &str, rest: &str) -> PathBuf {
+        self.config_with_master("", repo_extra, rest)
+    }
+
+    /// Like [`Bed::config`], with extra `[master]` lines.
+    pub fn config_with_master(&self, master_extra: &str, repo_extra: &str, rest: &str) -> PathBuf {
         let poll = if repo_extra.contains("poll =") { "" } else { "poll = \"300ms\"\n" };
         let text = format!(
-            "[master]\nurl = \"{url}\"\ndatabase = \"sqlite://paddock.db\"\nheartbeat_timeout = \"6s\"\nshutdown_grace = \"20s\"\n\n\
+            "[master]\nurl = \"{url}\"\ndatabase = \"sqlite://paddock.db\"\nheartbeat_timeout = \"6s\"\nshutdown_grace = \"20s\"\n{master_extra}\n\n\
              [[repo]]\nname = \"app\"\nurl = \"repo\"\n{poll}{repo_extra}\n\n{rest}\n",
             url = self.url()
         );
