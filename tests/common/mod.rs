@@ -177,13 +177,18 @@ impl Bed {
     }
 
     /// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
-    pub fn wait<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    pub fn wait<T>(&self, what: &str, f: impl FnMut() -> Option<T>) -> T {
+        self.wait_long(what, DEADLINE, f)
+    }
+
+    /// Like [`Bed::wait`] with a deadline of its own, for waits on many events at once.
+    pub fn wait_long<T>(&self, what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         let start = Instant::now();
         loop {
             if let Some(v) = f() {
                 return v;
             }
-            if start.elapsed() > DEADLINE {
+            if start.elapsed() > deadline {
                 let log = std::fs::read_to_string(&self.master_log).unwrap_or_default();
                 let tail: String =
                     log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");

@@ -74,13 +74,7 @@ impl Moto {
             .spawn()
             .expect("start moto_server");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let conf = aws_sdk_ec2::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(REGION))
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
-            .endpoint_url(format!("http://127.0.0.1:{port}"))
-            .build();
-        let moto = Moto { child, port, rt, client: aws_sdk_ec2::Client::from_conf(conf) };
+        let moto = Moto { child, port, rt, client: client(&format!("http://127.0.0.1:{port}")) };
         let start = Instant::now();
         let http = reqwest::blocking::Client::new();
         while http.get(format!("{}/moto-api/", moto.endpoint())).send().is_err() {
@@ -147,6 +141,41 @@ impl Moto {
     pub fn terminate(&self, id: &str) {
         self.block_on(self.client.terminate_instances().instance_ids(id).send()).expect("TerminateInstances on moto");
     }
+}
+
+/// A second, independent client on the same moto server, for sampling from another thread.
+pub struct Probe {
+    rt: tokio::runtime::Runtime,
+    client: aws_sdk_ec2::Client,
+}
+
+impl Probe {
+    /// A client for the moto server at `endpoint`.
+    pub fn new(endpoint: &str) -> Probe {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        Probe { rt, client: client(endpoint) }
+    }
+
+    /// How many instances of `cluster` are pending or running now.
+    pub fn alive(&self, cluster: &str) -> usize {
+        let filter = aws_sdk_ec2::types::Filter::builder().name("tag:paddock:cluster").values(cluster).build();
+        let state = aws_sdk_ec2::types::Filter::builder().name("instance-state-name").values("pending").values("running").build();
+        let pages = self.rt.block_on(
+            self.client.describe_instances().filters(filter).filters(state).into_paginator().items().send().collect::<Vec<_>>(),
+        );
+        pages.into_iter().filter_map(Result::ok).map(|r| r.instances().len()).sum()
+    }
+}
+
+/// An SDK client for moto at `endpoint`, with the tests' static credentials.
+pub fn client(endpoint: &str) -> aws_sdk_ec2::Client {
+    let conf = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .endpoint_url(endpoint)
+        .build();
+    aws_sdk_ec2::Client::from_conf(conf)
 }
 
 impl Drop for Moto {
