@@ -100,6 +100,11 @@ pub struct Ec2Api {
 }
 
 impl Ec2Api {
+    /// The request buckets, whose counts say how many calls were made.
+    pub fn buckets(&self) -> &Buckets {
+        &self.buckets
+    }
+
     /// A client on aws-config's standard chain (environment, profile, SSO, instance role).
     /// The SDK's own retries are off: every attempt goes through Paddock's buckets and its
     /// launch retries look the machine up first.
@@ -289,6 +294,11 @@ impl Ec2Provisioner {
             retry: RetryPolicy::default(),
             root_devices: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The region client this pool uses.
+    pub fn api(&self) -> &Arc<Ec2Api> {
+        &self.api
     }
 
     /// Overrides the retry policy (tests use short delays).

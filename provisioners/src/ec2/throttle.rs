@@ -12,6 +12,8 @@ pub struct TokenBucket {
     capacity: f64,
     refill_per_sec: f64,
     state: Mutex<(f64, Instant)>,
+    /// Tokens handed out: one per call attempt.
+    taken: std::sync::atomic::AtomicU64,
 }
 
 impl TokenBucket {
@@ -22,6 +24,7 @@ impl TokenBucket {
             capacity,
             refill_per_sec: refill_per_sec.max(0.001),
             state: Mutex::new((capacity, Instant::now())),
+            taken: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -48,6 +51,12 @@ impl TokenBucket {
         while let Err(wait) = self.try_take() {
             tokio::time::sleep(wait).await;
         }
+        self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many calls went through this bucket so far.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
