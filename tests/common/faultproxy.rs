@@ -218,7 +218,8 @@ impl FaultProxy {
         FaultProxy::with_seed(upstream, DEFAULT_SEED)
     }
 
-    /// Starts a proxy in front of `upstream` whose dice are seeded with `seed`.
+    /// Starts a proxy in front of `upstream` whose dice are seeded with `seed`. Outcomes repeat
+    /// for the same seed and the same order of requests (concurrent callers may vary the order).
     pub fn with_seed(upstream: &str, seed: u64) -> FaultProxy {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { rules: Vec::new(), dice: StdRng::seed_from_u64(seed), calls: Vec::new() }),
@@ -285,7 +286,9 @@ impl FaultProxy {
     }
 
     /// The most `action` requests that reached the proxy within any window of length
-    /// `window`. Every attempt counts, faulted or not, as it does against EC2's own rate limit.
+    /// `window`. Every attempt counts, faulted or not, as it does against EC2's own rate limit;
+    /// for the requests moto saw, filter [`FaultProxy::calls`] on `forwarded` and use
+    /// [`busiest_window`].
     pub fn max_in_window(&self, action: &str, window: Duration) -> usize {
         let times: Vec<Instant> =
             self.shared.lock().calls.iter().filter(|c| c.action == action).map(|c| c.at).collect();
@@ -380,7 +383,9 @@ struct Response {
     body: Vec<u8>,
 }
 
-/// Serves one client connection, request after request, until either side closes it.
+/// Serves one client connection, request after request, until either side closes it. An idle
+/// kept-alive connection is never closed from here: such a close could race the client's reuse
+/// of the connection and fail a request for a reason no test asked for.
 async fn serve(shared: Arc<Shared>, http: reqwest::Client, upstream: String, stream: TcpStream) {
     let mut conn = BufReader::new(stream);
     while let Ok(Some(req)) = read_request(&mut conn).await {
