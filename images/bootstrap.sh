@@ -165,8 +165,12 @@ mkdir -p "$workdir" "$(dirname "$log")" || finish 1
 # created, when there is one. The log is opened here, by root, so that user cannot rewrite it.
 run_as=""
 if [ -z "$root" ] && [ "$(id -u)" = 0 ] && id paddock >/dev/null 2>&1; then
-    run_as=paddock
-    chown paddock: "$workdir" || finish 1
+    if command -v runuser >/dev/null 2>&1; then
+        run_as=paddock
+        chown paddock: "$workdir" || finish 1
+    else
+        say "runuser is missing: the agent runs as root"
+    fi
 fi
 
 say "starting the agent for machine $PADDOCK_MACHINE_ID"
