@@ -102,8 +102,8 @@ source "amazon-ebs" "paddock_agent" {
     most_recent = true
   }
 
-  # The build machine and every machine launched from the AMI answer metadata requests only
-  # with a session token (IMDSv2); the hop limit keeps containers on the machine out of it.
+  # IMDSv2 only (metadata requests need a session token): metadata_options for the build
+  # machine, imds_support for every machine launched from the AMI.
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
@@ -119,8 +119,8 @@ source "amazon-ebs" "paddock_agent" {
     kms_key_id            = var.kms_key_id == "" ? null : var.kms_key_id
     delete_on_termination = true
   }
-  encrypt_boot = true
-  kms_key_id   = var.kms_key_id == "" ? null : var.kms_key_id
+  # The AMI's snapshot is taken from this encrypted volume, so it is encrypted with the same
+  # key without the extra copy that encrypt_boot would make.
 
   tags          = local.tags
   snapshot_tags = local.tags
