@@ -480,3 +480,45 @@ fn a_refused_token_ends_the_boot_instead_of_waiting() {
     assert!(!emu.instance_root(&id).join("opt/paddock/bin/paddock").exists());
     assert!(processes_with_key(&emu.instance_root(&id).display().to_string()).is_empty());
 }
+
+#[test]
+fn a_baked_agent_starts_without_a_download() {
+    let moto = Moto::start();
+    let token = "baked-t0ken";
+    let master = FakeMaster::start(token);
+    let cluster = "images-baked";
+    let emu = BootEmulator::start(moto.endpoint(), cluster.into(), Duration::ZERO);
+    let rendered = render(&BootVars {
+        master_url: &master.url(),
+        token,
+        machine_id: 9,
+        pool: "linux",
+        cluster,
+        imds_url: "http://127.0.0.1:9",
+    });
+    // What an image built with the Packer template has: the agent at its baked path.
+    let mut config = parse(&rendered);
+    let baked: Value = serde_yaml_ng::from_str(&format!(
+        "{{path: /opt/paddock/bin/paddock, permissions: '0755', encoding: b64, content: {}}}",
+        aws_smithy_types::base64::encode(FAKE_AGENT)
+    ))
+    .expect("entry");
+    config["write_files"].as_sequence_mut().expect("write_files").insert(0, baked);
+    let user_data = format!("#cloud-config\n{}", serde_yaml_ng::to_string(&config).expect("yaml"));
+    let id = run_instance(&moto, cluster, 9, &user_data);
+
+    let root = emu.instance_root(&id);
+    let ran = root.join("var/lib/paddock/agent-ran");
+    let record = wait_for("the baked agent starts", || emu.boot_log(&id), || std::fs::read_to_string(&ran).ok());
+    assert!(record.contains("token=set"), "{record}");
+    assert!(emu.boot_log(&id).contains("using the agent baked into the image"), "{}", emu.boot_log(&id));
+    assert!(master.seen().is_empty(), "a baked agent is not downloaded: {:?}", master.seen());
+
+    moto.terminate(&id);
+    let key = root.display().to_string();
+    wait_for(
+        "the terminated instance's processes are gone",
+        || emu.boot_log(&id),
+        || processes_with_key(&key).is_empty().then_some(()),
+    );
+}
