@@ -116,21 +116,10 @@ impl LocalProvisioner {
         }
         // Whatever is left of the machine (the agent, or steps in their own process groups
         // after the agent died) carries its key: none of it survives the machine.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let left = processes_with_key(&key);
-            if left.is_empty() {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ProvisionError::Terminate(format!(
-                    "processes {left:?} of machine {machine_id} survive SIGKILL"
-                )));
-            }
-            for pid in left {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(left) = kill_machine(&key, Duration::ZERO).await {
+            return Err(ProvisionError::Terminate(format!(
+                "processes {left:?} of machine {machine_id} survive SIGKILL"
+            )));
         }
         let dir = self.workdir(machine_id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
@@ -194,4 +183,34 @@ pub fn processes_with_key(key: &str) -> Vec<i32> {
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
         .filter(|pid| is_ours(*pid, key))
         .collect()
+}
+
+/// Ends every process carrying the machine key `key`: SIGTERM, up to `grace` for them to exit
+/// (none when `grace` is zero), then SIGKILL until none is left. Errs with the pids that still
+/// live 5 s after the first SIGKILL.
+pub async fn kill_machine(key: &str, grace: Duration) -> Result<(), Vec<i32>> {
+    if !grace.is_zero() {
+        // Signalled one by one, not by group: steps run in process groups of their own.
+        for pid in processes_with_key(key) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !processes_with_key(key).is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = processes_with_key(key);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(left);
+        }
+        for pid in left {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

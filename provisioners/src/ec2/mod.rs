@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod userdata;
+
 /// Tag naming the Paddock cluster (one master and its store) an instance belongs to.
 pub const TAG_CLUSTER: &str = "paddock:cluster";
 /// Tag naming the pool an instance was launched for.
@@ -53,7 +55,6 @@ pub struct Ec2Settings {
 }
 
 pub mod throttle;
-pub mod userdata;
 
 use std::collections::HashMap;
 use std::sync::Arc;
