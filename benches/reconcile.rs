@@ -139,9 +139,18 @@ fn main() {
         let calls = api.buckets().describe.taken() - before_calls;
         println!("reconcile benchmark: {MACHINES} machines tracked, 200 of another cluster present, {ROUNDS} rounds");
         println!("  instances listed per round:   {listed_total}");
-        println!("  EC2 calls per round:          {:.1} (DescribeInstances pages; no per-instance calls)", calls as f64 / ROUNDS as f64);
-        println!("  wall time per round:          {:.1} ms (mostly moto answering)", wall.as_secs_f64() * 1e3 / ROUNDS as f64);
-        println!("  master-side CPU per round:    {:.1} ms (SDK parsing + judging, this process)", cpu * 1e3 / ROUNDS as f64);
+        println!(
+            "  EC2 calls per round:          {:.1} (DescribeInstances pages; no per-instance calls)",
+            calls as f64 / ROUNDS as f64
+        );
+        println!(
+            "  wall time per round:          {:.1} ms (mostly moto answering)",
+            wall.as_secs_f64() * 1e3 / ROUNDS as f64
+        );
+        println!(
+            "  master-side CPU per round:    {:.1} ms (SDK parsing + judging, this process)",
+            cpu * 1e3 / ROUNDS as f64
+        );
         println!("  peak memory (VmHWM):          {:.1} MiB", vm_hwm_kib() as f64 / 1024.0);
     });
     let _ = moto.kill();

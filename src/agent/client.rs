@@ -462,6 +462,16 @@ async fn connected(
             },
             () = signals.recv() => {
                 tracing::info!("signal received; stopping");
+                if let Some(run) = current.as_ref() {
+                    // The machine is going down under a running build (a cloud shutdown, an
+                    // operator): the master must retry it, not take the killed step's exit as
+                    // the build's result. Said before the build is stopped, so it comes first.
+                    let msg = AgentMsg::Interrupted {
+                        kind: "shutdown".to_string(),
+                        detail: format!("the agent was signalled to stop during build {}", run.build),
+                    };
+                    let _ = send_msg(sink, &msg).await;
+                }
                 return End::Stop;
             }
         }

@@ -147,6 +147,9 @@ enum Outcome {
     SpawnFailed(std::io::Error),
 }
 
+/// How long a step killed by a signal from outside waits for the agent's own stop.
+const SIGNALLED_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs one configured step; returns its result, exit code and whether it was cancelled.
 async fn run_step(
     ctx: &Ctx,
@@ -209,6 +212,14 @@ async fn run_step(
                 (StepResult::Failure, Some(code), false)
             }
             (None, sig) => {
+                // Killed from outside: when the whole machine is going down, the agent was
+                // signalled too and cancels the build in a moment. Wait for that briefly, so a
+                // shutdown is never reported as the step's own failure.
+                let mut cancel = ctx.cancel.clone();
+                if tokio::time::timeout(SIGNALLED_GRACE, cancelled(&mut cancel)).await.is_ok() {
+                    ctx.line(idx, "*** build cancelled; process group killed").await;
+                    return (StepResult::Failure, None, true);
+                }
                 let sig = sig.map_or_else(|| "?".to_string(), |s| s.to_string());
                 ctx.line(idx, &format!("*** killed by signal {sig}")).await;
                 (StepResult::Failure, None, false)

@@ -51,6 +51,11 @@ struct Shared {
     stop: bool,
     boot_delay: Duration,
     power_off_on_exit: bool,
+    /// An agent binary placed where a baked image has it, so boots skip the download.
+    baked_agent: Option<PathBuf>,
+    /// How long an ended instance's processes get between SIGTERM and SIGKILL (zero: SIGKILL
+    /// only, as when a machine fails without a clean shutdown).
+    kill_grace: Duration,
     /// When each instance was first seen running.
     seen_running: BTreeMap<String, Instant>,
     /// Instances booted, in boot order.
@@ -84,6 +89,8 @@ impl BootEmulator {
             stop: false,
             boot_delay,
             power_off_on_exit: false,
+            baked_agent: None,
+            kill_grace: KILL_GRACE,
             seen_running: BTreeMap::new(),
             booted: Vec::new(),
             machines: BTreeMap::new(),
@@ -105,6 +112,17 @@ impl BootEmulator {
     /// Changes how long an instance runs before it boots (for instances not booted yet).
     pub fn set_boot_delay(&self, boot_delay: Duration) {
         lock(&self.shared).boot_delay = boot_delay;
+    }
+
+    /// Boots instances as if their image had `agent` baked in (as the Packer template does):
+    /// no download per machine, for tests that boot many.
+    pub fn set_baked_agent(&self, agent: PathBuf) {
+        lock(&self.shared).baked_agent = Some(agent);
+    }
+
+    /// Ends instances with SIGKILL only: the machine dies without a clean shutdown.
+    pub fn set_hard_kill(&self, hard: bool) {
+        lock(&self.shared).kill_grace = if hard { Duration::ZERO } else { KILL_GRACE };
     }
 
     /// When on, an instance whose boot script exits is terminated through the EC2 API, as the
@@ -215,6 +233,7 @@ async fn tick(
     states: &BTreeMap<String, String>,
 ) {
     let now = Instant::now();
+    let baked;
     let (due, ended, exited) = {
         let mut s = lock(shared);
         for (id, state) in states {
@@ -240,6 +259,7 @@ async fn tick(
             .map(|(id, m)| (id.clone(), m.key.clone()))
             .collect();
         let power_off = s.power_off_on_exit;
+        baked = s.baked_agent.clone();
         let mut exited = Vec::new();
         for (id, m) in s.machines.iter_mut() {
             let done = m.runcmd.as_mut().is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
@@ -255,6 +275,11 @@ async fn tick(
 
     for id in due {
         let key = root.join(&id);
+        if let Some(agent) = &baked {
+            let bin = key.join("opt/paddock/bin");
+            let _ = std::fs::create_dir_all(&bin);
+            let _ = std::os::unix::fs::symlink(agent, bin.join("paddock"));
+        }
         match boot(client, &id, &key).await {
             Ok(runcmd) => {
                 let mut s = lock(shared);
@@ -273,7 +298,8 @@ async fn tick(
 
     for (id, key) in ended {
         note(Path::new(&key), "instance ended: killing its processes");
-        let result = kill_machine(&key, KILL_GRACE).await;
+        let grace = lock(shared).kill_grace;
+        let result = kill_machine(&key, grace).await;
         if let Err(left) = &result {
             eprintln!("boot emulator: processes {left:?} of {id} survive SIGKILL");
         }

@@ -118,8 +118,9 @@ impl Bed {
     /// Like [`Bed::config`], with extra `[master]` lines.
     pub fn config_with_master(&self, master_extra: &str, repo_extra: &str, rest: &str) -> PathBuf {
         let poll = if repo_extra.contains("poll =") { "" } else { "poll = \"300ms\"\n" };
+        let heartbeat = if master_extra.contains("heartbeat_timeout") { "" } else { "heartbeat_timeout = \"6s\"\n" };
         let text = format!(
-            "[master]\nurl = \"{url}\"\ndatabase = \"sqlite://paddock.db\"\nheartbeat_timeout = \"6s\"\nshutdown_grace = \"20s\"\n{master_extra}\n\n\
+            "[master]\nurl = \"{url}\"\ndatabase = \"sqlite://paddock.db\"\n{heartbeat}shutdown_grace = \"20s\"\n{master_extra}\n\n\
              [[repo]]\nname = \"app\"\nurl = \"repo\"\n{poll}{repo_extra}\n\n{rest}\n",
             url = self.url()
         );

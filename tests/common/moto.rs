@@ -159,9 +159,20 @@ impl Probe {
     /// How many instances of `cluster` are pending or running now.
     pub fn alive(&self, cluster: &str) -> usize {
         let filter = aws_sdk_ec2::types::Filter::builder().name("tag:paddock:cluster").values(cluster).build();
-        let state = aws_sdk_ec2::types::Filter::builder().name("instance-state-name").values("pending").values("running").build();
+        let state = aws_sdk_ec2::types::Filter::builder()
+            .name("instance-state-name")
+            .values("pending")
+            .values("running")
+            .build();
         let pages = self.rt.block_on(
-            self.client.describe_instances().filters(filter).filters(state).into_paginator().items().send().collect::<Vec<_>>(),
+            self.client
+                .describe_instances()
+                .filters(filter)
+                .filters(state)
+                .into_paginator()
+                .items()
+                .send()
+                .collect::<Vec<_>>(),
         );
         pages.into_iter().filter_map(Result::ok).map(|r| r.instances().len()).sum()
     }
