@@ -26,6 +26,20 @@ fn check_config_prints_the_expanded_builders_of_the_shipped_example() {
 }
 
 #[test]
+fn check_config_shows_what_the_shipped_ec2_example_will_launch() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ec2.toml");
+    let (code, out, err) = run(&["check-config", example]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("test-stable") && out.contains("test-beta"), "{out}");
+    assert!(
+        out.contains(
+            "ec2: region eu-west-1, ami-0123456789abcdef0, types [t3.small, t3a.small], subnets [subnet-0aaa, subnet-0bbb], spot, falling back to on-demand"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
 fn check_config_points_at_the_mistake_and_fails() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bad.toml");
