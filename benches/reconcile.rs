@@ -131,7 +131,8 @@ fn main() {
                 .into_iter()
                 .map(|l| Listed { provider_id: l.provider_id, machine: l.machine_id, alive: l.alive })
                 .collect();
-            let verdicts = reconciler.judge(&listing, &believed, Ts(1_000 + round as i64));
+            let at = Ts(1_000 + round as i64);
+            let verdicts = reconciler.judge(&listing, &believed, &std::collections::HashSet::new(), at, at);
             assert!(verdicts.is_empty(), "all 1,000 are owned and alive: {:?}", &verdicts[..verdicts.len().min(3)]);
         }
         let wall = t0.elapsed();

@@ -270,10 +270,22 @@ fn ec2_reserved_tag_and_bad_values() {
 }
 
 #[test]
+fn ec2_pool_needs_a_named_cluster() {
+    let text = "[[repo]]\nname = \"app\"\nurl = \"/r\"\n\n[pool.big]\nprovisioner = \"ec2\"\nami = \"ami-1\"\ninstance_types = [\"t3.small\"]\n";
+    let e = assert_err(text, 6, 15, "an EC2 pool needs `cluster` in [master]");
+    assert!(e.hint.unwrap().contains("terminate each other's machines"));
+    assert!(parse(&format!("[master]\ncluster = \"ci\"\n{text}")).is_ok());
+}
+
+#[test]
 fn bad_cluster_and_reconcile_interval() {
     let e = assert_err("[master]\ncluster = \"my cluster\"\n", 2, 11, "`cluster` must be 1 to 40 letters");
     assert!(e.hint.unwrap().contains("tags every cloud machine"));
     assert_err("[master]\nreconcile_interval = \"0s\"\n", 2, 22, "`reconcile_interval` must be more than 0s");
+    assert_err("[master]\norphan_grace = \"0s\"\n", 2, 16, "`orphan_grace` must be at least 1s");
+    let lt = "[pool.big]\nprovisioner = \"ec2\"\nlaunch_template = \"lt-1\"\nroot_volume_size = 20\n";
+    let e = assert_err(lt, 4, 20, "`root_volume_size` with a launch template and no `ami` needs `root_device_name`");
+    assert!(e.hint.unwrap().contains("/dev/sda1"));
 }
 
 #[test]

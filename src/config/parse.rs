@@ -75,10 +75,16 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
     let mut builders = Vec::new();
     let mut schedulers = Vec::new();
     let mut scheduler_index = 0;
+    // Where the first EC2 pool says so, and whether [master] names its cluster.
+    let mut first_ec2: Option<Range<usize>> = None;
+    let mut cluster_given = false;
 
     for e in &root {
         match e.key.as_str() {
-            "master" => master = keep(&mut errs, parse_master(&e.value, &base)),
+            "master" => {
+                cluster_given = Fields::new(&e.value, "[master]").ok().and_then(|f| f.get("cluster")).is_some();
+                master = keep(&mut errs, parse_master(&e.value, &base));
+            }
             "repo" => {
                 for node in keep(&mut errs, array_of_tables(e, "[[repo]]")).unwrap_or_default() {
                     repos.extend(keep(&mut errs, parse_repo(node, &base)));
@@ -87,7 +93,12 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
             "pool" => match pool_entries(e) {
                 Ok(entries) => {
                     for pe in entries {
-                        pools.extend(keep(&mut errs, parse_pool(pe, &base)));
+                        let pool = keep(&mut errs, parse_pool(pe, &base));
+                        if pool.as_ref().is_some_and(|p| matches!(p.provisioner, ProvisionerKind::Ec2(_))) {
+                            let span = Fields::new(&pe.value, "pool").ok().and_then(|f| f.get("provisioner"));
+                            first_ec2 = first_ec2.or(span.map(|p| p.value.span.clone()));
+                        }
+                        pools.extend(pool);
                     }
                 }
                 Err(d) => errs.push(d),
@@ -118,6 +129,12 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
     };
 
     let mut errs = Vec::new();
+    if let (Some(span), false) = (first_ec2, cluster_given) {
+        errs.push(Diag::new(span, "an EC2 pool needs `cluster` in [master]").hint(
+            "add cluster = \"prod\" under [master]: it tags every instance this master owns, and two masters \
+             sharing one would terminate each other's machines as orphans",
+        ));
+    }
     check_repos(&repos, text, &mut errs);
     let pool_names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
     let repo_names: Vec<&str> = repos.iter().map(|r| r.name.v.as_str()).collect();
@@ -292,6 +309,11 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
         m.reconcile_interval = d;
     }
     if let Some(d) = f.opt_duration("orphan_grace")? {
+        if d < Duration::from_secs(1) {
+            let span = f.get("orphan_grace").map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+            return Err(Diag::new(span, "`orphan_grace` must be at least 1s")
+                .hint("cloud listings lag behind launches; a machine just launched must not count as gone"));
+        }
         m.orphan_grace = d;
     }
     Ok(m)
@@ -559,6 +581,13 @@ fn parse_ec2(f: &Fields<'_>, what: &str) -> Result<Ec2Settings, Diag> {
     if s.ami.is_none() && s.launch_template.is_none() {
         return Err(Diag::new(f.span.clone(), format!("{what} needs `ami` or `launch_template`"))
             .hint("e.g. ami = \"ami-0123456789abcdef0\" (a stock Linux AMI works: the agent is fetched at boot)"));
+    }
+    if s.ami.is_none() && s.root_device_name.is_none() && (s.root_volume_size.is_some() || s.root_volume_type.is_some())
+    {
+        let key = if s.root_volume_size.is_some() { "root_volume_size" } else { "root_volume_type" };
+        let span = f.get(key).map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+        return Err(Diag::new(span, format!("`{key}` with a launch template and no `ami` needs `root_device_name`"))
+            .hint("the root device's name depends on the template's image, e.g. root_device_name = \"/dev/xvda\" (Amazon Linux) or \"/dev/sda1\" (Debian, Ubuntu)"));
     }
     if s.instance_types.is_empty() && s.launch_template.is_none() {
         return Err(Diag::new(f.span.clone(), format!("{what} needs `instance_types`"))

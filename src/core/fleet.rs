@@ -329,7 +329,13 @@ impl Fleet {
                 }
             }
             FleetEvent::LaunchFailed { machine, reason } => {
-                if let Some(p) = self.machines.get(&machine).map(|m| m.pool) {
+                let Some(m) = self.machines.get(&machine) else {
+                    return out;
+                };
+                // A launch whose answer was lost or late may still have started the machine:
+                // if its agent has connected since, the machine is alive, whatever the call said.
+                if matches!(m.state, MachineState::Requested | MachineState::Launching | MachineState::Stopping) {
+                    let p = m.pool;
                     self.gone(machine, &format!("launch failed: {reason}"), now, &mut out);
                     self.provision(p, now, &mut out);
                 }
@@ -929,6 +935,18 @@ mod tests {
         assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Gone }));
         assert_eq!(launched(&a), vec![2]);
         assert_eq!(f.machine_state(1), None);
+    }
+
+    #[test]
+    fn a_late_launch_failure_does_not_kill_a_machine_whose_agent_connected() {
+        let mut f = fleet(vec![spec("p", 1, 0, 0)]);
+        q(&mut f, 1, 0);
+        // The launch call timed out, but the instance booted and its agent connected first.
+        let a = f.handle(FleetEvent::AgentConnected { machine: 1 }, Ts(S));
+        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 1 }));
+        let a = f.handle(FleetEvent::LaunchFailed { machine: 1, reason: "timed out".into() }, Ts(2 * S));
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(f.machine_build(1), Some(1));
     }
 
     #[test]

@@ -52,8 +52,17 @@ impl Reconciler {
         Reconciler { grace, first_seen: HashMap::new() }
     }
 
-    /// Judges one complete listing of a scope against the machines believed alive in it.
-    pub fn judge(&mut self, listing: &[Listed], believed: &[Believed], now: Ts) -> Vec<Verdict> {
+    /// Judges one complete listing of a scope, taken at `listed_at`, against the machines
+    /// believed alive in it. `elsewhere`: live machines of other scopes, which may share the
+    /// listing's tags (their instances are not orphans here).
+    pub fn judge(
+        &mut self,
+        listing: &[Listed],
+        believed: &[Believed],
+        elsewhere: &HashSet<MachineId>,
+        listed_at: Ts,
+        now: Ts,
+    ) -> Vec<Verdict> {
         let mut out = Vec::new();
         let owned: HashMap<MachineId, &Believed> = believed.iter().map(|b| (b.machine, b)).collect();
         let mut unowned_now = HashSet::new();
@@ -62,7 +71,8 @@ impl Reconciler {
             // Owned when the tag names a believed machine whose launch has not returned yet
             // (this may be its instance) or whose instance this is. A second instance for
             // the same machine is an orphan: one intent, one machine.
-            let is_owned = owner.is_some_and(|b| b.provider_id.as_deref().is_none_or(|p| p == l.provider_id));
+            let is_owned = owner.is_some_and(|b| b.provider_id.as_deref().is_none_or(|p| p == l.provider_id))
+                || l.machine.is_some_and(|m| elsewhere.contains(&m));
             if is_owned {
                 continue;
             }
@@ -81,8 +91,9 @@ impl Reconciler {
                 Some(l) if l.alive => {}
                 Some(_) => out.push(Verdict::Vanished { machine: b.machine, provider_id: pid.clone() }),
                 None => {
-                    // Just launched: listings are eventually consistent, so absent is not yet gone.
-                    let young = b.launched_at.is_none_or(|t| now.since(t) < self.grace);
+                    // Just launched (or launched after the listing was taken): listings are
+                    // eventually consistent, so absent is not yet gone.
+                    let young = b.launched_at.is_none_or(|t| listed_at.since(t) < self.grace);
                     if !young {
                         out.push(Verdict::Vanished { machine: b.machine, provider_id: pid.clone() });
                     }
@@ -109,7 +120,8 @@ mod tests {
     #[test]
     fn owned_machines_are_left_alone() {
         let mut r = Reconciler::new(G);
-        let v = r.judge(&[l("i-1", Some(1), true)], &[b(1, Some("i-1"), 0)], Ts(1_000_000));
+        let v =
+            r.judge(&[l("i-1", Some(1), true)], &[b(1, Some("i-1"), 0)], &HashSet::new(), Ts(1_000_000), Ts(1_000_000));
         assert!(v.is_empty());
     }
 
@@ -117,9 +129,9 @@ mod tests {
     fn orphan_is_terminated_only_after_the_grace_period() {
         let mut r = Reconciler::new(G);
         let listing = [l("i-9", Some(9), true), l("i-x", None, true)];
-        assert!(r.judge(&listing, &[], Ts(0)).is_empty());
-        assert!(r.judge(&listing, &[], Ts(59_999)).is_empty());
-        let v = r.judge(&listing, &[], Ts(60_000));
+        assert!(r.judge(&listing, &[], &HashSet::new(), Ts(0), Ts(0)).is_empty());
+        assert!(r.judge(&listing, &[], &HashSet::new(), Ts(59_999), Ts(59_999)).is_empty());
+        let v = r.judge(&listing, &[], &HashSet::new(), Ts(60_000), Ts(60_000));
         assert_eq!(
             v,
             vec![
@@ -134,14 +146,20 @@ mod tests {
         let mut r = Reconciler::new(G);
         let believed = [Believed { machine: 3, provider_id: None, launched_at: None }];
         for t in [0, 100_000, 200_000] {
-            assert!(r.judge(&[l("i-3", Some(3), true)], &believed, Ts(t)).is_empty());
+            assert!(r.judge(&[l("i-3", Some(3), true)], &believed, &HashSet::new(), Ts(t), Ts(t)).is_empty());
         }
     }
 
     #[test]
     fn a_second_instance_for_one_machine_is_an_orphan() {
         let mut r = Reconciler::new(Duration::ZERO);
-        let v = r.judge(&[l("i-a", Some(4), true), l("i-b", Some(4), true)], &[b(4, Some("i-a"), 0)], Ts(0));
+        let v = r.judge(
+            &[l("i-a", Some(4), true), l("i-b", Some(4), true)],
+            &[b(4, Some("i-a"), 0)],
+            &HashSet::new(),
+            Ts(0),
+            Ts(0),
+        );
         assert_eq!(v, vec![Verdict::Orphan { provider_id: "i-b".into(), machine: Some(4) }]);
     }
 
@@ -149,26 +167,41 @@ mod tests {
     fn missing_is_gone_only_after_the_grace_window() {
         let mut r = Reconciler::new(G);
         let believed = [b(5, Some("i-5"), 1_000)];
-        assert!(r.judge(&[], &believed, Ts(30_000)).is_empty(), "not visible yet");
+        assert!(r.judge(&[], &believed, &HashSet::new(), Ts(30_000), Ts(30_000)).is_empty(), "not visible yet");
         assert_eq!(
-            r.judge(&[], &believed, Ts(61_000)),
+            r.judge(&[], &believed, &HashSet::new(), Ts(61_000), Ts(61_000)),
             vec![Verdict::Vanished { machine: 5, provider_id: "i-5".into() }]
         );
     }
 
     #[test]
+    fn a_machine_launched_after_the_listing_was_taken_is_young() {
+        let mut r = Reconciler::new(G);
+        let believed = [b(5, Some("i-5"), 100_000)];
+        // Listed at 90 s, judged at 200 s: the machine was not there to be listed.
+        assert!(r.judge(&[], &believed, &HashSet::new(), Ts(90_000), Ts(200_000)).is_empty());
+    }
+
+    #[test]
+    fn instances_of_machines_in_other_scopes_are_not_orphans() {
+        let mut r = Reconciler::new(Duration::ZERO);
+        let elsewhere = HashSet::from([8]);
+        assert!(r.judge(&[l("i-8", Some(8), true)], &[], &elsewhere, Ts(0), Ts(0)).is_empty());
+    }
+
+    #[test]
     fn stopped_or_shutting_down_is_gone_at_once() {
         let mut r = Reconciler::new(G);
-        let v = r.judge(&[l("i-6", Some(6), false)], &[b(6, Some("i-6"), 0)], Ts(1));
+        let v = r.judge(&[l("i-6", Some(6), false)], &[b(6, Some("i-6"), 0)], &HashSet::new(), Ts(1), Ts(1));
         assert_eq!(v, vec![Verdict::Vanished { machine: 6, provider_id: "i-6".into() }]);
     }
 
     #[test]
     fn first_seen_is_forgotten_when_the_orphan_goes() {
         let mut r = Reconciler::new(G);
-        r.judge(&[l("i-7", None, true)], &[], Ts(0));
-        r.judge(&[], &[], Ts(10));
+        r.judge(&[l("i-7", None, true)], &[], &HashSet::new(), Ts(0), Ts(0));
+        r.judge(&[], &[], &HashSet::new(), Ts(10), Ts(10));
         // Seen again later: the grace starts over.
-        assert!(r.judge(&[l("i-7", None, true)], &[], Ts(70_000)).is_empty());
+        assert!(r.judge(&[l("i-7", None, true)], &[], &HashSet::new(), Ts(70_000), Ts(70_000)).is_empty());
     }
 }

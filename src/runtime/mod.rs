@@ -73,7 +73,7 @@ pub enum Input {
     Terminated { machine: MachineId },
     /// A reconcile round's listing of one scope (a region and cluster, or a local pool), or
     /// why it could not be had.
-    Listing { scope: String, result: Result<Vec<Listed>, String> },
+    Listing { scope: String, listed_at: Ts, result: Result<Vec<Listed>, String> },
 }
 
 /// A build being run: which machine runs it, the secret values to scrub from its log, and how
@@ -351,9 +351,11 @@ impl Master {
         let store = self.shared.store.clone();
         let now = self.shared.now();
         let running = store.builds_in_state("running").await?;
+        let live = store.live_machines().await?;
+        let alive = self.alive_busy(&live).await;
         let mut keep = Vec::new();
-        for m in store.live_machines().await? {
-            if let Some(a) = self.adoptable(&m, &running).await {
+        for m in live {
+            if let Some(a) = self.adoptable(&m, &running, &alive) {
                 keep.push(a);
                 continue;
             }
@@ -415,17 +417,49 @@ impl Master {
         Ok(())
     }
 
+    /// Which busy machines of the previous run are still alive: one listing per pool (not one
+    /// per machine), tried a few times, since a machine wrongly thought dead is stopped.
+    async fn alive_busy(&self, live: &[crate::store::MachineRow]) -> HashSet<MachineId> {
+        let mut alive = HashSet::new();
+        for (pool, p) in &self.provisioners {
+            let known: Vec<(MachineId, String)> = live
+                .iter()
+                .filter(|m| &m.pool == pool && m.state == MachineState::Busy.as_str())
+                .filter_map(|m| m.provider_id.clone().map(|pid| (m.id, pid)))
+                .collect();
+            if known.is_empty() {
+                continue;
+            }
+            for attempt in 1..=3u32 {
+                match p.list(&known).await {
+                    Ok(listed) => {
+                        alive.extend(listed.iter().filter(|l| l.alive).filter_map(|l| l.machine_id));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%pool, attempt, "cannot list the previous run's machines: {e}");
+                        tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                    }
+                }
+            }
+        }
+        alive
+    }
+
     /// A machine of the previous run that can be taken back: busy with a build that is still
     /// running in the store, its agent process alive, the build's job still buildable.
-    async fn adoptable(&self, m: &crate::store::MachineRow, running: &[BuildRow]) -> Option<Adoption> {
-        if m.state != MachineState::Busy.as_str() {
+    fn adoptable(
+        &self,
+        m: &crate::store::MachineRow,
+        running: &[BuildRow],
+        alive: &HashSet<MachineId>,
+    ) -> Option<Adoption> {
+        if m.state != MachineState::Busy.as_str() || !alive.contains(&m.id) {
             return None;
         }
         let build = running.iter().find(|b| b.machine == Some(m.id))?;
         let pid = m.provider_id.clone()?;
-        let provisioner = self.provisioners.get(&m.pool)?;
-        let alive = provisioner.list(&[(m.id, pid.clone())]).await.map(|l| l.iter().any(|x| x.alive)).unwrap_or(false);
-        let job = self.job_for(build).ok().filter(|_| alive)?;
+        let job = self.job_for(build).ok()?;
         Some(Adoption { machine: m.clone(), build: build.clone(), pid, secrets: job.secrets.into_iter().collect() })
     }
 
@@ -646,10 +680,10 @@ impl Master {
                 self.provider_ids.remove(&machine);
                 self.pending.push_back(FleetEvent::MachineGone { machine });
             }
-            Input::Listing { scope, result } => {
+            Input::Listing { scope, listed_at, result } => {
                 self.listing.remove(&scope);
                 match result {
-                    Ok(listing) => self.judge(&scope, &listing).await?,
+                    Ok(listing) => self.judge(&scope, &listing, listed_at).await?,
                     Err(e) => tracing::warn!(%scope, "reconcile: cannot list machines; trying again next round: {e}"),
                 }
             }
@@ -683,6 +717,7 @@ impl Master {
                 .map(|(m, pid)| (*m, pid.clone()))
                 .collect();
             let inputs = self.shared.inputs.clone();
+            let listed_at = self.shared.now();
             tokio::spawn(async move {
                 let result = match p.inventory().await {
                     Ok(Some(all)) => Ok(all),
@@ -696,15 +731,23 @@ impl Master {
                             .collect()
                     })
                     .map_err(|e| e.to_string());
-                let _ = inputs.send(Input::Listing { scope, result }).await;
+                let _ = inputs.send(Input::Listing { scope, listed_at, result }).await;
             });
         }
     }
 
     /// Acts on one listing: orphans are terminated, vanished machines are gone (their builds
     /// retried).
-    async fn judge(&mut self, scope: &str, listing: &[Listed]) -> Result<(), MasterError> {
+    async fn judge(&mut self, scope: &str, listing: &[Listed], listed_at: Ts) -> Result<(), MasterError> {
         let Some(pools) = self.scopes().remove(scope) else { return Ok(()) };
+        // Live machines of other scopes: a listing by tag may include them (same region and
+        // cluster through another endpoint); they are owned, never orphans.
+        let elsewhere: HashSet<MachineId> = self
+            .machine_pool
+            .iter()
+            .filter(|(m, pool)| !pools.contains(pool) && self.fleet.machine_state(**m).is_some())
+            .map(|(m, _)| *m)
+            .collect();
         let believed: Vec<Believed> = self
             .machine_pool
             .iter()
@@ -723,7 +766,7 @@ impl Master {
             .reconcilers
             .entry(scope.to_string())
             .or_insert_with(|| Reconciler::new(grace))
-            .judge(listing, &believed, now);
+            .judge(listing, &believed, &elsewhere, listed_at, now);
         for v in verdicts {
             match v {
                 Verdict::Orphan { provider_id, machine } => {

@@ -202,6 +202,11 @@ async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, s
         Err(e) => tracing::error!(machine, "cannot read the machine's state: {e}"),
     }
     tracing::warn!(machine, %detail, "machine is being interrupted; requeueing its build, if any");
+    // From here its build belongs to the retry: what the agent still says about it (a step
+    // killed by the shutdown, a BuildFinished) must not end it as that step's failure.
+    if let Ok(mut running) = s.running.lock() {
+        running.retain(|_, r| r.machine != machine);
+    }
     if let Err(e) = s.store.machine_event(machine, "interrupted", &detail, s.now()).await {
         tracing::error!(machine, "cannot record the interruption: {e}");
     }
@@ -325,6 +330,33 @@ mod tests {
         interrupted(&s, 7, "spot-interruption", "terminate at 2026-11-24T20:00:00Z", &mut seen_later).await;
         assert!(inbox.try_recv().is_err());
         assert_eq!(events(&db, "interrupted").await, ["spot-interruption: terminate at 2026-11-24T20:00:00Z", ""]);
+    }
+
+    #[tokio::test]
+    async fn a_build_report_after_the_interruption_does_not_end_the_build() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, mut inbox, _db) = master(dir.path()).await;
+        let now = s.now();
+        let b = s.store.create_request("b", "app", "main", "abc", "force", "test", &[], now).await.expect("request");
+        assert!(s.store.start_build(b.id, 7, &["checkout".to_string()], now).await.expect("start"));
+        s.running
+            .lock()
+            .expect("lock")
+            .insert(b.id, crate::runtime::RunningBuild { machine: 7, secrets: Vec::new(), log_bytes: 0 });
+        let mut seen = HashSet::new();
+        // A shutdown kills the step; the agent says so first, then reports the killed build.
+        handle(&s, 7, AgentMsg::Interrupted { kind: "shutdown".into(), detail: "SIGTERM".into() }, &mut seen).await;
+        handle(
+            &s,
+            7,
+            AgentMsg::BuildFinished { build: b.id, result: crate::agent::protocol::BuildResult::Failure },
+            &mut seen,
+        )
+        .await;
+        assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::Interrupted { machine: 7 }))));
+        assert!(inbox.try_recv().is_err(), "the build report was ignored");
+        let row = s.store.build(b.id).await.expect("build").expect("row");
+        assert_eq!(row.state, "running", "left for the fleet's retry, not stored as a failure");
     }
 
     #[tokio::test]

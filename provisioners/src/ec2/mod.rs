@@ -272,7 +272,16 @@ pub struct Ec2Provisioner {
     retry: RetryPolicy,
     /// Root device name per AMI, looked up once.
     root_devices: tokio::sync::Mutex<HashMap<String, String>>,
+    /// Instances this provisioner launched lately: EC2 may not know them yet ("NotFound"
+    /// right after RunInstances), so a terminate must not take that for "already gone".
+    recent: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
 }
+
+/// How long after its launch an instance may be unknown to the API without being gone.
+const VISIBILITY_GRACE: Duration = Duration::from_secs(120);
+/// A launch gives up (and the master retries it with its own backoff) after this long, well
+/// inside the master's launch timeout, so the master never abandons a call still in flight.
+const LAUNCH_BUDGET: Duration = Duration::from_secs(80);
 
 /// An instance as a listing shows it.
 #[derive(Debug, Clone)]
@@ -294,6 +303,7 @@ impl Ec2Provisioner {
             pool: pool.to_string(),
             retry: RetryPolicy::default(),
             root_devices: tokio::sync::Mutex::new(HashMap::new()),
+            recent: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -338,7 +348,8 @@ impl Ec2Provisioner {
         if let Some(d) = &self.settings.root_device_name {
             return Ok(Some(d.clone()));
         }
-        let Some(ami) = &self.settings.ami else { return Ok(Some("/dev/xvda".to_string())) };
+        // Without an AMI the config requires root_device_name, so this is not reached.
+        let Some(ami) = &self.settings.ami else { return Ok(None) };
         let mut cache = self.root_devices.lock().await;
         if let Some(d) = cache.get(ami) {
             return Ok(Some(d.clone()));
@@ -541,6 +552,17 @@ impl Ec2Provisioner {
     }
 
     async fn launch_inner(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
+        let launched = self.launch_candidates(spec).await?;
+        if let Ok(mut recent) = self.recent.lock() {
+            let now = tokio::time::Instant::now();
+            recent.retain(|_, at| now.duration_since(*at) < VISIBILITY_GRACE);
+            recent.insert(launched.provider_id.clone(), now);
+        }
+        Ok(launched)
+    }
+
+    async fn launch_candidates(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
+        let deadline = tokio::time::Instant::now() + LAUNCH_BUDGET;
         let imds = self.settings.imds_url.as_deref().unwrap_or(DEFAULT_IMDS_URL);
         let user_data = aws_smithy_types::base64::encode(userdata::render(&userdata::BootVars {
             master_url: &spec.master_url,
@@ -588,7 +610,7 @@ impl Ec2Provisioner {
                                 });
                             }
                         }
-                        match backoff.next() {
+                        match backoff.next().filter(|d| tokio::time::Instant::now() + *d < deadline) {
                             Some(d) => {
                                 tracing::warn!(machine = spec.machine_id, candidate = %c, retry_in = ?d, "launch failed, retrying: {r}");
                                 tokio::time::sleep(d).await;
@@ -625,8 +647,23 @@ impl Ec2Provisioner {
                 &self.api.buckets.terminate,
             )
             .await;
+        let just_launched = |id: &str| {
+            self.recent.lock().ok().and_then(|r| r.get(id).copied()).is_some_and(|at| at.elapsed() < VISIBILITY_GRACE)
+        };
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                if let Ok(mut recent) = self.recent.lock() {
+                    for id in &ids {
+                        recent.remove(id);
+                    }
+                }
+                Ok(())
+            }
+            // An instance launched moments ago may not be visible yet: try again later rather
+            // than call it gone and leave it running.
+            Err(e) if e.starts_with("InvalidInstanceID.NotFound") && ids.iter().any(|id| just_launched(id)) => {
+                Err(ProvisionError::Terminate(format!("{e} (launched moments ago; not visible yet)")))
+            }
             Err(e) if e.starts_with("InvalidInstanceID.NotFound") || e.starts_with("InvalidInstanceID.Malformed") => {
                 Ok(())
             }
