@@ -163,6 +163,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&body)?);
             } else {
                 print!("{}", builds_table(&body));
+                // Queued builds that cannot start: say why, from the pools' side.
+                if let Ok(pools) = get_json(&master.master, "/api/pools", &[]).await {
+                    for p in pools["pools"].as_array().into_iter().flatten() {
+                        if let Some(why) = p["waiting_reason"].as_str() {
+                            println!(
+                                "pool {}: {} queued, waiting: {why}",
+                                p["name"].as_str().unwrap_or("?"),
+                                p["queued"]
+                            );
+                        }
+                    }
+                }
             }
         }
         Command::Log { master, build } => {

@@ -202,6 +202,16 @@ fn capacity_falls_back_across_types_subnets_then_on_demand_and_waits_when_all_fa
     assert!(reason.contains("InsufficientInstanceCapacity"), "{reason}");
     assert_eq!(state(&bed.builds()[0]), "queued");
     assert!(cloud.alive().is_empty());
+    // The pool says why its build waits, and so does `paddock builds`.
+    let pool = bed.get("/api/pools")["pools"][0].clone();
+    assert_eq!(pool["queued"], 1, "{pool}");
+    assert!(pool["waiting_reason"].as_str().is_some_and(|w| w.contains("no capacity")), "{pool}");
+    let out = std::process::Command::new(common::paddock_bin())
+        .args(["builds", "--master", &bed.url()])
+        .output()
+        .expect("paddock builds");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("pool ec2: 1 queued, waiting: launch failed: no capacity"), "{out}");
 
     // Now: no spot anywhere, no t3.small, no t3a.small in the first subnet.
     cloud.proxy().clear();
@@ -226,6 +236,7 @@ fn capacity_falls_back_across_types_subnets_then_on_demand_and_waits_when_all_fa
     let m = bed.machines().into_iter().find(|m| m["provider_id"] == all[0].id.as_str()).expect("machine");
     assert_eq!(m["lifecycle"], "on-demand");
     assert_eq!(m["instance_type"], "t3a.small");
+    assert!(bed.get("/api/pools")["pools"][0]["waiting_reason"].is_null(), "no longer waiting");
     // The order tried by the successful launch: spot first, types in order, subnets in order.
     let launches: Vec<_> = cloud.proxy().calls().into_iter().filter(|c| c.action == "RunInstances").collect();
     let tried: Vec<String> = launches[launches.len().saturating_sub(8)..]

@@ -123,6 +123,17 @@ pub struct MachineRow {
     pub last_event: Option<String>,
 }
 
+/// What [`Store::pool_status`] returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolStatus {
+    /// Machine state -> how many (gone ones left out).
+    pub machines: BTreeMap<String, i64>,
+    /// The latest failed launch: when (RFC 3339) and why.
+    pub last_launch_failure: Option<(String, String)>,
+    /// When a machine of the pool last launched (RFC 3339).
+    pub last_launched_at: Option<String>,
+}
+
 /// Filters for [`Store::list_builds`].
 #[derive(Debug, Clone, Default)]
 pub struct BuildFilter {
@@ -750,6 +761,30 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(machine_row).collect())
+    }
+
+    /// A pool at a glance: its machines by state (gone ones left out), its latest launch
+    /// failure (time, reason) and when a machine of it last launched.
+    pub async fn pool_status(&self, pool: &str) -> Result<PoolStatus> {
+        let machines: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT state, COUNT(*) FROM machines WHERE pool = ? AND state != 'gone' GROUP BY state ORDER BY state",
+        )
+        .bind(pool)
+        .fetch_all(&self.pool)
+        .await?;
+        let last_launch_failure: Option<(String, String)> = sqlx::query_as(
+            "SELECT e.at, e.detail FROM machine_events e JOIN machines m ON m.id = e.machine_id
+             WHERE m.pool = ? AND e.kind = 'launch_failed' ORDER BY e.id DESC LIMIT 1",
+        )
+        .bind(pool)
+        .fetch_optional(&self.pool)
+        .await?;
+        let last_launched_at: Option<String> =
+            sqlx::query_scalar("SELECT MAX(launched_at) FROM machines WHERE pool = ?")
+                .bind(pool)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(PoolStatus { machines: machines.into_iter().collect(), last_launch_failure, last_launched_at })
     }
 
     /// Every nightly scheduler's saved state.

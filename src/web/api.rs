@@ -99,6 +99,39 @@ pub async fn list_machines(
     Ok(Json(json!({ "machines": machines })))
 }
 
+/// `GET /api/pools`: each pool's machines by state, its queued builds, and why they wait when
+/// the pool cannot launch (its latest launch failure, if no launch succeeded since).
+pub async fn list_pools(State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
+    let queued = s.store.builds_in_state("queued").await?;
+    let mut pools = Vec::new();
+    for p in &s.config.pools {
+        let status = s.store.pool_status(&p.name).await?;
+        let waiting = queued
+            .iter()
+            .filter(|b| s.config.builder(&b.builder).is_some_and(|builder| builder.pool == p.name))
+            .count();
+        // RFC 3339 timestamps in one format compare as text.
+        let failing = status
+            .last_launch_failure
+            .as_ref()
+            .filter(|(at, _)| status.last_launched_at.as_deref().is_none_or(|ok| ok < at.as_str()));
+        let waiting_reason = failing.filter(|_| waiting > 0).map(|(_, why)| why.clone());
+        pools.push(json!({
+            "name": p.name,
+            "provisioner": match p.provisioner {
+                crate::config::ProvisionerKind::Local => "local",
+                crate::config::ProvisionerKind::Ec2(_) => "ec2",
+            },
+            "max_instances": p.max_instances,
+            "machines": status.machines,
+            "queued": waiting,
+            "last_launch_failure": status.last_launch_failure.as_ref().map(|(at, why)| json!({"at": at, "reason": why})),
+            "waiting_reason": waiting_reason,
+        }));
+    }
+    Ok(Json(json!({ "pools": pools })))
+}
+
 /// Query of `GET /api/changes`.
 #[derive(Debug, Deserialize)]
 pub struct ChangesQuery {
