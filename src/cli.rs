@@ -132,8 +132,9 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
-    // Whatever RUST_LOG asks, the AWS SDK's most verbose levels stay off: they print whole
-    // requests (user-data carrying machine tokens) and signing material.
+    // The AWS SDK's most verbose levels stay off unless RUST_LOG names one of its deeper
+    // modules explicitly: they print whole requests (user-data carrying machine tokens) and
+    // signing material.
     for cap in ["aws_smithy_runtime=debug", "aws_smithy_http_client=debug", "aws_sigv4=info", "aws_runtime=info"] {
         if let Ok(d) = cap.parse() {
             filter = filter.add_directive(d);

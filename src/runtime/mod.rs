@@ -264,6 +264,8 @@ struct Master {
     provider_ids: HashMap<MachineId, String>,
     /// Terminations asked for before the launch call returned.
     terminate_after_launch: HashSet<MachineId>,
+    /// Machines whose launch call has not returned yet.
+    launching: HashSet<MachineId>,
     /// Consecutive launch failures per pool, for backoff.
     launch_failures: HashMap<String, u32>,
     pending: VecDeque<FleetEvent>,
@@ -335,6 +337,7 @@ impl Master {
             machine_pool: HashMap::new(),
             provider_ids: HashMap::new(),
             terminate_after_launch: HashSet::new(),
+            launching: HashSet::new(),
             launch_failures: HashMap::new(),
             pending: VecDeque::new(),
             already_requested: HashSet::new(),
@@ -636,6 +639,7 @@ impl Master {
                 }
             }
             Input::Launched { machine, result } => {
+                self.launching.remove(&machine);
                 let now = self.shared.now();
                 let pool = self.machine_pool.get(&machine).cloned().unwrap_or_default();
                 match result {
@@ -662,7 +666,12 @@ impl Master {
                     Err(reason) => {
                         tracing::warn!(machine, %pool, %reason, "launch failed");
                         self.shared.store.machine_event(machine, "launch_failed", &reason, now).await?;
-                        self.terminate_after_launch.remove(&machine);
+                        if self.terminate_after_launch.remove(&machine) {
+                            // A stop was waiting for this launch. The call failed, but it may
+                            // have started the machine anyway: stop it by its id (the
+                            // provisioner finds it by its tags), so it cannot hang in Stopping.
+                            self.terminate(machine);
+                        }
                         // Hold the failure back before the fleet sees it, so a broken
                         // provisioner is retried with backoff instead of in a hot loop.
                         let failures = self.launch_failures.entry(pool).or_insert(0);
@@ -865,6 +874,7 @@ impl Master {
                     self.agents.remove(&machine);
                     self.machine_pool.remove(&machine);
                     self.terminate_after_launch.remove(&machine);
+                    self.launching.remove(&machine);
                     self.launched_at.remove(&machine);
                 }
             }
@@ -884,6 +894,7 @@ impl Master {
                 };
                 store.insert_machine(machine, &pool, kind, &hash_token(&token), now).await?;
                 self.machine_pool.insert(machine, pool.clone());
+                self.launching.insert(machine);
                 let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
                 let inputs = self.shared.inputs.clone();
                 tokio::spawn(async move {
@@ -915,10 +926,16 @@ impl Master {
         if let Some((_, tx)) = self.agents.remove(&machine) {
             let _ = tx.send(MasterMsg::Shutdown);
         }
-        let Some(provider_id) = self.provider_ids.get(&machine).cloned() else {
-            // The launch call has not returned yet; stop it as soon as it does.
-            self.terminate_after_launch.insert(machine);
-            return;
+        let provider_id = match self.provider_ids.get(&machine) {
+            Some(id) => id.clone(),
+            None if self.launching.contains(&machine) => {
+                // The launch call has not returned yet; stop it as soon as it does.
+                self.terminate_after_launch.insert(machine);
+                return;
+            }
+            // The launch returned without an id (it failed, yet the machine came up): the
+            // provisioner finds the machine by its id.
+            None => String::new(),
         };
         let Some(provisioner) = self.machine_pool.get(&machine).and_then(|p| self.provisioners.get(p)).cloned() else {
             self.pending.push_back(FleetEvent::MachineGone { machine });

@@ -282,6 +282,8 @@ const VISIBILITY_GRACE: Duration = Duration::from_secs(120);
 /// A launch gives up (and the master retries it with its own backoff) after this long, well
 /// inside the master's launch timeout, so the master never abandons a call still in flight.
 const LAUNCH_BUDGET: Duration = Duration::from_secs(80);
+/// The lookup by tags after an unknown outcome; budget plus lookup stay under the master's 120 s.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// An instance as a listing shows it.
 #[derive(Debug, Clone)]
@@ -578,13 +580,30 @@ impl Ec2Provisioner {
             let token = self.client_token(spec.machine_id, n);
             let mut backoff = self.retry.backoff();
             loop {
-                self.api.buckets.run.acquire().await;
-                let err = match self.run_once(&spec, c, &token, &user_data, root_device.as_deref()).await {
-                    Ok(l) => {
+                if tokio::time::Instant::now() >= deadline {
+                    reasons.push(format!("{c}: not tried, the launch ran out of time"));
+                    return Err(ProvisionError::Launch(format!(
+                        "gave up after {LAUNCH_BUDGET:?}: {}",
+                        reasons.join("; ")
+                    )));
+                }
+                if tokio::time::timeout_at(deadline, self.api.buckets.run.acquire()).await.is_err() {
+                    // Nothing was sent: the master retries later, with its own backoff.
+                    return Err(ProvisionError::Launch(format!(
+                        "the RunInstances rate limit kept this launch waiting past {LAUNCH_BUDGET:?}"
+                    )));
+                }
+                let attempt = tokio::time::timeout_at(
+                    deadline,
+                    self.run_once(&spec, c, &token, &user_data, root_device.as_deref()),
+                );
+                let err = match attempt.await {
+                    Err(_) => Failure::Unknown(format!("no answer within the launch's {LAUNCH_BUDGET:?}")),
+                    Ok(Ok(l)) => {
                         tracing::info!(machine = spec.machine_id, instance = %l.provider_id, candidate = %c, "instance launched");
                         return Ok(l);
                     }
-                    Err(e) => classify(&e),
+                    Ok(Err(e)) => classify(&e),
                 };
                 let unknown = matches!(err, Failure::Unknown(_));
                 match err {
@@ -598,9 +617,13 @@ impl Ec2Provisioner {
                         // Whatever the cloud did with the token, a launch that may have been
                         // served is looked up by its tags before it is sent again.
                         if unknown {
-                            let found = self.describe(Some(spec.machine_id)).await.map_err(|e| {
-                                ProvisionError::Launch(format!("{c}: {r}; then the lookup failed: {e}"))
-                            })?;
+                            let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, self.describe(Some(spec.machine_id)));
+                            let found = lookup
+                                .await
+                                .unwrap_or_else(|_| Err(format!("no answer within {LOOKUP_TIMEOUT:?}")))
+                                .map_err(|e| {
+                                    ProvisionError::Launch(format!("{c}: {r}; then the lookup failed: {e}"))
+                                })?;
                             if let Some(s) = found.into_iter().find(|s| s.state == "pending" || s.state == "running") {
                                 tracing::info!(machine = spec.machine_id, instance = %s.id, "launch outcome was unknown; found the instance by its tags");
                                 return Ok(Launched {
