@@ -30,14 +30,19 @@ impl TokenBucket {
 
     /// Takes a token if one is there; otherwise says how long until one is.
     pub fn try_take(&self) -> Result<(), Duration> {
+        self.try_take_at(Instant::now())
+    }
+
+    /// [`TokenBucket::try_take`] at time `now` (never earlier than the last call's).
+    pub fn try_take_at(&self, now: Instant) -> Result<(), Duration> {
         let Ok(mut s) = self.state.lock() else {
             // A poisoned lock means a panic elsewhere; throttling must not add a second one.
             return Ok(());
         };
-        let now = Instant::now();
         let (tokens, last) = *s;
         let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.refill_per_sec).min(self.capacity);
-        if tokens >= 1.0 {
+        // A hair of slack: float sums of refills must not deny a token that is due.
+        if tokens >= 1.0 - 1e-9 {
             *s = (tokens - 1.0, now);
             Ok(())
         } else {
@@ -85,28 +90,33 @@ impl Default for Buckets {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn burst_then_refill_rate() {
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn burst_then_refill_rate() {
         let b = TokenBucket::new(5, 2.0);
-        let start = Instant::now();
+        let t0 = Instant::now();
         for _ in 0..5 {
-            b.acquire().await;
+            assert!(b.try_take_at(t0).is_ok(), "the burst is immediate");
         }
-        assert_eq!(start.elapsed(), Duration::ZERO, "the burst is immediate");
-        for _ in 0..4 {
-            b.acquire().await;
-        }
-        // Four more at 2/s take two seconds (paused clock: exact).
-        let e = start.elapsed();
-        assert!(e >= Duration::from_millis(1999) && e <= Duration::from_millis(2100), "{e:?}");
+        // Empty: the next token comes after 1 / (2 per second) = 500 ms.
+        let wait = b.try_take_at(t0).expect_err("empty");
+        assert!(wait > 499 * MS && wait <= 500 * MS, "{wait:?}");
+        assert!(b.try_take_at(t0 + 499 * MS).is_err());
+        assert!(b.try_take_at(t0 + 500 * MS).is_ok());
+        // Four more take two seconds in all.
+        assert!(b.try_take_at(t0 + 1000 * MS).is_ok());
+        assert!(b.try_take_at(t0 + 1500 * MS).is_ok());
+        assert!(b.try_take_at(t0 + 1999 * MS).is_err());
+        assert!(b.try_take_at(t0 + 2000 * MS).is_ok());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn refill_never_exceeds_capacity() {
+    #[test]
+    fn refill_never_exceeds_capacity() {
         let b = TokenBucket::new(2, 10.0);
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        assert!(b.try_take().is_ok());
-        assert!(b.try_take().is_ok());
-        assert!(b.try_take().is_err());
+        let later = Instant::now() + Duration::from_secs(60);
+        assert!(b.try_take_at(later).is_ok());
+        assert!(b.try_take_at(later).is_ok());
+        assert!(b.try_take_at(later).is_err());
     }
 }
