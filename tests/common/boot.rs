@@ -109,11 +109,6 @@ impl BootEmulator {
         BootEmulator { shared, thread: Some(thread), root }
     }
 
-    /// Changes how long an instance runs before it boots (for instances not booted yet).
-    pub fn set_boot_delay(&self, boot_delay: Duration) {
-        lock(&self.shared).boot_delay = boot_delay;
-    }
-
     /// Boots instances as if their image had `agent` baked in (as the Packer template does):
     /// no download per machine, for tests that boot many.
     pub fn set_baked_agent(&self, agent: PathBuf) {

@@ -236,11 +236,11 @@ fn candidates(s: &Ec2Settings) -> Vec<Candidate> {
 
 /// How launches and other calls retry transient failures.
 #[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub min_delay: Duration,
-    pub max_delay: Duration,
+struct RetryPolicy {
+    min_delay: Duration,
+    max_delay: Duration,
     /// Retries per call (after the first attempt).
-    pub max_retries: usize,
+    max_retries: usize,
 }
 
 impl Default for RetryPolicy {
@@ -307,17 +307,6 @@ impl Ec2Provisioner {
             root_devices: tokio::sync::Mutex::new(HashMap::new()),
             recent: std::sync::Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The region client this pool uses.
-    pub fn api(&self) -> &Arc<Ec2Api> {
-        &self.api
-    }
-
-    /// Overrides the retry policy (tests use short delays).
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
-        self
     }
 
     fn tags(&self, machine_id: i64) -> Vec<Tag> {
