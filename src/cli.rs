@@ -55,6 +55,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What the machines cost: totals, busy/idle/boot, idle waste, cost per build, the 30-day
+    /// projection, top builders and the machines running now.
+    Cost {
+        #[command(flatten)]
+        master: MasterArg,
+        /// Start of the window: a duration back from now (12h, 7d, 2w), a UTC date
+        /// (2026-11-01) or an RFC 3339 time.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// End of the window (same forms, or `now`; default now).
+        #[arg(long)]
+        until: Option<String>,
+        /// One row per pool, builder, branch, committer, day or machine.
+        #[arg(long, default_value = "pool")]
+        by: String,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Print a build's log.
     Log {
         #[command(flatten)]
@@ -177,6 +196,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+        }
+        Command::Cost { master, since, until, by, format } => {
+            // Checked here first, so a typo is reported without a round trip; the master reads
+            // the times against its own clock.
+            let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+            let q =
+                crate::cost::report::ReportQuery::parse(Some(&since), until.as_deref(), Some(&by), Some(&format), now)?;
+            let mut query = vec![("since", since), ("by", by), ("format", "json".to_string())];
+            query.extend(until.map(|u| ("until", u)));
+            let body = get_json(&master.master, "/api/cost", &query).await?;
+            let report: crate::cost::report::Report =
+                serde_json::from_value(body).context("the master's cost report is not what this paddock expects")?;
+            print!("{}", report.render(q.format));
         }
         Command::Log { master, build } => {
             let url = format!("{}/api/builds/{build}/log", master.master.trim_end_matches('/'));

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod cost;
 pub mod demo;
 pub mod runtime;
 pub mod store;

@@ -96,7 +96,12 @@ impl LocalProvisioner {
             let _ = child.wait().await;
         });
         tracing::info!(machine = spec.machine_id, pid, pool = %spec.pool, "local agent started");
-        Ok(Launched { provider_id: pid.to_string(), instance_type: Some("local".into()), lifecycle: "local".into() })
+        Ok(Launched {
+            provider_id: pid.to_string(),
+            instance_type: Some("local".into()),
+            lifecycle: "local".into(),
+            ..Launched::default()
+        })
     }
 
     async fn stop(&self, machine_id: i64, provider_id: &str) -> Result<(), ProvisionError> {

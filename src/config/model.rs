@@ -16,6 +16,8 @@ pub struct Config {
     pub repos: Vec<Repo>,
     /// Pools by name, in the order they appear.
     pub pools: Vec<Pool>,
+    /// `[cost]`: caps over all pools together.
+    pub cost: CostSettings,
     /// Builders after matrix expansion, in config order then matrix order.
     pub builders: Vec<Builder>,
     pub schedulers: Vec<Scheduler>,
@@ -89,6 +91,35 @@ pub struct Pool {
     pub max_builds: u32,
     /// Local provisioner only: the agent binary to start. Default: the running `paddock` binary.
     pub agent_command: Option<PathBuf>,
+    /// USD per hour for every machine of the pool (overrides the price table; for local
+    /// machines a nominal price, default 0).
+    pub hourly_price: Option<f64>,
+    /// USD per hour per instance type (overrides `hourly_price` and the price table).
+    pub prices: BTreeMap<String, f64>,
+    /// Spend caps of this pool.
+    pub spend: SpendCaps,
+}
+
+/// Spend caps (USD): no machine is launched while the spend of the current UTC hour or day
+/// has reached one.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpendCaps {
+    pub hourly: Option<f64>,
+    pub daily: Option<f64>,
+}
+
+impl SpendCaps {
+    /// Whether any cap is set.
+    pub fn any(&self) -> bool {
+        self.hourly.is_some() || self.daily.is_some()
+    }
+}
+
+/// `[cost]`: settings over every pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CostSettings {
+    /// Caps over all pools together.
+    pub spend: SpendCaps,
 }
 
 /// One step of a builder, with every `{axis}` already substituted.

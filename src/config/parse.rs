@@ -17,7 +17,8 @@ use super::template;
 use super::tree::{parse_tree, unknown_key, Entry, Fields, Kind, Node, Sp};
 use paddock_provisioners::ec2::Ec2Settings;
 
-const TOP_KEYS: &[&str] = &["master", "repo", "pool", "builder", "scheduler"];
+const TOP_KEYS: &[&str] = &["master", "cost", "repo", "pool", "builder", "scheduler"];
+const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const MASTER_KEYS: &[&str] = &[
     "url",
     "listen",
@@ -32,8 +33,19 @@ const MASTER_KEYS: &[&str] = &[
     "orphan_grace",
 ];
 const REPO_KEYS: &[&str] = &["name", "url", "branches", "poll"];
-const POOL_KEYS: &[&str] =
-    &["provisioner", "max_instances", "min_idle", "idle_timeout", "boot_timeout", "max_builds", "agent_command"];
+const POOL_KEYS: &[&str] = &[
+    "provisioner",
+    "max_instances",
+    "min_idle",
+    "idle_timeout",
+    "boot_timeout",
+    "max_builds",
+    "agent_command",
+    "hourly_price",
+    "prices",
+    "max_hourly_spend",
+    "max_daily_spend",
+];
 const EC2_KEYS: &[&str] = &[
     "region",
     "endpoint_url",
@@ -70,6 +82,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
     let mut errs = Vec::new();
 
     let mut master = None;
+    let mut cost = CostSettings::default();
     let mut repos = Vec::new();
     let mut pools = Vec::new();
     let mut builders = Vec::new();
@@ -85,6 +98,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
                 cluster_given = Fields::new(&e.value, "[master]").ok().and_then(|f| f.get("cluster")).is_some();
                 master = keep(&mut errs, parse_master(&e.value, &base));
             }
+            "cost" => cost = keep(&mut errs, parse_cost(&e.value)).unwrap_or_default(),
             "repo" => {
                 for node in keep(&mut errs, array_of_tables(e, "[[repo]]")).unwrap_or_default() {
                     repos.extend(keep(&mut errs, parse_repo(node, &base)));
@@ -177,6 +191,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
         master,
         repos: repos.into_iter().map(|r| r.repo).collect(),
         pools,
+        cost,
         builders: expanded.into_iter().map(|e| e.builder).collect(),
         schedulers: out_schedulers,
     })
@@ -517,7 +532,43 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
         boot_timeout: f.opt_duration("boot_timeout")?.unwrap_or(Duration::from_secs(300)),
         max_builds: f.opt_u32("max_builds")?.map(|m| m.v).unwrap_or(0),
         agent_command: f.opt_str("agent_command")?.map(|p| resolve(base, &p.v)),
+        hourly_price: f.opt_money("hourly_price")?.map(|m| m.v),
+        prices: parse_prices(&f)?,
+        spend: spend_caps(&f)?,
     })
+}
+
+/// `prices = { "t3.small" = 0.0208, ... }`: per instance type, USD per hour.
+fn parse_prices(f: &Fields<'_>) -> Result<BTreeMap<String, f64>, Diag> {
+    let Some(e) = f.get("prices") else { return Ok(BTreeMap::new()) };
+    let entries = e.value.table("`prices`").map_err(|d| d.hint("write prices = { \"t3.small\" = 0.0208 }"))?;
+    let mut out = BTreeMap::new();
+    for p in entries {
+        out.insert(p.key.clone(), p.value.money(&format!("the price of `{}`", p.key))?.v);
+    }
+    Ok(out)
+}
+
+/// `max_hourly_spend` / `max_daily_spend` (USD); a cap of 0 would stop every launch.
+fn spend_caps(f: &Fields<'_>) -> Result<SpendCaps, Diag> {
+    let mut caps = SpendCaps::default();
+    for (key, slot) in [("max_hourly_spend", &mut caps.hourly), ("max_daily_spend", &mut caps.daily)] {
+        if let Some(m) = f.opt_money(key)? {
+            if m.v <= 0.0 {
+                return Err(Diag::new(m.span, format!("`{key}` must be more than 0"))
+                    .hint("leave it out for no cap; a cap of 0 would never launch a machine"));
+            }
+            *slot = Some(m.v);
+        }
+    }
+    Ok(caps)
+}
+
+/// `[cost]`: spend caps over every pool together.
+fn parse_cost(node: &Node) -> Result<CostSettings, Diag> {
+    let f = Fields::new(node, "[cost]")?;
+    f.allow_only(COST_KEYS)?;
+    Ok(CostSettings { spend: spend_caps(&f)? })
 }
 
 /// The EC2 settings of a `provisioner = "ec2"` pool.
@@ -682,7 +733,7 @@ fn parse_matrix(node: &Node) -> Result<Vec<(String, Vec<String>)>, Diag> {
                 Kind::Str(s) => s.clone(),
                 Kind::Int(i) => i.to_string(),
                 Kind::Bool(b) => b.to_string(),
-                Kind::Float => {
+                Kind::Float(_) => {
                     return Err(Diag::new(
                         v.span.clone(),
                         format!("matrix values must be strings, not a float (axis `{}`)", e.key),

@@ -22,7 +22,7 @@ pub(crate) struct Sp<T> {
 pub(crate) enum Kind {
     Str(String),
     Int(i64),
-    Float,
+    Float(f64),
     Bool(bool),
     Datetime,
     Array(Vec<Node>),
@@ -100,7 +100,7 @@ fn from_value(v: &toml_edit::Value, fallback: Range<usize>) -> Node {
     let kind = match v {
         toml_edit::Value::String(s) => Kind::Str(s.value().clone()),
         toml_edit::Value::Integer(i) => Kind::Int(*i.value()),
-        toml_edit::Value::Float(_) => Kind::Float,
+        toml_edit::Value::Float(f) => Kind::Float(*f.value()),
         toml_edit::Value::Boolean(b) => Kind::Bool(*b.value()),
         toml_edit::Value::Datetime(_) => Kind::Datetime,
         toml_edit::Value::Array(a) => Kind::Array(a.iter().map(|x| from_value(x, span.clone())).collect()),
@@ -115,7 +115,7 @@ impl Node {
         match self.kind {
             Kind::Str(_) => "a string",
             Kind::Int(_) => "an integer",
-            Kind::Float => "a float",
+            Kind::Float(_) => "a float",
             Kind::Bool(_) => "a boolean",
             Kind::Datetime => "a datetime",
             Kind::Array(_) => "an array",
@@ -144,6 +144,22 @@ impl Node {
     }
 
     /// This value as a table's entries.
+    /// An amount of money (USD): a number, finite and not negative.
+    pub fn money(&self, what: &str) -> Result<Sp<f64>, Diag> {
+        let v = match self.kind {
+            Kind::Int(i) => i as f64,
+            Kind::Float(f) => f,
+            _ => return Err(self.wrong_type(what, "a number").hint("amounts are US dollars, e.g. 0.0208 or 50")),
+        };
+        if !v.is_finite() || v < 0.0 {
+            return Err(Diag::new(
+                self.span.clone(),
+                format!("{what} must be a number of dollars, 0 or more, not {v}"),
+            ));
+        }
+        Ok(Sp { v, span: self.span.clone() })
+    }
+
     pub fn table(&self, what: &str) -> Result<&[Entry], Diag> {
         match &self.kind {
             Kind::Table(e) => Ok(e),
@@ -248,6 +264,14 @@ impl<'a> Fields<'a> {
                     .wrong_type(&format!("`{key}`"), "an integer")
                     .hint(format!("write a bare number, e.g. `{key} = 4`"))),
             },
+        }
+    }
+
+    /// An optional amount of money (USD, integer or float, finite and not negative).
+    pub fn opt_money(&self, key: &str) -> Result<Option<Sp<f64>>, Diag> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(e) => e.value.money(&format!("`{key}`")).map(Some),
         }
     }
 

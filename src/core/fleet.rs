@@ -118,6 +118,9 @@ pub enum FleetEvent {
     /// The cloud announced it reclaims the machine (spot interruption notice): its build, if
     /// any, is retried elsewhere and the machine is terminated.
     Interrupted { machine: MachineId },
+    /// A spend cap was reached (`held`) or lifted for a pool: while held, the pool launches
+    /// nothing; its machines keep running and taking builds.
+    LaunchHold { pool: String, held: bool },
 }
 
 /// What the shell must do, returned by [`Fleet::handle`].
@@ -184,11 +187,22 @@ struct Pool {
     busy: usize,
     /// Every state but Gone (counted against `max_instances`).
     live: usize,
+    /// No launches (a spend cap is reached).
+    held: bool,
 }
 
 impl Pool {
     fn new(spec: PoolSpec) -> Pool {
-        Pool { spec, queue: VecDeque::new(), queued_len: 0, idle: BTreeSet::new(), starting: 0, busy: 0, live: 0 }
+        Pool {
+            spec,
+            queue: VecDeque::new(),
+            queued_len: 0,
+            idle: BTreeSet::new(),
+            starting: 0,
+            busy: 0,
+            live: 0,
+            held: false,
+        }
     }
 }
 
@@ -434,6 +448,13 @@ impl Fleet {
                 stop.sort_unstable();
                 for id in stop {
                     self.terminate(id, "draining", now, &mut out);
+                }
+            }
+            FleetEvent::LaunchHold { pool, held } => {
+                let p = self.pool_idx(&pool);
+                self.pools[p].held = held;
+                if !held {
+                    self.provision(p, now, &mut out);
                 }
             }
             FleetEvent::Resume => {
@@ -733,7 +754,7 @@ impl Fleet {
 
     /// Launch what the queue and `min_idle` need, within `max_instances`.
     fn provision(&mut self, p: usize, now: Ts, out: &mut Vec<FleetAction>) {
-        if self.draining {
+        if self.draining || self.pools[p].held {
             return;
         }
         let pool = &mut self.pools[p];
@@ -893,6 +914,27 @@ mod tests {
         let a = q(&mut f, 11, 4 * S);
         assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }));
         assert!(launched(&a).is_empty());
+    }
+
+    #[test]
+    fn a_held_pool_launches_nothing_but_its_warm_machine_keeps_working() {
+        let mut f = fleet(vec![spec("p", 4, 0, 0)]);
+        let hold = |held| FleetEvent::LaunchHold { pool: "p".into(), held };
+        assert_eq!(launched(&q(&mut f, 10, 0)), vec![1]);
+        bring_up(&mut f, 1, S);
+        assert_eq!(f.machine_build(1), Some(10));
+        // A spend cap is reached.
+        assert!(f.handle(hold(true), Ts(S)).is_empty());
+        let a = q(&mut f, 11, 2 * S);
+        assert!(launched(&a).is_empty(), "no launch while held: {a:?}");
+        // The running machine finishes and takes the queued build: no new spend needed.
+        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(3 * S));
+        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }));
+        let a = q(&mut f, 12, 4 * S);
+        assert!(launched(&a).is_empty());
+        assert_eq!(f.queued("p"), vec![12]);
+        // Lifted: the queue gets its machine.
+        assert_eq!(launched(&f.handle(hold(false), Ts(5 * S))), vec![2]);
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct Shared {
     pub repo_locks: HashMap<String, tokio::sync::Mutex<()>>,
     /// Set once shutdown began: no new builds are accepted.
     pub draining: AtomicBool,
+    /// Pools that may not launch because a spend cap is reached, and why.
+    pub spend_holds: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
@@ -165,6 +167,7 @@ pub async fn run(
         secrets,
         repo_locks: config.repos.iter().map(|r| (r.name.clone(), tokio::sync::Mutex::new(()))).collect(),
         draining: AtomicBool::new(false),
+        spend_holds: Mutex::new(HashMap::new()),
         config: config.clone(),
     });
 
@@ -223,6 +226,10 @@ fn effective_url(configured: &str, addr: SocketAddr) -> String {
         None => trimmed.to_string(),
     }
 }
+
+/// How often spend is compared with the caps (when any is set): a launch may overshoot a cap
+/// by what is spent in this time.
+const SPEND_CHECK: Duration = Duration::from_secs(2);
 
 /// How long a provisioner's launch call may take before it counts as failed.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
@@ -512,6 +519,9 @@ impl Master {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reconcile = tokio::time::interval(self.shared.config.master.reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut spend_check = tokio::time::interval(SPEND_CHECK);
+        spend_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let capped = crate::cost::caps::any(&self.shared.config);
         let mut shutdown = Box::pin(shutdown);
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -531,6 +541,11 @@ impl Master {
                     None => break,
                 },
                 _ = reconcile.tick(), if drain_deadline.is_none() => self.start_listings(),
+                _ = spend_check.tick(), if capped && drain_deadline.is_none() => {
+                    if let Err(e) = self.check_spend().await {
+                        tracing::error!("cannot check spend caps; holds stay as they were: {e}");
+                    }
+                }
                 _ = tick.tick() => {
                     self.pending.push_back(FleetEvent::Tick);
                     if let Err(e) = self.apply_sched(SchedEvent::Tick).await {
@@ -645,6 +660,12 @@ impl Master {
                 match result {
                     Ok(launched) => {
                         self.launch_failures.remove(&pool);
+                        let price = match self.shared.config.pool(&pool) {
+                            Some(p) => {
+                                crate::cost::price_machine(p, &launched, crate::cost::prices::PriceTable::builtin())
+                            }
+                            None => crate::store::MachinePrice::default(),
+                        };
                         self.shared
                             .store
                             .machine_launched(
@@ -652,6 +673,7 @@ impl Master {
                                 &launched.provider_id,
                                 launched.instance_type.as_deref(),
                                 &launched.lifecycle,
+                                &price,
                                 now,
                             )
                             .await?;
@@ -709,6 +731,36 @@ impl Master {
             scopes.entry(scope).or_default().push(pool.clone());
         }
         scopes
+    }
+
+    /// Compares this hour's and this day's spend with the caps: pools that reached one stop
+    /// launching (their machines keep working), pools below again launch. A warning is
+    /// logged once per crossing.
+    async fn check_spend(&mut self) -> Result<(), MasterError> {
+        use crate::cost::caps;
+        let now = self.shared.now();
+        let store = &self.shared.store;
+        let hour = crate::cost::spend(store, caps::hour_start(now), now).await?;
+        let day = crate::cost::spend(store, caps::day_start(now), now).await?;
+        let holds = caps::holds(&self.shared.config, &hour, &day, now);
+        let before = match self.shared.spend_holds.lock() {
+            Ok(mut h) => std::mem::replace(&mut *h, holds.clone().into_iter().collect()),
+            Err(_) => return Ok(()),
+        };
+        for pool in self.shared.config.pools.iter().map(|p| &p.name) {
+            match (before.get(pool), holds.get(pool)) {
+                (None, Some(why)) => {
+                    tracing::warn!(%pool, "{why}; queued builds wait, running builds finish");
+                    self.pending.push_back(FleetEvent::LaunchHold { pool: pool.clone(), held: true });
+                }
+                (Some(_), None) => {
+                    tracing::info!(%pool, "spend is below the caps again; launching resumes");
+                    self.pending.push_back(FleetEvent::LaunchHold { pool: pool.clone(), held: false });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Starts one listing per scope (level-triggered reconcile): the cloud's inventory where

@@ -3,7 +3,7 @@
 //! State that matters is written before the side effect it describes (a machine row before the
 //! provisioner call, a build request before the fleet sees it), so a crash loses nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::core::{BuildId, ChangeId, MachineId, Ts};
+use crate::cost::report::{BuildLabel, MachineFacts};
 
 /// The migrations under `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -121,6 +122,20 @@ pub struct MachineRow {
     pub builds_run: i64,
     /// The machine's latest event (`kind: detail`), e.g. why its launch failed.
     pub last_event: Option<String>,
+}
+
+/// What a machine costs, decided when it launched (see [`Store::machine_launched`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MachinePrice {
+    pub zone: Option<String>,
+    /// USD per hour; `None` when no price is known.
+    pub hourly_price: Option<f64>,
+    /// `table`, `spot`, `config` or `nominal`.
+    pub price_source: Option<String>,
+    pub volume_gb: Option<u32>,
+    pub volume_type: Option<String>,
+    /// USD per hour for the root volume; `None` when unknown.
+    pub volume_hourly: Option<f64>,
 }
 
 /// What [`Store::pool_status`] returns.
@@ -450,6 +465,7 @@ impl Store {
             .bind(machine)
             .execute(&mut *tx)
             .await?;
+        insert_event(&mut *tx, machine, &now_s, "build_started", &build.to_string()).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -471,6 +487,7 @@ impl Store {
             return Ok(false);
         }
         close_open_steps(&mut tx, build, "skipped").await?;
+        insert_event(&mut *tx, machine, &ts_string(now), "build_finished", &format!("{build} {result}")).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -480,12 +497,13 @@ impl Store {
     pub async fn retry_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<Option<BuildRow>> {
         let now_s = ts_string(now);
         let mut tx = self.pool.begin().await?;
-        let attempt: Option<i64> =
-            sqlx::query_scalar("SELECT attempt FROM builds WHERE id = ? AND state IN ('queued', 'running')")
-                .bind(build)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(attempt) = attempt else {
+        let attempt: Option<(i64, Option<i64>, String)> = sqlx::query_as(
+            "SELECT attempt, machine_id, state FROM builds WHERE id = ? AND state IN ('queued', 'running')",
+        )
+        .bind(build)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((attempt, machine, was)) = attempt else {
             return Ok(None);
         };
         // A build that keeps killing its machine must not launch machines forever.
@@ -502,6 +520,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         close_open_steps(&mut tx, build, "cancelled").await?;
+        if let (Some(machine), "running") = (machine, was.as_str()) {
+            insert_event(&mut *tx, machine, &now_s, "build_finished", &format!("{build} {state}")).await?;
+        }
         if give_up {
             tx.commit().await?;
             return Ok(None);
@@ -641,26 +662,39 @@ impl Store {
         self.machine_event(id, "requested", "", now).await
     }
 
-    /// Records what the provisioner said about a launched machine.
+    /// Records what the provisioner said about a launched machine and what it costs; its
+    /// `launched` event starts the meter.
     pub async fn machine_launched(
         &self,
         id: MachineId,
         provider_id: &str,
         instance_type: Option<&str>,
         lifecycle: &str,
+        price: &MachinePrice,
         now: Ts,
     ) -> Result<()> {
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "UPDATE machines SET provider_id = ?, instance_type = ?, lifecycle = ?, launched_at = ? WHERE id = ?",
+            "UPDATE machines SET provider_id = ?, instance_type = ?, lifecycle = ?, launched_at = ?, zone = ?,
+             hourly_price = ?, price_source = ?, volume_gb = ?, volume_type = ?, volume_hourly = ? WHERE id = ?",
         )
         .bind(provider_id)
         .bind(instance_type)
         .bind(lifecycle)
-        .bind(ts_string(now))
+        .bind(&now_s)
+        .bind(&price.zone)
+        .bind(price.hourly_price)
+        .bind(&price.price_source)
+        .bind(price.volume_gb.map(i64::from))
+        .bind(&price.volume_type)
+        .bind(price.volume_hourly)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.machine_event(id, "launched", provider_id, now).await
+        insert_event(&mut *tx, id, &now_s, "launched", provider_id).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Moves a machine to a new state and records the event.
@@ -680,14 +714,7 @@ impl Store {
 
     /// Appends to the machine's event log (the cost meter's input).
     pub async fn machine_event(&self, id: MachineId, kind: &str, detail: &str, now: Ts) -> Result<()> {
-        sqlx::query("INSERT INTO machine_events (machine_id, at, kind, detail) VALUES (?, ?, ?, ?)")
-            .bind(id)
-            .bind(ts_string(now))
-            .bind(kind)
-            .bind(detail)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        insert_event(&self.pool, id, &ts_string(now), kind, detail).await
     }
 
     /// The machine whose one-time token this is, if the token is unspent and the machine is
@@ -706,14 +733,21 @@ impl Store {
     /// Spends a one-time token: returns the machine it belongs to if it was unused and the
     /// machine is not gone. A second call with the same token returns `None`.
     pub async fn claim_token(&self, token_hash: &str, now: Ts) -> Result<Option<MachineId>> {
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
         let id: Option<i64> = sqlx::query_scalar(
             "UPDATE machines SET token_used = 1, connected_at = ?
              WHERE token_hash = ? AND token_used = 0 AND state NOT IN ('gone', 'stopping', 'lost') RETURNING id",
         )
-        .bind(ts_string(now))
+        .bind(&now_s)
         .bind(token_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        if let Some(id) = id {
+            // The meter's "agent connected": boot time ends here.
+            insert_event(&mut *tx, id, &now_s, "connected", "").await?;
+        }
+        tx.commit().await?;
         Ok(id)
     }
 
@@ -787,6 +821,85 @@ impl Store {
         Ok(PoolStatus { machines: machines.into_iter().collect(), last_launch_failure, last_launched_at })
     }
 
+    /// Machines a cost report over `[since, until)` needs: those billed at some time in it,
+    /// and every machine not gone (the report lists what runs now).
+    pub async fn cost_machines(&self, since: Ts, until: Ts) -> Result<Vec<MachineFacts>> {
+        let rows = sqlx::query(
+            "SELECT id, pool, provisioner, state, instance_type, lifecycle, zone, hourly_price, price_source, volume_hourly
+             FROM machines WHERE launched_at IS NOT NULL
+               AND ((launched_at < ?2 AND (terminated_at IS NULL OR terminated_at >= ?1)) OR state != 'gone')
+             ORDER BY id",
+        )
+        .bind(ts_string(since))
+        .bind(ts_string(until))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| MachineFacts {
+                id: r.get("id"),
+                pool: r.get("pool"),
+                provisioner: r.get("provisioner"),
+                state: r.get("state"),
+                instance_type: r.get("instance_type"),
+                lifecycle: r.get("lifecycle"),
+                zone: r.get("zone"),
+                hourly_price: r.get("hourly_price"),
+                price_source: r.get("price_source"),
+                volume_hourly: r.get("volume_hourly"),
+            })
+            .collect())
+    }
+
+    /// Streams the meter's events (launched, connected, build_started, build_finished, gone)
+    /// of the machines [`Store::cost_machines`] returns, by machine then in order, to `f`
+    /// as (machine, at, kind, detail). Streamed, so a year of events never sits in memory.
+    pub async fn cost_events(
+        &self,
+        since: Ts,
+        until: Ts,
+        mut f: impl FnMut(MachineId, &str, &str, &str),
+    ) -> Result<()> {
+        use futures_util::TryStreamExt;
+        let mut rows = sqlx::query_as::<_, (i64, String, String, String)>(
+            "SELECT e.machine_id, e.at, e.kind, e.detail FROM machines m
+             JOIN machine_events e ON e.machine_id = m.id
+             WHERE m.launched_at IS NOT NULL
+               AND ((m.launched_at < ?2 AND (m.terminated_at IS NULL OR m.terminated_at >= ?1)) OR m.state != 'gone')
+               AND e.kind IN ('launched', 'connected', 'build_started', 'build_finished', 'gone')
+             ORDER BY m.id, e.id",
+        )
+        .bind(ts_string(since))
+        .bind(ts_string(until))
+        .fetch(&self.pool);
+        while let Some((machine, at, kind, detail)) = rows.try_next().await? {
+            f(machine, &at, &kind, &detail);
+        }
+        Ok(())
+    }
+
+    /// Builder, repository, branch and committer (the author of the newest change built) of
+    /// every build run on the machines [`Store::cost_machines`] returns.
+    pub async fn cost_labels(&self, since: Ts, until: Ts) -> Result<HashMap<BuildId, BuildLabel>> {
+        use futures_util::TryStreamExt;
+        let mut rows = sqlx::query_as::<_, (i64, String, String, String, Option<String>)>(
+            "SELECT b.id, b.builder, b.repo, b.branch, c.author FROM machines m
+             JOIN builds b ON b.machine_id = m.id
+             JOIN build_requests r ON r.id = b.request_id
+             LEFT JOIN changes c ON c.id = json_extract(r.changes, '$[#-1]')
+             WHERE m.launched_at IS NOT NULL
+               AND ((m.launched_at < ?2 AND (m.terminated_at IS NULL OR m.terminated_at >= ?1)) OR m.state != 'gone')",
+        )
+        .bind(ts_string(since))
+        .bind(ts_string(until))
+        .fetch(&self.pool);
+        let mut out = HashMap::new();
+        while let Some((id, builder, repo, branch, author)) = rows.try_next().await? {
+            out.insert(id, BuildLabel { builder, repo, branch, committer: author.unwrap_or_default() });
+        }
+        Ok(out)
+    }
+
     /// Every nightly scheduler's saved state.
     pub async fn nightly_states(&self) -> Result<Vec<NightlyRow>> {
         let rows = sqlx::query("SELECT name, last_fire, built FROM scheduler_state").fetch_all(&self.pool).await?;
@@ -816,6 +929,23 @@ impl Store {
 }
 
 /// Gives the steps of an ended attempt that had not finished their final state.
+async fn insert_event<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
+    ex: E,
+    machine: MachineId,
+    at: &str,
+    kind: &str,
+    detail: &str,
+) -> Result<()> {
+    sqlx::query("INSERT INTO machine_events (machine_id, at, kind, detail) VALUES (?, ?, ?, ?)")
+        .bind(machine)
+        .bind(at)
+        .bind(kind)
+        .bind(detail)
+        .execute(ex)
+        .await?;
+    Ok(())
+}
+
 async fn close_open_steps(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, build: BuildId, state: &str) -> Result<()> {
     sqlx::query("UPDATE steps SET state = ? WHERE build_id = ? AND state IN ('pending', 'running')")
         .bind(state)

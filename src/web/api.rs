@@ -115,7 +115,8 @@ pub async fn list_pools(State(s): State<Arc<Shared>>) -> Result<impl IntoRespons
             .last_launch_failure
             .as_ref()
             .filter(|(at, _)| status.last_launched_at.as_deref().is_none_or(|ok| ok < at.as_str()));
-        let waiting_reason = failing.filter(|_| waiting > 0).map(|(_, why)| why.clone());
+        let held = s.spend_holds.lock().ok().and_then(|h| h.get(&p.name).cloned());
+        let waiting_reason = held.clone().or_else(|| failing.map(|(_, why)| why.clone())).filter(|_| waiting > 0);
         pools.push(json!({
             "name": p.name,
             "provisioner": match p.provisioner {
@@ -127,9 +128,41 @@ pub async fn list_pools(State(s): State<Arc<Shared>>) -> Result<impl IntoRespons
             "queued": waiting,
             "last_launch_failure": status.last_launch_failure.as_ref().map(|(at, why)| json!({"at": at, "reason": why})),
             "waiting_reason": waiting_reason,
+            "spend_cap": held,
         }));
     }
     Ok(Json(json!({ "pools": pools })))
+}
+
+/// Query of `GET /api/cost` (the options of `paddock cost`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostQuery {
+    since: Option<String>,
+    until: Option<String>,
+    by: Option<String>,
+    format: Option<String>,
+}
+
+/// `GET /api/cost?since=7d&until=&by=pool&format=json`: the cost report (JSON by default;
+/// `csv` and `table` as text).
+pub async fn cost(State(s): State<Arc<Shared>>, Query(q): Query<CostQuery>) -> Result<impl IntoResponse, ApiError> {
+    let now = s.now();
+    let query = crate::cost::report::ReportQuery::parse(
+        q.since.as_deref(),
+        q.until.as_deref(),
+        q.by.as_deref(),
+        Some(q.format.as_deref().unwrap_or("json")),
+        now,
+    )
+    .map_err(|e| ApiError::bad_request(e.0))?;
+    let report = crate::cost::report(&s.store, &query, now).await?;
+    let content_type = match query.format {
+        crate::cost::report::Format::Json => "application/json",
+        crate::cost::report::Format::Csv => "text/csv; charset=utf-8",
+        crate::cost::report::Format::Table => "text/plain; charset=utf-8",
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, content_type)], report.render(query.format)))
 }
 
 /// Query of `GET /api/changes`.

@@ -23,6 +23,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/builders", get(api::list_builders))
         .route("/api/machines", get(api::list_machines))
         .route("/api/pools", get(api::list_pools))
+        .route("/api/cost", get(api::cost))
         .route("/api/changes", get(api::list_changes).post(api::post_change))
         .route("/hooks/github", post(hooks::github))
         .route("/agent/ws", get(agent_ws::upgrade))

@@ -456,6 +456,7 @@ impl Ec2Provisioner {
                 .map(|t| t.as_str().to_string())
                 .or(c.instance_type.clone()),
             lifecycle: if c.spot { "spot" } else { "on-demand" }.to_string(),
+            ..Launched::default()
         })
     }
 
@@ -619,6 +620,7 @@ impl Ec2Provisioner {
                                     provider_id: s.id,
                                     instance_type: s.instance_type,
                                     lifecycle: if s.spot { "spot" } else { "on-demand" }.to_string(),
+                                    ..Launched::default()
                                 });
                             }
                         }

@@ -1,0 +1,220 @@
+//! Cost metering: prices, the meter and reports.
+//!
+//! Every machine's price is fixed when it launches ([`price_machine`]) and stored with it; its
+//! life is in `machine_events` (launched, connected, each build's start and end, gone). A
+//! report folds those events into [`meter::Life`]s, one machine at a time, and sums the priced
+//! stretches ([`report::Aggregator`]).
+
+pub mod caps;
+pub mod meter;
+pub mod prices;
+pub mod report;
+
+use std::collections::HashMap;
+
+use paddock_provisioners::Launched;
+
+use crate::config::{Pool, ProvisionerKind};
+use crate::core::{MachineId, Ts};
+use crate::store::{MachinePrice, Store, StoreError};
+use meter::Life;
+use prices::{region_of_zone, PriceTable, HOURS_PER_MONTH};
+use report::{Aggregator, GroupBy, MachineFacts, Report, ReportQuery};
+
+/// The volume type EC2 gives a root volume whose AMI mapping does not say.
+const DEFAULT_VOLUME_TYPE: &str = "gp2";
+
+/// What a machine just launched costs: the pool's configured price for its type, else the
+/// pool's `hourly_price`, else (local machines) nothing; for EC2 the spot price the cloud
+/// reported, or the table's on-demand price. No known price stays `None` (unknown), never 0.
+pub fn price_machine(pool: &Pool, launched: &Launched, table: &PriceTable) -> MachinePrice {
+    let itype = launched.instance_type.as_deref();
+    let configured = itype.and_then(|t| pool.prices.get(t)).copied().or(pool.hourly_price);
+    let ec2 = match &pool.provisioner {
+        ProvisionerKind::Ec2(s) => Some(s),
+        ProvisionerKind::Local => None,
+    };
+    let region =
+        launched.zone.as_deref().map(|z| region_of_zone(z).to_string()).or_else(|| ec2.and_then(|s| s.region.clone()));
+    let (hourly_price, source) = match (configured, ec2) {
+        (Some(p), _) => (Some(p), "config"),
+        (None, None) => (Some(0.0), "nominal"),
+        (None, Some(_)) if launched.lifecycle == "spot" => (launched.spot_price, "spot"),
+        (None, Some(_)) => {
+            let p = match (region.as_deref(), itype) {
+                (Some(r), Some(t)) => table.on_demand(r, t),
+                _ => None,
+            };
+            (p, "table")
+        }
+    };
+    if hourly_price.is_none() {
+        tracing::warn!(
+            pool = %pool.name,
+            instance_type = itype.unwrap_or("?"),
+            region = region.as_deref().unwrap_or("?"),
+            lifecycle = %launched.lifecycle,
+            "no known price for this machine: its cost is reported as unknown (set `prices` in the pool to fix)"
+        );
+    }
+    let volume_type = launched.volume_type.clone().or_else(|| ec2.map(|_| DEFAULT_VOLUME_TYPE.to_string()));
+    let volume_hourly = match ec2 {
+        None => Some(0.0),
+        Some(_) => match (region.as_deref(), launched.volume_gb, volume_type.as_deref()) {
+            (Some(r), Some(gb), Some(t)) => {
+                table.volume_gb_month(r, t).map(|per_month| per_month * f64::from(gb) / HOURS_PER_MONTH)
+            }
+            _ => None,
+        },
+    };
+    MachinePrice {
+        zone: launched.zone.clone(),
+        hourly_price,
+        price_source: hourly_price.map(|_| source.to_string()),
+        volume_gb: launched.volume_gb,
+        volume_type,
+        volume_hourly,
+    }
+}
+
+/// The provider's minimum billed time for machines of this provisioner (milliseconds).
+fn minimum_ms(provisioner: &str) -> i64 {
+    match provisioner {
+        "ec2" => meter::EC2_MINIMUM_MS,
+        _ => 0,
+    }
+}
+
+/// Builds the report `q` asks for, as of `now`, from the store.
+pub async fn report(store: &Store, q: &ReportQuery, now: Ts) -> Result<Report, StoreError> {
+    let facts: HashMap<MachineId, MachineFacts> =
+        store.cost_machines(q.since, q.until).await?.into_iter().map(|m| (m.id, m)).collect();
+    let labels = store.cost_labels(q.since, q.until).await?;
+    let mut agg = Aggregator::new(q.clone(), now, &labels);
+    let mut life: Option<Life> = None;
+    let flush = |agg: &mut Aggregator<'_>, life: Option<Life>| {
+        if let Some(l) = life {
+            if let Some(m) = facts.get(&l.machine) {
+                agg.add(m, &l);
+            }
+        }
+    };
+    store
+        .cost_events(q.since, q.until, |machine, at, kind, detail| {
+            if life.as_ref().map(|l| l.machine) != Some(machine) {
+                flush(&mut agg, life.take());
+                let minimum = facts.get(&machine).map(|m| minimum_ms(&m.provisioner)).unwrap_or(0);
+                life = Some(Life { machine, minimum_ms: minimum, ..Life::default() });
+            }
+            let (Some(l), Some(at)) = (life.as_mut(), parse_ts(at)) else { return };
+            apply_event(l, at, kind, detail);
+        })
+        .await?;
+    flush(&mut agg, life.take());
+    let table = PriceTable::builtin();
+    Ok(agg.finish(table.currency(), &format!("{} ({})", table.source(), table.date())))
+}
+
+/// Adds one meter event to a machine's life.
+fn apply_event(l: &mut Life, at: Ts, kind: &str, detail: &str) {
+    let build = || detail.split_whitespace().next().and_then(|b| b.parse::<i64>().ok());
+    match kind {
+        "launched" => l.start = l.start.or(Some(at)),
+        "connected" => l.connected = l.connected.or(Some(at)),
+        "build_started" => {
+            if let Some(b) = build() {
+                l.builds.push((b, at, None));
+            }
+        }
+        "build_finished" => {
+            if let Some(b) = build() {
+                if let Some(run) = l.builds.iter_mut().find(|r| r.0 == b && r.2.is_none()) {
+                    run.2 = Some(at);
+                }
+            }
+        }
+        "gone" => l.end = l.end.or(Some(at)),
+        _ => {}
+    }
+}
+
+/// What was spent from `since` to `now`: in total and per pool (USD; unknown prices left out).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Spend {
+    pub total: f64,
+    pub by_pool: HashMap<String, f64>,
+}
+
+/// The spend since `since` (a cap's hour or day), machines still running included up to now.
+pub async fn spend(store: &Store, since: Ts, now: Ts) -> Result<Spend, StoreError> {
+    let q = ReportQuery { since, until: Ts(now.0.max(since.0)), by: GroupBy::Pool, format: report::Format::Json };
+    let r = report(store, &q, now).await?;
+    Ok(Spend { total: r.totals.cost, by_pool: r.rows.into_iter().map(|row| (row.key, row.cost)).collect() })
+}
+
+/// Reads a stored time (`2026-11-24T22:27:38.123Z`) without a general parser: reports read a
+/// million of them.
+pub fn parse_ts(s: &str) -> Option<Ts> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let mut v = 0i64;
+        for &c in b.get(r)? {
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v * 10 + i64::from(c - b'0');
+        }
+        Some(v)
+    };
+    if b.len() == 24 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z' {
+        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (h, mi, sec, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
+        if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+            return None;
+        }
+        let days = days_from_civil(y, mo, d);
+        return Some(Ts(((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms));
+    }
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| Ts(t.timestamp_millis()))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_times_parse_like_chrono_reads_them() {
+        for ms in [0i64, 1, 86_399_999, 951_782_400_000, 1_780_000_000_123, 4_102_444_800_000] {
+            let s = crate::store::ts_string(Ts(ms));
+            assert_eq!(parse_ts(&s), Some(Ts(ms)), "{s}");
+        }
+        assert_eq!(parse_ts("2026-11-24T10:00:00+01:00"), Some(Ts(1_795_510_800_000)));
+        assert_eq!(parse_ts("garbage"), None);
+    }
+
+    #[test]
+    fn build_events_open_and_close_runs() {
+        let mut l = Life::default();
+        apply_event(&mut l, Ts(1), "launched", "i-1");
+        apply_event(&mut l, Ts(2), "connected", "");
+        apply_event(&mut l, Ts(3), "build_started", "7");
+        apply_event(&mut l, Ts(4), "build_finished", "7 success");
+        apply_event(&mut l, Ts(5), "build_started", "8");
+        apply_event(&mut l, Ts(9), "gone", "");
+        assert_eq!(
+            (l.start, l.connected, l.end, l.builds),
+            (Some(Ts(1)), Some(Ts(2)), Some(Ts(9)), vec![(7, Ts(3), Some(Ts(4))), (8, Ts(5), None)])
+        );
+    }
+}
