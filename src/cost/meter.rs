@@ -51,6 +51,8 @@ pub struct Stretch {
     pub ms: i64,
     pub what: Use,
     pub build: Option<BuildId>,
+    /// The provider's minimum, charged beyond the machine's life.
+    pub minimum: bool,
 }
 
 impl Life {
@@ -62,7 +64,7 @@ impl Life {
         let mut piece = |from: Ts, to: Ts, what: Use, build: Option<BuildId>| {
             let (from, to) = (Ts(from.0.max(since.0)), Ts(to.0.min(until.0)));
             if from < to {
-                emit(Stretch { from, to, ms: to.0 - from.0, what, build });
+                emit(Stretch { from, to, ms: to.0 - from.0, what, build, minimum: false });
             }
         };
         let connected = self.connected.map(|c| Ts(c.0.clamp(start.0, end.0)));
@@ -88,7 +90,7 @@ impl Life {
             let lived = end.0 - start.0;
             if lived < self.minimum_ms && since <= ended && ended < until {
                 let what = if connected.is_some_and(|c| c < end) { Use::Idle } else { Use::Boot };
-                emit(Stretch { from: end, to: end, ms: self.minimum_ms - lived, what, build: None });
+                emit(Stretch { from: end, to: end, ms: self.minimum_ms - lived, what, build: None, minimum: true });
             }
         }
     }

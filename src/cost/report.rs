@@ -194,6 +194,8 @@ pub struct Row {
     pub boot_seconds: f64,
     /// Billed time of machines with no known price: in the seconds, not in the money.
     pub unknown_price_seconds: f64,
+    /// Of the billed time, what the provider's minimum added to lives shorter than it.
+    pub minimum_seconds: f64,
     pub builds: u64,
     pub cost_per_build: Option<f64>,
     /// Idle cost ÷ billed cost (by time when nothing in the row has a price).
@@ -257,6 +259,7 @@ struct Acc {
     cost: [f64; 3],
     ms: [i64; 3],
     unknown_ms: i64,
+    minimum_ms: i64,
     builds: HashSet<BuildId>,
 }
 
@@ -272,6 +275,9 @@ impl Acc {
     fn add(&mut self, s: &Stretch, m: &MachineFacts) {
         let i = slot(s.what);
         self.ms[i] += s.ms;
+        if s.minimum {
+            self.minimum_ms += s.ms;
+        }
         match m.hourly_price {
             Some(p) => {
                 let instance = s.ms as f64 * p / MS_PER_HOUR;
@@ -312,6 +318,7 @@ impl Acc {
             idle_seconds: secs(self.ms[1]),
             boot_seconds: secs(self.ms[2]),
             unknown_price_seconds: secs(self.unknown_ms),
+            minimum_seconds: secs(self.minimum_ms),
             builds,
             cost_per_build: (builds > 0).then(|| money(cost / builds as f64)),
             idle_waste: idle_waste.map(fraction),
@@ -418,7 +425,7 @@ impl<'a> Aggregator<'a> {
             // The projection's "current rate": the same stretch, cut to the recent window.
             if let Some(p) = m.hourly_price {
                 let (from, to) = (s.from.0.max(self.recent_from.0), s.to.0.min(self.recent_to.0));
-                let ms = if s.ms != s.to.0 - s.from.0 {
+                let ms = if s.minimum {
                     // A minimum's top-up: counted if its end time is recent.
                     if s.from >= self.recent_from && s.from < self.recent_to {
                         s.ms
@@ -503,7 +510,7 @@ fn machine_label(m: &MachineFacts) -> String {
 
 /// Cuts a stretch at UTC midnights (a minimum's top-up stays whole, on its end's day).
 fn split_days(s: &Stretch) -> Vec<Stretch> {
-    if s.ms != s.to.0 - s.from.0 {
+    if s.minimum {
         return vec![*s];
     }
     let mut out = vec![];
@@ -530,7 +537,7 @@ fn opt(x: Option<f64>, places: usize) -> String {
 
 /// The columns of the CSV, in order.
 pub const CSV_HEADER: &str = "key,label,cost,instance_cost,volume_cost,busy_cost,idle_cost,boot_cost,billed_seconds,\
-busy_seconds,idle_seconds,boot_seconds,unknown_price_seconds,builds,cost_per_build,idle_waste";
+busy_seconds,idle_seconds,boot_seconds,unknown_price_seconds,minimum_seconds,builds,cost_per_build,idle_waste";
 
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
@@ -542,7 +549,7 @@ fn csv_field(s: &str) -> String {
 
 fn csv_row(r: &Row) -> String {
     format!(
-        "{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{}",
+        "{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{}",
         csv_field(&r.key),
         csv_field(&r.label),
         r.cost,
@@ -556,6 +563,7 @@ fn csv_row(r: &Row) -> String {
         r.idle_seconds,
         r.boot_seconds,
         r.unknown_price_seconds,
+        r.minimum_seconds,
         r.builds,
         r.cost_per_build.map(|v| format!("{v:.4}")).unwrap_or_default(),
         r.idle_waste.map(|v| format!("{v:.4}")).unwrap_or_default(),
@@ -703,7 +711,14 @@ mod tests {
 
     #[test]
     fn a_day_report_cuts_at_midnight() {
-        let s = Stretch { from: Ts(DAY_MS - 1000), to: Ts(DAY_MS + 2000), ms: 3000, what: Use::Idle, build: None };
+        let s = Stretch {
+            from: Ts(DAY_MS - 1000),
+            to: Ts(DAY_MS + 2000),
+            ms: 3000,
+            what: Use::Idle,
+            build: None,
+            minimum: false,
+        };
         let parts = split_days(&s);
         assert_eq!(parts.iter().map(|p| p.ms).collect::<Vec<_>>(), vec![1000, 2000]);
         assert_eq!(day_of(parts[1].from), "1970-01-02");

@@ -284,6 +284,8 @@ struct Master {
     reconcilers: HashMap<String, Reconciler>,
     /// Scopes whose listing is under way, so a slow cloud never gets two at once.
     listing: HashSet<String>,
+    /// Spend caps reached at the last check (to warn once per crossing).
+    caps_reached: HashSet<String>,
 }
 
 impl Master {
@@ -351,6 +353,7 @@ impl Master {
             launched_at: HashMap::new(),
             reconcilers: HashMap::new(),
             listing: HashSet::new(),
+            caps_reached: HashSet::new(),
         })
     }
 
@@ -742,18 +745,24 @@ impl Master {
         let store = &self.shared.store;
         let hour = crate::cost::spend(store, caps::hour_start(now), now).await?;
         let day = crate::cost::spend(store, caps::day_start(now), now).await?;
-        let holds = caps::holds(&self.shared.config, &hour, &day, now);
+        let state = caps::evaluate(&self.shared.config, &hour, &day, now);
+        for (cap, why) in &state.reached {
+            if !self.caps_reached.contains(cap) {
+                tracing::warn!("{why}; queued builds wait, running builds finish");
+            }
+        }
+        for cap in self.caps_reached.iter().filter(|c| !state.reached.contains_key(*c)) {
+            tracing::info!("{cap} spend cap no longer reached");
+        }
+        self.caps_reached = state.reached.keys().cloned().collect();
         let before = match self.shared.spend_holds.lock() {
-            Ok(mut h) => std::mem::replace(&mut *h, holds.clone().into_iter().collect()),
+            Ok(mut h) => std::mem::replace(&mut *h, state.holds.clone().into_iter().collect()),
             Err(_) => return Ok(()),
         };
         for pool in self.shared.config.pools.iter().map(|p| &p.name) {
-            match (before.get(pool), holds.get(pool)) {
-                (None, Some(why)) => {
-                    tracing::warn!(%pool, "{why}; queued builds wait, running builds finish");
-                    self.pending.push_back(FleetEvent::LaunchHold { pool: pool.clone(), held: true });
-                }
-                (Some(_), None) => {
+            match (before.contains_key(pool), state.holds.contains_key(pool)) {
+                (false, true) => self.pending.push_back(FleetEvent::LaunchHold { pool: pool.clone(), held: true }),
+                (true, false) => {
                     tracing::info!(%pool, "spend is below the caps again; launching resumes");
                     self.pending.push_back(FleetEvent::LaunchHold { pool: pool.clone(), held: false });
                 }

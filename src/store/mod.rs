@@ -120,6 +120,11 @@ pub struct MachineRow {
     pub connected_at: Option<String>,
     pub terminated_at: Option<String>,
     pub builds_run: i64,
+    pub zone: Option<String>,
+    /// USD per hour, fixed at launch; `None` = unknown.
+    pub hourly_price: Option<f64>,
+    /// Where the price came from: `table`, `spot`, `config` or `nominal`.
+    pub price_source: Option<String>,
     /// The machine's latest event (`kind: detail`), e.g. why its launch failed.
     pub last_event: Option<String>,
 }
@@ -167,7 +172,7 @@ pub struct NightlyRow {
 }
 
 const BUILD_COLUMNS: &str = "id, request_id, builder, repo, branch, revision, state, machine_id, attempt, reason, queued_at, started_at, finished_at";
-const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instance_type, lifecycle, requested_at, launched_at, connected_at, terminated_at, builds_run, \
+const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instance_type, lifecycle, requested_at, launched_at, connected_at, terminated_at, builds_run, zone, hourly_price, price_source, \
      (SELECT e.kind || CASE WHEN e.detail = '' THEN '' ELSE ': ' || e.detail END FROM machine_events e \
       WHERE e.machine_id = machines.id ORDER BY e.id DESC LIMIT 1) AS last_event";
 
@@ -203,6 +208,9 @@ fn machine_row(r: &sqlx::sqlite::SqliteRow) -> MachineRow {
         connected_at: r.get("connected_at"),
         terminated_at: r.get("terminated_at"),
         builds_run: r.get("builds_run"),
+        zone: r.get("zone"),
+        hourly_price: r.get("hourly_price"),
+        price_source: r.get("price_source"),
         last_event: r.get("last_event"),
     }
 }
