@@ -9,6 +9,7 @@ pub mod changes;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod cost;
 pub mod core;
 pub mod demo;
 pub mod runtime;

@@ -1,0 +1,3 @@
+//! Cost metering: prices, the meter and reports.
+
+pub mod prices;
