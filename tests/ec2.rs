@@ -143,6 +143,32 @@ fn a_commit_boots_an_instance_that_builds_and_is_terminated_when_idle() {
     bed.wait("the machine gone", || (state(&bed.machines()[0]) == "gone").then_some(()));
     bed.wait("the instance's processes ended", || cloud.boot.alive().is_empty().then_some(()));
 
+    // What it cost agrees with the cloud: the seconds moto saw between launch and termination,
+    // at the price table's figure for t3.small in us-east-1.
+    let i = cloud.moto.instances().into_iter().find(|i| i.id == instance_id).expect("the instance");
+    let launched = i.launch_time.expect("moto's LaunchTime");
+    let ended = i.terminated_at().unwrap_or_else(|| panic!("no termination time in {:?}", i.transition_reason));
+    let cloud_seconds = (ended - launched) as f64 / 1000.0;
+    let price = paddock::cost::prices::PriceTable::builtin().on_demand("us-east-1", "t3.small").expect("t3.small");
+    let m = &bed.machines()[0];
+    assert_eq!((m["hourly_price"].as_f64(), m["price_source"].as_str()), (Some(price), Some("table")), "{m}");
+    assert_eq!(m["zone"].as_str(), Some(i.zone.as_str()));
+    let report = bed.get("/api/cost?since=1h&by=machine");
+    let row = &report["rows"][0];
+    let billed = row["billed_seconds"].as_f64().expect("billed");
+    let ran = billed - row["minimum_seconds"].as_f64().expect("minimum");
+    // moto's times are whole seconds; Paddock's are taken as the calls return.
+    assert!((ran - cloud_seconds).abs() <= 2.0, "metered {ran} s, moto saw {cloud_seconds} s");
+    let cloud_billed = cloud_seconds.max(60.0);
+    assert!((billed - cloud_billed).abs() <= 2.0, "billed {billed} s, moto's times give {cloud_billed} s");
+    let expected = cloud_billed * price / 3600.0;
+    let instance_cost = row["instance_cost"].as_f64().expect("instance cost");
+    assert!((instance_cost - expected).abs() <= 0.0001 + 2.0 * price / 3600.0, "{instance_cost} vs {expected}");
+    assert_eq!((instance_cost * 100.0).round(), (expected * 100.0).round(), "to the cent");
+    let total = row["cost"].as_f64().expect("cost");
+    assert!((total - instance_cost - row["volume_cost"].as_f64().expect("volume")).abs() < 0.00015, "{row}");
+    assert_eq!(report["unknown_price"]["machines"], 0);
+
     // Secrets never reach the master's log: no token, no user-data.
     let log = bed.log();
     assert!(!log.contains("PADDOCK_AGENT_TOKEN="), "token leaked into the master log");

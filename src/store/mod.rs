@@ -908,6 +908,11 @@ impl Store {
         Ok(out)
     }
 
+    /// How many machine events are stored (the meter's size).
+    pub async fn machine_event_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM machine_events").fetch_one(&self.pool).await?)
+    }
+
     /// Every nightly scheduler's saved state.
     pub async fn nightly_states(&self) -> Result<Vec<NightlyRow>> {
         let rows = sqlx::query("SELECT name, last_fire, built FROM scheduler_state").fetch_all(&self.pool).await?;

@@ -40,12 +40,26 @@ pub struct Instance {
     pub subnet: String,
     pub lifecycle: String,
     pub tags: Vec<(String, String)>,
+    /// Availability zone.
+    pub zone: String,
+    /// `LaunchTime`, in milliseconds since the epoch.
+    pub launch_time: Option<i64>,
+    /// `StateTransitionReason`; moto writes "User initiated (YYYY-MM-DD HH:MM:SS UTC)" when it
+    /// terminates an instance.
+    pub transition_reason: String,
 }
 
 impl Instance {
     /// The value of tag `key`.
     pub fn tag(&self, key: &str) -> Option<&str> {
         self.tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+    /// When the instance was terminated, as its state transition reason says (whole seconds).
+    pub fn terminated_at(&self) -> Option<i64> {
+        let inside = self.transition_reason.split_once('(')?.1.strip_suffix(')')?;
+        let text = inside.trim_end_matches(" UTC").trim_end_matches(" GMT");
+        let t = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S").ok()?;
+        Some(t.and_utc().timestamp_millis())
     }
     /// Pending or running.
     pub fn alive(&self) -> bool {
@@ -107,6 +121,9 @@ impl Moto {
                     instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
                     subnet: i.subnet_id().unwrap_or_default().to_string(),
                     lifecycle: i.instance_lifecycle().map(|l| l.as_str().to_string()).unwrap_or("on-demand".into()),
+                    zone: i.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
+                    launch_time: i.launch_time().map(|t| t.secs() * 1000 + i64::from(t.subsec_nanos() / 1_000_000)),
+                    transition_reason: i.state_transition_reason().unwrap_or_default().to_string(),
                     tags: i
                         .tags()
                         .iter()
