@@ -96,7 +96,16 @@ impl LocalProvisioner {
             let _ = child.wait().await;
         });
         tracing::info!(machine = spec.machine_id, pid, pool = %spec.pool, "local agent started");
-        Ok(Launched { provider_id: pid.to_string(), instance_type: Some("local".into()), lifecycle: "local".into() })
+        // No zone, spot price or cloud volume: a local machine costs nothing per hour.
+        Ok(Launched {
+            provider_id: pid.to_string(),
+            instance_type: Some("local".into()),
+            lifecycle: "local".into(),
+            zone: None,
+            spot_price: None,
+            volume_gb: None,
+            volume_type: None,
+        })
     }
 
     async fn stop(&self, machine_id: i64, provider_id: &str) -> Result<(), ProvisionError> {
