@@ -37,17 +37,18 @@ impl std::fmt::Debug for LaunchSpec {
     }
 }
 
-/// A machine the provisioner started.
+/// A machine the provisioner started, with what the cost meter needs to price it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Launched {
     /// The provider's id for it (a pid for `local`, an instance id for EC2).
     pub provider_id: String,
+    /// Instance type (`local` for local machines), when known.
     pub instance_type: Option<String>,
     /// `on-demand`, `spot` or `local`.
     pub lifecycle: String,
     /// Availability zone (EC2), e.g. `us-east-1a`; `None` for local machines.
     pub zone: Option<String>,
-    /// Spot machines: the hourly spot price (USD) for this type and zone at launch.
+    /// Spot machines: the hourly spot price (USD) for this type and zone at launch, as the cloud reported it; `None` when not spot or the price could not be had.
     pub spot_price: Option<f64>,
     /// Root volume size in GiB, when known (EC2).
     pub volume_gb: Option<u32>,

@@ -96,11 +96,15 @@ impl LocalProvisioner {
             let _ = child.wait().await;
         });
         tracing::info!(machine = spec.machine_id, pid, pool = %spec.pool, "local agent started");
+        // No zone, spot price or cloud volume: a local machine costs nothing per hour.
         Ok(Launched {
             provider_id: pid.to_string(),
             instance_type: Some("local".into()),
             lifecycle: "local".into(),
-            ..Launched::default()
+            zone: None,
+            spot_price: None,
+            volume_gb: None,
+            volume_type: None,
         })
     }
 

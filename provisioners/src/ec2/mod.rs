@@ -65,8 +65,8 @@ use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, LaunchTemplateSpecification, MarketType, ResourceType, ShutdownBehavior,
-    SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
+    InstanceMetadataOptionsRequest, InstanceType, LaunchTemplateSpecification, MarketType, ResourceType,
+    ShutdownBehavior, SpotInstanceType, SpotMarketOptions, SpotPrice, Tag, TagSpecification, VolumeType,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 
@@ -107,15 +107,19 @@ impl Ec2Api {
     }
 
     /// A client on aws-config's standard chain (environment, profile, SSO, instance role).
-    /// The SDK's own retries are off: every attempt goes through Paddock's buckets and its
-    /// launch retries look the machine up first.
     pub async fn connect(region: Option<&str>, endpoint_url: Option<&str>) -> Ec2Api {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(r) = region {
             loader = loader.region(Region::new(r.to_string()));
         }
-        let shared = loader.load().await;
-        let mut conf = aws_sdk_ec2::config::Builder::from(&shared)
+        Ec2Api::from_config(&loader.load().await, endpoint_url)
+    }
+
+    /// A client on an already loaded AWS configuration (credentials and region), e.g. one an
+    /// embedding program or a test built. The SDK's own retries are off: every attempt goes
+    /// through Paddock's buckets and its launch retries look the machine up first.
+    pub fn from_config(shared: &aws_config::SdkConfig, endpoint_url: Option<&str>) -> Ec2Api {
+        let mut conf = aws_sdk_ec2::config::Builder::from(shared)
             .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
             .timeout_config(
                 aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
@@ -270,8 +274,9 @@ pub struct Ec2Provisioner {
     cluster: String,
     pool: String,
     retry: RetryPolicy,
-    /// Root device name per AMI, looked up once.
-    root_devices: tokio::sync::Mutex<HashMap<String, String>>,
+    /// The AMI's root device (name, default size and type), looked up once: the settings
+    /// name one AMI, and an AMI never changes.
+    ami_root: tokio::sync::Mutex<Option<AmiRoot>>,
     /// Instances this provisioner launched lately: EC2 may not know them yet ("NotFound"
     /// right after RunInstances), so a terminate must not take that for "already gone".
     recent: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
@@ -284,6 +289,47 @@ const VISIBILITY_GRACE: Duration = Duration::from_secs(120);
 const LAUNCH_BUDGET: Duration = Duration::from_secs(80);
 /// The lookup by tags after an unknown outcome; budget plus lookup stay under the master's 120 s.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The most the cost facts (spot price, the AMI's volume) may add to a launch that succeeded:
+/// they are nice to have, the machine is what the master waits for.
+const FACTS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The spot products a Linux instance is billed as (EC2-Classic's and VPC's; the same price).
+const SPOT_PRODUCTS: &[&str] = &["Linux/UNIX", "Linux/UNIX (Amazon VPC)"];
+
+/// An AMI's root device as DescribeImages shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AmiRoot {
+    /// Device name, where a configured root volume size or type goes.
+    device: String,
+    /// The root volume's size in GiB when the launch does not override it.
+    size: Option<u32>,
+    /// The root volume's type when the launch does not override it.
+    volume_type: Option<String>,
+}
+
+/// The root volume a launch gets: the configured size and type, and for what is not
+/// configured the AMI's default (`ami`, when known). With a launch template and no AMI lookup,
+/// the template may set the volume, so what is not configured stays unknown.
+fn root_volume(s: &Ec2Settings, ami: Option<&AmiRoot>) -> (Option<u32>, Option<String>) {
+    // A negative size is rejected by the config check; here it just means "unknown".
+    let size = s.root_volume_size.and_then(|n| u32::try_from(n).ok());
+    let volume_type = s.root_volume_type.clone();
+    let ami = if s.launch_template.is_some() { None } else { ami };
+    (size.or(ami.and_then(|a| a.size)), volume_type.or(ami.and_then(|a| a.volume_type.clone())))
+}
+
+/// The newest price among `history` for `instance_type` in `zone`; other types' and zones'
+/// entries (a cloud may ignore the request's filters) and unparsable prices are skipped.
+fn newest_spot_price(history: &[SpotPrice], instance_type: &str, zone: &str) -> Option<f64> {
+    history
+        .iter()
+        .filter(|p| p.instance_type().map(|t| t.as_str()) == Some(instance_type) && p.availability_zone() == Some(zone))
+        .filter_map(|p| {
+            let price = p.spot_price()?.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0)?;
+            Some((p.timestamp().map(|t| (t.secs(), t.subsec_nanos())), price))
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, price)| price)
+}
 
 /// An instance as a listing shows it.
 #[derive(Debug, Clone)]
@@ -293,6 +339,7 @@ struct Seen {
     machine: Option<i64>,
     instance_type: Option<String>,
     spot: bool,
+    zone: Option<String>,
 }
 
 impl Ec2Provisioner {
@@ -304,7 +351,7 @@ impl Ec2Provisioner {
             cluster: cluster.to_string(),
             pool: pool.to_string(),
             retry: RetryPolicy::default(),
-            root_devices: tokio::sync::Mutex::new(HashMap::new()),
+            ami_root: tokio::sync::Mutex::new(None),
             recent: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -332,7 +379,9 @@ impl Ec2Provisioner {
         t
     }
 
-    async fn root_device(&self) -> Result<Option<String>, ProvisionError> {
+    /// The device to put the configured root volume size or type on; `None` when neither is
+    /// configured. Needs the AMI's root device name unless the settings give it.
+    async fn root_device(&self, deadline: tokio::time::Instant) -> Result<Option<String>, ProvisionError> {
         if self.settings.root_volume_size.is_none() && self.settings.root_volume_type.is_none() {
             return Ok(None);
         }
@@ -341,27 +390,141 @@ impl Ec2Provisioner {
         }
         // Without an AMI the config requires root_device_name, so this is not reached.
         let Some(ami) = &self.settings.ami else { return Ok(None) };
-        let mut cache = self.root_devices.lock().await;
-        if let Some(d) = cache.get(ami) {
-            return Ok(Some(d.clone()));
+        match tokio::time::timeout_at(deadline, self.ami_root()).await {
+            Ok(Ok(root)) => Ok(Some(root.device)),
+            Ok(Err(e)) => Err(ProvisionError::Launch(format!("cannot look up AMI {ami}: {e}"))),
+            Err(_) => Err(ProvisionError::Launch(format!(
+                "cannot look up AMI {ami}: no answer within the launch's {LAUNCH_BUDGET:?}"
+            ))),
         }
-        self.api.buckets.describe.acquire().await;
+    }
+
+    /// The configured AMI's root device, from DescribeImages the first time. Only an answer is
+    /// kept: after a failure the next launch asks again.
+    async fn ami_root(&self) -> Result<AmiRoot, String> {
+        let Some(ami) = &self.settings.ami else { return Err("no AMI is configured".into()) };
+        // Held across the call, so launches that start together share one lookup.
+        let mut cache = self.ami_root.lock().await;
+        if let Some(root) = cache.as_ref() {
+            return Ok(root.clone());
+        }
         let out = self
-            .api
-            .client
-            .describe_images()
-            .image_ids(ami)
-            .send()
-            .await
-            .map_err(|e| ProvisionError::Launch(format!("cannot look up AMI {ami}: {}", describe_error(&e))))?;
-        let dev = out
+            .with_retries(
+                || {
+                    let req = self.api.client.describe_images().image_ids(ami);
+                    async move { req.send().await }
+                },
+                &self.api.buckets.describe,
+            )
+            .await?;
+        let image = out
             .images()
-            .first()
-            .and_then(|i| i.root_device_name())
-            .ok_or_else(|| ProvisionError::Launch(format!("AMI {ami} not found or has no root device")))?
-            .to_string();
-        cache.insert(ami.clone(), dev.clone());
-        Ok(Some(dev))
+            .iter()
+            .find(|i| i.image_id() == Some(ami.as_str()))
+            .ok_or_else(|| format!("AMI {ami} not found"))?;
+        let device = image.root_device_name().ok_or_else(|| format!("AMI {ami} has no root device"))?.to_string();
+        let ebs = image
+            .block_device_mappings()
+            .iter()
+            .find(|m| m.device_name() == Some(device.as_str()))
+            .and_then(|m| m.ebs());
+        let root = AmiRoot {
+            device,
+            size: ebs.and_then(|e| e.volume_size()).and_then(|n| u32::try_from(n).ok()),
+            volume_type: ebs.and_then(|e| e.volume_type()).map(|t| t.as_str().to_string()),
+        };
+        *cache = Some(root.clone());
+        Ok(root)
+    }
+
+    /// The current spot price of `instance_type` in `zone`; `Ok(None)` when the cloud has none.
+    async fn spot_price(&self, instance_type: &str, zone: &str) -> Result<Option<f64>, String> {
+        let now = aws_smithy_types::DateTime::from(std::time::SystemTime::now());
+        let out = self
+            .with_retries(
+                || {
+                    let req = self
+                        .api
+                        .client
+                        .describe_spot_price_history()
+                        .instance_types(InstanceType::from(instance_type))
+                        .availability_zone(zone)
+                        .set_product_descriptions(Some(SPOT_PRODUCTS.iter().map(|p| p.to_string()).collect()))
+                        .start_time(now);
+                    async move { req.send().await }
+                },
+                &self.api.buckets.describe,
+            )
+            .await?;
+        Ok(newest_spot_price(out.spot_price_history(), instance_type, zone))
+    }
+
+    /// Adds the spot price and the root volume to a launched machine, for the cost meter. Both
+    /// lookups run together, end by `deadline` and by [`FACTS_TIMEOUT`], and never fail the
+    /// launch: what cannot be had stays `None`, with a warning.
+    async fn add_facts(&self, mut l: Launched, machine_id: i64, deadline: tokio::time::Instant) -> Launched {
+        let until = deadline.min(tokio::time::Instant::now() + FACTS_TIMEOUT);
+        let out_of_time = tokio::time::Instant::now() >= until;
+        let needs_ami = self.settings.launch_template.is_none()
+            && (self.settings.root_volume_size.is_none() || self.settings.root_volume_type.is_none());
+        let ami = async {
+            if !needs_ami {
+                return None;
+            }
+            // A known AMI costs no call, so it is used even when the launch has no time left.
+            if let Some(root) = self.ami_root.try_lock().ok().and_then(|c| c.clone()) {
+                return Some(root);
+            }
+            if out_of_time {
+                tracing::warn!(machine = machine_id, instance = %l.provider_id, "root volume size or type unknown: the launch had no time left to look up the AMI");
+                return None;
+            }
+            match tokio::time::timeout_at(until, self.ami_root()).await {
+                Ok(Ok(root)) => Some(root),
+                Ok(Err(e)) => {
+                    tracing::warn!(machine = machine_id, instance = %l.provider_id, "root volume size or type unknown: {e}");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(machine = machine_id, instance = %l.provider_id, "root volume size or type unknown: DescribeImages gave no answer in time");
+                    None
+                }
+            }
+        };
+        let price = async {
+            if l.lifecycle != "spot" {
+                return None;
+            }
+            let (Some(t), Some(zone)) = (l.instance_type.as_deref(), l.zone.as_deref()) else {
+                tracing::warn!(machine = machine_id, instance = %l.provider_id, "spot price unknown: the instance's type or zone is unknown");
+                return None;
+            };
+            if out_of_time {
+                tracing::warn!(machine = machine_id, instance = %l.provider_id, instance_type = t, zone, "spot price unknown: the launch had no time left to look it up");
+                return None;
+            }
+            match tokio::time::timeout_at(until, self.spot_price(t, zone)).await {
+                Ok(Ok(Some(p))) => Some(p),
+                Ok(Ok(None)) => {
+                    tracing::warn!(machine = machine_id, instance = %l.provider_id, instance_type = t, zone, "spot price unknown: the cloud reported no price for this type and zone");
+                    None
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(machine = machine_id, instance = %l.provider_id, instance_type = t, zone, "spot price unknown: {e}");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(machine = machine_id, instance = %l.provider_id, instance_type = t, zone, "spot price unknown: DescribeSpotPriceHistory gave no answer in time");
+                    None
+                }
+            }
+        };
+        let (ami, price) = tokio::join!(ami, price);
+        let (volume_gb, volume_type) = root_volume(&self.settings, ami.as_ref());
+        l.spot_price = price;
+        l.volume_gb = volume_gb;
+        l.volume_type = volume_type;
+        l
     }
 
     async fn run_once(
@@ -456,7 +619,11 @@ impl Ec2Provisioner {
                 .map(|t| t.as_str().to_string())
                 .or(c.instance_type.clone()),
             lifecycle: if c.spot { "spot" } else { "on-demand" }.to_string(),
-            ..Launched::default()
+            zone: inst.and_then(|i| i.placement()).and_then(|p| p.availability_zone()).map(String::from),
+            // Filled in by add_facts, which must not hold up the answer's handling.
+            spot_price: None,
+            volume_gb: None,
+            volume_type: None,
         })
     }
 
@@ -506,6 +673,7 @@ impl Ec2Provisioner {
                         machine: tag(TAG_MACHINE).and_then(|m| m.parse().ok()),
                         instance_type: i.instance_type().map(|t| t.as_str().to_string()),
                         spot: i.instance_lifecycle().is_some_and(|l| l.as_str() == "spot"),
+                        zone: i.placement().and_then(|p| p.availability_zone()).map(String::from),
                     });
                 }
             }
@@ -544,17 +712,22 @@ impl Ec2Provisioner {
     }
 
     async fn launch_inner(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
-        let launched = self.launch_candidates(spec).await?;
+        let machine_id = spec.machine_id;
+        let deadline = tokio::time::Instant::now() + LAUNCH_BUDGET;
+        let launched = self.launch_candidates(spec, deadline).await?;
         if let Ok(mut recent) = self.recent.lock() {
             let now = tokio::time::Instant::now();
             recent.retain(|_, at| now.duration_since(*at) < VISIBILITY_GRACE);
             recent.insert(launched.provider_id.clone(), now);
         }
-        Ok(launched)
+        Ok(self.add_facts(launched, machine_id, deadline).await)
     }
 
-    async fn launch_candidates(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
-        let deadline = tokio::time::Instant::now() + LAUNCH_BUDGET;
+    async fn launch_candidates(
+        &self,
+        spec: LaunchSpec,
+        deadline: tokio::time::Instant,
+    ) -> Result<Launched, ProvisionError> {
         let imds = self.settings.imds_url.as_deref().unwrap_or(DEFAULT_IMDS_URL);
         let user_data = aws_smithy_types::base64::encode(userdata::render(&userdata::BootVars {
             master_url: &spec.master_url,
@@ -564,7 +737,7 @@ impl Ec2Provisioner {
             cluster: &self.cluster,
             imds_url: imds,
         }));
-        let root_device = self.root_device().await?;
+        let root_device = self.root_device(deadline).await?;
         let mut reasons = Vec::new();
         for (n, c) in candidates(&self.settings).iter().enumerate() {
             let token = self.client_token(spec.machine_id, n);
@@ -620,7 +793,11 @@ impl Ec2Provisioner {
                                     provider_id: s.id,
                                     instance_type: s.instance_type,
                                     lifecycle: if s.spot { "spot" } else { "on-demand" }.to_string(),
-                                    ..Launched::default()
+                                    zone: s.zone,
+                                    // Filled in by add_facts, as for an answered launch.
+                                    spot_price: None,
+                                    volume_gb: None,
+                                    volume_type: None,
                                 });
                             }
                         }
@@ -683,14 +860,6 @@ impl Ec2Provisioner {
             }
             Err(e) => Err(ProvisionError::Terminate(e)),
         }
-    }
-}
-
-fn describe_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
-    e: &SdkError<E, R>,
-) -> String {
-    match classify(e) {
-        Failure::Capacity(r) | Failure::Throttled(r) | Failure::Unknown(r) | Failure::Fatal(r) => r,
     }
 }
 
@@ -767,5 +936,47 @@ mod tests {
         );
         let plain = candidates(&Ec2Settings::default());
         assert_eq!(plain, vec![Candidate { instance_type: None, subnet: None, spot: false }]);
+    }
+
+    fn price(ty: &str, zone: &str, price: &str, secs: i64) -> SpotPrice {
+        SpotPrice::builder()
+            .instance_type(InstanceType::from(ty))
+            .availability_zone(zone)
+            .spot_price(price)
+            .timestamp(aws_smithy_types::DateTime::from_secs(secs))
+            .build()
+    }
+
+    #[test]
+    fn the_newest_price_of_the_type_and_zone_wins() {
+        let history = [
+            price("t3.small", "us-east-1a", "0.0070", 100),
+            price("t3.small", "us-east-1a", "0.0072", 200),
+            // Newer, but another zone, another type, or no price at all: ignored.
+            price("t3.small", "us-east-1b", "0.0500", 300),
+            price("t3.large", "us-east-1a", "0.0600", 300),
+            price("t3.small", "us-east-1a", "n/a", 400),
+        ];
+        assert_eq!(newest_spot_price(&history, "t3.small", "us-east-1a"), Some(0.0072));
+        assert_eq!(newest_spot_price(&history, "t3.small", "us-east-1c"), None);
+        assert_eq!(newest_spot_price(&[], "t3.small", "us-east-1a"), None);
+    }
+
+    #[test]
+    fn root_volume_is_the_configured_one_else_the_amis() {
+        let ami = AmiRoot { device: "/dev/xvda".into(), size: Some(8), volume_type: Some("gp2".into()) };
+        let plain = Ec2Settings::default();
+        assert_eq!(root_volume(&plain, Some(&ami)), (Some(8), Some("gp2".into())));
+        assert_eq!(root_volume(&plain, None), (None, None));
+        let sized = Ec2Settings { root_volume_size: Some(30), ..Default::default() };
+        assert_eq!(root_volume(&sized, Some(&ami)), (Some(30), Some("gp2".into())));
+        let both =
+            Ec2Settings { root_volume_size: Some(30), root_volume_type: Some("gp3".into()), ..Default::default() };
+        assert_eq!(root_volume(&both, None), (Some(30), Some("gp3".into())));
+        // A launch template may set its own volume: only what is configured is known.
+        let templated = Ec2Settings { launch_template: Some("lt-1".into()), ..Default::default() };
+        assert_eq!(root_volume(&templated, Some(&ami)), (None, None));
+        let templated_sized = Ec2Settings { root_volume_size: Some(20), ..templated };
+        assert_eq!(root_volume(&templated_sized, Some(&ami)), (Some(20), None));
     }
 }
