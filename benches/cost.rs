@@ -65,7 +65,8 @@ async fn generate(store: &Store) -> Result<u64, paddock::store::StoreError> {
             };
             let stored = store.record_changes(&[change], None, Ts(t)).await?;
             let ids: Vec<i64> = stored.iter().map(|c| c.id).collect();
-            let build = store.create_request(&builder, "app", &branch, &revision, "branch", "bench", &ids, Ts(t)).await?;
+            let build =
+                store.create_request(&builder, "app", &branch, &revision, "branch", "bench", &ids, Ts(t)).await?;
             t += 2 * MIN;
             store.set_machine_state(id, "busy", Ts(t)).await?;
             store.start_build(build.id, id, &["checkout".into(), "test".into()], Ts(t)).await?;
@@ -107,6 +108,16 @@ async fn report(db: &str) {
     println!("  report process peak memory (VmHWM): {:.1} MiB", vm_hwm_kib() as f64 / 1024.0);
 }
 
+/// The generated year, kept under `target/` between runs (rebuilt when the generator or the
+/// schema changes: both are in the name).
+fn cached_year() -> std::path::PathBuf {
+    const GENERATOR: u32 = 2;
+    let schema = paddock::store::MIGRATOR.iter().count();
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-data")
+        .join(format!("cost-year-g{GENERATOR}-s{schema}.db"))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -115,27 +126,36 @@ fn main() {
         rt.block_on(report(db));
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("year.db");
-    let started = Instant::now();
-    let (events, stored) = rt.block_on(async {
-        let store = Store::open(&format!("sqlite://{}", db.display())).await.expect("open");
-        let events = generate(&store).await.expect("generate");
-        let stored = store.machine_event_count().await.expect("count");
-        (events, stored)
-    });
     println!("cost report over a year of a busy farm");
-    println!(
-        "  generated {MACHINES} machines, {} builds, {stored} machine events ({events} counted by the generator) in {:.1} s",
-        MACHINES * BUILDS_PER_MACHINE,
-        started.elapsed().as_secs_f64()
-    );
+    let db = cached_year();
+    if db.exists() {
+        println!("  using the year generated before: {}", db.display());
+    } else {
+        // Written in memory (tmpfs) when there is one: the store commits every event on its
+        // own, and a disk makes that minutes.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
+        let scratch = dir.path().join("year.db");
+        let started = Instant::now();
+        let (events, stored) = rt.block_on(async {
+            let store = Store::open(&format!("sqlite://{}", scratch.display())).await.expect("open");
+            let events = generate(&store).await.expect("generate");
+            let stored = store.machine_event_count().await.expect("count");
+            store.close().await;
+            (events, stored)
+        });
+        println!(
+            "  generated {MACHINES} machines, {} builds, {stored} machine events ({events} by the generator's count) in {:.1} s",
+            MACHINES * BUILDS_PER_MACHINE,
+            started.elapsed().as_secs_f64()
+        );
+        if let Some(parent) = db.parent() {
+            std::fs::create_dir_all(parent).expect("bench-data folder");
+        }
+        std::fs::copy(&scratch, &db).expect("keep the generated year");
+    }
     let exe = std::env::current_exe().expect("own path");
-    let out = std::process::Command::new(exe)
-        .arg("--report-child")
-        .arg(&db)
-        .output()
-        .expect("run the report child");
+    let out = std::process::Command::new(exe).arg("--report-child").arg(&db).output().expect("run the report child");
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the report child failed");

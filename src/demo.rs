@@ -30,6 +30,7 @@ poll = "2s"
 provisioner = "local"           # each machine is a `paddock agent` child process
 max_instances = 2               # at most two builds at once
 idle_timeout = "15s"            # a machine idle this long is stopped
+hourly_price = 0.05             # a nominal price, so `paddock cost` has something to show
 boot_timeout = "30s"
 
 # Two builders from one matrix: test-quick and test-full.
@@ -171,6 +172,7 @@ pub async fn run(dir: &Path, port: u16) -> anyhow::Result<()> {
     println!("  {exe} builds --master {url}          # the build table");
     println!("  {exe} log 1 --master {url}           # a build's log");
     println!("  {exe} force docs --branch main --master {url}");
+    println!("  {exe} cost --by builder --master {url}   # what the machines cost, busy and idle");
     println!("  (a commit whose text contains 'broken' makes the tests fail; docs/ changes build only the docs)");
     println!("Stop with Ctrl-C: running builds finish, machines stop.");
     println!();

@@ -10,16 +10,17 @@ pub mod meter;
 pub mod prices;
 pub mod report;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use paddock_provisioners::Launched;
 
 use crate::config::{Pool, ProvisionerKind};
-use crate::core::{MachineId, Ts};
+use crate::core::{BuildId, Ts};
 use crate::store::{MachinePrice, Store, StoreError};
 use meter::Life;
 use prices::{region_of_zone, PriceTable, HOURS_PER_MONTH};
-use report::{Aggregator, GroupBy, MachineFacts, Report, ReportQuery};
+use report::{Aggregator, BuildLabel, GroupBy, Report, ReportQuery};
 
 /// The volume type EC2 gives a root volume whose AMI mapping does not say.
 const DEFAULT_VOLUME_TYPE: &str = "gp2";
@@ -87,32 +88,59 @@ fn minimum_ms(provisioner: &str) -> i64 {
 
 /// Builds the report `q` asks for, as of `now`, from the store.
 pub async fn report(store: &Store, q: &ReportQuery, now: Ts) -> Result<Report, StoreError> {
-    let facts: HashMap<MachineId, MachineFacts> =
-        store.cost_machines(q.since, q.until).await?.into_iter().map(|m| (m.id, m)).collect();
-    let labels = store.cost_labels(q.since, q.until).await?;
-    let mut agg = Aggregator::new(q.clone(), now, &labels);
-    let mut life: Option<Life> = None;
-    let flush = |agg: &mut Aggregator<'_>, life: Option<Life>| {
-        if let Some(l) = life {
-            if let Some(m) = facts.get(&l.machine) {
-                agg.add(m, &l);
+    build(store, q, now, true).await
+}
+
+/// The fold behind [`report`]: one machine at a time, as the store hands them over, so
+/// memory follows the report's groups, not the events. `labelled`: attribute busy time to
+/// builds (spend by pool does not need it).
+async fn build(store: &Store, q: &ReportQuery, now: Ts, labelled: bool) -> Result<Report, StoreError> {
+    let mut agg = Aggregator::new(q.clone(), now);
+    let mut names: HashSet<Arc<str>> = HashSet::new();
+    let mut labels: Vec<(BuildId, BuildLabel)> = Vec::new();
+    store
+        .cost_lives(q.since, q.until, |m, events| {
+            let mut life = Life { machine: m.id, minimum_ms: minimum_ms(&m.provisioner), ..Life::default() };
+            labels.clear();
+            for line in events.lines() {
+                let mut parts = line.splitn(3, '\t');
+                let (Some(at), Some(kind), detail) = (parts.next(), parts.next(), parts.next().unwrap_or_default())
+                else {
+                    continue;
+                };
+                let Some(at) = parse_ts(at) else { continue };
+                apply_event(&mut life, at, kind, detail);
+                if labelled && kind == "build_started" {
+                    if let Some(l) = build_label(detail, &mut names) {
+                        labels.push(l);
+                    }
+                }
+            }
+            agg.add(&m, &life, &labels);
+        })
+        .await?;
+    let table = PriceTable::builtin();
+    Ok(agg.finish(table.currency(), &format!("{} ({})", table.source(), table.date())))
+}
+
+/// The build a `build_started` event names: `id TAB builder TAB repo TAB branch TAB committer`
+/// (names stored once per report however many builds share them).
+fn build_label(detail: &str, names: &mut HashSet<Arc<str>>) -> Option<(BuildId, BuildLabel)> {
+    let mut f = detail.split('\t');
+    let id = f.next()?.parse().ok()?;
+    let mut intern = |s: Option<&str>| -> Arc<str> {
+        let s = s.unwrap_or_default();
+        match names.get(s) {
+            Some(a) => a.clone(),
+            None => {
+                let a: Arc<str> = s.into();
+                names.insert(a.clone());
+                a
             }
         }
     };
-    store
-        .cost_events(q.since, q.until, |machine, at, kind, detail| {
-            if life.as_ref().map(|l| l.machine) != Some(machine) {
-                flush(&mut agg, life.take());
-                let minimum = facts.get(&machine).map(|m| minimum_ms(&m.provisioner)).unwrap_or(0);
-                life = Some(Life { machine, minimum_ms: minimum, ..Life::default() });
-            }
-            let (Some(l), Some(at)) = (life.as_mut(), parse_ts(at)) else { return };
-            apply_event(l, at, kind, detail);
-        })
-        .await?;
-    flush(&mut agg, life.take());
-    let table = PriceTable::builtin();
-    Ok(agg.finish(table.currency(), &format!("{} ({})", table.source(), table.date())))
+    let (builder, repo, branch, committer) = (intern(f.next()), intern(f.next()), intern(f.next()), intern(f.next()));
+    Some((id, BuildLabel { builder, repo, branch, committer }))
 }
 
 /// Adds one meter event to a machine's life.
@@ -148,7 +176,7 @@ pub struct Spend {
 /// The spend since `since` (a cap's hour or day), machines still running included up to now.
 pub async fn spend(store: &Store, since: Ts, now: Ts) -> Result<Spend, StoreError> {
     let q = ReportQuery { since, until: Ts(now.0.max(since.0)), by: GroupBy::Pool, format: report::Format::Json };
-    let r = report(store, &q, now).await?;
+    let r = build(store, &q, now, false).await?;
     Ok(Spend { total: r.totals.cost, by_pool: r.rows.into_iter().map(|row| (row.key, row.cost)).collect() })
 }
 

@@ -4,8 +4,9 @@
 //! Money is rounded to 4 decimal places in every format (sub-cent amounts matter for cost per
 //! build), so the table, the CSV and the JSON carry the same numbers.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -170,10 +171,10 @@ pub struct MachineFacts {
 /// What a busy stretch is attributed to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BuildLabel {
-    pub builder: String,
-    pub repo: String,
-    pub branch: String,
-    pub committer: String,
+    pub builder: Arc<str>,
+    pub repo: Arc<str>,
+    pub branch: Arc<str>,
+    pub committer: Arc<str>,
 }
 
 /// One line of a report: money (USD, 4 decimals) and time (seconds, 3 decimals).
@@ -260,7 +261,8 @@ struct Acc {
     ms: [i64; 3],
     unknown_ms: i64,
     minimum_ms: i64,
-    builds: HashSet<BuildId>,
+    /// Busy stretches: one per build (a build that runs across midnight counts on both days).
+    builds: u64,
 }
 
 fn slot(u: Use) -> usize {
@@ -288,15 +290,15 @@ impl Acc {
             }
             None => self.unknown_ms += s.ms,
         }
-        if let Some(b) = s.build {
-            self.builds.insert(b);
+        if s.what == Use::Busy {
+            self.builds += 1;
         }
     }
 
     fn row(&self, key: String) -> Row {
         let cost = self.cost.iter().sum::<f64>();
         let billed_ms: i64 = self.ms.iter().sum();
-        let builds = self.builds.len() as u64;
+        let builds = self.builds;
         let idle_waste = if cost > 0.0 {
             Some(self.cost[1] / cost)
         } else if billed_ms > 0 {
@@ -341,10 +343,9 @@ fn secs(ms: i64) -> f64 {
 
 /// Sums machines' lives into a report, one machine at a time (memory stays per group, not
 /// per event).
-pub struct Aggregator<'a> {
+pub struct Aggregator {
     q: ReportQuery,
     now: Ts,
-    labels: &'a HashMap<BuildId, BuildLabel>,
     groups: BTreeMap<String, Acc>,
     total: Acc,
     builders: BTreeMap<String, Acc>,
@@ -357,15 +358,14 @@ pub struct Aggregator<'a> {
     running: Vec<RunningMachine>,
 }
 
-impl<'a> Aggregator<'a> {
-    /// An empty report for `q` as of `now`; busy time is labelled from `labels`.
-    pub fn new(q: ReportQuery, now: Ts, labels: &'a HashMap<BuildId, BuildLabel>) -> Aggregator<'a> {
+impl Aggregator {
+    /// An empty report for `q` as of `now`.
+    pub fn new(q: ReportQuery, now: Ts) -> Aggregator {
         let recent_to = Ts(q.until.0.min(now.0));
         let recent_from = Ts(q.since.0.max(recent_to.0 - RECENT_MS));
         Aggregator {
             q,
             now,
-            labels,
             groups: BTreeMap::new(),
             total: Acc::default(),
             builders: BTreeMap::new(),
@@ -379,8 +379,8 @@ impl<'a> Aggregator<'a> {
         }
     }
 
-    /// Adds one machine's life.
-    pub fn add(&mut self, m: &MachineFacts, life: &Life) {
+    /// Adds one machine's life; busy time is attributed from `labels` (its builds).
+    pub fn add(&mut self, m: &MachineFacts, life: &Life, labels: &[(BuildId, BuildLabel)]) {
         let (q, now) = (self.q.clone(), self.now);
         let mut billed = false;
         let mut stretches = vec![];
@@ -388,43 +388,47 @@ impl<'a> Aggregator<'a> {
         for s in &stretches {
             billed = true;
             self.total.add(s, m);
-            let label = s.build.and_then(|b| self.labels.get(&b));
+            let label = s.build.and_then(|b| labels.iter().find(|(id, _)| *id == b)).map(|(_, l)| l);
             if s.what == Use::Busy {
-                let builder = label.map(|l| l.builder.clone()).unwrap_or_else(|| "(unknown build)".into());
-                self.builders.entry(builder).or_default().add(s, m);
+                let builder = label.map(|l| &*l.builder).unwrap_or(UNKNOWN_BUILD);
+                group(&mut self.builders, builder).add(s, m);
             }
-            let key = |what: Use, f: &dyn Fn(&BuildLabel) -> String| match what {
-                Use::Busy => label.map(f).unwrap_or_else(|| "(unknown build)".into()),
-                Use::Idle => "(idle)".to_string(),
-                Use::Boot => "(boot)".to_string(),
+            let named = |f: fn(&BuildLabel) -> &str| -> &str {
+                match s.what {
+                    Use::Busy => label.map(f).unwrap_or(UNKNOWN_BUILD),
+                    Use::Idle => "(idle)",
+                    Use::Boot => "(boot)",
+                }
             };
             match q.by {
-                GroupBy::Pool => self.groups.entry(m.pool.clone()).or_default().add(s, m),
+                GroupBy::Pool => group(&mut self.groups, &m.pool).add(s, m),
                 GroupBy::Machine => {
-                    let acc = self.groups.entry(format!("{:>8}", m.id)).or_default();
+                    let acc = group(&mut self.groups, &format!("{:>8}", m.id));
                     if acc.label.is_empty() {
                         acc.label = machine_label(m);
                     }
                     acc.add(s, m)
                 }
-                GroupBy::Builder => self.groups.entry(key(s.what, &|l| l.builder.clone())).or_default().add(s, m),
+                GroupBy::Builder => group(&mut self.groups, named(|l| &l.builder)).add(s, m),
                 GroupBy::Branch => {
-                    self.groups.entry(key(s.what, &|l| format!("{}:{}", l.repo, l.branch))).or_default().add(s, m)
+                    let key = match (s.what, label) {
+                        (Use::Busy, Some(l)) => format!("{}:{}", l.repo, l.branch),
+                        _ => named(|l| &l.branch).to_string(),
+                    };
+                    group(&mut self.groups, &key).add(s, m)
                 }
-                GroupBy::Committer => self
-                    .groups
-                    .entry(key(s.what, &|l| if l.committer.is_empty() { "(none)".into() } else { l.committer.clone() }))
-                    .or_default()
-                    .add(s, m),
+                GroupBy::Committer => {
+                    let who = named(|l| &l.committer);
+                    group(&mut self.groups, if who.is_empty() { "(none)" } else { who }).add(s, m)
+                }
                 GroupBy::Day => {
                     for part in split_days(s) {
-                        self.groups.entry(day_of(part.from)).or_default().add(&part, m);
+                        group(&mut self.groups, &day_of(part.from)).add(&part, m);
                     }
                 }
             }
             // The projection's "current rate": the same stretch, cut to the recent window.
             if let Some(p) = m.hourly_price {
-                let (from, to) = (s.from.0.max(self.recent_from.0), s.to.0.min(self.recent_to.0));
                 let ms = if s.minimum {
                     // A minimum's top-up: counted if its end time is recent.
                     if s.from >= self.recent_from && s.from < self.recent_to {
@@ -433,7 +437,7 @@ impl<'a> Aggregator<'a> {
                         0
                     }
                 } else {
-                    (to - from).max(0)
+                    (s.to.0.min(self.recent_to.0) - s.from.0.max(self.recent_from.0)).max(0)
                 };
                 self.recent += ms as f64 * (p + m.volume_hourly.unwrap_or(0.0)) / MS_PER_HOUR;
             }
@@ -498,6 +502,17 @@ impl<'a> Aggregator<'a> {
             running: self.running,
         }
     }
+}
+
+/// The row of a busy stretch whose build is not in the store any more.
+const UNKNOWN_BUILD: &str = "(unknown build)";
+
+/// The accumulator of `key`, made on first use (the key is copied only then).
+fn group<'g>(groups: &'g mut BTreeMap<String, Acc>, key: &str) -> &'g mut Acc {
+    if !groups.contains_key(key) {
+        groups.insert(key.to_string(), Acc::default());
+    }
+    groups.get_mut(key).expect("inserted above")
 }
 
 fn machine_label(m: &MachineFacts) -> String {

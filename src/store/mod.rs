@@ -3,7 +3,7 @@
 //! State that matters is written before the side effect it describes (a machine row before the
 //! provisioner call, a build request before the fleet sees it), so a crash loses nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use crate::core::{BuildId, ChangeId, MachineId, Ts};
-use crate::cost::report::{BuildLabel, MachineFacts};
+use crate::cost::report::MachineFacts;
 
 /// The migrations under `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -473,7 +473,22 @@ impl Store {
             .bind(machine)
             .execute(&mut *tx)
             .await?;
-        insert_event(&mut *tx, machine, &now_s, "build_started", &build.to_string()).await?;
+        // The meter's record of the build says what it was, so a report attributes busy time
+        // from the events alone: id, builder, repository, branch and committer (the author of
+        // the newest change), tab-separated.
+        sqlx::query(
+            "INSERT INTO machine_events (machine_id, at, kind, detail)
+             SELECT ?, ?, 'build_started', b.id || char(9) || b.builder || char(9) || b.repo || char(9) || b.branch
+                    || char(9) || REPLACE(REPLACE(COALESCE(c.author, ''), char(9), ' '), char(10), ' ')
+             FROM builds b JOIN build_requests r ON r.id = b.request_id
+             LEFT JOIN changes c ON c.id = json_extract(r.changes, '$[#-1]')
+             WHERE b.id = ?",
+        )
+        .bind(machine)
+        .bind(&now_s)
+        .bind(build)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -829,83 +844,49 @@ impl Store {
         Ok(PoolStatus { machines: machines.into_iter().collect(), last_launch_failure, last_launched_at })
     }
 
-    /// Machines a cost report over `[since, until)` needs: those billed at some time in it,
-    /// and every machine not gone (the report lists what runs now).
-    pub async fn cost_machines(&self, since: Ts, until: Ts) -> Result<Vec<MachineFacts>> {
-        let rows = sqlx::query(
-            "SELECT id, pool, provisioner, state, instance_type, lifecycle, zone, hourly_price, price_source, volume_hourly
-             FROM machines WHERE launched_at IS NOT NULL
-               AND ((launched_at < ?2 AND (terminated_at IS NULL OR terminated_at >= ?1)) OR state != 'gone')
-             ORDER BY id",
-        )
-        .bind(ts_string(since))
-        .bind(ts_string(until))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| MachineFacts {
-                id: r.get("id"),
-                pool: r.get("pool"),
-                provisioner: r.get("provisioner"),
-                state: r.get("state"),
-                instance_type: r.get("instance_type"),
-                lifecycle: r.get("lifecycle"),
-                zone: r.get("zone"),
-                hourly_price: r.get("hourly_price"),
-                price_source: r.get("price_source"),
-                volume_hourly: r.get("volume_hourly"),
-            })
-            .collect())
-    }
-
-    /// Streams the meter's events (launched, connected, build_started, build_finished, gone)
-    /// of the machines [`Store::cost_machines`] returns, by machine then in order, to `f`
-    /// as (machine, at, kind, detail). Streamed, so a year of events never sits in memory.
-    pub async fn cost_events(
-        &self,
-        since: Ts,
-        until: Ts,
-        mut f: impl FnMut(MachineId, &str, &str, &str),
-    ) -> Result<()> {
+    /// Every machine a cost report over `[since, until)` needs — those billed at some time in
+    /// it, and every machine not gone (the report lists what runs now) — with its meter events
+    /// (launched, connected, build_started, build_finished, gone), oldest machine first. `f`
+    /// gets the machine and its events as lines of `at TAB kind TAB detail`, in order. One row
+    /// per machine: the events are gathered by SQLite, not handed over one by one.
+    pub async fn cost_lives(&self, since: Ts, until: Ts, mut f: impl FnMut(MachineFacts, &str)) -> Result<()> {
         use futures_util::TryStreamExt;
-        let mut rows = sqlx::query_as::<_, (i64, String, String, String)>(
-            "SELECT e.machine_id, e.at, e.kind, e.detail FROM machines m
-             JOIN machine_events e ON e.machine_id = m.id
-             WHERE m.launched_at IS NOT NULL
+        let mut rows = sqlx::query(
+            "SELECT m.id, m.pool, m.provisioner, m.state, m.instance_type, m.lifecycle, m.zone, m.hourly_price,
+                    m.price_source, m.volume_hourly,
+                    (SELECT group_concat(e.at || char(9) || e.kind || char(9) || e.detail, char(10) ORDER BY e.id)
+                     FROM machine_events e
+                     WHERE e.machine_id = m.id
+                       AND e.kind IN ('launched', 'connected', 'build_started', 'build_finished', 'gone')) AS events
+             FROM machines m WHERE m.launched_at IS NOT NULL
                AND ((m.launched_at < ?2 AND (m.terminated_at IS NULL OR m.terminated_at >= ?1)) OR m.state != 'gone')
-               AND e.kind IN ('launched', 'connected', 'build_started', 'build_finished', 'gone')
-             ORDER BY m.id, e.id",
+             ORDER BY m.id",
         )
         .bind(ts_string(since))
         .bind(ts_string(until))
         .fetch(&self.pool);
-        while let Some((machine, at, kind, detail)) = rows.try_next().await? {
-            f(machine, &at, &kind, &detail);
+        while let Some(r) = rows.try_next().await? {
+            let facts = MachineFacts {
+                id: r.try_get("id")?,
+                pool: r.try_get("pool")?,
+                provisioner: r.try_get("provisioner")?,
+                state: r.try_get("state")?,
+                instance_type: r.try_get("instance_type")?,
+                lifecycle: r.try_get("lifecycle")?,
+                zone: r.try_get("zone")?,
+                hourly_price: r.try_get("hourly_price")?,
+                price_source: r.try_get("price_source")?,
+                volume_hourly: r.try_get("volume_hourly")?,
+            };
+            let events: Option<&str> = r.try_get("events")?;
+            f(facts, events.unwrap_or_default());
         }
         Ok(())
     }
 
-    /// Builder, repository, branch and committer (the author of the newest change built) of
-    /// every build run on the machines [`Store::cost_machines`] returns.
-    pub async fn cost_labels(&self, since: Ts, until: Ts) -> Result<HashMap<BuildId, BuildLabel>> {
-        use futures_util::TryStreamExt;
-        let mut rows = sqlx::query_as::<_, (i64, String, String, String, Option<String>)>(
-            "SELECT b.id, b.builder, b.repo, b.branch, c.author FROM machines m
-             JOIN builds b ON b.machine_id = m.id
-             JOIN build_requests r ON r.id = b.request_id
-             LEFT JOIN changes c ON c.id = json_extract(r.changes, '$[#-1]')
-             WHERE m.launched_at IS NOT NULL
-               AND ((m.launched_at < ?2 AND (m.terminated_at IS NULL OR m.terminated_at >= ?1)) OR m.state != 'gone')",
-        )
-        .bind(ts_string(since))
-        .bind(ts_string(until))
-        .fetch(&self.pool);
-        let mut out = HashMap::new();
-        while let Some((id, builder, repo, branch, author)) = rows.try_next().await? {
-            out.insert(id, BuildLabel { builder, repo, branch, committer: author.unwrap_or_default() });
-        }
-        Ok(out)
+    /// Closes every connection (SQLite folds its write-ahead log into the file).
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// How many machine events are stored (the meter's size).
