@@ -37,6 +37,14 @@ fn check_config_shows_what_the_shipped_ec2_example_will_launch() {
         ),
         "{out}"
     );
+    // What its machines will cost, and its caps, before anything runs.
+    assert!(
+        out.contains(
+            "    cost: t3.small $0.0228/h (table), t3a.small $0.0204/h (table), spot machines at the spot price of their launch; at most $2.50 per hour"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("spend caps over all pools: at most $40.00 per day"), "{out}");
 }
 
 #[test]
@@ -56,7 +64,7 @@ fn check_config_points_at_the_mistake_and_fails() {
 
 #[test]
 fn every_subcommand_has_help() {
-    for sub in ["run", "check-config", "builds", "log", "force", "agent", "demo"] {
+    for sub in ["run", "check-config", "builds", "log", "force", "cost", "agent", "demo"] {
         let (code, out, err) = run(&[sub, "--help"]);
         assert_eq!(code, 0, "{sub}: {err}");
         assert!(out.contains("Usage: paddock"), "{sub}: {out}");

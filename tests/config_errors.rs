@@ -628,6 +628,35 @@ fn float_matrix_value_asks_for_quotes() {
     assert!(e.hint.unwrap().contains("\"3.10\""));
 }
 
+#[test]
+fn prices_and_spend_caps_are_checked_where_they_are_written() {
+    // BASE's pool is lines 5-6; these keys land on line 7.
+    assert_err(&format!("{BASE}hourly_price = -1.5\n"), 7, 16, "`hourly_price` must be a number of dollars, 0 or more");
+    assert_err(&format!("{BASE}hourly_price = \"cheap\"\n"), 7, 16, "`hourly_price` must be a number");
+    assert_err(&format!("{BASE}max_hourly_spend = 0\n"), 7, 20, "`max_hourly_spend` must be more than 0");
+    assert_err(
+        &format!("{BASE}prices = {{ \"t3.small\" = \"x\" }}\n"),
+        7,
+        25,
+        "the price of `t3.small` must be a number",
+    );
+    assert_err(&format!("{BASE}prices = 3\n"), 7, 10, "`prices`");
+    let e = assert_err(&format!("{BASE}\n[cost]\nmax_daily = 5\n"), 9, 1, "unknown key `max_daily`");
+    assert!(e.hint.as_deref().is_some_and(|h| h.contains("max_daily_spend")), "{e}");
+    assert_err(&format!("{BASE}\n[cost]\nmax_daily_spend = -2\n"), 9, 19, "0 or more");
+
+    let ok = parse(&format!(
+        "{BASE}hourly_price = 0.05\nprices = {{ \"t3.small\" = 0.02, \"m5.large\" = 1 }}\nmax_hourly_spend = 2\nmax_daily_spend = 30.5\n\n[cost]\nmax_daily_spend = 100\n{BUILDER}"
+    ))
+    .expect("valid");
+    let pool = ok.pool("small").expect("pool");
+    assert_eq!(pool.hourly_price, Some(0.05));
+    assert_eq!(pool.prices.get("m5.large"), Some(&1.0));
+    assert_eq!((pool.spend.hourly, pool.spend.daily), (Some(2.0), Some(30.5)));
+    assert_eq!(ok.cost.spend.daily, Some(100.0));
+    assert_eq!(ok.cost.spend.hourly, None);
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;

@@ -89,6 +89,10 @@ pub fn render_builders(cfg: &Config) -> String {
                 if e.spot { "spot, falling back to on-demand" } else { "on-demand" }
             );
         }
+        let _ = writeln!(out, "    cost: {}{}", pool_prices(p), caps(&p.spend));
+    }
+    if cfg.cost.spend.any() {
+        let _ = writeln!(out, "spend caps over all pools: {}", caps(&cfg.cost.spend).trim_start_matches("; "));
     }
     let _ = writeln!(out, "schedulers ({}):", cfg.schedulers.len());
     for s in &cfg.schedulers {
@@ -112,6 +116,44 @@ pub fn render_builders(cfg: &Config) -> String {
         };
         let _ = writeln!(out, "  {}: {detail}; repo {}, branches {}", s.name, s.repo, list(&s.branches, "all"));
         let _ = writeln!(out, "    builders: {}", s.builders.join(", "));
+    }
+    out
+}
+
+/// What a pool's machines will be priced at, as the meter will decide at launch.
+fn pool_prices(p: &crate::config::Pool) -> String {
+    let table = crate::cost::prices::PriceTable::builtin();
+    let priced = |t: &str, region: Option<&str>| -> String {
+        if let Some(v) = p.prices.get(t).copied().or(p.hourly_price) {
+            return format!("{t} ${v}/h (config)");
+        }
+        match region.and_then(|r| table.on_demand(r, t)) {
+            Some(v) => format!("{t} ${v}/h (table)"),
+            None => format!("{t} unknown price (add it to `prices`)"),
+        }
+    };
+    match &p.provisioner {
+        ProvisionerKind::Local => format!("${}/h per machine (nominal)", p.hourly_price.unwrap_or(0.0)),
+        ProvisionerKind::Ec2(e) => {
+            let mut parts: Vec<String> = e.instance_types.iter().map(|t| priced(t, e.region.as_deref())).collect();
+            if parts.is_empty() {
+                parts.push("the launch template's type, priced at launch".into());
+            }
+            if e.spot {
+                parts.push("spot machines at the spot price of their launch".into());
+            }
+            parts.join(", ")
+        }
+    }
+}
+
+fn caps(c: &crate::config::SpendCaps) -> String {
+    let mut out = String::new();
+    if let Some(h) = c.hourly {
+        out.push_str(&format!("; at most ${h:.2} per hour"));
+    }
+    if let Some(d) = c.daily {
+        out.push_str(&format!("; at most ${d:.2} per day"));
     }
     out
 }
