@@ -61,9 +61,9 @@ enum Command {
         #[command(flatten)]
         master: MasterArg,
         /// Start of the window: a duration back from now (12h, 7d, 2w), a UTC date
-        /// (2026-11-01) or an RFC 3339 time.
-        #[arg(long, default_value = "7d")]
-        since: String,
+        /// (2026-11-01) or an RFC 3339 time. Default: 7 days before --until.
+        #[arg(long)]
+        since: Option<String>,
         /// End of the window (same forms, or `now`; default now).
         #[arg(long)]
         until: Option<String>,
@@ -201,9 +201,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             // Checked here first, so a typo is reported without a round trip; the master reads
             // the times against its own clock.
             let now = crate::clock::Clock::now(&crate::clock::SystemClock);
-            let q =
-                crate::cost::report::ReportQuery::parse(Some(&since), until.as_deref(), Some(&by), Some(&format), now)?;
-            let mut query = vec![("since", since), ("by", by), ("format", "json".to_string())];
+            let q = crate::cost::report::ReportQuery::parse(
+                since.as_deref(),
+                until.as_deref(),
+                Some(&by),
+                Some(&format),
+                now,
+            )?;
+            let mut query = vec![("by", by), ("format", "json".to_string())];
+            query.extend(since.map(|s| ("since", s)));
             query.extend(until.map(|u| ("until", u)));
             let body = get_json(&master.master, "/api/cost", &query).await?;
             let report: crate::cost::report::Report =

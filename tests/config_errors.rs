@@ -634,6 +634,8 @@ fn prices_and_spend_caps_are_checked_where_they_are_written() {
     assert_err(&format!("{BASE}hourly_price = -1.5\n"), 7, 16, "`hourly_price` must be a number of dollars, 0 or more");
     assert_err(&format!("{BASE}hourly_price = \"cheap\"\n"), 7, 16, "`hourly_price` must be a number");
     assert_err(&format!("{BASE}max_hourly_spend = 0\n"), 7, 20, "`max_hourly_spend` must be more than 0");
+    let e = assert_err(&format!("{BASE}max_daily_spend = 10\n"), 7, 1, "local pool whose machines cost nothing");
+    assert!(e.hint.as_deref().is_some_and(|h| h.contains("hourly_price")), "{e}");
     assert_err(
         &format!("{BASE}prices = {{ \"t3.small\" = \"x\" }}\n"),
         7,

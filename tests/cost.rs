@@ -316,3 +316,18 @@ async fn the_root_volume_is_billed_per_gb_month_prorated() {
     assert_eq!((r.totals.instance_cost, r.totals.volume_cost, r.totals.cost), (0.7592, 0.8, 1.5592));
     assert_eq!(cents(r.totals.cost), 156);
 }
+
+#[tokio::test]
+async fn a_machine_of_unknown_price_counts_against_caps_at_the_on_demand_price() {
+    let farm = Farm::new().await;
+    // A spot machine whose price lookup failed: unknown in reports, but a cap counts it at the
+    // table's on-demand price for c5.xlarge in us-east-1 ($0.17/h): 2 h = $0.34.
+    let unknown = MachinePrice { zone: Some("us-east-1b".into()), volume_hourly: Some(0.0), ..Default::default() };
+    farm.machine(1, "ec2", "ec2", &unknown, at(0)).await;
+    farm.stop(1, at(2 * HOUR)).await;
+    let r = farm.report(at(0), at(3 * HOUR), "pool", at(3 * HOUR)).await;
+    assert_eq!((r.totals.cost, r.unknown_price.machines), (0.0, 1));
+    let spend = paddock::cost::spend(&farm.store, at(0), at(3 * HOUR)).await.expect("spend");
+    assert_eq!(spend.total, 0.34);
+    assert_eq!(spend.by_pool.get("ec2"), Some(&0.34));
+}

@@ -523,6 +523,14 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
             .hint("lower min_idle or raise max_instances"));
         }
     }
+    let hourly_price = f.opt_money("hourly_price")?.map(|m| m.v);
+    let spend = spend_caps(&f)?;
+    if matches!(provisioner, ProvisionerKind::Local) && spend.any() && hourly_price.unwrap_or(0.0) == 0.0 {
+        let cap = f.get("max_hourly_spend").or_else(|| f.get("max_daily_spend"));
+        let span = cap.map(|c| c.key_span.clone()).unwrap_or(f.span.clone());
+        return Err(Diag::new(span, "a spend cap on a local pool whose machines cost nothing can never be reached")
+            .hint("give the pool a nominal `hourly_price`, or remove the cap"));
+    }
     Ok(Pool {
         name: e.key.clone(),
         provisioner,
@@ -532,9 +540,9 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
         boot_timeout: f.opt_duration("boot_timeout")?.unwrap_or(Duration::from_secs(300)),
         max_builds: f.opt_u32("max_builds")?.map(|m| m.v).unwrap_or(0),
         agent_command: f.opt_str("agent_command")?.map(|p| resolve(base, &p.v)),
-        hourly_price: f.opt_money("hourly_price")?.map(|m| m.v),
+        hourly_price,
         prices: parse_prices(&f)?,
-        spend: spend_caps(&f)?,
+        spend,
     })
 }
 

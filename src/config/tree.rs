@@ -143,7 +143,6 @@ impl Node {
         }
     }
 
-    /// This value as a table's entries.
     /// An amount of money (USD): a number, finite and not negative.
     pub fn money(&self, what: &str) -> Result<Sp<f64>, Diag> {
         let v = match self.kind {
@@ -160,6 +159,7 @@ impl Node {
         Ok(Sp { v, span: self.span.clone() })
     }
 
+    /// This value as a table's entries.
     pub fn table(&self, what: &str) -> Result<&[Entry], Diag> {
         match &self.kind {
             Kind::Table(e) => Ok(e),

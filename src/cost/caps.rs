@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn pool_caps_hold_their_pool_and_the_overall_cap_holds_all() {
         let c =
-            config("[cost]\nmax_daily_spend = 100\n[pool.a]\nmax_hourly_spend = 2.5\n[pool.b]\nmax_daily_spend = 10\n");
+            config("[cost]\nmax_daily_spend = 100\n[pool.a]\nhourly_price = 1\nmax_hourly_spend = 2.5\n[pool.b]\nhourly_price = 1\nmax_daily_spend = 10\n");
         assert!(any(&c));
         let none = evaluate(&c, &spend(3.0, &[("a", 2.0), ("b", 1.0)]), &spend(9.0, &[("b", 9.0)]), NOW);
         assert_eq!(none, Caps::default());

@@ -88,18 +88,37 @@ fn minimum_ms(provisioner: &str) -> i64 {
 
 /// Builds the report `q` asks for, as of `now`, from the store.
 pub async fn report(store: &Store, q: &ReportQuery, now: Ts) -> Result<Report, StoreError> {
-    build(store, q, now, true).await
+    build(store, q, now, Purpose::Report).await
+}
+
+/// What a fold is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A report: busy time attributed to builds; unknown prices stay unknown.
+    Report,
+    /// Spend against a cap: no attribution; a machine of unknown price counts at the table's
+    /// on-demand price for its type and region (the most a spot machine can cost), so it
+    /// cannot slip past a cap unseen.
+    Caps,
 }
 
 /// The fold behind [`report`]: one machine at a time, as the store hands them over, so
 /// memory follows the report's groups, not the events. `labelled`: attribute busy time to
 /// builds (spend by pool does not need it).
-async fn build(store: &Store, q: &ReportQuery, now: Ts, labelled: bool) -> Result<Report, StoreError> {
+async fn build(store: &Store, q: &ReportQuery, now: Ts, purpose: Purpose) -> Result<Report, StoreError> {
+    let table = PriceTable::builtin();
+    let labelled = purpose == Purpose::Report;
     let mut agg = Aggregator::new(q.clone(), now);
     let mut names: HashSet<Arc<str>> = HashSet::new();
     let mut labels: Vec<(BuildId, BuildLabel)> = Vec::new();
     store
-        .cost_lives(q.since, q.until, |m, events| {
+        .cost_lives(q.since, q.until, |mut m, events| {
+            if purpose == Purpose::Caps && m.hourly_price.is_none() {
+                m.hourly_price = match (m.zone.as_deref(), m.instance_type.as_deref()) {
+                    (Some(zone), Some(t)) => table.on_demand(region_of_zone(zone), t),
+                    _ => None,
+                };
+            }
             let mut life = Life { machine: m.id, minimum_ms: minimum_ms(&m.provisioner), ..Life::default() };
             labels.clear();
             for line in events.lines() {
@@ -116,10 +135,13 @@ async fn build(store: &Store, q: &ReportQuery, now: Ts, labelled: bool) -> Resul
                     }
                 }
             }
+            if life.end.is_none() {
+                // A crash between the row and its event cannot leave it billed forever.
+                life.end = m.terminated_at.as_deref().and_then(parse_ts);
+            }
             agg.add(&m, &life, &labels);
         })
         .await?;
-    let table = PriceTable::builtin();
     Ok(agg.finish(table.currency(), &format!("{} ({})", table.source(), table.date())))
 }
 
@@ -176,7 +198,7 @@ pub struct Spend {
 /// The spend since `since` (a cap's hour or day), machines still running included up to now.
 pub async fn spend(store: &Store, since: Ts, now: Ts) -> Result<Spend, StoreError> {
     let q = ReportQuery { since, until: Ts(now.0.max(since.0)), by: GroupBy::Pool, format: report::Format::Json };
-    let r = build(store, &q, now, false).await?;
+    let r = build(store, &q, now, Purpose::Caps).await?;
     Ok(Spend { total: r.totals.cost, by_pool: r.rows.into_iter().map(|row| (row.key, row.cost)).collect() })
 }
 

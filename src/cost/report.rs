@@ -166,6 +166,8 @@ pub struct MachineFacts {
     pub price_source: Option<String>,
     /// USD per hour for the root volume; `None` = unknown (or none).
     pub volume_hourly: Option<f64>,
+    /// When the store marked it gone (the meter's `gone` event says the same).
+    pub terminated_at: Option<String>,
 }
 
 /// What a busy stretch is attributed to.
@@ -481,7 +483,12 @@ impl Aggregator {
         top.truncate(TOP_BUILDERS);
         let recent_hours = (self.recent_to.0 - self.recent_from.0) as f64 / MS_PER_HOUR;
         let projected = if recent_hours > 0.0 { self.recent / recent_hours * 24.0 * 30.0 } else { 0.0 };
-        let mut rows: Vec<Row> = self.groups.iter().map(|(k, a)| a.row(k.trim().to_string())).collect();
+        let machines = self.q.by == GroupBy::Machine;
+        let mut rows: Vec<Row> = self
+            .groups
+            .iter()
+            .map(|(k, a)| a.row(if machines { k.trim_start().to_string() } else { k.clone() }))
+            .collect();
         if self.q.by != GroupBy::Day && self.q.by != GroupBy::Machine {
             rows.sort_by(|a, b| b.cost.total_cmp(&a.cost).then(a.key.cmp(&b.key)));
         }

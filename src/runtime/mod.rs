@@ -74,6 +74,8 @@ pub enum Input {
     /// A reconcile round's listing of one scope (a region and cluster, or a local pool), or
     /// why it could not be had.
     Listing { scope: String, listed_at: Ts, result: Result<Vec<Listed>, String> },
+    /// A spend check's answer: which caps are reached and which pools they hold.
+    SpendChecked(Result<crate::cost::caps::Caps, String>),
 }
 
 /// A build being run: which machine runs it, the secret values to scrub from its log, and how
@@ -218,6 +220,15 @@ pub async fn run(
     Ok(())
 }
 
+/// This UTC hour's and day's spend, compared with the caps.
+async fn spend_caps(shared: &Shared) -> Result<crate::cost::caps::Caps, StoreError> {
+    use crate::cost::caps;
+    let now = shared.now();
+    let hour = crate::cost::spend(&shared.store, caps::hour_start(now), now).await?;
+    let day = crate::cost::spend(&shared.store, caps::day_start(now), now).await?;
+    Ok(caps::evaluate(&shared.config, &hour, &day, now))
+}
+
 /// The URL agents use: the configured one, with the bound port when it says port 0.
 fn effective_url(configured: &str, addr: SocketAddr) -> String {
     let trimmed = configured.trim_end_matches('/');
@@ -286,6 +297,8 @@ struct Master {
     listing: HashSet<String>,
     /// Spend caps reached at the last check (to warn once per crossing).
     caps_reached: HashSet<String>,
+    /// A spend check is under way.
+    spend_checking: bool,
 }
 
 impl Master {
@@ -354,6 +367,7 @@ impl Master {
             reconcilers: HashMap::new(),
             listing: HashSet::new(),
             caps_reached: HashSet::new(),
+            spend_checking: false,
         })
     }
 
@@ -362,6 +376,11 @@ impl Master {
     /// machine is gone, re-queues queued builds and replays unscheduled changes.
     async fn recover(&mut self) -> Result<(), MasterError> {
         let store = self.shared.store.clone();
+        if crate::cost::caps::any(&self.shared.config) {
+            // Before any build is queued: a cap reached before the restart still holds.
+            let caps = spend_caps(&self.shared).await?;
+            self.apply_caps(caps);
+        }
         let now = self.shared.now();
         let running = store.builds_in_state("running").await?;
         let live = store.live_machines().await?;
@@ -544,11 +563,7 @@ impl Master {
                     None => break,
                 },
                 _ = reconcile.tick(), if drain_deadline.is_none() => self.start_listings(),
-                _ = spend_check.tick(), if capped && drain_deadline.is_none() => {
-                    if let Err(e) = self.check_spend().await {
-                        tracing::error!("cannot check spend caps; holds stay as they were: {e}");
-                    }
-                }
+                _ = spend_check.tick(), if capped && drain_deadline.is_none() => self.start_spend_check(),
                 _ = tick.tick() => {
                     self.pending.push_back(FleetEvent::Tick);
                     if let Err(e) = self.apply_sched(SchedEvent::Tick).await {
@@ -714,6 +729,13 @@ impl Master {
                 self.provider_ids.remove(&machine);
                 self.pending.push_back(FleetEvent::MachineGone { machine });
             }
+            Input::SpendChecked(result) => {
+                self.spend_checking = false;
+                match result {
+                    Ok(caps) => self.apply_caps(caps),
+                    Err(e) => tracing::error!("cannot check spend caps; holds stay as they were: {e}"),
+                }
+            }
             Input::Listing { scope, listed_at, result } => {
                 self.listing.remove(&scope);
                 match result {
@@ -736,16 +758,9 @@ impl Master {
         scopes
     }
 
-    /// Compares this hour's and this day's spend with the caps: pools that reached one stop
-    /// launching (their machines keep working), pools below again launch. A warning is
-    /// logged once per crossing.
-    async fn check_spend(&mut self) -> Result<(), MasterError> {
-        use crate::cost::caps;
-        let now = self.shared.now();
-        let store = &self.shared.store;
-        let hour = crate::cost::spend(store, caps::hour_start(now), now).await?;
-        let day = crate::cost::spend(store, caps::day_start(now), now).await?;
-        let state = caps::evaluate(&self.shared.config, &hour, &day, now);
+    /// Acts on a spend check: pools that reached a cap stop launching (their machines keep
+    /// working), pools below again launch. A warning is logged once per crossing.
+    fn apply_caps(&mut self, state: crate::cost::caps::Caps) {
         for (cap, why) in &state.reached {
             if !self.caps_reached.contains(cap) {
                 tracing::warn!("{why}; queued builds wait, running builds finish");
@@ -757,7 +772,7 @@ impl Master {
         self.caps_reached = state.reached.keys().cloned().collect();
         let before = match self.shared.spend_holds.lock() {
             Ok(mut h) => std::mem::replace(&mut *h, state.holds.clone().into_iter().collect()),
-            Err(_) => return Ok(()),
+            Err(_) => return,
         };
         for pool in self.shared.config.pools.iter().map(|p| &p.name) {
             match (before.contains_key(pool), state.holds.contains_key(pool)) {
@@ -769,7 +784,20 @@ impl Master {
                 _ => {}
             }
         }
-        Ok(())
+    }
+
+    /// Checks spend off the loop (a day of machines is read): the answer comes back as
+    /// [`Input::SpendChecked`].
+    fn start_spend_check(&mut self) {
+        if self.spend_checking {
+            return;
+        }
+        self.spend_checking = true;
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let result = spend_caps(&shared).await.map_err(|e| e.to_string());
+            shared.send(Input::SpendChecked(result)).await;
+        });
     }
 
     /// Starts one listing per scope (level-triggered reconcile): the cloud's inventory where

@@ -722,17 +722,22 @@ impl Store {
 
     /// Moves a machine to a new state and records the event.
     pub async fn set_machine_state(&self, id: MachineId, state: &str, now: Ts) -> Result<()> {
+        let now_s = ts_string(now);
+        // One transaction: the meter's `gone` (billing ends) and `terminated_at` agree.
+        let mut tx = self.pool.begin().await?;
         if state == "gone" {
             sqlx::query("UPDATE machines SET state = ?, terminated_at = COALESCE(terminated_at, ?) WHERE id = ?")
                 .bind(state)
-                .bind(ts_string(now))
+                .bind(&now_s)
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
         } else {
-            sqlx::query("UPDATE machines SET state = ? WHERE id = ?").bind(state).bind(id).execute(&self.pool).await?;
+            sqlx::query("UPDATE machines SET state = ? WHERE id = ?").bind(state).bind(id).execute(&mut *tx).await?;
         }
-        self.machine_event(id, state, "", now).await
+        insert_event(&mut *tx, id, &now_s, state, "").await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Appends to the machine's event log (the cost meter's input).
@@ -853,7 +858,7 @@ impl Store {
         use futures_util::TryStreamExt;
         let mut rows = sqlx::query(
             "SELECT m.id, m.pool, m.provisioner, m.state, m.instance_type, m.lifecycle, m.zone, m.hourly_price,
-                    m.price_source, m.volume_hourly,
+                    m.price_source, m.volume_hourly, m.terminated_at,
                     (SELECT group_concat(e.at || char(9) || e.kind || char(9) || e.detail, char(10) ORDER BY e.id)
                      FROM machine_events e
                      WHERE e.machine_id = m.id
@@ -877,6 +882,7 @@ impl Store {
                 hourly_price: r.try_get("hourly_price")?,
                 price_source: r.try_get("price_source")?,
                 volume_hourly: r.try_get("volume_hourly")?,
+                terminated_at: r.try_get("terminated_at")?,
             };
             let events: Option<&str> = r.try_get("events")?;
             f(facts, events.unwrap_or_default());
@@ -922,7 +928,7 @@ impl Store {
     }
 }
 
-/// Gives the steps of an ended attempt that had not finished their final state.
+/// Appends one machine event, on a pool or inside a transaction.
 async fn insert_event<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
     ex: E,
     machine: MachineId,
@@ -940,6 +946,7 @@ async fn insert_event<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
     Ok(())
 }
 
+/// Gives the steps of an ended attempt that had not finished their final state.
 async fn close_open_steps(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, build: BuildId, state: &str) -> Result<()> {
     sqlx::query("UPDATE steps SET state = ? WHERE build_id = ? AND state IN ('pending', 'running')")
         .bind(state)

@@ -148,11 +148,15 @@ pub struct CostQuery {
 /// `csv` and `table` as text).
 pub async fn cost(State(s): State<Arc<Shared>>, Query(q): Query<CostQuery>) -> Result<impl IntoResponse, ApiError> {
     let now = s.now();
+    // `?since=&by=` (empty) means the default, as when the option is left out.
+    fn given(v: &Option<String>) -> Option<&str> {
+        v.as_deref().filter(|v| !v.trim().is_empty())
+    }
     let query = crate::cost::report::ReportQuery::parse(
-        q.since.as_deref(),
-        q.until.as_deref(),
-        q.by.as_deref(),
-        Some(q.format.as_deref().unwrap_or("json")),
+        given(&q.since),
+        given(&q.until),
+        given(&q.by),
+        Some(given(&q.format).unwrap_or("json")),
         now,
     )
     .map_err(|e| ApiError::bad_request(e.0))?;
