@@ -3,7 +3,11 @@
 //! whole year by pool, builder and day. The report runs in a child process, so its peak memory
 //! (VmHWM) is the report's alone. Prints the figures.
 
+mod common;
+
 use std::time::Instant;
+
+use common::vm_hwm_kib;
 
 use paddock::core::Ts;
 use paddock::cost::report::ReportQuery;
@@ -16,14 +20,6 @@ const MIN: i64 = 60 * SEC;
 /// 2025-11-24T00:00:00Z: a year before the report.
 const YEAR_START: i64 = 1_763_942_400_000;
 const YEAR_MS: i64 = 365 * 24 * 60 * MIN;
-
-fn vm_hwm_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
 
 /// Writes the year through the store, as the master would: every event of every machine.
 async fn generate(store: &Store) -> Result<u64, paddock::store::StoreError> {

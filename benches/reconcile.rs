@@ -3,7 +3,11 @@
 //! machines the master believes in). Prints EC2 calls per round, time per round, and this
 //! process's CPU time and peak memory. Needs moto in `.venv` (`.ci/test` installs it).
 
+mod common;
+
 use std::process::{Command, Stdio};
+
+use common::vm_hwm_kib;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
@@ -40,14 +44,6 @@ struct libc_rusage {
 
 extern "C" {
     fn getrusage(who: i32, usage: *mut libc_rusage) -> i32;
-}
-
-fn vm_hwm_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{paddock_bin, Bed};
+use common::{Bed, InProcessMaster};
 use paddock::clock::ManualClock;
 use paddock::core::Ts;
 
@@ -33,23 +32,8 @@ only_if_changed = true
 builders = [\"nightly-suite\"]
 ",
     );
-    let config = paddock::config::load(&path).expect("config");
     let clock = ManualClock::new(Ts(START));
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let opts = paddock::runtime::RunOptions {
-        agent_program: paddock_bin(),
-        clock: Arc::new(clock.clone()),
-        on_ready: Some(ready_tx),
-    };
-    let master = rt.spawn(paddock::runtime::run(config, opts, async {
-        let _ = stop_rx.await;
-    }));
-    rt.block_on(ready_rx).expect("master ready");
-    bed.wait("head of main recorded", || {
-        bed.sqlite_scalar("SELECT COUNT(*) FROM branch_heads WHERE branch = 'main'").filter(|n| *n > 0)
-    });
+    let master = InProcessMaster::start(&bed, &path, &clock);
     let head = bed.git(&["rev-parse", "main"]);
     assert!(bed.builds().is_empty(), "nothing before 03:00");
 
@@ -82,6 +66,5 @@ builders = [\"nightly-suite\"]
     assert_eq!(builds[0]["revision"], rev.as_str());
     assert_eq!(builds[0]["state"], "success");
 
-    let _ = stop_tx.send(());
-    rt.block_on(master).expect("join").expect("master ran cleanly");
+    master.stop();
 }

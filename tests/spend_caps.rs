@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::{paddock_bin, Bed};
+use common::{paddock_bin, Bed, InProcessMaster};
 use paddock::clock::ManualClock;
 use paddock::core::Ts;
 
@@ -50,6 +50,14 @@ fn wait_held(bed: &Bed, prefix: &str) -> String {
     })
 }
 
+/// Waits for one queued build, waiting for the reason `why`.
+fn wait_queued_because(bed: &Bed, why: &str) {
+    bed.wait(&format!("a build queued, waiting: {why}"), || {
+        let p = pool(bed);
+        (p["queued"] == 1 && p["waiting_reason"].as_str() == Some(why)).then_some(())
+    });
+}
+
 fn wait_all_gone(bed: &Bed) {
     bed.wait("every machine stopped", || bed.machines().iter().all(|m| m["state"] == "gone").then_some(()))
 }
@@ -88,23 +96,8 @@ fn a_spend_cap_stops_launches_and_lifts_at_the_next_hour_and_day() {
          [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"true\"]\n\n\
          [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
     );
-    let config = paddock::config::load(&path).expect("config");
     let clock = ManualClock::new(Ts(START));
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let opts = paddock::runtime::RunOptions {
-        agent_program: paddock_bin(),
-        clock: Arc::new(clock.clone()),
-        on_ready: Some(ready_tx),
-    };
-    let master = rt.spawn(paddock::runtime::run(config, opts, async {
-        let _ = stop_rx.await;
-    }));
-    rt.block_on(ready_rx).expect("master ready");
-    bed.wait("head of main recorded", || {
-        bed.sqlite_scalar("SELECT COUNT(*) FROM branch_heads WHERE branch = 'main'").filter(|n| *n > 0)
-    });
+    let master = InProcessMaster::start(&bed, &path, &clock);
 
     // 10:00 — a commit, a machine, a build.
     bed.commit("main", "a.txt", "1\n", "first");
@@ -121,10 +114,7 @@ fn a_spend_cap_stops_launches_and_lifts_at_the_next_hour_and_day() {
 
     // A new commit is queued and waits, with the reason in the API and in `paddock builds`.
     bed.commit("main", "a.txt", "2\n", "second");
-    bed.wait("the second build queued and waiting", || {
-        let p = pool(&bed);
-        (p["queued"] == 1 && p["waiting_reason"].as_str() == Some(why.as_str())).then_some(())
-    });
+    wait_queued_because(&bed, &why);
     let out = builds_cli(&bed);
     assert!(out.contains(&format!("pool local: 1 queued, waiting: {why}")), "{out}");
 
@@ -150,10 +140,7 @@ fn a_spend_cap_stops_launches_and_lifts_at_the_next_hour_and_day() {
         "overall daily spend cap reached: $4.74 of $4.00 today; no new machines until 2026-03-03T00:00:00.000Z"
     );
     bed.commit("main", "a.txt", "3\n", "third");
-    bed.wait("the third build waiting for tomorrow", || {
-        let p = pool(&bed);
-        (p["queued"] == 1 && p["waiting_reason"].as_str() == Some(why.as_str())).then_some(())
-    });
+    wait_queued_because(&bed, &why);
 
     // Next day, 00:00:05 — lifted; the build runs.
     clock.set(Ts(START + 14 * HOUR + 5_000));
@@ -166,6 +153,5 @@ fn a_spend_cap_stops_launches_and_lifts_at_the_next_hour_and_day() {
     assert_eq!(log.count("pool local hourly spend cap reached"), 2);
     assert_eq!(log.count("overall daily spend cap reached"), 1);
 
-    let _ = stop_tx.send(());
-    rt.block_on(master).expect("join").expect("master ran cleanly");
+    master.stop();
 }

@@ -403,3 +403,44 @@ pub fn machine_processes(root: &Path, id: i64) -> Vec<i32> {
         })
         .collect()
 }
+
+/// A master running inside the test process on a [`paddock::clock::ManualClock`], so the test
+/// moves time (nightly schedules, spend caps).
+pub struct InProcessMaster {
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    master: Option<tokio::task::JoinHandle<Result<(), paddock::runtime::MasterError>>>,
+}
+
+impl InProcessMaster {
+    /// Starts the master of `config` on `clock` and waits for the head of `main` to be recorded.
+    pub fn start(bed: &Bed, config: &std::path::Path, clock: &paddock::clock::ManualClock) -> InProcessMaster {
+        let config = paddock::config::load(config).expect("config");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let opts = paddock::runtime::RunOptions {
+            agent_program: paddock_bin(),
+            clock: std::sync::Arc::new(clock.clone()),
+            on_ready: Some(ready_tx),
+        };
+        let master = rt.spawn(paddock::runtime::run(config, opts, async {
+            let _ = stop_rx.await;
+        }));
+        rt.block_on(ready_rx).expect("master ready");
+        bed.wait("head of main recorded", || {
+            bed.sqlite_scalar("SELECT COUNT(*) FROM branch_heads WHERE branch = 'main'").filter(|n| *n > 0)
+        });
+        InProcessMaster { rt, stop: Some(stop_tx), master: Some(master) }
+    }
+
+    /// Stops the master and checks it ended cleanly.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(master) = self.master.take() {
+            self.rt.block_on(master).expect("join").expect("master ran cleanly");
+        }
+    }
+}
