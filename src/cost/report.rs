@@ -616,10 +616,12 @@ impl Report {
     pub fn table(&self) -> String {
         let t = &self.totals;
         let mut out = String::new();
+        // The price table's full source is in the JSON (`price_table`); its date is enough here.
+        let table_date = self.price_table.rsplit_once(" (").map(|(_, d)| d.trim_end_matches(')')).unwrap_or("");
         let _ = writeln!(
             out,
-            "Cost from {} to {} ({}; on-demand prices: {})",
-            self.since, self.until, self.currency, self.price_table
+            "Cost from {} to {} ({}; shipped on-demand prices of {table_date})",
+            self.since, self.until, self.currency
         );
         let _ = writeln!(
             out,
