@@ -143,6 +143,19 @@ pub struct MachinePrice {
     pub volume_hourly: Option<f64>,
 }
 
+/// What [`Store::metric_counts`] returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricCounts {
+    /// (pool, state, machines), gone ones left out.
+    pub machines: Vec<(String, String, i64)>,
+    /// (state, build attempts).
+    pub builds: Vec<(String, i64)>,
+    /// (pool, machines ever launched).
+    pub launched: Vec<(String, i64)>,
+    /// (pool, failed launches).
+    pub launch_failures: Vec<(String, i64)>,
+}
+
 /// What [`Store::pool_status`] returns.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolStatus {
@@ -893,6 +906,37 @@ impl Store {
     /// Closes every connection (SQLite folds its write-ahead log into the file).
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Counts for `/metrics`: live machines by (pool, state), build attempts by state,
+    /// machines ever launched and failed launches by pool.
+    pub async fn metric_counts(&self) -> Result<MetricCounts> {
+        let machines = sqlx::query_as(
+            "SELECT pool, state, COUNT(*) FROM machines WHERE state != 'gone' GROUP BY pool, state ORDER BY pool, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let builds = sqlx::query_as("SELECT state, COUNT(*) FROM builds GROUP BY state ORDER BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let launched = sqlx::query_as(
+            "SELECT pool, COUNT(*) FROM machines WHERE launched_at IS NOT NULL GROUP BY pool ORDER BY pool",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let launch_failures = sqlx::query_as(
+            "SELECT m.pool, COUNT(*) FROM machine_events e JOIN machines m ON m.id = e.machine_id
+             WHERE e.kind = 'launch_failed' GROUP BY m.pool ORDER BY m.pool",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(MetricCounts { machines, builds, launched, launch_failures })
+    }
+
+    /// Whether the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     /// How many machine events are stored (the meter's size).

@@ -4,6 +4,7 @@ mod agent_ws;
 mod api;
 mod download;
 mod hooks;
+mod metrics;
 
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/agent/ws", get(agent_ws::upgrade))
         .route("/agent/download", get(download::agent_download))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(metrics::readyz))
+        .route("/metrics", get(metrics::metrics))
         .with_state(shared)
 }
 

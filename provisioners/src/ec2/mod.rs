@@ -175,6 +175,14 @@ enum Failure {
     Fatal(String),
 }
 
+/// EC2 calls answered with a throttling error, by every provisioner of this process.
+static THROTTLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many EC2 calls were throttled (RequestLimitExceeded and kin) since the process started.
+pub fn throttled_calls() -> u64 {
+    THROTTLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, R>) -> Failure {
     match e {
         SdkError::ServiceError(s) => {
@@ -184,6 +192,7 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::
             if CAPACITY_CODES.contains(&code.as_str()) {
                 Failure::Capacity(text)
             } else if THROTTLE_CODES.contains(&code.as_str()) {
+                THROTTLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Failure::Throttled(text)
             } else if matches!(
                 code.as_str(),
