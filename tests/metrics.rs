@@ -87,3 +87,37 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     assert_eq!(ready.status().as_u16(), 200);
     assert_eq!(ready.text().expect("body"), "ready\n");
 }
+
+#[test]
+fn readyz_says_not_ready_while_the_master_drains() {
+    let mut bed = Bed::new(&[]);
+    // The step waits for a file the test writes, so the drain lasts as long as the test wants.
+    let release = bed.path().join("release");
+    bed.config(
+        "",
+        &format!(
+            "[pool.local]\n\n[[builder]]\nname = \"slow\"\nrepo = \"app\"\npool = \"local\"\n\
+             steps = [\"while [ ! -e {} ]; do sleep 0.2; done\"]\n\n\
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"slow\"]\n",
+            release.display()
+        ),
+    );
+    bed.start(&["main"]);
+    bed.commit("main", "a.txt", "x\n", "first");
+    bed.wait("the build running", || bed.builds().iter().any(|b| b["state"] == "running").then_some(()));
+    let readyz = |bed: &Bed| {
+        let r = bed.http.get(format!("{}/readyz", bed.url())).send().expect("GET /readyz");
+        (r.status().as_u16(), r.text().expect("body"))
+    };
+    assert_eq!(readyz(&bed), (200, "ready\n".to_string()));
+    bed.term_master();
+    let (status, body) = bed.wait("/readyz to say the master is draining", || {
+        let (status, body) = readyz(&bed);
+        (status == 503).then_some((status, body))
+    });
+    assert_eq!((status, body.as_str()), (503, "shutting down: no new builds\n"));
+    std::fs::write(&release, "").expect("release the build");
+    assert!(bed.wait_master_exit().success());
+    let done = bed.sqlite_scalar("SELECT COUNT(*) FROM builds WHERE state = 'success'");
+    assert_eq!(done, Some(1), "the running build finished during the drain");
+}
