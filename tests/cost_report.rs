@@ -59,6 +59,7 @@ fn parse_table(text: &str) -> BTreeMap<String, Nums> {
             },
         );
     }
+    assert!(!rows.is_empty(), "no rows under the table's BY header:\n{text}");
     rows
 }
 
