@@ -15,6 +15,8 @@ use paddock_provisioners::ec2::{Ec2Api, Ec2Provisioner, Ec2Settings};
 use paddock_provisioners::{LaunchSpec, Launched, Provisioner};
 
 const TYPE: &str = "t3.small";
+/// A zone where moto offers `TYPE`.
+const ZONE: &str = "us-east-1a";
 
 /// moto, optionally the proxy in front of it, and a runtime for the provisioner's futures.
 struct World {
@@ -36,13 +38,26 @@ impl World {
         self.proxy.as_ref().expect("this test's world has a proxy")
     }
 
-    /// Pool settings launching `TYPE` from moto's AMI in its first subnet.
+    /// Pool settings launching `TYPE` from moto's AMI in a subnet of `ZONE` (moto offers
+    /// `TYPE` only in some zones, and has spot prices only where it offers it; subnet ids are
+    /// random, so "the first subnet" would be a random zone).
     fn settings(&self, spot: bool) -> Ec2Settings {
+        let subnets = self
+            .moto
+            .block_on(
+                self.moto
+                    .client
+                    .describe_subnets()
+                    .filters(aws_sdk_ec2::types::Filter::builder().name("availability-zone").values(ZONE).build())
+                    .send(),
+            )
+            .expect("DescribeSubnets on moto");
+        let subnet = subnets.subnets().first().and_then(|s| s.subnet_id()).expect("moto has a subnet in the zone");
         Ec2Settings {
             region: Some(REGION.into()),
             ami: Some(self.moto.ami()),
             instance_types: vec![TYPE.into()],
-            subnets: self.moto.subnets().into_iter().take(1).collect(),
+            subnets: vec![subnet.to_string()],
             spot,
             ..Default::default()
         }
