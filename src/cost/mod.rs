@@ -108,7 +108,7 @@ enum Purpose {
 async fn build(store: &Store, q: &ReportQuery, now: Ts, purpose: Purpose) -> Result<Report, StoreError> {
     let table = PriceTable::builtin();
     let labelled = purpose == Purpose::Report;
-    let mut agg = Aggregator::new(q.clone(), now);
+    let mut agg = Aggregator::new(*q, now);
     let mut names: HashSet<Arc<str>> = HashSet::new();
     let mut labels: Vec<(BuildId, BuildLabel)> = Vec::new();
     store

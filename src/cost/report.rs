@@ -57,7 +57,7 @@ pub enum Format {
 }
 
 /// A report's options, checked: the window, the grouping and the format.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReportQuery {
     pub since: Ts,
     pub until: Ts,
@@ -325,17 +325,13 @@ impl Acc {
             minimum_seconds: secs(self.minimum_ms),
             builds,
             cost_per_build: (builds > 0).then(|| money(cost / builds as f64)),
-            idle_waste: idle_waste.map(fraction),
+            idle_waste: idle_waste.map(money),
         }
     }
 }
 
-/// Rounds money the way every format prints it (4 decimals, as text does).
+/// Rounds to 4 decimals the way every format prints money and fractions (as text does).
 pub fn money(x: f64) -> f64 {
-    format!("{x:.4}").parse().unwrap_or(x)
-}
-
-fn fraction(x: f64) -> f64 {
     format!("{x:.4}").parse().unwrap_or(x)
 }
 
@@ -383,7 +379,7 @@ impl Aggregator {
 
     /// Adds one machine's life; busy time is attributed from `labels` (its builds).
     pub fn add(&mut self, m: &MachineFacts, life: &Life, labels: &[(BuildId, BuildLabel)]) {
-        let (q, now) = (self.q.clone(), self.now);
+        let (q, now) = (self.q, self.now);
         let mut billed = false;
         let mut stretches = vec![];
         life.stretches(q.since, q.until, now, |s| stretches.push(s));
