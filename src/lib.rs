@@ -4,6 +4,7 @@
 //! the fleet boots machines through a provisioner, one build at a time per machine. The
 //! decisions live in the sans-IO [`core`]; [`runtime`] is the tokio shell around it.
 
+pub mod accounts;
 pub mod agent;
 pub mod changes;
 pub mod cli;

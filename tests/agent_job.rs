@@ -321,8 +321,8 @@ async fn cancel_stops_the_running_step() {
     let (result, msgs) = run_with_cancel(&j, work.path(), cancel_rx).await;
     canceller.abort();
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
-    assert_eq!(result, BuildResult::Failure);
-    assert_eq!(finished(&msgs, 1).0, StepResult::Failure);
+    assert_eq!(result, BuildResult::Cancelled);
+    assert_eq!(finished(&msgs, 1).0, StepResult::Cancelled);
     assert!(log(&msgs, 1).contains("cancelled"));
     assert_eq!(finished(&msgs, 2).0, StepResult::Skipped);
 }

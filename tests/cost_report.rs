@@ -17,7 +17,12 @@ const CONFIG: &str = "[pool.local]\nhourly_price = 36.0\nidle_timeout = \"1s\"\n
 [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"unit\", \"lint\"]\n";
 
 fn paddock(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(paddock_bin()).args(args).output().expect("run paddock");
+    paddock_as("", args)
+}
+
+/// `paddock ARGS` with an API token in `PADDOCK_TOKEN` (empty: none).
+fn paddock_as(token: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(paddock_bin()).args(args).env("PADDOCK_TOKEN", token).output().expect("run paddock");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -119,8 +124,10 @@ fn the_table_csv_and_json_carry_the_same_numbers() {
 
     let url = bed.url();
     let ask = |format: &str| {
-        let (code, out, err) =
-            paddock(&["cost", "--master", &url, "--since", "1d", "--by", "builder", "--format", format]);
+        let (code, out, err) = paddock_as(
+            bed.token(),
+            &["cost", "--master", &url, "--since", "1d", "--by", "builder", "--format", format],
+        );
         assert_eq!(code, 0, "paddock cost --format {format}: {err}");
         out
     };

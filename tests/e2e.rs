@@ -581,6 +581,7 @@ fn force_builds_logs_and_the_builds_table_through_the_cli() {
         let out = std::process::Command::new(paddock_bin())
             .args(args)
             .env("PADDOCK_MASTER", bed.url())
+            .env("PADDOCK_TOKEN", bed.token())
             .output()
             .expect("cli");
         (

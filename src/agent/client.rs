@@ -444,6 +444,15 @@ async fn connected(
                         tracing::info!("master asked to shut down");
                         return End::Stop;
                     }
+                    Ok(MasterMsg::Cancel { build }) => match current.as_ref() {
+                        // The job sees the flag, kills its step's process group and reports the
+                        // build cancelled; the connection stays for the next build.
+                        Some(run) if run.build == build => {
+                            tracing::info!(build, "master cancelled the build; stopping it");
+                            let _ = run.cancel.send(true);
+                        }
+                        _ => tracing::info!(build, "cancel for a build not running here; ignored"),
+                    },
                     Ok(MasterMsg::Welcome { .. } | MasterMsg::Refused { .. }) => {
                         tracing::warn!("unexpected handshake message after welcome; ignored");
                     }

@@ -71,7 +71,7 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
             for idx in 1..=job.steps.len() {
                 ctx.finished(idx, StepResult::Skipped, None).await;
             }
-            return if ctx.is_cancelled() { BuildResult::Failure } else { BuildResult::Exception };
+            return if ctx.is_cancelled() { BuildResult::Cancelled } else { BuildResult::Exception };
         }
     };
 
@@ -91,12 +91,14 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
         match result {
             StepResult::Failure | StepResult::Timeout => failed = true,
             StepResult::Exception => exception = true,
-            StepResult::Success | StepResult::Skipped => {}
+            StepResult::Success | StepResult::Skipped | StepResult::Cancelled => {}
         }
         ctx.finished(idx, result, code).await;
     }
 
-    if cancelled || (failed && !exception) {
+    if cancelled {
+        BuildResult::Cancelled
+    } else if failed && !exception {
         BuildResult::Failure
     } else if exception {
         BuildResult::Exception
@@ -218,7 +220,7 @@ async fn run_step(
                 let mut cancel = ctx.cancel.clone();
                 if tokio::time::timeout(SIGNALLED_GRACE, cancelled(&mut cancel)).await.is_ok() {
                     ctx.line(idx, "*** build cancelled; process group killed").await;
-                    return (StepResult::Failure, None, true);
+                    return (StepResult::Cancelled, None, true);
                 }
                 let sig = sig.map_or_else(|| "?".to_string(), |s| s.to_string());
                 ctx.line(idx, &format!("*** killed by signal {sig}")).await;
@@ -231,7 +233,7 @@ async fn run_step(
         }
         Outcome::Cancelled => {
             ctx.line(idx, "*** build cancelled; process group killed").await;
-            (StepResult::Failure, None, true)
+            (StepResult::Cancelled, None, true)
         }
         Outcome::SpawnFailed(e) => {
             ctx.line(idx, &format!("*** cannot start sh: {e}")).await;
@@ -389,7 +391,7 @@ async fn has_commit(dir: &Path, rev: &str) -> bool {
 /// Returns the source directory (or `None` on failure), the step result and an exit code.
 async fn checkout(ctx: &Ctx, job: &BuildJob, workdir: &Path) -> (Option<PathBuf>, StepResult, Option<i32>) {
     let fail = |(code, cancelled): (Option<i32>, bool)| {
-        let result = if cancelled { StepResult::Failure } else { StepResult::Exception };
+        let result = if cancelled { StepResult::Cancelled } else { StepResult::Exception };
         (None, result, code)
     };
     // Option-looking values would be parsed by git as options.

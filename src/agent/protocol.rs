@@ -65,6 +65,9 @@ pub enum MasterMsg {
     Run(Box<BuildJob>),
     /// Finish nothing more; exit.
     Shutdown,
+    /// Stop this build (someone cancelled it): kill its step, skip the rest, report it
+    /// `cancelled`, and stay connected for the next one. Ignored unless it is the running build.
+    Cancel { build: i64 },
 }
 
 /// A credential carried in a message. Its `Debug` never shows it, so no log line or failed
@@ -140,6 +143,8 @@ pub enum StepResult {
     Skipped,
     /// Could not be started or internal error.
     Exception,
+    /// Killed because the build was cancelled.
+    Cancelled,
 }
 
 impl StepResult {
@@ -151,6 +156,7 @@ impl StepResult {
             StepResult::Timeout => "timeout",
             StepResult::Skipped => "skipped",
             StepResult::Exception => "exception",
+            StepResult::Cancelled => "cancelled",
         }
     }
 }
@@ -162,6 +168,8 @@ pub enum BuildResult {
     Success,
     Failure,
     Exception,
+    /// Stopped on request (a cancel, or the machine being shut down).
+    Cancelled,
 }
 
 impl BuildResult {
@@ -171,6 +179,7 @@ impl BuildResult {
             BuildResult::Success => "success",
             BuildResult::Failure => "failure",
             BuildResult::Exception => "exception",
+            BuildResult::Cancelled => "cancelled",
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct Config {
     pub pools: Vec<Pool>,
     /// `[cost]`: caps over all pools together.
     pub cost: CostSettings,
+    /// `[web]`: who may look without logging in, how long a login lasts.
+    pub web: Web,
     /// Builders after matrix expansion, in config order then matrix order.
     pub builders: Vec<Builder>,
     pub schedulers: Vec<Scheduler>,
@@ -120,6 +122,22 @@ impl SpendCaps {
 pub struct CostSettings {
     /// Caps over all pools together.
     pub spend: SpendCaps,
+}
+
+/// `[web]`: access to the UI and the read side of the API.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Web {
+    /// `access = "public"` (default): anyone may read builds, logs, changes, builders, pools and
+    /// machines; `"login"`: nothing without a session or an API token.
+    pub public: bool,
+    /// How long a browser login lasts. Default 14 days.
+    pub session_lifetime: Duration,
+}
+
+impl Default for Web {
+    fn default() -> Self {
+        Web { public: true, session_lifetime: Duration::from_secs(14 * 24 * 3600) }
+    }
 }
 
 /// One step of a builder, with every `{axis}` already substituted.

@@ -17,8 +17,9 @@ use super::template;
 use super::tree::{parse_tree, unknown_key, Entry, Fields, Kind, Node, Sp};
 use paddock_provisioners::ec2::Ec2Settings;
 
-const TOP_KEYS: &[&str] = &["master", "cost", "repo", "pool", "builder", "scheduler"];
+const TOP_KEYS: &[&str] = &["master", "cost", "web", "repo", "pool", "builder", "scheduler"];
 const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
+const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
 const MASTER_KEYS: &[&str] = &[
     "url",
     "listen",
@@ -83,6 +84,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
 
     let mut master = None;
     let mut cost = CostSettings::default();
+    let mut web = Web::default();
     let mut repos = Vec::new();
     let mut pools = Vec::new();
     let mut builders = Vec::new();
@@ -99,6 +101,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
                 master = keep(&mut errs, parse_master(&e.value, &base));
             }
             "cost" => cost = keep(&mut errs, parse_cost(&e.value)).unwrap_or_default(),
+            "web" => web = keep(&mut errs, parse_web(&e.value)).unwrap_or_default(),
             "repo" => {
                 for node in keep(&mut errs, array_of_tables(e, "[[repo]]")).unwrap_or_default() {
                     repos.extend(keep(&mut errs, parse_repo(node, &base)));
@@ -192,6 +195,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
         repos: repos.into_iter().map(|r| r.repo).collect(),
         pools,
         cost,
+        web,
         builders: expanded.into_iter().map(|e| e.builder).collect(),
         schedulers: out_schedulers,
     })
@@ -577,6 +581,34 @@ fn parse_cost(node: &Node) -> Result<CostSettings, Diag> {
     let f = Fields::new(node, "[cost]")?;
     f.allow_only(COST_KEYS)?;
     Ok(CostSettings { spend: spend_caps(&f)? })
+}
+
+/// `[web]`: anonymous access and session lifetime.
+fn parse_web(node: &Node) -> Result<Web, Diag> {
+    let f = Fields::new(node, "[web]")?;
+    f.allow_only(WEB_KEYS)?;
+    let mut web = Web::default();
+    if let Some(access) = f.opt_str("access")? {
+        web.public =
+            match access.v.as_str() {
+                "public" => true,
+                "login" => false,
+                other => return Err(Diag::new(
+                    access.span,
+                    format!(
+                        "`access` must be \"public\" (anyone may look) or \"login\" (login required), not {other:?}"
+                    ),
+                )),
+            };
+    }
+    if let Some(d) = f.opt_duration("session_lifetime")? {
+        if d < Duration::from_secs(60) {
+            let span = f.get("session_lifetime").map(|e| e.value.span.clone()).unwrap_or_default();
+            return Err(Diag::new(span, "`session_lifetime` must be at least 1m"));
+        }
+        web.session_lifetime = d;
+    }
+    Ok(web)
 }
 
 /// The EC2 settings of a `provisioner = "ec2"` pool.

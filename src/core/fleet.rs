@@ -121,6 +121,11 @@ pub enum FleetEvent {
     /// A spend cap was reached (`held`) or lifted for a pool: while held, the pool launches
     /// nothing; its machines keep running and taking builds.
     LaunchHold { pool: String, held: bool },
+    /// An admin paused (or resumed) a pool: while paused it starts no build and launches
+    /// nothing; running builds finish and idle machines time out as usual.
+    Pause { pool: String, paused: bool },
+    /// An admin asked to stop this machine; a build on it is retried elsewhere.
+    StopMachine { machine: MachineId, reason: String },
 }
 
 /// What the shell must do, returned by [`Fleet::handle`].
@@ -189,6 +194,8 @@ struct Pool {
     live: usize,
     /// No launches (a spend cap is reached).
     held: bool,
+    /// No launches and no new builds (an admin paused the pool).
+    paused: bool,
 }
 
 impl Pool {
@@ -202,6 +209,7 @@ impl Pool {
             busy: 0,
             live: 0,
             held: false,
+            paused: false,
         }
     }
 }
@@ -454,6 +462,20 @@ impl Fleet {
                 let p = self.pool_idx(&pool);
                 self.pools[p].held = held;
                 if !held {
+                    self.provision(p, now, &mut out);
+                }
+            }
+            FleetEvent::Pause { pool, paused } => {
+                let p = self.pool_idx(&pool);
+                self.pools[p].paused = paused;
+                if !paused {
+                    self.assign(p, &mut out);
+                    self.provision(p, now, &mut out);
+                }
+            }
+            FleetEvent::StopMachine { machine, reason } => {
+                if let Some(p) = self.machines.get(&machine).map(|m| m.pool) {
+                    self.terminate(machine, &reason, now, &mut out);
                     self.provision(p, now, &mut out);
                 }
             }
@@ -719,7 +741,7 @@ impl Fleet {
 
     /// Hand queued builds to idle machines (most recently idle first, so older ones can time out).
     fn assign(&mut self, p: usize, out: &mut Vec<FleetAction>) {
-        if self.draining {
+        if self.draining || self.pools[p].paused {
             return;
         }
         loop {
@@ -754,7 +776,7 @@ impl Fleet {
 
     /// Launch what the queue and `min_idle` need, within `max_instances`.
     fn provision(&mut self, p: usize, now: Ts, out: &mut Vec<FleetAction>) {
-        if self.draining || self.pools[p].held {
+        if self.draining || self.pools[p].held || self.pools[p].paused {
             return;
         }
         let pool = &mut self.pools[p];
@@ -935,6 +957,35 @@ mod tests {
         assert_eq!(f.queued("p"), vec![12]);
         // Lifted: the queue gets its machine.
         assert_eq!(launched(&f.handle(hold(false), Ts(5 * S))), vec![2]);
+    }
+
+    #[test]
+    fn a_paused_pool_starts_nothing_until_resumed() {
+        let mut f = fleet(vec![spec("p", 4, 0, 0)]);
+        let pause = |paused| FleetEvent::Pause { pool: "p".into(), paused };
+        assert_eq!(launched(&q(&mut f, 10, 0)), vec![1]);
+        bring_up(&mut f, 1, S);
+        assert!(f.handle(pause(true), Ts(S)).is_empty());
+        // Queued while paused: no launch, and the warm machine does not take it either.
+        assert!(q(&mut f, 11, 2 * S).is_empty());
+        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(3 * S));
+        assert_eq!(a, vec![FleetAction::SetState { machine: 1, state: MachineState::Idle }]);
+        assert_eq!(f.queued("p"), vec![11]);
+        // Resumed: the idle machine takes the build.
+        let a = f.handle(pause(false), Ts(4 * S));
+        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }), "{a:?}");
+    }
+
+    #[test]
+    fn stopping_a_busy_machine_retries_its_build() {
+        let mut f = fleet(vec![spec("p", 4, 0, 0)]);
+        q(&mut f, 10, 0);
+        bring_up(&mut f, 1, S);
+        let a = f.handle(FleetEvent::StopMachine { machine: 1, reason: "by admin".into() }, Ts(2 * S));
+        assert!(a.contains(&FleetAction::Retry { build: 10, reason: "by admin".into() }), "{a:?}");
+        assert!(has_terminate(&a, 1));
+        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
+        assert!(f.handle(FleetEvent::StopMachine { machine: 1, reason: "again".into() }, Ts(3 * S)).is_empty());
     }
 
     #[test]

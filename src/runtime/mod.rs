@@ -76,6 +76,34 @@ pub enum Input {
     Listing { scope: String, listed_at: Ts, result: Result<Vec<Listed>, String> },
     /// A spend check's answer: which caps are reached and which pools they hold.
     SpendChecked(Result<crate::cost::caps::Caps, String>),
+    /// Someone asked to cancel a build; the answer says what became of it.
+    Cancel { build: BuildId, by: String, reply: tokio::sync::oneshot::Sender<Result<Cancelled, ActionError>> },
+    /// An admin asked to stop a machine (its build, if any, is retried elsewhere).
+    StopMachine { machine: MachineId, by: String, reply: tokio::sync::oneshot::Sender<Result<(), ActionError>> },
+    /// An admin paused or resumed a pool (already recorded in the store).
+    Pause { pool: String, paused: bool },
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The build had not started: it is cancelled.
+    Queued,
+    /// The build is running: its agent was told to stop it and reports it `cancelled`.
+    Stopping,
+}
+
+/// Why an action asked of the loop was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing is in a state where the action makes no sense (a finished build, a machine
+    /// already stopping).
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A build being run: which machine runs it, the secret values to scrub from its log, and how
@@ -381,6 +409,10 @@ impl Master {
             let caps = spend_caps(&self.shared).await?;
             self.apply_caps(caps);
         }
+        // Before any build is queued too: a pool paused before the restart stays paused.
+        for p in store.paused_pools().await? {
+            self.pending.push_back(FleetEvent::Pause { pool: p.pool, paused: true });
+        }
         let now = self.shared.now();
         let running = store.builds_in_state("running").await?;
         let live = store.live_machines().await?;
@@ -431,6 +463,50 @@ impl Master {
         }
         self.drain_pending().await?;
         Ok(())
+    }
+
+    /// Cancels a build: a queued one at once, a running one by telling its agent (which
+    /// reports it `cancelled`); a running build whose agent is not connected ends as cancelled
+    /// here and its machine is stopped.
+    async fn cancel(&mut self, build: BuildId, by: &str) -> Result<Cancelled, ActionError> {
+        let store = self.shared.store.clone();
+        let now = self.shared.now();
+        let row = store.build(build).await?.ok_or_else(|| ActionError::NotFound(format!("no build {build}")))?;
+        match (row.state.as_str(), row.machine) {
+            ("queued", _) => {
+                if !store.cancel_queued(build, by, now).await? {
+                    return Err(ActionError::Conflict(format!("build {build} has just started; cancel it again")));
+                }
+                self.pending.push_back(FleetEvent::BuildCancelled { build });
+                tracing::info!(build, %by, "queued build cancelled");
+                Ok(Cancelled::Queued)
+            }
+            ("running", Some(machine)) => {
+                store.cancel_requested(build, by).await?;
+                store.append_log(build, 0, &format!("*** cancel requested by {by}\n"), now).await?;
+                match self.agents.get(&machine) {
+                    Some((_, tx)) if self.fleet.machine_build(machine) == Some(build) => {
+                        let _ = tx.send(MasterMsg::Cancel { build });
+                        tracing::info!(build, machine, %by, "running build cancelled; its agent is stopping it");
+                    }
+                    _ => {
+                        // Nobody to tell: end it here, and stop the machine rather than trust it.
+                        self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
+                        store.finish_build(build, machine, "cancelled", now).await?;
+                        self.pending.push_back(FleetEvent::BuildFinished { machine, build });
+                        self.pending.push_back(FleetEvent::StopMachine {
+                            machine,
+                            reason: format!("build {build} cancelled by {by} while its agent was away"),
+                        });
+                        tracing::info!(build, machine, %by, "running build cancelled; its agent is away, stopping the machine");
+                    }
+                }
+                Ok(Cancelled::Stopping)
+            }
+            (state, _) => Err(ActionError::Conflict(format!(
+                "build {build} is {state}; only queued or running builds can be cancelled"
+            ))),
+        }
     }
 
     /// Stops a machine of the previous run and records it gone. Even without a provider id (a
@@ -629,6 +705,26 @@ impl Master {
             Input::Fleet(ev) => self.pending.push_back(ev),
             Input::Sched(ev) => self.apply_sched(ev).await?,
             Input::Queued(b) => self.queue(&b, false),
+            Input::Cancel { build, by, reply } => {
+                let answer = self.cancel(build, &by).await;
+                let _ = reply.send(answer);
+            }
+            Input::StopMachine { machine, by, reply } => {
+                let answer = match self.fleet.machine_state(machine) {
+                    None => Err(ActionError::NotFound(format!("machine {machine} is not running"))),
+                    Some(s @ (MachineState::Stopping | MachineState::Lost | MachineState::Interrupted)) => {
+                        Err(ActionError::Conflict(format!("machine {machine} is already {}", s.as_str())))
+                    }
+                    Some(_) => {
+                        tracing::info!(machine, %by, "admin asked to stop the machine");
+                        self.pending
+                            .push_back(FleetEvent::StopMachine { machine, reason: format!("terminated by {by}") });
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Input::Pause { pool, paused } => self.pending.push_back(FleetEvent::Pause { pool, paused }),
             Input::AgentConnected { machine, conn, tx, resumed } => {
                 let state = self.fleet.machine_state(machine);
                 let starting =

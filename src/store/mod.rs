@@ -14,6 +14,11 @@ use sqlx::{Row, SqlitePool};
 use crate::core::{BuildId, ChangeId, MachineId, Ts};
 use crate::cost::report::MachineFacts;
 
+mod accounts;
+mod views;
+pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
+pub use views::LogChunk;
+
 /// The migrations under `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -92,6 +97,8 @@ pub struct BuildRow {
     pub queued_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// Who cancelled it, when someone did.
+    pub cancelled_by: Option<String>,
 }
 
 /// A step of a build, as the API shows it.
@@ -184,7 +191,7 @@ pub struct NightlyRow {
     pub built: BTreeMap<String, String>,
 }
 
-const BUILD_COLUMNS: &str = "id, request_id, builder, repo, branch, revision, state, machine_id, attempt, reason, queued_at, started_at, finished_at";
+const BUILD_COLUMNS: &str = "id, request_id, builder, repo, branch, revision, state, machine_id, attempt, reason, queued_at, started_at, finished_at, cancelled_by";
 const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instance_type, lifecycle, requested_at, launched_at, connected_at, terminated_at, builds_run, zone, hourly_price, price_source, \
      (SELECT e.kind || CASE WHEN e.detail = '' THEN '' ELSE ': ' || e.detail END FROM machine_events e \
       WHERE e.machine_id = machines.id ORDER BY e.id DESC LIMIT 1) AS last_event";
@@ -204,6 +211,7 @@ fn build_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
         queued_at: r.get("queued_at"),
         started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
+        cancelled_by: r.get("cancelled_by"),
     }
 }
 
@@ -575,6 +583,69 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(Some(build_row(&row)))
+    }
+
+    /// Cancels a build that has not started; `false` if it was no longer queued.
+    pub async fn cancel_queued(&self, build: BuildId, by: &str, now: Ts) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE builds SET state = 'cancelled', cancelled_by = ?, finished_at = ? WHERE id = ? AND state = 'queued'",
+        )
+        .bind(by)
+        .bind(ts_string(now))
+        .bind(build)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Notes who asked to cancel a running build (its agent then reports it `cancelled`);
+    /// `false` if it was no longer running.
+    pub async fn cancel_requested(&self, build: BuildId, by: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE builds SET cancelled_by = ? WHERE id = ? AND state = 'running'")
+            .bind(by)
+            .bind(build)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The changes a build was made for (the scheduler's), or else the stored commit of its
+    /// revision (a forced build), newest first.
+    pub async fn build_changes(&self, build: BuildId) -> Result<Vec<ChangeRow>> {
+        let Some((ids, repo, revision)) = sqlx::query_as::<_, (String, String, String)>(
+            "SELECT r.changes, b.repo, b.revision FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
+        )
+        .bind(build)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let ids: Vec<ChangeId> = serde_json::from_str(&ids).unwrap_or_default();
+        let rows = if ids.is_empty() {
+            sqlx::query("SELECT * FROM changes WHERE repo = ? AND revision = ? ORDER BY id DESC LIMIT 1")
+                .bind(repo)
+                .bind(revision)
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            sqlx::query("SELECT * FROM changes WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id DESC")
+                .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+                .fetch_all(&self.pool)
+                .await?
+        };
+        Ok(rows.iter().map(change_row).collect())
+    }
+
+    /// The change ids of a build's request (what a rebuild carries over).
+    pub async fn build_change_ids(&self, build: BuildId) -> Result<Vec<ChangeId>> {
+        let ids: Option<String> = sqlx::query_scalar(
+            "SELECT r.changes FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
+        )
+        .bind(build)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(ids.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default())
     }
 
     /// Ends a queued attempt that can never run, as `exception` with the reason.

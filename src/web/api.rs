@@ -1,6 +1,5 @@
 //! `/api/…`: builds, builders, machines and changes as JSON (shapes per DESIGN.md).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
@@ -11,10 +10,12 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::actions;
+use super::auth::{Admin, Committer, Viewer};
 use super::ApiError;
 use crate::changes::git::{self, Mirror};
 use crate::changes::hook::ChangeHook;
-use crate::runtime::{ingest, Input, Shared};
+use crate::runtime::{ingest, Shared};
 use crate::store::BuildFilter;
 
 /// Query of `GET /api/builds`.
@@ -29,6 +30,7 @@ pub struct BuildsQuery {
 const BUILD_STATES: &[&str] = &["queued", "running", "success", "failure", "retry", "cancelled", "exception"];
 
 pub async fn list_builds(
+    _: Viewer,
     State(s): State<Arc<Shared>>,
     Query(q): Query<BuildsQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -51,7 +53,11 @@ pub async fn list_builds(
     Ok(Json(json!({ "builds": builds })))
 }
 
-pub async fn get_build(State(s): State<Arc<Shared>>, Path(id): Path<i64>) -> Result<impl IntoResponse, ApiError> {
+pub async fn get_build(
+    _: Viewer,
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
     let build = s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
     let steps = s.store.steps(id).await?;
     let mut value = serde_json::to_value(&build).unwrap_or_default();
@@ -59,13 +65,17 @@ pub async fn get_build(State(s): State<Arc<Shared>>, Path(id): Path<i64>) -> Res
     Ok(Json(value))
 }
 
-pub async fn get_log(State(s): State<Arc<Shared>>, Path(id): Path<i64>) -> Result<impl IntoResponse, ApiError> {
+pub async fn get_log(
+    _: Viewer,
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
     s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
     let log = s.store.log(id).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], log))
 }
 
-pub async fn list_builders(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+pub async fn list_builders(_: Viewer, State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let builders: Vec<_> = s
         .config
         .builders
@@ -92,17 +102,34 @@ pub struct MachinesQuery {
 }
 
 pub async fn list_machines(
+    Viewer(caller): Viewer,
     State(s): State<Arc<Shared>>,
     Query(q): Query<MachinesQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let machines = s.store.list_machines(q.pool.as_deref(), q.state.as_deref()).await?;
-    Ok(Json(json!({ "machines": machines })))
+    let mut value = json!({ "machines": machines });
+    // Prices are cost data, which only admins see.
+    if !caller.can(crate::accounts::Role::Admin) {
+        for m in value["machines"].as_array_mut().into_iter().flatten() {
+            for key in ["hourly_price", "price_source"] {
+                m[key] = serde_json::Value::Null;
+            }
+        }
+    }
+    Ok(Json(value))
 }
 
 /// `GET /api/pools`: each pool's machines by state, its queued builds, and why they wait when
 /// the pool cannot launch (its latest launch failure, if no launch succeeded since).
-pub async fn list_pools(State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
+pub async fn list_pools(_: Viewer, State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(json!({ "pools": pools(&s).await? })))
+}
+
+/// Each pool's status as `GET /api/pools` shows it (also what the machines page shows).
+pub async fn pools(s: &Shared) -> Result<Vec<serde_json::Value>, ApiError> {
     let queued = s.store.builds_in_state("queued").await?;
+    let paused: std::collections::HashMap<String, crate::store::PauseRow> =
+        s.store.paused_pools().await?.into_iter().map(|p| (p.pool.clone(), p)).collect();
     let mut pools = Vec::new();
     for p in &s.config.pools {
         let status = s.store.pool_status(&p.name).await?;
@@ -116,7 +143,12 @@ pub async fn list_pools(State(s): State<Arc<Shared>>) -> Result<impl IntoRespons
             .as_ref()
             .filter(|(at, _)| status.last_launched_at.as_deref().is_none_or(|ok| ok < at.as_str()));
         let held = s.spend_holds.lock().ok().and_then(|h| h.get(&p.name).cloned());
-        let waiting_reason = held.clone().or_else(|| failing.map(|(_, why)| why.clone())).filter(|_| waiting > 0);
+        let pause = paused.get(&p.name);
+        let waiting_reason = pause
+            .map(|p| format!("pool paused by {} at {}", p.paused_by, p.paused_at))
+            .or_else(|| held.clone())
+            .or_else(|| failing.map(|(_, why)| why.clone()))
+            .filter(|_| waiting > 0);
         pools.push(json!({
             "name": p.name,
             "provisioner": match p.provisioner {
@@ -129,9 +161,10 @@ pub async fn list_pools(State(s): State<Arc<Shared>>) -> Result<impl IntoRespons
             "last_launch_failure": status.last_launch_failure.as_ref().map(|(at, why)| json!({"at": at, "reason": why})),
             "waiting_reason": waiting_reason,
             "spend_cap": held,
+            "paused": pause.map(|p| json!({"by": p.paused_by, "at": p.paused_at})),
         }));
     }
-    Ok(Json(json!({ "pools": pools })))
+    Ok(pools)
 }
 
 /// Query of `GET /api/cost` (the options of `paddock cost`).
@@ -146,7 +179,11 @@ pub struct CostQuery {
 
 /// `GET /api/cost?since=7d&until=&by=pool&format=json`: the cost report (JSON by default;
 /// `csv` and `table` as text).
-pub async fn cost(State(s): State<Arc<Shared>>, Query(q): Query<CostQuery>) -> Result<impl IntoResponse, ApiError> {
+pub async fn cost(
+    _: Admin,
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<CostQuery>,
+) -> Result<impl IntoResponse, ApiError> {
     let now = s.now();
     // `?since=&by=` (empty) means the default, as when the option is left out.
     fn given(v: &Option<String>) -> Option<&str> {
@@ -178,6 +215,7 @@ pub struct ChangesQuery {
 }
 
 pub async fn list_changes(
+    _: Viewer,
     State(s): State<Arc<Shared>>,
     Query(q): Query<ChangesQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -188,6 +226,7 @@ pub async fn list_changes(
 
 /// `POST /api/changes {repo, branch, revision}`: the generic change hook.
 pub async fn post_change(
+    _: Committer,
     State(s): State<Arc<Shared>>,
     body: Result<Json<ChangeHook>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -242,50 +281,70 @@ pub struct ForceBody {
 
 /// `POST /api/builds {builder, branch, revision?}`: a force build.
 pub async fn force_build(
+    Committer(caller): Committer,
     State(s): State<Arc<Shared>>,
     body: Result<Json<ForceBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::bad_request(format!("malformed request: {}", e.body_text())))?;
-    if s.draining.load(Ordering::SeqCst) {
-        return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, reason: "master is shutting down".into() });
-    }
-    let builder = s
-        .config
-        .builder(&body.builder)
-        .ok_or_else(|| ApiError::bad_request(format!("unknown builder {:?}", body.builder)))?;
-    if !builder.branches.is_empty() && !git::branch_matches(&builder.branches, &body.branch) {
-        return Err(ApiError::bad_request(format!("builder {} does not build branch {:?}", builder.name, body.branch)));
-    }
-    let revision = match body.revision.filter(|r| !r.trim().is_empty()) {
-        Some(r) if r.chars().all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c)) => r,
-        Some(r) => return Err(ApiError::bad_request(format!("invalid revision {r:?}"))),
-        None => {
-            let heads = s.store.heads(&builder.repo).await?;
-            match heads.get(&body.branch) {
-                Some(h) => h.clone(),
-                None => {
-                    let url = s.config.repo(&builder.repo).map(|r| r.url.clone()).unwrap_or_default();
-                    let remote = git::ls_remote(&url)
-                        .await
-                        .map_err(|e| ApiError::bad_request(format!("cannot resolve branch {:?}: {e}", body.branch)))?;
-                    remote.get(&body.branch).cloned().ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "unknown branch {:?} in repository {}",
-                            body.branch, builder.repo
-                        ))
-                    })?
-                }
-            }
-        }
-    };
-    let reason = body.reason.unwrap_or_else(|| "forced".to_string());
-    let build = s
-        .store
-        .create_request(&builder.name, &builder.repo, &body.branch, &revision, "force", &reason, &[], s.now())
-        .await?;
-    tracing::info!(build = build.id, builder = %build.builder, branch = %build.branch, "force build queued");
-    s.send(Input::Queued(build.clone())).await;
+    let build = actions::force(&s, &caller, &body.builder, &body.branch, body.revision, body.reason).await?;
     Ok((StatusCode::CREATED, Json(json!({ "builds": [build] }))))
+}
+
+/// `POST /api/builds/{id}/rebuild`: the same builder, branch and revision again, as a new
+/// request carrying the same changes.
+pub async fn rebuild(
+    Committer(caller): Committer,
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    let build = actions::rebuild(&s, &caller, id).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "builds": [build] }))))
+}
+
+/// `POST /api/builds/{id}/cancel`: a queued build is cancelled at once (`"outcome":
+/// "cancelled"`); a running one is stopped by its agent (`"stopping"`, then state `cancelled`).
+pub async fn cancel(
+    Committer(caller): Committer,
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    let outcome = actions::cancel(&s, &caller, id).await?;
+    let build = s.store.build(id).await?;
+    let outcome = match outcome {
+        crate::runtime::Cancelled::Queued => "cancelled",
+        crate::runtime::Cancelled::Stopping => "stopping",
+    };
+    Ok(Json(json!({ "outcome": outcome, "build": build })))
+}
+
+/// `POST /api/machines/{id}/terminate`: stop a machine now; its build, if any, is retried.
+pub async fn terminate_machine(
+    Admin(caller): Admin,
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+) -> Result<impl IntoResponse, ApiError> {
+    actions::terminate(&s, &caller, id).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "machine": id, "state": "stopping" }))))
+}
+
+/// `POST /api/pools/{name}/pause`: the pool starts no build and launches nothing until resumed.
+pub async fn pause_pool(
+    Admin(caller): Admin,
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    actions::pause(&s, &caller, &name, true).await?;
+    Ok(Json(json!({ "pool": name, "paused": true })))
+}
+
+/// `POST /api/pools/{name}/resume`.
+pub async fn resume_pool(
+    Admin(caller): Admin,
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    actions::pause(&s, &caller, &name, false).await?;
+    Ok(Json(json!({ "pool": name, "paused": false })))
 }
 
 /// A change built from the hook's own fields, for a revision the master cannot read (yet).

@@ -41,7 +41,7 @@ fn escape(v: &str) -> String {
 }
 
 /// `GET /metrics`.
-pub async fn metrics(State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
+pub async fn metrics(_: super::auth::Admin, State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
     let counts = s.store.metric_counts().await?;
     let queued = s.store.builds_in_state("queued").await?;
     let now = s.now();

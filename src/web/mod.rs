@@ -1,10 +1,13 @@
 //! The master's HTTP side (axum): the JSON API, the agent WebSocket, webhooks, health.
 
+mod actions;
 mod agent_ws;
-mod api;
+pub(crate) mod api;
+pub mod auth;
 mod download;
 mod hooks;
 mod metrics;
+mod pages;
 
 use std::sync::Arc;
 
@@ -21,9 +24,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/builds", get(api::list_builds).post(api::force_build))
         .route("/api/builds/{id}", get(api::get_build))
         .route("/api/builds/{id}/log", get(api::get_log))
+        .route("/api/builds/{id}/rebuild", post(api::rebuild))
+        .route("/api/builds/{id}/cancel", post(api::cancel))
         .route("/api/builders", get(api::list_builders))
         .route("/api/machines", get(api::list_machines))
+        .route("/api/machines/{id}/terminate", post(api::terminate_machine))
         .route("/api/pools", get(api::list_pools))
+        .route("/api/pools/{name}/pause", post(api::pause_pool))
+        .route("/api/pools/{name}/resume", post(api::resume_pool))
         .route("/api/cost", get(api::cost))
         .route("/api/changes", get(api::list_changes).post(api::post_change))
         .route("/hooks/github", post(hooks::github))
@@ -32,6 +40,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(metrics::readyz))
         .route("/metrics", get(metrics::metrics))
+        .merge(pages::routes())
         .with_state(shared)
 }
 
@@ -62,6 +71,13 @@ impl From<crate::store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.reason }))).into_response()
+        let mut resp = (self.status, Json(serde_json::json!({ "error": self.reason }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"paddock\""),
+            );
+        }
+        resp
     }
 }

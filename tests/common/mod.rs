@@ -28,8 +28,10 @@ pub struct Bed {
     pub port: u16,
     master: Option<Child>,
     pub master_log: PathBuf,
+    /// Sends the bed's admin token: tests read and act as an admin unless they say otherwise.
     pub http: reqwest::blocking::Client,
     starts: u32,
+    token: Option<String>,
 }
 
 fn run_git(dir: &Path, args: &[&str]) -> String {
@@ -74,7 +76,59 @@ impl Bed {
             master_log,
             http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(20)).build().expect("client"),
             starts: 0,
+            token: None,
         }
+    }
+
+    /// The bed admin's API token (made at the first start).
+    pub fn token(&self) -> &str {
+        self.token.as_deref().expect("the bed's admin token is made when the master first starts")
+    }
+
+    /// Runs `paddock ARGS --config paddock.toml` (a command of the master's host) with `stdin`;
+    /// returns stdout, failing the test if the command fails.
+    pub fn host_cli(&self, args: &[&str], stdin: &str) -> String {
+        use std::io::Write;
+        let mut child = Command::new(paddock_bin())
+            .args(args)
+            .arg("--config")
+            .arg(self.path().join("paddock.toml"))
+            .current_dir(self.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run paddock");
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes()).expect("stdin");
+        }
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "paddock {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// Adds a user through `paddock user add` and returns an API token of theirs made with
+    /// `paddock token create`.
+    pub fn add_user(&self, name: &str, role: &str, password: &str) -> String {
+        self.host_cli(&["user", "add", name, "--role", role, "--password-stdin"], &format!("{password}\n"));
+        self.host_cli(&["token", "create", name, "--name", "tests"], "").trim().to_string()
+    }
+
+    /// An HTTP client that sends `token` (none: anonymous).
+    pub fn client(token: Option<&str>) -> reqwest::blocking::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
+            );
+        }
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .default_headers(headers)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client")
     }
 
     /// The test folder.
@@ -138,6 +192,11 @@ impl Bed {
     /// Like [`Bed::start`], with extra environment for the master.
     pub fn start_with_env(&mut self, branches: &[&str], env: &[(&str, &str)]) {
         self.starts += 1;
+        if self.token.is_none() {
+            let token = self.add_user("bed-admin", "admin", "bed-admin-password");
+            self.http = Bed::client(Some(&token));
+            self.token = Some(token);
+        }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.master_log).expect("log");
         let mut cmd = Command::new(paddock_bin());
         cmd.arg("run")

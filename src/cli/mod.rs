@@ -15,12 +15,29 @@ pub struct Cli {
     command: Command,
 }
 
-/// Where client subcommands find the master.
+mod accounts;
+
+/// Where client subcommands find the master, and how they prove who they are.
 #[derive(Debug, clap::Args)]
 struct MasterArg {
     /// The master's URL.
     #[arg(long, env = "PADDOCK_MASTER", default_value = "http://127.0.0.1:8010")]
     master: String,
+    /// An API token (`paddock token create`); needed for anything but reading a public master.
+    #[arg(long, env = "PADDOCK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl MasterArg {
+    /// A request to `path` on the master, with the token if there is one.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}{path}", self.master.trim_end_matches('/'));
+        let req = reqwest::Client::new().request(method, url);
+        match self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +130,17 @@ enum Command {
         #[arg(long, env = "PADDOCK_IMDS_POLL", default_value = "5s", value_parser = crate::config::parse_duration, hide = true)]
         imds_poll: std::time::Duration,
     },
+    /// Manage the accounts of the web UI and API (on the master's host: uses the config's
+    /// database).
+    User {
+        #[command(subcommand)]
+        action: accounts::UserCmd,
+    },
+    /// Manage API tokens for scripts (sent as `Authorization: Bearer <token>`).
+    Token {
+        #[command(subcommand)]
+        action: accounts::TokenCmd,
+    },
     /// Set up a demo repository and run the master on it with local workers.
     Demo {
         /// Folder for the demo repository, config and database.
@@ -178,13 +206,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             query.extend(builder.map(|b| ("builder", b)));
             query.extend(branch.map(|b| ("branch", b)));
             query.extend(state.map(|s| ("state", s)));
-            let body: serde_json::Value = get_json(&master.master, "/api/builds", &query).await?;
+            let body: serde_json::Value = get_json(&master, "/api/builds", &query).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&body)?);
             } else {
                 print!("{}", builds_table(&body));
                 // Queued builds that cannot start: say why, from the pools' side.
-                if let Ok(pools) = get_json(&master.master, "/api/pools", &[]).await {
+                if let Ok(pools) = get_json(&master, "/api/pools", &[]).await {
                     for p in pools["pools"].as_array().into_iter().flatten() {
                         if let Some(why) = p["waiting_reason"].as_str() {
                             println!(
@@ -211,15 +239,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let mut query = vec![("by", by), ("format", "json".to_string())];
             query.extend(since.map(|s| ("since", s)));
             query.extend(until.map(|u| ("until", u)));
-            let body = get_json(&master.master, "/api/cost", &query).await?;
+            let body = get_json(&master, "/api/cost", &query).await?;
             let report: crate::cost::report::Report =
                 serde_json::from_value(body).context("the master's cost report is not what this paddock expects")?;
             print!("{}", report.render(q.format));
         }
         Command::Log { master, build } => {
-            let url = format!("{}/api/builds/{build}/log", master.master.trim_end_matches('/'));
-            let resp =
-                reqwest::get(&url).await.with_context(|| format!("cannot reach the master at {}", master.master))?;
+            let resp = master
+                .request(reqwest::Method::GET, &format!("/api/builds/{build}/log"))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the master at {}", master.master))?;
             let status = resp.status();
             let text = resp.text().await?;
             if !status.is_success() {
@@ -228,10 +258,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             print!("{text}");
         }
         Command::Force { master, builder, branch, revision } => {
-            let url = format!("{}/api/builds", master.master.trim_end_matches('/'));
             let body = serde_json::json!({ "builder": builder, "branch": branch, "revision": revision });
-            let resp = reqwest::Client::new()
-                .post(&url)
+            let resp = master
+                .request(reqwest::Method::POST, "/api/builds")
                 .json(&body)
                 .send()
                 .await
@@ -262,6 +291,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
+        Command::User { action } => return accounts::user(action).await,
+        Command::Token { action } => return accounts::token(action).await,
         Command::Demo { dir, port } => crate::demo::run(&dir, port).await?,
     }
     Ok(ExitCode::SUCCESS)
@@ -301,14 +332,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn get_json(master: &str, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
-    let url = format!("{}{path}", master.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .get(&url)
+async fn get_json(master: &MasterArg, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+    let resp = master
+        .request(reqwest::Method::GET, path)
         .query(query)
         .send()
         .await
-        .with_context(|| format!("cannot reach the master at {master}"))?;
+        .with_context(|| format!("cannot reach the master at {}", master.master))?;
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {
@@ -322,7 +352,13 @@ fn api_error(text: &str, status: reqwest::StatusCode) -> String {
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
         .unwrap_or_else(|| text.trim().to_string());
-    format!("master answered {status}: {reason}")
+    let hint = match status {
+        reqwest::StatusCode::UNAUTHORIZED => {
+            " (give an API token in PADDOCK_TOKEN or --token; an admin makes one with `paddock token create`)"
+        }
+        _ => "",
+    };
+    format!("master answered {status}: {reason}{hint}")
 }
 
 /// Renders `{"builds": [...]}` as a fixed-width table.

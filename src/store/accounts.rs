@@ -1,0 +1,257 @@
+//! Users, browser sessions, API tokens and paused pools.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{ts_string, Result, Store};
+use crate::accounts::Role;
+use crate::core::Ts;
+
+/// A user, without the password hash.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UserRow {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    pub created_at: String,
+}
+
+/// A logged-in browser session: whose it is and the CSRF token its forms carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    pub user: UserRow,
+    pub csrf: String,
+    pub expires_at: String,
+}
+
+/// An API token's public facts (never the secret or its hash).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenRow {
+    pub id: i64,
+    pub user: String,
+    pub name: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+}
+
+/// A pool an admin paused.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PauseRow {
+    pub pool: String,
+    pub paused_by: String,
+    pub paused_at: String,
+}
+
+fn user_row(r: &sqlx::sqlite::SqliteRow) -> UserRow {
+    let role: String = r.get("role");
+    UserRow {
+        id: r.get("id"),
+        name: r.get("name"),
+        // The column's CHECK constraint admits only the three names.
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        created_at: r.get("created_at"),
+    }
+}
+
+impl Store {
+    /// Adds a user; `false` if the name is taken.
+    pub async fn add_user(&self, name: &str, role: Role, password_hash: &str, now: Ts) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO users (name, role, password_hash, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(password_hash)
+        .bind(ts_string(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Every user, by name.
+    pub async fn users(&self) -> Result<Vec<UserRow>> {
+        let rows =
+            sqlx::query("SELECT id, name, role, created_at FROM users ORDER BY name").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(user_row).collect())
+    }
+
+    /// A user and their password hash, by name.
+    pub async fn user_with_hash(&self, name: &str) -> Result<Option<(UserRow, String)>> {
+        let row = sqlx::query("SELECT id, name, role, created_at, password_hash FROM users WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (user_row(&r), r.get("password_hash"))))
+    }
+
+    /// Removes a user with their sessions and tokens; `false` if there was none.
+    pub async fn remove_user(&self, name: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM users WHERE name = ?").bind(name).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sets a user's password and ends their sessions (a password change logs everyone out);
+    /// `false` if there is no such user.
+    pub async fn set_password(&self, name: &str, password_hash: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
+            .bind(password_hash)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE name = ?)")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Sets a user's role; `false` if there is no such user.
+    pub async fn set_role(&self, name: &str, role: Role) -> Result<bool> {
+        let done = sqlx::query("UPDATE users SET role = ? WHERE name = ?")
+            .bind(role.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Starts a session for a user (the cookie's hash, the CSRF token, when it ends).
+    pub async fn create_session(&self, user: i64, token_hash: &str, csrf: &str, now: Ts, expires: Ts) -> Result<()> {
+        // Expired sessions are swept at each login, so the table stays small without a timer.
+        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?").bind(ts_string(now)).execute(&self.pool).await?;
+        sqlx::query("INSERT INTO sessions (token_hash, user_id, csrf, created_at, expires_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(token_hash)
+            .bind(user)
+            .bind(csrf)
+            .bind(ts_string(now))
+            .bind(ts_string(expires))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The live session whose cookie hashes to `token_hash`.
+    pub async fn session(&self, token_hash: &str, now: Ts) -> Result<Option<SessionRow>> {
+        let row = sqlx::query(
+            "SELECT u.id, u.name, u.role, u.created_at, s.csrf, s.expires_at
+             FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.token_hash = ? AND s.expires_at > ?",
+        )
+        .bind(token_hash)
+        .bind(ts_string(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| SessionRow { user: user_row(&r), csrf: r.get("csrf"), expires_at: r.get("expires_at") }))
+    }
+
+    /// Ends a session (logout).
+    pub async fn delete_session(&self, token_hash: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(token_hash).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Stores a new API token for a user; `None` if there is no such user.
+    pub async fn create_token(&self, user: &str, name: &str, token_hash: &str, now: Ts) -> Result<Option<TokenRow>> {
+        let row = sqlx::query(
+            "INSERT INTO api_tokens (user_id, name, token_hash, created_at)
+             SELECT id, ?, ?, ? FROM users WHERE name = ?
+             RETURNING id, name, created_at, last_used_at",
+        )
+        .bind(name)
+        .bind(token_hash)
+        .bind(ts_string(now))
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| TokenRow {
+            id: r.get("id"),
+            user: user.to_string(),
+            name: r.get("name"),
+            created_at: r.get("created_at"),
+            last_used_at: r.get("last_used_at"),
+        }))
+    }
+
+    /// The user an API token belongs to. Notes when it was last used, to the minute, so a
+    /// script polling the API does not turn every read into a write.
+    pub async fn token_user(&self, token_hash: &str, now: Ts) -> Result<Option<UserRow>> {
+        let row = sqlx::query(
+            "SELECT u.id, u.name, u.role, u.created_at, t.id AS token_id, t.last_used_at
+             FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let stale = ts_string(Ts(now.0 - 60_000));
+        let last: Option<String> = r.get("last_used_at");
+        if last.is_none_or(|l| l < stale) {
+            sqlx::query("UPDATE api_tokens SET last_used_at = ? WHERE id = ?")
+                .bind(ts_string(now))
+                .bind(r.get::<i64, _>("token_id"))
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(Some(user_row(&r)))
+    }
+
+    /// Every API token (without secrets), newest first.
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>> {
+        let rows = sqlx::query(
+            "SELECT t.id, u.name AS user, t.name, t.created_at, t.last_used_at
+             FROM api_tokens t JOIN users u ON u.id = t.user_id ORDER BY t.id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| TokenRow {
+                id: r.get("id"),
+                user: r.get("user"),
+                name: r.get("name"),
+                created_at: r.get("created_at"),
+                last_used_at: r.get("last_used_at"),
+            })
+            .collect())
+    }
+
+    /// Revokes an API token; `false` if there was none with that id.
+    pub async fn revoke_token(&self, id: i64) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM api_tokens WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Pauses a pool (kept across restarts); pausing a paused pool keeps the first record.
+    pub async fn pause_pool(&self, pool: &str, by: &str, now: Ts) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO pool_pauses (pool, paused_by, paused_at) VALUES (?, ?, ?) ON CONFLICT (pool) DO NOTHING",
+        )
+        .bind(pool)
+        .bind(by)
+        .bind(ts_string(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Resumes a pool.
+    pub async fn resume_pool(&self, pool: &str) -> Result<()> {
+        sqlx::query("DELETE FROM pool_pauses WHERE pool = ?").bind(pool).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The paused pools.
+    pub async fn paused_pools(&self) -> Result<Vec<PauseRow>> {
+        let rows = sqlx::query("SELECT pool, paused_by, paused_at FROM pool_pauses ORDER BY pool")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PauseRow { pool: r.get("pool"), paused_by: r.get("paused_by"), paused_at: r.get("paused_at") })
+            .collect())
+    }
+}

@@ -1,0 +1,131 @@
+//! What committers and admins can do, shared by the API and the pages' forms: force, rebuild
+//! and cancel builds; terminate machines; pause and resume pools. Roles and CSRF are checked
+//! by the callers (the API's extractors, the pages' form handlers).
+
+use std::sync::atomic::Ordering;
+
+use axum::http::StatusCode;
+
+use super::auth::Caller;
+use super::ApiError;
+use crate::changes::git;
+use crate::runtime::{ActionError, Cancelled, Input, Shared};
+use crate::store::BuildRow;
+
+impl From<ActionError> for ApiError {
+    fn from(e: ActionError) -> Self {
+        match e {
+            ActionError::NotFound(why) => ApiError::not_found(why),
+            ActionError::Conflict(why) => ApiError { status: StatusCode::CONFLICT, reason: why },
+            ActionError::Store(e) => e.into(),
+        }
+    }
+}
+
+fn draining(s: &Shared) -> Result<(), ApiError> {
+    if s.draining.load(Ordering::SeqCst) {
+        return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, reason: "master is shutting down".into() });
+    }
+    Ok(())
+}
+
+/// The loop is gone (the master is stopping) when a reply channel closes.
+fn loop_gone() -> ApiError {
+    ApiError { status: StatusCode::SERVICE_UNAVAILABLE, reason: "master is shutting down".into() }
+}
+
+/// Queues a build of `builder` on `branch` at `revision` (default: the branch's head).
+pub async fn force(
+    s: &Shared,
+    caller: &Caller,
+    builder: &str,
+    branch: &str,
+    revision: Option<String>,
+    reason: Option<String>,
+) -> Result<BuildRow, ApiError> {
+    draining(s)?;
+    let builder =
+        s.config.builder(builder).ok_or_else(|| ApiError::bad_request(format!("unknown builder {builder:?}")))?;
+    let branch = branch.trim();
+    if branch.is_empty() {
+        return Err(ApiError::bad_request("a branch is needed"));
+    }
+    if !builder.branches.is_empty() && !git::branch_matches(&builder.branches, branch) {
+        return Err(ApiError::bad_request(format!("builder {} does not build branch {branch:?}", builder.name)));
+    }
+    let revision = match revision.map(|r| r.trim().to_string()).filter(|r| !r.is_empty()) {
+        Some(r) if r.chars().all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c)) && !r.starts_with('-') => r,
+        Some(r) => return Err(ApiError::bad_request(format!("invalid revision {r:?}"))),
+        None => {
+            let heads = s.store.heads(&builder.repo).await?;
+            match heads.get(branch) {
+                Some(h) => h.clone(),
+                None => {
+                    let url = s.config.repo(&builder.repo).map(|r| r.url.clone()).unwrap_or_default();
+                    let remote = git::ls_remote(&url)
+                        .await
+                        .map_err(|e| ApiError::bad_request(format!("cannot resolve branch {branch:?}: {e}")))?;
+                    remote.get(branch).cloned().ok_or_else(|| {
+                        ApiError::bad_request(format!("unknown branch {branch:?} in repository {}", builder.repo))
+                    })?
+                }
+            }
+        }
+    };
+    let reason = reason.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| format!("forced by {}", caller.name()));
+    let build =
+        s.store.create_request(&builder.name, &builder.repo, branch, &revision, "force", &reason, &[], s.now()).await?;
+    tracing::info!(build = build.id, builder = %build.builder, branch = %build.branch, by = caller.name(), "force build queued");
+    s.send(Input::Queued(build.clone())).await;
+    Ok(build)
+}
+
+/// Queues build `id`'s builder, branch and revision again, with the same changes.
+pub async fn rebuild(s: &Shared, caller: &Caller, id: i64) -> Result<BuildRow, ApiError> {
+    draining(s)?;
+    let old = s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
+    if s.config.builder(&old.builder).is_none() {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            reason: format!("builder {} is no longer configured", old.builder),
+        });
+    }
+    let changes = s.store.build_change_ids(id).await?;
+    let reason = format!("rebuild of build {id} by {}", caller.name());
+    let build = s
+        .store
+        .create_request(&old.builder, &old.repo, &old.branch, &old.revision, "rebuild", &reason, &changes, s.now())
+        .await?;
+    tracing::info!(build = build.id, of = id, by = caller.name(), "rebuild queued");
+    s.send(Input::Queued(build.clone())).await;
+    Ok(build)
+}
+
+/// Cancels build `id` (see [`Input::Cancel`]).
+pub async fn cancel(s: &Shared, caller: &Caller, id: i64) -> Result<Cancelled, ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    s.send(Input::Cancel { build: id, by: caller.name().to_string(), reply }).await;
+    Ok(answer.await.map_err(|_| loop_gone())??)
+}
+
+/// Stops machine `id` now.
+pub async fn terminate(s: &Shared, caller: &Caller, id: i64) -> Result<(), ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    s.send(Input::StopMachine { machine: id, by: caller.name().to_string(), reply }).await;
+    Ok(answer.await.map_err(|_| loop_gone())??)
+}
+
+/// Pauses or resumes a pool; recorded first, so a restart keeps it.
+pub async fn pause(s: &Shared, caller: &Caller, pool: &str, paused: bool) -> Result<(), ApiError> {
+    if s.config.pool(pool).is_none() {
+        return Err(ApiError::not_found(format!("no pool {pool:?}")));
+    }
+    if paused {
+        s.store.pause_pool(pool, caller.name(), s.now()).await?;
+    } else {
+        s.store.resume_pool(pool).await?;
+    }
+    tracing::info!(pool, paused, by = caller.name(), "pool {}", if paused { "paused" } else { "resumed" });
+    s.send(Input::Pause { pool: pool.to_string(), paused }).await;
+    Ok(())
+}
