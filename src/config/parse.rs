@@ -589,17 +589,18 @@ fn parse_web(node: &Node) -> Result<Web, Diag> {
     f.allow_only(WEB_KEYS)?;
     let mut web = Web::default();
     if let Some(access) = f.opt_str("access")? {
-        web.public =
-            match access.v.as_str() {
-                "public" => true,
-                "login" => false,
-                other => return Err(Diag::new(
+        web.public = match access.v.as_str() {
+            "public" => true,
+            "login" => false,
+            other => {
+                return Err(Diag::new(
                     access.span,
                     format!(
                         "`access` must be \"public\" (anyone may look) or \"login\" (login required), not {other:?}"
                     ),
-                )),
-            };
+                ))
+            }
+        };
     }
     if let Some(d) = f.opt_duration("session_lifetime")? {
         if d < Duration::from_secs(60) {

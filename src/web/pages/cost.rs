@@ -111,6 +111,26 @@ fn table(by: &str, r: &Report) -> Markup {
     }
 }
 
+/// Every day of the window, with an empty row where nothing ran, so gaps show as gaps.
+fn every_day(r: &Report) -> Vec<Row> {
+    let day = |t: &str| chrono::NaiveDate::parse_from_str(t.get(..10).unwrap_or(""), "%Y-%m-%d").ok();
+    let (Some(first), Some(last)) = (day(&r.since), day(&r.until)) else {
+        return r.rows.clone();
+    };
+    let mut out = Vec::new();
+    let mut d = first;
+    // A window of years would draw hair-thin bars; past ~400 days show only the days with spend.
+    if (last - first).num_days() > 400 {
+        return r.rows.clone();
+    }
+    while d <= last {
+        let key = d.format("%Y-%m-%d").to_string();
+        out.push(r.rows.iter().find(|row| row.key == key).cloned().unwrap_or(Row { key, ..Row::default() }));
+        d = d.succ_opt().unwrap_or(last + chrono::Days::new(1));
+    }
+    out
+}
+
 /// Chart geometry.
 const W: f64 = 760.0;
 const H: f64 = 220.0;
@@ -119,7 +139,7 @@ const BOTTOM: f64 = 30.0;
 
 /// One bar per day, stacked busy (bottom), idle, boot; a tooltip per segment.
 fn chart(r: &Report) -> Markup {
-    let days: &[Row] = &r.rows;
+    let days = every_day(r);
     let max = days.iter().map(|d| d.busy_cost + d.idle_cost + d.boot_cost).fold(0.0_f64, f64::max);
     let scale = if max > 0.0 { (H - BOTTOM - 10.0) / max } else { 0.0 };
     let n = days.len().max(1) as f64;

@@ -1,0 +1,277 @@
+//! The pages over plain HTTP against the real binary: login (with its CSRF cookie), the
+//! session cookie's attributes, CSRF on every form, roles on pages and actions, escaping of
+//! commit messages and log lines, the live log stream, logout. The browser tests drive the same
+//! pages in Chromium.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::Bed;
+use reqwest::blocking::Client;
+
+/// A visitor: a client that keeps cookies by hand, so the tests can read their attributes.
+struct Visitor {
+    client: Client,
+    base: String,
+    cookies: BTreeMap<String, String>,
+    /// Every Set-Cookie seen, raw.
+    set_cookies: Vec<String>,
+}
+
+struct Page {
+    status: u16,
+    location: Option<String>,
+    content_type: String,
+    body: String,
+}
+
+impl Visitor {
+    fn new(bed: &Bed) -> Visitor {
+        Visitor { client: Bed::client(None), base: bed.url(), cookies: BTreeMap::new(), set_cookies: Vec::new() }
+    }
+
+    fn send(&mut self, req: reqwest::blocking::RequestBuilder) -> Page {
+        let cookie: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let req = if cookie.is_empty() { req } else { req.header("cookie", cookie.join("; ")) };
+        let resp = req.send().expect("request");
+        for v in resp.headers().get_all("set-cookie") {
+            let raw = v.to_str().expect("ascii").to_string();
+            let pair = raw.split(';').next().unwrap_or("");
+            if let Some((k, v)) = pair.split_once('=') {
+                if v.is_empty() || raw.contains("Max-Age=0") {
+                    self.cookies.remove(k);
+                } else {
+                    self.cookies.insert(k.to_string(), v.to_string());
+                }
+            }
+            self.set_cookies.push(raw);
+        }
+        Page {
+            status: resp.status().as_u16(),
+            location: resp.headers().get("location").map(|v| v.to_str().unwrap_or("").to_string()),
+            content_type: resp
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or("").to_string())
+                .unwrap_or_default(),
+            body: resp.text().unwrap_or_default(),
+        }
+    }
+
+    fn get(&mut self, path: &str) -> Page {
+        let req = self.client.get(format!("{}{path}", self.base));
+        self.send(req)
+    }
+
+    fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
+        let req = self.client.post(format!("{}{path}", self.base)).form(form);
+        self.send(req)
+    }
+
+    /// Logs in through the form; returns the session's CSRF token (from the next page).
+    fn login(&mut self, name: &str, password: &str) -> String {
+        let form = self.get("/login?next=/");
+        assert_eq!(form.status, 200);
+        let token = hidden(&form.body, "csrf");
+        let done = self.post("/login", &[("name", name), ("password", password), ("csrf", &token), ("next", "/")]);
+        assert_eq!(done.status, 303, "login of {name}: {}", done.body);
+        let console = self.get("/");
+        assert_eq!(console.status, 200);
+        hidden(&console.body, "csrf")
+    }
+}
+
+/// The value of the first hidden input named `name`.
+fn hidden(html: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let at = html.find(&marker).unwrap_or_else(|| panic!("no hidden {name} in:\n{html}"));
+    let rest = &html[at + marker.len()..];
+    rest[..rest.find('"').expect("end quote")].to_string()
+}
+
+const MESSAGE: &str = "<script>alert(\"owned\")</script> & fix";
+
+fn config(extra: &str) -> String {
+    format!(
+        "{extra}\n[pool.local]\nmax_instances = 2\nidle_timeout = \"30s\"\nboot_timeout = \"60s\"\n\n\
+         [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"echo '<b>bold</b> & more'\"]\n\n\
+         [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n"
+    )
+}
+
+#[test]
+fn login_roles_csrf_and_escaping_on_the_pages() {
+    let mut bed = Bed::new(&[]);
+    bed.config("", &config("[web]\naccess = \"login\"\n"));
+    bed.start(&["main"]);
+    bed.add_user("carl", "committer", "carl-password");
+    bed.add_user("vera", "viewer", "vera-password");
+    bed.host_cli(&["user", "add", "ada", "--role", "admin", "--password-stdin"], "ada-password\n");
+    let rev = bed.commit("main", "a.txt", "1\n", MESSAGE);
+    let first = bed.wait("the change's build", || bed.builds().into_iter().find(|b| b["revision"] == rev.as_str()));
+    let first = first["id"].as_i64().expect("id");
+    bed.wait("the build to succeed", || (bed.get(&format!("/api/builds/{first}"))["state"] == "success").then_some(()));
+
+    // Logged out, every page sends to the login page and back.
+    let mut anon = Visitor::new(&bed);
+    for path in ["/", "/changes", "/builders", "/machines", "/cost", &format!("/builds/{first}")] {
+        let p = anon.get(path);
+        assert_eq!(p.status, 303, "{path}");
+        let expected = format!("/login?next={path}");
+        assert_eq!(p.location.as_deref(), Some(expected.as_str()), "{path}");
+    }
+    assert_eq!(anon.get(&format!("/builds/{first}/log/stream")).status, 303);
+    assert_eq!(anon.post("/force", &[("builder", "b"), ("branch", "main")]).status, 303, "to the login page");
+
+    // The login form: a token tied to a cookie; wrong passwords and foreign posts refused.
+    let form = anon.get("/login?next=/changes");
+    let login_cookie = anon.set_cookies.last().cloned().unwrap_or_default();
+    assert!(login_cookie.starts_with("paddock_login="), "{login_cookie}");
+    assert!(login_cookie.contains("HttpOnly") && login_cookie.contains("SameSite=Strict"), "{login_cookie}");
+    let token = hidden(&form.body, "csrf");
+    let wrong = anon.post("/login", &[("name", "carl"), ("password", "nope-nope"), ("csrf", &token), ("next", "/")]);
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("wrong name or password"), "{}", wrong.body);
+    // The page shown again carries a fresh token.
+    let token = hidden(&wrong.body, "csrf");
+    let nobody = anon.post("/login", &[("name", "zed"), ("password", "whatever1"), ("csrf", &token), ("next", "/")]);
+    assert_eq!(nobody.status, 401, "an unknown name reads the same as a wrong password");
+    let mut foreign = Visitor::new(&bed);
+    let forged = foreign.post("/login", &[("name", "carl"), ("password", "carl-password"), ("csrf", &token)]);
+    assert_eq!(forged.status, 403, "a login form without its cookie is refused");
+    assert!(!foreign.cookies.contains_key("paddock_session"));
+
+    // Logged in: the session cookie's attributes, and back where we were going.
+    let form = anon.get("/login?next=/changes");
+    let token = hidden(&form.body, "csrf");
+    let ok =
+        anon.post("/login", &[("name", "carl"), ("password", "carl-password"), ("csrf", &token), ("next", "/changes")]);
+    assert_eq!((ok.status, ok.location.as_deref()), (303, Some("/changes")));
+    let session = anon.set_cookies.iter().find(|c| c.starts_with("paddock_session=")).cloned().expect("session cookie");
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age="] {
+        assert!(session.contains(attr), "{attr} in {session}");
+    }
+    assert!(!session.contains("Secure"), "plain http: no Secure flag ({session})");
+    let mut carl = anon;
+    let off_site = carl.post(
+        "/login",
+        &[("name", "carl"), ("password", "carl-password"), ("csrf", "x"), ("next", "https://evil.example/")],
+    );
+    assert_eq!(off_site.status, 403);
+
+    // Escaping: the commit message and the log lines are text, never markup.
+    let console = carl.get("/");
+    assert_eq!(console.status, 200);
+    assert!(console.content_type.starts_with("text/html"), "{}", console.content_type);
+    assert!(console.body.contains("carl (committer)"), "{}", console.body);
+    for page in [console.body.clone(), carl.get("/changes").body] {
+        assert!(page.contains("&lt;script&gt;alert(&quot;owned&quot;)&lt;/script&gt; &amp; fix"), "{page}");
+        assert!(!page.contains("<script>alert("), "{page}");
+    }
+    let build_page = carl.get(&format!("/builds/{first}"));
+    assert!(build_page.body.contains("&lt;b&gt;bold&lt;/b&gt; &amp; more"), "{}", build_page.body);
+    assert!(!build_page.body.contains("<b>bold</b>"));
+    assert!(build_page.body.contains("&lt;script&gt;alert("), "the build's change is shown, escaped");
+
+    // Forms need the session's CSRF token.
+    let csrf = hidden(&console.body, "csrf");
+    assert_eq!(carl.post("/force", &[("builder", "b"), ("branch", "main")]).status, 403);
+    assert_eq!(carl.post("/force", &[("builder", "b"), ("branch", "main"), ("csrf", "forged")]).status, 403);
+    assert_eq!(carl.post(&format!("/builds/{first}/rebuild"), &[]).status, 403);
+    let forced = carl.post("/force", &[("builder", "b"), ("branch", "main"), ("revision", ""), ("csrf", &csrf)]);
+    assert_eq!(forced.status, 303, "{}", forced.body);
+    let to = forced.location.expect("where the build is");
+    assert!(to.starts_with("/builds/"), "{to}");
+    let bad = carl.post("/force", &[("builder", "nope"), ("branch", "main"), ("csrf", &csrf)]);
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("unknown builder"), "{}", bad.body);
+
+    // The API with the cookie: writes need the CSRF header too.
+    let cookie = format!("paddock_session={}", carl.cookies["paddock_session"]);
+    let api = |csrf_header: Option<&str>| {
+        let req = Bed::client(None)
+            .post(format!("{}/api/builds", bed.url()))
+            .header("cookie", &cookie)
+            .json(&serde_json::json!({"builder": "b", "branch": "main"}));
+        let req = match csrf_header {
+            Some(h) => req.header("x-csrf-token", h),
+            None => req,
+        };
+        req.send().expect("POST").status().as_u16()
+    };
+    assert_eq!(api(None), 403);
+    assert_eq!(api(Some("forged")), 403);
+    assert_eq!(api(Some(&csrf)), 201);
+
+    // The finished build's log streams to its end, then says done.
+    let stream = carl.get(&format!("/builds/{first}/log/stream?after=0"));
+    assert!(stream.content_type.starts_with("text/event-stream"), "{}", stream.content_type);
+    assert!(stream.body.contains("event: log"), "{}", stream.body);
+    assert!(stream.body.contains("<b>bold</b> & more"), "log text travels as JSON text: {}", stream.body);
+    assert!(stream.body.contains("event: done\ndata: success"), "{}", stream.body);
+    let download = carl.get(&format!("/builds/{first}/log.txt"));
+    assert!(download.body.contains("<b>bold</b> & more"));
+
+    // A committer sees no cost and cannot act as an admin.
+    assert_eq!(carl.get("/cost").status, 403);
+    assert!(!carl.get("/machines").body.contains("Cost so far"));
+    assert!(!console.body.contains("href=\"/cost\""));
+
+    // A viewer: no forms to act, and refused when trying.
+    let mut vera = Visitor::new(&bed);
+    let vera_csrf = vera.login("vera", "vera-password");
+    let page = vera.get("/");
+    assert!(!page.body.contains("id=\"force\""), "no force form for a viewer");
+    let refused = vera.post("/force", &[("builder", "b"), ("branch", "main"), ("csrf", &vera_csrf)]);
+    assert_eq!(refused.status, 403);
+    assert!(refused.body.contains("needs the committer role"), "{}", refused.body);
+    assert_eq!(vera.post(&format!("/builds/{first}/cancel"), &[("csrf", &vera_csrf)]).status, 403);
+
+    // An admin: the cost dashboard with its chart, and machines with their cost.
+    let mut ada = Visitor::new(&bed);
+    ada.login("ada", "ada-password");
+    let cost = ada.get("/cost");
+    assert_eq!(cost.status, 200, "{}", cost.body);
+    assert!(cost.body.contains("<svg id=\"cost-chart\""), "{}", cost.body);
+    assert!(cost.body.contains("class=\"busy\""), "{}", cost.body);
+    assert!(cost.body.contains("id=\"cost-by-builder\""));
+    assert!(cost.body.contains("/api/cost?since=30d&amp;by=day&amp;format=csv"), "{}", cost.body);
+    assert!(ada.get("/machines").body.contains("Cost so far"));
+    let csv = ada.get("/api/cost?since=30d&by=day&format=csv");
+    assert_eq!(csv.status, 200);
+    assert!(csv.body.starts_with("key,label,cost,"), "{}", csv.body);
+
+    // Logout ends the session on the master, not only in the browser.
+    let old = carl.cookies["paddock_session"].clone();
+    let out = carl.post("/logout", &[("csrf", &csrf)]);
+    assert_eq!(out.status, 303);
+    assert!(!carl.cookies.contains_key("paddock_session"));
+    carl.cookies.insert("paddock_session".into(), old);
+    assert_eq!(carl.get("/").status, 303, "the old cookie no longer works");
+}
+
+#[test]
+fn an_https_master_marks_its_session_cookie_secure() {
+    let mut bed = Bed::new(&[]);
+    let port = bed.port;
+    bed.config_with_master(&format!("listen = \"127.0.0.1:{port}\""), "", &config(""));
+    let text = std::fs::read_to_string(bed.path().join("paddock.toml")).expect("config");
+    std::fs::write(bed.path().join("paddock.toml"), text.replace("url = \"http://", "url = \"https://"))
+        .expect("write");
+    bed.start(&["main"]);
+    bed.add_user("carl", "committer", "carl-password");
+    let mut v = Visitor::new(&bed);
+    let form = v.get("/login");
+    assert_eq!(form.status, 200, "anonymous may look at a public master's login page");
+    let token = hidden(&form.body, "csrf");
+    let ok = v.post("/login", &[("name", "carl"), ("password", "carl-password"), ("csrf", &token)]);
+    assert_eq!(ok.status, 303);
+    let session = v.set_cookies.iter().find(|c| c.starts_with("paddock_session=")).cloned().expect("cookie");
+    assert!(session.contains("Secure"), "{session}");
+    // Public: the console is open to anonymous visitors, with a login link and no forms.
+    let mut anon = Visitor::new(&bed);
+    let console = anon.get("/");
+    assert_eq!(console.status, 200);
+    assert!(console.body.contains("href=\"/login\"") && !console.body.contains("id=\"force\""));
+}
