@@ -107,6 +107,30 @@ async fn commit_file(repo: &Path, file: &str, text: &str, message: &str) -> anyh
     Ok(())
 }
 
+/// The demo's admin: made once, with a random password and an API token kept in files only
+/// their owner can read. Returns the password and the token file.
+async fn demo_admin(store: &Store, dir: &Path) -> anyhow::Result<(String, std::path::PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let password_file = dir.join("admin.password");
+    let token_file = dir.join("admin.token");
+    let private = |path: std::path::PathBuf, text: String| async move {
+        tokio::fs::write(&path, text).await?;
+        tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await
+    };
+    if store.user_with_hash("admin").await?.is_none() {
+        let password = crate::accounts::new_secret("").get(..16).unwrap_or_default().to_string();
+        let hash = crate::accounts::hash_password(&password)?;
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        store.add_user("admin", crate::accounts::Role::Admin, &hash, now).await?;
+        let token = crate::accounts::new_secret(crate::accounts::TOKEN_PREFIX);
+        store.create_token("admin", "demo", &crate::accounts::secret_hash(&token), now).await?;
+        private(password_file.clone(), format!("{password}\n")).await?;
+        private(token_file.clone(), format!("{token}\n")).await?;
+    }
+    let password = tokio::fs::read_to_string(&password_file).await.unwrap_or_default().trim().to_string();
+    Ok((password, token_file))
+}
+
 async fn create_repo(repo: &Path) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(repo).await?;
     git(repo, &["init", "-q", "-b", "main"]).await?;
@@ -155,6 +179,7 @@ pub async fn run(dir: &Path, port: u16) -> anyhow::Result<()> {
         };
     }
     let store = Store::open(&database).await?;
+    let (password, token) = demo_admin(&store, &dir).await?;
     wait_for_heads(&store).await?;
 
     commit_file(&repo, "src/app.txt", "a line from the demo\n", "Add a line to the app").await?;
@@ -167,8 +192,11 @@ pub async fn run(dir: &Path, port: u16) -> anyhow::Result<()> {
     println!("Paddock demo: master at {url}, repository at {}", repo.display());
     println!("Two commits were just made (on main and on feature/greeting); builds follow below.");
     println!();
+    println!("Web UI: {url}/  (log in as admin, password {password})");
+    println!();
     println!("Try it yourself, in another terminal:");
     println!("  cd {} && echo 'one more line' >> src/app.txt && git commit -qam 'My change'", repo.display());
+    println!("  export PADDOCK_TOKEN=$(cat {})   # the admin's API token, for the commands below", token.display());
     println!("  {exe} builds --master {url}          # the build table");
     println!("  {exe} log 1 --master {url}           # a build's log");
     println!("  {exe} force docs --branch main --master {url}");

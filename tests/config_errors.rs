@@ -659,6 +659,20 @@ fn prices_and_spend_caps_are_checked_where_they_are_written() {
     assert_eq!(ok.cost.spend.hourly, None);
 }
 
+#[test]
+fn web_access_and_session_lifetime_are_checked_where_they_are_written() {
+    // BASE is lines 1-6; [web] is line 8, its first key line 9.
+    assert_err(&format!("{BASE}\n[web]\naccess = \"private\"\n"), 9, 10, "`access` must be \"public\"");
+    assert_err(&format!("{BASE}\n[web]\nsession_lifetime = \"10s\"\n"), 9, 20, "at least 1m");
+    let e = assert_err(&format!("{BASE}\n[web]\nanonymous = true\n"), 9, 1, "unknown key `anonymous`");
+    assert!(e.hint.as_deref().is_some_and(|h| h.contains("access")), "{e}");
+    let ok = parse(&format!("{BASE}\n[web]\naccess = \"login\"\nsession_lifetime = \"8h\"\n{BUILDER}")).expect("valid");
+    assert!(!ok.web.public);
+    assert_eq!(ok.web.session_lifetime, std::time::Duration::from_secs(8 * 3600));
+    let default = parse(&format!("{BASE}{BUILDER}")).expect("valid");
+    assert!(default.web.public, "public unless told otherwise");
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
