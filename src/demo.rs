@@ -110,12 +110,15 @@ async fn commit_file(repo: &Path, file: &str, text: &str, message: &str) -> anyh
 /// The demo's admin: made once, with a random password and an API token kept in files only
 /// their owner can read. Returns the password and the token file.
 async fn demo_admin(store: &Store, dir: &Path) -> anyhow::Result<(String, std::path::PathBuf)> {
-    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
     let password_file = dir.join("admin.password");
     let token_file = dir.join("admin.token");
+    // Created private: never readable by others, not even for a moment.
     let private = |path: std::path::PathBuf, text: String| async move {
-        tokio::fs::write(&path, text).await?;
-        tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await
+        let mut f =
+            tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).await?;
+        f.write_all(text.as_bytes()).await?;
+        f.flush().await
     };
     if store.user_with_hash("admin").await?.is_none() {
         let password = crate::accounts::new_secret("").get(..16).unwrap_or_default().to_string();

@@ -162,3 +162,29 @@ fn a_paused_pool_starts_nothing_across_a_restart_until_resumed() {
     wait_state(&bed, waiting, "success");
     assert!(bed.get("/api/pools")["pools"][0]["paused"].is_null());
 }
+
+#[test]
+fn a_live_log_left_open_does_not_hold_up_the_shutdown() {
+    let mut bed = Bed::new(&[]);
+    let go = bed.path().join("go");
+    bed.config("", &config(&go));
+    bed.start(&["main"]);
+    let (status, _) = post(&bed.http, &bed, "/api/pools/local/pause", None);
+    assert_eq!(status, 200);
+    let queued = force(&bed.http, &bed);
+    // A browser tab following the queued build's log: the stream stays open while it waits.
+    let url = format!("{}/builds/{queued}/log/stream", bed.url());
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let resp = reqwest::blocking::Client::builder().build().expect("client").get(url).send().expect("stream");
+        assert_eq!(resp.status().as_u16(), 200);
+        let _ = open_tx.send(());
+        resp.text().unwrap_or_default()
+    });
+    open_rx.recv_timeout(common::DEADLINE).expect("the stream to open");
+    bed.term_master();
+    let status = bed.wait_master_exit();
+    assert!(status.success(), "master exit: {status:?}");
+    let seen = reader.join().expect("reader");
+    assert!(seen.contains("event: state\ndata: queued"), "{seen}");
+}

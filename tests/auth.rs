@@ -135,6 +135,13 @@ fn every_api_route_refuses_nobody_and_too_small_a_role() {
             _ => assert_eq!(status, 401, "{method} {path} without credentials: {text}"),
         }
     }
+    // Another scheme (a proxy's Basic auth) is not ours: the request is read as anonymous.
+    let resp = nobody
+        .get(format!("{}/api/builds", bed.url()))
+        .header("authorization", "Basic YWRtaW46YWRtaW4=")
+        .send()
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
     // Prices are for admins only, even where machines are public.
     let forced = admin
         .post(format!("{}/api/builds", bed.url()))

@@ -161,6 +161,19 @@ fn login_roles_csrf_and_escaping_on_the_pages() {
     assert_eq!(off_site.status, 403);
 
     // Escaping: the commit message and the log lines are text, never markup.
+    let resp = Bed::client(None)
+        .get(format!("{}/", bed.url()))
+        .header("cookie", format!("paddock_session={}", carl.cookies["paddock_session"]))
+        .send()
+        .expect("GET /");
+    for (name, value) in [
+        ("x-frame-options", "DENY"),
+        ("content-security-policy", "frame-ancestors 'none'"),
+        ("x-content-type-options", "nosniff"),
+        ("cache-control", "no-store"),
+    ] {
+        assert_eq!(resp.headers().get(name).and_then(|v| v.to_str().ok()), Some(value), "{name}");
+    }
     let console = carl.get("/");
     assert_eq!(console.status, 200);
     assert!(console.content_type.starts_with("text/html"), "{}", console.content_type);

@@ -67,9 +67,10 @@ fn requested_before(bed: &Bed, t: &str) -> usize {
 }
 
 /// `paddock builds` as a person types it.
-fn builds_cli(bed: &Bed) -> String {
+fn builds_cli(bed: &Bed, token: &str) -> String {
     let out = std::process::Command::new(paddock_bin())
         .args(["builds", "--master", &bed.url()])
+        .env("PADDOCK_TOKEN", token)
         .output()
         .expect("paddock builds");
     assert!(out.status.success());
@@ -86,7 +87,7 @@ fn a_spend_cap_stops_launches_and_lifts_at_the_next_hour_and_day() {
         .with_max_level(tracing::Level::INFO)
         .init();
 
-    let bed = Bed::new(&[]);
+    let mut bed = Bed::new(&[]);
     // $3.60/h = $0.001 per machine-second. The pool may spend $1 an hour; everything
     // together $4 a day.
     let path = bed.config(
@@ -96,6 +97,9 @@ fn a_spend_cap_stops_launches_and_lifts_at_the_next_hour_and_day() {
          [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"true\"]\n\n\
          [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
     );
+    // Spend figures are for admins: the test reads as one.
+    let token = bed.add_user("ada", "admin", "ada-password");
+    bed.http = Bed::client(Some(&token));
     let clock = ManualClock::new(Ts(START));
     let master = InProcessMaster::start(&bed, &path, &clock);
 
@@ -115,8 +119,13 @@ fn a_spend_cap_stops_launches_and_lifts_at_the_next_hour_and_day() {
     // A new commit is queued and waits, with the reason in the API and in `paddock builds`.
     bed.commit("main", "a.txt", "2\n", "second");
     wait_queued_because(&bed, &why);
-    let out = builds_cli(&bed);
+    let out = builds_cli(&bed, &token);
     assert!(out.contains(&format!("pool local: 1 queued, waiting: {why}")), "{out}");
+    // Others see that a cap holds, not the money.
+    let public: serde_json::Value =
+        Bed::client(None).get(format!("{}/api/pools", bed.url())).send().expect("GET").json().expect("json");
+    assert_eq!(public["pools"][0]["spend_cap"], "a spend cap is reached (admins see the figures)");
+    assert!(builds_cli(&bed, "").contains("pool local: 1 queued, waiting: a spend cap is reached"));
 
     // 11:00:05 — a new hour: the cap lifts and the queued build runs on a new machine. No
     // machine was asked for while the cap held (the clock stood at 10:20 all that time).

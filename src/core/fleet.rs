@@ -726,7 +726,9 @@ impl Fleet {
     fn idle_sweep(&mut self, p: usize, now: Ts, out: &mut Vec<FleetAction>) {
         loop {
             let pool = &self.pools[p];
-            if pool.idle.len() <= pool.spec.min_idle as usize {
+            // A paused pool keeps nothing warm: it is paused to stop spending.
+            let keep = if pool.paused { 0 } else { pool.spec.min_idle as usize };
+            if pool.idle.len() <= keep {
                 return;
             }
             let Some(&(since, id)) = pool.idle.first() else {
@@ -974,6 +976,23 @@ mod tests {
         // Resumed: the idle machine takes the build.
         let a = f.handle(pause(false), Ts(4 * S));
         assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }), "{a:?}");
+    }
+
+    #[test]
+    fn a_paused_pool_lets_its_warm_machines_time_out() {
+        let mut f = fleet(vec![PoolSpec { idle_timeout: Duration::from_secs(60), ..spec("p", 4, 1, 0) }]);
+        let a = f.handle(FleetEvent::Tick, Ts(0));
+        assert_eq!(launched(&a), vec![1], "min_idle keeps one warm");
+        f.handle(FleetEvent::LaunchSucceeded { machine: 1 }, Ts(S));
+        f.handle(FleetEvent::AgentConnected { machine: 1 }, Ts(S));
+        f.handle(FleetEvent::Pause { pool: "p".into(), paused: true }, Ts(2 * S));
+        f.handle(FleetEvent::Heartbeat { machine: 1 }, Ts(60 * S));
+        let a = f.handle(FleetEvent::Tick, Ts(62 * S));
+        assert!(
+            a.contains(&FleetAction::Terminate { machine: 1, reason: "idle timeout".into() }),
+            "past idle_timeout while paused: {a:?}"
+        );
+        assert!(launched(&a).is_empty(), "and no replacement");
     }
 
     #[test]

@@ -80,8 +80,9 @@ pub enum Input {
     Cancel { build: BuildId, by: String, reply: tokio::sync::oneshot::Sender<Result<Cancelled, ActionError>> },
     /// An admin asked to stop a machine (its build, if any, is retried elsewhere).
     StopMachine { machine: MachineId, by: String, reply: tokio::sync::oneshot::Sender<Result<(), ActionError>> },
-    /// An admin paused or resumed a pool (already recorded in the store).
-    Pause { pool: String, paused: bool },
+    /// An admin pauses or resumes a pool: recorded, then applied, in the loop's order (so two
+    /// admins at once cannot leave the record and the fleet disagreeing).
+    Pause { pool: String, paused: bool, by: String, reply: tokio::sync::oneshot::Sender<Result<(), ActionError>> },
 }
 
 /// What a cancel did.
@@ -241,8 +242,11 @@ pub async fn run(
         p.abort();
     }
     let _ = web_stop_tx.send(());
-    if let Ok(Err(e)) = server.await {
-        return Err(MasterError::Serve(e));
+    // Open responses (a live log, a slow client) get a moment to end; then the server goes.
+    match tokio::time::timeout(WEB_STOP_GRACE, server).await {
+        Ok(Ok(Err(e))) => return Err(MasterError::Serve(e)),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("web connections still open after {WEB_STOP_GRACE:?}; closing them"),
     }
     tracing::info!("master stopped");
     Ok(())
@@ -269,6 +273,9 @@ fn effective_url(configured: &str, addr: SocketAddr) -> String {
 /// How often spend is compared with the caps (when any is set): a launch may overshoot a cap
 /// by what is spent in this time.
 const SPEND_CHECK: Duration = Duration::from_secs(2);
+
+/// How long open HTTP responses may take to end once the master has stopped.
+const WEB_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a provisioner's launch call may take before it counts as failed.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
@@ -482,7 +489,9 @@ impl Master {
                 Ok(Cancelled::Queued)
             }
             ("running", Some(machine)) => {
-                store.cancel_requested(build, by).await?;
+                if !store.cancel_requested(build, by).await? {
+                    return Err(ActionError::Conflict(format!("build {build} has just finished")));
+                }
                 store.append_log(build, 0, &format!("*** cancel requested by {by}\n"), now).await?;
                 match self.agents.get(&machine) {
                     Some((_, tx)) if self.fleet.machine_build(machine) == Some(build) => {
@@ -491,9 +500,10 @@ impl Master {
                     }
                     _ => {
                         // Nobody to tell: end it here, and stop the machine rather than trust it.
+                        // (Stopping it, not finishing the build on it: a machine made idle here
+                        // would be handed the next queued build, which the stop would then retry.)
                         self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
                         store.finish_build(build, machine, "cancelled", now).await?;
-                        self.pending.push_back(FleetEvent::BuildFinished { machine, build });
                         self.pending.push_back(FleetEvent::StopMachine {
                             machine,
                             reason: format!("build {build} cancelled by {by} while its agent was away"),
@@ -724,7 +734,22 @@ impl Master {
                 };
                 let _ = reply.send(answer);
             }
-            Input::Pause { pool, paused } => self.pending.push_back(FleetEvent::Pause { pool, paused }),
+            Input::Pause { pool, paused, by, reply } => {
+                let store = &self.shared.store;
+                let recorded = match paused {
+                    true => store.pause_pool(&pool, &by, self.shared.now()).await,
+                    false => store.resume_pool(&pool).await,
+                };
+                let answer = match recorded {
+                    Ok(()) => {
+                        tracing::info!(pool, paused, %by, "pool {}", if paused { "paused" } else { "resumed" });
+                        self.pending.push_back(FleetEvent::Pause { pool, paused });
+                        Ok(())
+                    }
+                    Err(e) => Err(ActionError::Store(e)),
+                };
+                let _ = reply.send(answer);
+            }
             Input::AgentConnected { machine, conn, tx, resumed } => {
                 let state = self.fleet.machine_state(machine);
                 let starting =
@@ -744,6 +769,15 @@ impl Master {
                         // Running it, or finished it: its BuildFinished is sent again next.
                         tracing::info!(machine, "agent reconnected; its build carries on");
                         self.pending.push_back(FleetEvent::Heartbeat { machine });
+                        // A cancel sent while the connection was dying may never have arrived.
+                        if let Some(b) = expected {
+                            let row = self.shared.store.build(b).await?;
+                            if row.is_some_and(|r| r.state == "running" && r.cancelled_by.is_some()) {
+                                if let Some((_, tx)) = self.agents.get(&machine) {
+                                    let _ = tx.send(MasterMsg::Cancel { build: b });
+                                }
+                            }
+                        }
                     }
                 } else {
                     tracing::warn!(

@@ -541,15 +541,30 @@ impl Store {
     pub async fn retry_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<Option<BuildRow>> {
         let now_s = ts_string(now);
         let mut tx = self.pool.begin().await?;
-        let attempt: Option<(i64, Option<i64>, String)> = sqlx::query_as(
-            "SELECT attempt, machine_id, state FROM builds WHERE id = ? AND state IN ('queued', 'running')",
+        let attempt: Option<(i64, Option<i64>, String, Option<String>)> = sqlx::query_as(
+            "SELECT attempt, machine_id, state, cancelled_by FROM builds WHERE id = ? AND state IN ('queued', 'running')",
         )
         .bind(build)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((attempt, machine, was)) = attempt else {
+        let Some((attempt, machine, was, cancelled_by)) = attempt else {
             return Ok(None);
         };
+        if cancelled_by.is_some() {
+            // Someone cancelled it and its machine went away before saying so: it ends
+            // cancelled, never runs again.
+            sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = ? WHERE id = ?")
+                .bind(&now_s)
+                .bind(build)
+                .execute(&mut *tx)
+                .await?;
+            close_open_steps(&mut tx, build, "cancelled").await?;
+            if let (Some(machine), "running") = (machine, was.as_str()) {
+                insert_event(&mut *tx, machine, &now_s, "build_finished", &format!("{build} cancelled")).await?;
+            }
+            tx.commit().await?;
+            return Ok(None);
+        }
         // A build that keeps killing its machine must not launch machines forever.
         let give_up = attempt >= MAX_ATTEMPTS;
         let (state, why) = match give_up {

@@ -17,9 +17,21 @@ pub struct LogChunk {
 impl Store {
     /// The newest build of every (builder, branch) pair, newest first.
     pub async fn latest_per_builder_branch(&self) -> Result<Vec<BuildRow>> {
-        // Walks the (builder, branch, id) index once: one entry per pair.
+        // A loose index scan of (builder, branch, id): the recursive part jumps from one pair to
+        // the next, so the cost follows the number of pairs, not of builds (a GROUP BY would
+        // read every build).
         let rows = sqlx::query(&format!(
-            "SELECT {BUILD_COLUMNS} FROM builds WHERE id IN (SELECT MAX(id) FROM builds GROUP BY builder, branch)
+            "WITH RECURSIVE pairs(builder, branch) AS (
+               SELECT * FROM (SELECT builder, branch FROM builds ORDER BY builder, branch LIMIT 1)
+               UNION ALL
+               SELECT n.builder, n.branch FROM pairs p, builds n
+               WHERE n.rowid = COALESCE(
+                 (SELECT b.rowid FROM builds b WHERE b.builder = p.builder AND b.branch > p.branch
+                  ORDER BY b.builder, b.branch LIMIT 1),
+                 (SELECT b.rowid FROM builds b WHERE b.builder > p.builder ORDER BY b.builder, b.branch LIMIT 1))
+             )
+             SELECT {BUILD_COLUMNS} FROM builds WHERE id IN
+               (SELECT (SELECT MAX(b.id) FROM builds b WHERE b.builder = p.builder AND b.branch = p.branch) FROM pairs p)
              ORDER BY id DESC"
         ))
         .fetch_all(&self.pool)
@@ -54,6 +66,43 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         Ok(rows.iter().map(|r| LogChunk { id: r.get("id"), step: r.get("step_idx"), text: r.get("text") }).collect())
+    }
+
+    /// The end of a build's log, at most about `max_bytes` of it, oldest chunk first; `true`
+    /// when earlier chunks were left out.
+    pub async fn log_tail(&self, build: BuildId, max_bytes: usize) -> Result<(Vec<LogChunk>, bool)> {
+        // Chunks are a line or a few; this many always covers `max_bytes` of short lines.
+        const MAX_CHUNKS: i64 = 20_000;
+        let rows = sqlx::query("SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC LIMIT ?")
+            .bind(build)
+            .bind(MAX_CHUNKS)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut size = 0;
+        let mut out = Vec::new();
+        let mut cut = rows.len() as i64 == MAX_CHUNKS;
+        for r in &rows {
+            let text: String = r.get("text");
+            size += text.len();
+            if size > max_bytes && !out.is_empty() {
+                cut = true;
+                break;
+            }
+            out.push(LogChunk { id: r.get("id"), step: r.get("step_idx"), text });
+        }
+        out.reverse();
+        Ok((out, cut))
+    }
+
+    /// The attempt that retried this build, if one did.
+    pub async fn next_attempt(&self, build: BuildId) -> Result<Option<BuildId>> {
+        Ok(sqlx::query_scalar(
+            "SELECT n.id FROM builds b JOIN builds n ON n.request_id = b.request_id AND n.attempt = b.attempt + 1
+             WHERE b.id = ?",
+        )
+        .bind(build)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// Machines not gone, then the most recent gone ones, up to `limit` in all; newest first.

@@ -115,17 +115,12 @@ pub async fn terminate(s: &Shared, caller: &Caller, id: i64) -> Result<(), ApiEr
     Ok(answer.await.map_err(|_| loop_gone())??)
 }
 
-/// Pauses or resumes a pool; recorded first, so a restart keeps it.
+/// Pauses or resumes a pool (recorded first, so a restart keeps it).
 pub async fn pause(s: &Shared, caller: &Caller, pool: &str, paused: bool) -> Result<(), ApiError> {
     if s.config.pool(pool).is_none() {
         return Err(ApiError::not_found(format!("no pool {pool:?}")));
     }
-    if paused {
-        s.store.pause_pool(pool, caller.name(), s.now()).await?;
-    } else {
-        s.store.resume_pool(pool).await?;
-    }
-    tracing::info!(pool, paused, by = caller.name(), "pool {}", if paused { "paused" } else { "resumed" });
-    s.send(Input::Pause { pool: pool.to_string(), paused }).await;
-    Ok(())
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    s.send(Input::Pause { pool: pool.to_string(), paused, by: caller.name().to_string(), reply }).await;
+    Ok(answer.await.map_err(|_| loop_gone())??)
 }

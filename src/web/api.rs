@@ -121,12 +121,13 @@ pub async fn list_machines(
 
 /// `GET /api/pools`: each pool's machines by state, its queued builds, and why they wait when
 /// the pool cannot launch (its latest launch failure, if no launch succeeded since).
-pub async fn list_pools(_: Viewer, State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(json!({ "pools": pools(&s).await? })))
+pub async fn list_pools(Viewer(caller): Viewer, State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(json!({ "pools": pools(&s, caller.can(crate::accounts::Role::Admin)).await? })))
 }
 
-/// Each pool's status as `GET /api/pools` shows it (also what the machines page shows).
-pub async fn pools(s: &Shared) -> Result<Vec<serde_json::Value>, ApiError> {
+/// Each pool's status as `GET /api/pools` shows it (also what the machines page shows). The
+/// figures of a reached spend cap are cost data: only `admin` sees them.
+pub async fn pools(s: &Shared, admin: bool) -> Result<Vec<serde_json::Value>, ApiError> {
     let queued = s.store.builds_in_state("queued").await?;
     let paused: std::collections::HashMap<String, crate::store::PauseRow> =
         s.store.paused_pools().await?.into_iter().map(|p| (p.pool.clone(), p)).collect();
@@ -142,7 +143,10 @@ pub async fn pools(s: &Shared) -> Result<Vec<serde_json::Value>, ApiError> {
             .last_launch_failure
             .as_ref()
             .filter(|(at, _)| status.last_launched_at.as_deref().is_none_or(|ok| ok < at.as_str()));
-        let held = s.spend_holds.lock().ok().and_then(|h| h.get(&p.name).cloned());
+        let held = s.spend_holds.lock().ok().and_then(|h| h.get(&p.name).cloned()).map(|why| match admin {
+            true => why,
+            false => "a spend cap is reached (admins see the figures)".to_string(),
+        });
         let pause = paused.get(&p.name);
         let waiting_reason = pause
             .map(|p| format!("pool paused by {} at {}", p.paused_by, p.paused_at))

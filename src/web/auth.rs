@@ -115,15 +115,16 @@ impl FromRequestParts<Arc<Shared>> for Caller {
         let write = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let csrf_header = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
         let now = shared.now();
-        if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
-            // A credential that does not work is an error, never a silent fall-back to anonymous:
-            // a script with a revoked token should hear so.
-            let token = auth
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                .map(str::trim)
-                .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        // Other schemes (a proxy's Basic auth in front of the master) are not ours: the session
+        // cookie decides then.
+        let bearer = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        if let Some(token) = bearer.map(str::trim) {
+            // A token that does not work is an error, never a silent fall-back to anonymous: a
+            // script with a revoked token should hear so.
             let user = shared
                 .store
                 .token_user(&secret_hash(token), now)

@@ -41,7 +41,24 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(metrics::readyz))
         .route("/metrics", get(metrics::metrics))
         .merge(pages::routes())
+        .layer(axum::middleware::map_response(protective_headers))
         .with_state(shared)
+}
+
+/// Headers every response gets: no framing (the pages have one-click actions), no content
+/// sniffing (logs are text), no caching of pages (they carry the session's CSRF token).
+async fn protective_headers(mut resp: Response) -> Response {
+    use axum::http::{header, HeaderValue};
+    let h = resp.headers_mut();
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    let html = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/html"));
+    if html {
+        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("frame-ancestors 'none'"));
+        h.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
+    }
+    resp
 }
 
 /// An API error: a status and a reason, sent as `{"error": reason}`.

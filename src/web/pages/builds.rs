@@ -21,6 +21,9 @@ use crate::store::{BuildFilter, BuildRow, StepRow};
 use crate::web::actions;
 use crate::web::auth::Caller;
 
+/// Most log text shown in the page (the download has the rest).
+const INLINE_LOG: usize = 1024 * 1024;
+
 /// Recent changes the console shows.
 const CONSOLE_CHANGES: i64 = 25;
 
@@ -126,7 +129,8 @@ pub async fn build(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(
         s.store.build(id).await?.ok_or_else(|| PageError::Status(StatusCode::NOT_FOUND, format!("no build {id}")))?;
     let steps = s.store.steps(id).await?;
     let changes = s.store.build_changes(id).await?;
-    let chunks = s.store.log_after(id, 0, i64::MAX).await?;
+    let next_attempt = s.store.next_attempt(id).await?;
+    let (chunks, cut) = s.store.log_tail(id, INLINE_LOG).await?;
     let last = chunks.last().map_or(0, |c| c.id);
     let live = matches!(b.state.as_str(), "queued" | "running");
     let now = s.now();
@@ -142,7 +146,8 @@ pub async fn build(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(
             tr { td { "Queued" } td { (when(&b.queued_at)) } }
             @if let Some(t) = &b.started_at { tr { td { "Started" } td { (when(t)) } } }
             @if let Some(t) = &b.finished_at { tr { td { "Finished" } td { (when(t)) } } }
-            @if let Some(who) = &b.cancelled_by { tr { td { "Cancelled by" } td { (who) } } }
+            @if let Some(who) = b.cancelled_by.as_ref().filter(|_| b.state == "cancelled") { tr { td { "Cancelled by" } td { (who) } } }
+            @if let Some(next) = next_attempt { tr { td { "Retried as" } td { a #next-attempt href={ "/builds/" (next) } { "build " (next) } } } }
         }
         @if caller.can(Role::Committer) {
             p #actions {
@@ -180,6 +185,7 @@ pub async fn build(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(
         h2 { "Steps" }
         div #steps { (steps_table(&steps, now)) }
         h2 { "Log " a #download href={ "/builds/" (id) "/log.txt" } { "(download)" } }
+        @if cut { p.muted #log-cut { "Showing the end of the log; the download has all of it." } }
         pre.log #log { @for c in &chunks { (c.text) } }
         @if live {
             script { (PreEscaped(live_js(id, last))) }
@@ -260,7 +266,8 @@ pub async fn log_stream(
     let start =
         Follow { after: resume.or(q.after).unwrap_or(0), state: String::new(), steps: String::new(), done: false };
     let stream = stream::unfold((s, start, true), move |(s, mut f, first)| async move {
-        if f.done {
+        // Ended, or the master is stopping: a page left open must not hold the shutdown up.
+        if f.done || s.draining.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
         if !first {

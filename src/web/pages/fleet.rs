@@ -24,7 +24,7 @@ const RECENT_GONE: i64 = 50;
 /// `GET /machines`.
 pub async fn machines(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) -> PageResult {
     may_view(&s, &caller, &uri)?;
-    let pools = api::pools(&s).await?;
+    let pools = api::pools(&s, caller.can(Role::Admin)).await?;
     let machines = s.store.recent_machines(RECENT_GONE).await?;
     let now = s.now();
     let admin = caller.can(Role::Admin);

@@ -27,13 +27,25 @@ pub struct LoginQuery {
     next: Option<String>,
 }
 
-/// Where to go after logging in: a path on this master only (never `//host` or a URL).
+/// Where to go after logging in: a path on this master only. Browsers drop tabs and newlines
+/// from URLs and read `\\` as `/`, so anything but visible ASCII is refused, as is a second
+/// slash or backslash (`//host`, `/\\host`).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        Some(n)
+            if n.starts_with('/')
+                && !matches!(n.as_bytes().get(1), Some(b'/' | b'\\'))
+                && n.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            n.to_string()
+        }
         _ => "/".to_string(),
     }
 }
+
+/// Password checks at once: each argon2 verification holds ~19 MiB, so a flood of logins
+/// queues here instead of exhausting memory.
+static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 fn secure(s: &Shared) -> bool {
     s.config.master.url.starts_with("https://")
@@ -45,9 +57,10 @@ fn set_cookie(resp: &mut Response, c: Cookie<'_>) {
     }
 }
 
-/// The login page, with a fresh login token (also set as a cookie).
-fn login_page(s: &Shared, next: &str, error: Option<&str>, status: StatusCode) -> Response {
-    let token = new_secret("");
+/// The login page, with the visitor's login token (a fresh one if it has none, also set as a
+/// cookie; kept when it has one, so two tabs with the form both work).
+fn login_page(s: &Shared, parts: &Parts, next: &str, error: Option<&str>, status: StatusCode) -> Response {
+    let token = cookie_value(parts, LOGIN_COOKIE).filter(|t| t.len() == 64).unwrap_or_else(|| new_secret(""));
     let body = html! {
         @if let Some(e) = error { p.error #login-error { (e) } }
         form #login method="post" action="/login" {
@@ -71,8 +84,8 @@ fn login_page(s: &Shared, next: &str, error: Option<&str>, status: StatusCode) -
 }
 
 /// `GET /login?next=/path`.
-pub async fn form(State(s): State<Arc<Shared>>, Query(q): Query<LoginQuery>) -> Response {
-    login_page(&s, &safe_next(q.next.as_deref()), None, StatusCode::OK)
+pub async fn form(State(s): State<Arc<Shared>>, parts: Parts, Query(q): Query<LoginQuery>) -> Response {
+    login_page(&s, &parts, &safe_next(q.next.as_deref()), None, StatusCode::OK)
 }
 
 /// The login form's fields.
@@ -93,6 +106,7 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
     if expected.is_empty() || !same_secret(&expected, &f.csrf) {
         return Ok(login_page(
             &s,
+            &parts,
             &next,
             Some("the login form expired or came from elsewhere; try again"),
             StatusCode::FORBIDDEN,
@@ -102,12 +116,21 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
     // Verify against a dummy when the user does not exist, so both take the same time.
     let stored = found.as_ref().map_or(dummy_hash(), |(_, h)| h.as_str()).to_string();
     let password = f.password.clone();
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &stored)).await.unwrap_or(false);
+    let ok = {
+        let _permit = VERIFYING
+            .acquire()
+            .await
+            .map_err(|_| PageError::Status(StatusCode::SERVICE_UNAVAILABLE, "the master is shutting down".into()))?;
+        tokio::task::spawn_blocking(move || verify_password(&password, &stored)).await.unwrap_or(false)
+    };
     let user = match (found, ok) {
         (Some((user, _)), true) => user,
         _ => {
-            tracing::info!(name = %f.name.trim(), "failed login");
-            return Ok(login_page(&s, &next, Some("wrong name or password"), StatusCode::UNAUTHORIZED));
+            // A name that is not a valid one may be a password typed in the wrong field.
+            let name = f.name.trim();
+            let shown = if crate::accounts::check_name(name).is_ok() { name } else { "(not a valid name)" };
+            tracing::info!(name = %shown, "failed login");
+            return Ok(login_page(&s, &parts, &next, Some("wrong name or password"), StatusCode::UNAUTHORIZED));
         }
     };
     let session = new_secret("");
@@ -154,4 +177,29 @@ pub async fn logout(State(s): State<Arc<Shared>>, caller: Caller, Form(f): Form<
         Cookie::build((SESSION_COOKIE, "")).path("/").http_only(true).max_age(cookie::time::Duration::ZERO).build(),
     );
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn next_stays_on_this_master() {
+        for ok in ["/", "/changes", "/builds/3?x=1&y=%2F", "/login?next=/"] {
+            assert_eq!(safe_next(Some(ok)), ok);
+        }
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/x",
+            "https://evil.example/",
+            "evil",
+            "",
+            "/ a",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(safe_next(None), "/");
+    }
 }

@@ -1,0 +1,116 @@
+//! The store's reads behind the pages, on a real SQLite file, against answers computed the
+//! slow way: the console's latest build per (builder, branch), builds of revisions, the log's
+//! tail, the next attempt, and recent machines.
+
+use std::collections::BTreeMap;
+
+use paddock::core::Ts;
+use paddock::store::Store;
+
+async fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("p.db").display());
+    let store = Store::open(&url).await.expect("open");
+    (dir, store)
+}
+
+#[tokio::test]
+async fn latest_per_builder_branch_matches_a_full_scan() {
+    let (_dir, store) = open().await;
+    let builders = ["a", "b", "c-long-name"];
+    let branches = ["main", "stable/1", "z"];
+    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    // An uneven spread: some pairs never built, some many times.
+    for n in 0..200i64 {
+        let builder = builders[(n * 7 % 3) as usize];
+        let branch = branches[(n * n % 3) as usize];
+        if builder == "b" && branch == "z" {
+            continue;
+        }
+        let b = store
+            .create_request(builder, "app", branch, &format!("{n:040x}"), "force", "t", &[], Ts(n))
+            .await
+            .expect("request");
+        expected.insert((builder.into(), branch.into()), b.id);
+    }
+    let got: BTreeMap<(String, String), i64> = store
+        .latest_per_builder_branch()
+        .await
+        .expect("latest")
+        .into_iter()
+        .map(|b| ((b.builder, b.branch), b.id))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(!got.contains_key(&("b".to_string(), "z".to_string())));
+    let (_dir2, empty) = open().await;
+    assert!(empty.latest_per_builder_branch().await.expect("latest").is_empty());
+}
+
+#[tokio::test]
+async fn builds_of_revisions_next_attempt_and_log_tail() {
+    let (_dir, store) = open().await;
+    let one = store.create_request("a", "app", "main", "r1", "force", "t", &[], Ts(1)).await.expect("one");
+    let other_repo = store.create_request("a", "lib", "main", "r1", "force", "t", &[], Ts(2)).await.expect("two");
+    let two = store.create_request("b", "app", "main", "r2", "force", "t", &[], Ts(3)).await.expect("three");
+    let found = store.builds_of_revisions(&[("app".into(), "r1".into())]).await.expect("by revision");
+    assert_eq!(found.iter().map(|b| b.id).collect::<Vec<_>>(), vec![one.id], "only that repo's");
+    let both = store
+        .builds_of_revisions(&[("app".into(), "r1".into()), ("lib".into(), "r1".into()), ("app".into(), "r2".into())])
+        .await
+        .expect("by revisions");
+    assert_eq!(both.iter().map(|b| b.id).collect::<Vec<_>>(), vec![two.id, other_repo.id, one.id]);
+    assert!(store.builds_of_revisions(&[]).await.expect("none").is_empty());
+
+    // A retried build points to its next attempt.
+    store.insert_machine(1, "local", "local", "h", Ts(4)).await.expect("machine");
+    assert!(store.start_build(one.id, 1, &["s".into()], Ts(5)).await.expect("start"));
+    assert_eq!(store.next_attempt(one.id).await.expect("next"), None);
+    let retry = store.retry_build(one.id, "machine lost", Ts(6)).await.expect("retry").expect("new attempt");
+    assert_eq!(store.next_attempt(one.id).await.expect("next"), Some(retry.id));
+
+    // The log's tail: the last chunks within the size, oldest first, and whether some were cut.
+    for i in 0..100 {
+        store.append_log(two.id, 1, &format!("line {i:03} {}\n", "x".repeat(90)), Ts(7)).await.expect("log");
+    }
+    let (all, cut) = store.log_tail(two.id, 1 << 20).await.expect("tail");
+    assert_eq!((all.len(), cut), (100, false));
+    let (tail, cut) = store.log_tail(two.id, 1000).await.expect("tail");
+    assert!(cut);
+    assert_eq!(tail.len(), 10, "100-byte lines in 1000 bytes");
+    assert!(tail[0].text.starts_with("line 090") && tail[9].text.starts_with("line 099"));
+    let after = store.log_after(two.id, tail[4].id, 3).await.expect("after");
+    assert_eq!(after.iter().map(|c| c.text[..8].to_string()).collect::<Vec<_>>(), ["line 095", "line 096", "line 097"]);
+}
+
+#[tokio::test]
+async fn recent_machines_lists_every_live_one_and_the_newest_gone() {
+    let (_dir, store) = open().await;
+    for id in 1..=10 {
+        store.insert_machine(id, "local", "local", &format!("h{id}"), Ts(id)).await.expect("machine");
+        if id != 2 && id != 9 {
+            store.set_machine_state(id, "gone", Ts(100 + id)).await.expect("gone");
+        }
+    }
+    let ids: Vec<i64> = store.recent_machines(3).await.expect("recent").iter().map(|m| m.id).collect();
+    // Live 9 and 2, and the three newest gone: 10, 8, 7; newest first.
+    assert_eq!(ids, vec![10, 9, 8, 7, 2]);
+}
+
+#[tokio::test]
+async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
+    let (_dir, store) = open().await;
+    let b = store.create_request("a", "app", "main", "r1", "force", "t", &[], Ts(1)).await.expect("request");
+    store.insert_machine(1, "local", "local", "h", Ts(2)).await.expect("machine");
+    assert!(store.start_build(b.id, 1, &["s".into()], Ts(3)).await.expect("start"));
+    assert!(store.cancel_requested(b.id, "carl").await.expect("cancel"));
+    // The machine is lost before the agent reports the cancel.
+    assert!(store.retry_build(b.id, "machine lost", Ts(4)).await.expect("retry").is_none(), "no new attempt");
+    let row = store.build(b.id).await.expect("read").expect("build");
+    assert_eq!((row.state.as_str(), row.cancelled_by.as_deref()), ("cancelled", Some("carl")));
+    assert_eq!(store.next_attempt(b.id).await.expect("next"), None);
+    // A finished build cannot be marked for cancelling.
+    assert!(!store.cancel_requested(b.id, "carl").await.expect("cancel"));
+    let queued = store.create_request("a", "app", "main", "r2", "force", "t", &[], Ts(5)).await.expect("request");
+    assert!(store.cancel_queued(queued.id, "carl", Ts(6)).await.expect("cancel"));
+    assert!(!store.cancel_queued(queued.id, "carl", Ts(7)).await.expect("again"), "only once");
+}
