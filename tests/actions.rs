@@ -42,6 +42,21 @@ fn force(client: &reqwest::blocking::Client, bed: &Bed) -> i64 {
     body["builds"][0]["id"].as_i64().expect("id")
 }
 
+/// `paddock ARGS --master URL` with the bed's admin token; (success, stdout, stderr).
+fn cli(bed: &Bed, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(common::paddock_bin())
+        .args(args)
+        .args(["--master", &bed.url()])
+        .env("PADDOCK_TOKEN", bed.token())
+        .output()
+        .expect("paddock");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 fn log(bed: &Bed, id: i64) -> String {
     bed.http.get(format!("{}/api/builds/{id}/log", bed.url())).send().expect("log").text().expect("text")
 }
@@ -75,6 +90,8 @@ fn cancel_rebuild_and_terminate() {
     assert_eq!(status, 409);
     assert!(body["error"].as_str().unwrap_or("").contains("is cancelled"), "{body}");
     assert_eq!(post(&carl, &bed, "/api/builds/999999/cancel", None).0, 404);
+    let (ok, _, err) = cli(&bed, &["cancel", &first.to_string()]);
+    assert!(!ok && err.contains("409") && err.contains("is cancelled"), "{err}");
 
     // The machine is still good: the next build runs on it.
     std::fs::write(&go, "").expect("go");
@@ -156,9 +173,10 @@ fn a_paused_pool_starts_nothing_across_a_restart_until_resumed() {
     assert_eq!(build(&bed, waiting)["state"], "queued");
     assert!(bed.machines().is_empty(), "nothing launched while paused, restart or not");
 
-    // Resumed: the build runs.
-    let (status, _) = post(&bed.http, &bed, "/api/pools/local/resume", None);
-    assert_eq!(status, 200);
+    // Resumed (from the command line): the build runs.
+    let (ok, out, err) = cli(&bed, &["resume", "local"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "pool local resumed");
     wait_state(&bed, waiting, "success");
     assert!(bed.get("/api/pools")["pools"][0]["paused"].is_null());
 }

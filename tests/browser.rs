@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -203,7 +204,8 @@ fn committers_watch_builds_live_force_builds_and_admins_see_costs() {
 
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
     std::fs::create_dir_all(&shots).expect("screenshots folder");
-    println!("screenshots: {}", shots.display());
+    // Written past the test harness's capture, so it shows in every run's output.
+    let _ = writeln!(std::io::stderr(), "browser test screenshots: {}", shots.display());
     let browser = Browser::open(&driver, &bed.url(), shots.clone());
 
     // Logged out: the console sends to the login page.

@@ -64,7 +64,23 @@ fn check_config_points_at_the_mistake_and_fails() {
 
 #[test]
 fn every_subcommand_has_help() {
-    for sub in ["run", "check-config", "builds", "log", "force", "cost", "agent", "demo"] {
+    for sub in [
+        "run",
+        "check-config",
+        "builds",
+        "log",
+        "force",
+        "rebuild",
+        "cancel",
+        "terminate",
+        "pause",
+        "resume",
+        "cost",
+        "user",
+        "token",
+        "agent",
+        "demo",
+    ] {
         let (code, out, err) = run(&[sub, "--help"]);
         assert_eq!(code, 0, "{sub}: {err}");
         assert!(out.contains("Usage: paddock"), "{sub}: {out}");

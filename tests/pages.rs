@@ -255,6 +255,36 @@ fn login_roles_csrf_and_escaping_on_the_pages() {
     assert_eq!(csv.status, 200);
     assert!(csv.body.starts_with("key,label,cost,"), "{}", csv.body);
 
+    // The actions' forms: the admin pauses the pool, the committer's forced build waits and is
+    // cancelled, the admin resumes; a rebuild; the admin terminates the idle machine.
+    let ada_csrf = hidden(&ada.get("/machines").body, "csrf");
+    let paused = ada.post("/pools/local/pause", &[("csrf", &ada_csrf)]);
+    assert_eq!((paused.status, paused.location.as_deref()), (303, Some("/machines")));
+    assert!(ada.get("/machines").body.contains("paused by ada"));
+    let waiting = carl.post("/force", &[("builder", "b"), ("branch", "main"), ("csrf", &csrf)]);
+    let waiting = waiting.location.expect("the build").trim_start_matches("/builds/").parse::<i64>().expect("id");
+    let page = carl.get(&format!("/builds/{waiting}"));
+    assert!(page.body.contains("id=\"cancel\""), "a cancel button while queued");
+    let cancelled = carl.post(&format!("/builds/{waiting}/cancel"), &[("csrf", &csrf)]);
+    assert_eq!(cancelled.status, 303);
+    let row = bed.get(&format!("/api/builds/{waiting}"));
+    assert_eq!((row["state"].as_str(), row["cancelled_by"].as_str()), (Some("cancelled"), Some("carl")));
+    assert!(carl.get(&format!("/builds/{waiting}")).body.contains("Cancelled by"));
+    assert_eq!(ada.post("/pools/local/resume", &[("csrf", &ada_csrf)]).status, 303);
+    let rebuilt = carl.post(&format!("/builds/{first}/rebuild"), &[("csrf", &csrf)]);
+    assert_eq!(rebuilt.status, 303);
+    let again = rebuilt.location.expect("the rebuild").trim_start_matches("/builds/").parse::<i64>().expect("id");
+    let done =
+        bed.wait("the rebuild", || Some(bed.get(&format!("/api/builds/{again}"))).filter(|b| b["state"] == "success"));
+    assert_eq!(done["revision"], rev.as_str());
+    let machine = done["machine"].as_i64().expect("machine");
+    let stop = ada.post(&format!("/machines/{machine}/terminate"), &[("csrf", &ada_csrf)]);
+    assert_eq!(stop.status, 303, "{}", stop.body);
+    bed.wait("the machine to be gone", || {
+        bed.machines().into_iter().find(|m| m["id"] == machine && m["state"] == "gone").map(|_| ())
+    });
+    assert_eq!(carl.post(&format!("/machines/{machine}/terminate"), &[("csrf", &csrf)]).status, 403);
+
     // Logout ends the session on the master, not only in the browser.
     let old = carl.cookies["paddock_session"].clone();
     let out = carl.post("/logout", &[("csrf", &csrf)]);

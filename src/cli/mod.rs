@@ -111,6 +111,41 @@ enum Command {
         #[arg(long)]
         revision: Option<String>,
     },
+    /// Queue a build's builder, branch and revision again (committer).
+    Rebuild {
+        #[command(flatten)]
+        master: MasterArg,
+        /// The build's id.
+        build: i64,
+    },
+    /// Cancel a queued or running build (committer): a running one's step is killed.
+    Cancel {
+        #[command(flatten)]
+        master: MasterArg,
+        /// The build's id.
+        build: i64,
+    },
+    /// Stop a machine now; a build on it is retried elsewhere (admin).
+    Terminate {
+        #[command(flatten)]
+        master: MasterArg,
+        /// The machine's id (`GET /api/machines`).
+        machine: i64,
+    },
+    /// Pause a pool: it starts no build and launches nothing until resumed (admin).
+    Pause {
+        #[command(flatten)]
+        master: MasterArg,
+        /// The pool's name.
+        pool: String,
+    },
+    /// Resume a paused pool (admin).
+    Resume {
+        #[command(flatten)]
+        master: MasterArg,
+        /// The pool's name.
+        pool: String,
+    },
     /// Run the agent on a worker machine (started for you by the provisioner).
     Agent {
         /// The master's URL.
@@ -259,27 +294,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Force { master, builder, branch, revision } => {
             let body = serde_json::json!({ "builder": builder, "branch": branch, "revision": revision });
-            let resp = master
-                .request(reqwest::Method::POST, "/api/builds")
-                .json(&body)
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the master at {}", master.master))?;
-            let status = resp.status();
-            let text = resp.text().await?;
-            if !status.is_success() {
-                bail!("{}", api_error(&text, status));
+            print_queued(&post_json(&master, "/api/builds", Some(body)).await?);
+        }
+        Command::Rebuild { master, build } => {
+            print_queued(&post_json(&master, &format!("/api/builds/{build}/rebuild"), None).await?);
+        }
+        Command::Cancel { master, build } => {
+            let v = post_json(&master, &format!("/api/builds/{build}/cancel"), None).await?;
+            match v["outcome"].as_str() {
+                Some("stopping") => println!("build {build} is being stopped; it ends as cancelled"),
+                _ => println!("build {build} cancelled"),
             }
-            let value: serde_json::Value = serde_json::from_str(&text)?;
-            for b in value["builds"].as_array().into_iter().flatten() {
-                println!(
-                    "queued build {} ({} on {} at {})",
-                    b["id"],
-                    b["builder"].as_str().unwrap_or(""),
-                    b["branch"].as_str().unwrap_or(""),
-                    b["revision"].as_str().unwrap_or("")
-                );
-            }
+        }
+        Command::Terminate { master, machine } => {
+            post_json(&master, &format!("/api/machines/{machine}/terminate"), None).await?;
+            println!("machine {machine} is stopping");
+        }
+        Command::Pause { master, pool } => {
+            post_json(&master, &format!("/api/pools/{pool}/pause"), None).await?;
+            println!("pool {pool} paused: it starts no build until `paddock resume {pool}`");
+        }
+        Command::Resume { master, pool } => {
+            post_json(&master, &format!("/api/pools/{pool}/resume"), None).await?;
+            println!("pool {pool} resumed");
         }
         Command::Agent { master, token, workdir, imds_url, imds_poll } => {
             let opts = crate::agent::client::AgentOptions { master, token, workdir };
@@ -345,6 +382,39 @@ async fn get_json(master: &MasterArg, path: &str, query: &[(&str, String)]) -> a
         bail!("{}", api_error(&text, status));
     }
     Ok(serde_json::from_str(&text)?)
+}
+
+/// POSTs to the master (with `body` as JSON, if any) and returns its JSON answer.
+async fn post_json(
+    master: &MasterArg,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let req = master.request(reqwest::Method::POST, path);
+    let req = match body {
+        Some(b) => req.json(&b),
+        None => req,
+    };
+    let resp = req.send().await.with_context(|| format!("cannot reach the master at {}", master.master))?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("{}", api_error(&text, status));
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Prints the builds of a `{"builds": [...]}` answer as queued.
+fn print_queued(value: &serde_json::Value) {
+    for b in value["builds"].as_array().into_iter().flatten() {
+        println!(
+            "queued build {} ({} on {} at {})",
+            b["id"],
+            b["builder"].as_str().unwrap_or(""),
+            b["branch"].as_str().unwrap_or(""),
+            b["revision"].as_str().unwrap_or("")
+        );
+    }
 }
 
 fn api_error(text: &str, status: reqwest::StatusCode) -> String {
