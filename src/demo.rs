@@ -107,31 +107,58 @@ async fn commit_file(repo: &Path, file: &str, text: &str, message: &str) -> anyh
     Ok(())
 }
 
-/// The demo's admin: made once, with a random password and an API token kept in files only
-/// their owner can read. Returns the password and the token file.
+/// The demo's admin, with a random password and an API token kept in files only their owner
+/// can read (written before the account, so a failed write never leaves an account nobody
+/// knows the password of). Returns the password and the token file.
 async fn demo_admin(store: &Store, dir: &Path) -> anyhow::Result<(String, std::path::PathBuf)> {
-    use tokio::io::AsyncWriteExt;
+    use crate::accounts;
     let password_file = dir.join("admin.password");
     let token_file = dir.join("admin.token");
-    // Created private: never readable by others, not even for a moment.
-    let private = |path: std::path::PathBuf, text: String| async move {
-        let mut f =
-            tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).await?;
-        f.write_all(text.as_bytes()).await?;
-        f.flush().await
+    let kept = |path: std::path::PathBuf| async move {
+        tokio::fs::read_to_string(&path).await.ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
     };
-    if store.user_with_hash("admin").await?.is_none() {
-        let password = crate::accounts::new_secret("").get(..16).unwrap_or_default().to_string();
-        let hash = crate::accounts::hash_password(&password)?;
-        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
-        store.add_user("admin", crate::accounts::Role::Admin, &hash, now).await?;
-        let token = crate::accounts::new_secret(crate::accounts::TOKEN_PREFIX);
-        store.create_token("admin", "demo", &crate::accounts::secret_hash(&token), now).await?;
-        private(password_file.clone(), format!("{password}\n")).await?;
-        private(token_file.clone(), format!("{token}\n")).await?;
+    let password = match kept(password_file.clone()).await {
+        Some(p) => p,
+        None => accounts::new_secret("").get(..16).unwrap_or_default().to_string(),
+    };
+    write_private(&password_file, &password).await?;
+    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    match store.user_with_hash("admin").await? {
+        None => {
+            store.add_user("admin", accounts::Role::Admin, &accounts::hash_password(&password)?, now).await?;
+        }
+        // The password file was lost or changed: the account follows the file.
+        Some((_, hash)) if !accounts::verify_password(&password, &hash) => {
+            store.set_password("admin", &accounts::hash_password(&password)?).await?;
+        }
+        Some(_) => {}
     }
-    let password = tokio::fs::read_to_string(&password_file).await.unwrap_or_default().trim().to_string();
+    match kept(token_file.clone()).await {
+        Some(token) => {
+            write_private(&token_file, &token).await?;
+            // A database made afresh beside an old token file: the token is made valid again.
+            if store.token_user(&accounts::secret_hash(&token), now).await?.is_none() {
+                store.create_token("admin", "demo", &accounts::secret_hash(&token), now).await?;
+            }
+        }
+        None => {
+            let token = accounts::new_secret(accounts::TOKEN_PREFIX);
+            write_private(&token_file, &token).await?;
+            store.create_token("admin", "demo", &accounts::secret_hash(&token), now).await?;
+        }
+    }
     Ok((password, token_file))
+}
+
+/// Writes `text` to a file only its owner may read, whatever it was before.
+async fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).await?;
+    // An existing file keeps its old mode through `open`: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).await?;
+    f.write_all(format!("{text}\n").as_bytes()).await?;
+    f.flush().await
 }
 
 async fn create_repo(repo: &Path) -> anyhow::Result<()> {

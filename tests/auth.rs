@@ -142,6 +142,19 @@ fn every_api_route_refuses_nobody_and_too_small_a_role() {
         .send()
         .expect("request");
     assert_eq!(resp.status().as_u16(), 200);
+    // But a bearer token, however the scheme is spelled, must work: a bad one is a 401 even
+    // where anonymous reading is allowed.
+    for header in ["BEARER pdk_nope", "bearer\tpdk_nope", "Bearer"] {
+        let resp =
+            nobody.get(format!("{}/api/builds", bed.url())).header("authorization", header).send().expect("request");
+        assert_eq!(resp.status().as_u16(), 401, "{header:?}");
+    }
+    let resp = nobody
+        .get(format!("{}/api/builds", bed.url()))
+        .header("authorization", format!("bEaReR {}", bed.token()))
+        .send()
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 200);
     // Prices are for admins only, even where machines are public.
     let forced = admin
         .post(format!("{}/api/builds", bed.url()))

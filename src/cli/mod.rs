@@ -311,11 +311,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("machine {machine} is stopping");
         }
         Command::Pause { master, pool } => {
-            post_json(&master, &format!("/api/pools/{pool}/pause"), None).await?;
+            post_json(&master, &format!("/api/pools/{}/pause", crate::web::path_segment(&pool)), None).await?;
             println!("pool {pool} paused: it starts no build until `paddock resume {pool}`");
         }
         Command::Resume { master, pool } => {
-            post_json(&master, &format!("/api/pools/{pool}/resume"), None).await?;
+            post_json(&master, &format!("/api/pools/{}/resume", crate::web::path_segment(&pool)), None).await?;
             println!("pool {pool} resumed");
         }
         Command::Agent { master, token, workdir, imds_url, imds_poll } => {

@@ -134,6 +134,8 @@ pub struct Shared {
     pub repo_locks: HashMap<String, tokio::sync::Mutex<()>>,
     /// Set once shutdown began: no new builds are accepted.
     pub draining: AtomicBool,
+    /// Set once the loop has stopped and the web server is closing: open streams end.
+    pub web_closing: AtomicBool,
     /// Pools that may not launch because a spend cap is reached, and why.
     pub spend_holds: Mutex<HashMap<String, String>>,
 }
@@ -198,6 +200,7 @@ pub async fn run(
         secrets,
         repo_locks: config.repos.iter().map(|r| (r.name.clone(), tokio::sync::Mutex::new(()))).collect(),
         draining: AtomicBool::new(false),
+        web_closing: AtomicBool::new(false),
         spend_holds: Mutex::new(HashMap::new()),
         config: config.clone(),
     });
@@ -236,17 +239,24 @@ pub async fn run(
     }
     let pollers = poller::spawn_all(shared.clone());
 
+    let mut server = server;
     master.run_loop(shutdown).await?;
+    // The loop is over: requests still waiting on it (an action's reply) hear so at once.
+    drop(master);
 
     for p in pollers {
         p.abort();
     }
+    shared.web_closing.store(true, Ordering::SeqCst);
     let _ = web_stop_tx.send(());
     // Open responses (a live log, a slow client) get a moment to end; then the server goes.
-    match tokio::time::timeout(WEB_STOP_GRACE, server).await {
+    match tokio::time::timeout(WEB_STOP_GRACE, &mut server).await {
         Ok(Ok(Err(e))) => return Err(MasterError::Serve(e)),
         Ok(_) => {}
-        Err(_) => tracing::warn!("web connections still open after {WEB_STOP_GRACE:?}; closing them"),
+        Err(_) => {
+            tracing::warn!("web connections still open after {WEB_STOP_GRACE:?}; closing them");
+            server.abort();
+        }
     }
     tracing::info!("master stopped");
     Ok(())

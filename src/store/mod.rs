@@ -517,8 +517,11 @@ impl Store {
     /// Ends a running attempt with its result, if it is still running on that machine.
     pub async fn finish_build(&self, build: BuildId, machine: MachineId, result: &str, now: Ts) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
+        // A cancel that lost the race with the build's end leaves no trace on its result.
         let done = sqlx::query(
-            "UPDATE builds SET state = ?, finished_at = ? WHERE id = ? AND machine_id = ? AND state = 'running'",
+            "UPDATE builds SET state = ?1, finished_at = ?2,
+               cancelled_by = CASE WHEN ?1 = 'cancelled' THEN cancelled_by ELSE NULL END
+             WHERE id = ?3 AND machine_id = ?4 AND state = 'running'",
         )
         .bind(result)
         .bind(ts_string(now))

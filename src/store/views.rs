@@ -71,17 +71,16 @@ impl Store {
     /// The end of a build's log, at most about `max_bytes` of it, oldest chunk first; `true`
     /// when earlier chunks were left out.
     pub async fn log_tail(&self, build: BuildId, max_bytes: usize) -> Result<(Vec<LogChunk>, bool)> {
-        // Chunks are a line or a few; this many always covers `max_bytes` of short lines.
-        const MAX_CHUNKS: i64 = 20_000;
-        let rows = sqlx::query("SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC LIMIT ?")
+        use futures_util::TryStreamExt;
+        // Newest first, read one at a time, stopping once the size is reached: a 64 MiB log
+        // costs a page view no more than `max_bytes`.
+        let mut rows = sqlx::query("SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC")
             .bind(build)
-            .bind(MAX_CHUNKS)
-            .fetch_all(&self.pool)
-            .await?;
+            .fetch(&self.pool);
         let mut size = 0;
         let mut out = Vec::new();
-        let mut cut = rows.len() as i64 == MAX_CHUNKS;
-        for r in &rows {
+        let mut cut = false;
+        while let Some(r) = rows.try_next().await? {
             let text: String = r.get("text");
             size += text.len();
             if size > max_bytes && !out.is_empty() {

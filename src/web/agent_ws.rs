@@ -292,6 +292,7 @@ mod tests {
             secrets: Secrets::default(),
             repo_locks: HashMap::new(),
             draining: AtomicBool::new(false),
+            web_closing: AtomicBool::new(false),
             spend_holds: Mutex::new(HashMap::new()),
         };
         (shared, rx, db)

@@ -117,12 +117,19 @@ impl FromRequestParts<Arc<Shared>> for Caller {
         let now = shared.now();
         // Other schemes (a proxy's Basic auth in front of the master) are not ours: the session
         // cookie decides then.
-        let bearer = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-        if let Some(token) = bearer.map(str::trim) {
+        let bearer = match parts.headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(v) => {
+                let v = v.to_str().map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
+                let mut words = v.split_whitespace();
+                match words.next() {
+                    // Scheme names are case-insensitive (RFC 9110).
+                    Some(scheme) if scheme.eq_ignore_ascii_case("bearer") => Some(words.next().unwrap_or("")),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(token) = bearer {
             // A token that does not work is an error, never a silent fall-back to anonymous: a
             // script with a revoked token should hear so.
             let user = shared

@@ -61,6 +61,16 @@ async fn protective_headers(mut resp: Response) -> Response {
     resp
 }
 
+/// Percent-encodes one path segment (a pool's name, say), leaving only unreserved characters.
+pub fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// An API error: a status and a reason, sent as `{"error": reason}`.
 #[derive(Debug)]
 pub struct ApiError {

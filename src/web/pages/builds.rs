@@ -266,8 +266,9 @@ pub async fn log_stream(
     let start =
         Follow { after: resume.or(q.after).unwrap_or(0), state: String::new(), steps: String::new(), done: false };
     let stream = stream::unfold((s, start, true), move |(s, mut f, first)| async move {
-        // Ended, or the master is stopping: a page left open must not hold the shutdown up.
-        if f.done || s.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        // Ended, or the master has stopped: a page left open must not hold the exit up. (While
+        // it drains, running builds still log, so their pages follow on.)
+        if f.done || s.web_closing.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
         if !first {

@@ -73,7 +73,7 @@ pub async fn machines(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) ->
                         @if admin {
                             td {
                                 @let paused = p["paused"].is_object();
-                                form.inline method="post" action={ "/pools/" (name) (if paused { "/resume" } else { "/pause" }) } {
+                                form.inline method="post" action={ "/pools/" (crate::web::path_segment(name)) (if paused { "/resume" } else { "/pause" }) } {
                                     input type="hidden" name="csrf" value=(caller.csrf());
                                     button type="submit" { (if paused { "Resume" } else { "Pause" }) }
                                 }

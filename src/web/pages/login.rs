@@ -116,13 +116,17 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
     // Verify against a dummy when the user does not exist, so both take the same time.
     let stored = found.as_ref().map_or(dummy_hash(), |(_, h)| h.as_str()).to_string();
     let password = f.password.clone();
-    let ok = {
-        let _permit = VERIFYING
-            .acquire()
-            .await
-            .map_err(|_| PageError::Status(StatusCode::SERVICE_UNAVAILABLE, "the master is shutting down".into()))?;
-        tokio::task::spawn_blocking(move || verify_password(&password, &stored)).await.unwrap_or(false)
-    };
+    let permit = VERIFYING
+        .acquire()
+        .await
+        .map_err(|_| PageError::Status(StatusCode::SERVICE_UNAVAILABLE, "the master is shutting down".into()))?;
+    // The permit goes with the check: a client that hangs up does not free it early.
+    let ok = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        verify_password(&password, &stored)
+    })
+    .await
+    .unwrap_or(false);
     let user = match (found, ok) {
         (Some((user, _)), true) => user,
         _ => {
