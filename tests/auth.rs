@@ -33,6 +33,7 @@ fn routes() -> Vec<(&'static str, &'static str, Option<serde_json::Value>, Need)
         ("POST", "/api/builds/1/cancel", None, Need::Committer),
         ("POST", "/api/changes", Some(json!({"repo": "app", "branch": "main", "revision": "0000"})), Need::Committer),
         ("GET", "/api/cost", None, Need::Admin),
+        ("GET", "/api/deliveries", None, Need::Admin),
         ("GET", "/metrics", None, Need::Admin),
         ("POST", "/api/machines/1/terminate", None, Need::Admin),
         ("POST", "/api/pools/local/pause", None, Need::Admin),

@@ -673,6 +673,42 @@ fn web_access_and_session_lifetime_are_checked_where_they_are_written() {
     assert!(default.web.public, "public unless told otherwise");
 }
 
+#[test]
+fn notifiers_are_checked_where_they_are_written() {
+    // BASE is lines 1-6; [[notifier]] is line 8, its keys from line 9.
+    let n = |rest: &str| format!("{BASE}\n[[notifier]]\n{rest}");
+    assert_err(&n("kind = \"pigeon\"\n"), 9, 8, "unknown notifier kind \"pigeon\"");
+    assert_err(&n("kind = \"webhook\"\n"), 8, 1, "`url`");
+    assert_err(&n("kind = \"webhook\"\nurl = \"ftp://x\"\n"), 10, 7, "http:// or https://");
+    assert_err(
+        &n("kind = \"webhook\"\nurl = \"http://x\"\nevents = [\"failed\"]\n"),
+        11,
+        11,
+        "unknown event \"failed\"",
+    );
+    assert_err(&n("kind = \"webhook\"\nurl = \"http://x\"\nevents = []\n"), 11, 10, "at least one event");
+    let e = assert_err(
+        &n("kind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{builder} broke {brnch}\"\n"),
+        11,
+        29,
+        "unknown placeholder `{brnch}` in the template",
+    );
+    assert!(e.hint.as_deref().is_some_and(|h| h.contains("{branch}")), "{e}");
+    assert_err(&n("kind = \"webhook\"\nurl = \"http://x\"\ncolour = 1\n"), 11, 1, "unknown key `colour`");
+    let two = format!("{BASE}\n[[notifier]]\nkind = \"webhook\"\nurl = \"http://x\"\n\n[[notifier]]\nkind = \"webhook\"\nurl = \"http://y\"\n");
+    assert_err(&two, 12, 1, "duplicate notifier name `webhook`");
+
+    let ok = parse(&format!(
+        "{BASE}{BUILDER}\n[[notifier]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"https://x/h\"\nsecret_env = \"S\"\nevents = [\"transition\", \"started\"]\nbuilders = [\"u*\"]\ntemplate = \"{{builder}}: {{result}}\"\n"
+    ))
+    .expect("valid");
+    let n = &ok.notifiers[0];
+    assert_eq!(n.name, "ops");
+    assert_eq!(n.events, vec![config::NotifyOn::Transition, config::NotifyOn::Started]);
+    assert_eq!(n.kind, config::NotifierKind::Webhook { url: "https://x/h".into(), secret_env: Some("S".into()) });
+    assert_eq!(n.builders, vec!["u*".to_string()]);
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;

@@ -5,7 +5,7 @@ mod error;
 mod model;
 mod parse;
 mod render;
-mod template;
+pub mod template;
 mod tree;
 
 use std::path::Path;

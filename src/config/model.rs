@@ -20,6 +20,8 @@ pub struct Config {
     pub cost: CostSettings,
     /// `[web]`: who may look without logging in, how long a login lasts.
     pub web: Web,
+    /// `[[notifier]]`s: who hears about builds, and when.
+    pub notifiers: Vec<Notifier>,
     /// Builders after matrix expansion, in config order then matrix order.
     pub builders: Vec<Builder>,
     pub schedulers: Vec<Scheduler>,
@@ -122,6 +124,54 @@ impl SpendCaps {
 pub struct CostSettings {
     /// Caps over all pools together.
     pub spend: SpendCaps,
+}
+
+/// A `[[notifier]]`: where messages about builds go, on which events, for which builds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notifier {
+    /// Unique; default: the kind.
+    pub name: String,
+    pub kind: NotifierKind,
+    /// When it speaks.
+    pub events: Vec<NotifyOn>,
+    /// Builder name globs; empty: every builder.
+    pub builders: Vec<String>,
+    /// Branch globs; empty: every branch.
+    pub branches: Vec<String>,
+    /// Message text with `{builder}`, `{branch}`, `{result}`, … (see
+    /// [`crate::notify::FIELDS`]); default: a short line per event.
+    pub template: Option<String>,
+}
+
+/// Where a notifier delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotifierKind {
+    /// A JSON POST to `url`, signed with HMAC-SHA256 when `secret_env` names a variable that
+    /// holds the key.
+    Webhook { url: String, secret_env: Option<String> },
+}
+
+/// The events a notifier can speak on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyOn {
+    /// A build started running.
+    Started,
+    /// A build ended (success, failure, exception or cancelled).
+    Finished,
+    /// A build's result differs from the previous one of its builder and branch (passing to
+    /// failing or back), or a first build fails.
+    Transition,
+}
+
+impl NotifyOn {
+    /// The config's and the store's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyOn::Started => "started",
+            NotifyOn::Finished => "finished",
+            NotifyOn::Transition => "transition",
+        }
+    }
 }
 
 /// `[web]`: access to the UI and the read side of the API.

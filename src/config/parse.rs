@@ -17,7 +17,8 @@ use super::template;
 use super::tree::{parse_tree, unknown_key, Entry, Fields, Kind, Node, Sp};
 use paddock_provisioners::ec2::Ec2Settings;
 
-const TOP_KEYS: &[&str] = &["master", "cost", "web", "repo", "pool", "builder", "scheduler"];
+const TOP_KEYS: &[&str] = &["master", "cost", "web", "repo", "pool", "builder", "scheduler", "notifier"];
+const NOTIFIER_KEYS: &[&str] = &["kind", "name", "events", "builders", "branches", "template", "url", "secret_env"];
 const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
 const MASTER_KEYS: &[&str] = &[
@@ -85,6 +86,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
     let mut master = None;
     let mut cost = CostSettings::default();
     let mut web = Web::default();
+    let mut notifiers: Vec<Notifier> = Vec::new();
     let mut repos = Vec::new();
     let mut pools = Vec::new();
     let mut builders = Vec::new();
@@ -123,6 +125,19 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
             "builder" => {
                 for node in keep(&mut errs, array_of_tables(e, "[[builder]]")).unwrap_or_default() {
                     builders.extend(keep(&mut errs, parse_builder(node, text)));
+                }
+            }
+            "notifier" => {
+                for node in keep(&mut errs, array_of_tables(e, "[[notifier]]")).unwrap_or_default() {
+                    if let Some(n) = keep(&mut errs, parse_notifier(node, text)) {
+                        if notifiers.iter().any(|o| o.name == n.name) {
+                            errs.push(
+                                Diag::new(node.span.clone(), format!("duplicate notifier name `{}`", n.name))
+                                    .hint("give each [[notifier]] of one kind its own `name`"),
+                            );
+                        }
+                        notifiers.push(n);
+                    }
                 }
             }
             "scheduler" => {
@@ -196,6 +211,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
         pools,
         cost,
         web,
+        notifiers,
         builders: expanded.into_iter().map(|e| e.builder).collect(),
         schedulers: out_schedulers,
     })
@@ -581,6 +597,74 @@ fn parse_cost(node: &Node) -> Result<CostSettings, Diag> {
     let f = Fields::new(node, "[cost]")?;
     f.allow_only(COST_KEYS)?;
     Ok(CostSettings { spend: spend_caps(&f)? })
+}
+
+/// A `[[notifier]]`.
+fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
+    let f = Fields::new(node, "[[notifier]]")?;
+    f.allow_only(NOTIFIER_KEYS)?;
+    let kind_s = f.req_nonempty("kind", "\"webhook\"")?;
+    let kind = match kind_s.v.as_str() {
+        "webhook" => {
+            let url = f.req_nonempty("url", "\"https://example.com/paddock-hook\"")?;
+            if !(url.v.starts_with("http://") || url.v.starts_with("https://")) {
+                return Err(Diag::new(url.span, "`url` must be an http:// or https:// URL"));
+            }
+            let secret_env = match f.opt_str("secret_env")? {
+                Some(s) if s.v.trim().is_empty() => {
+                    return Err(Diag::new(s.span, "`secret_env` names an environment variable; it must not be empty"))
+                }
+                other => other.map(|s| s.v),
+            };
+            NotifierKind::Webhook { url: url.v, secret_env }
+        }
+        other => {
+            return Err(Diag::new(kind_s.span.clone(), format!("unknown notifier kind \"{other}\""))
+                .hint("known kinds: webhook"))
+        }
+    };
+    let events = match f.opt_str_array("events")? {
+        None => vec![NotifyOn::Finished],
+        Some(list) => {
+            let mut out = Vec::new();
+            for e in list {
+                out.push(match e.v.as_str() {
+                    "started" => NotifyOn::Started,
+                    "finished" => NotifyOn::Finished,
+                    "transition" => NotifyOn::Transition,
+                    other => {
+                        return Err(Diag::new(e.span, format!("unknown event \"{other}\""))
+                            .hint("events are \"started\", \"finished\" and \"transition\""))
+                    }
+                });
+            }
+            if out.is_empty() {
+                let span = f.get("events").map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+                return Err(Diag::new(span, "`events` must name at least one event").hint("omit it for [\"finished\"]"));
+            }
+            out
+        }
+    };
+    let template = match f.opt_str("template")? {
+        Some(t) => {
+            template::check_fields(&t, crate::notify::FIELDS, text)?;
+            Some(t.v)
+        }
+        None => None,
+    };
+    let name = match f.opt_str("name")? {
+        Some(n) if n.v.trim().is_empty() => return Err(Diag::new(n.span, "`name` must not be empty")),
+        Some(n) => n.v,
+        None => kind_s.v.clone(),
+    };
+    Ok(Notifier {
+        name,
+        kind,
+        events,
+        builders: globs(f.opt_str_array("builders")?, "builders")?,
+        branches: globs(f.opt_str_array("branches")?, "branches")?,
+        template,
+    })
 }
 
 /// `[web]`: anonymous access and session lifetime.

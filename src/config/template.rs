@@ -63,6 +63,24 @@ pub(crate) fn check(s: &Sp<String>, axes: &[&str], src: &str) -> Result<(), Diag
     Ok(())
 }
 
+/// Check that every placeholder in a message template names one of `fields`.
+pub(crate) fn check_fields(s: &Sp<String>, fields: &[&str], src: &str) -> Result<(), Diag> {
+    for (range, name) in placeholders(&s.v) {
+        if fields.contains(&name) {
+            continue;
+        }
+        let span = precise_span(s, &range, src);
+        let mut hint = String::new();
+        if let Some(best) = closest(name, fields) {
+            hint.push_str(&format!("did you mean `{{{best}}}`? "));
+        }
+        let all: Vec<String> = fields.iter().map(|f| format!("{{{f}}}")).collect();
+        hint.push_str(&format!("a template may use: {}", all.join(" ")));
+        return Err(Diag::new(span, format!("unknown placeholder `{{{name}}}` in the template")).hint(hint));
+    }
+    Ok(())
+}
+
 /// Point inside the string literal when it has no escapes (the common case), else at its start.
 fn precise_span(s: &Sp<String>, inner: &Range<usize>, src: &str) -> Range<usize> {
     let literal = src.get(s.span.clone()).unwrap_or("");
@@ -80,7 +98,7 @@ fn precise_span(s: &Sp<String>, inner: &Range<usize>, src: &str) -> Range<usize>
 }
 
 /// Replace every axis placeholder with its value in `cell`; unknown ones stay as written.
-pub(crate) fn substitute(s: &str, cell: &BTreeMap<String, String>) -> String {
+pub fn substitute(s: &str, cell: &BTreeMap<String, String>) -> String {
     let mut out = String::with_capacity(s.len());
     let mut last = 0;
     for (range, name) in placeholders(s) {

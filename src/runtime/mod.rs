@@ -46,6 +46,8 @@ pub enum MasterError {
     Scheduler(#[from] crate::core::scheduler::SpecError),
     #[error("web server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::worker::NotifyError),
 }
 
 /// What the loop is told, by everyone else.
@@ -184,6 +186,7 @@ pub async fn run(
     let config = Arc::new(config);
     let store = Store::open(&config.master.database).await?;
     let secrets = Secrets::load(config.master.secrets_file.as_deref())?;
+    let notifiers = Arc::new(crate::notify::worker::Notifiers::from_config(&config)?);
     let listener = tokio::net::TcpListener::bind(&config.master.listen)
         .await
         .map_err(|source| MasterError::Listen { addr: config.master.listen.clone(), source })?;
@@ -237,7 +240,8 @@ pub async fn run(
     if let Some(ready) = opts.on_ready {
         let _ = ready.send(addr);
     }
-    let pollers = poller::spawn_all(shared.clone());
+    let mut pollers = poller::spawn_all(shared.clone());
+    pollers.extend(crate::notify::worker::spawn(shared.clone(), notifiers));
 
     let mut server = server;
     master.run_loop(shutdown).await?;

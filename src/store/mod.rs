@@ -15,8 +15,10 @@ use crate::core::{BuildId, ChangeId, MachineId, Ts};
 use crate::cost::report::MachineFacts;
 
 mod accounts;
+mod notify;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
+pub use notify::{BuildEvent, Delivery, NewDelivery};
 pub use views::LogChunk;
 
 /// The migrations under `migrations/`, embedded in the binary.
@@ -510,6 +512,7 @@ impl Store {
         .bind(build)
         .execute(&mut *tx)
         .await?;
+        notify::outbox(&mut tx, build, "started", &now_s).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -535,6 +538,7 @@ impl Store {
         }
         close_open_steps(&mut tx, build, "skipped").await?;
         insert_event(&mut *tx, machine, &ts_string(now), "build_finished", &format!("{build} {result}")).await?;
+        notify::outbox(&mut tx, build, "finished", &ts_string(now)).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -564,6 +568,7 @@ impl Store {
             close_open_steps(&mut tx, build, "cancelled").await?;
             if let (Some(machine), "running") = (machine, was.as_str()) {
                 insert_event(&mut *tx, machine, &now_s, "build_finished", &format!("{build} cancelled")).await?;
+                notify::outbox(&mut tx, build, "finished", &now_s).await?;
             }
             tx.commit().await?;
             return Ok(None);

@@ -210,6 +210,27 @@ pub async fn cost(
     Ok(([(axum::http::header::CONTENT_TYPE, content_type)], report.render(query.format)))
 }
 
+/// Query of `GET /api/deliveries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveriesQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /api/deliveries?limit=`: the newest notifications and how their delivery went
+/// (admin: they name where messages go and why they failed).
+pub async fn list_deliveries(
+    _: Admin,
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<DeliveriesQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 10000"));
+    }
+    Ok(Json(json!({ "deliveries": s.store.deliveries(limit).await? })))
+}
+
 /// Query of `GET /api/changes`.
 #[derive(Debug, Deserialize)]
 pub struct ChangesQuery {

@@ -33,6 +33,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/pools/{name}/pause", post(api::pause_pool))
         .route("/api/pools/{name}/resume", post(api::resume_pool))
         .route("/api/cost", get(api::cost))
+        .route("/api/deliveries", get(api::list_deliveries))
         .route("/api/changes", get(api::list_changes).post(api::post_change))
         .route("/hooks/github", post(hooks::github))
         .route("/agent/ws", get(agent_ws::upgrade))

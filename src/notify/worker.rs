@@ -1,0 +1,183 @@
+//! The two background loops: the planner turns outbox rows into deliveries, the sender sends
+//! what is due and retries with backoff. Both poll the store, so they pick up where they were
+//! after a restart, and neither is on the master loop's path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{plan, webhook, Facts};
+use crate::config::{Config, Notifier, NotifierKind};
+use crate::core::Ts;
+use crate::runtime::Shared;
+use crate::store::{Delivery, StoreError};
+
+/// How often the loops look for work.
+const POLL: Duration = Duration::from_millis(300);
+/// Tries before a delivery is given up (about 3 hours in all with the backoff below).
+pub const MAX_ATTEMPTS: i64 = 14;
+
+/// The wait before try number `attempts + 1`: 5 s doubling, at most 30 min.
+pub fn backoff(attempts: i64) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << attempts.clamp(0, 20));
+    Duration::from_secs(secs.min(30 * 60))
+}
+
+/// Why the notifiers cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("notifier {notifier}: environment variable {var} (its `secret_env`) is not set")]
+    MissingSecret { notifier: String, var: String },
+}
+
+/// The configured notifiers with their secrets read from the environment.
+pub struct Notifiers {
+    list: Vec<Notifier>,
+    secrets: HashMap<String, Vec<u8>>,
+}
+
+impl std::fmt::Debug for Notifiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: the secrets never reach a log.
+        f.debug_struct("Notifiers").field("list", &self.list.iter().map(|n| &n.name).collect::<Vec<_>>()).finish()
+    }
+}
+
+impl Notifiers {
+    /// Reads each notifier's secret; a signing notifier without its secret is an error, so
+    /// nothing goes out unsigned by mistake.
+    pub fn from_config(config: &Config) -> Result<Notifiers, NotifyError> {
+        let mut secrets = HashMap::new();
+        for n in &config.notifiers {
+            let NotifierKind::Webhook { secret_env: Some(var), .. } = &n.kind else {
+                continue;
+            };
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => {
+                    secrets.insert(n.name.clone(), v.into_bytes());
+                }
+                _ => return Err(NotifyError::MissingSecret { notifier: n.name.clone(), var: var.clone() }),
+            }
+        }
+        Ok(Notifiers { list: config.notifiers.clone(), secrets })
+    }
+}
+
+/// Starts the planner and the sender.
+pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task::JoinHandle<()>> {
+    let planner = {
+        let (shared, notifiers) = (shared.clone(), notifiers.clone());
+        tokio::spawn(async move {
+            loop {
+                match plan_pending(&shared, &notifiers).await {
+                    Ok(n) if n > 0 => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("cannot plan notifications: {e}"),
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        })
+    };
+    let sender = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        loop {
+            match send_due(&shared, &notifiers, &http).await {
+                Ok(n) if n > 0 => continue,
+                Ok(_) => {}
+                Err(e) => tracing::error!("cannot send notifications: {e}"),
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    });
+    vec![planner, sender]
+}
+
+/// Turns up to 100 outbox rows into deliveries; returns how many rows it handled.
+pub async fn plan_pending(shared: &Shared, notifiers: &Notifiers) -> Result<usize, StoreError> {
+    let store = &shared.store;
+    let events = store.pending_build_events(100).await?;
+    for ev in &events {
+        let deliveries = match store.build(ev.build).await? {
+            Some(build) if !notifiers.list.is_empty() => {
+                let previous = match ev.kind.as_str() {
+                    "finished" => store.previous_result(build.id).await?,
+                    _ => None,
+                };
+                let mut committers: Vec<String> = Vec::new();
+                for c in store.build_changes(build.id).await? {
+                    if !c.author.is_empty() && !committers.contains(&c.author) {
+                        committers.push(c.author);
+                    }
+                }
+                let failing_step = store
+                    .steps(build.id)
+                    .await?
+                    .into_iter()
+                    .find(|s| matches!(s.state.as_str(), "failure" | "timeout" | "exception"))
+                    .map(|s| s.name);
+                let url = format!("{}/builds/{}", shared.url.trim_end_matches('/'), build.id);
+                plan(&notifiers.list, &ev.kind, &Facts { build, previous, committers, failing_step, url })
+            }
+            _ => Vec::new(),
+        };
+        store.plan_deliveries(ev.id, &deliveries, shared.now()).await?;
+    }
+    Ok(events.len())
+}
+
+/// Sends the deliveries due now; returns how many it tried.
+pub async fn send_due(shared: &Shared, notifiers: &Notifiers, http: &reqwest::Client) -> Result<usize, StoreError> {
+    let due = shared.store.due_deliveries(shared.now(), 20).await?;
+    for d in &due {
+        let outcome = match notifiers.list.iter().find(|n| n.name == d.notifier) {
+            None => Err(webhook::SendError::Refused("the notifier is no longer configured".into())),
+            Some(n) => deliver(n, notifiers.secrets.get(&n.name).map(Vec::as_slice), d, http).await,
+        };
+        record(shared, d, outcome).await?;
+    }
+    Ok(due.len())
+}
+
+async fn deliver(
+    n: &Notifier,
+    secret: Option<&[u8]>,
+    d: &Delivery,
+    http: &reqwest::Client,
+) -> Result<(), webhook::SendError> {
+    match &n.kind {
+        NotifierKind::Webhook { url, .. } => webhook::send(http, url, secret, d.id, &d.event, &d.payload).await,
+    }
+}
+
+async fn record(shared: &Shared, d: &Delivery, outcome: Result<(), webhook::SendError>) -> Result<(), StoreError> {
+    let now = shared.now();
+    match outcome {
+        Ok(()) => {
+            tracing::info!(notifier = %d.notifier, build = d.build, event = %d.event, "notification sent");
+            shared.store.delivery_sent(d.id, now).await
+        }
+        Err(webhook::SendError::Retry(why)) if d.attempts + 1 < MAX_ATTEMPTS => {
+            let wait = backoff(d.attempts);
+            tracing::warn!(notifier = %d.notifier, build = d.build, retry_in = ?wait, "notification failed: {why}");
+            shared.store.delivery_failed(d.id, &why, Some(Ts(now.0 + wait.as_millis() as i64))).await
+        }
+        Err(e) => {
+            tracing::error!(notifier = %d.notifier, build = d.build, attempts = d.attempts + 1, "notification given up: {e}");
+            shared.store.delivery_failed(d.id, &e.to_string(), None).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_half_an_hour() {
+        assert_eq!(backoff(0), Duration::from_secs(5));
+        assert_eq!(backoff(1), Duration::from_secs(10));
+        assert_eq!(backoff(5), Duration::from_secs(160));
+        assert_eq!(backoff(9), Duration::from_secs(1800));
+        assert_eq!(backoff(60), Duration::from_secs(1800));
+    }
+}

@@ -1,0 +1,180 @@
+//! The notification outbox (`build_events`) and the deliveries made from it.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{ts_string, Result, Store};
+use crate::core::{BuildId, Ts};
+
+/// A build started or finished, waiting to be turned into deliveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildEvent {
+    pub id: i64,
+    pub build: BuildId,
+    /// `started` or `finished`.
+    pub kind: String,
+}
+
+/// A delivery to make: which notifier, for which build and event, and what to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDelivery {
+    pub notifier: String,
+    pub build: BuildId,
+    /// `started`, `finished` or `transition`.
+    pub event: String,
+    /// JSON the notifier sends (rendered when the event happened).
+    pub payload: String,
+}
+
+/// A stored delivery.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delivery {
+    pub id: i64,
+    pub notifier: String,
+    pub build: BuildId,
+    pub event: String,
+    #[serde(skip)]
+    pub payload: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next_at: String,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub sent_at: Option<String>,
+}
+
+fn delivery(r: &sqlx::sqlite::SqliteRow) -> Delivery {
+    Delivery {
+        id: r.get("id"),
+        notifier: r.get("notifier"),
+        build: r.get("build_id"),
+        event: r.get("event"),
+        payload: r.get("payload"),
+        state: r.get("state"),
+        attempts: r.get("attempts"),
+        next_at: r.get("next_at"),
+        last_error: r.get("last_error"),
+        created_at: r.get("created_at"),
+        sent_at: r.get("sent_at"),
+    }
+}
+
+/// Writes a build's start or end to the outbox, inside the transaction that records it.
+pub(super) async fn outbox(tx: &mut sqlx::SqliteConnection, build: BuildId, kind: &str, at: &str) -> Result<()> {
+    sqlx::query("INSERT INTO build_events (build_id, kind, created_at) VALUES (?, ?, ?)")
+        .bind(build)
+        .bind(kind)
+        .bind(at)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Outbox rows not yet turned into deliveries, oldest first.
+    pub async fn pending_build_events(&self, limit: i64) -> Result<Vec<BuildEvent>> {
+        let rows = sqlx::query("SELECT id, build_id, kind FROM build_events WHERE processed = 0 ORDER BY id LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| BuildEvent { id: r.get("id"), build: r.get("build_id"), kind: r.get("kind") }).collect())
+    }
+
+    /// The result of the build of the same builder and branch that finished last before this
+    /// one (success, failure or exception; cancelled and retried attempts are no result).
+    pub async fn previous_result(&self, build: BuildId) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT p.state FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
+             WHERE b.id = ? AND p.id != b.id AND p.state IN ('success', 'failure', 'exception')
+               AND (p.finished_at < b.finished_at OR (p.finished_at = b.finished_at AND p.id < b.id))
+             ORDER BY p.finished_at DESC, p.id DESC LIMIT 1",
+        )
+        .bind(build)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Stores an outbox row's deliveries (a delivery already made for its key is kept as it
+    /// is) and marks the row done, in one transaction.
+    pub async fn plan_deliveries(&self, event: i64, deliveries: &[NewDelivery], now: Ts) -> Result<()> {
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
+        for d in deliveries {
+            sqlx::query(
+                "INSERT INTO deliveries (notifier, build_id, event, dedup, payload, next_at, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedup) DO NOTHING",
+            )
+            .bind(&d.notifier)
+            .bind(d.build)
+            .bind(&d.event)
+            .bind(format!("{}|{}|{}", d.notifier, d.build, d.event))
+            .bind(&d.payload)
+            .bind(&now_s)
+            .bind(&now_s)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE build_events SET processed = 1 WHERE id = ?").bind(event).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deliveries due now, oldest first; one waits while an earlier one of the same notifier
+    /// and build is still pending, so a build's messages arrive in order.
+    pub async fn due_deliveries(&self, now: Ts, limit: i64) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(
+            "SELECT * FROM deliveries d WHERE d.state = 'pending' AND d.next_at <= ?
+               AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.notifier = d.notifier AND e.build_id = d.build_id
+                               AND e.id < d.id AND e.state = 'pending')
+             ORDER BY d.id LIMIT ?",
+        )
+        .bind(ts_string(now))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(delivery).collect())
+    }
+
+    /// The earliest time a pending delivery is due, if any.
+    pub async fn next_delivery_at(&self) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// A delivery went out.
+    pub async fn delivery_sent(&self, id: i64, now: Ts) -> Result<()> {
+        sqlx::query("UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL WHERE id = ?")
+            .bind(ts_string(now))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A delivery failed: try again at `retry_at`, or give up (`None`).
+    pub async fn delivery_failed(&self, id: i64, error: &str, retry_at: Option<Ts>) -> Result<()> {
+        let (state, next) = match retry_at {
+            Some(t) => ("pending", Some(ts_string(t))),
+            None => ("failed", None),
+        };
+        sqlx::query(
+            "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, next_at = COALESCE(?, next_at)
+             WHERE id = ?",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(next)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest deliveries, for the API.
+    pub async fn deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
+        let rows =
+            sqlx::query("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?").bind(limit).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(delivery).collect())
+    }
+}

@@ -1,0 +1,232 @@
+//! Notifications through the real binary, real agents and a local HTTP server that records
+//! what it is sent: a webhook hears every start and end, signed; a transitions-only notifier
+//! hears passing → failing and back, once each; a receiver that is down holds no build up, and
+//! a master killed before delivering sends each message exactly once after its restart.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::Bed;
+use serde_json::Value;
+
+const SECRET: &str = "webhook-secret-for-tests";
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    path: String,
+    event: String,
+    delivery: String,
+    signature: Option<String>,
+    body: String,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).expect("JSON body")
+    }
+}
+
+/// An HTTP server on loopback that records POSTs, or answers 503 while `down`.
+struct Receiver {
+    port: u16,
+    got: Arc<Mutex<Vec<Received>>>,
+    down: Arc<AtomicBool>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let down = Arc::new(AtomicBool::new(false));
+        let (g, d) = (got.clone(), down.clone());
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let app =
+            axum::Router::new().fallback(move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
+                let (g, d) = (g.clone(), d.clone());
+                async move {
+                    if d.load(Ordering::SeqCst) {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+                    g.lock().expect("lock").push(Received {
+                        path: uri.path().to_string(),
+                        event: h("x-paddock-event").unwrap_or_default(),
+                        delivery: h("x-paddock-delivery").unwrap_or_default(),
+                        signature: h("x-paddock-signature-256"),
+                        body,
+                    });
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            });
+        rt.spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Receiver { port, got, down, _rt: rt }
+    }
+
+    fn all(&self, path: &str) -> Vec<Received> {
+        self.got.lock().expect("lock").iter().filter(|r| r.path == path).cloned().collect()
+    }
+}
+
+fn config(port: u16) -> String {
+    format!(
+        "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
+         [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
+         [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+         [[notifier]]\nkind = \"webhook\"\nname = \"everything\"\nurl = \"http://127.0.0.1:{port}/all\"\n\
+         secret_env = \"HOOK_SECRET\"\nevents = [\"started\", \"finished\", \"transition\"]\n\n\
+         [[notifier]]\nkind = \"webhook\"\nname = \"news\"\nurl = \"http://127.0.0.1:{port}/news\"\n\
+         events = [\"transition\"]\nbranches = [\"main\"]\n\
+         template = \"{{builder}} on {{branch}}: {{previous}} -> {{result}} by {{committer}} ({{url}})\"\n"
+    )
+}
+
+fn hmac(body: &str) -> String {
+    paddock::notify::webhook::signature(SECRET.as_bytes(), body.as_bytes())
+}
+
+/// Commits a.txt with `content` on main, waits for its build to end; returns the build.
+fn build(bed: &Bed, content: &str, message: &str) -> Value {
+    bed.git(&["checkout", "-q", "main"]);
+    std::fs::write(bed.repo.join("a.txt"), content).expect("write");
+    bed.git(&["add", "a.txt"]);
+    bed.git(&["commit", "-q", "-m", message]);
+    let rev = bed.git(&["rev-parse", "HEAD"]);
+    bed.wait(&format!("the build of {message:?}"), || {
+        bed.builds()
+            .into_iter()
+            .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
+    })
+}
+
+#[test]
+fn transitions_are_told_once_and_every_build_is_signed_and_in_order() {
+    let receiver = Receiver::start();
+    let mut bed = Bed::new(&[]);
+    bed.config("", &config(receiver.port));
+    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET)]);
+
+    let ok = build(&bed, "fine\n", "first");
+    let broken = build(&bed, "broken\n", "break it");
+    let still = build(&bed, "still broken\n", "still broken");
+    let fixed = build(&bed, "all good\n", "fix it");
+    let states: Vec<&str> = [&ok, &broken, &still, &fixed].iter().map(|b| b["state"].as_str().unwrap_or("")).collect();
+    assert_eq!(states, ["success", "failure", "failure", "success"]);
+    let ids: Vec<i64> = [&ok, &broken, &still, &fixed].iter().map(|b| b["id"].as_i64().expect("id")).collect();
+
+    // The transitions notifier: passing → failing, then failing → passing; nothing else.
+    let news = bed.wait("two transitions told", || Some(receiver.all("/news")).filter(|n| n.len() >= 2));
+    let texts: Vec<String> = news.iter().map(|r| r.json()["text"].as_str().unwrap_or("").to_string()).collect();
+    let url = |id: i64| format!("{}/builds/{id}", bed.url());
+    assert_eq!(
+        texts,
+        [
+            format!("b on main: success -> failure by Ada Tester <ada@example.com> ({})", url(ids[1])),
+            format!("b on main: failure -> success by Ada Tester <ada@example.com> ({})", url(ids[3])),
+        ]
+    );
+    assert!(news.iter().all(|r| r.signature.is_none() && r.event == "transition"), "no secret: unsigned");
+
+    // The webhook: started then finished for every build, plus the two transitions, signed.
+    let all = bed.wait("every build told", || Some(receiver.all("/all")).filter(|a| a.len() >= 10));
+    for r in &all {
+        assert_eq!(r.signature.as_deref(), Some(hmac(&r.body).as_str()), "signed: {}", r.body);
+        assert_eq!(r.json()["event"], r.event.as_str());
+    }
+    let mut seen = std::collections::HashSet::new();
+    assert!(all.iter().all(|r| seen.insert(r.delivery.clone())), "one delivery id per message");
+    for (i, id) in ids.iter().enumerate() {
+        let mine: Vec<&Received> = all.iter().filter(|r| r.json()["build"]["id"] == *id).collect();
+        let events: Vec<&str> = mine.iter().map(|r| r.event.as_str()).collect();
+        let expected: &[&str] =
+            if i == 1 || i == 3 { &["started", "finished", "transition"] } else { &["started", "finished"] };
+        assert_eq!(events, expected, "build {id}");
+        let finished = mine[1].json();
+        assert_eq!(finished["build"]["url"], url(*id));
+        assert_eq!(finished["committers"][0], "Ada Tester <ada@example.com>");
+    }
+    let broken_finished = all.iter().find(|r| r.event == "finished" && r.json()["build"]["id"] == ids[1]).expect("it");
+    let j = broken_finished.json();
+    assert_eq!(j["transition"], serde_json::json!({"from": "success", "to": "failure"}));
+    assert_eq!(j["failing_step"], "! grep -q broken a.txt");
+    assert!(!bed.log().contains(SECRET), "the secret is never logged");
+}
+
+#[test]
+fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
+    let receiver = Receiver::start();
+    let mut bed = Bed::new(&[]);
+    bed.config("", &config(receiver.port));
+    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET)]);
+    build(&bed, "fine\n", "first");
+    bed.wait("the first build told", || Some(receiver.all("/all")).filter(|a| a.len() >= 2));
+
+    // Down: the next build still runs and ends; its messages wait, retried.
+    receiver.down.store(true, Ordering::SeqCst);
+    let broken = build(&bed, "broken\n", "break it");
+    assert_eq!(broken["state"], "failure");
+    let id = broken["id"].as_i64().expect("id");
+    bed.wait("a failed try of the transition's message", || {
+        bed.sqlite_scalar(&format!(
+            "SELECT COUNT(*) FROM deliveries WHERE build_id = {id} AND notifier = 'news' AND attempts > 0"
+        ))
+        .filter(|n| *n > 0)
+    });
+    // Killed before any of them went out; the receiver comes back; the master too.
+    bed.kill_master();
+    receiver.down.store(false, Ordering::SeqCst);
+    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET)]);
+    let news = bed.wait("the transition told after the restart", || {
+        Some(receiver.all("/news")).filter(|n| n.iter().any(|r| r.json()["build"]["id"] == id))
+    });
+    let all = bed.wait("all of the build's messages", || {
+        Some(receiver.all("/all")).filter(|a| a.iter().filter(|r| r.json()["build"]["id"] == id).count() >= 3)
+    });
+    // Give any duplicate every chance to show: wait until nothing is pending any more.
+    bed.wait("no delivery pending", || {
+        bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0)
+    });
+    let events: Vec<String> =
+        receiver.all("/all").iter().filter(|r| r.json()["build"]["id"] == id).map(|r| r.event.clone()).collect();
+    assert_eq!(events, ["started", "finished", "transition"], "exactly once each, in order");
+    assert_eq!(news.iter().filter(|r| r.json()["build"]["id"] == id).count(), 1);
+    assert!(all.len() >= 5);
+    let failed: Option<i64> = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'failed'");
+    assert_eq!(failed, Some(0));
+    // The admin API shows how each went: the build's transition took more than one try.
+    let api = bed.get("/api/deliveries");
+    let d = api["deliveries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["build"] == id && d["notifier"] == "news")
+        .cloned()
+        .expect("the delivery");
+    assert_eq!(d["state"], "sent");
+    assert!(d["attempts"].as_i64().unwrap_or(0) >= 2, "{d}");
+    assert!(d.get("payload").is_none(), "payloads stay in the store");
+}
+
+#[test]
+fn a_signing_notifier_without_its_secret_stops_the_master_at_start_with_the_reason() {
+    let bed = Bed::new(&[]);
+    bed.config("", &config(1));
+    let out = std::process::Command::new(common::paddock_bin())
+        .args(["run", "paddock.toml"])
+        .current_dir(bed.path())
+        .env_remove("HOOK_SECRET")
+        .output()
+        .expect("paddock run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("notifier everything: environment variable HOOK_SECRET (its `secret_env`) is not set"),
+        "{err}"
+    );
+}
