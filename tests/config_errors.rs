@@ -698,6 +698,31 @@ fn notifiers_are_checked_where_they_are_written() {
     let two = format!("{BASE}\n[[notifier]]\nkind = \"webhook\"\nurl = \"http://x\"\n\n[[notifier]]\nkind = \"webhook\"\nurl = \"http://y\"\n");
     assert_err(&two, 12, 1, "duplicate notifier name `webhook`");
 
+    assert_err(&n("kind = \"github\"\n"), 8, 1, "`token_env`");
+    assert_err(&n("kind = \"github\"\ntoken_env = \"T\"\nrepository = \"acme\"\n"), 11, 14, "`owner/name`");
+    assert_err(
+        &n("kind = \"github\"\ntoken_env = \"T\"\nurl = \"http://x\"\n"),
+        11,
+        1,
+        "not a setting of a github notifier",
+    );
+    assert_err(
+        &n("kind = \"github\"\ntoken_env = \"T\"\ncontext = \"ci/{bilder}\"\n"),
+        11,
+        15,
+        "unknown placeholder `{bilder}`",
+    );
+    let gh = parse(&format!("{BASE}{BUILDER}\n[[notifier]]\nkind = \"github\"\ntoken_env = \"T\"\n")).expect("valid");
+    assert_eq!(
+        gh.notifiers[0].kind,
+        config::NotifierKind::GitHub {
+            api_url: "https://api.github.com".into(),
+            token_env: "T".into(),
+            repository: None,
+            context: "paddock/{builder}".into()
+        }
+    );
+    assert_eq!(gh.notifiers[0].events, vec![config::NotifyOn::Started, config::NotifyOn::Finished]);
     let ok = parse(&format!(
         "{BASE}{BUILDER}\n[[notifier]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"https://x/h\"\nsecret_env = \"S\"\nevents = [\"transition\", \"started\"]\nbuilders = [\"u*\"]\ntemplate = \"{{builder}}: {{result}}\"\n"
     ))

@@ -20,6 +20,7 @@ struct Received {
     event: String,
     delivery: String,
     signature: Option<String>,
+    authorization: Option<String>,
     body: String,
 }
 
@@ -58,6 +59,7 @@ impl Receiver {
                         event: h("x-paddock-event").unwrap_or_default(),
                         delivery: h("x-paddock-delivery").unwrap_or_default(),
                         signature: h("x-paddock-signature-256"),
+                        authorization: h("authorization"),
                         body,
                     });
                     axum::http::StatusCode::NO_CONTENT
@@ -67,6 +69,10 @@ impl Receiver {
             let _ = axum::serve(listener, app).await;
         });
         Receiver { port, got, down, _rt: rt }
+    }
+
+    fn all_under(&self, prefix: &str) -> Vec<Received> {
+        self.got.lock().expect("lock").iter().filter(|r| r.path.starts_with(prefix)).cloned().collect()
     }
 
     fn all(&self, path: &str) -> Vec<Received> {
@@ -229,4 +235,52 @@ fn a_signing_notifier_without_its_secret_stops_the_master_at_start_with_the_reas
         err.contains("notifier everything: environment variable HOOK_SECRET (its `secret_env`) is not set"),
         "{err}"
     );
+}
+
+#[test]
+fn github_commit_statuses_go_pending_then_success_or_failure() {
+    let receiver = Receiver::start();
+    let mut bed = Bed::new(&[]);
+    bed.config(
+        "",
+        &format!(
+            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
+             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+             [[notifier]]\nkind = \"github\"\napi_url = \"http://127.0.0.1:{}/api/v3\"\ntoken_env = \"GH_TOKEN\"\n\
+             repository = \"acme/app\"\n",
+            receiver.port
+        ),
+    );
+    bed.start_with_env(&["main"], &[("GH_TOKEN", "ghp_test_token")]);
+    let ok = build(&bed, "fine\n", "first");
+    let broken = build(&bed, "broken\n", "break it");
+    let statuses = bed.wait("four statuses", || {
+        Some(receiver.all_under("/api/v3/repos/acme/app/statuses/")).filter(|s| s.len() >= 4)
+    });
+    let mut seen = Vec::new();
+    for r in &statuses {
+        assert_eq!(r.authorization.as_deref(), Some("Bearer ghp_test_token"));
+        let sha = r.path.rsplit('/').next().unwrap_or("").to_string();
+        let j = r.json();
+        seen.push((
+            sha,
+            j["state"].as_str().unwrap_or("").to_string(),
+            j["description"].as_str().unwrap_or("").to_string(),
+        ));
+        assert_eq!(j["context"], "paddock/b");
+        assert!(j["target_url"].as_str().unwrap_or("").starts_with(&format!("{}/builds/", bed.url())), "{j}");
+    }
+    let (ok_rev, broken_rev) =
+        (ok["revision"].as_str().unwrap_or("").to_string(), broken["revision"].as_str().unwrap_or("").to_string());
+    assert_eq!(
+        seen,
+        [
+            (ok_rev.clone(), "pending".to_string(), "Build started".to_string()),
+            (ok_rev, "success".to_string(), "Build succeeded".to_string()),
+            (broken_rev.clone(), "pending".to_string(), "Build started".to_string()),
+            (broken_rev, "failure".to_string(), "Failed at step: ! grep -q broken a.txt".to_string()),
+        ]
+    );
+    assert!(!bed.log().contains("ghp_test_token"), "the token is never logged");
 }

@@ -149,6 +149,17 @@ pub enum NotifierKind {
     /// A JSON POST to `url`, signed with HMAC-SHA256 when `secret_env` names a variable that
     /// holds the key.
     Webhook { url: String, secret_env: Option<String> },
+    /// GitHub commit statuses: pending when a build starts, then success, failure or error.
+    GitHub {
+        /// API base, default `https://api.github.com` (GitHub Enterprise: `https://HOST/api/v3`).
+        api_url: String,
+        /// Environment variable holding the token (needs the `repo:status` scope).
+        token_env: String,
+        /// `owner/name` for every build; default: read from each repository's GitHub URL.
+        repository: Option<String>,
+        /// The status's context, a template; default `paddock/{builder}`.
+        context: String,
+    },
 }
 
 /// The events a notifier can speak on.

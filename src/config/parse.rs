@@ -18,7 +18,20 @@ use super::tree::{parse_tree, unknown_key, Entry, Fields, Kind, Node, Sp};
 use paddock_provisioners::ec2::Ec2Settings;
 
 const TOP_KEYS: &[&str] = &["master", "cost", "web", "repo", "pool", "builder", "scheduler", "notifier"];
-const NOTIFIER_KEYS: &[&str] = &["kind", "name", "events", "builders", "branches", "template", "url", "secret_env"];
+const NOTIFIER_KEYS: &[&str] = &[
+    "kind",
+    "name",
+    "events",
+    "builders",
+    "branches",
+    "template",
+    "url",
+    "secret_env",
+    "api_url",
+    "token_env",
+    "repository",
+    "context",
+];
 const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
 const MASTER_KEYS: &[&str] = &[
@@ -618,13 +631,51 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
             };
             NotifierKind::Webhook { url: url.v, secret_env }
         }
+        "github" => {
+            let api_url = match f.opt_str("api_url")? {
+                Some(u) if !(u.v.starts_with("http://") || u.v.starts_with("https://")) => {
+                    return Err(Diag::new(u.span, "`api_url` must be an http:// or https:// URL"))
+                }
+                Some(u) => u.v.trim_end_matches('/').to_string(),
+                None => "https://api.github.com".to_string(),
+            };
+            let token_env = f.req_nonempty("token_env", "\"GITHUB_TOKEN\"")?.v;
+            let repository = match f.opt_str("repository")? {
+                Some(r) if r.v.split('/').filter(|p| !p.is_empty()).count() != 2 || r.v.matches('/').count() != 1 => {
+                    return Err(Diag::new(r.span, "`repository` is `owner/name`"))
+                }
+                other => other.map(|r| r.v),
+            };
+            let context = match f.opt_str("context")? {
+                Some(c) => {
+                    template::check_fields(&c, crate::notify::FIELDS, text)?;
+                    c.v
+                }
+                None => "paddock/{builder}".to_string(),
+            };
+            NotifierKind::GitHub { api_url, token_env, repository, context }
+        }
         other => {
             return Err(Diag::new(kind_s.span.clone(), format!("unknown notifier kind \"{other}\""))
-                .hint("known kinds: webhook"))
+                .hint("known kinds: webhook, github"))
         }
     };
+    let default_events = match kind {
+        NotifierKind::GitHub { .. } => vec![NotifyOn::Started, NotifyOn::Finished],
+        _ => vec![NotifyOn::Finished],
+    };
+    // Keys of the other kinds are mistakes, not silently ignored settings.
+    let foreign: &[&str] = match kind {
+        NotifierKind::Webhook { .. } => &["api_url", "token_env", "repository", "context"],
+        NotifierKind::GitHub { .. } => &["url", "secret_env"],
+    };
+    for key in foreign {
+        if let Some(e) = f.get(key) {
+            return Err(Diag::new(e.key_span.clone(), format!("`{key}` is not a setting of a {} notifier", kind_s.v)));
+        }
+    }
     let events = match f.opt_str_array("events")? {
-        None => vec![NotifyOn::Finished],
+        None => default_events,
         Some(list) => {
             let mut out = Vec::new();
             for e in list {

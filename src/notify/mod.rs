@@ -6,6 +6,7 @@
 //! master's loop, so a notifier that is down never holds a build up. Deciding what to say is
 //! pure ([`plan`]); sending is the adapters' job ([`webhook`]).
 
+pub mod github;
 pub mod webhook;
 pub mod worker;
 
@@ -130,11 +131,15 @@ pub fn plan(notifiers: &[Notifier], kind: &str, facts: &Facts) -> Vec<NewDeliver
         for &event in events.iter().filter(|e| n.events.contains(e)) {
             let fields = facts.fields(event);
             let text = render(n.template.as_deref().unwrap_or(default_template(event)), &fields);
+            let mut body = payload(n, event, facts, &text);
+            if let crate::config::NotifierKind::GitHub { context, .. } = &n.kind {
+                body["context"] = render(context, &fields).into();
+            }
             out.push(NewDelivery {
                 notifier: n.name.clone(),
                 build: facts.build.id,
                 event: event.as_str().to_string(),
-                payload: payload(n, event, facts, &text).to_string(),
+                payload: body.to_string(),
             });
         }
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{plan, webhook, Facts};
+use super::{github, plan, webhook, Facts};
 use crate::config::{Config, Notifier, NotifierKind};
 use crate::core::Ts;
 use crate::runtime::Shared;
@@ -26,14 +26,16 @@ pub fn backoff(attempts: i64) -> Duration {
 /// Why the notifiers cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    #[error("notifier {notifier}: environment variable {var} (its `secret_env`) is not set")]
-    MissingSecret { notifier: String, var: String },
+    #[error("notifier {notifier}: environment variable {var} (its `{key}`) is not set")]
+    MissingSecret { notifier: String, var: String, key: &'static str },
 }
 
 /// The configured notifiers with their secrets read from the environment.
 pub struct Notifiers {
     list: Vec<Notifier>,
     secrets: HashMap<String, Vec<u8>>,
+    /// Repository name -> its URL (where a GitHub notifier finds `owner/name`).
+    repos: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Notifiers {
@@ -49,17 +51,20 @@ impl Notifiers {
     pub fn from_config(config: &Config) -> Result<Notifiers, NotifyError> {
         let mut secrets = HashMap::new();
         for n in &config.notifiers {
-            let NotifierKind::Webhook { secret_env: Some(var), .. } = &n.kind else {
-                continue;
+            let (var, key) = match &n.kind {
+                NotifierKind::Webhook { secret_env: Some(var), .. } => (var, "secret_env"),
+                NotifierKind::GitHub { token_env, .. } => (token_env, "token_env"),
+                NotifierKind::Webhook { secret_env: None, .. } => continue,
             };
             match std::env::var(var) {
                 Ok(v) if !v.is_empty() => {
                     secrets.insert(n.name.clone(), v.into_bytes());
                 }
-                _ => return Err(NotifyError::MissingSecret { notifier: n.name.clone(), var: var.clone() }),
+                _ => return Err(NotifyError::MissingSecret { notifier: n.name.clone(), var: var.clone(), key }),
             }
         }
-        Ok(Notifiers { list: config.notifiers.clone(), secrets })
+        let repos = config.repos.iter().map(|r| (r.name.clone(), r.url.clone())).collect();
+        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos })
     }
 }
 
@@ -131,7 +136,7 @@ pub async fn send_due(shared: &Shared, notifiers: &Notifiers, http: &reqwest::Cl
     for d in &due {
         let outcome = match notifiers.list.iter().find(|n| n.name == d.notifier) {
             None => Err(webhook::SendError::Refused("the notifier is no longer configured".into())),
-            Some(n) => deliver(n, notifiers.secrets.get(&n.name).map(Vec::as_slice), d, http).await,
+            Some(n) => deliver(n, notifiers, d, http).await,
         };
         record(shared, d, outcome).await?;
     }
@@ -140,12 +145,25 @@ pub async fn send_due(shared: &Shared, notifiers: &Notifiers, http: &reqwest::Cl
 
 async fn deliver(
     n: &Notifier,
-    secret: Option<&[u8]>,
+    notifiers: &Notifiers,
     d: &Delivery,
     http: &reqwest::Client,
 ) -> Result<(), webhook::SendError> {
+    let secret = notifiers.secrets.get(&n.name).map(Vec::as_slice);
     match &n.kind {
         NotifierKind::Webhook { url, .. } => webhook::send(http, url, secret, d.id, &d.event, &d.payload).await,
+        NotifierKind::GitHub { api_url, repository, .. } => {
+            let payload: serde_json::Value = serde_json::from_str(&d.payload)
+                .map_err(|e| webhook::SendError::Refused(format!("unreadable stored message: {e}")))?;
+            let repo = payload["build"]["repo"].as_str().unwrap_or_default();
+            let slug = repository.clone().or_else(|| notifiers.repos.get(repo).and_then(|u| github::slug_of(u)));
+            let Some(slug) = slug else {
+                return Err(webhook::SendError::Refused(format!(
+                    "repository {repo} has no GitHub owner/name in its URL; set `repository` on the notifier"
+                )));
+            };
+            github::send(http, api_url, secret.unwrap_or_default(), &slug, &payload).await
+        }
     }
 }
 
