@@ -704,7 +704,7 @@ fn notifiers_are_checked_where_they_are_written() {
         &n("kind = \"github\"\ntoken_env = \"T\"\nurl = \"http://x\"\n"),
         11,
         1,
-        "not a setting of a github notifier",
+        "not a setting of `kind = \"github\"` notifiers",
     );
     assert_err(
         &n("kind = \"github\"\ntoken_env = \"T\"\ncontext = \"ci/{bilder}\"\n"),
@@ -712,6 +712,35 @@ fn notifiers_are_checked_where_they_are_written() {
         15,
         "unknown placeholder `{bilder}`",
     );
+    assert_err(&n("kind = \"irc\"\nserver = \"irc.example\"\n"), 8, 1, "`channel`");
+    assert_err(&n("kind = \"irc\"\nserver = \"irc.example:x\"\nchannel = \"#ci\"\n"), 10, 10, "`host` or `host:port`");
+    assert_err(&n("kind = \"irc\"\nserver = \"irc.example\"\nchannel = \"ci\"\n"), 11, 11, "like \"#ci\"");
+    assert_err(
+        &n("kind = \"irc\"\nserver = \"i\"\nchannel = \"#ci\"\nauth = \"plain\"\n"),
+        12,
+        8,
+        "\"sasl\" or \"nickserv\"",
+    );
+    assert_err(
+        &n("kind = \"irc\"\nserver = \"i\"\nchannel = \"#ci\"\nurl = \"http://x\"\n"),
+        12,
+        1,
+        "not a setting of `kind = \"irc\"` notifiers",
+    );
+    let irc = parse(&format!("{BASE}{BUILDER}\n[[notifier]]\nkind = \"irc\"\nserver = \"irc.libera.chat\"\nchannel = \"#app\"\npassword_env = \"P\"\n")).expect("valid");
+    assert_eq!(
+        irc.notifiers[0].kind,
+        config::NotifierKind::Irc {
+            host: "irc.libera.chat".into(),
+            port: 6697,
+            tls: true,
+            nick: "paddock".into(),
+            channel: "#app".into(),
+            password_env: Some("P".into()),
+            auth: paddock::notify::irc::IrcAuth::Sasl,
+        }
+    );
+    assert_eq!(irc.notifiers[0].events, vec![config::NotifyOn::Transition]);
     let gh = parse(&format!("{BASE}{BUILDER}\n[[notifier]]\nkind = \"github\"\ntoken_env = \"T\"\n")).expect("valid");
     assert_eq!(
         gh.notifiers[0].kind,

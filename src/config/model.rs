@@ -149,6 +149,22 @@ pub enum NotifierKind {
     /// A JSON POST to `url`, signed with HMAC-SHA256 when `secret_env` names a variable that
     /// holds the key.
     Webhook { url: String, secret_env: Option<String> },
+    /// An IRC bot in one channel.
+    Irc {
+        /// Host name of the server.
+        host: String,
+        /// Default 6697 with TLS, 6667 without.
+        port: u16,
+        tls: bool,
+        /// Default `paddock`.
+        nick: String,
+        /// `#name`.
+        channel: String,
+        /// Environment variable holding the nick's password, if it has one.
+        password_env: Option<String>,
+        /// How the password is used: SASL (default) or NickServ.
+        auth: crate::notify::irc::IrcAuth,
+    },
     /// GitHub commit statuses: pending when a build starts, then success, failure or error.
     GitHub {
         /// API base, default `https://api.github.com` (GitHub Enterprise: `https://HOST/api/v3`).

@@ -31,6 +31,12 @@ const NOTIFIER_KEYS: &[&str] = &[
     "token_env",
     "repository",
     "context",
+    "server",
+    "tls",
+    "nick",
+    "channel",
+    "password_env",
+    "auth",
 ];
 const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
@@ -655,23 +661,59 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
             };
             NotifierKind::GitHub { api_url, token_env, repository, context }
         }
+        "irc" => {
+            let server = f.req_nonempty("server", "\"irc.libera.chat\"")?;
+            let tls = f.opt_bool("tls")?.unwrap_or(true);
+            let (host, port) = match server.v.rsplit_once(':') {
+                Some((h, p)) => match p.parse::<u16>() {
+                    Ok(p) if p > 0 && !h.is_empty() => (h.to_string(), p),
+                    _ => return Err(Diag::new(server.span, "`server` is `host` or `host:port`")),
+                },
+                None => (server.v.clone(), if tls { 6697 } else { 6667 }),
+            };
+            let channel = f.req_nonempty("channel", "\"#myproject-ci\"")?;
+            if !(channel.v.starts_with('#') || channel.v.starts_with('&')) || channel.v.contains([' ', ',']) {
+                return Err(Diag::new(channel.span, "`channel` is a channel name like \"#ci\""));
+            }
+            let nick = match f.opt_str("nick")? {
+                Some(n) if n.v.is_empty() || n.v.contains([' ', '!', '@', ':', '#']) => {
+                    return Err(Diag::new(n.span, "`nick` must be one word without ! @ : #"))
+                }
+                Some(n) => n.v,
+                None => "paddock".to_string(),
+            };
+            let password_env = f.opt_str("password_env")?.map(|p| p.v).filter(|p| !p.trim().is_empty());
+            let auth = match f.opt_str("auth")? {
+                None => crate::notify::irc::IrcAuth::Sasl,
+                Some(a) if a.v == "sasl" => crate::notify::irc::IrcAuth::Sasl,
+                Some(a) if a.v == "nickserv" => crate::notify::irc::IrcAuth::NickServ,
+                Some(a) => return Err(Diag::new(a.span, "`auth` is \"sasl\" or \"nickserv\"")),
+            };
+            NotifierKind::Irc { host, port, tls, nick, channel: channel.v, password_env, auth }
+        }
         other => {
             return Err(Diag::new(kind_s.span.clone(), format!("unknown notifier kind \"{other}\""))
-                .hint("known kinds: webhook, github"))
+                .hint("known kinds: webhook, github, irc"))
         }
     };
     let default_events = match kind {
         NotifierKind::GitHub { .. } => vec![NotifyOn::Started, NotifyOn::Finished],
-        _ => vec![NotifyOn::Finished],
+        NotifierKind::Irc { .. } => vec![NotifyOn::Transition],
+        NotifierKind::Webhook { .. } => vec![NotifyOn::Finished],
     };
     // Keys of the other kinds are mistakes, not silently ignored settings.
-    let foreign: &[&str] = match kind {
-        NotifierKind::Webhook { .. } => &["api_url", "token_env", "repository", "context"],
-        NotifierKind::GitHub { .. } => &["url", "secret_env"],
+    const IRC: &[&str] = &["server", "tls", "nick", "channel", "password_env", "auth"];
+    let foreign: Vec<&str> = match kind {
+        NotifierKind::Webhook { .. } => [&["api_url", "token_env", "repository", "context"][..], IRC].concat(),
+        NotifierKind::GitHub { .. } => [&["url", "secret_env"][..], IRC].concat(),
+        NotifierKind::Irc { .. } => vec!["url", "secret_env", "api_url", "token_env", "repository", "context"],
     };
     for key in foreign {
         if let Some(e) = f.get(key) {
-            return Err(Diag::new(e.key_span.clone(), format!("`{key}` is not a setting of a {} notifier", kind_s.v)));
+            return Err(Diag::new(
+                e.key_span.clone(),
+                format!("`{key}` is not a setting of `kind = \"{}\"` notifiers", kind_s.v),
+            ));
         }
     }
     let events = match f.opt_str_array("events")? {

@@ -7,6 +7,7 @@
 //! pure ([`plan`]); sending is the adapters' job ([`webhook`]).
 
 pub mod github;
+pub mod irc;
 pub mod webhook;
 pub mod worker;
 

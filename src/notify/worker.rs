@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{github, plan, webhook, Facts};
+use super::{github, irc, plan, webhook, Facts};
 use crate::config::{Config, Notifier, NotifierKind};
 use crate::core::Ts;
 use crate::runtime::Shared;
@@ -36,6 +36,8 @@ pub struct Notifiers {
     secrets: HashMap<String, Vec<u8>>,
     /// Repository name -> its URL (where a GitHub notifier finds `owner/name`).
     repos: HashMap<String, String>,
+    /// Each IRC notifier's bot, started with the workers.
+    bots: std::sync::Mutex<HashMap<String, irc::IrcBot>>,
 }
 
 impl std::fmt::Debug for Notifiers {
@@ -54,7 +56,10 @@ impl Notifiers {
             let (var, key) = match &n.kind {
                 NotifierKind::Webhook { secret_env: Some(var), .. } => (var, "secret_env"),
                 NotifierKind::GitHub { token_env, .. } => (token_env, "token_env"),
-                NotifierKind::Webhook { secret_env: None, .. } => continue,
+                NotifierKind::Irc { password_env: Some(var), .. } => (var, "password_env"),
+                NotifierKind::Webhook { secret_env: None, .. } | NotifierKind::Irc { password_env: None, .. } => {
+                    continue
+                }
             };
             match std::env::var(var) {
                 Ok(v) if !v.is_empty() => {
@@ -64,12 +69,28 @@ impl Notifiers {
             }
         }
         let repos = config.repos.iter().map(|r| (r.name.clone(), r.url.clone())).collect();
-        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos })
+        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos, bots: Default::default() })
     }
 }
 
-/// Starts the planner and the sender.
+/// Starts the IRC bots, the planner and the sender.
 pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task::JoinHandle<()>> {
+    if let Ok(mut bots) = notifiers.bots.lock() {
+        for n in &notifiers.list {
+            if let NotifierKind::Irc { host, port, tls, nick, channel, auth, .. } = &n.kind {
+                let settings = irc::IrcSettings {
+                    host: host.clone(),
+                    port: *port,
+                    tls: *tls,
+                    nick: nick.clone(),
+                    channel: channel.clone(),
+                    auth: *auth,
+                };
+                let password = notifiers.secrets.get(&n.name).map(|p| String::from_utf8_lossy(p).to_string());
+                bots.insert(n.name.clone(), irc::IrcBot::start(settings, password));
+            }
+        }
+    }
     let planner = {
         let (shared, notifiers) = (shared.clone(), notifiers.clone());
         tokio::spawn(async move {
@@ -163,6 +184,15 @@ async fn deliver(
                 )));
             };
             github::send(http, api_url, secret.unwrap_or_default(), &slug, &payload).await
+        }
+        NotifierKind::Irc { .. } => {
+            let bot = notifiers.bots.lock().ok().and_then(|b| b.get(&n.name).cloned());
+            let Some(bot) = bot else {
+                return Err(webhook::SendError::Retry("the IRC bot is not running".into()));
+            };
+            let payload: serde_json::Value = serde_json::from_str(&d.payload)
+                .map_err(|e| webhook::SendError::Refused(format!("unreadable stored message: {e}")))?;
+            bot.say(payload["text"].as_str().unwrap_or_default()).await
         }
     }
 }

@@ -1,0 +1,303 @@
+//! The IRC bot: one connection per IRC notifier, kept up in the background with backoff. It
+//! registers (SASL PLAIN or NickServ when a password is given), joins its channel, answers
+//! pings, and posts what the delivery worker hands it; a message counts as delivered once it is
+//! written to the channel. While it is disconnected, deliveries fail and are retried later, so
+//! nothing waits on IRC.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+
+use super::webhook::SendError;
+
+/// Where and as whom the bot connects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IrcSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub nick: String,
+    pub channel: String,
+    /// How to use the password, if there is one.
+    pub auth: IrcAuth,
+}
+
+/// How the bot proves its nick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrcAuth {
+    /// SASL PLAIN during registration.
+    Sasl,
+    /// `PRIVMSG NickServ :IDENTIFY …` once registered.
+    NickServ,
+}
+
+/// How long a connection attempt or a write may take.
+const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// IRC lines are at most 512 bytes with the command; keep messages well inside.
+const MAX_TEXT: usize = 400;
+
+type Request = (String, oneshot::Sender<Result<(), String>>);
+
+/// A handle on a running bot.
+#[derive(Debug, Clone)]
+pub struct IrcBot {
+    tx: mpsc::Sender<Request>,
+}
+
+impl IrcBot {
+    /// Starts the bot's connection task. `password` is used per `settings.auth`.
+    pub fn start(settings: IrcSettings, password: Option<String>) -> IrcBot {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(run(settings, password, rx));
+        IrcBot { tx }
+    }
+
+    /// Posts `text` to the channel (each line a message); fails when not joined.
+    pub async fn say(&self, text: &str) -> Result<(), SendError> {
+        let (ack, answer) = oneshot::channel();
+        self.tx.send((text.to_string(), ack)).await.map_err(|_| SendError::Retry("the IRC bot has stopped".into()))?;
+        match tokio::time::timeout(IO_TIMEOUT, answer).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(SendError::Retry(why)),
+            Ok(Err(_)) => Err(SendError::Retry("the IRC connection dropped".into())),
+            Err(_) => Err(SendError::Retry("IRC did not take the message in time".into())),
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Connects, and reconnects with backoff for as long as the master runs.
+async fn run(settings: IrcSettings, password: Option<String>, mut rx: mpsc::Receiver<Request>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match connect(&settings).await {
+            Ok(stream) => {
+                tracing::info!(server = %settings.host, port = settings.port, "connected to IRC");
+                match session(&settings, password.as_deref(), stream, &mut rx, &mut backoff).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(server = %settings.host, "IRC connection ended: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!(server = %settings.host, retry_in = ?backoff, "cannot connect to IRC: {e}"),
+        }
+        // While away, say so to whoever asks, until it is time to try again.
+        let wait = tokio::time::sleep(backoff);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                () = &mut wait => break,
+                req = rx.recv() => match req {
+                    Some((_, ack)) => { let _ = ack.send(Err("not connected to IRC".into())); }
+                    None => return,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn connect(s: &IrcSettings) -> Result<Box<dyn Stream>, String> {
+    let tcp = tokio::time::timeout(IO_TIMEOUT, tokio::net::TcpStream::connect((s.host.as_str(), s.port)))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if !s.tls {
+        return Ok(Box::new(tcp));
+    }
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(s.host.clone()).map_err(|e| e.to_string())?;
+    let tls = tokio::time::timeout(IO_TIMEOUT, tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS: {e}"))?;
+    Ok(Box::new(tls))
+}
+
+/// One connection: register, join, then serve messages and pings until it ends. `Ok` only
+/// when the master is stopping (the request channel closed).
+async fn session(
+    s: &IrcSettings,
+    password: Option<&str>,
+    stream: Box<dyn Stream>,
+    rx: &mut mpsc::Receiver<Request>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let (read, mut write) = tokio::io::split(stream);
+    let mut lines = BufReader::new(read).lines();
+    let mut nick = s.nick.clone();
+    let sasl = password.filter(|_| s.auth == IrcAuth::Sasl);
+    let mut out = String::new();
+    if sasl.is_some() {
+        out.push_str("CAP REQ :sasl\r\n");
+    }
+    out.push_str(&format!("NICK {nick}\r\nUSER paddock 0 * :Paddock CI\r\n"));
+    send(&mut write, &out).await?;
+    let mut joined = false;
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let line = match line {
+                    Ok(Some(l)) => l,
+                    Ok(None) => return Err("the server closed the connection".into()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                let msg = parse(&line);
+                match (msg.command, msg.params.as_slice()) {
+                    ("PING", [token, ..]) => send(&mut write, &format!("PONG :{token}\r\n")).await?,
+                    ("CAP", [_, sub, ..]) if sub.eq_ignore_ascii_case("ACK") => send(&mut write, "AUTHENTICATE PLAIN\r\n").await?,
+                    ("CAP", [_, sub, ..]) if sub.eq_ignore_ascii_case("NAK") => {
+                        tracing::warn!("the IRC server offers no SASL; continuing without it");
+                        send(&mut write, "CAP END\r\n").await?;
+                    }
+                    ("AUTHENTICATE", ["+", ..]) => {
+                        let pass = sasl.unwrap_or_default();
+                        let blob = base64::engine::general_purpose::STANDARD.encode(format!("{nick}\0{nick}\0{pass}"));
+                        send(&mut write, &format!("AUTHENTICATE {blob}\r\n")).await?;
+                    }
+                    ("903", _) => send(&mut write, "CAP END\r\n").await?,
+                    ("904" | "905", _) => {
+                        send(&mut write, "CAP END\r\n").await?;
+                        return Err("SASL authentication failed (check the password)".into());
+                    }
+                    ("433", _) => {
+                        // Nick in use (an old connection not yet timed out): take another.
+                        nick.push('_');
+                        send(&mut write, &format!("NICK {nick}\r\n")).await?;
+                    }
+                    ("001", _) => {
+                        if let (Some(pass), IrcAuth::NickServ) = (password, s.auth) {
+                            send(&mut write, &format!("PRIVMSG NickServ :IDENTIFY {pass}\r\n")).await?;
+                        }
+                        send(&mut write, &format!("JOIN {}\r\n", s.channel)).await?;
+                    }
+                    ("JOIN", [channel, ..]) if msg.nick == nick && channel.eq_ignore_ascii_case(&s.channel) => {
+                        tracing::info!(channel = %s.channel, nick = %nick, "joined the IRC channel");
+                        joined = true;
+                        *backoff = Duration::from_secs(1);
+                    }
+                    ("KICK", [channel, who, ..]) if *who == nick && channel.eq_ignore_ascii_case(&s.channel) => {
+                        joined = false;
+                        send(&mut write, &format!("JOIN {}\r\n", s.channel)).await?;
+                    }
+                    ("471" | "473" | "474" | "475", _) => {
+                        tracing::error!(channel = %s.channel, "the IRC server refused the join: {}", msg.params.join(" "));
+                    }
+                    ("ERROR", _) => return Err(format!("the server said: {}", msg.params.join(" "))),
+                    _ => {}
+                }
+            }
+            req = rx.recv() => {
+                let Some((text, ack)) = req else {
+                    let _ = send(&mut write, "QUIT :Paddock stopping\r\n").await;
+                    return Ok(());
+                };
+                if !joined {
+                    let _ = ack.send(Err(format!("not in {} yet", s.channel)));
+                    continue;
+                }
+                let mut out = String::new();
+                for l in text.lines().filter(|l| !l.trim().is_empty()) {
+                    out.push_str(&format!("PRIVMSG {} :{}\r\n", s.channel, clip(l)));
+                }
+                match send(&mut write, &out).await {
+                    Ok(()) => { let _ = ack.send(Ok(())); }
+                    Err(e) => {
+                        let _ = ack.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, text: &str) -> Result<(), String> {
+    let write = async {
+        w.write_all(text.as_bytes()).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(IO_TIMEOUT, write).await.map_err(|_| "write timed out".to_string())?.map_err(|e| e.to_string())
+}
+
+/// Cuts a line to fit an IRC message, at a character boundary; drops control characters
+/// (a stray CR would end the line and start a command).
+fn clip(line: &str) -> String {
+    let clean: String = line.chars().filter(|c| !c.is_control()).collect();
+    let mut end = clean.len().min(MAX_TEXT);
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    clean[..end].to_string()
+}
+
+/// An IRC line, split: the sender's nick, the command, the parameters (trailing included).
+struct Msg<'a> {
+    nick: &'a str,
+    command: &'a str,
+    params: Vec<&'a str>,
+}
+
+fn parse(line: &str) -> Msg<'_> {
+    let mut rest = line.trim_end_matches(['\r', '\n']);
+    let mut nick = "";
+    if let Some(r) = rest.strip_prefix(':') {
+        let (prefix, after) = r.split_once(' ').unwrap_or((r, ""));
+        nick = prefix.split('!').next().unwrap_or(prefix);
+        rest = after;
+    }
+    let (command, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    let mut params = Vec::new();
+    while !rest.is_empty() {
+        if let Some(trailing) = rest.strip_prefix(':') {
+            params.push(trailing);
+            break;
+        }
+        let (p, after) = rest.split_once(' ').unwrap_or((rest, ""));
+        if !p.is_empty() {
+            params.push(p);
+        }
+        rest = after;
+    }
+    Msg { nick, command, params }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lines() {
+        let m = parse(":paddock!~p@127.0.0.1 JOIN :#ci\r\n");
+        assert_eq!((m.nick, m.command, m.params.as_slice()), ("paddock", "JOIN", &["#ci"][..]));
+        let m = parse("PING :irc.example");
+        assert_eq!((m.command, m.params.as_slice()), ("PING", &["irc.example"][..]));
+        let m = parse(":srv CAP * ACK :sasl");
+        assert_eq!(m.params, ["*", "ACK", "sasl"]);
+        let m = parse(":srv 433 * paddock :Nickname already in use");
+        assert_eq!(m.command, "433");
+    }
+
+    #[test]
+    fn clips_at_characters_and_drops_controls() {
+        assert_eq!(clip("a\rb\u{7}c"), "abc");
+        let long = "é".repeat(300);
+        let c = clip(&long);
+        assert!(c.len() <= MAX_TEXT && c.chars().all(|ch| ch == 'é'));
+    }
+}

@@ -1,0 +1,203 @@
+//! The IRC bot against a real IRC server (Debian's ngircd, started here on a free loopback
+//! port) watched by a second client in the channel: a failure after a pass is told once, a
+//! second failure is not, the fix is; after the server restarts the bot joins again and speaks.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{free_port, Bed, DEADLINE};
+use serde_json::Value;
+
+const NGIRCD: &str = "/usr/sbin/ngircd";
+
+/// An ngircd on 127.0.0.1:`port`, stopped with the test.
+struct Ircd {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Ircd {
+    fn start(port: u16) -> Ircd {
+        assert!(
+            std::path::Path::new(NGIRCD).exists(),
+            "{NGIRCD} is missing: the IRC tests need Debian's ngircd (apt-get install ngircd; .ci/test installs it)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("ngircd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[Global]\nName = irc.paddock.test\nInfo = Paddock tests\nListen = 127.0.0.1\nPorts = {port}\n\
+                 MotdPhrase = \"tests\"\n[Limits]\nPingTimeout = 120\nPongTimeout = 20\n\
+                 [Options]\nPAM = no\nIdent = no\nDNS = no\n"
+            ),
+        )
+        .expect("config");
+        let child = Command::new(NGIRCD)
+            .args(["-n", "-f"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ngircd");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < DEADLINE, "ngircd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ircd { child, dir, port }
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = self.dir.path();
+    }
+}
+
+impl Drop for Ircd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A person in the channel: every line the server sends, kept.
+struct Watcher {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watcher {
+    fn join(port: u16, channel: &str) -> Watcher {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let mut w = stream.try_clone().expect("clone");
+        write!(w, "NICK watcher\r\nUSER w 0 * :Watcher\r\nJOIN {channel}\r\n").expect("register");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let keep = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if let Some(token) = line.strip_prefix("PING ") {
+                    let _ = write!(w, "PONG {token}\r\n");
+                }
+                keep.lock().expect("lock").push(line);
+            }
+        });
+        Watcher { lines }
+    }
+
+    /// What `nick` said in the channel.
+    fn said(&self, nick: &str, channel: &str) -> Vec<String> {
+        let prefix = format!(":{nick}!");
+        let marker = format!(" PRIVMSG {channel} :");
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.split_once(&marker).map(|(_, text)| text.to_string()))
+            .collect()
+    }
+
+    /// Whether `nick` is in the channel: seen joining, or listed when the watcher joined.
+    fn saw_join(&self, nick: &str, channel: &str) -> bool {
+        let prefix = format!(":{nick}!");
+        self.lines.lock().expect("lock").iter().any(|l| {
+            let joined = l.starts_with(&prefix)
+                && (l.ends_with(&format!("JOIN :{channel}")) || l.ends_with(&format!("JOIN {channel}")));
+            let listed = l.contains(&format!(" 353 "))
+                && l.contains(channel)
+                && l.rsplit(':')
+                    .next()
+                    .is_some_and(|names| names.split(' ').any(|n| n.trim_start_matches(['@', '+']) == nick));
+            joined || listed
+        })
+    }
+}
+
+fn build(bed: &Bed, content: &str, message: &str) -> Value {
+    bed.git(&["checkout", "-q", "main"]);
+    std::fs::write(bed.repo.join("a.txt"), content).expect("write");
+    bed.git(&["add", "a.txt"]);
+    bed.git(&["commit", "-q", "-m", message]);
+    let rev = bed.git(&["rev-parse", "HEAD"]);
+    bed.wait(&format!("the build of {message:?}"), || {
+        bed.builds()
+            .into_iter()
+            .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
+    })
+}
+
+/// Waits until no delivery is pending (so a message that should not exist had its chance).
+fn settled(bed: &Bed) {
+    bed.wait("deliveries settled", || {
+        let planned = bed.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
+        let pending = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
+        planned.and(pending)
+    });
+}
+
+#[test]
+fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
+    let port = free_port();
+    let ircd = Ircd::start(port);
+    let watcher = Watcher::join(port, "#ci");
+    let mut bed = Bed::new(&[]);
+    bed.config(
+        "",
+        &format!(
+            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
+             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+             [[notifier]]\nkind = \"irc\"\nserver = \"127.0.0.1:{port}\"\ntls = false\nchannel = \"#ci\"\nnick = \"paddock\"\n"
+        ),
+    );
+    bed.start(&["main"]);
+    bed.wait("the bot to join #ci", || watcher.saw_join("paddock", "#ci").then_some(()));
+
+    let ok = build(&bed, "fine\n", "first");
+    assert_eq!(ok["state"], "success");
+    let broken = build(&bed, "broken\n", "break it");
+    bed.wait("the failure told", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
+    let still = build(&bed, "still broken\n", "still broken");
+    assert_eq!(still["state"], "failure");
+    settled(&bed);
+    assert_eq!(watcher.said("paddock", "#ci").len(), 1, "a second failure is no news");
+    let fixed = build(&bed, "all good\n", "fix it");
+    bed.wait("the fix told", || (watcher.said("paddock", "#ci").len() == 2).then_some(()));
+    settled(&bed);
+    let said = watcher.said("paddock", "#ci");
+    let url = |b: &Value| format!("{}/builds/{}", bed.url(), b["id"]);
+    let short = |b: &Value| b["revision"].as_str().unwrap_or("")[..10].to_string();
+    assert_eq!(
+        said,
+        [
+            format!(
+                "b on main is now failure (was success) at {} by Ada Tester <ada@example.com>: {}",
+                short(&broken),
+                url(&broken)
+            ),
+            format!(
+                "b on main is now success (was failure) at {} by Ada Tester <ada@example.com>: {}",
+                short(&fixed),
+                url(&fixed)
+            ),
+        ]
+    );
+
+    // The server goes away and comes back: the bot joins again and speaks.
+    ircd.stop();
+    let ircd = Ircd::start(port);
+    let watcher = Watcher::join(port, "#ci");
+    bed.wait("the bot to join #ci again", || watcher.saw_join("paddock", "#ci").then_some(()));
+    let again = build(&bed, "broken again\n", "break it again");
+    bed.wait("the failure told after the restart", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
+    assert!(watcher.said("paddock", "#ci")[0].contains(&url(&again)));
+    assert_eq!(ircd.port, port);
+}
