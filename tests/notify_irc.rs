@@ -111,7 +111,7 @@ impl Watcher {
         self.lines.lock().expect("lock").iter().any(|l| {
             let joined = l.starts_with(&prefix)
                 && (l.ends_with(&format!("JOIN :{channel}")) || l.ends_with(&format!("JOIN {channel}")));
-            let listed = l.contains(&format!(" 353 "))
+            let listed = l.contains(" 353 ")
                 && l.contains(channel)
                 && l.rsplit(':')
                     .next()
