@@ -741,6 +741,22 @@ fn notifiers_are_checked_where_they_are_written() {
         }
     );
     assert_eq!(irc.notifiers[0].events, vec![config::NotifyOn::Transition]);
+    let mail = |rest: &str| n(&format!("kind = \"email\"\nsmtp = \"mail.example\"\n{rest}"));
+    assert_err(&mail("from = \"Paddock\"\nto = [\"a@example.com\"]\n"), 11, 8, "not an email address");
+    assert_err(&mail("from = \"ci@example.com\"\nto = [\"dev list\"]\n"), 12, 7, "not an email address");
+    assert_err(&mail("from = \"ci@example.com\"\ncommitters = false\n"), 8, 1, "mails nobody");
+    assert_err(&mail("from = \"ci@example.com\"\nsecurity = \"ssl\"\n"), 12, 12, "\"starttls\", \"tls\" or \"none\"");
+    assert_err(
+        &mail("from = \"ci@example.com\"\nchannel = \"#x\"\n"),
+        12,
+        1,
+        "not a setting of `kind = \"email\"` notifiers",
+    );
+    let m = parse(&format!("{BASE}{BUILDER}\n[[notifier]]\nkind = \"email\"\nsmtp = \"mail.example\"\nsecurity = \"tls\"\nfrom = \"CI <ci@example.com>\"\n")).expect("valid");
+    assert!(matches!(
+        &m.notifiers[0].kind,
+        config::NotifierKind::Email { port: 465, security: config::SmtpSecurity::Tls, committers: true, .. }
+    ));
     let gh = parse(&format!("{BASE}{BUILDER}\n[[notifier]]\nkind = \"github\"\ntoken_env = \"T\"\n")).expect("valid");
     assert_eq!(
         gh.notifiers[0].kind,

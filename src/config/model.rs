@@ -165,6 +165,23 @@ pub enum NotifierKind {
         /// How the password is used: SASL (default) or NickServ.
         auth: crate::notify::irc::IrcAuth,
     },
+    /// Mail over SMTP to the build's committers and fixed lists.
+    Email {
+        host: String,
+        port: u16,
+        security: SmtpSecurity,
+        /// `Name <address>` or an address.
+        from: String,
+        /// Addresses always mailed.
+        to: Vec<String>,
+        /// Also mail the authors of the build's changes. Default true.
+        committers: bool,
+        /// SMTP login, with the password in `password_env`.
+        username: Option<String>,
+        password_env: Option<String>,
+        /// Subject template; default `{builder} on {branch}: {result}`.
+        subject: String,
+    },
     /// GitHub commit statuses: pending when a build starts, then success, failure or error.
     GitHub {
         /// API base, default `https://api.github.com` (GitHub Enterprise: `https://HOST/api/v3`).
@@ -176,6 +193,17 @@ pub enum NotifierKind {
         /// The status's context, a template; default `paddock/{builder}`.
         context: String,
     },
+}
+
+/// How the SMTP connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// STARTTLS (port 587 by default).
+    StartTls,
+    /// TLS from the first byte (port 465 by default).
+    Tls,
+    /// Plain text (port 25 by default; for a relay on the same host or network).
+    None,
 }
 
 /// The events a notifier can speak on.

@@ -37,6 +37,13 @@ const NOTIFIER_KEYS: &[&str] = &[
     "channel",
     "password_env",
     "auth",
+    "smtp",
+    "security",
+    "from",
+    "to",
+    "committers",
+    "username",
+    "subject",
 ];
 const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
@@ -691,23 +698,88 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
             };
             NotifierKind::Irc { host, port, tls, nick, channel: channel.v, password_env, auth }
         }
+        "email" => {
+            let security = match f.opt_str("security")? {
+                None => SmtpSecurity::StartTls,
+                Some(v) if v.v == "starttls" => SmtpSecurity::StartTls,
+                Some(v) if v.v == "tls" => SmtpSecurity::Tls,
+                Some(v) if v.v == "none" => SmtpSecurity::None,
+                Some(v) => return Err(Diag::new(v.span, "`security` is \"starttls\", \"tls\" or \"none\"")),
+            };
+            let smtp = f.req_nonempty("smtp", "\"smtp.example.com:587\"")?;
+            let default_port = match security {
+                SmtpSecurity::StartTls => 587,
+                SmtpSecurity::Tls => 465,
+                SmtpSecurity::None => 25,
+            };
+            let (host, port) = match smtp.v.rsplit_once(':') {
+                Some((h, p)) => match p.parse::<u16>() {
+                    Ok(p) if p > 0 && !h.is_empty() => (h.to_string(), p),
+                    _ => return Err(Diag::new(smtp.span, "`smtp` is `host` or `host:port`")),
+                },
+                None => (smtp.v.clone(), default_port),
+            };
+            let address = |s: &Sp<String>, key: &str| -> Result<(), Diag> {
+                if crate::notify::email::address_of(&s.v).is_some() {
+                    Ok(())
+                } else {
+                    Err(Diag::new(s.span.clone(), format!("`{key}` has {:?}, which is not an email address", s.v)))
+                }
+            };
+            let from = f.req_nonempty("from", "\"Paddock <ci@example.com>\"")?;
+            address(&from, "from")?;
+            let to = f.opt_str_array("to")?.unwrap_or_default();
+            for t in &to {
+                address(t, "to")?;
+            }
+            let committers = f.opt_bool("committers")?.unwrap_or(true);
+            if to.is_empty() && !committers {
+                return Err(Diag::new(f.span.clone(), "this email notifier mails nobody")
+                    .hint("list addresses in `to`, or leave `committers` on"));
+            }
+            let username = f.opt_str("username")?.map(|u| u.v).filter(|u| !u.is_empty());
+            let password_env = f.opt_str("password_env")?.map(|p| p.v).filter(|p| !p.trim().is_empty());
+            let subject = match f.opt_str("subject")? {
+                Some(t) => {
+                    template::check_fields(&t, crate::notify::FIELDS, text)?;
+                    t.v
+                }
+                None => "{builder} on {branch}: {result}".to_string(),
+            };
+            NotifierKind::Email {
+                host,
+                port,
+                security,
+                from: from.v,
+                to: to.into_iter().map(|t| t.v).collect(),
+                committers,
+                username,
+                password_env,
+                subject,
+            }
+        }
         other => {
             return Err(Diag::new(kind_s.span.clone(), format!("unknown notifier kind \"{other}\""))
-                .hint("known kinds: webhook, github, irc"))
+                .hint("known kinds: webhook, github, irc, email"))
         }
     };
     let default_events = match kind {
         NotifierKind::GitHub { .. } => vec![NotifyOn::Started, NotifyOn::Finished],
-        NotifierKind::Irc { .. } => vec![NotifyOn::Transition],
+        NotifierKind::Irc { .. } | NotifierKind::Email { .. } => vec![NotifyOn::Transition],
         NotifierKind::Webhook { .. } => vec![NotifyOn::Finished],
     };
     // Keys of the other kinds are mistakes, not silently ignored settings.
-    const IRC: &[&str] = &["server", "tls", "nick", "channel", "password_env", "auth"];
-    let foreign: Vec<&str> = match kind {
-        NotifierKind::Webhook { .. } => [&["api_url", "token_env", "repository", "context"][..], IRC].concat(),
-        NotifierKind::GitHub { .. } => [&["url", "secret_env"][..], IRC].concat(),
-        NotifierKind::Irc { .. } => vec!["url", "secret_env", "api_url", "token_env", "repository", "context"],
+    let own: &[&str] = match kind {
+        NotifierKind::Webhook { .. } => &["url", "secret_env"],
+        NotifierKind::GitHub { .. } => &["api_url", "token_env", "repository", "context"],
+        NotifierKind::Irc { .. } => &["server", "tls", "nick", "channel", "password_env", "auth"],
+        NotifierKind::Email { .. } => {
+            &["smtp", "security", "from", "to", "committers", "username", "password_env", "subject"]
+        }
     };
+    let common = ["kind", "name", "events", "builders", "branches", "template"];
+    let foreign: Vec<&str> =
+        NOTIFIER_KEYS.iter().copied().filter(|k| !own.contains(k) && !common.contains(k)).collect();
     for key in foreign {
         if let Some(e) = f.get(key) {
             return Err(Diag::new(

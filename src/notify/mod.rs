@@ -6,6 +6,7 @@
 //! master's loop, so a notifier that is down never holds a build up. Deciding what to say is
 //! pure ([`plan`]); sending is the adapters' job ([`webhook`]).
 
+pub mod email;
 pub mod github;
 pub mod irc;
 pub mod webhook;
@@ -33,6 +34,7 @@ pub const FIELDS: &[&str] = &[
     "committers",
     "reason",
     "failing_step",
+    "log_tail",
     "url",
 ];
 
@@ -45,6 +47,16 @@ pub fn default_template(event: NotifyOn) -> &'static str {
             "{builder} on {branch} is now {result} (was {previous}) at {short_revision} by {committer}: {url}"
         }
     }
+}
+
+/// The default body of an email (its first line is the event's default message).
+pub fn default_email(event: NotifyOn) -> String {
+    format!(
+        "{}\n\nBuilder: {{builder}}\nBranch: {{branch}}\nRevision: {{revision}}\nCommitters: {{committers}}\n\
+         Result: {{result}} (previous: {{previous}})\nFailing step: {{failing_step}}\nBuild: {{url}}\n\n\
+         The end of the log:\n{{log_tail}}\n",
+        default_template(event)
+    )
 }
 
 /// Whether a build's result is news: passing after failing, failing after passing, or a first
@@ -70,6 +82,8 @@ pub struct Facts {
     pub failing_step: Option<String>,
     /// The build's page.
     pub url: String,
+    /// The last lines of the build's log (for mail; empty when no notifier needs it).
+    pub log_tail: String,
 }
 
 impl Facts {
@@ -93,6 +107,7 @@ impl Facts {
         put("reason", b.reason.clone());
         put("failing_step", self.failing_step.clone().unwrap_or_default());
         put("url", self.url.clone());
+        put("log_tail", self.log_tail.clone());
         f
     }
 }
@@ -131,10 +146,22 @@ pub fn plan(notifiers: &[Notifier], kind: &str, facts: &Facts) -> Vec<NewDeliver
         }
         for &event in events.iter().filter(|e| n.events.contains(e)) {
             let fields = facts.fields(event);
-            let text = render(n.template.as_deref().unwrap_or(default_template(event)), &fields);
+            let default = match n.kind {
+                crate::config::NotifierKind::Email { .. } => default_email(event),
+                _ => default_template(event).to_string(),
+            };
+            let text = render(n.template.as_deref().unwrap_or(&default), &fields);
             let mut body = payload(n, event, facts, &text);
-            if let crate::config::NotifierKind::GitHub { context, .. } = &n.kind {
-                body["context"] = render(context, &fields).into();
+            match &n.kind {
+                crate::config::NotifierKind::GitHub { context, .. } => {
+                    body["context"] = render(context, &fields).into()
+                }
+                crate::config::NotifierKind::Email { subject, to, committers, .. } => {
+                    body["subject"] = render(subject, &fields).into();
+                    let committers = committers.then_some(facts.committers.as_slice());
+                    body["recipients"] = email::recipients(to, committers).into();
+                }
+                _ => {}
             }
             out.push(NewDelivery {
                 notifier: n.name.clone(),
@@ -202,6 +229,7 @@ mod tests {
             committers: vec!["Ada Tester <ada@example.com>".into(), "Bob <bob@example.com>".into()],
             failing_step: (state == "failure").then(|| "pytest".to_string()),
             url: "http://ci.example.com/builds/42".into(),
+            log_tail: "collected 3 items\nFAILED test_x\n".into(),
         }
     }
 

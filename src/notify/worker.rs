@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{github, irc, plan, webhook, Facts};
+use super::{email, github, irc, plan, webhook, Facts};
 use crate::config::{Config, Notifier, NotifierKind};
 use crate::core::Ts;
 use crate::runtime::Shared;
@@ -56,10 +56,9 @@ impl Notifiers {
             let (var, key) = match &n.kind {
                 NotifierKind::Webhook { secret_env: Some(var), .. } => (var, "secret_env"),
                 NotifierKind::GitHub { token_env, .. } => (token_env, "token_env"),
-                NotifierKind::Irc { password_env: Some(var), .. } => (var, "password_env"),
-                NotifierKind::Webhook { secret_env: None, .. } | NotifierKind::Irc { password_env: None, .. } => {
-                    continue
-                }
+                NotifierKind::Irc { password_env: Some(var), .. }
+                | NotifierKind::Email { password_env: Some(var), .. } => (var, "password_env"),
+                _ => continue,
             };
             match std::env::var(var) {
                 Ok(v) if !v.is_empty() => {
@@ -142,13 +141,29 @@ pub async fn plan_pending(shared: &Shared, notifiers: &Notifiers) -> Result<usiz
                     .find(|s| matches!(s.state.as_str(), "failure" | "timeout" | "exception"))
                     .map(|s| s.name);
                 let url = format!("{}/builds/{}", shared.url.trim_end_matches('/'), build.id);
-                plan(&notifiers.list, &ev.kind, &Facts { build, previous, committers, failing_step, url })
+                let mails = notifiers.list.iter().any(|n| matches!(n.kind, NotifierKind::Email { .. }));
+                let log_tail = match (mails, ev.kind.as_str()) {
+                    (true, "finished") => log_tail(shared, build.id).await?,
+                    _ => String::new(),
+                };
+                plan(&notifiers.list, &ev.kind, &Facts { build, previous, committers, failing_step, url, log_tail })
             }
             _ => Vec::new(),
         };
         store.plan_deliveries(ev.id, &deliveries, shared.now()).await?;
     }
     Ok(events.len())
+}
+
+/// Lines of the log a mail ends with.
+const MAIL_LOG_LINES: usize = 40;
+
+/// The last lines of a build's log (at most 8 KiB).
+async fn log_tail(shared: &Shared, build: i64) -> Result<String, StoreError> {
+    let (chunks, _) = shared.store.log_tail(build, 8 * 1024).await?;
+    let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
+    let lines: Vec<&str> = text.lines().collect();
+    Ok(lines[lines.len().saturating_sub(MAIL_LOG_LINES)..].join("\n"))
 }
 
 /// Sends the deliveries due now; returns how many it tried.
@@ -184,6 +199,20 @@ async fn deliver(
                 )));
             };
             github::send(http, api_url, secret.unwrap_or_default(), &slug, &payload).await
+        }
+        NotifierKind::Email { host, port, security, from, username, .. } => {
+            let payload: serde_json::Value = serde_json::from_str(&d.payload)
+                .map_err(|e| webhook::SendError::Refused(format!("unreadable stored message: {e}")))?;
+            let to: Vec<String> = payload["recipients"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            let smtp =
+                email::Smtp { host, port: *port, security: *security, username: username.as_deref(), password: secret };
+            let subject = payload["subject"].as_str().unwrap_or_default();
+            email::send(&smtp, from, &to, subject, payload["text"].as_str().unwrap_or_default()).await
         }
         NotifierKind::Irc { .. } => {
             let bot = notifiers.bots.lock().ok().and_then(|b| b.get(&n.name).cloned());

@@ -1,0 +1,96 @@
+//! Email over SMTP: a message per delivery to the build's committers and the configured lists,
+//! with the failing step and the end of the log.
+
+use lettre::message::Mailbox;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+use super::webhook::{SendError, TIMEOUT};
+use crate::config::SmtpSecurity;
+
+/// The address in `Name <address>` or a bare address, if it looks like one.
+pub fn address_of(s: &str) -> Option<String> {
+    let addr = match s.rsplit_once('<') {
+        Some((_, rest)) => rest.strip_suffix('>')?,
+        None => s,
+    }
+    .trim();
+    let (user, domain) = addr.split_once('@')?;
+    let ok = !user.is_empty()
+        && !domain.is_empty()
+        && !domain.starts_with('.')
+        && !addr.contains(char::is_whitespace)
+        && !domain.contains('@');
+    ok.then(|| addr.to_string())
+}
+
+/// Everyone a message goes to: the fixed list, then the committers (when wanted), each once.
+pub fn recipients(to: &[String], committers: Option<&[String]>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for a in to.iter().chain(committers.unwrap_or_default()).filter_map(|s| address_of(s)) {
+        if !out.iter().any(|o| o.eq_ignore_ascii_case(&a)) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// Where and how to send.
+#[derive(Debug, Clone)]
+pub struct Smtp<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+}
+
+/// Sends one message.
+pub async fn send(smtp: &Smtp<'_>, from: &str, to: &[String], subject: &str, body: &str) -> Result<(), SendError> {
+    if to.is_empty() {
+        return Err(SendError::Refused("nobody to mail: no list and no committer address".into()));
+    }
+    let refused = |what: &str, e: &dyn std::fmt::Display| SendError::Refused(format!("{what}: {e}"));
+    let mut msg = Message::builder()
+        .from(from.parse::<Mailbox>().map_err(|e| refused("bad sender", &e))?)
+        .subject(subject.lines().next().unwrap_or_default());
+    for t in to {
+        msg = msg.to(t.parse::<Mailbox>().map_err(|e| refused("bad recipient", &e))?);
+    }
+    let msg = msg.body(body.to_string()).map_err(|e| refused("cannot build the message", &e))?;
+    let tls = |host: &str| TlsParameters::new(host.to_string()).map_err(|e| refused("TLS settings", &e));
+    let mut transport =
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host).port(smtp.port).timeout(Some(TIMEOUT));
+    transport = match smtp.security {
+        SmtpSecurity::None => transport.tls(Tls::None),
+        SmtpSecurity::StartTls => transport.tls(Tls::Required(tls(smtp.host)?)),
+        SmtpSecurity::Tls => transport.tls(Tls::Wrapper(tls(smtp.host)?)),
+    };
+    if let (Some(user), Some(pass)) = (smtp.username, smtp.password) {
+        transport =
+            transport.credentials(Credentials::new(user.to_string(), String::from_utf8_lossy(pass).to_string()));
+    }
+    match transport.build().send(msg).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_permanent() => Err(SendError::Refused(format!("the SMTP server refused the mail: {e}"))),
+        Err(e) => Err(SendError::Retry(format!("cannot send the mail: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_recipients() {
+        assert_eq!(address_of("Ada Tester <ada@example.com>").as_deref(), Some("ada@example.com"));
+        assert_eq!(address_of("ci@example.com").as_deref(), Some("ci@example.com"));
+        for bad in ["Ada Tester", "ada@", "@example.com", "a b@example.com", "<ada@example.com", "x@@y"] {
+            assert_eq!(address_of(bad), None, "{bad}");
+        }
+        let committers = ["Ada <ada@example.com>".to_string(), "no address".to_string(), "ADA@example.com".to_string()];
+        assert_eq!(recipients(&["dev@example.com".into()], Some(&committers)), ["dev@example.com", "ada@example.com"]);
+        assert_eq!(recipients(&["dev@example.com".into()], None), ["dev@example.com"]);
+    }
+}

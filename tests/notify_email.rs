@@ -1,0 +1,134 @@
+//! Mail against a real SMTP server on loopback (aiosmtpd from the test venv, storing what it
+//! receives in a maildir): a build that breaks mails its committer and the list, with the
+//! failing step and the end of the log; the fix mails again; a second failure mails nobody.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, Bed, DEADLINE};
+use serde_json::Value;
+
+/// aiosmtpd on 127.0.0.1:`port`, writing each message to `maildir/new`.
+struct SmtpServer {
+    child: Child,
+    maildir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmtpServer {
+    fn start() -> (SmtpServer, u16) {
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: run .ci/test once, which makes the venv with aiosmtpd (.ci/requirements.txt)",
+            python.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let maildir = dir.path().join("mail");
+        let port = free_port();
+        let child = Command::new(&python)
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < DEADLINE, "aiosmtpd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (SmtpServer { child, maildir, _dir: dir }, port)
+    }
+
+    /// Every message received, oldest first.
+    fn messages(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.maildir.join("new")) else { return Vec::new() };
+        let mut files: Vec<(std::time::SystemTime, String, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .map(|e| {
+                let at = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                (at, e.file_name().to_string_lossy().to_string(), e.path())
+            })
+            .collect();
+        files.sort();
+        files.into_iter().filter_map(|(_, _, p)| std::fs::read_to_string(p).ok()).collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn header<'a>(mail: &'a str, name: &str) -> Option<&'a str> {
+    mail.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")))
+}
+
+fn build(bed: &Bed, content: &str, message: &str) -> Value {
+    bed.git(&["checkout", "-q", "main"]);
+    std::fs::write(bed.repo.join("a.txt"), content).expect("write");
+    bed.git(&["add", "a.txt"]);
+    bed.git(&["commit", "-q", "-m", message]);
+    let rev = bed.git(&["rev-parse", "HEAD"]);
+    bed.wait(&format!("the build of {message:?}"), || {
+        bed.builds()
+            .into_iter()
+            .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
+    })
+}
+
+#[test]
+fn a_transition_mails_the_committers_and_the_list_with_the_failing_step_and_the_log() {
+    let (smtp, port) = SmtpServer::start();
+    let mut bed = Bed::new(&[]);
+    bed.config(
+        "",
+        &format!(
+            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
+             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\n\
+             steps = [\"echo collecting; echo 'FAILED test_widget'\", {{ name = \"tests\", run = \"! grep -q broken a.txt\" }}]\n\n\
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+             [[notifier]]\nkind = \"email\"\nsmtp = \"127.0.0.1:{port}\"\nsecurity = \"none\"\n\
+             from = \"Paddock CI <ci@paddock.test>\"\nto = [\"dev-list@paddock.test\"]\n"
+        ),
+    );
+    bed.start(&["main"]);
+    build(&bed, "fine\n", "first");
+    let broken = build(&bed, "broken\n", "break it");
+    let mails = bed.wait("the failure's mail", || Some(smtp.messages()).filter(|m| m.len() == 1));
+    let mail = &mails[0];
+    assert_eq!(header(mail, "X-RcptTo"), Some("dev-list@paddock.test, ada@example.com"), "{mail}");
+    assert_eq!(header(mail, "X-MailFrom"), Some("ci@paddock.test"));
+    assert_eq!(header(mail, "Subject"), Some("b on main: failure"));
+    let url = format!("{}/builds/{}", bed.url(), broken["id"]);
+    for expected in [
+        format!("b on main is now failure (was success) at {}", &broken["revision"].as_str().unwrap_or("")[..10]),
+        "Failing step: tests".to_string(),
+        format!("Build: {url}"),
+        "Committers: Ada Tester <ada@example.com>".to_string(),
+        "The end of the log:".to_string(),
+        "FAILED test_widget".to_string(),
+    ] {
+        assert!(mail.contains(&expected), "{expected:?} in\n{mail}");
+    }
+
+    // Still failing: no mail. Fixed: one more.
+    build(&bed, "still broken\n", "still broken");
+    build(&bed, "all good\n", "fix it");
+    let mails = bed.wait("the fix's mail", || Some(smtp.messages()).filter(|m| m.len() >= 2));
+    bed.wait("deliveries settled", || {
+        let pending = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
+        let unplanned = bed.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
+        pending.and(unplanned)
+    });
+    assert_eq!(smtp.messages().len(), 2, "a second failure mails nobody");
+    assert_eq!(header(&mails[1], "Subject"), Some("b on main: success"));
+    assert!(mails[1].contains("is now success (was failure)"), "{}", mails[1]);
+}
