@@ -293,6 +293,101 @@ mod tests {
         assert_eq!(m.command, "433");
     }
 
+    /// A scripted server for the password exchanges (ngircd has neither SASL nor NickServ):
+    /// reads what the bot sends and answers as a server with services would.
+    async fn scripted(auth: IrcAuth) -> Vec<String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let settings = IrcSettings {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            nick: "paddock".into(),
+            channel: "#ci".into(),
+            auth,
+        };
+        let bot = IrcBot::start(settings, Some("s3cret".into()));
+        let (sock, _) = listener.accept().await.expect("accept");
+        let (read, mut write) = tokio::io::split(sock);
+        let mut lines = BufReader::new(read).lines();
+        let mut seen = Vec::new();
+        let mut negotiating = false;
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push(line.clone());
+            // As a real server: registration waits for CAP END once capabilities are asked for.
+            let reply = match line.as_str() {
+                "CAP REQ :sasl" => {
+                    negotiating = true;
+                    ":srv CAP * ACK :sasl\r\n".to_string()
+                }
+                "AUTHENTICATE PLAIN" => "AUTHENTICATE +\r\n".to_string(),
+                l if l.starts_with("AUTHENTICATE ") => ":srv 903 paddock :SASL authentication successful\r\n".into(),
+                "CAP END" => ":srv 001 paddock :Welcome\r\n".into(),
+                l if l.starts_with("USER ") && !negotiating => ":srv 001 paddock :Welcome\r\n".into(),
+                "JOIN #ci" => ":paddock!~p@127.0.0.1 JOIN :#ci\r\n".into(),
+                _ => String::new(),
+            };
+            write.write_all(reply.as_bytes()).await.expect("reply");
+            if line == "JOIN #ci" {
+                break;
+            }
+        }
+        // Joined (once the bot has read the JOIN): a message goes out.
+        let said = tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match bot.say("hello\nworld").await {
+                    Ok(()) => return true,
+                    Err(_) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(_) => return false,
+                }
+            }
+        });
+        for _ in 0..2 {
+            if let Ok(Some(line)) = lines.next_line().await {
+                seen.push(line);
+            }
+        }
+        assert!(said.await.expect("join"), "the bot spoke once joined");
+        seen
+    }
+
+    #[tokio::test]
+    async fn sasl_plain_then_join_then_speak() {
+        let seen = scripted(IrcAuth::Sasl).await;
+        let blob = base64::engine::general_purpose::STANDARD.encode("paddock\0paddock\0s3cret");
+        let expected = [
+            "CAP REQ :sasl".to_string(),
+            "NICK paddock".into(),
+            "USER paddock 0 * :Paddock CI".into(),
+            "AUTHENTICATE PLAIN".into(),
+            format!("AUTHENTICATE {blob}"),
+            "CAP END".into(),
+            "JOIN #ci".into(),
+            "PRIVMSG #ci :hello".into(),
+            "PRIVMSG #ci :world".into(),
+        ];
+        assert_eq!(seen, expected);
+    }
+
+    #[tokio::test]
+    async fn nickserv_identify_before_joining() {
+        let seen = scripted(IrcAuth::NickServ).await;
+        assert_eq!(
+            seen,
+            [
+                "NICK paddock",
+                "USER paddock 0 * :Paddock CI",
+                "PRIVMSG NickServ :IDENTIFY s3cret",
+                "JOIN #ci",
+                "PRIVMSG #ci :hello",
+                "PRIVMSG #ci :world"
+            ]
+        );
+    }
+
     #[test]
     fn clips_at_characters_and_drops_controls() {
         assert_eq!(clip("a\rb\u{7}c"), "abc");

@@ -278,6 +278,45 @@ mod tests {
         assert_eq!(texts(&plan(&all, "finished", &facts("success", Some("success")))).len(), 1, "no news");
     }
 
+    /// The default mail, as it reads.
+    #[test]
+    fn default_mail() {
+        let mail = Notifier {
+            kind: crate::config::NotifierKind::Email {
+                host: "mail".into(),
+                port: 25,
+                security: crate::config::SmtpSecurity::None,
+                from: "ci@example.com".into(),
+                to: vec!["dev@example.com".into()],
+                committers: true,
+                username: None,
+                password_env: None,
+                subject: "{builder} on {branch}: {result}".into(),
+            },
+            ..notifier(&[NotifyOn::Transition], None)
+        };
+        let d = plan(&[mail], "finished", &facts("failure", Some("success")));
+        let v: serde_json::Value = serde_json::from_str(&d[0].payload).unwrap_or_default();
+        assert_eq!(v["subject"], "py3.12-sqlite on main: failure");
+        assert_eq!(v["recipients"], json!(["dev@example.com", "ada@example.com", "bob@example.com"]));
+        assert_eq!(
+            v["text"],
+            "py3.12-sqlite on main is now failure (was success) at 0123456789 by Ada Tester <ada@example.com>: http://ci.example.com/builds/42\n\
+             \n\
+             Builder: py3.12-sqlite\n\
+             Branch: main\n\
+             Revision: 0123456789abcdef0123456789abcdef01234567\n\
+             Committers: Ada Tester <ada@example.com>, Bob <bob@example.com>\n\
+             Result: failure (previous: success)\n\
+             Failing step: pytest\n\
+             Build: http://ci.example.com/builds/42\n\
+             \n\
+             The end of the log:\n\
+             collected 3 items\n\
+             FAILED test_x\n\n"
+        );
+    }
+
     #[test]
     fn templates_filters_and_payload() {
         let custom = notifier(
