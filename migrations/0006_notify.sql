@@ -1,7 +1,9 @@
 -- Notifications. A build's start and end are written to an outbox in the same transaction as
 -- the state change; a worker turns each outbox row into one delivery per interested notifier
 -- (deduplicated by key) and marks the row done, in one transaction; another worker sends the
--- deliveries, retrying with backoff. A restart loses nothing and sends nothing twice.
+-- deliveries, retrying with backoff. A restart loses nothing; each message is made once (one
+-- delivery per notifier, build and event) and sent at least once (a crash between a send and its
+-- record sends it again; webhook receivers can drop repeats by the delivery id).
 CREATE TABLE build_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     build_id INTEGER NOT NULL REFERENCES builds (id),

@@ -779,6 +779,14 @@ fn notifiers_are_checked_where_they_are_written() {
     assert_eq!(n.builders, vec!["u*".to_string()]);
 }
 
+#[test]
+fn an_smtp_password_is_never_sent_in_clear() {
+    let text = format!(
+        "{BASE}\n[[notifier]]\nkind = \"email\"\nsmtp = \"mail.example\"\nfrom = \"ci@example.com\"\nsecurity = \"none\"\nusername = \"ci\"\npassword_env = \"P\"\n"
+    );
+    assert_err(&text, 14, 16, "in clear");
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;

@@ -116,7 +116,7 @@ fn transitions_are_told_once_and_every_build_is_signed_and_in_order() {
     let receiver = Receiver::start();
     let mut bed = Bed::new(&[]);
     bed.config("", &config(receiver.port));
-    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET)]);
+    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET), ("PADDOCK_NOTIFY_RETRY_MS", "200")]);
 
     let ok = build(&bed, "fine\n", "first");
     let broken = build(&bed, "broken\n", "break it");
@@ -126,8 +126,15 @@ fn transitions_are_told_once_and_every_build_is_signed_and_in_order() {
     assert_eq!(states, ["success", "failure", "failure", "success"]);
     let ids: Vec<i64> = [&ok, &broken, &still, &fixed].iter().map(|b| b["id"].as_i64().expect("id")).collect();
 
+    // Everything planned and sent before counting, so a late extra would be seen.
+    bed.wait("two transitions told", || Some(receiver.all("/news")).filter(|n| n.len() >= 2));
+    bed.wait("deliveries settled", || {
+        let unplanned = bed.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
+        let pending = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
+        unplanned.and(pending)
+    });
     // The transitions notifier: passing → failing, then failing → passing; nothing else.
-    let news = bed.wait("two transitions told", || Some(receiver.all("/news")).filter(|n| n.len() >= 2));
+    let news = receiver.all("/news");
     let texts: Vec<String> = news.iter().map(|r| r.json()["text"].as_str().unwrap_or("").to_string()).collect();
     let url = |id: i64| format!("{}/builds/{id}", bed.url());
     assert_eq!(
@@ -140,7 +147,8 @@ fn transitions_are_told_once_and_every_build_is_signed_and_in_order() {
     assert!(news.iter().all(|r| r.signature.is_none() && r.event == "transition"), "no secret: unsigned");
 
     // The webhook: started then finished for every build, plus the two transitions, signed.
-    let all = bed.wait("every build told", || Some(receiver.all("/all")).filter(|a| a.len() >= 10));
+    let all = receiver.all("/all");
+    assert_eq!(all.len(), 10, "started and finished for four builds, and two transitions");
     for r in &all {
         assert_eq!(r.signature.as_deref(), Some(hmac(&r.body).as_str()), "signed: {}", r.body);
         assert_eq!(r.json()["event"], r.event.as_str());
@@ -169,7 +177,7 @@ fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
     let receiver = Receiver::start();
     let mut bed = Bed::new(&[]);
     bed.config("", &config(receiver.port));
-    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET)]);
+    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET), ("PADDOCK_NOTIFY_RETRY_MS", "200")]);
     build(&bed, "fine\n", "first");
     bed.wait("the first build told", || Some(receiver.all("/all")).filter(|a| a.len() >= 2));
 
@@ -187,7 +195,7 @@ fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
     // Killed before any of them went out; the receiver comes back; the master too.
     bed.kill_master();
     receiver.down.store(false, Ordering::SeqCst);
-    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET)]);
+    bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET), ("PADDOCK_NOTIFY_RETRY_MS", "200")]);
     let news = bed.wait("the transition told after the restart", || {
         Some(receiver.all("/news")).filter(|n| n.iter().any(|r| r.json()["build"]["id"] == id))
     });

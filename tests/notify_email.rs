@@ -99,7 +99,7 @@ fn a_transition_mails_the_committers_and_the_list_with_the_failing_step_and_the_
              from = \"Paddock CI <ci@paddock.test>\"\nto = [\"dev-list@paddock.test\"]\n"
         ),
     );
-    bed.start(&["main"]);
+    bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
     build(&bed, "fine\n", "first");
     let broken = build(&bed, "broken\n", "break it");
     let mails = bed.wait("the failure's mail", || Some(smtp.messages()).filter(|m| m.len() == 1));

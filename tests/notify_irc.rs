@@ -71,12 +71,14 @@ impl Drop for Ircd {
 /// A person in the channel: every line the server sends, kept.
 struct Watcher {
     lines: Arc<Mutex<Vec<String>>>,
+    stream: TcpStream,
 }
 
 impl Watcher {
     fn join(port: u16, channel: &str) -> Watcher {
         let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let mut w = stream.try_clone().expect("clone");
+        let w_for_sync = stream.try_clone().expect("clone");
         write!(w, "NICK watcher\r\nUSER w 0 * :Watcher\r\nJOIN {channel}\r\n").expect("register");
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let keep = lines.clone();
@@ -89,7 +91,19 @@ impl Watcher {
                 keep.lock().expect("lock").push(line);
             }
         });
-        Watcher { lines }
+        let stream = w_for_sync;
+        Watcher { lines, stream }
+    }
+
+    /// Round-trips a PING through the server: whatever the server relayed before has then been
+    /// read (it handles each connection's lines in order).
+    fn sync(&self, port_stream: &mut TcpStream, token: &str) {
+        write!(port_stream, "PING :{token}\r\n").expect("ping");
+        let start = Instant::now();
+        while !self.lines.lock().expect("lock").iter().any(|l| l.contains("PONG") && l.ends_with(token)) {
+            assert!(start.elapsed() < DEADLINE, "no PONG {token}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// What `nick` said in the channel.
@@ -158,7 +172,7 @@ fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
              [[notifier]]\nkind = \"irc\"\nserver = \"127.0.0.1:{port}\"\ntls = false\nchannel = \"#ci\"\nnick = \"paddock\"\n"
         ),
     );
-    bed.start(&["main"]);
+    bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
     bed.wait("the bot to join #ci", || watcher.saw_join("paddock", "#ci").then_some(()));
 
     let ok = build(&bed, "fine\n", "first");
@@ -168,10 +182,13 @@ fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
     let still = build(&bed, "still broken\n", "still broken");
     assert_eq!(still["state"], "failure");
     settled(&bed);
+    let mut sync = watcher.stream.try_clone().expect("clone");
+    watcher.sync(&mut sync, "after-still-broken");
     assert_eq!(watcher.said("paddock", "#ci").len(), 1, "a second failure is no news");
     let fixed = build(&bed, "all good\n", "fix it");
     bed.wait("the fix told", || (watcher.said("paddock", "#ci").len() == 2).then_some(()));
     settled(&bed);
+    watcher.sync(&mut sync, "after-fix");
     let said = watcher.said("paddock", "#ci");
     let url = |b: &Value| format!("{}/builds/{}", bed.url(), b["id"]);
     let short = |b: &Value| b["revision"].as_str().unwrap_or("")[..10].to_string();

@@ -739,6 +739,11 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
             }
             let username = f.opt_str("username")?.map(|u| u.v).filter(|u| !u.is_empty());
             let password_env = f.opt_str("password_env")?.map(|p| p.v).filter(|p| !p.trim().is_empty());
+            if let (Some(_), SmtpSecurity::None) = (&password_env, security) {
+                let span = f.get("password_env").map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
+                return Err(Diag::new(span, "a password over `security = \"none\"` would cross the network in clear")
+                    .hint("use security = \"starttls\" or \"tls\""));
+            }
             let subject = match f.opt_str("subject")? {
                 Some(t) => {
                     template::check_fields(&t, crate::notify::FIELDS, text)?;

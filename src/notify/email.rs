@@ -28,7 +28,9 @@ pub fn address_of(s: &str) -> Option<String> {
 /// Everyone a message goes to: the fixed list, then the committers (when wanted), each once.
 pub fn recipients(to: &[String], committers: Option<&[String]>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for a in to.iter().chain(committers.unwrap_or_default()).filter_map(|s| address_of(s)) {
+    // An address the mailer would refuse is dropped here, so it cannot sink the whole mail.
+    let valid = |a: &String| a.parse::<Mailbox>().is_ok();
+    for a in to.iter().chain(committers.unwrap_or_default()).filter_map(|s| address_of(s)).filter(valid) {
         if !out.iter().any(|o| o.eq_ignore_ascii_case(&a)) {
             out.push(a);
         }
@@ -37,13 +39,25 @@ pub fn recipients(to: &[String], committers: Option<&[String]>) -> Vec<String> {
 }
 
 /// Where and how to send.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Smtp<'a> {
     pub host: &'a str,
     pub port: u16,
     pub security: SmtpSecurity,
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
+}
+
+impl std::fmt::Debug for Smtp<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Smtp")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .finish()
+    }
 }
 
 /// Sends one message.
@@ -89,7 +103,12 @@ mod tests {
         for bad in ["Ada Tester", "ada@", "@example.com", "a b@example.com", "<ada@example.com", "x@@y"] {
             assert_eq!(address_of(bad), None, "{bad}");
         }
-        let committers = ["Ada <ada@example.com>".to_string(), "no address".to_string(), "ADA@example.com".to_string()];
+        let committers = [
+            "Ada <ada@example.com>".to_string(),
+            "no address".to_string(),
+            "ADA@example.com".to_string(),
+            "Odd <a,b@example.com>".to_string(),
+        ];
         assert_eq!(recipients(&["dev@example.com".into()], Some(&committers)), ["dev@example.com", "ada@example.com"]);
         assert_eq!(recipients(&["dev@example.com".into()], None), ["dev@example.com"]);
     }

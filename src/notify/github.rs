@@ -3,14 +3,19 @@
 
 use super::webhook::SendError;
 
-/// `owner/name` from a GitHub remote URL (`https://github.com/o/n.git`,
-/// `git@github.com:o/n.git`, `ssh://git@host/o/n`); `None` for local paths.
-pub fn slug_of(url: &str) -> Option<String> {
+/// `owner/name` from a remote URL on `host` (`https://github.com/o/n.git`,
+/// `git@github.com:o/n.git`, `ssh://git@host/o/n`); `None` for other hosts and local paths.
+pub fn slug_of(url: &str, host: &str) -> Option<String> {
+    let on_host = |authority: &str| {
+        let h = authority.rsplit('@').next().unwrap_or(authority);
+        h.split(':').next().unwrap_or(h).eq_ignore_ascii_case(host)
+    };
     let rest = if let Some((_, r)) = url.split_once("://") {
-        r.split_once('/').map(|(_, path)| path)?
-    } else if let Some((host, path)) = url.split_once(':') {
-        // scp-like `user@host:owner/name`; a Windows-ish `C:` or a local path has no `@`.
-        host.contains('@').then_some(path)?
+        let (authority, path) = r.split_once('/')?;
+        on_host(authority).then_some(path)?
+    } else if let Some((authority, path)) = url.split_once(':') {
+        // scp-like `user@host:owner/name`; a local path has no `@`.
+        (authority.contains('@') && on_host(authority)).then_some(path)?
     } else {
         return None;
     };
@@ -18,6 +23,16 @@ pub fn slug_of(url: &str) -> Option<String> {
     match parts.as_slice() {
         [.., owner, name] => Some(format!("{owner}/{}", name.trim_end_matches(".git"))),
         _ => None,
+    }
+}
+
+/// The host whose repository URLs an API serves: github.com for api.github.com, else the
+/// API's own host (GitHub Enterprise).
+pub fn repo_host(api_url: &str) -> String {
+    let host = api_url.split_once("://").map_or(api_url, |(_, r)| r).split(['/', ':']).next().unwrap_or("");
+    match host {
+        "api.github.com" => "github.com".to_string(),
+        h => h.to_string(),
     }
 }
 
@@ -85,13 +100,22 @@ mod tests {
 
     #[test]
     fn slugs_from_remote_urls() {
-        assert_eq!(slug_of("https://github.com/acme/app.git").as_deref(), Some("acme/app"));
-        assert_eq!(slug_of("https://github.com/acme/app").as_deref(), Some("acme/app"));
-        assert_eq!(slug_of("git@github.com:acme/app.git").as_deref(), Some("acme/app"));
-        assert_eq!(slug_of("ssh://git@ghe.example.com/acme/app/").as_deref(), Some("acme/app"));
-        assert_eq!(slug_of("/srv/git/app"), None);
-        assert_eq!(slug_of("repo"), None);
-        assert_eq!(slug_of("https://github.com/"), None);
+        let gh = "github.com";
+        assert_eq!(slug_of("https://github.com/acme/app.git", gh).as_deref(), Some("acme/app"));
+        assert_eq!(slug_of("https://github.com/acme/app", gh).as_deref(), Some("acme/app"));
+        assert_eq!(slug_of("git@github.com:acme/app.git", gh).as_deref(), Some("acme/app"));
+        assert_eq!(slug_of("ssh://git@ghe.example.com/acme/app/", "ghe.example.com").as_deref(), Some("acme/app"));
+        assert_eq!(slug_of("https://gitlab.com/acme/app", gh), None, "another host");
+        assert_eq!(slug_of("file:///srv/git/app", gh), None);
+        assert_eq!(slug_of("/srv/git/app", gh), None);
+        assert_eq!(slug_of("repo", gh), None);
+        assert_eq!(slug_of("https://github.com/", gh), None);
+    }
+
+    #[test]
+    fn repository_host_of_the_api() {
+        assert_eq!(repo_host("https://api.github.com"), "github.com");
+        assert_eq!(repo_host("https://ghe.example.com/api/v3"), "ghe.example.com");
     }
 
     #[test]

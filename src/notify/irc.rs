@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use super::webhook::SendError;
@@ -131,6 +131,10 @@ async fn connect(s: &IrcSettings) -> Result<Box<dyn Stream>, String> {
 
 /// One connection: register, join, then serve messages and pings until it ends. `Ok` only
 /// when the master is stopping (the request channel closed).
+///
+/// A message is acknowledged only when the server answers a PING sent after it: lines are
+/// handled in order, so the PONG proves the server took the message (a half-open connection
+/// cannot swallow messages reported as sent). A connection silent past `IDLE_LIMIT` is dropped.
 async fn session(
     s: &IrcSettings,
     password: Option<&str>,
@@ -139,7 +143,7 @@ async fn session(
     backoff: &mut Duration,
 ) -> Result<(), String> {
     let (read, mut write) = tokio::io::split(stream);
-    let mut lines = BufReader::new(read).lines();
+    let mut reader = BufReader::new(read);
     let mut nick = s.nick.clone();
     let sasl = password.filter(|_| s.auth == IrcAuth::Sasl);
     let mut out = String::new();
@@ -149,25 +153,38 @@ async fn session(
     out.push_str(&format!("NICK {nick}\r\nUSER paddock 0 * :Paddock CI\r\n"));
     send(&mut write, &out).await?;
     let mut joined = false;
+    let mut waiting: std::collections::VecDeque<(String, oneshot::Sender<Result<(), String>>)> = Default::default();
+    let mut next_token = 0u64;
+    let mut flood = Flood::new();
+    let mut last_heard = tokio::time::Instant::now();
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = Vec::new();
     loop {
         tokio::select! {
-            line = lines.next_line() => {
-                let line = match line {
-                    Ok(Some(l)) => l,
-                    Ok(None) => return Err("the server closed the connection".into()),
-                    Err(e) => return Err(e.to_string()),
-                };
+            read = read_line(&mut reader, &mut buf) => {
+                let line = read?;
+                last_heard = tokio::time::Instant::now();
                 let msg = parse(&line);
                 match (msg.command, msg.params.as_slice()) {
                     ("PING", [token, ..]) => send(&mut write, &format!("PONG :{token}\r\n")).await?,
+                    ("PONG", [.., token]) if token.len() == 20 && token.bytes().all(|b| b.is_ascii_digit()) => {
+                        // Every message written before this PING has reached the server.
+                        while waiting.front().is_some_and(|(t, _)| t.as_str() <= *token) {
+                            if let Some((_, ack)) = waiting.pop_front() {
+                                let _ = ack.send(Ok(()));
+                            }
+                        }
+                    }
                     ("CAP", [_, sub, ..]) if sub.eq_ignore_ascii_case("ACK") => send(&mut write, "AUTHENTICATE PLAIN\r\n").await?,
                     ("CAP", [_, sub, ..]) if sub.eq_ignore_ascii_case("NAK") => {
                         tracing::warn!("the IRC server offers no SASL; continuing without it");
                         send(&mut write, "CAP END\r\n").await?;
                     }
                     ("AUTHENTICATE", ["+", ..]) => {
-                        let pass = sasl.unwrap_or_default();
-                        let blob = base64::engine::general_purpose::STANDARD.encode(format!("{nick}\0{nick}\0{pass}"));
+                        // The account is the configured nick, whatever nick this connection got.
+                        let (account, pass) = (&s.nick, sasl.unwrap_or_default());
+                        let blob = base64::engine::general_purpose::STANDARD.encode(format!("{account}\0{account}\0{pass}"));
                         send(&mut write, &format!("AUTHENTICATE {blob}\r\n")).await?;
                     }
                     ("903", _) => send(&mut write, "CAP END\r\n").await?,
@@ -175,13 +192,15 @@ async fn session(
                         send(&mut write, "CAP END\r\n").await?;
                         return Err("SASL authentication failed (check the password)".into());
                     }
-                    ("433", _) => {
+                    ("433", _) if nick.len() < s.nick.len() + 3 => {
                         // Nick in use (an old connection not yet timed out): take another.
                         nick.push('_');
                         send(&mut write, &format!("NICK {nick}\r\n")).await?;
                     }
+                    ("432" | "433", _) => return Err(format!("the server refuses the nick {nick}")),
                     ("001", _) => {
-                        if let (Some(pass), IrcAuth::NickServ) = (password, s.auth) {
+                        // Identify only as ourselves: with another nick, "NickServ" may be anyone.
+                        if let (Some(pass), IrcAuth::NickServ, true) = (password, s.auth, nick == s.nick) {
                             send(&mut write, &format!("PRIVMSG NickServ :IDENTIFY {pass}\r\n")).await?;
                         }
                         send(&mut write, &format!("JOIN {}\r\n", s.channel)).await?;
@@ -195,11 +214,30 @@ async fn session(
                         joined = false;
                         send(&mut write, &format!("JOIN {}\r\n", s.channel)).await?;
                     }
-                    ("471" | "473" | "474" | "475", _) => {
+                    ("404", _) => {
+                        // Cannot send to the channel: what was written is lost; say so.
+                        for (_, ack) in waiting.drain(..) {
+                            let _ = ack.send(Err(format!("the server would not let the bot speak in {}", s.channel)));
+                        }
+                    }
+                    ("471" | "473" | "474" | "475" | "477", _) => {
                         tracing::error!(channel = %s.channel, "the IRC server refused the join: {}", msg.params.join(" "));
                     }
                     ("ERROR", _) => return Err(format!("the server said: {}", msg.params.join(" "))),
                     _ => {}
+                }
+            }
+            _ = keepalive.tick() => {
+                if last_heard.elapsed() > IDLE_LIMIT {
+                    return Err("no word from the server; reconnecting".into());
+                }
+                if !joined {
+                    // A refused or lost join is tried again.
+                    if last_heard.elapsed() > KEEPALIVE {
+                        send(&mut write, &format!("JOIN {}\r\n", s.channel)).await?;
+                    }
+                } else {
+                    send(&mut write, "PING :keepalive\r\n").await?;
                 }
             }
             req = rx.recv() => {
@@ -207,24 +245,73 @@ async fn session(
                     let _ = send(&mut write, "QUIT :Paddock stopping\r\n").await;
                     return Ok(());
                 };
+                if ack.is_closed() {
+                    // Its sender gave up waiting: it will be retried; do not post it twice.
+                    continue;
+                }
                 if !joined {
                     let _ = ack.send(Err(format!("not in {} yet", s.channel)));
                     continue;
                 }
-                let mut out = String::new();
-                for l in text.lines().filter(|l| !l.trim().is_empty()) {
-                    out.push_str(&format!("PRIVMSG {} :{}\r\n", s.channel, clip(l)));
+                for l in text.lines().filter(|l| !l.trim().is_empty()).take(MAX_LINES) {
+                    flood.wait().await;
+                    send(&mut write, &format!("PRIVMSG {} :{}\r\n", s.channel, clip(l))).await?;
                 }
-                match send(&mut write, &out).await {
-                    Ok(()) => { let _ = ack.send(Ok(())); }
-                    Err(e) => {
-                        let _ = ack.send(Err(e.clone()));
-                        return Err(e);
-                    }
-                }
+                next_token += 1;
+                let token = format!("{next_token:020}");
+                send(&mut write, &format!("PING :{token}\r\n")).await?;
+                waiting.push_back((token, ack));
             }
         }
     }
+}
+
+/// Lines one message may post.
+const MAX_LINES: usize = 10;
+/// How often the bot checks the connection (and pings the server).
+const KEEPALIVE: Duration = Duration::from_secs(60);
+/// Silence after which the connection counts as dead.
+const IDLE_LIMIT: Duration = Duration::from_secs(150);
+
+/// Flood control: bursts of 4 lines, then one a second (servers kill floods).
+struct Flood {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Flood {
+    fn new() -> Flood {
+        Flood { tokens: 4.0, at: tokio::time::Instant::now() }
+    }
+
+    async fn wait(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64()).min(4.0);
+        self.at = now;
+        if self.tokens < 1.0 {
+            tokio::time::sleep(Duration::from_secs_f64(1.0 - self.tokens)).await;
+            self.tokens = 1.0;
+            self.at = tokio::time::Instant::now();
+        }
+        self.tokens -= 1.0;
+    }
+}
+
+/// Reads one line, as text even when it is not UTF-8 (anyone in the channel can send any
+/// bytes), at most 8 KiB of it. Safe in `select!`: bytes read before a cancellation stay in
+/// `buf` and the next call carries on from them.
+async fn read_line<R: AsyncBufReadExt + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<String, String> {
+    const LIMIT: usize = 8 * 1024;
+    while !buf.ends_with(b"\n") && buf.len() < LIMIT {
+        let room = (LIMIT - buf.len()) as u64;
+        let n = (&mut *r).take(room).read_until(b'\n', buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the server closed the connection".into());
+        }
+    }
+    let line = String::from_utf8_lossy(buf).trim_end_matches(['\r', '\n']).to_string();
+    buf.clear();
+    Ok(line)
 }
 
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, text: &str) -> Result<(), String> {
@@ -296,6 +383,13 @@ mod tests {
     /// A scripted server for the password exchanges (ngircd has neither SASL nor NickServ):
     /// reads what the bot sends and answers as a server with services would.
     async fn scripted(auth: IrcAuth) -> Vec<String> {
+        // A broken bot must fail the test, not hang it.
+        tokio::time::timeout(Duration::from_secs(60), scripted_inner(auth))
+            .await
+            .expect("the exchange finished in time")
+    }
+
+    async fn scripted_inner(auth: IrcAuth) -> Vec<String> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let settings = IrcSettings {
@@ -345,12 +439,18 @@ mod tests {
                 }
             }
         });
-        for _ in 0..2 {
-            if let Ok(Some(line)) = lines.next_line().await {
-                seen.push(line);
+        // The two lines, then the PING that asks the server to confirm them.
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(token) = line.strip_prefix("PING :") {
+                write.write_all(format!(":srv PONG srv :{token}\r\n").as_bytes()).await.expect("pong");
+                if token != "keepalive" {
+                    break;
+                }
+                continue;
             }
+            seen.push(line);
         }
-        assert!(said.await.expect("join"), "the bot spoke once joined");
+        assert!(said.await.expect("join"), "the bot spoke once joined: {seen:?}");
         seen
     }
 

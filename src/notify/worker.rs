@@ -17,10 +17,12 @@ const POLL: Duration = Duration::from_millis(300);
 /// Tries before a delivery is given up (about 3 hours in all with the backoff below).
 pub const MAX_ATTEMPTS: i64 = 14;
 
-/// The wait before try number `attempts + 1`: 5 s doubling, at most 30 min.
+/// The wait before try number `attempts + 1`: 5 s doubling, at most 30 min. (Tests shorten
+/// the first wait with `PADDOCK_NOTIFY_RETRY_MS`.)
 pub fn backoff(attempts: i64) -> Duration {
-    let secs = 5u64.saturating_mul(1u64 << attempts.clamp(0, 20));
-    Duration::from_secs(secs.min(30 * 60))
+    let first = std::env::var("PADDOCK_NOTIFY_RETRY_MS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(5_000);
+    let ms = first.saturating_mul(1u64 << attempts.clamp(0, 20));
+    Duration::from_millis(ms.min(30 * 60 * 1000))
 }
 
 /// Why the notifiers cannot start.
@@ -141,7 +143,10 @@ pub async fn plan_pending(shared: &Shared, notifiers: &Notifiers) -> Result<usiz
                     .find(|s| matches!(s.state.as_str(), "failure" | "timeout" | "exception"))
                     .map(|s| s.name);
                 let url = format!("{}/builds/{}", shared.url.trim_end_matches('/'), build.id);
-                let mails = notifiers.list.iter().any(|n| matches!(n.kind, NotifierKind::Email { .. }));
+                let mails = notifiers.list.iter().any(|n| {
+                    matches!(n.kind, NotifierKind::Email { .. })
+                        || n.template.as_deref().is_some_and(|t| t.contains("{log_tail}"))
+                });
                 let log_tail = match (mails, ev.kind.as_str()) {
                     (true, "finished") => log_tail(shared, build.id).await?,
                     _ => String::new(),
@@ -166,15 +171,29 @@ async fn log_tail(shared: &Shared, build: i64) -> Result<String, StoreError> {
     Ok(lines[lines.len().saturating_sub(MAIL_LOG_LINES)..].join("\n"))
 }
 
-/// Sends the deliveries due now; returns how many it tried.
+/// Sends the deliveries due now, each notifier's in order and the notifiers side by side (a
+/// receiver that hangs holds up only its own messages); returns how many it tried.
 pub async fn send_due(shared: &Shared, notifiers: &Notifiers, http: &reqwest::Client) -> Result<usize, StoreError> {
-    let due = shared.store.due_deliveries(shared.now(), 20).await?;
+    let due = shared.store.due_deliveries(shared.now(), 50).await?;
+    let mut by_notifier: Vec<(String, Vec<&Delivery>)> = Vec::new();
     for d in &due {
-        let outcome = match notifiers.list.iter().find(|n| n.name == d.notifier) {
-            None => Err(webhook::SendError::Refused("the notifier is no longer configured".into())),
-            Some(n) => deliver(n, notifiers, d, http).await,
-        };
-        record(shared, d, outcome).await?;
+        match by_notifier.iter_mut().find(|(n, _)| *n == d.notifier) {
+            Some((_, list)) => list.push(d),
+            None => by_notifier.push((d.notifier.clone(), vec![d])),
+        }
+    }
+    let sends = by_notifier.into_iter().map(|(name, list)| async move {
+        for d in list {
+            let outcome = match notifiers.list.iter().find(|n| n.name == name) {
+                None => Err(webhook::SendError::Refused("the notifier is no longer configured".into())),
+                Some(n) => deliver(n, notifiers, d, http).await,
+            };
+            record(shared, d, outcome).await?;
+        }
+        Ok::<(), StoreError>(())
+    });
+    for r in futures_util::future::join_all(sends).await {
+        r?;
     }
     Ok(due.len())
 }
@@ -192,10 +211,11 @@ async fn deliver(
             let payload: serde_json::Value = serde_json::from_str(&d.payload)
                 .map_err(|e| webhook::SendError::Refused(format!("unreadable stored message: {e}")))?;
             let repo = payload["build"]["repo"].as_str().unwrap_or_default();
-            let slug = repository.clone().or_else(|| notifiers.repos.get(repo).and_then(|u| github::slug_of(u)));
+            let host = github::repo_host(api_url);
+            let slug = repository.clone().or_else(|| notifiers.repos.get(repo).and_then(|u| github::slug_of(u, &host)));
             let Some(slug) = slug else {
                 return Err(webhook::SendError::Refused(format!(
-                    "repository {repo} has no GitHub owner/name in its URL; set `repository` on the notifier"
+                    "repository {repo}'s URL is not on {host}; set `repository` on the notifier"
                 )));
             };
             github::send(http, api_url, secret.unwrap_or_default(), &slug, &payload).await

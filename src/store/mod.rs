@@ -591,6 +591,8 @@ impl Store {
             insert_event(&mut *tx, machine, &now_s, "build_finished", &format!("{build} {state}")).await?;
         }
         if give_up {
+            // Its end is news like any other (a pending commit status must not stay pending).
+            notify::outbox(&mut tx, build, "finished", &now_s).await?;
             tx.commit().await?;
             return Ok(None);
         }
@@ -673,14 +675,20 @@ impl Store {
 
     /// Ends a queued attempt that can never run, as `exception` with the reason.
     pub async fn abandon_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<()> {
-        sqlx::query(
+        let now_s = ts_string(now);
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
             "UPDATE builds SET state = 'exception', reason = ?, finished_at = ? WHERE id = ? AND state = 'queued'",
         )
         .bind(reason)
-        .bind(ts_string(now))
+        .bind(&now_s)
         .bind(build)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if done.rows_affected() == 1 {
+            notify::outbox(&mut tx, build, "finished", &now_s).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

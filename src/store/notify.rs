@@ -119,13 +119,18 @@ impl Store {
         Ok(())
     }
 
-    /// Deliveries due now, oldest first; one waits while an earlier one of the same notifier
-    /// and build is still pending, so a build's messages arrive in order.
+    /// Deliveries due now, oldest first. One waits while an earlier one of the same notifier
+    /// about the same builder and branch, or the same revision, is still pending: messages
+    /// about one line of work arrive in order (a channel never reads "passing" before
+    /// "failing", a late `pending` never overwrites a newer attempt's status).
     pub async fn due_deliveries(&self, now: Ts, limit: i64) -> Result<Vec<Delivery>> {
         let rows = sqlx::query(
-            "SELECT * FROM deliveries d WHERE d.state = 'pending' AND d.next_at <= ?
-               AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.notifier = d.notifier AND e.build_id = d.build_id
-                               AND e.id < d.id AND e.state = 'pending')
+            "SELECT d.* FROM deliveries d JOIN builds b ON b.id = d.build_id
+             WHERE d.state = 'pending' AND d.next_at <= ?
+               AND NOT EXISTS (
+                 SELECT 1 FROM deliveries e JOIN builds eb ON eb.id = e.build_id
+                 WHERE e.notifier = d.notifier AND e.id < d.id AND e.state = 'pending'
+                   AND ((eb.builder = b.builder AND eb.branch = b.branch) OR (eb.repo = b.repo AND eb.revision = b.revision)))
              ORDER BY d.id LIMIT ?",
         )
         .bind(ts_string(now))
