@@ -116,3 +116,41 @@ async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
     assert!(store.cancel_queued(queued.id, "carl", Ts(6)).await.expect("cancel"));
     assert!(!store.cancel_queued(queued.id, "carl", Ts(7)).await.expect("again"), "only once");
 }
+
+#[tokio::test]
+async fn the_previous_result_skips_cancelled_and_retried_attempts_and_other_branches() {
+    let (_dir, store) = open().await;
+    store.insert_machine(1, "local", "local", "h", Ts(0)).await.expect("machine");
+    let mut t = 10;
+    let mut run = |builder: &'static str, branch: &'static str, result: &'static str| {
+        t += 10;
+        let at = t;
+        let store = store.clone();
+        async move {
+            let b =
+                store.create_request(builder, "app", branch, "r", "force", "t", &[], Ts(at)).await.expect("request");
+            assert!(store.start_build(b.id, 1, &["s".into()], Ts(at + 1)).await.expect("start"));
+            match result {
+                "retry" => {
+                    store.retry_build(b.id, "machine lost", Ts(at + 2)).await.expect("retry");
+                }
+                r => {
+                    store.finish_build(b.id, 1, r, Ts(at + 2)).await.expect("finish");
+                }
+            }
+            b.id
+        }
+    };
+    let first = run("a", "main", "success").await;
+    assert_eq!(store.previous_result(first).await.expect("previous"), None, "nothing before the first");
+    run("a", "other", "failure").await;
+    run("a", "main", "cancelled").await;
+    run("a", "main", "retry").await;
+    run("b", "main", "failure").await;
+    let now = run("a", "main", "failure").await;
+    assert_eq!(store.previous_result(now).await.expect("previous").as_deref(), Some("success"));
+    // Every end reached the outbox, a retried attempt's included only through its next one.
+    let events = store.pending_build_events(100).await.expect("events");
+    let finished = events.iter().filter(|e| e.kind == "finished").count();
+    assert_eq!(finished, 5, "{events:?}");
+}
