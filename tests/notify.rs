@@ -97,20 +97,6 @@ fn hmac(body: &str) -> String {
     paddock::notify::webhook::signature(SECRET.as_bytes(), body.as_bytes())
 }
 
-/// Commits a.txt with `content` on main, waits for its build to end; returns the build.
-fn build(bed: &Bed, content: &str, message: &str) -> Value {
-    bed.git(&["checkout", "-q", "main"]);
-    std::fs::write(bed.repo.join("a.txt"), content).expect("write");
-    bed.git(&["add", "a.txt"]);
-    bed.git(&["commit", "-q", "-m", message]);
-    let rev = bed.git(&["rev-parse", "HEAD"]);
-    bed.wait(&format!("the build of {message:?}"), || {
-        bed.builds()
-            .into_iter()
-            .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
-    })
-}
-
 #[test]
 fn transitions_are_told_once_and_every_build_is_signed_and_in_order() {
     let receiver = Receiver::start();
@@ -118,21 +104,17 @@ fn transitions_are_told_once_and_every_build_is_signed_and_in_order() {
     bed.config("", &config(receiver.port));
     bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET), ("PADDOCK_NOTIFY_RETRY_MS", "200")]);
 
-    let ok = build(&bed, "fine\n", "first");
-    let broken = build(&bed, "broken\n", "break it");
-    let still = build(&bed, "still broken\n", "still broken");
-    let fixed = build(&bed, "all good\n", "fix it");
+    let ok = bed.build_file("fine\n", "first");
+    let broken = bed.build_file("broken\n", "break it");
+    let still = bed.build_file("still broken\n", "still broken");
+    let fixed = bed.build_file("all good\n", "fix it");
     let states: Vec<&str> = [&ok, &broken, &still, &fixed].iter().map(|b| b["state"].as_str().unwrap_or("")).collect();
     assert_eq!(states, ["success", "failure", "failure", "success"]);
     let ids: Vec<i64> = [&ok, &broken, &still, &fixed].iter().map(|b| b["id"].as_i64().expect("id")).collect();
 
     // Everything planned and sent before counting, so a late extra would be seen.
     bed.wait("two transitions told", || Some(receiver.all("/news")).filter(|n| n.len() >= 2));
-    bed.wait("deliveries settled", || {
-        let unplanned = bed.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
-        let pending = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
-        unplanned.and(pending)
-    });
+    bed.notifications_settled();
     // The transitions notifier: passing → failing, then failing → passing; nothing else.
     let news = receiver.all("/news");
     let texts: Vec<String> = news.iter().map(|r| r.json()["text"].as_str().unwrap_or("").to_string()).collect();
@@ -178,12 +160,12 @@ fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
     let mut bed = Bed::new(&[]);
     bed.config("", &config(receiver.port));
     bed.start_with_env(&["main"], &[("HOOK_SECRET", SECRET), ("PADDOCK_NOTIFY_RETRY_MS", "200")]);
-    build(&bed, "fine\n", "first");
+    bed.build_file("fine\n", "first");
     bed.wait("the first build told", || Some(receiver.all("/all")).filter(|a| a.len() >= 2));
 
     // Down: the next build still runs and ends; its messages wait, retried.
     receiver.down.store(true, Ordering::SeqCst);
-    let broken = build(&bed, "broken\n", "break it");
+    let broken = bed.build_file("broken\n", "break it");
     assert_eq!(broken["state"], "failure");
     let id = broken["id"].as_i64().expect("id");
     bed.wait("a failed try of the transition's message", || {
@@ -261,8 +243,8 @@ fn github_commit_statuses_go_pending_then_success_or_failure() {
         ),
     );
     bed.start_with_env(&["main"], &[("GH_TOKEN", "ghp_test_token")]);
-    let ok = build(&bed, "fine\n", "first");
-    let broken = build(&bed, "broken\n", "break it");
+    let ok = bed.build_file("fine\n", "first");
+    let broken = bed.build_file("broken\n", "break it");
     let statuses = bed.wait("four statuses", || {
         Some(receiver.all_under("/api/v3/repos/acme/app/statuses/")).filter(|s| s.len() >= 4)
     });

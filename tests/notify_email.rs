@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, Bed, DEADLINE};
-use serde_json::Value;
 
 /// aiosmtpd on 127.0.0.1:`port`, writing each message to `maildir/new`.
 struct SmtpServer {
@@ -71,19 +70,6 @@ fn header<'a>(mail: &'a str, name: &str) -> Option<&'a str> {
     mail.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")))
 }
 
-fn build(bed: &Bed, content: &str, message: &str) -> Value {
-    bed.git(&["checkout", "-q", "main"]);
-    std::fs::write(bed.repo.join("a.txt"), content).expect("write");
-    bed.git(&["add", "a.txt"]);
-    bed.git(&["commit", "-q", "-m", message]);
-    let rev = bed.git(&["rev-parse", "HEAD"]);
-    bed.wait(&format!("the build of {message:?}"), || {
-        bed.builds()
-            .into_iter()
-            .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
-    })
-}
-
 #[test]
 fn a_transition_mails_the_committers_and_the_list_with_the_failing_step_and_the_log() {
     let (smtp, port) = SmtpServer::start();
@@ -100,8 +86,8 @@ fn a_transition_mails_the_committers_and_the_list_with_the_failing_step_and_the_
         ),
     );
     bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
-    build(&bed, "fine\n", "first");
-    let broken = build(&bed, "broken\n", "break it");
+    bed.build_file("fine\n", "first");
+    let broken = bed.build_file("broken\n", "break it");
     let mails = bed.wait("the failure's mail", || Some(smtp.messages()).filter(|m| m.len() == 1));
     let mail = &mails[0];
     assert_eq!(header(mail, "X-RcptTo"), Some("dev-list@paddock.test, ada@example.com"), "{mail}");
@@ -120,14 +106,10 @@ fn a_transition_mails_the_committers_and_the_list_with_the_failing_step_and_the_
     }
 
     // Still failing: no mail. Fixed: one more.
-    build(&bed, "still broken\n", "still broken");
-    build(&bed, "all good\n", "fix it");
+    bed.build_file("still broken\n", "still broken");
+    bed.build_file("all good\n", "fix it");
     let mails = bed.wait("the fix's mail", || Some(smtp.messages()).filter(|m| m.len() >= 2));
-    bed.wait("deliveries settled", || {
-        let pending = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
-        let unplanned = bed.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
-        pending.and(unplanned)
-    });
+    bed.notifications_settled();
     assert_eq!(smtp.messages().len(), 2, "a second failure mails nobody");
     assert_eq!(header(&mails[1], "Subject"), Some("b on main: success"));
     assert!(mails[1].contains("is now success (was failure)"), "{}", mails[1]);

@@ -135,28 +135,6 @@ impl Watcher {
     }
 }
 
-fn build(bed: &Bed, content: &str, message: &str) -> Value {
-    bed.git(&["checkout", "-q", "main"]);
-    std::fs::write(bed.repo.join("a.txt"), content).expect("write");
-    bed.git(&["add", "a.txt"]);
-    bed.git(&["commit", "-q", "-m", message]);
-    let rev = bed.git(&["rev-parse", "HEAD"]);
-    bed.wait(&format!("the build of {message:?}"), || {
-        bed.builds()
-            .into_iter()
-            .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
-    })
-}
-
-/// Waits until no delivery is pending (so a message that should not exist had its chance).
-fn settled(bed: &Bed) {
-    bed.wait("deliveries settled", || {
-        let planned = bed.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
-        let pending = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
-        planned.and(pending)
-    });
-}
-
 #[test]
 fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
     let port = free_port();
@@ -175,19 +153,19 @@ fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
     bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
     bed.wait("the bot to join #ci", || watcher.saw_join("paddock", "#ci").then_some(()));
 
-    let ok = build(&bed, "fine\n", "first");
+    let ok = bed.build_file("fine\n", "first");
     assert_eq!(ok["state"], "success");
-    let broken = build(&bed, "broken\n", "break it");
+    let broken = bed.build_file("broken\n", "break it");
     bed.wait("the failure told", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
-    let still = build(&bed, "still broken\n", "still broken");
+    let still = bed.build_file("still broken\n", "still broken");
     assert_eq!(still["state"], "failure");
-    settled(&bed);
+    bed.notifications_settled();
     let mut sync = watcher.stream.try_clone().expect("clone");
     watcher.sync(&mut sync, "after-still-broken");
     assert_eq!(watcher.said("paddock", "#ci").len(), 1, "a second failure is no news");
-    let fixed = build(&bed, "all good\n", "fix it");
+    let fixed = bed.build_file("all good\n", "fix it");
     bed.wait("the fix told", || (watcher.said("paddock", "#ci").len() == 2).then_some(()));
-    settled(&bed);
+    bed.notifications_settled();
     watcher.sync(&mut sync, "after-fix");
     let said = watcher.said("paddock", "#ci");
     let url = |b: &Value| format!("{}/builds/{}", bed.url(), b["id"]);
@@ -213,7 +191,7 @@ fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
     let ircd = Ircd::start(port);
     let watcher = Watcher::join(port, "#ci");
     bed.wait("the bot to join #ci again", || watcher.saw_join("paddock", "#ci").then_some(()));
-    let again = build(&bed, "broken again\n", "break it again");
+    let again = bed.build_file("broken again\n", "break it again");
     bed.wait("the failure told after the restart", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
     assert!(watcher.said("paddock", "#ci")[0].contains(&url(&again)));
     assert_eq!(ircd.port, port);

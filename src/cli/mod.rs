@@ -280,16 +280,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", report.render(q.format));
         }
         Command::Log { master, build } => {
-            let resp = master
-                .request(reqwest::Method::GET, &format!("/api/builds/{build}/log"))
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the master at {}", master.master))?;
-            let status = resp.status();
-            let text = resp.text().await?;
-            if !status.is_success() {
-                bail!("{}", api_error(&text, status));
-            }
+            let text = get_text(&master, &format!("/api/builds/{build}/log"), &[]).await?;
             print!("{text}");
         }
         Command::Force { master, builder, branch, revision } => {
@@ -370,6 +361,11 @@ pub async fn shutdown_signal() {
 }
 
 async fn get_json(master: &MasterArg, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(&get_text(master, path, query).await?)?)
+}
+
+/// GETs `path` from the master; the body, or the master's reason as the error.
+async fn get_text(master: &MasterArg, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
     let resp = master
         .request(reqwest::Method::GET, path)
         .query(query)
@@ -381,7 +377,7 @@ async fn get_json(master: &MasterArg, path: &str, query: &[(&str, String)]) -> a
     if !status.is_success() {
         bail!("{}", api_error(&text, status));
     }
-    Ok(serde_json::from_str(&text)?)
+    Ok(text)
 }
 
 /// POSTs to the master (with `body` as JSON, if any) and returns its JSON answer.

@@ -158,6 +158,32 @@ impl Bed {
         rev
     }
 
+    /// Commits a.txt with exactly `content` on main and waits for the build of that revision to
+    /// succeed or fail; returns the build.
+    pub fn build_file(&self, content: &str, message: &str) -> Value {
+        self.git(&["checkout", "-q", "main"]);
+        std::fs::write(self.repo.join("a.txt"), content).expect("write");
+        self.git(&["add", "a.txt"]);
+        self.git(&["commit", "-q", "-m", message]);
+        let rev = self.git(&["rev-parse", "HEAD"]);
+        self.wait(&format!("the build of {message:?}"), || {
+            self.builds()
+                .into_iter()
+                .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
+        })
+    }
+
+    /// Waits until every build event is planned and no notification is pending.
+    pub fn notifications_settled(&self) {
+        self.wait("notifications settled", || {
+            let unplanned =
+                self.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
+            let pending =
+                self.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
+            unplanned.and(pending)
+        });
+    }
+
     /// The master's base URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
