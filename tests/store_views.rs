@@ -154,3 +154,26 @@ async fn the_previous_result_skips_cancelled_and_retried_attempts_and_other_bran
     let finished = events.iter().filter(|e| e.kind == "finished").count();
     assert_eq!(finished, 5, "{events:?}");
 }
+
+#[tokio::test]
+async fn pruning_keeps_pending_work_and_recent_records() {
+    use paddock::store::NewDelivery;
+    let (_dir, store) = open().await;
+    store.insert_machine(1, "local", "local", "h", Ts(0)).await.expect("machine");
+    let b = store.create_request("a", "app", "main", "r", "force", "t", &[], Ts(1)).await.expect("request");
+    assert!(store.start_build(b.id, 1, &["s".into()], Ts(2)).await.expect("start"));
+    let ev = store.pending_build_events(10).await.expect("events");
+    let d = |event: &str| NewDelivery { notifier: "n".into(), build: b.id, event: event.into(), payload: "{}".into() };
+    store.plan_deliveries(ev[0].id, &[d("started"), d("finished")], Ts(3)).await.expect("plan");
+    let due = store.due_deliveries(Ts(3), 10).await.expect("due");
+    assert_eq!(due.len(), 1, "the second waits behind the first");
+    store.delivery_sent(due[0].id, Ts(4)).await.expect("sent");
+    // Later: the sent one and the planned outbox row go; the pending delivery stays.
+    assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("prune"), 2);
+    let left = store.deliveries(10).await.expect("left");
+    assert_eq!(left.iter().map(|d| d.state.as_str()).collect::<Vec<_>>(), ["pending"]);
+    assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("again"), 0);
+    // Nothing younger than the cut goes.
+    assert!(store.finish_build(b.id, 1, "success", Ts(20_000)).await.expect("finish"));
+    assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("recent kept"), 0);
+}

@@ -14,6 +14,10 @@ use crate::store::{Delivery, StoreError};
 
 /// How often the loops look for work.
 const POLL: Duration = Duration::from_millis(300);
+/// How long sent and given-up deliveries (and planned outbox rows) are kept, for the API.
+const KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often old records are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Tries before a delivery is given up (about 3 hours in all with the backoff below).
 pub const MAX_ATTEMPTS: i64 = 14;
 
@@ -95,7 +99,17 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
     let planner = {
         let (shared, notifiers) = (shared.clone(), notifiers.clone());
         tokio::spawn(async move {
+            let mut pruned_at = tokio::time::Instant::now();
             loop {
+                if pruned_at.elapsed() >= PRUNE_EVERY {
+                    pruned_at = tokio::time::Instant::now();
+                    let before = Ts(shared.now().0 - KEEP.as_millis() as i64);
+                    match shared.store.prune_notifications(before).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(rows = n, "old notification records pruned"),
+                        Err(e) => tracing::warn!("cannot prune old notification records: {e}"),
+                    }
+                }
                 match plan_pending(&shared, &notifiers).await {
                     Ok(n) if n > 0 => continue,
                     Ok(_) => {}

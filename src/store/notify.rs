@@ -176,6 +176,23 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets outbox rows already planned and deliveries already sent or given up, older than
+    /// `before` (pending ones are kept whatever their age). Returns how many rows went.
+    pub async fn prune_notifications(&self, before: Ts) -> Result<u64> {
+        let before = ts_string(before);
+        let mut tx = self.pool.begin().await?;
+        let events = sqlx::query("DELETE FROM build_events WHERE processed = 1 AND created_at < ?")
+            .bind(&before)
+            .execute(&mut *tx)
+            .await?;
+        let deliveries = sqlx::query("DELETE FROM deliveries WHERE state IN ('sent', 'failed') AND created_at < ?")
+            .bind(&before)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(events.rows_affected() + deliveries.rows_affected())
+    }
+
     /// The newest deliveries, for the API.
     pub async fn deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
         let rows =
