@@ -1,8 +1,8 @@
 //! The agent reaches an `https://` master over TLS (wss://), trusting the system's CA store,
 //! here pointed at a test CA with `SSL_CERT_FILE`. The certificate is made by the openssl CLI.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,71 +16,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A test CA (written to `ca.pem`) and a server certificate it signed for `localhost` and
-/// 127.0.0.1 (`cert.pem`, `key.pem`), all in `dir`. Certificate checks refuse a CA certificate
-/// used as a server's, hence the two levels.
-fn make_cert(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the openssl CLI must be installed to run this test (apt-get install openssl)");
-        assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=Paddock test CA",
-        "-keyout",
-        "ca-key.pem",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "req.pem",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-        .expect("ext");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "req.pem",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca-key.pem",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "cert.pem",
-    ]);
-    (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"))
-}
-
 #[tokio::test]
 async fn the_agent_connects_to_an_https_master_it_trusts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ca, cert, key) = make_cert(dir.path());
+    let common::tls::TestCa { ca, cert, key } = common::tls::TestCa::make(dir.path());
     // The only test in this binary: the variable is read by the agent's TLS connector.
     std::env::set_var("SSL_CERT_FILE", &ca);
     let certs: Vec<CertificateDer<'static>> =

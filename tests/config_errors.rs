@@ -738,14 +738,39 @@ fn notifiers_are_checked_where_they_are_written() {
             channel: "#app".into(),
             password_env: Some("P".into()),
             auth: paddock::notify::irc::IrcAuth::Sasl,
+            ca_file: None,
         }
     );
+    // A private CA: the path is relative to the config's folder, and only with TLS.
+    let irc_ca = parse(&format!(
+        "{BASE}{BUILDER}\n[[notifier]]\nkind = \"irc\"\nserver = \"irc.internal\"\nchannel = \"#app\"\nca_file = \"certs/ca.pem\"\n"
+    ))
+    .expect("valid");
+    assert!(matches!(
+        &irc_ca.notifiers[0].kind,
+        config::NotifierKind::Irc { ca_file: Some(p), .. } if p == Path::new("/etc/paddock/certs/ca.pem")
+    ));
+    assert_err(
+        &n("kind = \"irc\"\nserver = \"i\"\nchannel = \"#ci\"\ntls = false\nca_file = \"ca.pem\"\n"),
+        13,
+        11,
+        "`ca_file` has no use with `tls = false`",
+    );
+    assert_err(&n("kind = \"irc\"\nserver = \"i\"\nchannel = \"#ci\"\nca_file = \" \"\n"), 12, 11, "must not be empty");
     assert_eq!(irc.notifiers[0].events, vec![config::NotifyOn::Transition]);
     let mail = |rest: &str| n(&format!("kind = \"email\"\nsmtp = \"mail.example\"\n{rest}"));
     assert_err(&mail("from = \"Paddock\"\nto = [\"a@example.com\"]\n"), 11, 8, "not an email address");
     assert_err(&mail("from = \"ci@example.com\"\nto = [\"dev list\"]\n"), 12, 7, "not an email address");
     assert_err(&mail("from = \"ci@example.com\"\ncommitters = false\n"), 8, 1, "mails nobody");
     assert_err(&mail("from = \"ci@example.com\"\nsecurity = \"ssl\"\n"), 12, 12, "\"starttls\", \"tls\" or \"none\"");
+    assert_err(
+        &mail(
+            "from = \"ci@example.com\"\nto = [\"a@example.com\"]\nsecurity = \"none\"\nca_file = \"/etc/ssl/ca.pem\"\n",
+        ),
+        14,
+        11,
+        "`ca_file` has no use with `security = \"none\"`",
+    );
     assert_err(
         &mail("from = \"ci@example.com\"\nchannel = \"#x\"\n"),
         12,

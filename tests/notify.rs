@@ -228,6 +228,32 @@ fn a_signing_notifier_without_its_secret_stops_the_master_at_start_with_the_reas
 }
 
 #[test]
+fn a_ca_file_that_is_missing_or_holds_no_certificate_stops_the_master_at_start() {
+    let bed = Bed::new(&[]);
+    std::fs::write(bed.path().join("not-a-ca.pem"), "hello\n").expect("write");
+    for (file, why) in [("missing.pem", "cannot read it"), ("not-a-ca.pem", "no certificate in it")] {
+        bed.config(
+            "",
+            &format!(
+                "[pool.local]\nmax_instances = 1\n\n\
+                 [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"true\"]\n\n\
+                 [[notifier]]\nname = \"chat\"\nkind = \"irc\"\nserver = \"irc.internal\"\nchannel = \"#ci\"\n\
+                 ca_file = \"{file}\"\n"
+            ),
+        );
+        let out = std::process::Command::new(common::paddock_bin())
+            .args(["run", "paddock.toml"])
+            .current_dir(bed.path())
+            .output()
+            .expect("paddock run");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let path = bed.path().join(file);
+        assert!(err.contains(&format!("notifier chat: `ca_file` {}: {why}", path.display())), "{err}");
+    }
+}
+
+#[test]
 fn github_commit_statuses_go_pending_then_success_or_failure() {
     let receiver = Receiver::start();
     let mut bed = Bed::new(&[]);

@@ -20,6 +20,11 @@ struct SmtpServer {
 
 impl SmtpServer {
     fn start() -> (SmtpServer, u16) {
+        SmtpServer::start_with(&[])
+    }
+
+    /// With `extra` arguments, such as `--tlscert` for STARTTLS or `--smtpscert` for TLS.
+    fn start_with(extra: &[&std::ffi::OsStr]) -> (SmtpServer, u16) {
         let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
         assert!(
             python.exists(),
@@ -31,6 +36,7 @@ impl SmtpServer {
         let port = free_port();
         let child = Command::new(&python)
             .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .args(extra)
             .arg(&maildir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -113,4 +119,58 @@ fn a_transition_mails_the_committers_and_the_list_with_the_failing_step_and_the_
     assert_eq!(smtp.messages().len(), 2, "a second failure mails nobody");
     assert_eq!(header(&mails[1], "Subject"), Some("b on main: success"));
     assert!(mails[1].contains("is now success (was failure)"), "{}", mails[1]);
+}
+
+#[test]
+fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_only() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = common::tls::TestCa::make(certs.path());
+    let (cert, key) = (ca.cert.as_os_str(), ca.key.as_os_str());
+    // aiosmtpd refuses MAIL before STARTTLS when given `--tlscert`, so a mail received there
+    // came over TLS; the `--smtpscert` one speaks only TLS.
+    let (starttls, starttls_port) = SmtpServer::start_with(&["--tlscert".as_ref(), cert, "--tlskey".as_ref(), key]);
+    let (smtps, smtps_port) = SmtpServer::start_with(&["--smtpscert".as_ref(), cert, "--smtpskey".as_ref(), key]);
+    let mut bed = Bed::new(&[]);
+    std::fs::copy(&ca.ca, bed.path().join("private-ca.pem")).expect("copy the CA");
+    let notifier = |name: &str, port: u16, security: &str, ca_file: &str| {
+        format!(
+            "[[notifier]]\nname = \"{name}\"\nkind = \"email\"\nsmtp = \"127.0.0.1:{port}\"\nsecurity = \"{security}\"\n\
+             from = \"ci@paddock.test\"\nto = [\"{name}@paddock.test\"]\ncommitters = false\n{ca_file}\n"
+        )
+    };
+    bed.config(
+        "",
+        &format!(
+            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
+             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n{}{}{}",
+            notifier("starttls", starttls_port, "starttls", "ca_file = \"private-ca.pem\""),
+            notifier("smtps", smtps_port, "tls", "ca_file = \"private-ca.pem\""),
+            // Trusts only the system's CAs: the same STARTTLS server must be refused.
+            notifier("untrusting", starttls_port, "starttls", ""),
+        ),
+    );
+    bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
+    let broken = bed.build_file("broken\n", "break it");
+    assert_eq!(broken["state"], "failure");
+
+    let over_starttls = bed.wait("the STARTTLS mail", || Some(starttls.messages()).filter(|m| !m.is_empty()));
+    let over_tls = bed.wait("the TLS mail", || Some(smtps.messages()).filter(|m| !m.is_empty()));
+    for (mail, to) in [(&over_starttls[0], "starttls@paddock.test"), (&over_tls[0], "smtps@paddock.test")] {
+        assert_eq!(header(mail, "X-RcptTo"), Some(to), "{mail}");
+        assert_eq!(header(mail, "Subject"), Some("b on main: failure"), "{mail}");
+        assert!(mail.contains(&format!("Build: {}/builds/{}", bed.url(), broken["id"])), "{mail}");
+    }
+    let refused = bed.wait("the untrusting notifier's failed try", || {
+        bed.get("/api/deliveries")["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["notifier"] == "untrusting" && d["attempts"].as_i64().unwrap_or(0) > 0)
+            .cloned()
+    });
+    assert_eq!(refused["state"], "pending", "retried later: {refused}");
+    let why = refused["last_error"].as_str().unwrap_or_default();
+    assert!(why.contains("UnknownIssuer"), "{refused}");
+    assert_eq!(starttls.messages().len(), 1, "nothing reached the server from the untrusting notifier");
 }

@@ -24,6 +24,24 @@ struct Ircd {
 
 impl Ircd {
     fn start(port: u16) -> Ircd {
+        Ircd::start_with(port, "")
+    }
+
+    /// Also listens with TLS on `tls_port`, with a certificate from the test CA.
+    fn start_tls(port: u16, tls_port: u16, ca: &common::tls::TestCa) -> Ircd {
+        let ircd = Ircd::start_with(
+            port,
+            &format!("[SSL]\nCertFile = {}\nKeyFile = {}\nPorts = {tls_port}\n", ca.cert.display(), ca.key.display()),
+        );
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+            assert!(start.elapsed() < DEADLINE, "ngircd did not listen on {tls_port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ircd
+    }
+
+    fn start_with(port: u16, extra: &str) -> Ircd {
         assert!(
             std::path::Path::new(NGIRCD).exists(),
             "{NGIRCD} is missing: the IRC tests need Debian's ngircd (apt-get install ngircd; .ci/test installs it)"
@@ -35,7 +53,7 @@ impl Ircd {
             format!(
                 "[Global]\nName = irc.paddock.test\nInfo = Paddock tests\nListen = 127.0.0.1\nPorts = {port}\n\
                  MotdPhrase = \"tests\"\n[Limits]\nPingTimeout = 120\nPongTimeout = 20\n\
-                 [Options]\nPAM = no\nIdent = no\nDNS = no\n"
+                 [Options]\nPAM = no\nIdent = no\nDNS = no\n{extra}"
             ),
         )
         .expect("config");
@@ -195,4 +213,55 @@ fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
     bed.wait("the failure told after the restart", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
     assert!(watcher.said("paddock", "#ci")[0].contains(&url(&again)));
     assert_eq!(ircd.port, port);
+}
+
+#[test]
+fn over_tls_the_bot_trusts_the_configured_ca_and_nothing_else() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let ca = common::tls::TestCa::make(certs.path());
+    let (port, tls_port) = (free_port(), free_port());
+    let _ircd = Ircd::start_tls(port, tls_port, &ca);
+    let watcher = Watcher::join(port, "#ci");
+    let mut bed = Bed::new(&[]);
+    std::fs::copy(&ca.ca, bed.path().join("private-ca.pem")).expect("copy the CA");
+    // Two bots on the TLS port: one trusts the test CA (a path relative to the config), the
+    // other only the system's CAs, so its handshake must fail.
+    bed.config(
+        "",
+        &format!(
+            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
+             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+             [[notifier]]\nname = \"trusting\"\nkind = \"irc\"\nserver = \"127.0.0.1:{tls_port}\"\nchannel = \"#ci\"\n\
+             nick = \"paddock\"\nca_file = \"private-ca.pem\"\n\n\
+             [[notifier]]\nname = \"untrusting\"\nkind = \"irc\"\nserver = \"127.0.0.1:{tls_port}\"\nchannel = \"#ci\"\n\
+             nick = \"stranger\"\n"
+        ),
+    );
+    bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
+    bed.wait("the trusting bot to join #ci over TLS", || watcher.saw_join("paddock", "#ci").then_some(()));
+    bed.wait("the untrusting bot to refuse the certificate", || {
+        let log = std::fs::read_to_string(&bed.master_log).unwrap_or_default();
+        log.lines().any(|l| l.contains("cannot connect to IRC") && l.contains("UnknownIssuer")).then_some(())
+    });
+
+    // A first build that fails is news: told over TLS by the bot that trusts the server.
+    let broken = bed.build_file("broken\n", "break it");
+    assert_eq!(broken["state"], "failure");
+    bed.wait("the failure told", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
+    assert!(watcher.said("paddock", "#ci")[0].contains(&format!("{}/builds/{}", bed.url(), broken["id"])));
+    let refused = bed.wait("the untrusting bot's delivery to fail", || {
+        bed.get("/api/deliveries")["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["notifier"] == "untrusting" && d["attempts"].as_i64().unwrap_or(0) > 0)
+            .cloned()
+    });
+    assert_eq!(refused["state"], "pending", "{refused}");
+    assert_eq!(refused["last_error"], "not connected to IRC", "{refused}");
+    let mut sync = watcher.stream.try_clone().expect("clone");
+    watcher.sync(&mut sync, "after-tls");
+    assert!(!watcher.saw_join("stranger", "#ci"));
+    assert!(watcher.said("stranger", "#ci").is_empty());
 }

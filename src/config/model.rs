@@ -164,6 +164,8 @@ pub enum NotifierKind {
         password_env: Option<String>,
         /// How the password is used: SASL (default) or NickServ.
         auth: crate::notify::irc::IrcAuth,
+        /// PEM file of the CA certificates to trust instead of the system's (a private CA).
+        ca_file: Option<PathBuf>,
     },
     /// Mail over SMTP to the build's committers and fixed lists.
     Email {
@@ -181,6 +183,8 @@ pub enum NotifierKind {
         password_env: Option<String>,
         /// Subject template; default `{builder} on {branch}: {result}`.
         subject: String,
+        /// PEM file of the CA certificates to trust instead of the system's (a private CA).
+        ca_file: Option<PathBuf>,
     },
     /// GitHub commit statuses: pending when a build starts, then success, failure or error.
     GitHub {

@@ -44,6 +44,7 @@ const NOTIFIER_KEYS: &[&str] = &[
     "committers",
     "username",
     "subject",
+    "ca_file",
 ];
 const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
@@ -155,7 +156,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
             }
             "notifier" => {
                 for node in keep(&mut errs, array_of_tables(e, "[[notifier]]")).unwrap_or_default() {
-                    if let Some(n) = keep(&mut errs, parse_notifier(node, text)) {
+                    if let Some(n) = keep(&mut errs, parse_notifier(node, text, &base)) {
                         if notifiers.iter().any(|o| o.name == n.name) {
                             errs.push(
                                 Diag::new(node.span.clone(), format!("duplicate notifier name `{}`", n.name))
@@ -625,8 +626,23 @@ fn parse_cost(node: &Node) -> Result<CostSettings, Diag> {
     Ok(CostSettings { spend: spend_caps(&f)? })
 }
 
+/// A notifier's `ca_file`, resolved against the config's folder; only where TLS is on
+/// (`tls_on`), since a CA that is never used is a mistake worth hearing about.
+fn ca_file(f: &Fields, base: &Path, tls_on: bool, plain: &str) -> Result<Option<PathBuf>, Diag> {
+    match f.opt_str("ca_file")? {
+        None => Ok(None),
+        Some(p) if p.v.trim().is_empty() => {
+            Err(Diag::new(p.span, "`ca_file` is the path of a PEM file; it must not be empty"))
+        }
+        Some(p) if !tls_on => {
+            Err(Diag::new(p.span, format!("`ca_file` has no use with `{plain}`")).hint("remove it, or turn TLS on"))
+        }
+        Some(p) => Ok(Some(resolve(base, &p.v))),
+    }
+}
+
 /// A `[[notifier]]`.
-fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
+fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag> {
     let f = Fields::new(node, "[[notifier]]")?;
     f.allow_only(NOTIFIER_KEYS)?;
     let kind_s = f.req_nonempty("kind", "\"webhook\"")?;
@@ -696,7 +712,8 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
                 Some(a) if a.v == "nickserv" => crate::notify::irc::IrcAuth::NickServ,
                 Some(a) => return Err(Diag::new(a.span, "`auth` is \"sasl\" or \"nickserv\"")),
             };
-            NotifierKind::Irc { host, port, tls, nick, channel: channel.v, password_env, auth }
+            let ca_file = ca_file(&f, base, tls, "tls = false")?;
+            NotifierKind::Irc { host, port, tls, nick, channel: channel.v, password_env, auth, ca_file }
         }
         "email" => {
             let security = match f.opt_str("security")? {
@@ -751,6 +768,7 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
                 }
                 None => "{builder} on {branch}: {result}".to_string(),
             };
+            let ca_file = ca_file(&f, base, security != SmtpSecurity::None, "security = \"none\"")?;
             NotifierKind::Email {
                 host,
                 port,
@@ -761,6 +779,7 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
                 username,
                 password_env,
                 subject,
+                ca_file,
             }
         }
         other => {
@@ -777,9 +796,9 @@ fn parse_notifier(node: &Node, text: &str) -> Result<Notifier, Diag> {
     let own: &[&str] = match kind {
         NotifierKind::Webhook { .. } => &["url", "secret_env"],
         NotifierKind::GitHub { .. } => &["api_url", "token_env", "repository", "context"],
-        NotifierKind::Irc { .. } => &["server", "tls", "nick", "channel", "password_env", "auth"],
+        NotifierKind::Irc { .. } => &["server", "tls", "nick", "channel", "password_env", "auth", "ca_file"],
         NotifierKind::Email { .. } => {
-            &["smtp", "security", "from", "to", "committers", "username", "password_env", "subject"]
+            &["smtp", "security", "from", "to", "committers", "username", "password_env", "subject", "ca_file"]
         }
     };
     let common = ["kind", "name", "events", "builders", "branches", "template"];

@@ -3,7 +3,7 @@
 
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::webhook::{SendError, TIMEOUT};
@@ -46,6 +46,8 @@ pub struct Smtp<'a> {
     pub security: SmtpSecurity,
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
+    /// PEM CA certificates to trust instead of the system's, for a server with a private CA.
+    pub ca_pem: Option<&'a [u8]>,
 }
 
 impl std::fmt::Debug for Smtp<'_> {
@@ -56,6 +58,7 @@ impl std::fmt::Debug for Smtp<'_> {
             .field("port", &self.port)
             .field("security", &self.security)
             .field("username", &self.username)
+            .field("ca_pem", &self.ca_pem.is_some())
             .finish()
     }
 }
@@ -73,7 +76,14 @@ pub async fn send(smtp: &Smtp<'_>, from: &str, to: &[String], subject: &str, bod
         msg = msg.to(t.parse::<Mailbox>().map_err(|e| refused("bad recipient", &e))?);
     }
     let msg = msg.body(body.to_string()).map_err(|e| refused("cannot build the message", &e))?;
-    let tls = |host: &str| TlsParameters::new(host.to_string()).map_err(|e| refused("TLS settings", &e));
+    let tls = |host: &str| {
+        let mut params = TlsParameters::builder(host.to_string());
+        if let Some(pem) = smtp.ca_pem {
+            let ca = Certificate::from_pem(pem).map_err(|e| refused("`ca_file`", &e))?;
+            params = params.certificate_store(CertificateStore::None).add_root_certificate(ca);
+        }
+        params.build().map_err(|e| refused("TLS settings", &e))
+    };
     let mut transport =
         AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host).port(smtp.port).timeout(Some(TIMEOUT));
     transport = match smtp.security {

@@ -23,6 +23,8 @@ pub struct IrcSettings {
     pub channel: String,
     /// How to use the password, if there is one.
     pub auth: IrcAuth,
+    /// CA certificates to trust instead of the system's, for a server with a private CA.
+    pub roots: Option<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>,
 }
 
 /// How the bot proves its nick.
@@ -112,8 +114,16 @@ async fn connect(s: &IrcSettings) -> Result<Box<dyn Stream>, String> {
         return Ok(Box::new(tcp));
     }
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
+    match &s.roots {
+        Some(certs) => {
+            let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
+            if added == 0 {
+                return Err("none of the certificates in `ca_file` can be used as a CA".into());
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
     }
     let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
     let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
@@ -396,6 +406,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
             tls: false,
+            roots: None,
             nick: "paddock".into(),
             channel: "#ci".into(),
             auth,

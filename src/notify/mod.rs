@@ -292,6 +292,7 @@ mod tests {
                 username: None,
                 password_env: None,
                 subject: "{builder} on {branch}: {result}".into(),
+                ca_file: None,
             },
             ..notifier(&[NotifyOn::Transition], None)
         };

@@ -11,6 +11,8 @@ use crate::config::{Config, Notifier, NotifierKind};
 use crate::core::Ts;
 use crate::runtime::Shared;
 use crate::store::{Delivery, StoreError};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// How often the loops look for work.
 const POLL: Duration = Duration::from_millis(300);
@@ -34,6 +36,20 @@ pub fn backoff(attempts: i64) -> Duration {
 pub enum NotifyError {
     #[error("notifier {notifier}: environment variable {var} (its `{key}`) is not set")]
     MissingSecret { notifier: String, var: String, key: &'static str },
+    #[error("notifier {notifier}: `ca_file` {path}: {why}")]
+    CaFile { notifier: String, path: String, why: String },
+}
+
+/// Reads a PEM file of CA certificates; it must hold at least one.
+pub fn read_ca_file(path: &std::path::Path) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in it (expected PEM `-----BEGIN CERTIFICATE-----` blocks)".into());
+    }
+    Ok((pem, certs))
 }
 
 /// The configured notifiers with their secrets read from the environment.
@@ -42,6 +58,8 @@ pub struct Notifiers {
     secrets: HashMap<String, Vec<u8>>,
     /// Repository name -> its URL (where a GitHub notifier finds `owner/name`).
     repos: HashMap<String, String>,
+    /// Notifier name -> the CA certificates it trusts instead of the system's (PEM, and parsed).
+    cas: HashMap<String, (Vec<u8>, Vec<CertificateDer<'static>>)>,
     /// Each IRC notifier's bot, started with the workers.
     bots: std::sync::Mutex<HashMap<String, irc::IrcBot>>,
 }
@@ -73,8 +91,21 @@ impl Notifiers {
                 _ => return Err(NotifyError::MissingSecret { notifier: n.name.clone(), var: var.clone(), key }),
             }
         }
+        let mut cas = HashMap::new();
+        for n in &config.notifiers {
+            if let NotifierKind::Irc { ca_file: Some(path), .. } | NotifierKind::Email { ca_file: Some(path), .. } =
+                &n.kind
+            {
+                let ca = read_ca_file(path).map_err(|why| NotifyError::CaFile {
+                    notifier: n.name.clone(),
+                    path: path.display().to_string(),
+                    why,
+                })?;
+                cas.insert(n.name.clone(), ca);
+            }
+        }
         let repos = config.repos.iter().map(|r| (r.name.clone(), r.url.clone())).collect();
-        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos, bots: Default::default() })
+        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos, cas, bots: Default::default() })
     }
 }
 
@@ -90,6 +121,7 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
                     nick: nick.clone(),
                     channel: channel.clone(),
                     auth: *auth,
+                    roots: notifiers.cas.get(&n.name).map(|(_, certs)| certs.clone()),
                 };
                 let password = notifiers.secrets.get(&n.name).map(|p| String::from_utf8_lossy(p).to_string());
                 bots.insert(n.name.clone(), irc::IrcBot::start(settings, password));
@@ -243,8 +275,14 @@ async fn deliver(
                 .flatten()
                 .filter_map(|v| v.as_str().map(str::to_string))
                 .collect();
-            let smtp =
-                email::Smtp { host, port: *port, security: *security, username: username.as_deref(), password: secret };
+            let smtp = email::Smtp {
+                host,
+                port: *port,
+                security: *security,
+                username: username.as_deref(),
+                password: secret,
+                ca_pem: notifiers.cas.get(&n.name).map(|(pem, _)| pem.as_slice()),
+            };
             let subject = payload["subject"].as_str().unwrap_or_default();
             email::send(&smtp, from, &to, subject, payload["text"].as_str().unwrap_or_default()).await
         }

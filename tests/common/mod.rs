@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod faultproxy;
 pub mod moto;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
