@@ -763,6 +763,20 @@ fn notifiers_are_checked_where_they_are_written() {
     assert_err(&mail("from = \"ci@example.com\"\nto = [\"dev list\"]\n"), 12, 7, "not an email address");
     assert_err(&mail("from = \"ci@example.com\"\ncommitters = false\n"), 8, 1, "mails nobody");
     assert_err(&mail("from = \"ci@example.com\"\nsecurity = \"ssl\"\n"), 12, 12, "\"starttls\", \"tls\" or \"none\"");
+    assert_err(&mail("from = \"ci@example.com\"\ncommitter_domains = [\"a@b.c\"]\n"), 12, 22, "which is not a domain");
+    assert_err(
+        &mail(
+            "from = \"ci@example.com\"\nto = [\"a@example.com\"]\ncommitters = false\ncommitter_domains = [\"b.c\"]\n",
+        ),
+        14,
+        1,
+        "`committer_domains` has no use with `committers = false`",
+    );
+    let domains = parse(&format!("{BASE}{BUILDER}\n[[notifier]]\nkind = \"email\"\nsmtp = \"m\"\nfrom = \"ci@example.com\"\ncommitter_domains = [\"@Example.COM\"]\n")).expect("valid");
+    assert!(matches!(
+        &domains.notifiers[0].kind,
+        config::NotifierKind::Email { committer_domains, .. } if committer_domains == &["example.com"]
+    ));
     assert_err(
         &mail(
             "from = \"ci@example.com\"\nto = [\"a@example.com\"]\nsecurity = \"none\"\nca_file = \"/etc/ssl/ca.pem\"\n",

@@ -122,7 +122,7 @@ fn a_transition_mails_the_committers_and_the_list_with_the_failing_step_and_the_
 }
 
 #[test]
-fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_only() {
+fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_only_and_to_allowed_domains() {
     let certs = tempfile::tempdir().expect("tempdir");
     let ca = common::tls::TestCa::make(certs.path());
     let (cert, key) = (ca.cert.as_os_str(), ca.key.as_os_str());
@@ -132,10 +132,11 @@ fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_on
     let (smtps, smtps_port) = SmtpServer::start_with(&["--smtpscert".as_ref(), cert, "--smtpskey".as_ref(), key]);
     let mut bed = Bed::new(&[]);
     std::fs::copy(&ca.ca, bed.path().join("private-ca.pem")).expect("copy the CA");
-    let notifier = |name: &str, port: u16, security: &str, ca_file: &str| {
+    // The committer (ada@example.com) is mailed only where her domain is allowed.
+    let notifier = |name: &str, port: u16, security: &str, domain: &str, ca_file: &str| {
         format!(
             "[[notifier]]\nname = \"{name}\"\nkind = \"email\"\nsmtp = \"127.0.0.1:{port}\"\nsecurity = \"{security}\"\n\
-             from = \"ci@paddock.test\"\nto = [\"{name}@paddock.test\"]\ncommitters = false\n{ca_file}\n"
+             from = \"ci@paddock.test\"\nto = [\"{name}@paddock.test\"]\ncommitter_domains = [\"{domain}\"]\n{ca_file}\n"
         )
     };
     bed.config(
@@ -144,10 +145,10 @@ fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_on
             "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
              [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
              [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n{}{}{}",
-            notifier("starttls", starttls_port, "starttls", "ca_file = \"private-ca.pem\""),
-            notifier("smtps", smtps_port, "tls", "ca_file = \"private-ca.pem\""),
+            notifier("starttls", starttls_port, "starttls", "paddock.test", "ca_file = \"private-ca.pem\""),
+            notifier("smtps", smtps_port, "tls", "Example.com", "ca_file = \"private-ca.pem\""),
             // Trusts only the system's CAs: the same STARTTLS server must be refused.
-            notifier("untrusting", starttls_port, "starttls", ""),
+            notifier("untrusting", starttls_port, "starttls", "example.com", ""),
         ),
     );
     bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
@@ -156,7 +157,9 @@ fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_on
 
     let over_starttls = bed.wait("the STARTTLS mail", || Some(starttls.messages()).filter(|m| !m.is_empty()));
     let over_tls = bed.wait("the TLS mail", || Some(smtps.messages()).filter(|m| !m.is_empty()));
-    for (mail, to) in [(&over_starttls[0], "starttls@paddock.test"), (&over_tls[0], "smtps@paddock.test")] {
+    for (mail, to) in
+        [(&over_starttls[0], "starttls@paddock.test"), (&over_tls[0], "smtps@paddock.test, ada@example.com")]
+    {
         assert_eq!(header(mail, "X-RcptTo"), Some(to), "{mail}");
         assert_eq!(header(mail, "Subject"), Some("b on main: failure"), "{mail}");
         assert!(mail.contains(&format!("Build: {}/builds/{}", bed.url(), broken["id"])), "{mail}");

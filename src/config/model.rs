@@ -178,6 +178,9 @@ pub enum NotifierKind {
         to: Vec<String>,
         /// Also mail the authors of the build's changes. Default true.
         committers: bool,
+        /// Mail only the authors whose address is in one of these domains (lowercase); empty:
+        /// any. Commit metadata is written by whoever pushes, so this keeps logs in-house.
+        committer_domains: Vec<String>,
         /// SMTP login, with the password in `password_env`.
         username: Option<String>,
         password_env: Option<String>,

@@ -45,6 +45,7 @@ const NOTIFIER_KEYS: &[&str] = &[
     "username",
     "subject",
     "ca_file",
+    "committer_domains",
 ];
 const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
@@ -750,6 +751,19 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
                 address(t, "to")?;
             }
             let committers = f.opt_bool("committers")?.unwrap_or(true);
+            let mut committer_domains = Vec::new();
+            for d in f.opt_str_array("committer_domains")?.unwrap_or_default() {
+                let domain = d.v.trim().trim_start_matches('@').to_ascii_lowercase();
+                if domain.is_empty() || domain.contains(['@', ' ', '<', '>', ',']) || domain.starts_with('.') {
+                    return Err(Diag::new(d.span, format!("`committer_domains` has {:?}, which is not a domain", d.v))
+                        .hint("write domains like \"example.com\""));
+                }
+                committer_domains.push(domain);
+            }
+            if !committers && !committer_domains.is_empty() {
+                let span = f.get("committer_domains").map(|e| e.key_span.clone()).unwrap_or(f.span.clone());
+                return Err(Diag::new(span, "`committer_domains` has no use with `committers = false`"));
+            }
             if to.is_empty() && !committers {
                 return Err(Diag::new(f.span.clone(), "this email notifier mails nobody")
                     .hint("list addresses in `to`, or leave `committers` on"));
@@ -776,6 +790,7 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
                 from: from.v,
                 to: to.into_iter().map(|t| t.v).collect(),
                 committers,
+                committer_domains,
                 username,
                 password_env,
                 subject,
@@ -797,9 +812,18 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
         NotifierKind::Webhook { .. } => &["url", "secret_env"],
         NotifierKind::GitHub { .. } => &["api_url", "token_env", "repository", "context"],
         NotifierKind::Irc { .. } => &["server", "tls", "nick", "channel", "password_env", "auth", "ca_file"],
-        NotifierKind::Email { .. } => {
-            &["smtp", "security", "from", "to", "committers", "username", "password_env", "subject", "ca_file"]
-        }
+        NotifierKind::Email { .. } => &[
+            "smtp",
+            "security",
+            "from",
+            "to",
+            "committers",
+            "committer_domains",
+            "username",
+            "password_env",
+            "subject",
+            "ca_file",
+        ],
     };
     let common = ["kind", "name", "events", "builders", "branches", "template"];
     let foreign: Vec<&str> =

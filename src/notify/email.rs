@@ -25,12 +25,18 @@ pub fn address_of(s: &str) -> Option<String> {
     ok.then(|| addr.to_string())
 }
 
-/// Everyone a message goes to: the fixed list, then the committers (when wanted), each once.
-pub fn recipients(to: &[String], committers: Option<&[String]>) -> Vec<String> {
+/// Everyone a message goes to: the fixed list, then the committers (when wanted, and only
+/// those in `domains` unless it is empty), each once.
+pub fn recipients(to: &[String], committers: Option<&[String]>, domains: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     // An address the mailer would refuse is dropped here, so it cannot sink the whole mail.
     let valid = |a: &String| a.parse::<Mailbox>().is_ok();
-    for a in to.iter().chain(committers.unwrap_or_default()).filter_map(|s| address_of(s)).filter(valid) {
+    let allowed = |a: &String| {
+        domains.is_empty()
+            || a.rsplit_once('@').is_some_and(|(_, d)| domains.iter().any(|allowed| d.eq_ignore_ascii_case(allowed)))
+    };
+    let committers = committers.unwrap_or_default().iter().filter_map(|s| address_of(s)).filter(allowed);
+    for a in to.iter().filter_map(|s| address_of(s)).chain(committers).filter(valid) {
         if !out.iter().any(|o| o.eq_ignore_ascii_case(&a)) {
             out.push(a);
         }
@@ -119,7 +125,17 @@ mod tests {
             "ADA@example.com".to_string(),
             "Odd <a,b@example.com>".to_string(),
         ];
-        assert_eq!(recipients(&["dev@example.com".into()], Some(&committers)), ["dev@example.com", "ada@example.com"]);
-        assert_eq!(recipients(&["dev@example.com".into()], None), ["dev@example.com"]);
+        assert_eq!(
+            recipients(&["dev@example.com".into()], Some(&committers), &[]),
+            ["dev@example.com", "ada@example.com"]
+        );
+        assert_eq!(recipients(&["dev@example.com".into()], None, &[]), ["dev@example.com"]);
+        // The domain list limits the committers, never the fixed list.
+        let outsiders = ["Eve <eve@evil.test>".to_string(), "Bob <bob@Example.COM>".to_string()];
+        assert_eq!(
+            recipients(&["ops@elsewhere.test".into()], Some(&outsiders), &["example.com".into()]),
+            ["ops@elsewhere.test", "bob@Example.COM"]
+        );
+        assert_eq!(recipients(&[], Some(&outsiders), &["sub.example.com".into()]), Vec::<String>::new());
     }
 }

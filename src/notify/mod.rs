@@ -156,10 +156,10 @@ pub fn plan(notifiers: &[Notifier], kind: &str, facts: &Facts) -> Vec<NewDeliver
                 crate::config::NotifierKind::GitHub { context, .. } => {
                     body["context"] = render(context, &fields).into()
                 }
-                crate::config::NotifierKind::Email { subject, to, committers, .. } => {
+                crate::config::NotifierKind::Email { subject, to, committers, committer_domains, .. } => {
                     body["subject"] = render(subject, &fields).into();
                     let committers = committers.then_some(facts.committers.as_slice());
-                    body["recipients"] = email::recipients(to, committers).into();
+                    body["recipients"] = email::recipients(to, committers, committer_domains).into();
                 }
                 _ => {}
             }
@@ -289,6 +289,7 @@ mod tests {
                 from: "ci@example.com".into(),
                 to: vec!["dev@example.com".into()],
                 committers: true,
+                committer_domains: Vec::new(),
                 username: None,
                 password_env: None,
                 subject: "{builder} on {branch}: {result}".into(),
