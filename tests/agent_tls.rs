@@ -19,7 +19,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 #[tokio::test]
 async fn the_agent_connects_to_an_https_master_it_trusts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let common::tls::TestCa { ca, cert, key } = common::tls::TestCa::make(dir.path());
+    let common::tls::TestCa { ca, cert, key, .. } = common::tls::TestCa::make(dir.path());
     // The only test in this binary: the variable is read by the agent's TLS connector.
     std::env::set_var("SSL_CERT_FILE", &ca);
     let certs: Vec<CertificateDer<'static>> =

@@ -231,7 +231,13 @@ fn a_signing_notifier_without_its_secret_stops_the_master_at_start_with_the_reas
 fn a_ca_file_that_is_missing_or_holds_no_certificate_stops_the_master_at_start() {
     let bed = Bed::new(&[]);
     std::fs::write(bed.path().join("not-a-ca.pem"), "hello\n").expect("write");
-    for (file, why) in [("missing.pem", "cannot read it"), ("not-a-ca.pem", "no certificate in it")] {
+    std::fs::write(bed.path().join("garbled.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+        .expect("write");
+    for (file, why) in [
+        ("missing.pem", "cannot read it"),
+        ("not-a-ca.pem", "no certificate in it"),
+        ("garbled.pem", "1 of its 1 certificates cannot be used as a CA"),
+    ] {
         bed.config(
             "",
             &format!(
@@ -241,15 +247,18 @@ fn a_ca_file_that_is_missing_or_holds_no_certificate_stops_the_master_at_start()
                  ca_file = \"{file}\"\n"
             ),
         );
-        let out = std::process::Command::new(common::paddock_bin())
-            .args(["run", "paddock.toml"])
-            .current_dir(bed.path())
-            .output()
-            .expect("paddock run");
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        let path = bed.path().join(file);
-        assert!(err.contains(&format!("notifier chat: `ca_file` {}: {why}", path.display())), "{err}");
+        // `check-config` says so too, before anything is deployed.
+        for command in ["run", "check-config"] {
+            let out = std::process::Command::new(common::paddock_bin())
+                .args([command, "paddock.toml"])
+                .current_dir(bed.path())
+                .output()
+                .expect("paddock");
+            assert!(!out.status.success(), "{command} with {file}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            let path = bed.path().join(file);
+            assert!(err.contains(&format!("notifier chat: `ca_file` {}: {why}", path.display())), "{command}: {err}");
+        }
     }
 }
 

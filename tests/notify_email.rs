@@ -130,6 +130,14 @@ fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_on
     // came over TLS; the `--smtpscert` one speaks only TLS.
     let (starttls, starttls_port) = SmtpServer::start_with(&["--tlscert".as_ref(), cert, "--tlskey".as_ref(), key]);
     let (smtps, smtps_port) = SmtpServer::start_with(&["--smtpscert".as_ref(), cert, "--smtpskey".as_ref(), key]);
+    // Signed by the trusted CA, but for another name than the one dialled.
+    let (other_cert, other_key) = ca.issue("elsewhere", "DNS:mail.elsewhere.test");
+    let (misnamed, misnamed_port) = SmtpServer::start_with(&[
+        "--tlscert".as_ref(),
+        other_cert.as_os_str(),
+        "--tlskey".as_ref(),
+        other_key.as_os_str(),
+    ]);
     let mut bed = Bed::new(&[]);
     std::fs::copy(&ca.ca, bed.path().join("private-ca.pem")).expect("copy the CA");
     // The committer (ada@example.com) is mailed only where her domain is allowed.
@@ -144,11 +152,12 @@ fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_on
         &format!(
             "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
              [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
-             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n{}{}{}",
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n{}{}{}{}",
             notifier("starttls", starttls_port, "starttls", "paddock.test", "ca_file = \"private-ca.pem\""),
             notifier("smtps", smtps_port, "tls", "Example.com", "ca_file = \"private-ca.pem\""),
             // Trusts only the system's CAs: the same STARTTLS server must be refused.
             notifier("untrusting", starttls_port, "starttls", "example.com", ""),
+            notifier("misnamed", misnamed_port, "starttls", "example.com", "ca_file = \"private-ca.pem\""),
         ),
     );
     bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
@@ -164,16 +173,23 @@ fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_on
         assert_eq!(header(mail, "Subject"), Some("b on main: failure"), "{mail}");
         assert!(mail.contains(&format!("Build: {}/builds/{}", bed.url(), broken["id"])), "{mail}");
     }
-    let refused = bed.wait("the untrusting notifier's failed try", || {
-        bed.get("/api/deliveries")["deliveries"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|d| d["notifier"] == "untrusting" && d["attempts"].as_i64().unwrap_or(0) > 0)
-            .cloned()
-    });
-    assert_eq!(refused["state"], "pending", "retried later: {refused}");
-    let why = refused["last_error"].as_str().unwrap_or_default();
-    assert!(why.contains("UnknownIssuer"), "{refused}");
+    let failed_try = |notifier: &str| {
+        bed.wait(&format!("a failed try of {notifier}"), || {
+            bed.get("/api/deliveries")["deliveries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|d| d["notifier"] == notifier && d["attempts"].as_i64().unwrap_or(0) > 0)
+                .cloned()
+        })
+    };
+    for (notifier, reason) in
+        [("untrusting", "UnknownIssuer"), ("misnamed", "certificate not valid for name \"127.0.0.1\"")]
+    {
+        let refused = failed_try(notifier);
+        assert_eq!(refused["state"], "pending", "retried later: {refused}");
+        assert!(refused["last_error"].as_str().unwrap_or_default().contains(reason), "{refused}");
+    }
     assert_eq!(starttls.messages().len(), 1, "nothing reached the server from the untrusting notifier");
+    assert!(misnamed.messages().is_empty(), "nothing reached the server with a certificate for another name");
 }

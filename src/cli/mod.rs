@@ -233,6 +233,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig { config } => {
             let cfg = load_config(&config)?;
+            crate::notify::worker::check_ca_files(&cfg)?;
             print!("{}", crate::config::render_builders(&cfg));
             println!("{}: OK ({} builders)", config.display(), cfg.builders.len());
         }

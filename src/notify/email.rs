@@ -8,6 +8,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::webhook::{SendError, TIMEOUT};
 use crate::config::SmtpSecurity;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// The address in `Name <address>` or a bare address, if it looks like one.
 pub fn address_of(s: &str) -> Option<String> {
@@ -52,8 +53,8 @@ pub struct Smtp<'a> {
     pub security: SmtpSecurity,
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
-    /// PEM CA certificates to trust instead of the system's, for a server with a private CA.
-    pub ca_pem: Option<&'a [u8]>,
+    /// CA certificates to trust instead of the system's, for a server with a private CA.
+    pub roots: Option<&'a [CertificateDer<'static>]>,
 }
 
 impl std::fmt::Debug for Smtp<'_> {
@@ -64,7 +65,7 @@ impl std::fmt::Debug for Smtp<'_> {
             .field("port", &self.port)
             .field("security", &self.security)
             .field("username", &self.username)
-            .field("ca_pem", &self.ca_pem.is_some())
+            .field("private_ca", &self.roots.is_some())
             .finish()
     }
 }
@@ -84,9 +85,12 @@ pub async fn send(smtp: &Smtp<'_>, from: &str, to: &[String], subject: &str, bod
     let msg = msg.body(body.to_string()).map_err(|e| refused("cannot build the message", &e))?;
     let tls = |host: &str| {
         let mut params = TlsParameters::builder(host.to_string());
-        if let Some(pem) = smtp.ca_pem {
-            let ca = Certificate::from_pem(pem).map_err(|e| refused("`ca_file`", &e))?;
-            params = params.certificate_store(CertificateStore::None).add_root_certificate(ca);
+        if let Some(roots) = smtp.roots {
+            params = params.certificate_store(CertificateStore::None);
+            for der in roots {
+                let ca = Certificate::from_der(der.to_vec()).map_err(|e| refused("`ca_file`", &e))?;
+                params = params.add_root_certificate(ca);
+            }
         }
         params.build().map_err(|e| refused("TLS settings", &e))
     };

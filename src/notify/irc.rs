@@ -79,16 +79,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 async fn run(settings: IrcSettings, password: Option<String>, mut rx: mpsc::Receiver<Request>) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        match connect(&settings).await {
+        // Why the bot is away, for the deliveries that fail meanwhile (and so for the API).
+        let why = match connect(&settings).await {
             Ok(stream) => {
                 tracing::info!(server = %settings.host, port = settings.port, "connected to IRC");
                 match session(&settings, password.as_deref(), stream, &mut rx, &mut backoff).await {
                     Ok(()) => return,
-                    Err(e) => tracing::warn!(server = %settings.host, "IRC connection ended: {e}"),
+                    Err(e) => {
+                        tracing::warn!(server = %settings.host, "IRC connection ended: {e}");
+                        format!("not connected to IRC (the connection ended: {e})")
+                    }
                 }
             }
-            Err(e) => tracing::warn!(server = %settings.host, retry_in = ?backoff, "cannot connect to IRC: {e}"),
-        }
+            Err(e) => {
+                tracing::warn!(server = %settings.host, retry_in = ?backoff, "cannot connect to IRC: {e}");
+                format!("not connected to IRC (cannot connect: {e})")
+            }
+        };
         // While away, say so to whoever asks, until it is time to try again.
         let wait = tokio::time::sleep(backoff);
         tokio::pin!(wait);
@@ -96,7 +103,7 @@ async fn run(settings: IrcSettings, password: Option<String>, mut rx: mpsc::Rece
             tokio::select! {
                 () = &mut wait => break,
                 req = rx.recv() => match req {
-                    Some((_, ack)) => { let _ = ack.send(Err("not connected to IRC".into())); }
+                    Some((_, ack)) => { let _ = ack.send(Err(why.clone())); }
                     None => return,
                 },
             }
@@ -115,11 +122,9 @@ async fn connect(s: &IrcSettings) -> Result<Box<dyn Stream>, String> {
     }
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     match &s.roots {
+        // Checked at start (`read_ca_file`): every one is usable.
         Some(certs) => {
-            let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
-            if added == 0 {
-                return Err("none of the certificates in `ca_file` can be used as a CA".into());
-            }
+            roots.add_parsable_certificates(certs.iter().cloned());
         }
         None => {
             roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);

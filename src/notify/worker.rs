@@ -40,8 +40,9 @@ pub enum NotifyError {
     CaFile { notifier: String, path: String, why: String },
 }
 
-/// Reads a PEM file of CA certificates; it must hold at least one.
-pub fn read_ca_file(path: &std::path::Path) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), String> {
+/// Reads a PEM file of CA certificates: at least one, and every one usable as a trust anchor
+/// (checked here, so a bad file stops the master at start rather than failing each send).
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -49,7 +50,32 @@ pub fn read_ca_file(path: &std::path::Path) -> Result<(Vec<u8>, Vec<CertificateD
     if certs.is_empty() {
         return Err("no certificate in it (expected PEM `-----BEGIN CERTIFICATE-----` blocks)".into());
     }
-    Ok((pem, certs))
+    let (_, unusable) = tokio_rustls::rustls::RootCertStore::empty().add_parsable_certificates(certs.iter().cloned());
+    if unusable > 0 {
+        return Err(format!("{unusable} of its {} certificates cannot be used as a CA", certs.len()));
+    }
+    Ok(certs)
+}
+
+/// Checks every notifier's `ca_file`, as the master does at start.
+pub fn check_ca_files(config: &Config) -> Result<(), NotifyError> {
+    ca_files(config).map(|_| ())
+}
+
+fn ca_files(config: &Config) -> Result<HashMap<String, Vec<CertificateDer<'static>>>, NotifyError> {
+    let mut cas = HashMap::new();
+    for n in &config.notifiers {
+        if let NotifierKind::Irc { ca_file: Some(path), .. } | NotifierKind::Email { ca_file: Some(path), .. } = &n.kind
+        {
+            let certs = read_ca_file(path).map_err(|why| NotifyError::CaFile {
+                notifier: n.name.clone(),
+                path: path.display().to_string(),
+                why,
+            })?;
+            cas.insert(n.name.clone(), certs);
+        }
+    }
+    Ok(cas)
 }
 
 /// The configured notifiers with their secrets read from the environment.
@@ -58,8 +84,8 @@ pub struct Notifiers {
     secrets: HashMap<String, Vec<u8>>,
     /// Repository name -> its URL (where a GitHub notifier finds `owner/name`).
     repos: HashMap<String, String>,
-    /// Notifier name -> the CA certificates it trusts instead of the system's (PEM, and parsed).
-    cas: HashMap<String, (Vec<u8>, Vec<CertificateDer<'static>>)>,
+    /// Notifier name -> the CA certificates it trusts instead of the system's.
+    cas: HashMap<String, Vec<CertificateDer<'static>>>,
     /// Each IRC notifier's bot, started with the workers.
     bots: std::sync::Mutex<HashMap<String, irc::IrcBot>>,
 }
@@ -91,19 +117,7 @@ impl Notifiers {
                 _ => return Err(NotifyError::MissingSecret { notifier: n.name.clone(), var: var.clone(), key }),
             }
         }
-        let mut cas = HashMap::new();
-        for n in &config.notifiers {
-            if let NotifierKind::Irc { ca_file: Some(path), .. } | NotifierKind::Email { ca_file: Some(path), .. } =
-                &n.kind
-            {
-                let ca = read_ca_file(path).map_err(|why| NotifyError::CaFile {
-                    notifier: n.name.clone(),
-                    path: path.display().to_string(),
-                    why,
-                })?;
-                cas.insert(n.name.clone(), ca);
-            }
-        }
+        let cas = ca_files(config)?;
         let repos = config.repos.iter().map(|r| (r.name.clone(), r.url.clone())).collect();
         Ok(Notifiers { list: config.notifiers.clone(), secrets, repos, cas, bots: Default::default() })
     }
@@ -121,7 +135,7 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
                     nick: nick.clone(),
                     channel: channel.clone(),
                     auth: *auth,
-                    roots: notifiers.cas.get(&n.name).map(|(_, certs)| certs.clone()),
+                    roots: notifiers.cas.get(&n.name).cloned(),
                 };
                 let password = notifiers.secrets.get(&n.name).map(|p| String::from_utf8_lossy(p).to_string());
                 bots.insert(n.name.clone(), irc::IrcBot::start(settings, password));
@@ -281,7 +295,7 @@ async fn deliver(
                 security: *security,
                 username: username.as_deref(),
                 password: secret,
-                ca_pem: notifiers.cas.get(&n.name).map(|(pem, _)| pem.as_slice()),
+                roots: notifiers.cas.get(&n.name).map(Vec::as_slice),
             };
             let subject = payload["subject"].as_str().unwrap_or_default();
             email::send(&smtp, from, &to, subject, payload["text"].as_str().unwrap_or_default()).await
