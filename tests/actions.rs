@@ -1,7 +1,7 @@
 //! Actions through the API on a real master with real agents: cancel a running build (the
-//! agent kills the step and reports it cancelled, and the machine takes the next build), cancel
-//! a queued one, rebuild, terminate a busy machine (its build is retried), and pause a pool
-//! (kept across a restart) then resume it.
+//! agent kills the step, still runs the `always` step, reports it cancelled, and the machine
+//! takes the next build), cancel a queued one, rebuild, terminate a busy machine (its build is
+//! retried), and pause a pool (kept across a restart) then resume it.
 
 mod common;
 
@@ -12,7 +12,8 @@ fn config(go: &std::path::Path) -> String {
     format!(
         "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
          [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\n\
-         steps = [\"echo started; while [ ! -e {go} ]; do sleep 0.1; done; echo finished\", \"echo second\"]\n",
+         steps = [\"echo started; while [ ! -e {go} ]; do sleep 0.1; done; echo finished\", \"echo second\", \
+         {{ name = \"cleanup\", run = \"echo cleaned-up\", always = true }}]\n",
         go = go.display()
     )
 }
@@ -81,7 +82,9 @@ fn cancel_rebuild_and_terminate() {
     assert_eq!(done["cancelled_by"], "carl");
     assert_eq!(done["steps"][1]["state"], "cancelled", "{done}");
     assert_eq!(done["steps"][2]["state"], "skipped", "{done}");
+    assert_eq!(done["steps"][3]["state"], "success", "an `always` step still runs: {done}");
     let text = log(&bed, first);
+    assert!(text.lines().any(|l| l == "cleaned-up"), "{text}");
     assert!(text.contains("*** cancel requested by carl"), "{text}");
     assert!(text.contains("*** build cancelled; process group killed"), "{text}");
     assert!(!text.lines().any(|l| l == "finished" || l == "second"), "{text}");

@@ -81,12 +81,19 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
     for (i, step) in job.steps.iter().enumerate() {
         let idx = i + 1;
         cancelled = cancelled || ctx.is_cancelled();
-        if cancelled || ((failed || exception) && !step.always) {
+        if (cancelled || failed || exception) && !step.always {
             ctx.finished(idx, StepResult::Skipped, None).await;
             continue;
         }
         ctx.send(AgentMsg::StepStarted { build: ctx.build, step: idx }).await;
-        let (result, code, was_cancelled) = run_step(&ctx, job, step, idx, &src).await;
+        let (result, code, was_cancelled) = if cancelled {
+            // Clean-up still runs after a cancel (as `if: always()` does elsewhere); the cancel
+            // has been spent, so only the step's timeout (or stopping the machine) ends it.
+            ctx.line(idx, "*** build cancelled; running this `always` step anyway").await;
+            run_step(&ctx.uncancellable(), job, step, idx, &src).await
+        } else {
+            run_step(&ctx, job, step, idx, &src).await
+        };
         cancelled |= was_cancelled;
         match result {
             StepResult::Failure | StepResult::Timeout => failed = true,
@@ -132,6 +139,12 @@ impl Ctx {
     /// Reports the end of a step.
     async fn finished(&self, step: usize, result: StepResult, exit_code: Option<i32>) {
         self.send(AgentMsg::StepFinished { build: self.build, step, result, exit_code }).await;
+    }
+
+    /// The same job with a cancel signal that never comes.
+    fn uncancellable(&self) -> Ctx {
+        let (_gone, never) = watch::channel(false);
+        Ctx { build: self.build, out: self.out.clone(), secrets: self.secrets.clone(), cancel: never }
     }
 
     /// Whether cancellation was requested.
