@@ -22,6 +22,7 @@ struct Visitor {
 struct Page {
     status: u16,
     location: Option<String>,
+    retry_after: Option<String>,
     content_type: String,
     body: String,
 }
@@ -50,6 +51,7 @@ impl Visitor {
         Page {
             status: resp.status().as_u16(),
             location: resp.headers().get("location").map(|v| v.to_str().unwrap_or("").to_string()),
+            retry_after: resp.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_string()),
             content_type: resp
                 .headers()
                 .get("content-type")
@@ -317,4 +319,34 @@ fn an_https_master_marks_its_session_cookie_secure() {
     let console = anon.get("/");
     assert_eq!(console.status, 200);
     assert!(console.body.contains("href=\"/login\"") && !console.body.contains("id=\"force\""));
+}
+
+#[test]
+fn password_guessing_for_a_name_is_stopped_for_a_while_without_locking_out_others() {
+    let mut bed = Bed::new(&[]);
+    bed.config("", &config(""));
+    bed.start(&["main"]);
+    bed.add_user("carl", "committer", "carl-password");
+    bed.add_user("dora", "viewer", "dora-password");
+    let mut v = Visitor::new(&bed);
+    let token = hidden(&v.get("/login").body, "csrf");
+    let try_login = |v: &mut Visitor, name: &str, password: &str| {
+        v.post("/login", &[("name", name), ("password", password), ("csrf", &token), ("next", "/")])
+    };
+    for guess in ["password", "123456", "carl", "letmein", "qwerty"] {
+        let page = try_login(&mut v, "carl", guess);
+        assert_eq!(page.status, 401, "{guess}");
+        assert!(page.body.contains("wrong name or password"));
+    }
+    // The sixth try waits, even with the right password: nothing is checked meanwhile.
+    let refused = try_login(&mut v, "Carl", "carl-password");
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(refused.body.contains("too many failed logins; try again in 15 minutes"), "{}", refused.body);
+    let wait: u64 = refused.retry_after.as_deref().and_then(|r| r.parse().ok()).expect("Retry-After in seconds");
+    assert!((1..=900).contains(&wait), "{wait}");
+    assert!(!v.cookies.contains_key("paddock_session"));
+    // Another name from the same address logs in; so do API tokens.
+    assert_eq!(try_login(&mut v, "dora", "dora-password").status, 303);
+    assert!(v.cookies.contains_key("paddock_session"));
+    assert!(bed.get("/api/builds")["builds"].is_array());
 }

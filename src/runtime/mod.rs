@@ -140,6 +140,8 @@ pub struct Shared {
     pub web_closing: AtomicBool,
     /// Pools that may not launch because a spend cap is reached, and why.
     pub spend_holds: Mutex<HashMap<String, String>>,
+    /// Recent failed logins, to slow down password guessing.
+    pub login_throttle: Mutex<crate::web::throttle::LoginThrottle>,
 }
 
 impl Shared {
@@ -205,6 +207,7 @@ pub async fn run(
         draining: AtomicBool::new(false),
         web_closing: AtomicBool::new(false),
         spend_holds: Mutex::new(HashMap::new()),
+        login_throttle: Default::default(),
         config: config.clone(),
     });
 

@@ -294,6 +294,7 @@ mod tests {
             draining: AtomicBool::new(false),
             web_closing: AtomicBool::new(false),
             spend_holds: Mutex::new(HashMap::new()),
+            login_throttle: Default::default(),
         };
         (shared, rx, db)
     }

@@ -8,6 +8,7 @@ mod download;
 mod hooks;
 mod metrics;
 mod pages;
+pub mod throttle;
 
 use std::sync::Arc;
 

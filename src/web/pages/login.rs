@@ -1,10 +1,13 @@
 //! Login and logout. The login form carries a token matched against a short-lived cookie
 //! (login CSRF); a successful login sets the session cookie (HttpOnly, SameSite=Lax, Secure
-//! when the master is served over https).
+//! when the master is served over https). Failed logins are counted per name and address
+//! ([`crate::web::throttle`]); past the limit, logins wait (429) without a password check.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -112,7 +115,23 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
             StatusCode::FORBIDDEN,
         ));
     }
-    let found = s.store.user_with_hash(f.name.trim()).await?;
+    let name = f.name.trim();
+    let from = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(peer)| peer.ip());
+    let throttled = s.login_throttle.lock().map_or(Ok(()), |mut t| t.check(name, from, Instant::now()));
+    if let Err(wait) = throttled {
+        // No password is checked: guessing gets nowhere, and costs no argon2 time.
+        tracing::warn!(%from, "login refused: too many failed logins");
+        let minutes = wait.as_secs().div_ceil(60);
+        let why =
+            format!("too many failed logins; try again in {minutes} minute{}", if minutes == 1 { "" } else { "s" });
+        let mut resp = login_page(&s, &parts, &next, Some(&why), StatusCode::TOO_MANY_REQUESTS);
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+        return Ok(resp);
+    }
+    let found = s.store.user_with_hash(name).await?;
     // Verify against a dummy when the user does not exist, so both take the same time.
     let stored = found.as_ref().map_or(dummy_hash(), |(_, h)| h.as_str()).to_string();
     let password = f.password.clone();
@@ -130,13 +149,18 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
     let user = match (found, ok) {
         (Some((user, _)), true) => user,
         _ => {
+            if let Ok(mut t) = s.login_throttle.lock() {
+                t.failed(name, from, Instant::now());
+            }
             // A name that is not a valid one may be a password typed in the wrong field.
-            let name = f.name.trim();
             let shown = if crate::accounts::check_name(name).is_ok() { name } else { "(not a valid name)" };
             tracing::info!(name = %shown, "failed login");
             return Ok(login_page(&s, &parts, &next, Some("wrong name or password"), StatusCode::UNAUTHORIZED));
         }
     };
+    if let Ok(mut t) = s.login_throttle.lock() {
+        t.succeeded(name);
+    }
     let session = new_secret("");
     let csrf = new_secret("");
     let now = s.now();
