@@ -349,4 +349,24 @@ fn password_guessing_for_a_name_is_stopped_for_a_while_without_locking_out_other
     assert_eq!(try_login(&mut v, "dora", "dora-password").status, 303);
     assert!(v.cookies.contains_key("paddock_session"));
     assert!(bed.get("/api/builds")["builds"].is_array());
+
+    // Guesses sent side by side are counted before any is checked: exactly the limit get a
+    // password check; the rest wait.
+    let token = hidden(&Visitor::new(&bed).get("/login").body, "csrf");
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let tries: Vec<_> = (0..20)
+            .map(|i| {
+                let (bed, token) = (&bed, &token);
+                scope.spawn(move || {
+                    let mut v = Visitor::new(bed);
+                    v.cookies.insert("paddock_login".into(), token.clone());
+                    let guess = format!("guess-{i}");
+                    v.post("/login", &[("name", "dora"), ("password", &guess), ("csrf", token)]).status
+                })
+            })
+            .collect();
+        tries.into_iter().map(|t| t.join().expect("try")).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 5, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 15, "{statuses:?}");
 }

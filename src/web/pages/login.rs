@@ -120,16 +120,11 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(peer)| peer.ip());
-    let throttled = s.login_throttle.lock().map_or(Ok(()), |mut t| t.check(name, from, Instant::now()));
-    if let Err(wait) = throttled {
-        // No password is checked: guessing gets nowhere, and costs no argon2 time.
-        tracing::warn!(%from, "login refused: too many failed logins");
-        let minutes = wait.as_secs().div_ceil(60);
-        let why =
-            format!("too many failed logins; try again in {minutes} minute{}", if minutes == 1 { "" } else { "s" });
-        let mut resp = login_page(&s, &parts, &next, Some(&why), StatusCode::TOO_MANY_REQUESTS);
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
-        return Ok(resp);
+    // Counted before the password is checked, so tries sent side by side cannot all slip
+    // through while the first ones are being verified; a right password takes it back.
+    let counted = s.login_throttle.lock().map_or(Ok(()), |mut t| t.attempt(name, from, Instant::now()));
+    if let Err(wait) = counted {
+        return Ok(too_many(&s, &parts, &next, wait));
     }
     let found = s.store.user_with_hash(name).await?;
     // Verify against a dummy when the user does not exist, so both take the same time.
@@ -149,9 +144,6 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
     let user = match (found, ok) {
         (Some((user, _)), true) => user,
         _ => {
-            if let Ok(mut t) = s.login_throttle.lock() {
-                t.failed(name, from, Instant::now());
-            }
             // A name that is not a valid one may be a password typed in the wrong field.
             let shown = if crate::accounts::check_name(name).is_ok() { name } else { "(not a valid name)" };
             tracing::info!(name = %shown, "failed login");
@@ -159,7 +151,7 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
         }
     };
     if let Ok(mut t) = s.login_throttle.lock() {
-        t.succeeded(name);
+        t.succeeded(name, from);
     }
     let session = new_secret("");
     let csrf = new_secret("");
@@ -182,6 +174,18 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
         Cookie::build((LOGIN_COOKIE, "")).path("/login").max_age(cookie::time::Duration::ZERO).build(),
     );
     Ok(resp)
+}
+
+/// The answer to a login that must wait: no password was checked, so guessing gets nowhere
+/// and costs no argon2 time.
+fn too_many(s: &Shared, parts: &Parts, next: &str, wait: std::time::Duration) -> Response {
+    // Rounded up: a client that waits exactly this long must not be refused again.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let minutes = secs.div_ceil(60);
+    let why = format!("too many failed logins; try again in {minutes} minute{}", if minutes == 1 { "" } else { "s" });
+    let mut resp = login_page(s, parts, next, Some(&why), StatusCode::TOO_MANY_REQUESTS);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
 }
 
 /// The logout form's field.
