@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use paddock::agent::job::run_job;
+use paddock::agent::job::{run_job, Stop};
 use paddock::agent::protocol::{AgentMsg, BuildJob, BuildResult, JobStep, StepResult};
 use tokio::sync::{mpsc, watch};
 
@@ -79,14 +79,14 @@ fn job(build: i64, repo: &Repo, revision: &str, steps: Vec<JobStep>) -> BuildJob
 
 /// Runs a job to the end, collecting every message it sent.
 async fn run(job: &BuildJob, workdir: &Path) -> (BuildResult, Vec<AgentMsg>) {
-    let (_cancel_tx, cancel_rx) = watch::channel(false);
+    let (_cancel_tx, cancel_rx) = watch::channel(Stop::Running);
     run_with_cancel(job, workdir, cancel_rx).await
 }
 
 async fn run_with_cancel(
     job: &BuildJob,
     workdir: &Path,
-    cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<Stop>,
 ) -> (BuildResult, Vec<AgentMsg>) {
     // A small channel on purpose: the job must cope with back-pressure.
     let (tx, mut rx) = mpsc::channel(4);
@@ -316,14 +316,14 @@ async fn cancel_stops_the_running_step_skips_the_rest_and_still_runs_always_step
     cleanup.always = true;
     let steps = vec![step("slow", "echo started; sleep 600"), step("next", "echo should-not-run"), cleanup];
     let j = job(1, &repo, &repo.rev1, steps);
-    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let (cancel_tx, cancel_rx) = watch::channel(Stop::Running);
     let (tx, mut rx) = mpsc::channel(4);
     // Cancel once the first step has visibly started; keep every message.
     let collector = tokio::spawn(async move {
         let mut msgs = Vec::new();
         while let Some(m) = rx.recv().await {
-            if matches!(&m, AgentMsg::Log { step: 1, text, .. } if text.contains("started")) {
-                let _ = cancel_tx.send(true);
+            if matches!(&m, AgentMsg::Log { step: 1, text, .. } if text.lines().any(|l| l == "started")) {
+                let _ = cancel_tx.send(Stop::Cancel);
             }
             msgs.push(m);
         }
@@ -342,6 +342,49 @@ async fn cancel_stops_the_running_step_skips_the_rest_and_still_runs_always_step
     let cleanup = log(&msgs, 3);
     assert!(cleanup.contains("*** build cancelled; running this `always` step anyway\n"), "{cleanup}");
     assert!(cleanup.contains("cleaned up\n"), "{cleanup}");
+}
+
+#[tokio::test]
+async fn an_agent_stopping_after_a_cancel_stops_the_always_step_too() {
+    let repo = make_repo();
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut cleanup = step("cleanup", "echo cleaning; sleep 1; echo still-cleaning; sleep 600");
+    cleanup.always = true;
+    let mut last = step("last", "echo should-not-run");
+    last.always = true;
+    let j = job(1, &repo, &repo.rev1, vec![step("slow", "echo started; sleep 600"), cleanup, last]);
+    let (cancel_tx, cancel_rx) = watch::channel(Stop::Running);
+    let (tx, mut rx) = mpsc::channel(4);
+    // Cancel when the first step runs; stop the agent when the clean-up runs. A second cancel
+    // in between changes nothing: the clean-up is past cancelling.
+    let collector = tokio::spawn(async move {
+        let mut msgs = Vec::new();
+        while let Some(m) = rx.recv().await {
+            match &m {
+                AgentMsg::Log { step: 1, text, .. } if text.lines().any(|l| l == "started") => {
+                    let _ = cancel_tx.send(Stop::Cancel);
+                }
+                AgentMsg::Log { step: 2, text, .. } if text.lines().any(|l| l == "still-cleaning") => {
+                    let _ = cancel_tx.send(Stop::Now);
+                }
+                AgentMsg::Log { step: 2, text, .. } if text.lines().any(|l| l == "cleaning") => {
+                    cancel_tx.send_replace(Stop::Cancel);
+                }
+                _ => {}
+            }
+            msgs.push(m);
+        }
+        msgs
+    });
+    let result =
+        tokio::time::timeout(DEADLINE, run_job(&j, work.path(), tx, cancel_rx)).await.expect("the stop ends the job");
+    let msgs = collector.await.expect("collector");
+    assert_eq!(result, BuildResult::Cancelled);
+    assert_eq!(finished(&msgs, 1).0, StepResult::Cancelled);
+    assert_eq!(finished(&msgs, 2).0, StepResult::Cancelled, "{}", log(&msgs, 2));
+    assert!(log(&msgs, 2).contains("still-cleaning\n"), "a second cancel does not stop clean-up");
+    assert_eq!(finished(&msgs, 3).0, StepResult::Skipped, "nothing more runs once the agent stops");
+    assert!(!started(&msgs, 3));
 }
 
 // ---- The agent process against a fake master ----

@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::imds::{self, Notice};
-use super::job::run_job;
+use super::job::{run_job, Stop};
 use super::protocol::{AgentMsg, BuildResult, MasterMsg, Secret};
 
 /// How long the initial connection is retried.
@@ -316,7 +316,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
     drop(job_tx);
     let mut forward = socket_open;
     if let Some(mut run) = current.take() {
-        let _ = run.cancel.send(true);
+        let _ = run.cancel.send(Stop::Now);
         let give_up = tokio::time::sleep(STOP_TIMEOUT);
         tokio::pin!(give_up);
         loop {
@@ -428,7 +428,7 @@ async fn connected(
                         }
                         // Log identifiers only: the job carries secrets.
                         tracing::info!(build = job.build, builder = %job.builder, revision = %job.revision, "running build");
-                        let (cancel_tx, cancel_rx) = watch::channel(false);
+                        let (cancel_tx, cancel_rx) = watch::channel(Stop::Running);
                         let tx = job_tx.clone();
                         let workdir = opts.workdir.clone();
                         let build = job.build;
@@ -449,7 +449,12 @@ async fn connected(
                         // build cancelled; the connection stays for the next build.
                         Some(run) if run.build == build => {
                             tracing::info!(build, "master cancelled the build; stopping it");
-                            let _ = run.cancel.send(true);
+                            // Never softens a stop already under way.
+                            run.cancel.send_if_modified(|s| {
+                                let was = *s;
+                                *s = was.max(Stop::Cancel);
+                                *s != was
+                            });
                         }
                         _ => tracing::info!(build, "cancel for a build not running here; ignored"),
                     },
@@ -491,14 +496,14 @@ async fn connected(
 struct Running {
     build: i64,
     handle: JoinHandle<()>,
-    cancel: watch::Sender<bool>,
+    cancel: watch::Sender<Stop>,
 }
 
 // However the agent leaves its loop, a build it stops tracking is told to stop: the job treats
-// a dropped sender as "never cancelled", so this is what prevents orphaned steps.
+// a dropped sender as "never stopped", so this is what prevents orphaned steps.
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.cancel.send(true);
+        let _ = self.cancel.send(Stop::Now);
     }
 }
 

@@ -31,9 +31,20 @@ use tokio::sync::{mpsc, watch};
 use super::protocol::{AgentMsg, BuildJob, BuildResult, JobStep, StepResult};
 use super::redact::{redact_str, Redactor};
 
-/// Cancellation signal for [`run_job`]: the job stops once the value becomes `true`.
-/// Dropping the sender means "never cancelled".
-pub type CancelRx = watch::Receiver<bool>;
+/// What [`run_job`] is told, in increasing force.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    /// Carry on.
+    #[default]
+    Running,
+    /// The build was cancelled: kill the running step, skip the rest but the `always` steps.
+    Cancel,
+    /// The agent is going away: kill whatever runs, `always` steps too, and run nothing more.
+    Now,
+}
+
+/// Stop signal for [`run_job`]. Dropping the sender means "never stopped".
+pub type CancelRx = watch::Receiver<Stop>;
 
 /// Index of the checkout step; configured steps follow from 1.
 pub const CHECKOUT_STEP: usize = 0;
@@ -60,6 +71,7 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
         out,
         secrets: job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         cancel,
+        stops_at: Stop::Cancel,
     };
 
     ctx.send(AgentMsg::StepStarted { build: ctx.build, step: CHECKOUT_STEP }).await;
@@ -80,17 +92,18 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
     let mut cancelled = false;
     for (i, step) in job.steps.iter().enumerate() {
         let idx = i + 1;
-        cancelled = cancelled || ctx.is_cancelled();
-        if (cancelled || failed || exception) && !step.always {
+        let stop = ctx.stop();
+        cancelled = cancelled || stop >= Stop::Cancel;
+        if stop == Stop::Now || ((cancelled || failed || exception) && !step.always) {
             ctx.finished(idx, StepResult::Skipped, None).await;
             continue;
         }
         ctx.send(AgentMsg::StepStarted { build: ctx.build, step: idx }).await;
         let (result, code, was_cancelled) = if cancelled {
             // Clean-up still runs after a cancel (as `if: always()` does elsewhere); the cancel
-            // has been spent, so only the step's timeout (or stopping the machine) ends it.
+            // has been spent, so only the step's timeout or the agent stopping ends it.
             ctx.line(idx, "*** build cancelled; running this `always` step anyway").await;
-            run_step(&ctx.uncancellable(), job, step, idx, &src).await
+            run_step(&ctx.only_stopped_now(), job, step, idx, &src).await
         } else {
             run_step(&ctx, job, step, idx, &src).await
         };
@@ -121,6 +134,8 @@ struct Ctx {
     /// (name, value) of every secret of the job, for redaction.
     secrets: Vec<(String, String)>,
     cancel: CancelRx,
+    /// The signal that stops a command here.
+    stops_at: Stop,
 }
 
 impl Ctx {
@@ -141,15 +156,25 @@ impl Ctx {
         self.send(AgentMsg::StepFinished { build: self.build, step, result, exit_code }).await;
     }
 
-    /// The same job with a cancel signal that never comes.
-    fn uncancellable(&self) -> Ctx {
-        let (_gone, never) = watch::channel(false);
-        Ctx { build: self.build, out: self.out.clone(), secrets: self.secrets.clone(), cancel: never }
+    /// The same job, whose commands only [`Stop::Now`] stops.
+    fn only_stopped_now(&self) -> Ctx {
+        Ctx {
+            build: self.build,
+            out: self.out.clone(),
+            secrets: self.secrets.clone(),
+            cancel: self.cancel.clone(),
+            stops_at: Stop::Now,
+        }
     }
 
-    /// Whether cancellation was requested.
-    fn is_cancelled(&self) -> bool {
+    /// The latest signal.
+    fn stop(&self) -> Stop {
         *self.cancel.borrow()
+    }
+
+    /// Whether the build was cancelled or the agent is stopping.
+    fn is_cancelled(&self) -> bool {
+        self.stop() >= Stop::Cancel
     }
 }
 
@@ -231,7 +256,7 @@ async fn run_step(
                 // signalled too and cancels the build in a moment. Wait for that briefly, so a
                 // shutdown is never reported as the step's own failure.
                 let mut cancel = ctx.cancel.clone();
-                if tokio::time::timeout(SIGNALLED_GRACE, cancelled(&mut cancel)).await.is_ok() {
+                if tokio::time::timeout(SIGNALLED_GRACE, cancelled(&mut cancel, ctx.stops_at)).await.is_ok() {
                     ctx.line(idx, "*** build cancelled; process group killed").await;
                     return (StepResult::Cancelled, None, true);
                 }
@@ -492,9 +517,9 @@ fn signal_group(pgid: i32, sig: Signal) {
     let _ = killpg(Pid::from_raw(pgid), sig);
 }
 
-/// Resolves when the job is cancelled; never, if the canceller is gone.
-async fn cancelled(rx: &mut CancelRx) {
-    if rx.wait_for(|c| *c).await.is_err() {
+/// Resolves when the signal reaches `at`; never, if the sender is gone.
+async fn cancelled(rx: &mut CancelRx, at: Stop) {
+    if rx.wait_for(|s| *s >= at).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
@@ -527,7 +552,7 @@ async fn run_process(ctx: &Ctx, step: usize, mut cmd: Command, timeout: Duration
                 Err(e) => Outcome::SpawnFailed(e),
             },
             () = &mut deadline => break Outcome::TimedOut,
-            () = cancelled(&mut cancel) => break Outcome::Cancelled,
+            () = cancelled(&mut cancel, ctx.stops_at) => break Outcome::Cancelled,
             () = &mut pump, if !pump_done => pump_done = true,
         }
     };
