@@ -81,10 +81,9 @@ impl Receiver {
 }
 
 fn config(port: u16) -> String {
+    let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
     format!(
-        "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
-         [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
-         [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+        "{preamble}\
          [[notifier]]\nkind = \"webhook\"\nname = \"everything\"\nurl = \"http://127.0.0.1:{port}/all\"\n\
          secret_env = \"HOOK_SECRET\"\nevents = [\"started\", \"finished\", \"transition\"]\n\n\
          [[notifier]]\nkind = \"webhook\"\nname = \"news\"\nurl = \"http://127.0.0.1:{port}/news\"\n\
@@ -266,12 +265,11 @@ fn a_ca_file_that_is_missing_or_holds_no_certificate_stops_the_master_at_start()
 fn github_commit_statuses_go_pending_then_success_or_failure() {
     let receiver = Receiver::start();
     let mut bed = Bed::new(&[]);
+    let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
     bed.config(
         "",
         &format!(
-            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
-             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
-             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+            "{preamble}\
              [[notifier]]\nkind = \"github\"\napi_url = \"http://127.0.0.1:{}/api/v3\"\ntoken_env = \"GH_TOKEN\"\n\
              repository = \"acme/app\"\n",
             receiver.port

@@ -147,12 +147,11 @@ fn over_starttls_and_tls_the_mail_goes_to_servers_signed_by_the_configured_ca_on
              from = \"ci@paddock.test\"\nto = [\"{name}@paddock.test\"]\ncommitter_domains = [\"{domain}\"]\n{ca_file}\n"
         )
     };
+    let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
     bed.config(
         "",
         &format!(
-            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
-             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
-             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n{}{}{}{}",
+            "{preamble}{}{}{}{}",
             notifier("starttls", starttls_port, "starttls", "paddock.test", "ca_file = \"private-ca.pem\""),
             notifier("smtps", smtps_port, "tls", "Example.com", "ca_file = \"private-ca.pem\""),
             // Trusts only the system's CAs: the same STARTTLS server must be refused.

@@ -159,12 +159,11 @@ fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
     let ircd = Ircd::start(port);
     let watcher = Watcher::join(port, "#ci");
     let mut bed = Bed::new(&[]);
+    let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
     bed.config(
         "",
         &format!(
-            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
-             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
-             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+            "{preamble}\
              [[notifier]]\nkind = \"irc\"\nserver = \"127.0.0.1:{port}\"\ntls = false\nchannel = \"#ci\"\nnick = \"paddock\"\n"
         ),
     );
@@ -226,12 +225,11 @@ fn over_tls_the_bot_trusts_the_configured_ca_and_nothing_else() {
     std::fs::copy(&ca.ca, bed.path().join("private-ca.pem")).expect("copy the CA");
     // Two bots on the TLS port: one trusts the test CA (a path relative to the config), the
     // other only the system's CAs, so its handshake must fail.
+    let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
     bed.config(
         "",
         &format!(
-            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
-             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\nsteps = [\"! grep -q broken a.txt\"]\n\n\
-             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+            "{preamble}\
              [[notifier]]\nname = \"trusting\"\nkind = \"irc\"\nserver = \"127.0.0.1:{tls_port}\"\nchannel = \"#ci\"\n\
              nick = \"paddock\"\nca_file = \"private-ca.pem\"\n\n\
              [[notifier]]\nname = \"untrusting\"\nkind = \"irc\"\nserver = \"127.0.0.1:{tls_port}\"\nchannel = \"#ci\"\n\

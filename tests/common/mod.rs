@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Config for a local pool and one builder `b` on repository `app` (branch scheduler) whose
+/// build fails while `a.txt` says "broken": the notifier tests' pass/fail switch.
+pub const ONE_BUILDER_FAILING_ON_BROKEN: &str = "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\n\
+    boot_timeout = \"60s\"\n\n[[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\n\
+    steps = [\"! grep -q broken a.txt\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n";
+
 /// The binary under test.
 pub fn paddock_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_paddock"))
