@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::Bed;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const SECRET: &str = "webhook-secret-for-tests";
 
@@ -206,6 +206,66 @@ fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
     assert_eq!(d["state"], "sent");
     assert!(d["attempts"].as_i64().unwrap_or(0) >= 2, "{d}");
     assert!(d.get("payload").is_none(), "payloads stay in the store");
+}
+
+/// Two machines: an older change that breaks the build finishes after a newer one that
+/// passes. The newer result stands, so nobody is told the branch broke.
+#[test]
+fn an_older_change_finishing_after_a_newer_one_is_no_transition() {
+    let receiver = Receiver::start();
+    let mut bed = Bed::new(&[]);
+    let go = bed.path().join("go");
+    std::fs::create_dir_all(go.join("base")).expect("go/base");
+    // Each build waits for go/<its change's gate word>; the "older" change fails.
+    bed.config(
+        "",
+        &format!(
+            "[pool.local]\nmax_instances = 2\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
+             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"local\"\n\
+             steps = [\"f=$(tail -n1 gate.txt 2>/dev/null || echo base); while [ ! -e {go}/$f ]; do sleep 0.1; done; [ $f != older ]\"]\n\n\
+             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n\n\
+             [[notifier]]\nkind = \"webhook\"\nname = \"news\"\nurl = \"http://127.0.0.1:{port}/news\"\nevents = [\"transition\"]\n\n\
+             [[notifier]]\nkind = \"webhook\"\nname = \"all\"\nurl = \"http://127.0.0.1:{port}/all\"\nevents = [\"finished\"]\n",
+            go = go.display(),
+            port = receiver.port
+        ),
+    );
+    bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
+    let build_of = |rev: &str, state: &str| {
+        bed.wait(&format!("{rev} to be {state}"), || {
+            bed.builds().into_iter().find(|b| b["revision"] == rev && b["state"] == state)
+        })
+    };
+    let base = bed.commit("main", "gate.txt", "base\n", "base");
+    build_of(&base, "success");
+    let older = bed.commit("main", "gate.txt", "older\n", "break it");
+    build_of(&older, "running");
+    let newer = bed.commit("main", "gate.txt", "newer\n", "fix it");
+    build_of(&newer, "running");
+    std::fs::create_dir(go.join("newer")).expect("go/newer");
+    let newer = build_of(&newer, "success");
+    std::fs::create_dir(go.join("older")).expect("go/older");
+    let older = build_of(&older, "failure");
+    bed.notifications_settled();
+
+    assert!(
+        receiver.all("/news").is_empty(),
+        "{:?}",
+        receiver.all("/news").iter().map(|r| r.json()).collect::<Vec<_>>()
+    );
+    let finished = |b: &Value| {
+        receiver.all("/all").into_iter().map(|r| r.json()).find(|j| j["build"]["id"] == b["id"]).expect("finished")
+    };
+    let (n, o) = (finished(&newer), finished(&older));
+    assert_eq!(
+        (n["previous"].clone(), n["superseded"].clone(), n["transition"].clone()),
+        (json!("success"), json!(false), Value::Null)
+    );
+    assert_eq!(
+        (o["previous"].clone(), o["superseded"].clone(), o["transition"].clone()),
+        (json!("success"), json!(true), Value::Null)
+    );
+    assert_ne!(newer["machine"], older["machine"], "they ran side by side");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use paddock::core::Ts;
-use paddock::store::Store;
+use paddock::store::{Standing, Store};
 
 async fn open() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -118,7 +118,7 @@ async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
 }
 
 #[tokio::test]
-async fn the_previous_result_skips_cancelled_and_retried_attempts_and_other_branches() {
+async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() {
     let (_dir, store) = open().await;
     store.insert_machine(1, "local", "local", "h", Ts(0)).await.expect("machine");
     let mut t = 10;
@@ -142,17 +142,59 @@ async fn the_previous_result_skips_cancelled_and_retried_attempts_and_other_bran
         }
     };
     let first = run("a", "main", "success").await;
-    assert_eq!(store.previous_result(first).await.expect("previous"), None, "nothing before the first");
+    assert_eq!(store.standing(first).await.expect("standing"), Standing::default(), "nothing before the first");
     run("a", "other", "failure").await;
     run("a", "main", "cancelled").await;
     run("a", "main", "retry").await;
     run("b", "main", "failure").await;
     let now = run("a", "main", "failure").await;
-    assert_eq!(store.previous_result(now).await.expect("previous").as_deref(), Some("success"));
+    assert_eq!(
+        store.standing(now).await.expect("standing"),
+        Standing { previous: Some("success".into()), superseded: false }
+    );
     // Every end reached the outbox, a retried attempt's included only through its next one.
     let events = store.pending_build_events(100).await.expect("events");
     let finished = events.iter().filter(|e| e.kind == "finished").count();
     assert_eq!(finished, 5, "{events:?}");
+}
+
+/// With two machines an older change can finish after a newer one: results are compared in
+/// the order the builds were asked for, and the late older one is old news.
+#[tokio::test]
+async fn the_standing_of_builds_that_finish_out_of_order() {
+    let (_dir, store) = open().await;
+    store.insert_machine(1, "local", "local", "h", Ts(0)).await.expect("machine");
+    store.insert_machine(2, "local", "local", "h", Ts(0)).await.expect("machine");
+    let request = |at: i64| {
+        let store = store.clone();
+        async move { store.create_request("a", "app", "main", "r", "change", "t", &[], Ts(at)).await.expect("request") }
+    };
+    let base = request(1).await;
+    assert!(store.start_build(base.id, 1, &["s".into()], Ts(2)).await.expect("start"));
+    assert!(store.finish_build(base.id, 1, "success", Ts(3)).await.expect("finish"));
+    // `older` breaks the build, `newer` fixes it; `newer` finishes first.
+    let older = request(10).await;
+    let newer = request(11).await;
+    assert!(store.start_build(older.id, 1, &["s".into()], Ts(12)).await.expect("start"));
+    assert!(store.start_build(newer.id, 2, &["s".into()], Ts(13)).await.expect("start"));
+    assert!(store.finish_build(newer.id, 2, "success", Ts(20)).await.expect("finish"));
+    assert!(store.finish_build(older.id, 1, "failure", Ts(30)).await.expect("finish"));
+    let success = Some("success".to_string());
+    assert_eq!(
+        store.standing(newer.id).await.expect("standing"),
+        Standing { previous: success.clone(), superseded: false },
+        "compared with the base, not with the older change still running then"
+    );
+    assert_eq!(
+        store.standing(older.id).await.expect("standing"),
+        Standing { previous: success.clone(), superseded: true },
+        "the newer change already told how things stand"
+    );
+    // The next change compares with the newest asked-for result, not the last to finish.
+    let next = request(40).await;
+    assert!(store.start_build(next.id, 1, &["s".into()], Ts(41)).await.expect("start"));
+    assert!(store.finish_build(next.id, 1, "failure", Ts(42)).await.expect("finish"));
+    assert_eq!(store.standing(next.id).await.expect("standing"), Standing { previous: success, superseded: false });
 }
 
 #[tokio::test]

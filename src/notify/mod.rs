@@ -74,8 +74,12 @@ pub fn is_transition(previous: Option<&str>, result: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Facts {
     pub build: BuildRow,
-    /// The previous result of its builder and branch (for finished builds).
+    /// The previous result of its builder and branch (for finished builds): the latest of the
+    /// builds asked for before this one.
     pub previous: Option<String>,
+    /// A build asked for after this one, on the same builder and branch, finished first: this
+    /// result is old news and no transition.
+    pub superseded: bool,
     /// Authors of the build's changes, newest first, without repeats.
     pub committers: Vec<String>,
     /// The first step that did not succeed, for a failed build.
@@ -87,6 +91,11 @@ pub struct Facts {
 }
 
 impl Facts {
+    /// Whether this finished build changed its builder and branch between passing and failing.
+    pub fn is_transition(&self) -> bool {
+        !self.superseded && is_transition(self.previous.as_deref(), &self.build.state)
+    }
+
     fn fields(&self, event: NotifyOn) -> BTreeMap<String, String> {
         let b = &self.build;
         let mut f = BTreeMap::new();
@@ -123,7 +132,7 @@ pub fn events_of(kind: &str, facts: &Facts) -> Vec<NotifyOn> {
         "started" => vec![NotifyOn::Started],
         "finished" => {
             let mut v = vec![NotifyOn::Finished];
-            if is_transition(facts.previous.as_deref(), &facts.build.state) {
+            if facts.is_transition() {
                 v.push(NotifyOn::Transition);
             }
             v
@@ -177,7 +186,7 @@ pub fn plan(notifiers: &[Notifier], kind: &str, facts: &Facts) -> Vec<NewDeliver
 /// The JSON a delivery carries: the message, and the facts for receivers that want them.
 fn payload(n: &Notifier, event: NotifyOn, facts: &Facts, text: &str) -> serde_json::Value {
     let b = &facts.build;
-    let transition = is_transition(facts.previous.as_deref(), &b.state) && event != NotifyOn::Started;
+    let transition = facts.is_transition() && event != NotifyOn::Started;
     json!({
         "event": event.as_str(),
         "notifier": n.name,
@@ -197,6 +206,7 @@ fn payload(n: &Notifier, event: NotifyOn, facts: &Facts, text: &str) -> serde_js
             "url": facts.url,
         },
         "previous": facts.previous,
+        "superseded": facts.superseded,
         "transition": transition.then(|| json!({"from": facts.previous, "to": b.state})),
         "committers": facts.committers,
         "failing_step": facts.failing_step,
@@ -226,6 +236,7 @@ mod tests {
                 cancelled_by: None,
             },
             previous: previous.map(str::to_string),
+            superseded: false,
             committers: vec!["Ada Tester <ada@example.com>".into(), "Bob <bob@example.com>".into()],
             failing_step: (state == "failure").then(|| "pytest".to_string()),
             url: "http://ci.example.com/builds/42".into(),
@@ -353,5 +364,20 @@ mod tests {
         assert!(!is_transition(Some("success"), "success"));
         assert!(!is_transition(Some("success"), "cancelled"));
         assert!(!is_transition(Some("failure"), "retry"));
+    }
+
+    /// An older change finishing after a newer one says nothing: the newer result stands.
+    #[test]
+    fn a_superseded_result_is_no_transition() {
+        let stale = Facts { superseded: true, ..facts("failure", Some("success")) };
+        assert!(!stale.is_transition());
+        assert_eq!(events_of("finished", &stale), [NotifyOn::Finished]);
+        let news = notifier(&[NotifyOn::Transition], None);
+        assert!(plan(std::slice::from_ref(&news), "finished", &stale).is_empty());
+        assert_eq!(plan(&[news], "finished", &facts("failure", Some("success"))).len(), 1);
+        let all = notifier(&[NotifyOn::Finished], None);
+        let d = plan(&[all], "finished", &stale);
+        let v: serde_json::Value = serde_json::from_str(&d[0].payload).unwrap_or_default();
+        assert_eq!((v["superseded"].clone(), v["transition"].clone()), (json!(true), json!(null)));
     }
 }

@@ -186,9 +186,9 @@ pub async fn plan_pending(shared: &Shared, notifiers: &Notifiers) -> Result<usiz
     for ev in &events {
         let deliveries = match store.build(ev.build).await? {
             Some(build) if !notifiers.list.is_empty() => {
-                let previous = match ev.kind.as_str() {
-                    "finished" => store.previous_result(build.id).await?,
-                    _ => None,
+                let standing = match ev.kind.as_str() {
+                    "finished" => store.standing(build.id).await?,
+                    _ => Default::default(),
                 };
                 let mut committers: Vec<String> = Vec::new();
                 for c in store.build_changes(build.id).await? {
@@ -211,7 +211,16 @@ pub async fn plan_pending(shared: &Shared, notifiers: &Notifiers) -> Result<usiz
                     (true, "finished") => log_tail(shared, build.id).await?,
                     _ => String::new(),
                 };
-                plan(&notifiers.list, &ev.kind, &Facts { build, previous, committers, failing_step, url, log_tail })
+                let facts = Facts {
+                    build,
+                    previous: standing.previous,
+                    superseded: standing.superseded,
+                    committers,
+                    failing_step,
+                    url,
+                    log_tail,
+                };
+                plan(&notifiers.list, &ev.kind, &facts)
             }
             _ => Vec::new(),
         };

@@ -18,7 +18,7 @@ mod accounts;
 mod notify;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
-pub use notify::{BuildEvent, Delivery, NewDelivery};
+pub use notify::{BuildEvent, Delivery, NewDelivery, Standing};
 pub use views::LogChunk;
 
 /// The migrations under `migrations/`, embedded in the binary.

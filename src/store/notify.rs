@@ -15,6 +15,15 @@ pub struct BuildEvent {
     pub kind: String,
 }
 
+/// Where a finished build stands among the builds of its builder and branch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// The latest result of the builds asked for before it.
+    pub previous: Option<String>,
+    /// A build asked for after it had already finished when it did.
+    pub superseded: bool,
+}
+
 /// A delivery to make: which notifier, for which build and event, and what to send.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewDelivery {
@@ -80,18 +89,29 @@ impl Store {
         Ok(rows.iter().map(|r| BuildEvent { id: r.get("id"), build: r.get("build_id"), kind: r.get("kind") }).collect())
     }
 
-    /// The result of the build of the same builder and branch that finished last before this
-    /// one (success, failure or exception; cancelled and retried attempts are no result).
-    pub async fn previous_result(&self, build: BuildId) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar(
+    /// Where a finished build stands on its builder and branch when it finished, in the order
+    /// builds were asked for (not the order they finished: with several machines, an older
+    /// change can finish after a newer one). Only builds finished before it count, so the
+    /// answer is the same however late it is asked. Cancelled and retried attempts are no result.
+    pub async fn standing(&self, build: BuildId) -> Result<Standing> {
+        let previous = sqlx::query_scalar(
             "SELECT p.state FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
-             WHERE b.id = ? AND p.id != b.id AND p.state IN ('success', 'failure', 'exception')
+             WHERE b.id = ? AND p.request_id < b.request_id AND p.state IN ('success', 'failure', 'exception')
                AND (p.finished_at < b.finished_at OR (p.finished_at = b.finished_at AND p.id < b.id))
-             ORDER BY p.finished_at DESC, p.id DESC LIMIT 1",
+             ORDER BY p.request_id DESC, p.attempt DESC LIMIT 1",
         )
         .bind(build)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        let superseded: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
+             WHERE b.id = ? AND p.request_id > b.request_id AND p.state IN ('success', 'failure', 'exception')
+               AND (p.finished_at < b.finished_at OR (p.finished_at = b.finished_at AND p.id < b.id)))",
+        )
+        .bind(build)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Standing { previous, superseded })
     }
 
     /// Stores an outbox row's deliveries (a delivery already made for its key is kept as it
