@@ -688,6 +688,13 @@ fn notifiers_are_checked_where_they_are_written() {
     );
     assert_err(&n("kind = \"webhook\"\nurl = \"http://x\"\nevents = []\n"), 11, 10, "at least one event");
     let e = assert_err(
+        &n("kind = \"irc\"\nserver = \"i\"\nchannel = \"#ci\"\nevents = []\n"),
+        12,
+        10,
+        "at least one event",
+    );
+    assert!(e.to_string().contains("omit it for the default of `kind = \"irc\"`: [\"transition\"]"), "{e}");
+    let e = assert_err(
         &n("kind = \"webhook\"\nurl = \"http://x\"\ntemplate = \"{builder} broke {brnch}\"\n"),
         11,
         29,

@@ -124,6 +124,12 @@ impl Watcher {
         }
     }
 
+    /// Sends a raw line (`PRIVMSG #ci :paddock: status`).
+    fn send(&self, line: &str) {
+        let mut w = self.stream.try_clone().expect("clone");
+        write!(w, "{line}\r\n").expect("send");
+    }
+
     /// What `nick` said in the channel.
     fn said(&self, nick: &str, channel: &str) -> Vec<String> {
         let prefix = format!(":{nick}!");
@@ -266,4 +272,57 @@ fn over_tls_the_bot_trusts_the_configured_ca_and_nothing_else() {
     watcher.sync(&mut sync, "after-tls");
     assert!(!watcher.saw_join("stranger", "#ci"));
     assert!(watcher.said("stranger", "#ci").is_empty());
+}
+
+#[test]
+fn the_bot_answers_status_last_and_help_in_the_channel_and_privately() {
+    let port = free_port();
+    let _ircd = Ircd::start(port);
+    let watcher = Watcher::join(port, "#ci");
+    let mut bed = Bed::new(&[]);
+    let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
+    bed.config(
+        "",
+        &format!(
+            "{preamble}[[notifier]]\nkind = \"irc\"\nserver = \"127.0.0.1:{port}\"\ntls = false\nchannel = \"#ci\"\n\
+             nick = \"paddock\"\n"
+        ),
+    );
+    bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
+    bed.wait("the bot to join #ci", || watcher.saw_join("paddock", "#ci").then_some(()));
+    bed.build_file("fine\n", "first");
+    let broken = bed.build_file("broken\n", "break it");
+    let url = format!("{}/builds/{}", bed.url(), broken["id"]);
+    let short = &broken["revision"].as_str().unwrap_or("")[..10];
+    bed.wait("the failure told", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
+
+    // Each question waits for its answer, `lines` long (the seven fit in the bot's burst of answers).
+    let ask = |line: &str, target: &str, lines: usize| {
+        let before = watcher.said("paddock", target).len();
+        watcher.send(line);
+        bed.wait(&format!("an answer to {line:?}"), || {
+            let said = watcher.said("paddock", target);
+            (said.len() >= before + lines).then(|| said[before..].to_vec())
+        })
+    };
+    let failing = [format!("watcher: failing: b on main ({url})"), "watcher: 0 passing, 0 building".to_string()];
+    assert_eq!(ask("PRIVMSG #ci :paddock: status", "#ci", 2), failing);
+    assert_eq!(ask("PRIVMSG #ci :paddock, status main", "#ci", 2), failing);
+    assert_eq!(ask("PRIVMSG #ci :paddock: status stable", "#ci", 1), ["watcher: no builds on stable yet"]);
+    assert_eq!(
+        ask("PRIVMSG #ci :paddock: last b", "#ci", 1),
+        [format!("watcher: b on main: failure at {short} by Ada Tester <ada@example.com>: {url}")]
+    );
+    assert_eq!(ask("PRIVMSG #ci :paddock: last nosuch", "#ci", 1), ["watcher: no finished build of nosuch"]);
+    // Privately, no name needed, and the answer comes privately.
+    let help = ask("PRIVMSG paddock :help", "watcher", 1);
+    assert!(help[0].starts_with("Ask me: status [BRANCH]") && help[0].ends_with(&bed.url()), "{help:?}");
+    let unknown = ask("PRIVMSG paddock :force b", "watcher", 1);
+    assert!(unknown[0].starts_with("I do not know \"force b\". Ask me:"), "{unknown:?}");
+    let said_in_channel = watcher.said("paddock", "#ci").len();
+    // Talk not addressed to the bot gets nothing.
+    watcher.send("PRIVMSG #ci :status please, anyone?");
+    let mut sync = watcher.stream.try_clone().expect("clone");
+    watcher.sync(&mut sync, "after-chatter");
+    assert_eq!(watcher.said("paddock", "#ci").len(), said_in_channel);
 }

@@ -853,7 +853,12 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
             }
             if out.is_empty() {
                 let span = f.get("events").map(|e| e.value.span.clone()).unwrap_or(f.span.clone());
-                return Err(Diag::new(span, "`events` must name at least one event").hint("omit it for [\"finished\"]"));
+                let default: Vec<String> = default_events.iter().map(|e| format!("{:?}", e.as_str())).collect();
+                return Err(Diag::new(span, "`events` must name at least one event").hint(format!(
+                    "omit it for the default of `kind = \"{}\"`: [{}]",
+                    kind_s.v,
+                    default.join(", ")
+                )));
             }
             out
         }

@@ -45,6 +45,66 @@ const MAX_TEXT: usize = 400;
 
 type Request = (String, oneshot::Sender<Result<(), String>>);
 
+/// A question asked of the bot: `paddock: status` in its channel, or `status` privately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Question {
+    Help,
+    /// The newest build of every builder (on one branch, if given).
+    Status {
+        branch: Option<String>,
+    },
+    /// The newest finished build of a builder (on one branch, if given).
+    Last {
+        builder: String,
+        branch: Option<String>,
+    },
+    /// Anything else: answered with a pointer to `help`.
+    Unknown(String),
+}
+
+/// Answers questions from what the master knows (the delivery worker answers from the store).
+pub trait Answers: Send + Sync + 'static {
+    /// The reply, a line each (the bot posts at most [`MAX_ANSWER_LINES`]).
+    fn answer(&self, q: Question) -> futures_util::future::BoxFuture<'_, Vec<String>>;
+}
+
+/// Lines one answer may post.
+pub const MAX_ANSWER_LINES: usize = 4;
+/// Questions answered in a burst, then one per [`ANSWER_EVERY`]; the rest are ignored
+/// (anyone in the channel can ask, and the answers must not crowd out the build news).
+const ANSWER_BURST: f64 = 8.0;
+const ANSWER_EVERY: Duration = Duration::from_secs(2);
+/// How long an answer may take to make.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The question in `text`, if it is one for the bot called `nick`: in a channel it must be
+/// addressed (`nick: …` or `nick, …`); in a private message anything is.
+pub fn question(text: &str, nick: &str, private: bool) -> Option<Question> {
+    let text = text.trim();
+    let asked = match text.get(..nick.len()) {
+        Some(head) if head.eq_ignore_ascii_case(nick) => {
+            let rest = &text[nick.len()..];
+            rest.strip_prefix(':').or_else(|| rest.strip_prefix(',')).map(str::trim)
+        }
+        _ => None,
+    };
+    let asked = match (asked, private) {
+        (Some(a), _) => a,
+        (None, true) => text,
+        (None, false) => return None,
+    };
+    let words: Vec<&str> = asked.split_whitespace().collect();
+    let word = |i: usize| words.get(i).map(|w| w.to_string());
+    Some(match words.first().map(|w| w.to_ascii_lowercase()).as_deref() {
+        Some("help") | None => Question::Help,
+        Some("status") if words.len() <= 2 => Question::Status { branch: word(1) },
+        Some("last") if (2..=3).contains(&words.len()) => {
+            Question::Last { builder: words[1].to_string(), branch: word(2) }
+        }
+        _ => Question::Unknown(asked.chars().take(40).collect()),
+    })
+}
+
 /// A handle on a running bot.
 #[derive(Debug, Clone)]
 pub struct IrcBot {
@@ -52,10 +112,11 @@ pub struct IrcBot {
 }
 
 impl IrcBot {
-    /// Starts the bot's connection task. `password` is used per `settings.auth`.
-    pub fn start(settings: IrcSettings, password: Option<String>) -> IrcBot {
+    /// Starts the bot's connection task. `password` is used per `settings.auth`; `answers`
+    /// (if any) answers the questions people ask the bot.
+    pub fn start(settings: IrcSettings, password: Option<String>, answers: Option<Arc<dyn Answers>>) -> IrcBot {
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(run(settings, password, rx));
+        tokio::spawn(run(settings, password, answers, rx));
         IrcBot { tx }
     }
 
@@ -76,14 +137,19 @@ trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Connects, and reconnects with backoff for as long as the master runs.
-async fn run(settings: IrcSettings, password: Option<String>, mut rx: mpsc::Receiver<Request>) {
+async fn run(
+    settings: IrcSettings,
+    password: Option<String>,
+    answers: Option<Arc<dyn Answers>>,
+    mut rx: mpsc::Receiver<Request>,
+) {
     let mut backoff = Duration::from_secs(1);
     loop {
         // Why the bot is away, for the deliveries that fail meanwhile (and so for the API).
         let why = match connect(&settings).await {
             Ok(stream) => {
                 tracing::info!(server = %settings.host, port = settings.port, "connected to IRC");
-                match session(&settings, password.as_deref(), stream, &mut rx, &mut backoff).await {
+                match session(&settings, password.as_deref(), answers.as_deref(), stream, &mut rx, &mut backoff).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(server = %settings.host, "IRC connection ended: {e}");
@@ -153,6 +219,7 @@ async fn connect(s: &IrcSettings) -> Result<Box<dyn Stream>, String> {
 async fn session(
     s: &IrcSettings,
     password: Option<&str>,
+    answers: Option<&dyn Answers>,
     stream: Box<dyn Stream>,
     rx: &mut mpsc::Receiver<Request>,
     backoff: &mut Duration,
@@ -175,6 +242,7 @@ async fn session(
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = Vec::new();
+    let (mut answer_tokens, mut answer_at) = (ANSWER_BURST, tokio::time::Instant::now());
     loop {
         tokio::select! {
             read = read_line(&mut reader, &mut buf) => {
@@ -237,6 +305,29 @@ async fn session(
                     }
                     ("471" | "473" | "474" | "475" | "477", _) => {
                         tracing::error!(channel = %s.channel, "the IRC server refused the join: {}", msg.params.join(" "));
+                    }
+                    ("PRIVMSG", [target, text]) if msg.nick != nick && !msg.nick.is_empty() => {
+                        let private = target.eq_ignore_ascii_case(&nick);
+                        if !private && !target.eq_ignore_ascii_case(&s.channel) {
+                            continue;
+                        }
+                        let (Some(answers), Some(q)) = (answers, question(text, &nick, private)) else { continue };
+                        let now = tokio::time::Instant::now();
+                        let earned = now.duration_since(answer_at).as_secs_f64() / ANSWER_EVERY.as_secs_f64();
+                        (answer_tokens, answer_at) = ((answer_tokens + earned).min(ANSWER_BURST), now);
+                        if answer_tokens < 1.0 {
+                            continue;
+                        }
+                        answer_tokens -= 1.0;
+                        let lines = tokio::time::timeout(ANSWER_TIMEOUT, answers.answer(q))
+                            .await
+                            .unwrap_or_else(|_| vec!["no answer in time; try again later".to_string()]);
+                        // In the channel the asker is named; privately the answer goes to them.
+                        let (to, prefix) = if private { (msg.nick, String::new()) } else { (s.channel.as_str(), format!("{}: ", msg.nick)) };
+                        for l in lines.iter().filter(|l| !l.trim().is_empty()).take(MAX_ANSWER_LINES) {
+                            flood.wait().await;
+                            send(&mut write, &format!("PRIVMSG {to} :{}\r\n", clip(&format!("{prefix}{l}")))).await?;
+                        }
                     }
                     ("ERROR", _) => return Err(format!("the server said: {}", msg.params.join(" "))),
                     _ => {}
@@ -384,6 +475,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn questions_are_addressed_in_the_channel_and_anything_privately() {
+        let status = Some(Question::Status { branch: None });
+        assert_eq!(question("paddock: status", "paddock", false), status);
+        assert_eq!(question("Paddock, status", "paddock", false), status);
+        assert_eq!(question("  paddock:   status  ", "paddock", false), status);
+        assert_eq!(question("status", "paddock", true), status);
+        assert_eq!(question("status", "paddock", false), None, "not addressed");
+        assert_eq!(question("paddockfan: status", "paddock", false), None);
+        assert_eq!(question("paddock status", "paddock", false), None);
+        assert_eq!(question("paddock:", "paddock", false), Some(Question::Help));
+        assert_eq!(
+            question("paddock: status stable/1.0", "paddock", false),
+            Some(Question::Status { branch: Some("stable/1.0".into()) })
+        );
+        assert_eq!(
+            question("paddock: last py3.12-sqlite main", "paddock", false),
+            Some(Question::Last { builder: "py3.12-sqlite".into(), branch: Some("main".into()) })
+        );
+        assert_eq!(question("last b", "paddock", true), Some(Question::Last { builder: "b".into(), branch: None }));
+        assert_eq!(question("paddock: last", "paddock", false), Some(Question::Unknown("last".into())));
+        assert_eq!(question("paddock: force b", "paddock", false), Some(Question::Unknown("force b".into())));
+        assert_eq!(question("ü: x", "paddock", false), None, "no panic on short or non-ASCII text");
+        assert_eq!(question("paddoc", "paddock", false), None);
+    }
+
+    #[test]
     fn parses_lines() {
         let m = parse(":paddock!~p@127.0.0.1 JOIN :#ci\r\n");
         assert_eq!((m.nick, m.command, m.params.as_slice()), ("paddock", "JOIN", &["#ci"][..]));
@@ -416,7 +533,7 @@ mod tests {
             channel: "#ci".into(),
             auth,
         };
-        let bot = IrcBot::start(settings, Some("s3cret".into()));
+        let bot = IrcBot::start(settings, Some("s3cret".into()), None);
         let (sock, _) = listener.accept().await.expect("accept");
         let (read, mut write) = tokio::io::split(sock);
         let mut lines = BufReader::new(read).lines();

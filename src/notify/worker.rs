@@ -138,7 +138,8 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
                     roots: notifiers.cas.get(&n.name).cloned(),
                 };
                 let password = notifiers.secrets.get(&n.name).map(|p| String::from_utf8_lossy(p).to_string());
-                bots.insert(n.name.clone(), irc::IrcBot::start(settings, password));
+                let answers: Arc<dyn irc::Answers> = Arc::new(StoreAnswers { shared: shared.clone() });
+                bots.insert(n.name.clone(), irc::IrcBot::start(settings, password, Some(answers)));
             }
         }
     }
@@ -177,6 +178,98 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
         }
     });
     vec![planner, sender]
+}
+
+/// Answers what people ask the IRC bots, from the store.
+struct StoreAnswers {
+    shared: Arc<Shared>,
+}
+
+impl irc::Answers for StoreAnswers {
+    fn answer(&self, q: irc::Question) -> futures_util::future::BoxFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            match answer(&self.shared, q).await {
+                Ok(lines) => lines,
+                Err(e) => {
+                    tracing::warn!("cannot answer on IRC: {e}");
+                    vec!["cannot look that up right now".to_string()]
+                }
+            }
+        })
+    }
+}
+
+async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreError> {
+    let page = |id: i64| format!("{}/builds/{id}", shared.url.trim_end_matches('/'));
+    Ok(match q {
+        irc::Question::Help | irc::Question::Unknown(_) => {
+            let lead = match q {
+                irc::Question::Unknown(what) => format!("I do not know {what:?}. "),
+                _ => String::new(),
+            };
+            vec![format!(
+                "{lead}Ask me: status [BRANCH] (every builder's newest build), last BUILDER [BRANCH] \
+                 (its newest result), help. Everything else: {}",
+                shared.url
+            )]
+        }
+        irc::Question::Status { branch } => {
+            let newest: Vec<_> = shared
+                .store
+                .latest_per_builder_branch()
+                .await?
+                .into_iter()
+                .filter(|b| branch.as_ref().is_none_or(|br| *br == b.branch))
+                .collect();
+            if newest.is_empty() {
+                return Ok(vec![match branch {
+                    Some(br) => format!("no builds on {br} yet"),
+                    None => "no builds yet".to_string(),
+                }]);
+            }
+            let failing: Vec<_> =
+                newest.iter().filter(|b| matches!(b.state.as_str(), "failure" | "exception")).collect();
+            let passing = newest.iter().filter(|b| b.state == "success").count();
+            let building = newest.iter().filter(|b| matches!(b.state.as_str(), "queued" | "running")).count();
+            let mut lines = Vec::new();
+            if failing.is_empty() {
+                lines.push(format!("nothing failing: {passing} passing, {building} building"));
+            } else {
+                let shown: Vec<String> =
+                    failing.iter().take(5).map(|b| format!("{} on {} ({})", b.builder, b.branch, page(b.id))).collect();
+                let more = failing.len().saturating_sub(shown.len());
+                let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+                lines.push(format!("failing: {}{more}", shown.join(", ")));
+                lines.push(format!("{passing} passing, {building} building"));
+            }
+            lines
+        }
+        irc::Question::Last { builder, branch } => {
+            let filter = crate::store::BuildFilter {
+                builder: Some(builder.clone()),
+                branch: branch.clone(),
+                state: None,
+                limit: Some(50),
+            };
+            let builds = shared.store.list_builds(&filter).await?;
+            let done = ["success", "failure", "exception", "cancelled"];
+            let Some(last) = builds.iter().find(|b| done.contains(&b.state.as_str())) else {
+                let on = branch.map(|b| format!(" on {b}")).unwrap_or_default();
+                return Ok(vec![format!("no finished build of {builder}{on}")]);
+            };
+            let by = shared.store.build_changes(last.id).await?.into_iter().map(|c| c.author).find(|a| !a.is_empty());
+            let by = by.map(|a| format!(" by {a}")).unwrap_or_default();
+            let short: String = last.revision.chars().take(10).collect();
+            let mut line =
+                format!("{} on {}: {} at {short}{by}: {}", last.builder, last.branch, last.state, page(last.id));
+            if let Some(now) =
+                builds.iter().find(|b| b.id > last.id && matches!(b.state.as_str(), "queued" | "running"))
+            {
+                line.push_str(&format!(" (build {} is {})", now.id, now.state));
+            }
+            vec![line]
+        }
+    })
 }
 
 /// Turns up to 100 outbox rows into deliveries; returns how many rows it handled.
