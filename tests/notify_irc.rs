@@ -275,7 +275,7 @@ fn over_tls_the_bot_trusts_the_configured_ca_and_nothing_else() {
 }
 
 #[test]
-fn the_bot_answers_status_last_and_help_in_the_channel_and_privately() {
+fn the_bot_answers_status_last_and_help_in_its_channel_only() {
     let port = free_port();
     let _ircd = Ircd::start(port);
     let watcher = Watcher::join(port, "#ci");
@@ -296,7 +296,7 @@ fn the_bot_answers_status_last_and_help_in_the_channel_and_privately() {
     let short = &broken["revision"].as_str().unwrap_or("")[..10];
     bed.wait("the failure told", || (watcher.said("paddock", "#ci").len() == 1).then_some(()));
 
-    // Each question waits for its answer, `lines` long (the seven fit in the bot's burst of answers).
+    // Each question waits for its answer, `lines` long (the eight fit in the bot's burst of answers).
     let ask = |line: &str, target: &str, lines: usize| {
         let before = watcher.said("paddock", target).len();
         watcher.send(line);
@@ -314,15 +314,21 @@ fn the_bot_answers_status_last_and_help_in_the_channel_and_privately() {
         [format!("watcher: b on main: failure at {short} by Ada Tester <ada@example.com>: {url}")]
     );
     assert_eq!(ask("PRIVMSG #ci :paddock: last nosuch", "#ci", 1), ["watcher: no finished build of nosuch"]);
-    // Privately, no name needed, and the answer comes privately.
-    let help = ask("PRIVMSG paddock :help", "watcher", 1);
-    assert!(help[0].starts_with("Ask me: status [BRANCH]") && help[0].ends_with(&bed.url()), "{help:?}");
-    let unknown = ask("PRIVMSG paddock :force b", "watcher", 1);
-    assert!(unknown[0].starts_with("I do not know \"force b\". Ask me:"), "{unknown:?}");
+    let help = ask("PRIVMSG #ci :paddock: help", "#ci", 1);
+    assert!(help[0].starts_with("watcher: Ask me: status [BRANCH]") && help[0].ends_with(&bed.url()), "{help:?}");
+    let unknown = ask("PRIVMSG #ci :paddock: force b", "#ci", 1);
+    assert!(unknown[0].starts_with("watcher: I do not know \"force b\". Ask me:"), "{unknown:?}");
     let said_in_channel = watcher.said("paddock", "#ci").len();
-    // Talk not addressed to the bot gets nothing.
+    // Private questions are not answered: a private channel's members are the audience.
+    watcher.send("PRIVMSG paddock :status");
+    watcher.send("PRIVMSG #ci :\u{1}VERSION\u{1}");
+    // Talk not addressed to the bot gets nothing: the bot reads in order, so by the time it
+    // answers the question after them, it has passed over all three.
     watcher.send("PRIVMSG #ci :status please, anyone?");
+    let last = ask("PRIVMSG #ci :paddock: last nosuch", "#ci", 1);
+    assert_eq!(last, ["watcher: no finished build of nosuch"]);
     let mut sync = watcher.stream.try_clone().expect("clone");
     watcher.sync(&mut sync, "after-chatter");
-    assert_eq!(watcher.said("paddock", "#ci").len(), said_in_channel);
+    assert_eq!(watcher.said("paddock", "#ci").len(), said_in_channel + 1);
+    assert!(watcher.said("paddock", "watcher").is_empty());
 }

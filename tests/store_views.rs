@@ -128,7 +128,7 @@ async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() 
         let store = store.clone();
         async move {
             let b =
-                store.create_request(builder, "app", branch, "r", "force", "t", &[], Ts(at)).await.expect("request");
+                store.create_request(builder, "app", branch, "r", "on-push", "t", &[], Ts(at)).await.expect("request");
             assert!(store.start_build(b.id, 1, &["s".into()], Ts(at + 1)).await.expect("start"));
             match result {
                 "retry" => {
@@ -194,7 +194,34 @@ async fn the_standing_of_builds_that_finish_out_of_order() {
     let next = request(40).await;
     assert!(store.start_build(next.id, 1, &["s".into()], Ts(41)).await.expect("start"));
     assert!(store.finish_build(next.id, 1, "failure", Ts(42)).await.expect("finish"));
-    assert_eq!(store.standing(next.id).await.expect("standing"), Standing { previous: success, superseded: false });
+    assert_eq!(
+        store.standing(next.id).await.expect("standing"),
+        Standing { previous: success.clone(), superseded: false }
+    );
+
+    // `next` broke it. A rebuild of `next` (is it flaky?) fails before the fix `last` passes:
+    // the rebuild neither hides the fix nor is what the fix is compared with.
+    let last = request(50).await;
+    let again = store.create_request("a", "app", "main", "r", "rebuild", "t", &[], Ts(51)).await.expect("rebuild");
+    assert!(store.start_build(last.id, 1, &["s".into()], Ts(52)).await.expect("start"));
+    assert!(store.start_build(again.id, 2, &["s".into()], Ts(53)).await.expect("start"));
+    assert!(store.finish_build(again.id, 2, "failure", Ts(60)).await.expect("finish"));
+    assert!(store.finish_build(last.id, 1, "success", Ts(70)).await.expect("finish"));
+    let failure = Some("failure".to_string());
+    assert_eq!(
+        store.standing(again.id).await.expect("standing"),
+        Standing { previous: failure.clone(), superseded: false },
+        "still failing: no news"
+    );
+    assert_eq!(
+        store.standing(last.id).await.expect("standing"),
+        Standing { previous: failure, superseded: false },
+        "the fix is news"
+    );
+    let after = request(80).await;
+    assert!(store.start_build(after.id, 1, &["s".into()], Ts(81)).await.expect("start"));
+    assert!(store.finish_build(after.id, 1, "success", Ts(82)).await.expect("finish"));
+    assert_eq!(store.standing(after.id).await.expect("standing"), Standing { previous: success, superseded: false });
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! registers (SASL PLAIN or NickServ when a password is given), joins its channel, answers
 //! pings, and posts what the delivery worker hands it; a message counts as delivered once it is
 //! written to the channel. While it is disconnected, deliveries fail and are retried later, so
-//! nothing waits on IRC.
+//! nothing waits on IRC. It also answers questions addressed to it in its channel (`paddock:
+//! status`), read-only, and only there: members of a private channel are the audience.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +46,7 @@ const MAX_TEXT: usize = 400;
 
 type Request = (String, oneshot::Sender<Result<(), String>>);
 
-/// A question asked of the bot: `paddock: status` in its channel, or `status` privately.
+/// A question asked of the bot in its channel: `paddock: status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Question {
     Help,
@@ -76,23 +77,20 @@ const ANSWER_BURST: f64 = 8.0;
 const ANSWER_EVERY: Duration = Duration::from_secs(2);
 /// How long an answer may take to make.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answer lines waiting for flood-control room at most; more are dropped.
+const MAX_PENDING_ANSWER_LINES: usize = 16;
 
-/// The question in `text`, if it is one for the bot called `nick`: in a channel it must be
-/// addressed (`nick: …` or `nick, …`); in a private message anything is.
-pub fn question(text: &str, nick: &str, private: bool) -> Option<Question> {
+/// The question in `text`, if it is addressed to the bot (`nick: …` or `nick, …`; any of
+/// `nicks`, since the bot may be `paddock_` while its nick is taken).
+pub fn question(text: &str, nicks: &[&str]) -> Option<Question> {
     let text = text.trim();
-    let asked = match text.get(..nick.len()) {
+    let asked = nicks.iter().find_map(|nick| match text.get(..nick.len()) {
         Some(head) if head.eq_ignore_ascii_case(nick) => {
             let rest = &text[nick.len()..];
             rest.strip_prefix(':').or_else(|| rest.strip_prefix(',')).map(str::trim)
         }
         _ => None,
-    };
-    let asked = match (asked, private) {
-        (Some(a), _) => a,
-        (None, true) => text,
-        (None, false) => return None,
-    };
+    })?;
     let words: Vec<&str> = asked.split_whitespace().collect();
     let word = |i: usize| words.get(i).map(|w| w.to_string());
     Some(match words.first().map(|w| w.to_ascii_lowercase()).as_deref() {
@@ -149,7 +147,7 @@ async fn run(
         let why = match connect(&settings).await {
             Ok(stream) => {
                 tracing::info!(server = %settings.host, port = settings.port, "connected to IRC");
-                match session(&settings, password.as_deref(), answers.as_deref(), stream, &mut rx, &mut backoff).await {
+                match session(&settings, password.as_deref(), answers.clone(), stream, &mut rx, &mut backoff).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(server = %settings.host, "IRC connection ended: {e}");
@@ -219,7 +217,7 @@ async fn connect(s: &IrcSettings) -> Result<Box<dyn Stream>, String> {
 async fn session(
     s: &IrcSettings,
     password: Option<&str>,
-    answers: Option<&dyn Answers>,
+    answers: Option<Arc<dyn Answers>>,
     stream: Box<dyn Stream>,
     rx: &mut mpsc::Receiver<Request>,
     backoff: &mut Duration,
@@ -243,6 +241,10 @@ async fn session(
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = Vec::new();
     let (mut answer_tokens, mut answer_at) = (ANSWER_BURST, tokio::time::Instant::now());
+    // Answers are made off the loop (a slow store must not hold up pings and deliveries) and
+    // posted only with flood-control room to spare, so build news goes first.
+    let (answered_tx, mut answered) = mpsc::channel::<Vec<String>>(4);
+    let mut pending_answer: std::collections::VecDeque<String> = Default::default();
     loop {
         tokio::select! {
             read = read_line(&mut reader, &mut buf) => {
@@ -306,12 +308,14 @@ async fn session(
                     ("471" | "473" | "474" | "475" | "477", _) => {
                         tracing::error!(channel = %s.channel, "the IRC server refused the join: {}", msg.params.join(" "));
                     }
-                    ("PRIVMSG", [target, text]) if msg.nick != nick && !msg.nick.is_empty() => {
-                        let private = target.eq_ignore_ascii_case(&nick);
-                        if !private && !target.eq_ignore_ascii_case(&s.channel) {
-                            continue;
-                        }
-                        let (Some(answers), Some(q)) = (answers, question(text, &nick, private)) else { continue };
+                    // Only people (`nick!user@host`) asking in the channel; never CTCP.
+                    ("PRIVMSG", [target, text])
+                        if target.eq_ignore_ascii_case(&s.channel)
+                            && msg.from_user
+                            && msg.nick != nick
+                            && !text.starts_with('\u{1}') =>
+                    {
+                        let (Some(answers), Some(q)) = (&answers, question(text, &[&s.nick, &nick])) else { continue };
                         let now = tokio::time::Instant::now();
                         let earned = now.duration_since(answer_at).as_secs_f64() / ANSWER_EVERY.as_secs_f64();
                         (answer_tokens, answer_at) = ((answer_tokens + earned).min(ANSWER_BURST), now);
@@ -319,15 +323,19 @@ async fn session(
                             continue;
                         }
                         answer_tokens -= 1.0;
-                        let lines = tokio::time::timeout(ANSWER_TIMEOUT, answers.answer(q))
-                            .await
-                            .unwrap_or_else(|_| vec!["no answer in time; try again later".to_string()]);
-                        // In the channel the asker is named; privately the answer goes to them.
-                        let (to, prefix) = if private { (msg.nick, String::new()) } else { (s.channel.as_str(), format!("{}: ", msg.nick)) };
-                        for l in lines.iter().filter(|l| !l.trim().is_empty()).take(MAX_ANSWER_LINES) {
-                            flood.wait().await;
-                            send(&mut write, &format!("PRIVMSG {to} :{}\r\n", clip(&format!("{prefix}{l}")))).await?;
-                        }
+                        let (answers, done, asker) = (answers.clone(), answered_tx.clone(), msg.nick.to_string());
+                        tokio::spawn(async move {
+                            let lines = tokio::time::timeout(ANSWER_TIMEOUT, answers.answer(q))
+                                .await
+                                .unwrap_or_else(|_| vec!["no answer in time; try again later".to_string()]);
+                            let lines = lines
+                                .iter()
+                                .filter(|l| !l.trim().is_empty())
+                                .take(MAX_ANSWER_LINES)
+                                .map(|l| format!("{asker}: {l}"))
+                                .collect();
+                            let _ = done.send(lines).await;
+                        });
                     }
                     ("ERROR", _) => return Err(format!("the server said: {}", msg.params.join(" "))),
                     _ => {}
@@ -344,6 +352,24 @@ async fn session(
                     }
                 } else {
                     send(&mut write, "PING :keepalive\r\n").await?;
+                }
+            }
+            Some(lines) = answered.recv() => {
+                for l in lines {
+                    if pending_answer.len() < MAX_PENDING_ANSWER_LINES {
+                        pending_answer.push_back(l);
+                    }
+                }
+                while flood.room(1.0) {
+                    let Some(l) = pending_answer.pop_front() else { break };
+                    send(&mut write, &format!("PRIVMSG {} :{}\r\n", s.channel, clip(&l))).await?;
+                }
+            }
+            () = tokio::time::sleep(flood.refill_in(1.0)), if !pending_answer.is_empty() => {
+                if flood.room(1.0) {
+                    if let Some(l) = pending_answer.pop_front() {
+                        send(&mut write, &format!("PRIVMSG {} :{}\r\n", s.channel, clip(&l))).await?;
+                    }
                 }
             }
             req = rx.recv() => {
@@ -390,10 +416,31 @@ impl Flood {
         Flood { tokens: 4.0, at: tokio::time::Instant::now() }
     }
 
-    async fn wait(&mut self) {
+    fn refill(&mut self) {
         let now = tokio::time::Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64()).min(4.0);
         self.at = now;
+    }
+
+    /// Takes a line's room if there is some to spare beyond `reserve` (kept for build news).
+    fn room(&mut self, reserve: f64) -> bool {
+        self.refill();
+        if self.tokens >= 1.0 + reserve {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long until [`Flood::room`] with `reserve` can succeed.
+    fn refill_in(&self, reserve: f64) -> Duration {
+        let have = (self.tokens + self.at.elapsed().as_secs_f64()).min(4.0);
+        Duration::from_secs_f64((1.0 + reserve - have).max(0.0)) + Duration::from_millis(5)
+    }
+
+    async fn wait(&mut self) {
+        self.refill();
         if self.tokens < 1.0 {
             tokio::time::sleep(Duration::from_secs_f64(1.0 - self.tokens)).await;
             self.tokens = 1.0;
@@ -442,16 +489,19 @@ fn clip(line: &str) -> String {
 /// An IRC line, split: the sender's nick, the command, the parameters (trailing included).
 struct Msg<'a> {
     nick: &'a str,
+    /// Sent by a user (`nick!user@host`), not by a server.
+    from_user: bool,
     command: &'a str,
     params: Vec<&'a str>,
 }
 
 fn parse(line: &str) -> Msg<'_> {
     let mut rest = line.trim_end_matches(['\r', '\n']);
-    let mut nick = "";
+    let (mut nick, mut from_user) = ("", false);
     if let Some(r) = rest.strip_prefix(':') {
         let (prefix, after) = r.split_once(' ').unwrap_or((r, ""));
         nick = prefix.split('!').next().unwrap_or(prefix);
+        from_user = prefix.contains('!');
         rest = after;
     }
     let (command, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -467,7 +517,7 @@ fn parse(line: &str) -> Msg<'_> {
         }
         rest = after;
     }
-    Msg { nick, command, params }
+    Msg { nick, from_user, command, params }
 }
 
 #[cfg(test)]
@@ -475,39 +525,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn questions_are_addressed_in_the_channel_and_anything_privately() {
+    fn questions_are_addressed_to_the_bot() {
         let status = Some(Question::Status { branch: None });
-        assert_eq!(question("paddock: status", "paddock", false), status);
-        assert_eq!(question("Paddock, status", "paddock", false), status);
-        assert_eq!(question("  paddock:   status  ", "paddock", false), status);
-        assert_eq!(question("status", "paddock", true), status);
-        assert_eq!(question("status", "paddock", false), None, "not addressed");
-        assert_eq!(question("paddockfan: status", "paddock", false), None);
-        assert_eq!(question("paddock status", "paddock", false), None);
-        assert_eq!(question("paddock:", "paddock", false), Some(Question::Help));
+        let nicks = ["paddock", "paddock_"];
+        assert_eq!(question("paddock: status", &nicks), status);
+        assert_eq!(question("Paddock, status", &nicks), status);
+        assert_eq!(question("  paddock:   status  ", &nicks), status);
+        assert_eq!(question("paddock_: status", &nicks), status, "the nick it has while its own is taken");
+        assert_eq!(question("status", &nicks), None, "not addressed");
+        assert_eq!(question("paddockfan: status", &nicks), None);
+        assert_eq!(question("paddock status", &nicks), None);
+        assert_eq!(question("paddock:", &nicks), Some(Question::Help));
         assert_eq!(
-            question("paddock: status stable/1.0", "paddock", false),
+            question("paddock: status stable/1.0", &nicks),
             Some(Question::Status { branch: Some("stable/1.0".into()) })
         );
         assert_eq!(
-            question("paddock: last py3.12-sqlite main", "paddock", false),
+            question("paddock: last py3.12-sqlite main", &nicks),
             Some(Question::Last { builder: "py3.12-sqlite".into(), branch: Some("main".into()) })
         );
-        assert_eq!(question("last b", "paddock", true), Some(Question::Last { builder: "b".into(), branch: None }));
-        assert_eq!(question("paddock: last", "paddock", false), Some(Question::Unknown("last".into())));
-        assert_eq!(question("paddock: force b", "paddock", false), Some(Question::Unknown("force b".into())));
-        assert_eq!(question("ü: x", "paddock", false), None, "no panic on short or non-ASCII text");
-        assert_eq!(question("paddoc", "paddock", false), None);
+        assert_eq!(question("paddock: last", &nicks), Some(Question::Unknown("last".into())));
+        assert_eq!(question("paddock: force b", &nicks), Some(Question::Unknown("force b".into())));
+        assert_eq!(question("ü: x", &nicks), None, "no panic on short or non-ASCII text");
+        assert_eq!(question("paddoc", &nicks), None);
     }
 
     #[test]
     fn parses_lines() {
         let m = parse(":paddock!~p@127.0.0.1 JOIN :#ci\r\n");
         assert_eq!((m.nick, m.command, m.params.as_slice()), ("paddock", "JOIN", &["#ci"][..]));
+        assert!(m.from_user);
         let m = parse("PING :irc.example");
         assert_eq!((m.command, m.params.as_slice()), ("PING", &["irc.example"][..]));
         let m = parse(":srv CAP * ACK :sasl");
         assert_eq!(m.params, ["*", "ACK", "sasl"]);
+        assert!(!m.from_user);
         let m = parse(":srv 433 * paddock :Nickname already in use");
         assert_eq!(m.command, "433");
     }

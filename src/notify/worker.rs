@@ -180,6 +180,9 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
     vec![planner, sender]
 }
 
+/// How far back `status` without a branch looks.
+const STATUS_RECENT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Answers what people ask the IRC bots, from the store.
 struct StoreAnswers {
     shared: Arc<Shared>,
@@ -214,12 +217,19 @@ async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreE
             )]
         }
         irc::Question::Status { branch } => {
+            // Without a branch, only what was built lately: an old feature branch's last
+            // failure is not today's news.
+            let since = crate::core::Ts(shared.now().0 - STATUS_RECENT.as_millis() as i64);
+            let since = crate::store::ts_string(since);
             let newest: Vec<_> = shared
                 .store
                 .latest_per_builder_branch()
                 .await?
                 .into_iter()
-                .filter(|b| branch.as_ref().is_none_or(|br| *br == b.branch))
+                .filter(|b| match &branch {
+                    Some(br) => *br == b.branch,
+                    None => b.queued_at >= since,
+                })
                 .collect();
             if newest.is_empty() {
                 return Ok(vec![match branch {
@@ -235,8 +245,15 @@ async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreE
             if failing.is_empty() {
                 lines.push(format!("nothing failing: {passing} passing, {building} building"));
             } else {
-                let shown: Vec<String> =
-                    failing.iter().take(5).map(|b| format!("{} on {} ({})", b.builder, b.branch, page(b.id))).collect();
+                // As many as fit one IRC line whole (links must not be cut).
+                let mut shown: Vec<String> = Vec::new();
+                for b in &failing {
+                    let item = format!("{} on {} ({})", b.builder, b.branch, page(b.id));
+                    if shown.iter().map(|s| s.len() + 2).sum::<usize>() + item.len() > 300 {
+                        break;
+                    }
+                    shown.push(item);
+                }
                 let more = failing.len().saturating_sub(shown.len());
                 let more = if more > 0 { format!(" and {more} more") } else { String::new() };
                 lines.push(format!("failing: {}{more}", shown.join(", ")));
@@ -252,7 +269,7 @@ async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreE
                 limit: Some(50),
             };
             let builds = shared.store.list_builds(&filter).await?;
-            let done = ["success", "failure", "exception", "cancelled"];
+            let done = ["success", "failure", "exception"];
             let Some(last) = builds.iter().find(|b| done.contains(&b.state.as_str())) else {
                 let on = branch.map(|b| format!(" on {b}")).unwrap_or_default();
                 return Ok(vec![format!("no finished build of {builder}{on}")]);

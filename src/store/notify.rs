@@ -92,22 +92,26 @@ impl Store {
     /// Where a finished build stands on its builder and branch when it finished, in the order
     /// builds were asked for (not the order they finished: with several machines, an older
     /// change can finish after a newer one). Only builds finished before it count, so the
-    /// answer is the same however late it is asked. Cancelled and retried attempts are no result.
+    /// answer is the same however late it is asked. Cancelled and retried attempts are no
+    /// result. Forced builds and rebuilds are judged against the branch's line but never set
+    /// it: they often build an older revision (is that failure flaky?), and must neither hide
+    /// the next change's news nor be the result it is compared with.
     pub async fn standing(&self, build: BuildId) -> Result<Standing> {
-        let previous = sqlx::query_scalar(
-            "SELECT p.state FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
-             WHERE b.id = ? AND p.request_id < b.request_id AND p.state IN ('success', 'failure', 'exception')
+        const LINE: &str = "p.state IN ('success', 'failure', 'exception')
                AND (p.finished_at < b.finished_at OR (p.finished_at = b.finished_at AND p.id < b.id))
-             ORDER BY p.request_id DESC, p.attempt DESC LIMIT 1",
-        )
+               AND (SELECT r.scheduler FROM build_requests r WHERE r.id = p.request_id) NOT IN ('force', 'rebuild')";
+        let previous = sqlx::query_scalar(&format!(
+            "SELECT p.state FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
+             WHERE b.id = ? AND p.request_id < b.request_id AND {LINE}
+             ORDER BY p.request_id DESC, p.attempt DESC LIMIT 1"
+        ))
         .bind(build)
         .fetch_optional(&self.pool)
         .await?;
-        let superseded: bool = sqlx::query_scalar(
+        let superseded: bool = sqlx::query_scalar(&format!(
             "SELECT EXISTS (SELECT 1 FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
-             WHERE b.id = ? AND p.request_id > b.request_id AND p.state IN ('success', 'failure', 'exception')
-               AND (p.finished_at < b.finished_at OR (p.finished_at = b.finished_at AND p.id < b.id)))",
-        )
+             WHERE b.id = ? AND p.request_id > b.request_id AND {LINE})"
+        ))
         .bind(build)
         .fetch_one(&self.pool)
         .await?;
