@@ -255,6 +255,16 @@ fn committers_watch_builds_live_force_builds_and_admins_see_costs() {
     browser.screenshot("changes");
     browser.goto("/builders");
     browser.screenshot("builders");
+    // From the name in the bar to the account page, where a token is made for scripts.
+    browser.click("#user");
+    browser.wait("the account page", |b| (b.path() == "/account").then_some(()));
+    browser.fill("#new-token input[name=name]", "laptop");
+    browser.click("#new-token button[type=submit]");
+    let secret = browser.wait("the new token", |b| b.text("#secret"));
+    assert!(secret.starts_with("pdk_"), "{secret}");
+    let me = Bed::client(Some(&secret)).get(format!("{}/api/builds/{forced}", bed.url())).send().expect("api");
+    assert_eq!(me.status().as_u16(), 200);
+    browser.screenshot("account");
     browser.logout();
 
     // A viewer: no force form, and a forged one is refused.

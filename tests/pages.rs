@@ -370,3 +370,95 @@ fn password_guessing_for_a_name_is_stopped_for_a_while_without_locking_out_other
     assert_eq!(statuses.iter().filter(|s| **s == 401).count(), 5, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 15, "{statuses:?}");
 }
+
+/// The text of the element with `id` (the first `>` after it up to the next `<`).
+fn text_of(html: &str, id: &str) -> String {
+    let at = html.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no #{id} in:\n{html}"));
+    let rest = &html[at..];
+    let start = rest.find('>').expect("tag end") + 1;
+    rest[start..start + rest[start..].find('<').expect("next tag")].to_string()
+}
+
+#[test]
+fn a_user_manages_own_tokens_password_and_sessions_from_the_account_page() {
+    let mut bed = Bed::new(&[]);
+    bed.config("", &config("[web]\naccess = \"login\"\n"));
+    bed.start(&["main"]);
+    bed.add_user("carl", "committer", "carl-password");
+    let dora_token = bed.add_user("dora", "viewer", "dora-password");
+    assert_eq!(Visitor::new(&bed).get("/account").location.as_deref(), Some("/login?next=/account"));
+    let mut v = Visitor::new(&bed);
+    let csrf = v.login("carl", "carl-password");
+    let mut other = Visitor::new(&bed);
+    other.login("carl", "carl-password");
+    let page = v.get("/account");
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("<strong>carl</strong>, a committer") && page.body.contains("<td>tests</td>"),
+        "{}",
+        page.body
+    );
+
+    // A token, shown once, works as carl; the list shows it.
+    let made = v.post("/account/tokens", &[("csrf", &csrf), ("name", "laptop")]);
+    assert_eq!(made.status, 200, "{}", made.body);
+    let secret = text_of(&made.body, "secret");
+    assert!(secret.starts_with("pdk_") && secret.len() == 68, "{secret}");
+    let api =
+        |token: &str| Bed::client(Some(token)).get(format!("{}/api/builds", bed.url())).send().expect("api").status();
+    assert_eq!(api(&secret), 200);
+    let page = v.get("/account");
+    assert!(page.body.contains("<td>laptop</td>") && !page.body.contains(&secret), "shown only once");
+    // Not without a name, nor with the API token itself (a leaked token must not breed).
+    assert_eq!(v.post("/account/tokens", &[("csrf", &csrf), ("name", " ")]).status, 400);
+    let by_token = Bed::client(Some(&secret))
+        .post(format!("{}/account/tokens", bed.url()))
+        .form(&[("name", "more")])
+        .send()
+        .expect("post");
+    assert_eq!(by_token.status().as_u16(), 403);
+    assert_eq!(v.post("/account/tokens", &[("csrf", "forged"), ("name", "x")]).status, 403);
+
+    // Someone else's token is not carl's to revoke; his own goes.
+    // (Newest first: carl's first line is the laptop token.)
+    let tokens = bed.host_cli(&["token", "list"], "");
+    let id_of = |user: &str| -> String {
+        tokens
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(user))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no token of {user} in:\n{tokens}"))
+            .to_string()
+    };
+    let (dora_id, carl_id) = (id_of("dora"), id_of("carl"));
+    assert_eq!(v.post(&format!("/account/tokens/{dora_id}/revoke"), &[("csrf", &csrf)]).status, 404);
+    assert_eq!(api(&dora_token), 200);
+    assert_eq!(v.post(&format!("/account/tokens/{carl_id}/revoke"), &[("csrf", &csrf)]).status, 303);
+    assert_eq!(api(&secret), 401);
+
+    // The password: the current one first, the new twice and long enough; then every session ends.
+    let change = |v: &mut Visitor, current: &str, new: &str, repeat: &str| {
+        v.post("/account/password", &[("csrf", &csrf), ("current", current), ("new", new), ("repeat", repeat)])
+    };
+    let wrong = change(&mut v, "guess", "new-password", "new-password");
+    assert_eq!(wrong.status, 401);
+    assert_eq!(text_of(&wrong.body, "password-error"), "the current password is wrong");
+    assert_eq!(change(&mut v, "carl-password", "new-password", "other-password").status, 400);
+    let short = change(&mut v, "carl-password", "short", "short");
+    assert_eq!((short.status, text_of(&short.body, "password-error").contains("at least 8")), (400, true));
+    let done = change(&mut v, "carl-password", "new-password", "new-password");
+    assert_eq!((done.status, done.location.as_deref()), (303, Some("/login?next=/account")));
+    assert_eq!(v.get("/account").status, 303, "this session ended");
+    assert_eq!(other.get("/account").status, 303, "and the other one");
+    let mut again = Visitor::new(&bed);
+    let token = hidden(&again.get("/login").body, "csrf");
+    assert_eq!(again.post("/login", &[("name", "carl"), ("password", "carl-password"), ("csrf", &token)]).status, 401);
+    let csrf = again.login("carl", "new-password");
+
+    // Log out everywhere.
+    let mut second = Visitor::new(&bed);
+    second.login("carl", "new-password");
+    assert_eq!(again.post("/account/logout-all", &[("csrf", &csrf)]).location.as_deref(), Some("/login"));
+    assert_eq!(again.get("/account").status, 303);
+    assert_eq!(second.get("/account").status, 303);
+}

@@ -146,6 +146,12 @@ impl Store {
         Ok(row.map(|r| SessionRow { user: user_row(&r), csrf: r.get("csrf"), expires_at: r.get("expires_at") }))
     }
 
+    /// Ends every session of a user; how many there were.
+    pub async fn end_sessions(&self, user: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(user).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
     /// Ends a session (logout).
     pub async fn delete_session(&self, token_hash: &str) -> Result<()> {
         sqlx::query("DELETE FROM sessions WHERE token_hash = ?").bind(token_hash).execute(&self.pool).await?;

@@ -16,6 +16,7 @@ use cookie::{Cookie, SameSite};
 use maud::html;
 use serde::Deserialize;
 
+use super::builds::CsrfForm;
 use super::{layout, PageError, PageResult};
 use crate::accounts::{dummy_hash, new_secret, same_secret, secret_hash, verify_password};
 use crate::runtime::Shared;
@@ -49,6 +50,26 @@ fn safe_next(next: Option<&str>) -> String {
 /// Password checks at once: each argon2 verification holds ~19 MiB, so a flood of logins
 /// queues here instead of exhausting memory.
 static VERIFYING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// Runs an argon2 hash or check off the async threads, at most [`VERIFYING`] at once.
+pub(super) async fn argon2<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PageError> {
+    let permit = VERIFYING
+        .acquire()
+        .await
+        .map_err(|_| PageError::Status(StatusCode::SERVICE_UNAVAILABLE, "the master is shutting down".into()))?;
+    // The permit goes with the work: a client that hangs up does not free it early.
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|_| PageError::Status(StatusCode::INTERNAL_SERVER_ERROR, "the password check failed".into()))
+}
+
+/// The address the request came from (what the login throttle counts).
+pub(super) fn peer(parts: &Parts) -> IpAddr {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(peer)| peer.ip())
+}
 
 fn secure(s: &Shared) -> bool {
     s.config.master.url.starts_with("https://")
@@ -116,10 +137,7 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
         ));
     }
     let name = f.name.trim();
-    let from = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(peer)| peer.ip());
+    let from = peer(&parts);
     // Counted before the password is checked, so tries sent side by side cannot all slip
     // through while the first ones are being verified; a right password takes it back.
     let counted = s.login_throttle.lock().map_or(Ok(()), |mut t| t.attempt(name, from, Instant::now()));
@@ -130,17 +148,7 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
     // Verify against a dummy when the user does not exist, so both take the same time.
     let stored = found.as_ref().map_or(dummy_hash(), |(_, h)| h.as_str()).to_string();
     let password = f.password.clone();
-    let permit = VERIFYING
-        .acquire()
-        .await
-        .map_err(|_| PageError::Status(StatusCode::SERVICE_UNAVAILABLE, "the master is shutting down".into()))?;
-    // The permit goes with the check: a client that hangs up does not free it early.
-    let ok = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        verify_password(&password, &stored)
-    })
-    .await
-    .unwrap_or(false);
+    let ok = argon2(move || verify_password(&password, &stored)).await?;
     let user = match (found, ok) {
         (Some((user, _)), true) => user,
         _ => {
@@ -186,13 +194,6 @@ fn too_many(s: &Shared, parts: &Parts, next: &str, wait: std::time::Duration) ->
     let mut resp = login_page(s, parts, next, Some(&why), StatusCode::TOO_MANY_REQUESTS);
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     resp
-}
-
-/// The logout form's field.
-#[derive(Debug, Deserialize)]
-pub struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
 }
 
 /// `POST /logout`: ends the session and clears the cookie.

@@ -5,6 +5,7 @@
 //! of a login-only master is sent to the login page), actions need their role, and every form
 //! carries the session's CSRF token.
 
+mod account;
 mod builds;
 mod cost;
 mod fleet;
@@ -42,6 +43,11 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/cost", get(cost::dashboard))
         .route("/login", get(login::form).post(login::login))
         .route("/logout", post(login::logout))
+        .route("/account", get(account::show))
+        .route("/account/tokens", post(account::create_token))
+        .route("/account/tokens/{id}/revoke", post(account::revoke_token))
+        .route("/account/password", post(account::change_password))
+        .route("/account/logout-all", post(account::logout_all))
         .route("/static/paddock.css", get(css))
 }
 
@@ -145,7 +151,7 @@ fn layout(s: &Shared, caller: &Caller, title: &str, content: Markup) -> Markup {
                     span.who {
                         @match &caller.user {
                             Some(u) => {
-                                span #user { (u.name) " (" (u.role) ")" }
+                                a #user href="/account" title="Your account" { (u.name) " (" (u.role) ")" }
                                 form.inline method="post" action="/logout" {
                                     input type="hidden" name="csrf" value=(caller.csrf());
                                     button type="submit" { "Log out" }
@@ -235,6 +241,9 @@ pre.log { background: #10141c; color: #e1e6ef; padding: .8em; overflow-x: auto; 
 form.inline { display: inline; margin: 0; }
 button { cursor: pointer; }
 .error { color: #b42318; font-weight: bold; }
+.notice { background: #fff8db; border: 1px solid #e6c200; padding: .4em .8em; margin: .6em 0; }
+.notice pre { margin: .3em 0; user-select: all; }
+#new-token { margin-top: .6em; }
 .muted { color: #68718a; }
 .facts td:first-child { font-weight: bold; background: #eef0f4; }
 .legend span { display: inline-block; width: .9em; height: .9em; margin: 0 .3em 0 1em; vertical-align: middle; }
