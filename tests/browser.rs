@@ -259,6 +259,7 @@ fn committers_watch_builds_live_force_builds_and_admins_see_costs() {
     browser.click("#user");
     browser.wait("the account page", |b| (b.path() == "/account").then_some(()));
     browser.fill("#new-token input[name=name]", "laptop");
+    browser.fill("#new-token input[name=password]", "carl-password");
     browser.click("#new-token button[type=submit]");
     let secret = browser.wait("the new token", |b| b.text("#secret"));
     assert!(secret.starts_with("pdk_"), "{secret}");

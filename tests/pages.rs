@@ -23,6 +23,7 @@ struct Page {
     status: u16,
     location: Option<String>,
     retry_after: Option<String>,
+    cache_control: Option<String>,
     content_type: String,
     body: String,
 }
@@ -52,6 +53,7 @@ impl Visitor {
             status: resp.status().as_u16(),
             location: resp.headers().get("location").map(|v| v.to_str().unwrap_or("").to_string()),
             retry_after: resp.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_string()),
+            cache_control: resp.headers().get("cache-control").map(|v| v.to_str().unwrap_or("").to_string()),
             content_type: resp
                 .headers()
                 .get("content-type")
@@ -400,8 +402,12 @@ fn a_user_manages_own_tokens_password_and_sessions_from_the_account_page() {
     );
 
     // A token, shown once, works as carl; the list shows it.
-    let made = v.post("/account/tokens", &[("csrf", &csrf), ("name", "laptop")]);
+    // Making one asks for the password: a borrowed session cannot mint a lasting token.
+    let refused = v.post("/account/tokens", &[("csrf", &csrf), ("name", "laptop"), ("password", "guess")]);
+    assert_eq!((refused.status, text_of(&refused.body, "account-error")), (401, "the password is wrong".into()));
+    let made = v.post("/account/tokens", &[("csrf", &csrf), ("name", "laptop"), ("password", "carl-password")]);
     assert_eq!(made.status, 200, "{}", made.body);
+    assert_eq!(made.cache_control.as_deref(), Some("no-store"), "the secret is not kept in caches");
     let secret = text_of(&made.body, "secret");
     assert!(secret.starts_with("pdk_") && secret.len() == 68, "{secret}");
     let api =
@@ -410,14 +416,17 @@ fn a_user_manages_own_tokens_password_and_sessions_from_the_account_page() {
     let page = v.get("/account");
     assert!(page.body.contains("<td>laptop</td>") && !page.body.contains(&secret), "shown only once");
     // Not without a name, nor with the API token itself (a leaked token must not breed).
-    assert_eq!(v.post("/account/tokens", &[("csrf", &csrf), ("name", " ")]).status, 400);
+    assert_eq!(v.post("/account/tokens", &[("csrf", &csrf), ("name", " "), ("password", "carl-password")]).status, 400);
     let by_token = Bed::client(Some(&secret))
         .post(format!("{}/account/tokens", bed.url()))
-        .form(&[("name", "more")])
+        .form(&[("name", "more"), ("password", "carl-password")])
         .send()
         .expect("post");
     assert_eq!(by_token.status().as_u16(), 403);
-    assert_eq!(v.post("/account/tokens", &[("csrf", "forged"), ("name", "x")]).status, 403);
+    assert_eq!(
+        v.post("/account/tokens", &[("csrf", "forged"), ("name", "x"), ("password", "carl-password")]).status,
+        403
+    );
 
     // Someone else's token is not carl's to revoke; his own goes.
     // (Newest first: carl's first line is the laptop token.)
@@ -442,12 +451,13 @@ fn a_user_manages_own_tokens_password_and_sessions_from_the_account_page() {
     };
     let wrong = change(&mut v, "guess", "new-password", "new-password");
     assert_eq!(wrong.status, 401);
-    assert_eq!(text_of(&wrong.body, "password-error"), "the current password is wrong");
+    assert_eq!(text_of(&wrong.body, "account-error"), "the password is wrong");
     assert_eq!(change(&mut v, "carl-password", "new-password", "other-password").status, 400);
     let short = change(&mut v, "carl-password", "short", "short");
-    assert_eq!((short.status, text_of(&short.body, "password-error").contains("at least 8")), (400, true));
+    assert_eq!((short.status, text_of(&short.body, "account-error").contains("at least 8")), (400, true));
     let done = change(&mut v, "carl-password", "new-password", "new-password");
     assert_eq!((done.status, done.location.as_deref()), (303, Some("/login?next=/account")));
+    assert!(!v.cookies.contains_key("paddock_session"), "the browser is told to forget it");
     assert_eq!(v.get("/account").status, 303, "this session ended");
     assert_eq!(other.get("/account").status, 303, "and the other one");
     let mut again = Visitor::new(&bed);
@@ -455,10 +465,18 @@ fn a_user_manages_own_tokens_password_and_sessions_from_the_account_page() {
     assert_eq!(again.post("/login", &[("name", "carl"), ("password", "carl-password"), ("csrf", &token)]).status, 401);
     let csrf = again.login("carl", "new-password");
 
-    // Log out everywhere.
+    // Log out everywhere, and (when asked) revoke every token too.
     let mut second = Visitor::new(&bed);
     second.login("carl", "new-password");
-    assert_eq!(again.post("/account/logout-all", &[("csrf", &csrf)]).location.as_deref(), Some("/login"));
+    let carl_tests_token = bed.host_cli(&["token", "create", "carl", "--name", "ci"], "").trim().to_string();
+    assert_eq!(api(&carl_tests_token), 200);
+    let out = again.post("/account/logout-all", &[("csrf", &csrf)]);
+    assert_eq!(out.location.as_deref(), Some("/login"));
     assert_eq!(again.get("/account").status, 303);
     assert_eq!(second.get("/account").status, 303);
+    assert_eq!(api(&carl_tests_token), 200, "tokens stay unless asked");
+    let csrf = again.login("carl", "new-password");
+    again.post("/account/logout-all", &[("csrf", &csrf), ("revoke_tokens", "on")]);
+    assert_eq!(api(&carl_tests_token), 401);
+    assert_eq!(api(&dora_token), 200, "only carl's");
 }

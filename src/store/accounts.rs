@@ -53,6 +53,16 @@ fn user_row(r: &sqlx::sqlite::SqliteRow) -> UserRow {
     }
 }
 
+fn token_row(r: &sqlx::sqlite::SqliteRow) -> TokenRow {
+    TokenRow {
+        id: r.get("id"),
+        user: r.get("user"),
+        name: r.get("name"),
+        created_at: r.get("created_at"),
+        last_used_at: r.get("last_used_at"),
+    }
+}
+
 impl Store {
     /// Adds a user; `false` if the name is taken.
     pub async fn add_user(&self, name: &str, role: Role, password_hash: &str, now: Ts) -> Result<bool> {
@@ -146,6 +156,49 @@ impl Store {
         Ok(row.map(|r| SessionRow { user: user_row(&r), csrf: r.get("csrf"), expires_at: r.get("expires_at") }))
     }
 
+    /// Sets the password of the user with this id and ends their sessions; `false` if there is
+    /// no such user (removed meanwhile).
+    pub async fn set_password_of(&self, user: i64, password_hash: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+            .bind(password_hash)
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(user).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The API tokens of one user (without secrets), newest first.
+    pub async fn tokens_of(&self, user: i64) -> Result<Vec<TokenRow>> {
+        let rows = sqlx::query(
+            "SELECT t.id, u.name AS user, t.name, t.created_at, t.last_used_at
+             FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.user_id = ? ORDER BY t.id DESC",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(token_row).collect())
+    }
+
+    /// Revokes one of a user's tokens (one statement: the id cannot change hands between a
+    /// check and the delete); `false` if the user has no token with that id.
+    pub async fn revoke_own_token(&self, user: i64, id: i64) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM api_tokens WHERE id = ? AND user_id = ?")
+            .bind(id)
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Revokes every token of a user; how many there were.
+    pub async fn revoke_tokens_of(&self, user: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM api_tokens WHERE user_id = ?").bind(user).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
     /// Ends every session of a user; how many there were.
     pub async fn end_sessions(&self, user: i64) -> Result<u64> {
         let done = sqlx::query("DELETE FROM sessions WHERE user_id = ?").bind(user).execute(&self.pool).await?;
@@ -213,16 +266,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| TokenRow {
-                id: r.get("id"),
-                user: r.get("user"),
-                name: r.get("name"),
-                created_at: r.get("created_at"),
-                last_used_at: r.get("last_used_at"),
-            })
-            .collect())
+        Ok(rows.iter().map(token_row).collect())
     }
 
     /// Revokes an API token; `false` if there was none with that id.

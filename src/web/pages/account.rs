@@ -1,6 +1,7 @@
 //! The logged-in user's own account: API tokens for scripts (made here and shown once, so a
 //! committer needs no shell on the master's host), the password, and logging out everywhere.
-//! Only a browser session may change these: a leaked API token must not mint new ones.
+//! Only a browser session may change these (a leaked API token must not mint new ones), and
+//! making a token or changing the password asks for the password (nor may a borrowed session).
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::builds::CsrfForm;
-use super::login::{argon2, peer};
+use super::login::{argon2, peer, without_session};
 use super::{layout, when, PageError, PageResult};
 use crate::accounts::{hash_password, new_secret, secret_hash, verify_password, TOKEN_PREFIX};
 use crate::runtime::Shared;
@@ -39,7 +40,7 @@ fn owner(caller: &Caller, csrf: Option<&str>) -> Result<UserRow, PageError> {
 
 /// The page, with a note on top (a new token, a refusal).
 async fn page(s: &Shared, caller: &Caller, user: &UserRow, note: Option<Markup>, status: StatusCode) -> PageResult {
-    let tokens: Vec<_> = s.store.tokens().await?.into_iter().filter(|t| t.user == user.name).collect();
+    let tokens = s.store.tokens_of(user.id).await?;
     let csrf = caller.csrf();
     let body = html! {
         @if let Some(n) = note { (n) }
@@ -71,6 +72,7 @@ async fn page(s: &Shared, caller: &Caller, user: &UserRow, note: Option<Markup>,
         form #new-token method="post" action="/account/tokens" {
             input type="hidden" name="csrf" value=(csrf);
             label { "Name " input type="text" name="name" required maxlength="64" placeholder="laptop"; }
+            " " label { "Your password " input type="password" name="password" autocomplete="current-password" required; }
             " " button type="submit" { "Create a token" }
         }
         h2 { "Password" }
@@ -79,11 +81,13 @@ async fn page(s: &Shared, caller: &Caller, user: &UserRow, note: Option<Markup>,
             p { label { "Current password " input type="password" name="current" autocomplete="current-password" required; } }
             p { label { "New password " input type="password" name="new" autocomplete="new-password" required minlength=(crate::accounts::MIN_PASSWORD); } }
             p { label { "New password again " input type="password" name="repeat" autocomplete="new-password" required; } }
+            p { label { input type="checkbox" name="revoke_tokens" value="on"; " Also revoke all my API tokens" } }
             p { button type="submit" { "Change the password" } " (this logs you out everywhere)" }
         }
         h2 { "Sessions" }
         form #logout-all method="post" action="/account/logout-all" {
             input type="hidden" name="csrf" value=(csrf);
+            p { label { input type="checkbox" name="revoke_tokens" value="on"; " Also revoke all my API tokens" } }
             button type="submit" { "Log out everywhere" }
         }
     };
@@ -96,6 +100,53 @@ pub async fn show(State(s): State<Arc<Shared>>, caller: Caller) -> PageResult {
     page(&s, &caller, &user, None, StatusCode::OK).await
 }
 
+/// Checks the user's password (counted like a login, so a borrowed session cannot guess it);
+/// `Err` is the refusal to show.
+async fn check_password(s: &Shared, parts: &Parts, user: &UserRow, password: &str) -> Result<(), Refusal> {
+    let from = peer(parts);
+    let counted =
+        s.login_throttle.lock().map_or(Ok(()), |mut t| t.attempt(&user.name, from, std::time::Instant::now()));
+    if counted.is_err() {
+        return Err((StatusCode::TOO_MANY_REQUESTS, "too many wrong passwords; try again later".into()));
+    }
+    let Some((_, stored)) = s.store.user_with_hash(&user.name).await? else {
+        return Err((StatusCode::NOT_FOUND, "this account no longer exists".into()));
+    };
+    let password = password.to_string();
+    if !argon2(move || verify_password(&password, &stored)).await? {
+        tracing::info!(user = %user.name, "account change refused: wrong password");
+        return Err((StatusCode::UNAUTHORIZED, "the password is wrong".into()));
+    }
+    if let Ok(mut t) = s.login_throttle.lock() {
+        t.succeeded(&user.name, from);
+    }
+    Ok(())
+}
+
+/// Why an account change was refused: the status and what to show.
+type Refusal = (StatusCode, String);
+
+impl From<PageError> for (StatusCode, String) {
+    fn from(e: PageError) -> Self {
+        match e {
+            PageError::Status(status, why) => (status, why),
+            PageError::Login(_) => (StatusCode::UNAUTHORIZED, "log in again".into()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for (StatusCode, String) {
+    fn from(e: crate::store::StoreError) -> Self {
+        PageError::from(e).into()
+    }
+}
+
+/// The page again, with the refusal on top.
+async fn refused(s: &Shared, caller: &Caller, user: &UserRow, (status, why): Refusal) -> PageResult {
+    let note = html! { p.error #account-error { (why) } };
+    page(s, caller, user, Some(note), status).await
+}
+
 /// The new-token form.
 #[derive(Debug, Deserialize)]
 pub struct TokenForm {
@@ -103,16 +154,26 @@ pub struct TokenForm {
     csrf: String,
     #[serde(default)]
     name: String,
+    #[serde(default)]
+    password: String,
 }
 
 /// `POST /account/tokens`: the secret is in this answer only (not a redirect: it must not
 /// land in a URL or the history).
-pub async fn create_token(State(s): State<Arc<Shared>>, caller: Caller, Form(f): Form<TokenForm>) -> PageResult {
+pub async fn create_token(
+    State(s): State<Arc<Shared>>,
+    caller: Caller,
+    parts: Parts,
+    Form(f): Form<TokenForm>,
+) -> PageResult {
     let user = owner(&caller, Some(&f.csrf))?;
     let name = f.name.trim();
     if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-        let note = html! { p.error { "a token's name is 1 to 64 characters" } };
-        return page(&s, &caller, &user, Some(note), StatusCode::BAD_REQUEST).await;
+        return refused(&s, &caller, &user, (StatusCode::BAD_REQUEST, "a token's name is 1 to 64 characters".into()))
+            .await;
+    }
+    if let Err(r) = check_password(&s, &parts, &user, &f.password).await {
+        return refused(&s, &caller, &user, r).await;
     }
     let secret = new_secret(TOKEN_PREFIX);
     let Some(row) = s.store.create_token(&user.name, name, &secret_hash(&secret), s.now()).await? else {
@@ -136,8 +197,7 @@ pub async fn revoke_token(
     Form(f): Form<CsrfForm>,
 ) -> PageResult {
     let user = owner(&caller, Some(&f.csrf))?;
-    let mine = s.store.tokens().await?.into_iter().any(|t| t.id == id && t.user == user.name);
-    if !mine || !s.store.revoke_token(id).await? {
+    if !s.store.revoke_own_token(user.id, id).await? {
         return Err(PageError::Status(StatusCode::NOT_FOUND, format!("you have no token {id}")));
     }
     tracing::info!(user = %user.name, token = id, "API token revoked");
@@ -155,10 +215,13 @@ pub struct PasswordForm {
     new: String,
     #[serde(default)]
     repeat: String,
+    /// `on` to revoke every API token too.
+    #[serde(default)]
+    revoke_tokens: Option<String>,
 }
 
-/// `POST /account/password`: the current password first (counted like logins, so a borrowed
-/// session cannot guess it); the change ends every session, this one too.
+/// `POST /account/password`: the current password first; the change ends every session,
+/// this one too (and, if asked, revokes every API token).
 pub async fn change_password(
     State(s): State<Arc<Shared>>,
     caller: Caller,
@@ -166,40 +229,41 @@ pub async fn change_password(
     Form(f): Form<PasswordForm>,
 ) -> PageResult {
     let user = owner(&caller, Some(&f.csrf))?;
-    let refuse = |why: &str| html! { p.error #password-error { (why) } };
     if f.new != f.repeat {
-        return page(&s, &caller, &user, Some(refuse("the new passwords differ")), StatusCode::BAD_REQUEST).await;
+        return refused(&s, &caller, &user, (StatusCode::BAD_REQUEST, "the new passwords differ".into())).await;
     }
-    let from = peer(&parts);
-    let counted =
-        s.login_throttle.lock().map_or(Ok(()), |mut t| t.attempt(&user.name, from, std::time::Instant::now()));
-    if counted.is_err() {
-        let note = refuse("too many wrong passwords; try again later");
-        return page(&s, &caller, &user, Some(note), StatusCode::TOO_MANY_REQUESTS).await;
-    }
-    let stored = s.store.user_with_hash(&user.name).await?.map(|(_, h)| h).unwrap_or_default();
-    let current = f.current.clone();
-    if !argon2(move || verify_password(&current, &stored)).await? {
-        tracing::info!(user = %user.name, "password change refused: wrong current password");
-        return page(&s, &caller, &user, Some(refuse("the current password is wrong")), StatusCode::UNAUTHORIZED).await;
-    }
-    if let Ok(mut t) = s.login_throttle.lock() {
-        t.succeeded(&user.name, from);
+    if let Err(r) = check_password(&s, &parts, &user, &f.current).await {
+        return refused(&s, &caller, &user, r).await;
     }
     let new = f.new.clone();
     let hash = match argon2(move || hash_password(&new)).await? {
         Ok(h) => h,
-        Err(e) => return page(&s, &caller, &user, Some(refuse(&e.to_string())), StatusCode::BAD_REQUEST).await,
+        Err(e) => return refused(&s, &caller, &user, (StatusCode::BAD_REQUEST, e.to_string())).await,
     };
-    s.store.set_password(&user.name, &hash).await?;
-    tracing::info!(user = %user.name, "password changed; every session ended");
-    Ok(Redirect::to("/login?next=/account").into_response())
+    if !s.store.set_password_of(user.id, &hash).await? {
+        return Err(PageError::Status(StatusCode::NOT_FOUND, "this account no longer exists".into()));
+    }
+    let revoked = if f.revoke_tokens.is_some() { s.store.revoke_tokens_of(user.id).await? } else { 0 };
+    tracing::info!(user = %user.name, tokens_revoked = revoked, "password changed; every session ended");
+    Ok(without_session(Redirect::to("/login?next=/account").into_response()))
 }
 
-/// `POST /account/logout-all`: ends every session of the user, this one too.
-pub async fn logout_all(State(s): State<Arc<Shared>>, caller: Caller, Form(f): Form<CsrfForm>) -> PageResult {
+/// The log-out-everywhere form.
+#[derive(Debug, Deserialize)]
+pub struct LogoutAllForm {
+    #[serde(default)]
+    csrf: String,
+    /// `on` to revoke every API token too.
+    #[serde(default)]
+    revoke_tokens: Option<String>,
+}
+
+/// `POST /account/logout-all`: ends every session of the user, this one too (and, if asked,
+/// revokes every API token).
+pub async fn logout_all(State(s): State<Arc<Shared>>, caller: Caller, Form(f): Form<LogoutAllForm>) -> PageResult {
     let user = owner(&caller, Some(&f.csrf))?;
     let ended = s.store.end_sessions(user.id).await?;
-    tracing::info!(user = %user.name, sessions = ended, "logged out everywhere");
-    Ok(Redirect::to("/login").into_response())
+    let revoked = if f.revoke_tokens.is_some() { s.store.revoke_tokens_of(user.id).await? } else { 0 };
+    tracing::info!(user = %user.name, sessions = ended, tokens_revoked = revoked, "logged out everywhere");
+    Ok(without_session(Redirect::to("/login").into_response()))
 }

@@ -66,6 +66,15 @@ pub(super) async fn argon2<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'st
     .map_err(|_| PageError::Status(StatusCode::INTERNAL_SERVER_ERROR, "the password check failed".into()))
 }
 
+/// `resp`, telling the browser to forget its session cookie.
+pub(super) fn without_session(mut resp: Response) -> Response {
+    set_cookie(
+        &mut resp,
+        Cookie::build((SESSION_COOKIE, "")).path("/").http_only(true).max_age(cookie::time::Duration::ZERO).build(),
+    );
+    resp
+}
+
 /// The address the request came from (what the login throttle counts).
 pub(super) fn peer(parts: &Parts) -> IpAddr {
     parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |ConnectInfo(peer)| peer.ip())
@@ -204,12 +213,7 @@ pub async fn logout(State(s): State<Arc<Shared>>, caller: Caller, Form(f): Form<
     caller.check_csrf(&f.csrf).map_err(PageError::from)?;
     s.store.delete_session(&session.hash).await?;
     tracing::info!(user = caller.name(), "logged out");
-    let mut resp = Redirect::to("/").into_response();
-    set_cookie(
-        &mut resp,
-        Cookie::build((SESSION_COOKIE, "")).path("/").http_only(true).max_age(cookie::time::Duration::ZERO).build(),
-    );
-    Ok(resp)
+    Ok(without_session(Redirect::to("/").into_response()))
 }
 
 #[cfg(test)]
