@@ -159,22 +159,29 @@ impl Watcher {
     }
 }
 
-#[test]
-fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
-    let port = free_port();
-    let ircd = Ircd::start(port);
-    let watcher = Watcher::join(port, "#ci");
+/// A master with the pass/fail builder and a plain-text bot `paddock` in #ci, once the
+/// watcher has seen it join.
+fn bed_with_a_bot(port: u16, watcher: &Watcher) -> Bed {
     let mut bed = Bed::new(&[]);
     let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
     bed.config(
         "",
         &format!(
-            "{preamble}\
-             [[notifier]]\nkind = \"irc\"\nserver = \"127.0.0.1:{port}\"\ntls = false\nchannel = \"#ci\"\nnick = \"paddock\"\n"
+            "{preamble}[[notifier]]\nkind = \"irc\"\nserver = \"127.0.0.1:{port}\"\ntls = false\nchannel = \"#ci\"\n\
+             nick = \"paddock\"\n"
         ),
     );
     bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
     bed.wait("the bot to join #ci", || watcher.saw_join("paddock", "#ci").then_some(()));
+    bed
+}
+
+#[test]
+fn the_bot_speaks_on_transitions_only_and_comes_back_after_a_server_restart() {
+    let port = free_port();
+    let ircd = Ircd::start(port);
+    let watcher = Watcher::join(port, "#ci");
+    let bed = bed_with_a_bot(port, &watcher);
 
     let ok = bed.build_file("fine\n", "first");
     assert_eq!(ok["state"], "success");
@@ -279,17 +286,7 @@ fn the_bot_answers_status_last_and_help_in_its_channel_only() {
     let port = free_port();
     let _ircd = Ircd::start(port);
     let watcher = Watcher::join(port, "#ci");
-    let mut bed = Bed::new(&[]);
-    let preamble = common::ONE_BUILDER_FAILING_ON_BROKEN;
-    bed.config(
-        "",
-        &format!(
-            "{preamble}[[notifier]]\nkind = \"irc\"\nserver = \"127.0.0.1:{port}\"\ntls = false\nchannel = \"#ci\"\n\
-             nick = \"paddock\"\n"
-        ),
-    );
-    bed.start_with_env(&["main"], &[("PADDOCK_NOTIFY_RETRY_MS", "200")]);
-    bed.wait("the bot to join #ci", || watcher.saw_join("paddock", "#ci").then_some(()));
+    let bed = bed_with_a_bot(port, &watcher);
     bed.build_file("fine\n", "first");
     let broken = bed.build_file("broken\n", "break it");
     let url = format!("{}/builds/{}", bed.url(), broken["id"]);

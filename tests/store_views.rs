@@ -169,59 +169,64 @@ async fn the_standing_of_builds_that_finish_out_of_order() {
         let store = store.clone();
         async move { store.create_request("a", "app", "main", "r", "change", "t", &[], Ts(at)).await.expect("request") }
     };
+    let start = |id: i64, machine: i64, at: i64| {
+        let store = store.clone();
+        async move { assert!(store.start_build(id, machine, &["s".into()], Ts(at)).await.expect("start")) }
+    };
+    let finish = |id: i64, machine: i64, result: &'static str, at: i64| {
+        let store = store.clone();
+        async move { assert!(store.finish_build(id, machine, result, Ts(at)).await.expect("finish")) }
+    };
+    let standing = |id: i64| {
+        let store = store.clone();
+        async move { store.standing(id).await.expect("standing") }
+    };
     let base = request(1).await;
-    assert!(store.start_build(base.id, 1, &["s".into()], Ts(2)).await.expect("start"));
-    assert!(store.finish_build(base.id, 1, "success", Ts(3)).await.expect("finish"));
+    start(base.id, 1, 2).await;
+    finish(base.id, 1, "success", 3).await;
     // `older` breaks the build, `newer` fixes it; `newer` finishes first.
     let older = request(10).await;
     let newer = request(11).await;
-    assert!(store.start_build(older.id, 1, &["s".into()], Ts(12)).await.expect("start"));
-    assert!(store.start_build(newer.id, 2, &["s".into()], Ts(13)).await.expect("start"));
-    assert!(store.finish_build(newer.id, 2, "success", Ts(20)).await.expect("finish"));
-    assert!(store.finish_build(older.id, 1, "failure", Ts(30)).await.expect("finish"));
+    start(older.id, 1, 12).await;
+    start(newer.id, 2, 13).await;
+    finish(newer.id, 2, "success", 20).await;
+    finish(older.id, 1, "failure", 30).await;
     let success = Some("success".to_string());
     assert_eq!(
-        store.standing(newer.id).await.expect("standing"),
+        standing(newer.id).await,
         Standing { previous: success.clone(), superseded: false },
         "compared with the base, not with the older change still running then"
     );
     assert_eq!(
-        store.standing(older.id).await.expect("standing"),
+        standing(older.id).await,
         Standing { previous: success.clone(), superseded: true },
         "the newer change already told how things stand"
     );
     // The next change compares with the newest asked-for result, not the last to finish.
     let next = request(40).await;
-    assert!(store.start_build(next.id, 1, &["s".into()], Ts(41)).await.expect("start"));
-    assert!(store.finish_build(next.id, 1, "failure", Ts(42)).await.expect("finish"));
-    assert_eq!(
-        store.standing(next.id).await.expect("standing"),
-        Standing { previous: success.clone(), superseded: false }
-    );
+    start(next.id, 1, 41).await;
+    finish(next.id, 1, "failure", 42).await;
+    assert_eq!(standing(next.id).await, Standing { previous: success.clone(), superseded: false });
 
     // `next` broke it. A rebuild of `next` (is it flaky?) fails before the fix `last` passes:
     // the rebuild neither hides the fix nor is what the fix is compared with.
     let last = request(50).await;
     let again = store.create_request("a", "app", "main", "r", "rebuild", "t", &[], Ts(51)).await.expect("rebuild");
-    assert!(store.start_build(last.id, 1, &["s".into()], Ts(52)).await.expect("start"));
-    assert!(store.start_build(again.id, 2, &["s".into()], Ts(53)).await.expect("start"));
-    assert!(store.finish_build(again.id, 2, "failure", Ts(60)).await.expect("finish"));
-    assert!(store.finish_build(last.id, 1, "success", Ts(70)).await.expect("finish"));
+    start(last.id, 1, 52).await;
+    start(again.id, 2, 53).await;
+    finish(again.id, 2, "failure", 60).await;
+    finish(last.id, 1, "success", 70).await;
     let failure = Some("failure".to_string());
     assert_eq!(
-        store.standing(again.id).await.expect("standing"),
+        standing(again.id).await,
         Standing { previous: failure.clone(), superseded: false },
         "still failing: no news"
     );
-    assert_eq!(
-        store.standing(last.id).await.expect("standing"),
-        Standing { previous: failure, superseded: false },
-        "the fix is news"
-    );
+    assert_eq!(standing(last.id).await, Standing { previous: failure, superseded: false }, "the fix is news");
     let after = request(80).await;
-    assert!(store.start_build(after.id, 1, &["s".into()], Ts(81)).await.expect("start"));
-    assert!(store.finish_build(after.id, 1, "success", Ts(82)).await.expect("finish"));
-    assert_eq!(store.standing(after.id).await.expect("standing"), Standing { previous: success, superseded: false });
+    start(after.id, 1, 81).await;
+    finish(after.id, 1, "success", 82).await;
+    assert_eq!(standing(after.id).await, Standing { previous: success, superseded: false });
 }
 
 #[tokio::test]
