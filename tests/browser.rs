@@ -302,6 +302,9 @@ fn committers_watch_builds_live_force_builds_and_admins_see_costs() {
     browser.goto("/machines");
     browser.wait("the machines", |b| b.exists("#machines").then_some(()));
     browser.screenshot("machines");
+    browser.goto("/users");
+    browser.wait("the users", |b| b.text("#users").filter(|t| t.contains("carl") && t.contains("(you)")));
+    browser.screenshot("users");
 
     for name in [
         "login",
@@ -310,9 +313,11 @@ fn committers_watch_builds_live_force_builds_and_admins_see_costs() {
         "console",
         "changes",
         "builders",
+        "account",
         "viewer-refused",
         "cost",
         "machines",
+        "users",
     ] {
         assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
     }

@@ -480,3 +480,59 @@ fn a_user_manages_own_tokens_password_and_sessions_from_the_account_page() {
     assert_eq!(api(&carl_tests_token), 401);
     assert_eq!(api(&dora_token), 200, "only carl's");
 }
+
+#[test]
+fn admins_add_users_set_roles_and_remove_them_from_the_users_page() {
+    let mut bed = Bed::new(&[]);
+    bed.config("", &config("[web]\naccess = \"login\"\n"));
+    bed.start(&["main"]);
+    bed.host_cli(&["user", "add", "ada", "--role", "admin", "--password-stdin"], "ada-password\n");
+    bed.add_user("carl", "committer", "carl-password");
+    let mut carl = Visitor::new(&bed);
+    let carl_csrf = carl.login("carl", "carl-password");
+    assert_eq!(carl.get("/users").status, 403, "admins only");
+    assert_eq!(
+        carl.post("/users", &[("csrf", &carl_csrf), ("name", "x"), ("role", "admin"), ("password", "long-enough")])
+            .status,
+        403
+    );
+    assert!(!carl.get("/").body.contains("href=\"/users\""));
+
+    let mut ada = Visitor::new(&bed);
+    let csrf = ada.login("ada", "ada-password");
+    let page = ada.get("/users");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("admin (you)") && page.body.contains("<td>carl</td>"), "{}", page.body);
+    let add = |v: &mut Visitor, name: &str, role: &str, password: &str| {
+        v.post("/users", &[("csrf", &csrf), ("name", name), ("role", role), ("password", password)])
+    };
+    assert_eq!(add(&mut ada, "dora", "viewer", "dora-password").status, 303);
+    let taken = add(&mut ada, "dora", "viewer", "dora-password");
+    assert_eq!((taken.status, text_of(&taken.body, "users-error")), (409, "dora exists already".into()));
+    assert_eq!(add(&mut ada, "bad name", "viewer", "long-enough").status, 400);
+    assert_eq!(add(&mut ada, "eve", "root", "long-enough").status, 400);
+    assert_eq!(add(&mut ada, "eve", "viewer", "short").status, 400);
+    assert_eq!(
+        ada.post("/users", &[("csrf", "forged"), ("name", "eve"), ("role", "viewer"), ("password", "long-enough")])
+            .status,
+        403
+    );
+    let mut dora = Visitor::new(&bed);
+    dora.login("dora", "dora-password");
+    assert_eq!(dora.get("/cost").status, 403);
+
+    // A role change applies to the next request; oneself is off limits.
+    assert_eq!(ada.post("/users/dora/role", &[("csrf", &csrf), ("role", "admin")]).status, 303);
+    assert_eq!(dora.get("/cost").status, 200);
+    assert_eq!(ada.post("/users/ada/role", &[("csrf", &csrf), ("role", "viewer")]).status, 409);
+    assert_eq!(ada.post("/users/ada/remove", &[("csrf", &csrf)]).status, 409);
+    assert_eq!(ada.post("/users/nobody/role", &[("csrf", &csrf), ("role", "viewer")]).status, 404);
+
+    // Removing a user ends their sessions and revokes their tokens.
+    let carl_token = bed.host_cli(&["token", "create", "carl"], "").trim().to_string();
+    assert_eq!(ada.post("/users/carl/remove", &[("csrf", &csrf)]).status, 303);
+    assert_eq!(carl.get("/").status, 303, "sent to log in");
+    let api = Bed::client(Some(&carl_token)).get(format!("{}/api/builds", bed.url())).send().expect("api");
+    assert_eq!(api.status().as_u16(), 401);
+    assert!(!ada.get("/users").body.contains("<td>carl</td>"));
+}

@@ -10,6 +10,7 @@ mod builds;
 mod cost;
 mod fleet;
 mod login;
+mod users;
 
 use std::sync::Arc;
 
@@ -48,6 +49,9 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/account/tokens/{id}/revoke", post(account::revoke_token))
         .route("/account/password", post(account::change_password))
         .route("/account/logout-all", post(account::logout_all))
+        .route("/users", get(users::list).post(users::add))
+        .route("/users/{name}/role", post(users::set_role))
+        .route("/users/{name}/remove", post(users::remove))
         .route("/static/paddock.css", get(css))
 }
 
@@ -147,7 +151,7 @@ fn layout(s: &Shared, caller: &Caller, title: &str, content: Markup) -> Markup {
                     a href="/changes" { "Changes" }
                     a href="/builders" { "Builders" }
                     a href="/machines" { "Machines" }
-                    @if caller.can(Role::Admin) { a href="/cost" { "Cost" } }
+                    @if caller.can(Role::Admin) { a href="/cost" { "Cost" } a href="/users" { "Users" } }
                     span.who {
                         @match &caller.user {
                             Some(u) => {
