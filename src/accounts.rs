@@ -63,8 +63,11 @@ pub const MIN_PASSWORD: usize = 8;
 
 /// Checks a user name: short, printable, no spaces (it appears in logs and the UI).
 pub fn check_name(name: &str) -> Result<(), AccountError> {
-    let ok =
-        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c));
+    // Dots alone (`.`, `..`) would read as path segments in the pages' URLs.
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+        && !name.chars().all(|c| c == '.');
     if ok {
         Ok(())
     } else {
@@ -149,7 +152,8 @@ mod tests {
     #[test]
     fn names_and_secrets() {
         assert!(check_name("alice.b-c_d@example").is_ok());
-        for bad in ["", "a b", "<script>", &"x".repeat(65)] {
+        assert!(check_name("a.").is_ok() && check_name(".b").is_ok());
+        for bad in ["", "a b", "<script>", &"x".repeat(65), ".", "..", "..."] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         let t = new_secret(TOKEN_PREFIX);

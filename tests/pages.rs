@@ -491,11 +491,17 @@ fn admins_add_users_set_roles_and_remove_them_from_the_users_page() {
     let mut carl = Visitor::new(&bed);
     let carl_csrf = carl.login("carl", "carl-password");
     assert_eq!(carl.get("/users").status, 403, "admins only");
-    assert_eq!(
-        carl.post("/users", &[("csrf", &carl_csrf), ("name", "x"), ("role", "admin"), ("password", "long-enough")])
-            .status,
-        403
-    );
+    let form = |csrf: &str, name: &str, role: &str, theirs: &str, mine: &str| -> Vec<(String, String)> {
+        [("csrf", csrf), ("name", name), ("role", role), ("new_password", theirs), ("password", mine)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let post_form = |v: &mut Visitor, f: &[(String, String)]| {
+        let pairs: Vec<(&str, &str)> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        v.post("/users", &pairs)
+    };
+    assert_eq!(post_form(&mut carl, &form(&carl_csrf, "x", "admin", "long-enough", "carl-password")).status, 403);
     assert!(!carl.get("/").body.contains("href=\"/users\""));
 
     let mut ada = Visitor::new(&bed);
@@ -504,29 +510,41 @@ fn admins_add_users_set_roles_and_remove_them_from_the_users_page() {
     assert_eq!(page.status, 200);
     assert!(page.body.contains("admin (you)") && page.body.contains("<td>carl</td>"), "{}", page.body);
     let add = |v: &mut Visitor, name: &str, role: &str, password: &str| {
-        v.post("/users", &[("csrf", &csrf), ("name", name), ("role", role), ("password", password)])
+        post_form(v, &form(&csrf, name, role, password, "ada-password"))
     };
+    // The admin's own password is asked for: an unattended browser cannot make an admin.
+    let unconfirmed = post_form(&mut ada, &form(&csrf, "x", "admin", "long-enough", "guess"));
+    assert_eq!((unconfirmed.status, text_of(&unconfirmed.body, "users-error")), (401, "the password is wrong".into()));
+    // Nor can an admin's API token.
+    let by_token = Bed::client(Some(bed.token()))
+        .post(format!("{}/users", bed.url()))
+        .form(&form("", "x", "admin", "long-enough", "x"))
+        .send()
+        .expect("post");
+    assert_eq!(by_token.status().as_u16(), 403);
+    assert_eq!(add(&mut ada, "..", "viewer", "long-enough").status, 400, "a name that reads as a path");
     assert_eq!(add(&mut ada, "dora", "viewer", "dora-password").status, 303);
     let taken = add(&mut ada, "dora", "viewer", "dora-password");
     assert_eq!((taken.status, text_of(&taken.body, "users-error")), (409, "dora exists already".into()));
     assert_eq!(add(&mut ada, "bad name", "viewer", "long-enough").status, 400);
     assert_eq!(add(&mut ada, "eve", "root", "long-enough").status, 400);
     assert_eq!(add(&mut ada, "eve", "viewer", "short").status, 400);
-    assert_eq!(
-        ada.post("/users", &[("csrf", "forged"), ("name", "eve"), ("role", "viewer"), ("password", "long-enough")])
-            .status,
-        403
-    );
+    assert_eq!(post_form(&mut ada, &form("forged", "eve", "viewer", "long-enough", "ada-password")).status, 403);
     let mut dora = Visitor::new(&bed);
     dora.login("dora", "dora-password");
     assert_eq!(dora.get("/cost").status, 403);
 
     // A role change applies to the next request; oneself is off limits.
-    assert_eq!(ada.post("/users/dora/role", &[("csrf", &csrf), ("role", "admin")]).status, 303);
+    let set = |v: &mut Visitor, name: &str, role: &str, password: &str| {
+        v.post(&format!("/users/{name}/role"), &[("csrf", &csrf), ("role", role), ("password", password)])
+    };
+    assert_eq!(set(&mut ada, "dora", "admin", "guess").status, 401);
+    assert_eq!(dora.get("/cost").status, 403);
+    assert_eq!(set(&mut ada, "dora", "admin", "ada-password").status, 303);
     assert_eq!(dora.get("/cost").status, 200);
-    assert_eq!(ada.post("/users/ada/role", &[("csrf", &csrf), ("role", "viewer")]).status, 409);
+    assert_eq!(set(&mut ada, "ada", "viewer", "ada-password").status, 409);
     assert_eq!(ada.post("/users/ada/remove", &[("csrf", &csrf)]).status, 409);
-    assert_eq!(ada.post("/users/nobody/role", &[("csrf", &csrf), ("role", "viewer")]).status, 404);
+    assert_eq!(set(&mut ada, "nobody", "viewer", "ada-password").status, 404);
 
     // Removing a user ends their sessions and revokes their tokens.
     let carl_token = bed.host_cli(&["token", "create", "carl"], "").trim().to_string();

@@ -127,6 +127,37 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Sets `name`'s role on behalf of `admin`, only if `admin` is still an admin at that
+    /// moment (two admins demoting each other at once cannot leave none); `false` otherwise
+    /// or if there is no such user.
+    pub async fn set_role_by(&self, admin: &str, name: &str, role: Role) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE users SET role = ? WHERE name = ? AND name != ?
+               AND EXISTS (SELECT 1 FROM users a WHERE a.name = ? AND a.role = 'admin')",
+        )
+        .bind(role.as_str())
+        .bind(name)
+        .bind(admin)
+        .bind(admin)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Removes `name` on behalf of `admin`, under the same condition as [`Store::set_role_by`].
+    pub async fn remove_user_by(&self, admin: &str, name: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "DELETE FROM users WHERE name = ? AND name != ?
+               AND EXISTS (SELECT 1 FROM users a WHERE a.name = ? AND a.role = 'admin')",
+        )
+        .bind(name)
+        .bind(admin)
+        .bind(admin)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Starts a session for a user (the cookie's hash, the CSRF token, when it ends).
     pub async fn create_session(&self, user: i64, token_hash: &str, csrf: &str, now: Ts, expires: Ts) -> Result<()> {
         // Expired sessions are swept at each login, so the table stays small without a timer.

@@ -22,7 +22,7 @@ use crate::store::UserRow;
 use crate::web::auth::Caller;
 
 /// The session's user, for a form of this page (with its CSRF token checked).
-fn owner(caller: &Caller, csrf: Option<&str>) -> Result<UserRow, PageError> {
+pub(super) fn owner(caller: &Caller, csrf: Option<&str>) -> Result<UserRow, PageError> {
     let Some(user) = caller.user.clone() else {
         return Err(PageError::Login("/account".into()));
     };
@@ -102,7 +102,7 @@ pub async fn show(State(s): State<Arc<Shared>>, caller: Caller) -> PageResult {
 
 /// Checks the user's password (counted like a login, so a borrowed session cannot guess it);
 /// `Err` is the refusal to show.
-async fn check_password(s: &Shared, parts: &Parts, user: &UserRow, password: &str) -> Result<(), Refusal> {
+pub(super) async fn check_password(s: &Shared, parts: &Parts, user: &UserRow, password: &str) -> Result<(), Refusal> {
     let from = peer(parts);
     let counted =
         s.login_throttle.lock().map_or(Ok(()), |mut t| t.attempt(&user.name, from, std::time::Instant::now()));
@@ -124,7 +124,7 @@ async fn check_password(s: &Shared, parts: &Parts, user: &UserRow, password: &st
 }
 
 /// Why an account change was refused: the status and what to show.
-type Refusal = (StatusCode, String);
+pub(super) type Refusal = (StatusCode, String);
 
 impl From<PageError> for (StatusCode, String) {
     fn from(e: PageError) -> Self {
