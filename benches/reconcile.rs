@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::process::{Command, Stdio};
 
 use common::vm_hwm_kib;
@@ -128,7 +129,7 @@ fn main() {
                 .map(|l| Listed { provider_id: l.provider_id, machine: l.machine_id, alive: l.alive })
                 .collect();
             let at = Ts(1_000 + round as i64);
-            let verdicts = reconciler.judge(&listing, &believed, &std::collections::HashSet::new(), at, at);
+            let verdicts = reconciler.judge(&listing, &believed, &HashSet::new(), &HashSet::new(), at, at);
             assert!(verdicts.is_empty(), "all 1,000 are owned and alive: {:?}", &verdicts[..verdicts.len().min(3)]);
         }
         let wall = t0.elapsed();

@@ -180,6 +180,7 @@ async fn spot_and_on_demand_are_priced_from_what_the_cloud_reported_and_the_tabl
         spot_price: spot,
         volume_gb: None,
         volume_type: None,
+        launched_at: None,
     };
     let on_demand = paddock::cost::price_machine(pool, &launched("on-demand", None), table);
     let spot = paddock::cost::price_machine(pool, &launched("spot", Some(0.0612)), table);
@@ -304,6 +305,7 @@ async fn the_root_volume_is_billed_per_gb_month_prorated() {
         spot_price: None,
         volume_gb: Some(100),
         volume_type: Some("gp3".into()),
+        launched_at: None,
     };
     let p = paddock::cost::price_machine(config.pool("ec2").expect("pool"), &launched, table);
     assert_eq!(p.hourly_price, Some(0.0104));

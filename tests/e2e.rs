@@ -430,6 +430,48 @@ fn an_agent_that_dies_while_the_master_is_down_has_its_build_retried() {
 }
 
 #[test]
+fn a_machine_still_booting_when_the_master_dies_is_kept_and_runs_the_build() {
+    let mut bed = Bed::new(&[]);
+    let go = bed.path().join("boot-go");
+    let script = bed.path().join("slow-boot.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh
+while [ ! -e {go} ]; do sleep 0.05; done
+exec {bin} \"$@\"\n",
+            go = go.display(),
+            bin = paddock_bin().display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    bed.config(
+        "",
+        &one_builder(
+            &format!(
+                "[pool.local]\nmax_instances = 1\nboot_timeout = \"60s\"\nagent_command = \"{}\"\n",
+                script.display()
+            ),
+            "steps = [\"echo built\"]",
+        ),
+    );
+    bed.start(&["main"]);
+    bed.commit("main", "a.txt", "1\n", "go");
+    let booting = bed.wait("a booting machine", || bed.machines().into_iter().find(|m| m["state"] == "booting"));
+    bed.kill_master();
+    bed.start(&["main"]);
+    bed.wait("the booting machine kept", || bed.log().contains("still booting; waiting for its agent").then_some(()));
+    // Its boot ends after the restart: the agent says hello with its one-time token.
+    std::fs::write(&go, "").expect("go");
+    let builds = bed.wait_builds_done(1);
+    assert_eq!(state(&builds[0]), "success", "{builds:?}");
+    assert_eq!(builds[0]["attempt"], 1);
+    assert_eq!(builds[0]["machine"], booting["id"], "built on the machine that was booting");
+    assert_eq!(bed.machines().len(), 1, "no boot wasted: {:?}", bed.machines());
+}
+
+#[test]
 fn a_machine_that_never_connects_is_stopped_after_boot_timeout_and_its_build_retried() {
     let mut bed = Bed::new(&[]);
     let marker = bed.path().join("booted-once");

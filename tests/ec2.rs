@@ -429,6 +429,70 @@ fn a_master_killed_during_run_instances_leaks_nothing_after_restart() {
     bed.wait("nothing left running", || cloud.alive().is_empty().then_some(()));
 }
 
+/// Samples how many of the cluster's instances are alive at once, every 100 ms, until the
+/// returned flag is set; the thread's result is the peak.
+fn sample_peak(cloud: &Cloud) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<usize>) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop, endpoint, cluster) = (done.clone(), cloud.moto.endpoint(), cloud.cluster.clone());
+    let thread = std::thread::spawn(move || {
+        let probe = common::moto::Probe::new(&endpoint);
+        let mut peak = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            peak = peak.max(probe.alive(&cluster));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        peak
+    });
+    (done, thread)
+}
+
+#[test]
+fn a_launch_in_flight_at_a_crash_counts_against_the_limit_and_its_late_instance_builds() {
+    let cloud = Cloud::new(true);
+    cloud.boot.set_baked_agent(common::paddock_bin());
+    // The cloud holds the launch; the master dies meanwhile; the cloud serves it after the
+    // restart, with the machine's one-time token in its user-data.
+    cloud.proxy().add(Rule::on("RunInstances").fault(Fault::Latency(Duration::from_secs(4))).rate(1.0).limit(1));
+    let mut bed = Bed::new(&[]);
+    bed.config_with_master(
+        &cloud.master(),
+        "",
+        &cloud.pool(
+            "instance_types = [\"t3.small\"]\nmax_instances = 1\nidle_timeout = \"3s\"\nboot_timeout = \"60s\"\n",
+            "steps = [\"echo built\"]",
+        ),
+    );
+    start(&mut bed);
+    let (done, sampler) = sample_peak(&cloud);
+    bed.commit("main", "a.txt", "x\n", "first");
+    cloud.proxy().wait_calls("RunInstances", 1);
+    bed.kill_master();
+    start(&mut bed);
+
+    let builds = bed.wait_builds_done(1);
+    assert_eq!(state(&builds[0]), "success", "{}", builds[0]);
+    assert_eq!(builds[0]["attempt"], 1);
+    assert_eq!(builds[0]["machine"], 1, "built on the machine whose launch was in flight: no boot wasted");
+    bed.wait("nothing left running", || cloud.alive().is_empty().then_some(()));
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().expect("sampler");
+    assert!(peak <= 1, "{peak} instances alive at once with max_instances = 1");
+    let instances = cloud.moto.cluster_instances(&cloud.cluster);
+    assert_eq!(instances.len(), 1, "no second instance while the first was unknown: {instances:?}");
+    assert_eq!(cloud.proxy().count("RunInstances"), 1, "never launched again");
+
+    // Billed from the cloud's own launch time to the stop the cloud confirmed.
+    let machine = bed.machines().into_iter().find(|m| m["id"] == 1).expect("machine 1");
+    let ms = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a time")).expect("rfc3339").timestamp_millis()
+    };
+    let launch = instances[0].launch_time.expect("LaunchTime");
+    let stop = instances[0].terminated_at().expect("terminated");
+    assert!((ms(&machine["launched_at"]) - launch).abs() <= 1500, "meter starts at LaunchTime: {machine}");
+    assert!((ms(&machine["terminated_at"]) - stop).abs() <= 2500, "meter ends at the termination: {machine}");
+    assert!(bed.log().contains("asking the provider for it"), "the restart looked the launch up");
+}
+
 #[test]
 fn a_storm_of_builds_stays_within_max_instances_and_the_run_instances_bucket() {
     let cloud = Cloud::new(true);

@@ -54,6 +54,19 @@ pub struct Launched {
     pub volume_gb: Option<u32>,
     /// Root volume type (`gp3`, `gp2`, ...), when known (EC2).
     pub volume_type: Option<String>,
+    /// When the provider says the machine started running (EC2's `LaunchTime`), in
+    /// milliseconds since the Unix epoch; `None` when it does not say (then the master's own
+    /// clock at the answer is used). Billing starts here.
+    pub launched_at: Option<i64>,
+}
+
+/// A machine found by its id (see [`Provisioner::find`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// What the provider says about it, as a launch's answer would.
+    pub launched: Launched,
+    /// Pending or running (not stopping, stopped or terminated).
+    pub alive: bool,
 }
 
 /// A machine as the provider lists it.
@@ -68,8 +81,14 @@ pub struct Listed {
 /// Why a provisioner call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
+    /// The launch did not start a machine.
     #[error("launch failed: {0}")]
     Launch(String),
+    /// The launch failed in a way that may still have started a machine (no answer, a lost
+    /// answer, a server error after sending): the machine must be looked up with
+    /// [`Provisioner::find`] before it can be called failed.
+    #[error("launch outcome unknown: {0}")]
+    Unknown(String),
     #[error("terminate failed: {0}")]
     Terminate(String),
     #[error("listing failed: {0}")]
@@ -98,5 +117,18 @@ pub trait Provisioner: Send + Sync {
     /// cluster, however many pools use it.
     fn scope(&self) -> String {
         String::new()
+    }
+    /// Looks a machine up by its id (EC2: its tags), alive or already stopped, for a launch
+    /// whose outcome is unknown. `Ok(None)`: the provider knows no such machine (yet: see
+    /// [`Provisioner::settle_time`]). The default knows nothing.
+    fn find(&self, machine_id: i64) -> BoxFuture<'_, Result<Option<Found>, ProvisionError>> {
+        let _ = machine_id;
+        Box::pin(async { Ok(None) })
+    }
+    /// How long after a launch was first asked for a machine it started may still be missing
+    /// from [`Provisioner::find`] (calls still in flight, the provider's eventual
+    /// consistency). Past it, "not found" is final. The default: at once.
+    fn settle_time(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 }

@@ -105,6 +105,7 @@ impl LocalProvisioner {
             spot_price: None,
             volume_gb: None,
             volume_type: None,
+            launched_at: None,
         })
     }
 

@@ -857,6 +857,46 @@ impl Fleet {
     }
 }
 
+/// What a restarted master knows of a machine the previous run left not gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeftOver {
+    /// Its state in the store.
+    pub state: MachineState,
+    /// The provider's id is recorded (the launch's answer was stored).
+    pub launched: bool,
+    /// The provider lists it pending or running (only asked when `launched`).
+    pub alive: bool,
+    /// The store has a build running on it.
+    pub running_build: bool,
+}
+
+/// What a restarted master does with a machine the previous run left (see [`recovery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Busy with a build its agent is still running: adopt it; the agent resumes.
+    AdoptBusy,
+    /// Launched, its agent not connected yet: keep it booting; its agent says hello with its
+    /// one-time token, within `boot_timeout` counted from its launch.
+    KeepBooting,
+    /// The launch's outcome is unknown (the master died during the call): it counts against
+    /// `max_instances` while the provider is asked for it, until its answer is final.
+    Resolve,
+    /// Anything else: stop it and record it gone.
+    Stop,
+}
+
+/// The restart rule for one machine of the previous run.
+pub fn recovery(m: LeftOver) -> Recovery {
+    match m.state {
+        s if is_starting(s) && !m.launched => Recovery::Resolve,
+        _ if !m.launched || !m.alive => Recovery::Stop,
+        MachineState::Busy if m.running_build => Recovery::AdoptBusy,
+        // Booting, or launched with its state not yet moved on when the master died.
+        s if is_starting(s) => Recovery::KeepBooting,
+        _ => Recovery::Stop,
+    }
+}
+
 /// Pop the head of a pool's queue, skipping cancelled leftovers.
 fn pop_queued(pool: &mut Pool, queued: &mut HashMap<BuildId, (usize, u64)>) -> Option<BuildId> {
     while let Some((b, seq)) = pool.queue.pop_front() {
@@ -872,6 +912,24 @@ fn pop_queued(pool: &mut Pool, queued: &mut HashMap<BuildId, (usize, u64)>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restart_keeps_what_can_go_on_and_resolves_what_it_cannot_know() {
+        let m = |state, launched, alive, running_build| LeftOver { state, launched, alive, running_build };
+        use MachineState::*;
+        assert_eq!(recovery(m(Requested, false, false, false)), Recovery::Resolve);
+        assert_eq!(recovery(m(Launching, false, false, false)), Recovery::Resolve);
+        assert_eq!(recovery(m(Booting, true, true, false)), Recovery::KeepBooting);
+        // The answer was stored but the state not yet moved on.
+        assert_eq!(recovery(m(Requested, true, true, false)), Recovery::KeepBooting);
+        assert_eq!(recovery(m(Booting, true, false, false)), Recovery::Stop, "dead while the master was down");
+        assert_eq!(recovery(m(Busy, true, true, true)), Recovery::AdoptBusy);
+        assert_eq!(recovery(m(Busy, true, true, false)), Recovery::Stop, "busy with nothing");
+        assert_eq!(recovery(m(Busy, true, false, true)), Recovery::Stop);
+        for s in [Idle, Stopping, Lost, Interrupted] {
+            assert_eq!(recovery(m(s, true, true, false)), Recovery::Stop, "{s:?}");
+        }
+    }
 
     const S: i64 = 1000;
 

@@ -54,12 +54,15 @@ impl Reconciler {
 
     /// Judges one complete listing of a scope, taken at `listed_at`, against the machines
     /// believed alive in it. `elsewhere`: live machines of other scopes, which may share the
-    /// listing's tags (their instances are not orphans here).
+    /// listing's tags (their instances are not orphans here). `over`: machines whose intent is
+    /// over (gone in the store): an instance of one of them, a launch served too late, is an
+    /// orphan at once, with no grace.
     pub fn judge(
         &mut self,
         listing: &[Listed],
         believed: &[Believed],
         elsewhere: &HashSet<MachineId>,
+        over: &HashSet<MachineId>,
         listed_at: Ts,
         now: Ts,
     ) -> Vec<Verdict> {
@@ -78,7 +81,8 @@ impl Reconciler {
             }
             unowned_now.insert(l.provider_id.clone());
             let first = *self.first_seen.entry(l.provider_id.clone()).or_insert(now);
-            if now.since(first) >= self.grace {
+            let late = l.alive && l.machine.is_some_and(|m| over.contains(&m));
+            if late || now.since(first) >= self.grace {
                 out.push(Verdict::Orphan { provider_id: l.provider_id.clone(), machine: l.machine });
             }
         }
@@ -120,8 +124,14 @@ mod tests {
     #[test]
     fn owned_machines_are_left_alone() {
         let mut r = Reconciler::new(G);
-        let v =
-            r.judge(&[l("i-1", Some(1), true)], &[b(1, Some("i-1"), 0)], &HashSet::new(), Ts(1_000_000), Ts(1_000_000));
+        let v = r.judge(
+            &[l("i-1", Some(1), true)],
+            &[b(1, Some("i-1"), 0)],
+            &HashSet::new(),
+            &HashSet::new(),
+            Ts(1_000_000),
+            Ts(1_000_000),
+        );
         assert!(v.is_empty());
     }
 
@@ -129,9 +139,9 @@ mod tests {
     fn orphan_is_terminated_only_after_the_grace_period() {
         let mut r = Reconciler::new(G);
         let listing = [l("i-9", Some(9), true), l("i-x", None, true)];
-        assert!(r.judge(&listing, &[], &HashSet::new(), Ts(0), Ts(0)).is_empty());
-        assert!(r.judge(&listing, &[], &HashSet::new(), Ts(59_999), Ts(59_999)).is_empty());
-        let v = r.judge(&listing, &[], &HashSet::new(), Ts(60_000), Ts(60_000));
+        assert!(r.judge(&listing, &[], &HashSet::new(), &HashSet::new(), Ts(0), Ts(0)).is_empty());
+        assert!(r.judge(&listing, &[], &HashSet::new(), &HashSet::new(), Ts(59_999), Ts(59_999)).is_empty());
+        let v = r.judge(&listing, &[], &HashSet::new(), &HashSet::new(), Ts(60_000), Ts(60_000));
         assert_eq!(
             v,
             vec![
@@ -146,7 +156,9 @@ mod tests {
         let mut r = Reconciler::new(G);
         let believed = [Believed { machine: 3, provider_id: None, launched_at: None }];
         for t in [0, 100_000, 200_000] {
-            assert!(r.judge(&[l("i-3", Some(3), true)], &believed, &HashSet::new(), Ts(t), Ts(t)).is_empty());
+            assert!(r
+                .judge(&[l("i-3", Some(3), true)], &believed, &HashSet::new(), &HashSet::new(), Ts(t), Ts(t))
+                .is_empty());
         }
     }
 
@@ -157,6 +169,7 @@ mod tests {
             &[l("i-a", Some(4), true), l("i-b", Some(4), true)],
             &[b(4, Some("i-a"), 0)],
             &HashSet::new(),
+            &HashSet::new(),
             Ts(0),
             Ts(0),
         );
@@ -164,12 +177,24 @@ mod tests {
     }
 
     #[test]
+    fn a_late_instance_of_a_stopped_intent_is_an_orphan_at_once() {
+        let mut r = Reconciler::new(G);
+        let over: HashSet<MachineId> = [9].into_iter().collect();
+        let v =
+            r.judge(&[l("i-9", Some(9), true), l("i-x", Some(10), true)], &[], &HashSet::new(), &over, Ts(0), Ts(0));
+        assert_eq!(v, vec![Verdict::Orphan { provider_id: "i-9".into(), machine: Some(9) }], "no grace for 9 only");
+    }
+
+    #[test]
     fn missing_is_gone_only_after_the_grace_window() {
         let mut r = Reconciler::new(G);
         let believed = [b(5, Some("i-5"), 1_000)];
-        assert!(r.judge(&[], &believed, &HashSet::new(), Ts(30_000), Ts(30_000)).is_empty(), "not visible yet");
+        assert!(
+            r.judge(&[], &believed, &HashSet::new(), &HashSet::new(), Ts(30_000), Ts(30_000)).is_empty(),
+            "not visible yet"
+        );
         assert_eq!(
-            r.judge(&[], &believed, &HashSet::new(), Ts(61_000), Ts(61_000)),
+            r.judge(&[], &believed, &HashSet::new(), &HashSet::new(), Ts(61_000), Ts(61_000)),
             vec![Verdict::Vanished { machine: 5, provider_id: "i-5".into() }]
         );
     }
@@ -179,29 +204,38 @@ mod tests {
         let mut r = Reconciler::new(G);
         let believed = [b(5, Some("i-5"), 100_000)];
         // Listed at 90 s, judged at 200 s: the machine was not there to be listed.
-        assert!(r.judge(&[], &believed, &HashSet::new(), Ts(90_000), Ts(200_000)).is_empty());
+        assert!(r.judge(&[], &believed, &HashSet::new(), &HashSet::new(), Ts(90_000), Ts(200_000)).is_empty());
     }
 
     #[test]
     fn instances_of_machines_in_other_scopes_are_not_orphans() {
         let mut r = Reconciler::new(Duration::ZERO);
         let elsewhere = HashSet::from([8]);
-        assert!(r.judge(&[l("i-8", Some(8), true)], &[], &elsewhere, Ts(0), Ts(0)).is_empty());
+        assert!(r.judge(&[l("i-8", Some(8), true)], &[], &elsewhere, &HashSet::new(), Ts(0), Ts(0)).is_empty());
     }
 
     #[test]
     fn stopped_or_shutting_down_is_gone_at_once() {
         let mut r = Reconciler::new(G);
-        let v = r.judge(&[l("i-6", Some(6), false)], &[b(6, Some("i-6"), 0)], &HashSet::new(), Ts(1), Ts(1));
+        let v = r.judge(
+            &[l("i-6", Some(6), false)],
+            &[b(6, Some("i-6"), 0)],
+            &HashSet::new(),
+            &HashSet::new(),
+            Ts(1),
+            Ts(1),
+        );
         assert_eq!(v, vec![Verdict::Vanished { machine: 6, provider_id: "i-6".into() }]);
     }
 
     #[test]
     fn first_seen_is_forgotten_when_the_orphan_goes() {
         let mut r = Reconciler::new(G);
-        r.judge(&[l("i-7", None, true)], &[], &HashSet::new(), Ts(0), Ts(0));
-        r.judge(&[], &[], &HashSet::new(), Ts(10), Ts(10));
+        r.judge(&[l("i-7", None, true)], &[], &HashSet::new(), &HashSet::new(), Ts(0), Ts(0));
+        r.judge(&[], &[], &HashSet::new(), &HashSet::new(), Ts(10), Ts(10));
         // Seen again later: the grace starts over.
-        assert!(r.judge(&[l("i-7", None, true)], &[], &HashSet::new(), Ts(70_000), Ts(70_000)).is_empty());
+        assert!(r
+            .judge(&[l("i-7", None, true)], &[], &HashSet::new(), &HashSet::new(), Ts(70_000), Ts(70_000))
+            .is_empty());
     }
 }

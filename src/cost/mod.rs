@@ -183,7 +183,9 @@ fn apply_event(l: &mut Life, at: Ts, kind: &str, detail: &str) {
                 }
             }
         }
-        "gone" => l.end = l.end.or(Some(at)),
+        // A `gone` before any launch ends a launch that started nothing (as far as the master
+        // knew then); a launch found later starts the billed life afresh.
+        "gone" if l.start.is_some() => l.end = l.end.or(Some(at)),
         _ => {}
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use crate::agent::protocol::{BuildJob, JobStep, MasterMsg};
 use crate::clock::Clock;
 use crate::config::{Config, ProvisionerKind, SchedulerKind};
-use crate::core::fleet::{Fleet, FleetAction, FleetEvent, MachineState, PoolSpec};
+use crate::core::fleet::{recovery, Fleet, FleetAction, FleetEvent, LeftOver, MachineState, PoolSpec, Recovery};
 use crate::core::reconcile::{Believed, Listed, Reconciler, Verdict};
 use crate::core::scheduler::{BuilderRef, ChangeInfo, SchedAction, SchedEvent, SchedulerSpec, Schedulers, SpecKind};
 use crate::core::{BuildId, MachineId, Ts};
@@ -69,13 +69,17 @@ pub enum Input {
     },
     /// Connection `conn` of a machine's agent closed.
     AgentClosed { machine: MachineId, conn: u64 },
-    /// A provisioner call to launch a machine returned.
-    Launched { machine: MachineId, result: Result<Launched, String> },
+    /// A provisioner call to launch a machine returned, or a machine whose launch outcome was
+    /// unknown was found (or is known never to have started).
+    Launched { machine: MachineId, result: LaunchOutcome },
     /// A provisioner call to stop a machine returned.
     Terminated { machine: MachineId },
     /// A reconcile round's listing of one scope (a region and cluster, or a local pool), or
     /// why it could not be had.
     Listing { scope: String, listed_at: Ts, result: Result<Vec<Listed>, String> },
+    /// The late instance of a machine already gone was terminated at `stopped_at`: it is
+    /// billed to the machine.
+    LateInstance { machine: MachineId, launched: Launched, stopped_at: Ts },
     /// A spend check's answer: which caps are reached and which pools they hold.
     SpendChecked(Result<crate::cost::caps::Caps, String>),
     /// Someone asked to cancel a build; the answer says what became of it.
@@ -85,6 +89,19 @@ pub enum Input {
     /// An admin pauses or resumes a pool: recorded, then applied, in the loop's order (so two
     /// admins at once cannot leave the record and the fleet disagreeing).
     Pause { pool: String, paused: bool, by: String, reply: tokio::sync::oneshot::Sender<Result<(), ActionError>> },
+}
+
+/// How a launch ended, as far as the master can tell.
+#[derive(Debug)]
+pub enum LaunchOutcome {
+    /// The machine is up (or starting).
+    Up(Launched),
+    /// No machine was started.
+    Failed(String),
+    /// A machine may have been started (no answer, a lost answer): it must be looked up.
+    Unknown(String),
+    /// Looked up after the fact, the machine had already stopped: it ran, and is billed.
+    Ran(Launched),
 }
 
 /// What a cancel did.
@@ -300,8 +317,12 @@ const SPEND_CHECK: Duration = Duration::from_secs(2);
 /// How long open HTTP responses may take to end once the master has stopped.
 const WEB_STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// How long a provisioner's launch call may take before it counts as failed.
+/// How long a provisioner's launch call may take; past it, its outcome is unknown (the call may
+/// still start a machine) and the machine is looked up by its id.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Time between two lookups of a machine whose launch outcome is unknown.
+const RESOLVE_POLL: Duration = Duration::from_secs(3);
 
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -343,8 +364,9 @@ struct Master {
     provider_ids: HashMap<MachineId, String>,
     /// Terminations asked for before the launch call returned.
     terminate_after_launch: HashSet<MachineId>,
-    /// Machines whose launch call has not returned yet.
-    launching: HashSet<MachineId>,
+    /// Machines whose launch outcome is not known yet (the call has not returned, or it is being
+    /// looked up), with when the launch was asked for.
+    launching: HashMap<MachineId, Ts>,
     /// Consecutive launch failures per pool, for backoff.
     launch_failures: HashMap<String, u32>,
     pending: VecDeque<FleetEvent>,
@@ -420,7 +442,7 @@ impl Master {
             machine_pool: HashMap::new(),
             provider_ids: HashMap::new(),
             terminate_after_launch: HashSet::new(),
-            launching: HashSet::new(),
+            launching: HashMap::new(),
             launch_failures: HashMap::new(),
             pending: VecDeque::new(),
             already_requested: HashSet::new(),
@@ -446,17 +468,30 @@ impl Master {
         for p in store.paused_pools().await? {
             self.pending.push_back(FleetEvent::Pause { pool: p.pool, paused: true });
         }
-        let now = self.shared.now();
         let running = store.builds_in_state("running").await?;
         let live = store.live_machines().await?;
-        let alive = self.alive_busy(&live).await;
+        let alive = self.alive_machines(&live).await;
         let mut keep = Vec::new();
         for m in live {
-            if let Some(a) = self.adoptable(&m, &running, &alive) {
-                keep.push(a);
+            let Some(state) = MachineState::parse(&m.state) else {
+                self.stop_leftover(&m).await?;
                 continue;
+            };
+            let left = LeftOver {
+                state,
+                launched: m.provider_id.is_some(),
+                alive: alive.contains(&m.id),
+                running_build: running.iter().any(|b| b.machine == Some(m.id)),
+            };
+            match recovery(left) {
+                Recovery::AdoptBusy => match self.adoptable(&m, &running) {
+                    Some(a) => keep.push(a),
+                    None => self.stop_leftover(&m).await?,
+                },
+                Recovery::KeepBooting => self.keep_booting(&m).await?,
+                Recovery::Resolve => self.resolve_launch(&m),
+                Recovery::Stop => self.stop_leftover(&m).await?,
             }
-            self.stop_leftover(&m, now).await?;
         }
         // Adopted machines' timers start now, after the leftovers were stopped, so a slow
         // stop does not eat into the time their agents have to reconnect.
@@ -467,7 +502,7 @@ impl Master {
             if self.adopt(&a, now) {
                 adopted.insert(a.build.id);
             } else {
-                self.stop_leftover(&a.machine, now).await?;
+                self.stop_leftover(&a.machine).await?;
             }
         }
         for b in running.iter().filter(|b| !adopted.contains(&b.id)) {
@@ -546,10 +581,11 @@ impl Master {
         }
     }
 
-    /// Stops a machine of the previous run and records it gone. Even without a provider id (a
-    /// crash during the launch call) the provisioner finds the machine by its id. If the stop
-    /// fails, the row is left as it is: the next start tries again rather than forget it.
-    async fn stop_leftover(&mut self, m: &crate::store::MachineRow, now: Ts) -> Result<(), MasterError> {
+    /// Stops a machine of the previous run and records it gone when the stop is confirmed (its
+    /// meter ends then). Even without a provider id the provisioner finds the machine by its
+    /// id. If the stop fails, the row is left as it is: the next start tries again rather than
+    /// forget it.
+    async fn stop_leftover(&mut self, m: &crate::store::MachineRow) -> Result<(), MasterError> {
         if let Some(p) = self.provisioners.get(&m.pool) {
             let pid = m.provider_id.as_deref().unwrap_or("");
             tracing::info!(machine = m.id, provider_id = pid, "stopping machine left by the previous run");
@@ -558,18 +594,87 @@ impl Master {
                 return Ok(());
             }
         }
-        self.shared.store.set_machine_state(m.id, "gone", now).await?;
+        self.shared.store.set_machine_state(m.id, "gone", self.shared.now()).await?;
         Ok(())
     }
 
-    /// Which busy machines of the previous run are still alive: one listing per pool (not one
-    /// per machine), tried a few times, since a machine wrongly thought dead is stopped.
-    async fn alive_busy(&self, live: &[crate::store::MachineRow]) -> HashSet<MachineId> {
+    /// Keeps a machine of the previous run that was launched but whose agent had not connected
+    /// yet: its agent says hello with its one-time token, within `boot_timeout` of its launch.
+    async fn keep_booting(&mut self, m: &crate::store::MachineRow) -> Result<(), MasterError> {
+        let now = self.shared.now();
+        let launched_at = m.launched_at.as_deref().and_then(crate::cost::parse_ts).unwrap_or(now);
+        let builds_run = m.builds_run.max(0) as u32;
+        self.fleet.restore_machine(m.id, &m.pool, MachineState::Booting, None, builds_run, launched_at);
+        if self.fleet.machine_state(m.id) != Some(MachineState::Booting) {
+            return self.stop_leftover(m).await;
+        }
+        if m.state != MachineState::Booting.as_str() {
+            self.shared.store.set_machine_state(m.id, MachineState::Booting.as_str(), now).await?;
+        }
+        self.machine_pool.insert(m.id, m.pool.clone());
+        if let Some(pid) = &m.provider_id {
+            self.provider_ids.insert(m.id, pid.clone());
+        }
+        self.launched_at.insert(m.id, launched_at);
+        tracing::info!(
+            machine = m.id,
+            "keeping a machine of the previous run that is still booting; waiting for its agent"
+        );
+        Ok(())
+    }
+
+    /// Takes in a machine of the previous run whose launch call was in flight when it died:
+    /// the fleet counts it (launching) against the pool's limit while the provider is asked
+    /// for it by its id, until the answer is final.
+    fn resolve_launch(&mut self, m: &crate::store::MachineRow) {
+        let requested_at = crate::cost::parse_ts(&m.requested_at).unwrap_or_else(|| self.shared.now());
+        self.fleet.restore_machine(m.id, &m.pool, MachineState::Launching, None, 0, requested_at);
+        self.machine_pool.insert(m.id, m.pool.clone());
+        self.launching.insert(m.id, requested_at);
+        tracing::info!(
+            machine = m.id,
+            "the previous run died while launching this machine; asking the provider for it"
+        );
+        self.spawn_resolve(m.id, "the master restarted during the launch".to_string());
+    }
+
+    /// Asks the provider for a machine whose launch outcome is unknown, until it is found or
+    /// the provider's settle time since the request has passed; the answer comes back as an
+    /// [`Input::Launched`]. Errors from the provider are retried: until it answers, the machine
+    /// keeps counting against the pool's limit.
+    fn spawn_resolve(&mut self, machine: MachineId, why: String) {
+        let Some(p) = self.machine_pool.get(&machine).and_then(|pool| self.provisioners.get(pool)).cloned() else {
+            self.pending.push_back(FleetEvent::LaunchFailed { machine, reason: format!("no provisioner ({why})") });
+            return;
+        };
+        let requested_at = self.launching.get(&machine).copied().unwrap_or_else(|| self.shared.now());
+        let final_at = requested_at.plus(p.settle_time());
+        let (inputs, clock) = (self.shared.inputs.clone(), self.shared.clock.clone());
+        tokio::spawn(async move {
+            let result = loop {
+                match p.find(machine).await {
+                    Ok(Some(found)) if found.alive => break LaunchOutcome::Up(found.launched),
+                    Ok(Some(found)) => break LaunchOutcome::Ran(found.launched),
+                    Ok(None) if clock.now() >= final_at => {
+                        break LaunchOutcome::Failed(format!("{why}; no machine was started (none found by its id)"))
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(machine, "cannot look the machine up yet; trying again: {e}"),
+                }
+                tokio::time::sleep(RESOLVE_POLL).await;
+            };
+            let _ = inputs.send(Input::Launched { machine, result }).await;
+        });
+    }
+
+    /// Which launched machines of the previous run are still alive: one listing per pool (not
+    /// one per machine), tried a few times, since a machine wrongly thought dead is stopped.
+    async fn alive_machines(&self, live: &[crate::store::MachineRow]) -> HashSet<MachineId> {
         let mut alive = HashSet::new();
         for (pool, p) in &self.provisioners {
             let known: Vec<(MachineId, String)> = live
                 .iter()
-                .filter(|m| &m.pool == pool && m.state == MachineState::Busy.as_str())
+                .filter(|m| &m.pool == pool)
                 .filter_map(|m| m.provider_id.clone().map(|pid| (m.id, pid)))
                 .collect();
             if known.is_empty() {
@@ -591,17 +696,9 @@ impl Master {
         alive
     }
 
-    /// A machine of the previous run that can be taken back: busy with a build that is still
-    /// running in the store, its agent process alive, the build's job still buildable.
-    fn adoptable(
-        &self,
-        m: &crate::store::MachineRow,
-        running: &[BuildRow],
-        alive: &HashSet<MachineId>,
-    ) -> Option<Adoption> {
-        if m.state != MachineState::Busy.as_str() || !alive.contains(&m.id) {
-            return None;
-        }
+    /// A busy machine of the previous run that can be taken back (see [`recovery`]): its build,
+    /// still running in the store, is still buildable.
+    fn adoptable(&self, m: &crate::store::MachineRow, running: &[BuildRow]) -> Option<Adoption> {
         let build = running.iter().find(|b| b.machine == Some(m.id))?;
         let pid = m.provider_id.clone()?;
         let job = self.job_for(build).ok()?;
@@ -836,29 +933,17 @@ impl Master {
                 }
             }
             Input::Launched { machine, result } => {
-                self.launching.remove(&machine);
                 let now = self.shared.now();
+                let requested_at = match &result {
+                    // Still unknown: it keeps its place (and its slot) while it is looked up.
+                    LaunchOutcome::Unknown(_) => self.launching.get(&machine).copied(),
+                    _ => self.launching.remove(&machine),
+                };
                 let pool = self.machine_pool.get(&machine).cloned().unwrap_or_default();
                 match result {
-                    Ok(launched) => {
+                    LaunchOutcome::Up(launched) => {
                         self.launch_failures.remove(&pool);
-                        let price = match self.shared.config.pool(&pool) {
-                            Some(p) => {
-                                crate::cost::price_machine(p, &launched, crate::cost::prices::PriceTable::builtin())
-                            }
-                            None => crate::store::MachinePrice::default(),
-                        };
-                        self.shared
-                            .store
-                            .machine_launched(
-                                machine,
-                                &launched.provider_id,
-                                launched.instance_type.as_deref(),
-                                &launched.lifecycle,
-                                &price,
-                                now,
-                            )
-                            .await?;
+                        self.record_launch(machine, &pool, &launched, requested_at, now).await?;
                         self.provider_ids.insert(machine, launched.provider_id);
                         self.launched_at.insert(machine, now);
                         if self.terminate_after_launch.remove(&machine) {
@@ -867,13 +952,26 @@ impl Master {
                             self.pending.push_back(FleetEvent::LaunchSucceeded { machine });
                         }
                     }
-                    Err(reason) => {
+                    LaunchOutcome::Ran(launched) => {
+                        // It ran while nobody watched and has stopped since: billed from the
+                        // provider's launch time to now, then gone.
+                        tracing::warn!(machine, %pool, instance = %launched.provider_id, "the machine ran but had already stopped when found");
+                        self.record_launch(machine, &pool, &launched, requested_at, now).await?;
+                        self.terminate_after_launch.remove(&machine);
+                        let reason = "its instance had already stopped when found".to_string();
+                        self.pending.push_back(FleetEvent::LaunchFailed { machine, reason });
+                    }
+                    LaunchOutcome::Unknown(reason) => {
+                        tracing::warn!(machine, %pool, %reason, "launch outcome unknown; looking the machine up");
+                        self.shared.store.machine_event(machine, "launch_unknown", &reason, now).await?;
+                        self.spawn_resolve(machine, reason);
+                    }
+                    LaunchOutcome::Failed(reason) => {
                         tracing::warn!(machine, %pool, %reason, "launch failed");
                         self.shared.store.machine_event(machine, "launch_failed", &reason, now).await?;
                         if self.terminate_after_launch.remove(&machine) {
-                            // A stop was waiting for this launch. The call failed, but it may
-                            // have started the machine anyway: stop it by its id (the
-                            // provisioner finds it by its tags), so it cannot hang in Stopping.
+                            // A stop was waiting for this launch. Stop it by its id anyway (the
+                            // provisioner finds what is left of it), so it cannot hang in Stopping.
                             self.terminate(machine);
                         }
                         // Hold the failure back before the fleet sees it, so a broken
@@ -887,6 +985,19 @@ impl Master {
                             let _ = inputs.send(Input::Fleet(FleetEvent::LaunchFailed { machine, reason })).await;
                         });
                     }
+                }
+            }
+            Input::LateInstance { machine, launched, stopped_at } => {
+                let Some(row) = self.shared.store.machine(machine).await? else { return Ok(()) };
+                let price = match self.shared.config.pool(&row.pool) {
+                    Some(p) => crate::cost::price_machine(p, &launched, crate::cost::prices::PriceTable::builtin()),
+                    None => crate::store::MachinePrice::default(),
+                };
+                let requested_at = crate::cost::parse_ts(&row.requested_at).unwrap_or(stopped_at);
+                let started = Ts(launched.launched_at.unwrap_or(stopped_at.0).clamp(requested_at.0, stopped_at.0));
+                let recorded = self.shared.store.late_life(machine, &launched, &price, started, stopped_at).await?;
+                if !recorded {
+                    tracing::warn!(machine, instance = %launched.provider_id, "a second instance ran for this machine; the cost report does not show it");
                 }
             }
             Input::Terminated { machine } => {
@@ -908,6 +1019,39 @@ impl Master {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Records a machine's launch with its price. Its meter starts when the provider says the
+    /// machine started (never before it was asked for, never after now), so a machine the
+    /// master learns of late is billed for all the time it ran.
+    async fn record_launch(
+        &self,
+        machine: MachineId,
+        pool: &str,
+        launched: &Launched,
+        requested_at: Option<Ts>,
+        now: Ts,
+    ) -> Result<(), MasterError> {
+        let price = match self.shared.config.pool(pool) {
+            Some(p) => crate::cost::price_machine(p, launched, crate::cost::prices::PriceTable::builtin()),
+            None => crate::store::MachinePrice::default(),
+        };
+        let at = match launched.launched_at {
+            Some(t) => Ts(t.clamp(requested_at.unwrap_or(Ts(t)).0, now.0)),
+            None => now,
+        };
+        let store = &self.shared.store;
+        store
+            .machine_launched(
+                machine,
+                &launched.provider_id,
+                launched.instance_type.as_deref(),
+                &launched.lifecycle,
+                &price,
+                at,
+            )
+            .await?;
         Ok(())
     }
 
@@ -1022,21 +1166,51 @@ impl Master {
                 launched_at: self.launched_at.get(m).copied(),
             })
             .collect();
+        // Tagged instances of machines the store has as gone: launches served too late.
+        let strangers: Vec<MachineId> = listing
+            .iter()
+            .filter(|l| l.alive)
+            .filter_map(|l| l.machine)
+            .filter(|m| !elsewhere.contains(m) && !believed.iter().any(|b| b.machine == *m))
+            .collect();
+        let over = self.shared.store.gone_machines(&strangers).await?;
         let now = self.shared.now();
         let grace = self.shared.config.master.orphan_grace;
         let verdicts = self
             .reconcilers
             .entry(scope.to_string())
             .or_insert_with(|| Reconciler::new(grace))
-            .judge(listing, &believed, &elsewhere, listed_at, now);
+            .judge(listing, &believed, &elsewhere, &over, listed_at, now);
         for v in verdicts {
             match v {
                 Verdict::Orphan { provider_id, machine } => {
-                    tracing::warn!(%provider_id, ?machine, "reconcile: terminating an orphan (tagged as ours, owned by no machine)");
+                    let late = machine.filter(|m| over.contains(m));
+                    match late {
+                        Some(m) => {
+                            tracing::warn!(%provider_id, machine = m, "reconcile: terminating the late instance of a machine already stopped")
+                        }
+                        None => {
+                            tracing::warn!(%provider_id, ?machine, "reconcile: terminating an orphan (tagged as ours, owned by no machine)")
+                        }
+                    }
                     let Some(p) = pools.first().and_then(|pool| self.provisioners.get(pool)).cloned() else { continue };
+                    let (inputs, clock) = (self.shared.inputs.clone(), self.shared.clock.clone());
                     tokio::spawn(async move {
+                        // A late instance ran for its machine: what it was and when it started,
+                        // so the cost report has it.
+                        let found = match late {
+                            Some(m) => p.find(m).await.ok().flatten(),
+                            None => None,
+                        };
                         if let Err(e) = p.terminate(machine.unwrap_or(0), &provider_id).await {
                             tracing::error!(%provider_id, "reconcile: cannot terminate orphan; next round tries again: {e}");
+                            return;
+                        }
+                        if let (Some(machine), Some(found)) = (late, found) {
+                            let stopped_at = clock.now();
+                            let _ = inputs
+                                .send(Input::LateInstance { machine, launched: found.launched, stopped_at })
+                                .await;
                         }
                     });
                 }
@@ -1147,13 +1321,19 @@ impl Master {
                 };
                 store.insert_machine(machine, &pool, kind, &hash_token(&token), now).await?;
                 self.machine_pool.insert(machine, pool.clone());
-                self.launching.insert(machine);
+                self.launching.insert(machine, now);
                 let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
                 let inputs = self.shared.inputs.clone();
                 tokio::spawn(async move {
                     let result = match tokio::time::timeout(LAUNCH_TIMEOUT, provisioner.launch(spec)).await {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(_) => Err(format!("the provisioner did not answer within {LAUNCH_TIMEOUT:?}")),
+                        Ok(Ok(l)) => LaunchOutcome::Up(l),
+                        Ok(Err(e @ paddock_provisioners::ProvisionError::Unknown(_))) => {
+                            LaunchOutcome::Unknown(e.to_string())
+                        }
+                        Ok(Err(e)) => LaunchOutcome::Failed(e.to_string()),
+                        Err(_) => {
+                            LaunchOutcome::Unknown(format!("the provisioner did not answer within {LAUNCH_TIMEOUT:?}"))
+                        }
                     };
                     let _ = inputs.send(Input::Launched { machine, result }).await;
                 });
@@ -1181,7 +1361,7 @@ impl Master {
         }
         let provider_id = match self.provider_ids.get(&machine) {
             Some(id) => id.clone(),
-            None if self.launching.contains(&machine) => {
+            None if self.launching.contains_key(&machine) => {
                 // The launch call has not returned yet; stop it as soon as it does.
                 self.terminate_after_launch.insert(machine);
                 return;

@@ -858,6 +858,69 @@ impl Store {
         Ok(())
     }
 
+    /// Of these machines, those the store has as gone.
+    pub async fn gone_machines(&self, ids: &[MachineId]) -> Result<std::collections::HashSet<MachineId>> {
+        let mut gone = std::collections::HashSet::new();
+        for id in ids {
+            let row: Option<i64> = sqlx::query_scalar("SELECT id FROM machines WHERE id = ? AND state = 'gone'")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+            gone.extend(row);
+        }
+        Ok(gone)
+    }
+
+    /// One machine's row.
+    pub async fn machine(&self, id: MachineId) -> Result<Option<MachineRow>> {
+        let row = sqlx::query(&format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(machine_row))
+    }
+
+    /// Records the life of an instance the master learned of only after its machine was gone
+    /// (a launch the cloud served too late): billed from `launched_at` to `gone_at`. Only for
+    /// a machine that never recorded a launch (one intent, one instance); `false` otherwise.
+    pub async fn late_life(
+        &self,
+        id: MachineId,
+        launched: &paddock_provisioners::Launched,
+        price: &MachinePrice,
+        launched_at: Ts,
+        gone_at: Ts,
+    ) -> Result<bool> {
+        let (from, to) = (ts_string(launched_at), ts_string(gone_at));
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE machines SET provider_id = ?, instance_type = ?, lifecycle = ?, launched_at = ?, zone = ?,
+             hourly_price = ?, price_source = ?, volume_gb = ?, volume_type = ?, volume_hourly = ?, terminated_at = ?
+             WHERE id = ? AND launched_at IS NULL AND state = 'gone'",
+        )
+        .bind(&launched.provider_id)
+        .bind(launched.instance_type.as_deref())
+        .bind(&launched.lifecycle)
+        .bind(&from)
+        .bind(&price.zone)
+        .bind(price.hourly_price)
+        .bind(&price.price_source)
+        .bind(price.volume_gb.map(i64::from))
+        .bind(&price.volume_type)
+        .bind(price.volume_hourly)
+        .bind(&to)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_event(&mut *tx, id, &from, "launched", &launched.provider_id).await?;
+        insert_event(&mut *tx, id, &to, "gone", "late instance terminated").await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Moves a machine to a new state and records the event.
     pub async fn set_machine_state(&self, id: MachineId, state: &str, now: Ts) -> Result<()> {
         let now_s = ts_string(now);

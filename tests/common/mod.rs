@@ -282,7 +282,8 @@ impl Bed {
                 return v;
             }
             if start.elapsed() > deadline {
-                let log = std::fs::read_to_string(&self.master_log).unwrap_or_default();
+                // Lossy: a log with a stray invalid byte must still show its tail.
+                let log = String::from_utf8_lossy(&std::fs::read(&self.master_log).unwrap_or_default()).into_owned();
                 let tail: String =
                     log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
                 panic!("timed out waiting for: {what}\n--- master log tail ---\n{tail}");
@@ -426,7 +427,7 @@ impl Bed {
 
     /// The master's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.master_log).unwrap_or_default()
+        String::from_utf8_lossy(&std::fs::read(&self.master_log).unwrap_or_default()).into_owned()
     }
 }
 

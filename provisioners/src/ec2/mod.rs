@@ -70,7 +70,7 @@ use aws_sdk_ec2::types::{
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use crate::{BoxFuture, LaunchSpec, Launched, Listed, ProvisionError, Provisioner};
+use crate::{BoxFuture, Found, LaunchSpec, Launched, Listed, ProvisionError, Provisioner};
 use throttle::Buckets;
 
 /// Error codes that mean "this type, zone or market has no room now": try the next candidate.
@@ -91,6 +91,9 @@ const CAPACITY_CODES: &[&str] = &[
 const THROTTLE_CODES: &[&str] = &["RequestLimitExceeded", "Throttling", "ThrottlingException"];
 /// Instance states in which an instance still exists (and may cost money).
 const LIVE_STATES: &[&str] = &["pending", "running", "stopping", "stopped"];
+/// Every state, for finding an instance that may already be gone (EC2 lists terminated
+/// instances for about an hour).
+const ALL_STATES: &[&str] = &["pending", "running", "stopping", "stopped", "shutting-down", "terminated"];
 
 /// One region's EC2 client with its request buckets, shared by every pool in that region.
 #[derive(Debug)]
@@ -124,7 +127,7 @@ impl Ec2Api {
             .timeout_config(
                 aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
                     .build(),
             );
         if let Some(url) = endpoint_url {
@@ -291,6 +294,10 @@ pub struct Ec2Provisioner {
     recent: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
+/// One call's time limit (the SDK's operation attempt timeout, set in [`Ec2Api::from_config`]).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long DescribeInstances may lag behind a served RunInstances.
+const LISTING_LAG: Duration = Duration::from_secs(60);
 /// How long after its launch an instance may be unknown to the API without being gone.
 const VISIBILITY_GRACE: Duration = Duration::from_secs(120);
 /// A launch gives up (and the master retries it with its own backoff) after this long, well
@@ -349,6 +356,34 @@ struct Seen {
     instance_type: Option<String>,
     spot: bool,
     zone: Option<String>,
+    /// The cloud's `LaunchTime`, in milliseconds since the epoch.
+    launched_at: Option<i64>,
+}
+
+impl Seen {
+    /// Pending or running: alive for the master's purposes.
+    fn alive(&self) -> bool {
+        self.state == "pending" || self.state == "running"
+    }
+
+    /// What a launch's answer would have said about this instance (before `add_facts`).
+    fn launched(&self) -> Launched {
+        Launched {
+            provider_id: self.id.clone(),
+            instance_type: self.instance_type.clone(),
+            lifecycle: if self.spot { "spot" } else { "on-demand" }.to_string(),
+            zone: self.zone.clone(),
+            spot_price: None,
+            volume_gb: None,
+            volume_type: None,
+            launched_at: self.launched_at,
+        }
+    }
+}
+
+/// An SDK time in milliseconds since the epoch.
+fn millis(t: &aws_smithy_types::DateTime) -> Option<i64> {
+    t.to_millis().ok()
 }
 
 impl Ec2Provisioner {
@@ -633,16 +668,17 @@ impl Ec2Provisioner {
             spot_price: None,
             volume_gb: None,
             volume_type: None,
+            launched_at: inst.and_then(|i| i.launch_time()).and_then(millis),
         })
     }
 
-    /// Instances of this cluster, optionally only those of one machine; live states only.
-    async fn describe(&self, machine_id: Option<i64>) -> Result<Vec<Seen>, String> {
+    /// Instances of this cluster in one of `states`, optionally only those of one machine.
+    async fn describe(&self, machine_id: Option<i64>, states: &[&str]) -> Result<Vec<Seen>, String> {
         let mut filters = vec![
             Filter::builder().name(format!("tag:{TAG_CLUSTER}")).values(&self.cluster).build(),
             Filter::builder()
                 .name("instance-state-name")
-                .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
+                .set_values(Some(states.iter().map(|s| s.to_string()).collect()))
                 .build(),
         ];
         if let Some(m) = machine_id {
@@ -683,6 +719,7 @@ impl Ec2Provisioner {
                         instance_type: i.instance_type().map(|t| t.as_str().to_string()),
                         spot: i.instance_lifecycle().is_some_and(|l| l.as_str() == "spot"),
                         zone: i.placement().and_then(|p| p.availability_zone()).map(String::from),
+                        launched_at: i.launch_time().and_then(millis),
                     });
                 }
             }
@@ -748,22 +785,30 @@ impl Ec2Provisioner {
         }));
         let root_device = self.root_device(deadline).await?;
         let mut reasons = Vec::new();
+        // Once one attempt may have been served, no failure of this launch is certain: the
+        // instance may still appear (the master then looks for it before giving up on it).
+        let mut maybe_served = false;
+        let fail = |maybe_served: bool, why: String| {
+            if maybe_served {
+                ProvisionError::Unknown(why)
+            } else {
+                ProvisionError::Launch(why)
+            }
+        };
         for (n, c) in candidates(&self.settings).iter().enumerate() {
             let token = self.client_token(spec.machine_id, n);
             let mut backoff = self.retry.backoff();
             loop {
                 if tokio::time::Instant::now() >= deadline {
                     reasons.push(format!("{c}: not tried, the launch ran out of time"));
-                    return Err(ProvisionError::Launch(format!(
-                        "gave up after {LAUNCH_BUDGET:?}: {}",
-                        reasons.join("; ")
-                    )));
+                    return Err(fail(maybe_served, format!("gave up after {LAUNCH_BUDGET:?}: {}", reasons.join("; "))));
                 }
                 if tokio::time::timeout_at(deadline, self.api.buckets.run.acquire()).await.is_err() {
-                    // Nothing was sent: the master retries later, with its own backoff.
-                    return Err(ProvisionError::Launch(format!(
-                        "the RunInstances rate limit kept this launch waiting past {LAUNCH_BUDGET:?}"
-                    )));
+                    // Nothing more was sent: the master retries later, with its own backoff.
+                    return Err(fail(
+                        maybe_served,
+                        format!("the RunInstances rate limit kept this launch waiting past {LAUNCH_BUDGET:?}"),
+                    ));
                 }
                 let attempt = tokio::time::timeout_at(
                     deadline,
@@ -778,36 +823,31 @@ impl Ec2Provisioner {
                     Ok(Err(e)) => classify(&e),
                 };
                 let unknown = matches!(err, Failure::Unknown(_));
+                maybe_served |= unknown;
                 match err {
                     Failure::Capacity(r) => {
                         tracing::warn!(machine = spec.machine_id, candidate = %c, "no capacity, trying the next choice: {r}");
                         reasons.push(format!("{c}: {r}"));
                         break;
                     }
-                    Failure::Fatal(r) => return Err(ProvisionError::Launch(format!("{c}: {r}"))),
+                    Failure::Fatal(r) => return Err(fail(maybe_served, format!("{c}: {r}"))),
                     Failure::Throttled(r) | Failure::Unknown(r) => {
                         // Whatever the cloud did with the token, a launch that may have been
                         // served is looked up by its tags before it is sent again.
                         if unknown {
-                            let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, self.describe(Some(spec.machine_id)));
+                            let lookup =
+                                tokio::time::timeout(LOOKUP_TIMEOUT, self.describe(Some(spec.machine_id), LIVE_STATES));
                             let found = lookup
                                 .await
                                 .unwrap_or_else(|_| Err(format!("no answer within {LOOKUP_TIMEOUT:?}")))
                                 .map_err(|e| {
-                                    ProvisionError::Launch(format!("{c}: {r}; then the lookup failed: {e}"))
+                                    ProvisionError::Unknown(format!("{c}: {r}; then the lookup failed: {e}"))
                                 })?;
-                            if let Some(s) = found.into_iter().find(|s| s.state == "pending" || s.state == "running") {
+                            if let Some(s) = found.into_iter().find(Seen::alive) {
                                 tracing::info!(machine = spec.machine_id, instance = %s.id, "launch outcome was unknown; found the instance by its tags");
-                                return Ok(Launched {
-                                    provider_id: s.id,
-                                    instance_type: s.instance_type,
-                                    lifecycle: if s.spot { "spot" } else { "on-demand" }.to_string(),
-                                    zone: s.zone,
-                                    // Filled in by add_facts, as for an answered launch.
-                                    spot_price: None,
-                                    volume_gb: None,
-                                    volume_type: None,
-                                });
+                                // Spot price and volume are filled in by add_facts, as for an
+                                // answered launch.
+                                return Ok(s.launched());
                             }
                         }
                         match backoff.next().filter(|d| tokio::time::Instant::now() + *d < deadline) {
@@ -815,18 +855,18 @@ impl Ec2Provisioner {
                                 tracing::warn!(machine = spec.machine_id, candidate = %c, retry_in = ?d, "launch failed, retrying: {r}");
                                 tokio::time::sleep(d).await;
                             }
-                            None => return Err(ProvisionError::Launch(format!("{c}: {r} (gave up after retries)"))),
+                            None => return Err(fail(maybe_served, format!("{c}: {r} (gave up after retries)"))),
                         }
                     }
                 }
             }
         }
-        Err(ProvisionError::Launch(format!("no capacity: {}", reasons.join("; "))))
+        Err(fail(maybe_served, format!("no capacity: {}", reasons.join("; "))))
     }
 
     async fn terminate_inner(&self, machine_id: i64, provider_id: &str) -> Result<(), ProvisionError> {
         let ids: Vec<String> = if provider_id.is_empty() {
-            self.describe(Some(machine_id))
+            self.describe(Some(machine_id), LIVE_STATES)
                 .await
                 .map_err(ProvisionError::Terminate)?
                 .into_iter()
@@ -885,7 +925,7 @@ impl Provisioner for Ec2Provisioner {
     fn list(&self, known: &[(i64, String)]) -> BoxFuture<'_, Result<Vec<Listed>, ProvisionError>> {
         let known = known.to_vec();
         Box::pin(async move {
-            let seen = self.describe(None).await.map_err(ProvisionError::List)?;
+            let seen = self.describe(None, LIVE_STATES).await.map_err(ProvisionError::List)?;
             Ok(known
                 .into_iter()
                 .map(|(id, pid)| Listed {
@@ -899,7 +939,7 @@ impl Provisioner for Ec2Provisioner {
 
     fn inventory(&self) -> BoxFuture<'_, Result<Option<Vec<Listed>>, ProvisionError>> {
         Box::pin(async move {
-            let seen = self.describe(None).await.map_err(ProvisionError::List)?;
+            let seen = self.describe(None, LIVE_STATES).await.map_err(ProvisionError::List)?;
             Ok(Some(
                 seen.into_iter()
                     .map(|s| Listed {
@@ -914,6 +954,24 @@ impl Provisioner for Ec2Provisioner {
 
     fn scope(&self) -> String {
         format!("{}:{}", self.api.scope, self.cluster)
+    }
+
+    fn find(&self, machine_id: i64) -> BoxFuture<'_, Result<Option<Found>, ProvisionError>> {
+        Box::pin(async move {
+            let seen = self.describe(Some(machine_id), ALL_STATES).await.map_err(ProvisionError::List)?;
+            // One intent, one instance; should there be more, the live one is the machine (the
+            // reconcile loop terminates the others as orphans).
+            let Some(s) = seen.iter().find(|s| s.alive()).or(seen.first()) else { return Ok(None) };
+            let launched = self.add_facts(s.launched(), machine_id, tokio::time::Instant::now() + FACTS_TIMEOUT).await;
+            Ok(Some(Found { launched, alive: s.alive() }))
+        })
+    }
+
+    fn settle_time(&self) -> Duration {
+        // The last RunInstances goes out within the launch budget and is abandoned after one
+        // attempt's timeout; EC2 may serve it after that, and DescribeInstances may lag
+        // RunInstances by seconds (a minute, allowed for here).
+        LAUNCH_BUDGET + ATTEMPT_TIMEOUT + LISTING_LAG
     }
 }
 
