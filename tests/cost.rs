@@ -334,3 +334,32 @@ async fn a_machine_of_unknown_price_counts_against_caps_at_the_on_demand_price()
     assert_eq!(spend.total, 0.34);
     assert_eq!(spend.by_pool.get("ec2"), Some(&0.34));
 }
+
+#[tokio::test]
+async fn a_late_instance_of_a_machine_thought_never_launched_is_billed_for_its_whole_life() {
+    let farm = Farm::new().await;
+    // The launch's outcome was unknown; when the answer became final nothing had been found,
+    // so the machine ended with no launch (billed nothing)...
+    farm.store.insert_machine(1, "ec2pool", "ec2", "token-1", at(0)).await.expect("insert");
+    farm.store.set_machine_state(1, "gone", at(200 * SEC)).await.expect("gone");
+    let r = farm.report(at(-HOUR), at(HOUR), "pool", at(HOUR)).await;
+    assert!(r.rows.is_empty(), "nothing billed yet: {:#?}", r.rows);
+    // ...then its instance showed up after all, launched by the cloud at 100 s, and was
+    // terminated at 400 s: 300 s at $3.60/h = $0.30, all boot (its agent never connected).
+    let launched = Launched {
+        provider_id: "i-late".into(),
+        instance_type: Some("c5.xlarge".into()),
+        lifecycle: "on-demand".into(),
+        zone: Some("us-east-1a".into()),
+        spot_price: None,
+        volume_gb: None,
+        volume_type: None,
+        launched_at: Some(at(100 * SEC).0),
+    };
+    assert!(farm.store.late_life(1, &launched, &price(3.60), at(100 * SEC), at(400 * SEC)).await.expect("late"));
+    let r = farm.report(at(-HOUR), at(HOUR), "pool", at(HOUR)).await;
+    let ec2 = row(&r, "ec2pool");
+    assert_eq!((ec2.cost, ec2.billed_seconds, ec2.boot_seconds), (0.3, 300.0, 300.0));
+    // One intent, one instance: a second one is not billed over the first.
+    assert!(!farm.store.late_life(1, &launched, &price(3.60), at(500 * SEC), at(600 * SEC)).await.expect("again"));
+}
