@@ -833,7 +833,8 @@ fn notifiers_are_checked_where_they_are_written() {
 fn https_notifiers_take_a_ca_file_and_plain_ones_refuse_it() {
     // BASE is lines 1-6; [[notifier]] is line 8, its keys from line 9.
     let n = |rest: &str| format!("{BASE}\n[[notifier]]\n{rest}");
-    let valid = |rest: &str| parse(&format!("{BASE}{BUILDER}\n[[notifier]]\n{rest}")).expect("valid").notifiers[0].clone();
+    let valid =
+        |rest: &str| parse(&format!("{BASE}{BUILDER}\n[[notifier]]\n{rest}")).expect("valid").notifiers[0].clone();
     // The path is relative to the config's folder.
     let hook = valid("kind = \"webhook\"\nurl = \"https://hooks.internal/p\"\nca_file = \"certs/ca.pem\"\n");
     assert_eq!(
@@ -866,12 +867,7 @@ fn https_notifiers_take_a_ca_file_and_plain_ones_refuse_it() {
         11,
         "`ca_file` has no use with an http:// `api_url`",
     );
-    assert_err(
-        &n("kind = \"webhook\"\nurl = \"https://h/p\"\nca_file = \"\"\n"),
-        11,
-        11,
-        "must not be empty",
-    );
+    assert_err(&n("kind = \"webhook\"\nurl = \"https://h/p\"\nca_file = \"\"\n"), 11, 11, "must not be empty");
     // A URL that cannot be sent to is heard at start.
     assert_err(&n("kind = \"webhook\"\nurl = \"https://exa mple.com/p\"\n"), 10, 7, "`url` is not a valid URL");
     assert_err(&n("kind = \"webhook\"\nurl = \"https://\"\n"), 10, 7, "`url` is not a valid URL");

@@ -795,7 +795,13 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
                 }
                 None => "{builder} on {branch}: {result}".to_string(),
             };
-            let ca_file = ca_file(&f, base, security != SmtpSecurity::None, "`security = \"none\"`", "remove it, or turn TLS on")?;
+            let ca_file = ca_file(
+                &f,
+                base,
+                security != SmtpSecurity::None,
+                "`security = \"none\"`",
+                "remove it, or turn TLS on",
+            )?;
             NotifierKind::Email {
                 host,
                 port,

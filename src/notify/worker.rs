@@ -124,14 +124,7 @@ impl Notifiers {
             http.insert(n.name.clone(), client);
         }
         let repos = config.repos.iter().map(|r| (r.name.clone(), r.url.clone())).collect();
-        Ok(Notifiers {
-            list: config.notifiers.clone(),
-            secrets,
-            repos,
-            cas,
-            http,
-            bots: Default::default(),
-        })
+        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos, cas, http, bots: Default::default() })
     }
 }
 

@@ -119,17 +119,19 @@ impl HttpsRecorder {
         use rustls_pki_types::pem::PemObject;
         use std::sync::{Arc, Mutex};
         use tokio_rustls::rustls;
-        let certs: Vec<rustls_pki_types::CertificateDer<'static>> = rustls_pki_types::CertificateDer::pem_file_iter(cert)
-            .expect("cert file")
-            .collect::<Result<_, _>>()
-            .expect("certs");
+        let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+            rustls_pki_types::CertificateDer::pem_file_iter(cert)
+                .expect("cert file")
+                .collect::<Result<_, _>>()
+                .expect("certs");
         let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key).expect("key");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server config");
+        let config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .expect("server config");
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let tcp = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
         let port = tcp.local_addr().expect("addr").port();
