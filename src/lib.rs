@@ -16,4 +16,5 @@ pub mod demo;
 pub mod notify;
 pub mod runtime;
 pub mod store;
+pub mod tls;
 pub mod web;

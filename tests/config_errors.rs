@@ -810,7 +810,8 @@ fn notifiers_are_checked_where_they_are_written() {
             api_url: "https://api.github.com".into(),
             token_env: "T".into(),
             repository: None,
-            context: "paddock/{builder}".into()
+            context: "paddock/{builder}".into(),
+            ca_file: None,
         }
     );
     assert_eq!(gh.notifiers[0].events, vec![config::NotifyOn::Started, config::NotifyOn::Finished]);
@@ -821,8 +822,62 @@ fn notifiers_are_checked_where_they_are_written() {
     let n = &ok.notifiers[0];
     assert_eq!(n.name, "ops");
     assert_eq!(n.events, vec![config::NotifyOn::Transition, config::NotifyOn::Started]);
-    assert_eq!(n.kind, config::NotifierKind::Webhook { url: "https://x/h".into(), secret_env: Some("S".into()) });
+    assert_eq!(
+        n.kind,
+        config::NotifierKind::Webhook { url: "https://x/h".into(), secret_env: Some("S".into()), ca_file: None }
+    );
     assert_eq!(n.builders, vec!["u*".to_string()]);
+}
+
+#[test]
+fn https_notifiers_take_a_ca_file_and_plain_ones_refuse_it() {
+    // BASE is lines 1-6; [[notifier]] is line 8, its keys from line 9.
+    let n = |rest: &str| format!("{BASE}\n[[notifier]]\n{rest}");
+    let valid =
+        |rest: &str| parse(&format!("{BASE}{BUILDER}\n[[notifier]]\n{rest}")).expect("valid").notifiers[0].clone();
+    // The path is relative to the config's folder.
+    let hook = valid("kind = \"webhook\"\nurl = \"https://hooks.internal/p\"\nca_file = \"certs/ca.pem\"\n");
+    assert_eq!(
+        hook.kind,
+        config::NotifierKind::Webhook {
+            url: "https://hooks.internal/p".into(),
+            secret_env: None,
+            ca_file: Some(PathBuf::from("/etc/paddock/certs/ca.pem")),
+        }
+    );
+    let gh = valid("kind = \"github\"\ntoken_env = \"T\"\napi_url = \"https://ghe.internal/api/v3\"\nca_file = \"/etc/ssl/ghe.pem\"\n");
+    assert!(matches!(
+        &gh.kind,
+        config::NotifierKind::GitHub { ca_file: Some(p), .. } if p == Path::new("/etc/ssl/ghe.pem")
+    ));
+    // The default API is https too.
+    let gh = valid("kind = \"github\"\ntoken_env = \"T\"\nca_file = \"ca.pem\"\n");
+    assert!(matches!(&gh.kind, config::NotifierKind::GitHub { ca_file: Some(_), .. }));
+
+    let e = assert_err(
+        &n("kind = \"webhook\"\nurl = \"http://hooks.internal/p\"\nca_file = \"ca.pem\"\n"),
+        11,
+        11,
+        "`ca_file` has no use with an http:// `url`",
+    );
+    assert!(e.hint.as_deref().is_some_and(|h| h.contains("https://")), "{e}");
+    assert_err(
+        &n("kind = \"github\"\ntoken_env = \"T\"\napi_url = \"http://ghe.internal/api/v3\"\nca_file = \"ca.pem\"\n"),
+        12,
+        11,
+        "`ca_file` has no use with an http:// `api_url`",
+    );
+    assert_err(&n("kind = \"webhook\"\nurl = \"https://h/p\"\nca_file = \"\"\n"), 11, 11, "must not be empty");
+    // A URL that cannot be sent to is heard at start.
+    assert_err(&n("kind = \"webhook\"\nurl = \"https://exa mple.com/p\"\n"), 10, 7, "`url` is not a valid URL");
+    assert_err(&n("kind = \"webhook\"\nurl = \"https://\"\n"), 10, 7, "`url` is not a valid URL");
+    assert_err(&n("kind = \"webhook\"\nurl = \"hooks.internal/p\"\n"), 10, 7, "http:// or https://");
+    assert_err(
+        &n("kind = \"github\"\ntoken_env = \"T\"\napi_url = \"https://ghe:99999/api\"\n"),
+        11,
+        11,
+        "`api_url` is not a valid URL",
+    );
 }
 
 #[test]

@@ -29,14 +29,24 @@ struct MasterArg {
 }
 
 impl MasterArg {
-    /// A request to `path` on the master, with the token if there is one.
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// A request to `path` on the master, with the token if there is one; an https://
+    /// master's certificate is checked against the system's CAs (`SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR` point elsewhere).
+    fn request(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
         let url = format!("{}{path}", self.master.trim_end_matches('/'));
-        let req = reqwest::Client::new().request(method, url);
-        match self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        let req = crate::tls::http_client(None)?.request(method, url);
+        Ok(match self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             Some(t) => req.bearer_auth(t),
             None => req,
-        }
+        })
+    }
+
+    /// Sends `req`; an unreachable master is an error that says why, down to the refused
+    /// certificate (reqwest's own message stops at "error sending request").
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        req.send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the master at {}: {}", self.master, crate::tls::error_chain(&e)))
     }
 }
 
@@ -367,12 +377,7 @@ async fn get_json(master: &MasterArg, path: &str, query: &[(&str, String)]) -> a
 
 /// GETs `path` from the master; the body, or the master's reason as the error.
 async fn get_text(master: &MasterArg, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
-    let resp = master
-        .request(reqwest::Method::GET, path)
-        .query(query)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the master at {}", master.master))?;
+    let resp = master.send(master.request(reqwest::Method::GET, path)?.query(query)).await?;
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {
@@ -387,12 +392,12 @@ async fn post_json(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let req = master.request(reqwest::Method::POST, path);
+    let req = master.request(reqwest::Method::POST, path)?;
     let req = match body {
         Some(b) => req.json(&b),
         None => req,
     };
-    let resp = req.send().await.with_context(|| format!("cannot reach the master at {}", master.master))?;
+    let resp = master.send(req).await?;
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {

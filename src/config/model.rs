@@ -148,7 +148,13 @@ pub struct Notifier {
 pub enum NotifierKind {
     /// A JSON POST to `url`, signed with HMAC-SHA256 when `secret_env` names a variable that
     /// holds the key.
-    Webhook { url: String, secret_env: Option<String> },
+    Webhook {
+        url: String,
+        secret_env: Option<String>,
+        /// PEM file of the CA certificates to trust instead of the system's (an https:// `url`
+        /// with a private CA).
+        ca_file: Option<PathBuf>,
+    },
     /// An IRC bot in one channel.
     Irc {
         /// Host name of the server.
@@ -199,6 +205,9 @@ pub enum NotifierKind {
         repository: Option<String>,
         /// The status's context, a template; default `paddock/{builder}`.
         context: String,
+        /// PEM file of the CA certificates to trust instead of the system's (GitHub Enterprise
+        /// with a private CA).
+        ca_file: Option<PathBuf>,
     },
 }
 

@@ -55,6 +55,13 @@ fn run_git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// A blocking HTTP client builder with Paddock's TLS settings (reqwest has no crypto provider
+/// of its own here: `reqwest::blocking::Client::new()` would panic).
+pub fn blocking_client() -> reqwest::blocking::ClientBuilder {
+    let tls = paddock::tls::client_config(None).expect("TLS client settings");
+    reqwest::blocking::Client::builder().use_preconfigured_tls(tls)
+}
+
 /// A free TCP port on loopback (bound then released).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -81,7 +88,7 @@ impl Bed {
             port: free_port(),
             master: None,
             master_log,
-            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(20)).build().expect("client"),
+            http: blocking_client().timeout(Duration::from_secs(20)).build().expect("client"),
             starts: 0,
             token: None,
         }
@@ -130,7 +137,7 @@ impl Bed {
                 reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
             );
         }
-        reqwest::blocking::Client::builder()
+        blocking_client()
             .timeout(Duration::from_secs(20))
             .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
