@@ -199,8 +199,10 @@ pub async fn ls_remote(url: &str) -> Result<BTreeMap<String, String>, GitError> 
             continue;
         };
         // Only plain branches; `--heads` already filters, this guards against odd servers.
+        // A null id is what git advertises for a ref it cannot read (a broken loose ref): not
+        // a head anyone can fetch.
         if let Some(branch) = name.strip_prefix("refs/heads/") {
-            if is_hex_sha(sha) {
+            if is_hex_sha(sha) && !sha.bytes().all(|b| b == b'0') {
                 heads.insert(branch.to_string(), sha.to_string());
             }
         }
