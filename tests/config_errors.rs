@@ -290,7 +290,8 @@ fn bad_cluster_and_reconcile_interval() {
 
 #[test]
 fn log_format_is_text_or_json() {
-    let e = assert_err("[master]\nlog_format = \"yaml\"\n", 2, 14, "`log_format` must be one of text, json, not \"yaml\"");
+    let e =
+        assert_err("[master]\nlog_format = \"yaml\"\n", 2, 14, "`log_format` must be one of text, json, not \"yaml\"");
     assert!(e.hint.unwrap().contains("--log-format"));
     assert_err("[master]\nlog_format = \"JSON\"\n", 2, 14, "`log_format` must be one of text, json");
     assert_err("[master]\nlog_format = 1\n", 2, 14, "log_format");

@@ -99,11 +99,16 @@ fn a_text_log_in_a_file_has_no_colour_and_hostile_names_are_refused_at_every_doo
     let build = bed.wait("the build of the first change", || {
         bed.builds().into_iter().find(|b| b["revision"] == rev.as_str() && b["state"] == "success")
     });
-    let refused_line = "skipping a branch the remote advertised: branch \"-x\" is not a valid branch name: it starts with `-`";
+    let refused_line =
+        "skipping a branch the remote advertised: branch \"-x\" is not a valid branch name: it starts with `-`";
     bed.wait("the poller's warning about \"-x\"", || bed.log().contains(refused_line).then_some(()));
     // A C1 control character reaches the log escaped, never raw.
     bed.wait("the poller's warning about a NEL", || {
-        bed.log().contains("branch \"nel\\u{85}forged\" is not a valid branch name: it contains the control character \\u{85}").then_some(())
+        bed.log()
+            .contains(
+                "branch \"nel\\u{85}forged\" is not a valid branch name: it contains the control character \\u{85}",
+            )
+            .then_some(())
     });
 
     let changes_before = bed.get("/api/changes")["changes"].as_array().map_or(0, Vec::len);
@@ -223,7 +228,9 @@ fn log_format_json_in_the_config_makes_every_line_an_object() {
         .unwrap_or_else(|| panic!("a `build queued` line:\n{log}"));
     assert_eq!(queued["level"], "INFO");
     assert_eq!(queued["fields"]["revision"], rev.as_str());
-    assert!(lines.iter().any(|l| l["fields"]["message"] == "failed login" && l["fields"]["name"] == "(no such account)"));
+    assert!(lines
+        .iter()
+        .any(|l| l["fields"]["message"] == "failed login" && l["fields"]["name"] == "(no such account)"));
 }
 
 #[test]

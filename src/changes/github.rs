@@ -127,7 +127,10 @@ impl RawCommit {
         let revision = nonempty(self.id).ok_or_else(|| WebhookError::Malformed("commit without id".into()))?;
         // GitHub sends full object ids; anything else must not reach git as a revision.
         if !refname::is_full_hex_id(&revision) {
-            return Err(WebhookError::Malformed(format!("commit id {} is not a hex object id", refname::shown(&revision))));
+            return Err(WebhookError::Malformed(format!(
+                "commit id {} is not a hex object id",
+                refname::shown(&revision)
+            )));
         }
         let ts = self.timestamp.unwrap_or_default();
         let committed_at = DateTime::parse_from_rfc3339(&ts)
@@ -423,7 +426,9 @@ mod tests {
 
     #[test]
     fn hostile_branch_names_and_ids_are_refused() {
-        for git_ref in ["refs/heads/main\nINFO forged", "refs/heads/../../x", "refs/heads/-x", "refs/heads/", "refs/heads/a b"] {
+        for git_ref in
+            ["refs/heads/main\nINFO forged", "refs/heads/../../x", "refs/heads/-x", "refs/heads/", "refs/heads/a b"]
+        {
             let body = push_payload().replace("refs/heads/stable/5.2.x", &git_ref.replace('\n', "\\n"));
             let err = parse_push(body.as_bytes()).expect_err(git_ref);
             assert!(matches!(err, WebhookError::BadRef(_)), "{git_ref:?}: {err:?}");

@@ -308,7 +308,10 @@ mod tests {
         assert!(text.contains("control character \\n"), "{text}");
         assert!(!text.chars().any(char::is_control), "{text:?}");
         let e = check_revision("revision", "--upload-pack=touch /tmp/pwned").expect_err("refused");
-        assert_eq!(e.to_string(), "revision \"--upload-pack=touch /tmp/pwned\" is not a valid revision: it starts with `-`");
+        assert_eq!(
+            e.to_string(),
+            "revision \"--upload-pack=touch /tmp/pwned\" is not a valid revision: it starts with `-`"
+        );
         let e = check_branch("ref", &"x".repeat(1000)).expect_err("refused");
         assert!(e.to_string().len() < 200, "a long value is shortened: {e}");
     }

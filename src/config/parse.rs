@@ -385,7 +385,11 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
         m.log_format = crate::logging::LogFormat::from_name(&format.v).ok_or_else(|| {
             Diag::new(
                 format.span.clone(),
-                format!("`log_format` must be one of {}, not {:?}", crate::logging::LogFormat::NAMES.join(", "), format.v),
+                format!(
+                    "`log_format` must be one of {}, not {:?}",
+                    crate::logging::LogFormat::NAMES.join(", "),
+                    format.v
+                ),
             )
             .hint("\"text\" for people, \"json\" (one object per line) for log shippers; --log-format overrides it")
         })?;
