@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod cost;
 pub mod demo;
+pub mod logging;
 pub mod notify;
 pub mod runtime;
 pub mod store;

@@ -289,6 +289,19 @@ fn bad_cluster_and_reconcile_interval() {
 }
 
 #[test]
+fn log_format_is_text_or_json() {
+    let e =
+        assert_err("[master]\nlog_format = \"yaml\"\n", 2, 14, "`log_format` must be one of text, json, not \"yaml\"");
+    assert!(e.hint.unwrap().contains("--log-format"));
+    assert_err("[master]\nlog_format = \"JSON\"\n", 2, 14, "`log_format` must be one of text, json");
+    assert_err("[master]\nlog_format = 1\n", 2, 14, "log_format");
+    let format = |text: &str| parse(&format!("{text}{BASE}")).expect("parses").master.log_format;
+    assert_eq!(format("[master]\nlog_format = \"json\"\n"), paddock::logging::LogFormat::Json);
+    assert_eq!(format("[master]\nlog_format = \"text\"\n"), paddock::logging::LogFormat::Text);
+    assert_eq!(format(""), paddock::logging::LogFormat::Text);
+}
+
+#[test]
 fn ec2_pool_parses_every_setting() {
     let text = r#"[master]
 cluster = "prod"

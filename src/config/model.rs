@@ -55,6 +55,8 @@ pub struct Master {
     /// an orphan, and how long a launched machine may be missing from listings before it
     /// counts as gone. Default 120s.
     pub orphan_grace: Duration,
+    /// How `paddock run` writes its log (`--log-format` wins). Default text.
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// `[[repo]]`: a git repository that changes come from.

@@ -61,6 +61,7 @@ const MASTER_KEYS: &[&str] = &[
     "cluster",
     "reconcile_interval",
     "orphan_grace",
+    "log_format",
 ];
 const REPO_KEYS: &[&str] = &["name", "url", "branches", "poll"];
 const POOL_KEYS: &[&str] = &[
@@ -308,6 +309,7 @@ fn default_master(base: &Path) -> Result<Master, Diag> {
         orphan_grace: Duration::from_secs(120),
         heartbeat_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(60),
+        log_format: crate::logging::LogFormat::Text,
     })
 }
 
@@ -378,6 +380,19 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
                 .hint("cloud listings lag behind launches; a machine just launched must not count as gone"));
         }
         m.orphan_grace = d;
+    }
+    if let Some(format) = f.opt_str("log_format")? {
+        m.log_format = crate::logging::LogFormat::from_name(&format.v).ok_or_else(|| {
+            Diag::new(
+                format.span.clone(),
+                format!(
+                    "`log_format` must be one of {}, not {:?}",
+                    crate::logging::LogFormat::NAMES.join(", "),
+                    format.v
+                ),
+            )
+            .hint("\"text\" for people, \"json\" (one object per line) for log shippers; --log-format overrides it")
+        })?;
     }
     Ok(m)
 }
