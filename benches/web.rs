@@ -67,6 +67,13 @@ async fn generate(store: &Store) -> Result<i64, paddock::store::StoreError> {
                 4 => "exception",
                 _ => "success",
             };
+            // Every step reports its result (a success with a silent step would be stored as an
+            // exception); a failed build's last step failed.
+            for (idx, _) in steps.iter().enumerate() {
+                let failed = result != "success" && idx + 1 == steps.len();
+                let state = if failed { "failure" } else { "success" };
+                store.step_finished(build.id, idx as i64, state, Some(i32::from(failed)), Ts(t + 60 * SEC)).await?;
+            }
             store.finish_build(build.id, machine, result, Ts(t + 60 * SEC)).await?;
             builds += 1;
         }

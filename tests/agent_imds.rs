@@ -338,6 +338,7 @@ async fn agent_tells_the_master_once_the_notice_appears_and_again_after_reconnec
         heartbeat_secs: 30,
         resume_token: Some(Secret(format!("resume-{n}"))),
         reconnect_secs: 30,
+        acked: None,
     };
     send(&mut sink, &welcome(1)).await;
     let (mut msgs, reader) = read_all(stream, imds.clone());

@@ -152,7 +152,7 @@ async fn passing_steps_at_exact_revision() {
     let (result, msgs) = run(&j, work.path()).await;
 
     assert_eq!(result, BuildResult::Success, "{msgs:?}");
-    assert!(matches!(msgs.first(), Some(AgentMsg::StepStarted { build: 7, step: 0 })));
+    assert!(matches!(msgs.first(), Some(AgentMsg::StepStarted { build: 7, step: 0, .. })));
     for i in 0..=3 {
         assert!(started(&msgs, i));
         assert_eq!(finished(&msgs, i).0, StepResult::Success);
@@ -251,6 +251,21 @@ async fn secrets_never_reach_the_log() {
     assert!(text.contains("<secret:API>\n<secret:API>!\n") || text.contains("<secret:API>!\n"));
     assert_eq!(text.matches("<secret:API>").count(), 4, "{text}");
     assert!(text.contains("env=x-<secret:API>-y\n"), "{text}");
+}
+
+#[tokio::test]
+async fn a_secret_written_half_to_stdout_and_half_to_stderr_is_redacted_in_order() {
+    let repo = make_repo();
+    let work = tempfile::tempdir().expect("tempdir");
+    let s = step("split", "echo out-1; echo err-1 >&2; printf 'key=ab'; printf 'cdef\\n' >&2; echo out-2");
+    let mut j = job(1, &repo, &repo.rev1, vec![s]);
+    j.secrets.insert("API".into(), "abcdef".into());
+    let (result, msgs) = run(&j, work.path()).await;
+    assert_eq!(result, BuildResult::Success, "{msgs:?}");
+    let text = log(&msgs, 1);
+    assert!(!text.contains("abcdef"), "secret leaked: {text}");
+    // One stream, in the order it was written.
+    assert!(text.ends_with("out-1\nerr-1\nkey=<secret:API>\nout-2\n"), "{text}");
 }
 
 #[tokio::test]
@@ -464,8 +479,11 @@ mod client {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         let mut ws = accept(&listener).await;
         hello(&mut ws).await;
-        send(&mut ws, &MasterMsg::Welcome { machine: 5, heartbeat_secs: 1, resume_token: None, reconnect_secs: 0 })
-            .await;
+        send(
+            &mut ws,
+            &MasterMsg::Welcome { machine: 5, heartbeat_secs: 1, resume_token: None, reconnect_secs: 0, acked: None },
+        )
+        .await;
         let j = job(42, &repo, &repo.rev1, vec![step("slowish", "git rev-parse HEAD; sleep 1.5")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut msgs = Vec::new();
@@ -477,7 +495,13 @@ mod client {
                 break;
             }
         }
-        assert_eq!(msgs.last(), Some(&AgentMsg::BuildFinished { build: 42, result: BuildResult::Success }));
+        assert!(
+            matches!(msgs.last(), Some(AgentMsg::BuildFinished { build: 42, result: BuildResult::Success, .. })),
+            "{msgs:?}"
+        );
+        // Every report about the build is numbered, from 1, without a gap.
+        let seqs: Vec<u64> = msgs.iter().filter_map(AgentMsg::sequenced).map(|(_, seq)| seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
         assert!(msgs.contains(&AgentMsg::Heartbeat), "{msgs:?}");
         assert!(log(&msgs, 1).contains(&repo.rev1));
         send(&mut ws, &MasterMsg::Shutdown).await;
@@ -507,8 +531,11 @@ mod client {
         let agent = tokio::spawn(run_agent(options(port, work.path())));
         let mut ws = accept(&listener).await;
         hello(&mut ws).await;
-        send(&mut ws, &MasterMsg::Welcome { machine: 1, heartbeat_secs: 30, resume_token: None, reconnect_secs: 0 })
-            .await;
+        send(
+            &mut ws,
+            &MasterMsg::Welcome { machine: 1, heartbeat_secs: 30, resume_token: None, reconnect_secs: 0, acked: None },
+        )
+        .await;
         let j = job(1, &repo, &repo.rev1, vec![step("forever", "echo pid=$$; exec sleep 60")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut text = String::new();

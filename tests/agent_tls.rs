@@ -61,6 +61,7 @@ async fn the_agent_connects_to_an_https_master_it_trusts() {
         heartbeat_secs: 30,
         resume_token: Some(Secret("r".into())),
         reconnect_secs: 0,
+        acked: None,
     };
     sink.send(Message::text(serde_json::to_string(&welcome).expect("json"))).await.expect("welcome");
     sink.send(Message::text(serde_json::to_string(&MasterMsg::Shutdown).expect("json"))).await.expect("shutdown");

@@ -492,6 +492,7 @@ env = {{ KEY = \"{{secret:DEPLOY_KEY}}\" }}
 steps = [
   \"echo whole: {{secret:DEPLOY_KEY}}\",
   \"printf 'halves: s3cr3t-'; sleep 0.3; printf 'v4lue-xyz\\\\n'\",
+  \"printf 'split: s3cr3t-'; printf 'v4lue-xyz\\\\n' >&2\",
   \"echo from env: $KEY\",
   \"env\",
 ]
@@ -512,7 +513,8 @@ builders = [\"deploy\"]
     let id = builds[0]["id"].as_i64().expect("id");
     let log = bed.http.get(format!("{}/api/builds/{id}/log", bed.url())).send().expect("log").text().expect("text");
     assert!(!log.contains(secret), "secret in stored log:\n{log}");
-    assert_eq!(log.matches("<secret:DEPLOY_KEY>").count(), 4, "three redacted prints and the env dump:\n{log}");
+    assert_eq!(log.matches("<secret:DEPLOY_KEY>").count(), 5, "four redacted prints and the env dump:\n{log}");
+    assert!(log.contains("split: <secret:DEPLOY_KEY>\n"), "half on stdout, half on stderr:\n{log}");
     assert!(!log.contains("m4ster-only-k3y"), "a machine starts with a clean environment:\n{log}");
     assert!(log.contains("PATH="), "the env step ran:\n{log}");
     let api =

@@ -135,6 +135,8 @@ async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() 
                     store.retry_build(b.id, "machine lost", Ts(at + 2)).await.expect("retry");
                 }
                 r => {
+                    let step = if r == "success" { "success" } else { "failure" };
+                    store.step_finished(b.id, 0, step, None, Ts(at + 2)).await.expect("step");
                     store.finish_build(b.id, 1, r, Ts(at + 2)).await.expect("finish");
                 }
             }
@@ -175,7 +177,11 @@ async fn the_standing_of_builds_that_finish_out_of_order() {
     };
     let finish = |id: i64, machine: i64, result: &'static str, at: i64| {
         let store = store.clone();
-        async move { assert!(store.finish_build(id, machine, result, Ts(at)).await.expect("finish")) }
+        async move {
+            let step = if result == "success" { "success" } else { "failure" };
+            store.step_finished(id, 0, step, None, Ts(at)).await.expect("step");
+            assert!(store.finish_build(id, machine, result, Ts(at)).await.expect("finish"))
+        }
     };
     let standing = |id: i64| {
         let store = store.clone();
@@ -248,6 +254,7 @@ async fn pruning_keeps_pending_work_and_recent_records() {
     assert_eq!(left.iter().map(|d| d.state.as_str()).collect::<Vec<_>>(), ["pending"]);
     assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("again"), 0);
     // Nothing younger than the cut goes.
+    store.step_finished(b.id, 0, "success", Some(0), Ts(20_000)).await.expect("step");
     assert!(store.finish_build(b.id, 1, "success", Ts(20_000)).await.expect("finish"));
     assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("recent kept"), 0);
 }

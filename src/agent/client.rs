@@ -3,10 +3,11 @@
 //! The agent is a latent worker. It runs one build at a time. On [`MasterMsg::Shutdown`] or
 //! SIGTERM/SIGINT it kills whatever is running and exits, so nothing is left behind.
 //!
-//! When the connection drops (the master restarts, the network hiccups), a build in progress
-//! carries on: the agent keeps its messages and reconnects with the resume token of its last
-//! [`MasterMsg::Welcome`], for up to `reconnect_secs`. Once back, the master adopts the build
-//! and receives what was said meanwhile. A master that gave no resume token, refuses the
+//! Every report about a build is kept in a [`Journal`] until the master acknowledges it, so
+//! nothing said to a master that died before storing it is lost. When the connection drops (the
+//! master restarts, the network hiccups), a build in progress carries on: the agent reconnects
+//! with the resume token of its last [`MasterMsg::Welcome`], for up to `reconnect_secs`. Once
+//! back, the master adopts the build and receives every report it has not acknowledged. A master that gave no resume token, refuses the
 //! resume, or stays away past the window, gets the old behaviour: the build is killed and the
 //! agent exits.
 //!
@@ -16,8 +17,6 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-
-use std::collections::VecDeque;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -29,7 +28,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::imds::{self, Notice};
 use super::job::{run_job, Stop};
-use super::protocol::{AgentMsg, BuildResult, MasterMsg, Secret};
+use super::journal::Journal;
+use super::protocol::{Ack, AgentMsg, BuildResult, MasterMsg, Secret, MAX_LOG_BYTES};
 
 /// How long the initial connection is retried.
 const CONNECT_WINDOW: Duration = Duration::from_secs(30);
@@ -45,8 +45,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const JOB_CHANNEL: usize = 256;
 /// How long one reconnection attempt (connect, Resume, Welcome) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Log text kept while disconnected; more is dropped (and counted) rather than filling memory.
-const OUTBOX_LOG_BYTES: usize = 16 * 1024 * 1024;
 /// Notices waiting for the connection (there are at most two kinds, each reported once).
 const NOTICE_CHANNEL: usize = 4;
 
@@ -139,69 +137,75 @@ struct Session {
     heartbeat_secs: u64,
     resume_token: Option<String>,
     reconnect_secs: u64,
+    /// How far the master had stored the reports of the build a Resume named.
+    acked: Option<Ack>,
 }
 
 /// Why a connected stretch ended.
 enum End {
     /// The master said Shutdown, or a signal arrived: stop, the socket still works.
     Stop,
-    /// The connection is gone, with the message that could not be sent, if any.
-    Lost(Option<AgentMsg>),
+    /// The connection is gone; what it did not carry is still in the journal.
+    Lost,
 }
 
-/// Messages kept while the master is unreachable, in order, and the last BuildFinished sent.
-#[derive(Default)]
-struct Outbox {
-    msgs: VecDeque<AgentMsg>,
-    log_bytes: usize,
-    dropped_bytes: usize,
-    /// Sent, but a socket can die with it unread: repeated after a reconnection until the
-    /// next build starts (the master ignores a repeat).
-    last_finished: Option<AgentMsg>,
+/// What the agent carries from one connection to the next.
+struct State {
+    /// Reports about builds, kept until the master acknowledges them.
+    journal: Journal,
     /// Interruption notices told to the master. Nothing acknowledges them, so each is repeated
     /// after every reconnection (the master ignores a repeat); they matter more than a few
-    /// duplicate lines.
+    /// duplicate frames.
     notices: Vec<AgentMsg>,
+    /// The build being run, if any.
+    current: Option<Running>,
+    /// The last build given to this machine, for a Resume while idle.
+    last_build: Option<i64>,
 }
 
-impl Outbox {
-    /// The build a Resume speaks of: the one running, else the last one finished.
-    fn resume_build(&self, current: &Option<Running>) -> Option<i64> {
-        current.as_ref().map(|r| r.build).or(match &self.last_finished {
-            Some(AgentMsg::BuildFinished { build, .. }) => Some(*build),
-            _ => None,
-        })
+impl State {
+    fn new(workdir: &std::path::Path) -> State {
+        State { journal: Journal::new(workdir.join(SPILL_FILE)), notices: Vec::new(), current: None, last_build: None }
     }
 
-    /// After a reconnection: repeat the last BuildFinished unless it is still waiting here.
-    fn repeat_last_finished(&mut self) {
-        let Some(last) = self.last_finished.clone() else { return };
-        if !self.msgs.contains(&last) {
-            self.msgs.push_back(last);
-        }
+    /// The build a Resume speaks of: the one running, else the last one.
+    fn resume_build(&self) -> Option<i64> {
+        self.current.as_ref().map(|r| r.build).or(self.last_build)
     }
 
-    /// After a reconnection: repeat every notice that is not still waiting here.
-    fn repeat_notices(&mut self) {
-        for notice in &self.notices {
-            if !self.msgs.contains(notice) {
-                self.msgs.push_back(notice.clone());
-            }
-        }
-    }
-
-    /// Keeps `msg` for later, dropping log text past [`OUTBOX_LOG_BYTES`] (results are always kept).
+    /// Keeps a report of the job's for the master.
     fn keep(&mut self, msg: AgentMsg) {
-        if let AgentMsg::Log { text, .. } = &msg {
-            if self.log_bytes + text.len() > OUTBOX_LOG_BYTES {
-                self.dropped_bytes += text.len();
-                return;
+        if let AgentMsg::BuildFinished { build, .. } = &msg {
+            if self.current.as_ref().is_some_and(|r| r.build == *build) {
+                self.current = None;
             }
-            self.log_bytes += text.len();
         }
-        self.msgs.push_back(msg);
+        if let Err(e) = self.journal.push(msg) {
+            tracing::error!("cannot keep a report for the master: {e}");
+        }
+    }
+
+    /// The master stored reports up to `ack`.
+    fn acked(&mut self, ack: Ack) {
+        if let Err(e) = self.journal.ack(ack) {
+            tracing::error!("cannot read back kept reports: {e}");
+        }
+        self.journal.forget_done(self.current.as_ref().map(|r| r.build));
+    }
+
+    /// A job task that ended without its BuildFinished (it panicked) must still be reported.
+    fn job_ended(&mut self, r: Result<(), tokio::task::JoinError>) {
+        // Taken either way: a finished JoinHandle must not be polled again. A normal end has
+        // already queued its BuildFinished, which is kept in order.
+        if let (Err(e), Some(run)) = (r, self.current.take()) {
+            tracing::error!(build = run.build, "build task failed: {e}");
+            self.keep(AgentMsg::BuildFinished { build: run.build, seq: 0, result: BuildResult::Exception });
+        }
     }
 }
+
+/// Where reports that do not fit in memory wait, in the agent's work directory.
+const SPILL_FILE: &str = ".paddock-journal";
 
 /// Stops a background task when the agent stops, however it stops.
 struct AbortOnDrop(JoinHandle<()>);
@@ -250,12 +254,11 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
     tracing::info!(machine = session.machine, heartbeat_secs = session.heartbeat_secs, "connected to master");
 
     let (job_tx, mut job_rx) = mpsc::channel::<AgentMsg>(JOB_CHANNEL);
-    let mut current: Option<Running> = None;
-    let mut outbox = Outbox::default();
+    let mut state = State::new(&opts.workdir);
 
     // Whether the socket can still take the job's last messages.
     let socket_open = loop {
-        let end = match flush(&mut sink, &mut outbox).await {
+        let end = match start_connection(&mut sink, &session, &mut state).await {
             true => {
                 connected(
                     &mut sink,
@@ -264,22 +267,17 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
                     &opts,
                     &job_tx,
                     &mut job_rx,
-                    &mut current,
-                    &mut outbox,
+                    &mut state,
                     &mut notices,
                     &mut signals,
                 )
                 .await
             }
-            false => End::Lost(None),
+            false => End::Lost,
         };
         match end {
             End::Stop => break true,
-            End::Lost(unsent) => {
-                // Not sent: it goes out first after the reconnection.
-                if let Some(msg) = unsent {
-                    outbox.keep(msg);
-                }
+            End::Lost => {
                 let Some(token) = session.resume_token.clone().filter(|_| session.reconnect_secs > 0) else {
                     tracing::warn!("lost the master; exiting");
                     break false;
@@ -292,8 +290,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
                     &token,
                     window,
                     &mut job_rx,
-                    &mut current,
-                    &mut outbox,
+                    &mut state,
                     &mut notices,
                     &mut signals,
                 )
@@ -302,8 +299,6 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
                     Some((new_sink, new_stream, new_session)) => {
                         tracing::info!(machine = new_session.machine, "reconnected to master");
                         (sink, stream, session) = (new_sink, new_stream, new_session);
-                        outbox.repeat_last_finished();
-                        outbox.repeat_notices();
                     }
                     None => break false,
                 }
@@ -315,7 +310,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
     // log lines, BuildFinished) if the socket still works, so it never blocks on a full channel.
     drop(job_tx);
     let mut forward = socket_open;
-    if let Some(mut run) = current.take() {
+    if let Some(mut run) = state.current.take() {
         let _ = run.cancel.send(Stop::Now);
         let give_up = tokio::time::sleep(STOP_TIMEOUT);
         tokio::pin!(give_up);
@@ -323,7 +318,8 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
             tokio::select! {
                 _ = &mut run.handle => break,
                 Some(msg) = job_rx.recv() => {
-                    forward = forward && send_msg(&mut sink, &msg).await;
+                    state.keep(msg);
+                    forward = forward && send_pending(&mut sink, &mut state).await;
                 }
                 () = &mut give_up => {
                     tracing::warn!(build = run.build, "build did not stop in time; exiting anyway");
@@ -333,27 +329,43 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
         }
     }
     while let Ok(msg) = job_rx.try_recv() {
-        forward = forward && send_msg(&mut sink, &msg).await;
+        state.keep(msg);
     }
+    forward = forward && send_pending(&mut sink, &mut state).await;
     if forward {
         let _ = sink.send(Message::Close(None)).await;
     }
     Ok(())
 }
 
-/// Sends what was kept while disconnected; `false` if the socket failed (the rest stays kept).
-async fn flush(sink: &mut SplitSink<Ws, Message>, outbox: &mut Outbox) -> bool {
-    if outbox.dropped_bytes > 0 {
-        tracing::warn!(bytes = outbox.dropped_bytes, "build output dropped while the master was unreachable");
-        outbox.dropped_bytes = 0;
+/// Begins a connection after its Welcome: forgets what the master said it already has, tells
+/// the notices again, and sends every kept report in order. `false` if the socket failed.
+async fn start_connection(sink: &mut SplitSink<Ws, Message>, session: &Session, state: &mut State) -> bool {
+    if let Some(ack) = session.acked {
+        state.acked(ack);
     }
-    while let Some(msg) = outbox.msgs.pop_front() {
-        if !send_msg(sink, &msg).await {
-            outbox.msgs.push_front(msg);
+    state.journal.rewind();
+    for notice in &state.notices {
+        if !send_msg(sink, notice).await {
             return false;
         }
     }
-    outbox.log_bytes = 0;
+    send_pending(sink, state).await
+}
+
+/// Sends the kept reports not yet sent on this connection; `false` if the socket failed (they
+/// stay kept).
+async fn send_pending(sink: &mut SplitSink<Ws, Message>, state: &mut State) -> bool {
+    let dropped = state.journal.take_dropped();
+    if dropped > 0 {
+        tracing::warn!(bytes = dropped, max = MAX_LOG_BYTES, "build output past the log limit dropped");
+    }
+    while let Some(text) = state.journal.next_unsent() {
+        if sink.send(Message::text(text.to_string())).await.is_err() {
+            return false;
+        }
+        state.journal.mark_sent();
+    }
     true
 }
 
@@ -366,8 +378,7 @@ async fn connected(
     opts: &AgentOptions,
     job_tx: &mpsc::Sender<AgentMsg>,
     job_rx: &mut mpsc::Receiver<AgentMsg>,
-    current: &mut Option<Running>,
-    outbox: &mut Outbox,
+    state: &mut State,
     notices: &mut mpsc::Receiver<Notice>,
     signals: &mut Signals,
 ) -> End {
@@ -379,50 +390,48 @@ async fn connected(
     let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            // The first tick is at once: the master hears from this connection right after the
+            // Welcome, which tells it the Welcome (and its resume token) arrived.
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > period * 3 && session.resume_token.is_some() {
                     tracing::warn!("nothing heard from the master for {:?}", last_heard.elapsed());
-                    return End::Lost(None);
+                    return End::Lost;
                 }
                 if !send_msg(sink, &AgentMsg::Heartbeat).await {
-                    return End::Lost(None);
+                    return End::Lost;
                 }
             }
             Some(msg) = job_rx.recv() => {
-                if let AgentMsg::BuildFinished { build, .. } = &msg {
-                    if current.as_ref().is_some_and(|r| r.build == *build) {
-                        *current = None;
-                    }
-                    outbox.last_finished = Some(msg.clone());
-                }
-                if !send_msg(sink, &msg).await {
-                    return End::Lost(Some(msg));
+                state.keep(msg);
+                if !send_pending(sink, state).await {
+                    return End::Lost;
                 }
             }
             Some(notice) = notices.recv() => {
                 let msg = notice.to_msg();
                 tracing::warn!(kind = notice.kind.as_str(), detail = %notice.detail, "this machine is going away; telling the master");
-                outbox.notices.push(msg.clone());
+                state.notices.push(msg.clone());
                 if !send_msg(sink, &msg).await {
-                    return End::Lost(Some(msg));
+                    return End::Lost;
                 }
             }
-            // A job task that ends without its BuildFinished (it panicked) must still be reported.
-            r = wait_running(current) => {
-                // Taken either way: a finished JoinHandle must not be polled again. A normal end
-                // has already queued its BuildFinished, which is forwarded in order.
-                if let (Err(e), Some(run)) = (r, current.take()) {
-                    tracing::error!(build = run.build, "build task failed: {e}");
-                    let msg = AgentMsg::BuildFinished { build: run.build, result: BuildResult::Exception };
-                    if !send_msg(sink, &msg).await {
-                        return End::Lost(Some(msg));
-                    }
+            r = wait_running(&mut state.current) => {
+                state.job_ended(r);
+                if !send_pending(sink, state).await {
+                    return End::Lost;
                 }
             }
             incoming = stream.next() => match incoming.inspect(|frame| if frame.is_ok() { last_heard = tokio::time::Instant::now() }) {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<MasterMsg>(text.as_str()) {
+                    Ok(MasterMsg::Ack(ack)) => {
+                        state.acked(ack);
+                        // Room in memory may have brought spilled reports back.
+                        if !send_pending(sink, state).await {
+                            return End::Lost;
+                        }
+                    }
                     Ok(MasterMsg::Run(job)) => {
-                        if let Some(run) = current.as_ref() {
+                        if let Some(run) = state.current.as_ref() {
                             tracing::warn!(busy_with = run.build, build = job.build, "ignoring a second build while busy");
                             continue;
                         }
@@ -435,16 +444,16 @@ async fn connected(
                         let handle = tokio::spawn(async move {
                             let result = run_job(&job, &workdir, tx.clone(), cancel_rx).await;
                             tracing::info!(build, result = result.as_str(), "build finished");
-                            let _ = tx.send(AgentMsg::BuildFinished { build, result }).await;
+                            let _ = tx.send(AgentMsg::BuildFinished { build, seq: 0, result }).await;
                         });
-                        *current = Some(Running { build, handle, cancel: cancel_tx });
-                        outbox.last_finished = None;
+                        state.current = Some(Running { build, handle, cancel: cancel_tx });
+                        state.last_build = Some(build);
                     }
                     Ok(MasterMsg::Shutdown) => {
                         tracing::info!("master asked to shut down");
                         return End::Stop;
                     }
-                    Ok(MasterMsg::Cancel { build }) => match current.as_ref() {
+                    Ok(MasterMsg::Cancel { build }) => match state.current.as_ref() {
                         // The job sees the flag, kills its step's process group and reports the
                         // build cancelled; the connection stays for the next build.
                         Some(run) if run.build == build => {
@@ -465,18 +474,18 @@ async fn connected(
                 },
                 Some(Ok(Message::Close(_))) | None => {
                     tracing::info!("master closed the connection");
-                    return End::Lost(None);
+                    return End::Lost;
                 }
                 // Pings are answered by tungstenite itself; binary frames are not part of the protocol.
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::warn!("connection to master failed: {e}");
-                    return End::Lost(None);
+                    return End::Lost;
                 }
             },
             () = signals.recv() => {
                 tracing::info!("signal received; stopping");
-                if let Some(run) = current.as_ref() {
+                if let Some(run) = state.current.as_ref() {
                     // The machine is going down under a running build (a cloud shutdown, an
                     // operator): the master must retry it, not take the killed step's exit as
                     // the build's result. Said before the build is stopped, so it comes first.
@@ -561,8 +570,7 @@ async fn reconnect(
     token: &str,
     window: Duration,
     job_rx: &mut mpsc::Receiver<AgentMsg>,
-    current: &mut Option<Running>,
-    outbox: &mut Outbox,
+    state: &mut State,
     notices: &mut mpsc::Receiver<Notice>,
     signals: &mut Signals,
 ) -> Option<(SplitSink<Ws, Message>, SplitStream<Ws>, Session)> {
@@ -570,7 +578,7 @@ async fn reconnect(
     tokio::pin!(give_up);
     let mut pause = BACKOFF_START;
     loop {
-        let build = outbox.resume_build(current);
+        let build = state.resume_build();
         let attempt = resume_once(url, machine, token, build);
         tokio::pin!(attempt);
         let pause_over = tokio::time::sleep(pause);
@@ -591,27 +599,12 @@ async fn reconnect(
                     }
                 },
                 () = &mut pause_over, if attempt_done => break,
-                Some(msg) = job_rx.recv() => {
-                    if let AgentMsg::BuildFinished { build, .. } = &msg {
-                        if current.as_ref().is_some_and(|r| r.build == *build) {
-                            *current = None;
-                        }
-                        outbox.last_finished = Some(msg.clone());
-                    }
-                    outbox.keep(msg);
-                }
+                Some(msg) = job_rx.recv() => state.keep(msg),
                 Some(notice) = notices.recv() => {
                     tracing::warn!(kind = notice.kind.as_str(), detail = %notice.detail, "this machine is going away; will tell the master");
-                    let msg = notice.to_msg();
-                    outbox.notices.push(msg.clone());
-                    outbox.keep(msg);
+                    state.notices.push(notice.to_msg());
                 }
-                r = wait_running(current) => {
-                    if let (Err(e), Some(run)) = (r, current.take()) {
-                        tracing::error!(build = run.build, "build task failed: {e}");
-                        outbox.keep(AgentMsg::BuildFinished { build: run.build, result: BuildResult::Exception });
-                    }
-                }
+                r = wait_running(&mut state.current) => state.job_ended(r),
                 () = signals.recv() => {
                     tracing::info!("signal received while reconnecting; stopping");
                     return None;
@@ -656,12 +649,15 @@ async fn await_welcome(stream: &mut SplitStream<Ws>) -> Result<Session, AgentErr
         match msg? {
             Message::Text(text) => {
                 return match serde_json::from_str::<MasterMsg>(text.as_str()) {
-                    Ok(MasterMsg::Welcome { machine, heartbeat_secs, resume_token, reconnect_secs }) => Ok(Session {
-                        machine,
-                        heartbeat_secs,
-                        resume_token: resume_token.map(|t| t.expose().to_string()),
-                        reconnect_secs,
-                    }),
+                    Ok(MasterMsg::Welcome { machine, heartbeat_secs, resume_token, reconnect_secs, acked }) => {
+                        Ok(Session {
+                            machine,
+                            heartbeat_secs,
+                            resume_token: resume_token.map(|t| t.expose().to_string()),
+                            reconnect_secs,
+                            acked,
+                        })
+                    }
                     Ok(MasterMsg::Refused { reason }) => Err(AgentError::Refused(reason)),
                     Ok(_) => Err(AgentError::Protocol("expected welcome".into())),
                     Err(e) => Err(AgentError::Protocol(format!("unreadable welcome: {e}"))),

@@ -3,7 +3,8 @@
 //! Step 0 is always the checkout (the master names it `checkout`); configured steps are
 //! 1..=n. Every step that runs reports [`AgentMsg::StepStarted`], its output as
 //! [`AgentMsg::Log`] and [`AgentMsg::StepFinished`]; a skipped step only reports
-//! `StepFinished { result: Skipped }`. The caller sends [`AgentMsg::BuildFinished`].
+//! `StepFinished { result: Skipped }`. The caller sends [`AgentMsg::BuildFinished`]. Reports
+//! leave here with `seq: 0`: the connection layer numbers them as it keeps them for the master.
 //!
 //! Secrets: `{secret:NAME}` in a step's command becomes `"$PADDOCK_SECRET_NAME"` (a quoted
 //! variable reference, so it works bare or inside double quotes, not inside single quotes) with
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
@@ -74,7 +75,7 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
         stops_at: Stop::Cancel,
     };
 
-    ctx.send(AgentMsg::StepStarted { build: ctx.build, step: CHECKOUT_STEP }).await;
+    ctx.send(AgentMsg::StepStarted { build: ctx.build, seq: 0, step: CHECKOUT_STEP }).await;
     let (src, result, code) = checkout(&ctx, job, workdir).await;
     ctx.finished(CHECKOUT_STEP, result, code).await;
     let src = match src {
@@ -98,7 +99,7 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
             ctx.finished(idx, StepResult::Skipped, None).await;
             continue;
         }
-        ctx.send(AgentMsg::StepStarted { build: ctx.build, step: idx }).await;
+        ctx.send(AgentMsg::StepStarted { build: ctx.build, seq: 0, step: idx }).await;
         let (result, code, was_cancelled) = if cancelled {
             // Clean-up still runs after a cancel (as `if: always()` does elsewhere); the cancel
             // has been spent, so only the step's timeout or the agent stopping ends it.
@@ -148,12 +149,12 @@ impl Ctx {
     /// Sends an agent-written line (headers, notices), redacted like step output.
     async fn line(&self, step: usize, text: &str) {
         let text = redact_str(&self.secrets, &format!("{text}\n"));
-        self.send(AgentMsg::Log { build: self.build, step, text }).await;
+        self.send(AgentMsg::Log { build: self.build, seq: 0, step, text }).await;
     }
 
     /// Reports the end of a step.
     async fn finished(&self, step: usize, result: StepResult, exit_code: Option<i32>) {
-        self.send(AgentMsg::StepFinished { build: self.build, step, result, exit_code }).await;
+        self.send(AgentMsg::StepFinished { build: self.build, seq: 0, step, result, exit_code }).await;
     }
 
     /// The same job, whose commands only [`Stop::Now`] stops.
@@ -526,19 +527,27 @@ async fn cancelled(rx: &mut CancelRx, at: Stop) {
 
 /// Spawns `cmd` in its own process group with output captured into the log of `step`, and
 /// waits for it, the timeout or a cancel.
+///
+/// stdout and stderr share one pipe, as with `2>&1`: the log shows them in the order they were
+/// written, and one redactor sees the merged stream, so a secret written half to each is still
+/// caught.
 async fn run_process(ctx: &Ctx, step: usize, mut cmd: Command, timeout: Duration) -> Outcome {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let reader = match output_pipe(&mut cmd) {
+        Ok(reader) => reader,
+        Err(e) => return Outcome::SpawnFailed(e),
+    };
+    cmd.stdin(Stdio::null()).process_group(0).kill_on_drop(true);
+    let spawned = cmd.spawn();
+    // The command holds the pipe's write ends; once the child has its copies, ours must go, or
+    // the reader never sees the end of the output.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => return Outcome::SpawnFailed(e),
     };
     // The child leads its own group, so its pid is the group id.
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
-    let readers: [Option<Box<dyn AsyncRead + Unpin + Send>>; 2] = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Unpin + Send>),
-    ];
-    let pump = pump_output(ctx.build, step, ctx.out.clone(), &ctx.secrets, readers);
+    let pump = pump_output(ctx.build, step, ctx.out.clone(), &ctx.secrets, reader);
     tokio::pin!(pump);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -589,16 +598,23 @@ async fn run_process(ctx: &Ctx, step: usize, mut cmd: Command, timeout: Duration
     outcome
 }
 
-/// One captured output stream of a step.
-struct Stream {
-    reader: Option<Box<dyn AsyncRead + Unpin + Send>>,
+/// One pipe for a command's stdout and stderr, set on `cmd`; returns the reading end.
+fn output_pipe(cmd: &mut Command) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
+    let (reader, writer) = std::io::pipe()?;
+    cmd.stdout(Stdio::from(writer.try_clone()?)).stderr(Stdio::from(writer));
+    tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(reader))
+}
+
+/// A step's captured output: stdout and stderr merged in one pipe.
+struct Output {
+    reader: Option<tokio::net::unix::pipe::Receiver>,
     redactor: Redactor,
     /// Redacted text not sent yet (a partial line, normally).
     pending: String,
     buf: Vec<u8>,
 }
 
-impl Stream {
+impl Output {
     /// Reads once; returns text ready to send (complete lines, or a large chunk), or
     /// everything left at end of stream. Pending forever once closed.
     async fn read(&mut self) -> String {
@@ -629,48 +645,37 @@ impl Stream {
     }
 }
 
-/// Copies stdout and stderr into `Log` messages, redacted, batched by line / time / size.
+/// Copies a step's output into `Log` messages, redacted, batched by line / time / size.
 async fn pump_output(
     build: i64,
     step: usize,
     out: mpsc::Sender<AgentMsg>,
     secrets: &[(String, String)],
-    readers: [Option<Box<dyn AsyncRead + Unpin + Send>>; 2],
+    reader: tokio::net::unix::pipe::Receiver,
 ) {
-    let mut streams = readers.map(|reader| Stream {
-        reader,
-        // One redactor per stream: bytes of different streams never form one secret.
+    let mut output = Output {
+        reader: Some(reader),
         redactor: Redactor::new(secrets.iter().cloned()),
         pending: String::new(),
         buf: vec![0; FLUSH_BYTES],
-    });
+    };
     let mut tick = tokio::time::interval(FLUSH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send = |text: String| {
         let out = out.clone();
         async move {
             if !text.is_empty() {
-                let _ = out.send(AgentMsg::Log { build, step, text }).await;
+                let _ = out.send(AgentMsg::Log { build, seq: 0, step, text }).await;
             }
         }
     };
-    while streams.iter().any(|s| s.reader.is_some()) {
-        let [a, b] = &mut streams;
+    while output.reader.is_some() {
         tokio::select! {
-            text = a.read() => send(text).await,
-            text = b.read() => send(text).await,
-            _ = tick.tick() => {
-                for s in streams.iter_mut() {
-                    let text = std::mem::take(&mut s.pending);
-                    send(text).await;
-                }
-            }
+            text = output.read() => send(text).await,
+            _ = tick.tick() => send(std::mem::take(&mut output.pending)).await,
         }
     }
-    for s in streams.iter_mut() {
-        let text = std::mem::take(&mut s.pending);
-        send(text).await;
-    }
+    send(std::mem::take(&mut output.pending)).await;
 }
 
 #[cfg(test)]

@@ -4,10 +4,21 @@
 //! and waits for [`MasterMsg::Welcome`] (or [`MasterMsg::Refused`], after which the master closes
 //! the socket). It then heartbeats every `heartbeat_secs` and runs the builds it is given, one at
 //! a time, streaming [`AgentMsg::Log`] lines and step results.
+//!
+//! Every report about a build (step started, log, step finished, build finished) carries a
+//! sequence number, counted from 1 per build. The master stores each report once, in order, and
+//! answers [`MasterMsg::Ack`] with the highest number it has stored; the agent keeps every
+//! report until it is acknowledged and sends the unacknowledged ones again after a
+//! reconnection. What a master took off the socket but never stored (it died) is therefore sent
+//! again, and what it did store is never stored twice.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+/// Most log text stored per build attempt; past it, one notice and the rest is dropped, so a
+/// runaway step can fill neither the master's database nor the machine's disk.
+pub const MAX_LOG_BYTES: usize = 64 * 1024 * 1024;
 
 /// Messages from the agent to the master.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,19 +34,40 @@ pub enum AgentMsg {
     /// Liveness, every `heartbeat_secs`.
     Heartbeat,
     /// A step started.
-    StepStarted { build: i64, step: usize },
-    /// Output of a step, already redacted by the agent (the master redacts again).
-    Log { build: i64, step: usize, text: String },
+    StepStarted {
+        build: i64,
+        /// The report's place in the build's sequence (see the module docs); 0 until the
+        /// connection layer numbers it.
+        #[serde(default)]
+        seq: u64,
+        step: usize,
+    },
+    /// Output of a step (stdout and stderr merged), already redacted by the agent (the master
+    /// redacts again).
+    Log {
+        build: i64,
+        #[serde(default)]
+        seq: u64,
+        step: usize,
+        text: String,
+    },
     /// A step ended.
     StepFinished {
         build: i64,
+        #[serde(default)]
+        seq: u64,
         step: usize,
         result: StepResult,
         /// Exit code when the command exited by itself.
         exit_code: Option<i32>,
     },
     /// The build ended; `result` is `success`, `failure` or `exception` (checkout failed, …).
-    BuildFinished { build: i64, result: BuildResult },
+    BuildFinished {
+        build: i64,
+        #[serde(default)]
+        seq: u64,
+        result: BuildResult,
+    },
     /// The cloud announced that this machine is going away: `kind` is `spot-interruption` or
     /// `rebalance`, `detail` says what and when (`terminate at 2026-11-24T20:00:00Z`). The agent
     /// carries on with its build; the master requeues it and stops the machine. Sent again after
@@ -58,6 +90,10 @@ pub enum MasterMsg {
         resume_token: Option<Secret>,
         #[serde(default)]
         reconnect_secs: u64,
+        /// After a Resume: how far the master has stored the reports of the build the Resume
+        /// named, so the agent sends only what follows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        acked: Option<Ack>,
     },
     /// Authentication refused; the socket closes after this.
     Refused { reason: String },
@@ -68,6 +104,42 @@ pub enum MasterMsg {
     /// Stop this build (someone cancelled it): kill its step, skip the rest, report it
     /// `cancelled`, and stay connected for the next one. Ignored unless it is the running build.
     Cancel { build: i64 },
+    /// Every report of `build` up to and including `seq` is stored (or was not wanted): the
+    /// agent may forget them.
+    Ack(Ack),
+}
+
+/// A point in a build's sequence of reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub build: i64,
+    pub seq: u64,
+}
+
+impl AgentMsg {
+    /// The build and sequence number of a report about a build; `None` for the others
+    /// (handshake, heartbeat, interruption notices), which are not sequenced.
+    pub fn sequenced(&self) -> Option<(i64, u64)> {
+        match *self {
+            AgentMsg::StepStarted { build, seq, .. }
+            | AgentMsg::Log { build, seq, .. }
+            | AgentMsg::StepFinished { build, seq, .. }
+            | AgentMsg::BuildFinished { build, seq, .. } => Some((build, seq)),
+            _ => None,
+        }
+    }
+
+    /// The same report numbered `n` in its build's sequence (others unchanged).
+    pub fn with_seq(mut self, n: u64) -> AgentMsg {
+        match &mut self {
+            AgentMsg::StepStarted { seq, .. }
+            | AgentMsg::Log { seq, .. }
+            | AgentMsg::StepFinished { seq, .. }
+            | AgentMsg::BuildFinished { seq, .. } => *seq = n,
+            _ => {}
+        }
+        self
+    }
 }
 
 /// A credential carried in a message. Its `Debug` never shows it, so no log line or failed

@@ -52,6 +52,12 @@ impl Redactor {
         self.step(false)
     }
 
+    /// Whether bytes are held back (a possible start of a secret, or of a UTF-8 character)
+    /// waiting for more input or [`Redactor::finish`].
+    pub fn holds_back(&self) -> bool {
+        !self.pending.is_empty() || !self.undecoded.is_empty()
+    }
+
     /// Flushes everything held back (end of stream).
     pub fn finish(&mut self) -> String {
         self.step(true)

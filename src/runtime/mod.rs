@@ -109,18 +109,24 @@ pub enum ActionError {
     Store(#[from] StoreError),
 }
 
-/// A build being run: which machine runs it, the secret values to scrub from its log, and how
-/// much log it has stored.
+/// A build being run: which machine runs it, and where its agent's reports stand (with the
+/// redactor for its log). The stream is locked while one report is stored, so two connections
+/// of one agent (a dying one and its replacement) never store a report twice.
 #[derive(Clone)]
 pub struct RunningBuild {
     pub machine: MachineId,
-    pub secrets: Vec<(String, String)>,
-    pub log_bytes: usize,
+    pub reports: Arc<tokio::sync::Mutex<crate::agent::reports::ReportStream>>,
 }
 
-/// Most log text stored per build attempt; past it, one notice and the rest is dropped, so a
-/// runaway step cannot fill the database.
-pub const MAX_LOG_BYTES: usize = 64 * 1024 * 1024;
+impl RunningBuild {
+    /// A build on `machine` whose reports are stored up to `applied`, with `log_bytes` of log.
+    pub fn new(machine: MachineId, secrets: &[(String, String)], applied: u64, log_bytes: usize) -> RunningBuild {
+        let stream = crate::agent::reports::ReportStream::new(secrets, applied, log_bytes);
+        RunningBuild { machine, reports: Arc::new(tokio::sync::Mutex::new(stream)) }
+    }
+}
+
+pub use crate::agent::protocol::MAX_LOG_BYTES;
 
 /// State shared by the loop, the web handlers and the pollers.
 pub struct Shared {
@@ -306,6 +312,9 @@ struct Adoption {
     build: BuildRow,
     pid: String,
     secrets: Vec<(String, String)>,
+    /// How far the build's reports are stored, and its log's size.
+    applied: u64,
+    log_bytes: usize,
 }
 
 /// The loop's own state: the core machines plus what is needed to reach the outside.
@@ -440,7 +449,8 @@ impl Master {
         // stop does not eat into the time their agents have to reconnect.
         let now = self.shared.now();
         let mut adopted = HashSet::new();
-        for a in keep {
+        for mut a in keep {
+            (a.applied, a.log_bytes) = store.report_position(a.build.id).await?;
             if self.adopt(&a, now) {
                 adopted.insert(a.build.id);
             } else {
@@ -582,7 +592,14 @@ impl Master {
         let build = running.iter().find(|b| b.machine == Some(m.id))?;
         let pid = m.provider_id.clone()?;
         let job = self.job_for(build).ok()?;
-        Some(Adoption { machine: m.clone(), build: build.clone(), pid, secrets: job.secrets.into_iter().collect() })
+        Some(Adoption {
+            machine: m.clone(),
+            build: build.clone(),
+            pid,
+            secrets: job.secrets.into_iter().collect(),
+            applied: 0,
+            log_bytes: 0,
+        })
     }
 
     /// Takes back an adoptable machine: the fleet counts it busy with its build, and the agent,
@@ -602,7 +619,7 @@ impl Master {
         self.machine_pool.insert(m.id, m.pool.clone());
         self.launched_at.insert(m.id, now);
         if let Ok(mut r) = self.shared.running.lock() {
-            r.insert(a.build.id, RunningBuild { machine: m.id, secrets: a.secrets.clone(), log_bytes: 0 });
+            r.insert(a.build.id, RunningBuild::new(m.id, &a.secrets, a.applied, a.log_bytes));
         }
         tracing::info!(
             machine = m.id,
@@ -1211,7 +1228,7 @@ impl Master {
         }
         let secrets: Vec<(String, String)> = job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Ok(mut running) = self.shared.running.lock() {
-            running.insert(build, RunningBuild { machine, secrets, log_bytes: 0 });
+            running.insert(build, RunningBuild::new(machine, &secrets, 0, 0));
         }
         tracing::info!(build, machine, builder = %row.builder, "build started");
         if tx.send(MasterMsg::Run(Box::new(job))).is_err() {

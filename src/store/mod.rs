@@ -520,27 +520,70 @@ impl Store {
     /// Ends a running attempt with its result, if it is still running on that machine.
     pub async fn finish_build(&self, build: BuildId, machine: MachineId, result: &str, now: Ts) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        // A cancel that lost the race with the build's end leaves no trace on its result.
-        let done = sqlx::query(
-            "UPDATE builds SET state = ?1, finished_at = ?2,
-               cancelled_by = CASE WHEN ?1 = 'cancelled' THEN cancelled_by ELSE NULL END
-             WHERE id = ?3 AND machine_id = ?4 AND state = 'running'",
-        )
-        .bind(result)
-        .bind(ts_string(now))
-        .bind(build)
-        .bind(machine)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            // A stale report (the attempt was retried meanwhile): the new attempt owns the build.
-            return Ok(false);
-        }
-        close_open_steps(&mut tx, build, "skipped").await?;
-        insert_event(&mut *tx, machine, &ts_string(now), "build_finished", &format!("{build} {result}")).await?;
-        notify::outbox(&mut tx, build, "finished", &ts_string(now)).await?;
+        let done = finish_build_in(&mut tx, build, machine, result, now).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(done)
+    }
+
+    /// Stores one numbered report of an agent about `build`, with the log text it carries: only
+    /// if the build's stored sequence is at `after` (the report before it), and then moves it to
+    /// `seq`, all in one transaction. A report already stored (or overtaken) changes nothing.
+    pub async fn apply_report(
+        &self,
+        build: BuildId,
+        after: u64,
+        seq: u64,
+        log: Option<(i64, &str)>,
+        effect: ReportEffect<'_>,
+        now: Ts,
+    ) -> Result<Applied> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query("UPDATE builds SET applied_seq = ? WHERE id = ? AND applied_seq = ?")
+            .bind(seq as i64)
+            .bind(build)
+            .bind(after as i64)
+            .execute(&mut *tx)
+            .await?;
+        if moved.rows_affected() == 0 {
+            drop(tx);
+            let applied: Option<i64> = sqlx::query_scalar("SELECT applied_seq FROM builds WHERE id = ?")
+                .bind(build)
+                .fetch_optional(&self.pool)
+                .await?;
+            return Ok(Applied::Stale { applied: applied.unwrap_or(0).max(0) as u64 });
+        }
+        if let Some((step, text)) = log.filter(|(_, t)| !t.is_empty()) {
+            append_log_in(&mut tx, build, step, text, now).await?;
+        }
+        let finished = match effect {
+            ReportEffect::None => false,
+            ReportEffect::StepStarted { step } => {
+                step_started_in(&mut tx, build, step, now).await?;
+                false
+            }
+            ReportEffect::StepFinished { step, result, exit_code } => {
+                step_finished_in(&mut tx, build, step, result, exit_code, now).await?;
+                false
+            }
+            ReportEffect::BuildFinished { machine, result } => {
+                finish_build_in(&mut tx, build, machine, result, now).await?
+            }
+        };
+        tx.commit().await?;
+        Ok(Applied::Stored { finished })
+    }
+
+    /// How far the reports of `build` are stored: the highest sequence number, and the bytes of
+    /// log text (toward [`crate::agent::protocol::MAX_LOG_BYTES`]).
+    pub async fn report_position(&self, build: BuildId) -> Result<(u64, usize)> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT b.applied_seq, COALESCE((SELECT SUM(LENGTH(CAST(text AS BLOB))) FROM log_chunks WHERE build_id = b.id), 0)
+             FROM builds b WHERE b.id = ?",
+        )
+        .bind(build)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map_or((0, 0), |(seq, bytes)| (seq.max(0) as u64, bytes.max(0) as usize)))
     }
 
     /// Marks an attempt `retry` and queues the next attempt of the same request, in one
@@ -694,15 +737,9 @@ impl Store {
 
     /// Marks a step running.
     pub async fn step_started(&self, build: BuildId, idx: i64, now: Ts) -> Result<()> {
-        sqlx::query(
-            "UPDATE steps SET state = 'running', started_at = ? WHERE build_id = ? AND idx = ?
-             AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
-        )
-        .bind(ts_string(now))
-        .bind(build)
-        .bind(idx)
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        step_started_in(&mut tx, build, idx, now).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -715,19 +752,9 @@ impl Store {
         exit_code: Option<i32>,
         now: Ts,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE steps SET state = ?, exit_code = ?, finished_at = ?,
-             started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?
-             AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
-        )
-        .bind(result)
-        .bind(exit_code)
-        .bind(ts_string(now))
-        .bind(if result == "skipped" { None } else { Some(ts_string(now)) })
-        .bind(build)
-        .bind(idx)
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        step_finished_in(&mut tx, build, idx, result, exit_code, now).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -752,13 +779,9 @@ impl Store {
 
     /// Appends (already redacted) log text to a build's step.
     pub async fn append_log(&self, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
-        sqlx::query("INSERT INTO log_chunks (build_id, step_idx, text, created_at) VALUES (?, ?, ?, ?)")
-            .bind(build)
-            .bind(idx)
-            .bind(text)
-            .bind(ts_string(now))
-            .execute(&self.pool)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        append_log_in(&mut tx, build, idx, text, now).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -894,9 +917,10 @@ impl Store {
         Ok(id)
     }
 
-    /// Records the hash of the resume token just given to a machine's agent.
+    /// Records the hash of the resume token just given to a machine's agent after its Hello
+    /// (no earlier resume token stays valid).
     pub async fn set_resume_hash(&self, machine: MachineId, hash: &str) -> Result<()> {
-        sqlx::query("UPDATE machines SET resume_hash = ? WHERE id = ?")
+        sqlx::query("UPDATE machines SET resume_hash = ?, resume_prev = NULL WHERE id = ?")
             .bind(hash)
             .bind(machine)
             .execute(&self.pool)
@@ -905,8 +929,9 @@ impl Store {
     }
 
     /// Spends a resume token: if `presented` is the machine's current token (or the one before
-    /// it, whose successor never arrived) and the machine is alive, `new_hash` becomes current
-    /// and `presented` the one before. Once the current token is used, older ones stop working.
+    /// it, while its successor has not been confirmed in use: the Welcome carrying it may have
+    /// been lost) and the machine is alive, `new_hash` becomes current and `presented` the one
+    /// before, until [`Store::confirm_resume`] retires it.
     pub async fn claim_resume(&self, machine: MachineId, presented: &str, new_hash: &str) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE machines SET resume_prev = ?1, resume_hash = ?2
@@ -918,6 +943,19 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The agent is using the resume token whose hash is `hash` (it spoke on the connection that
+    /// gave it): every token before it stops working.
+    pub async fn confirm_resume(&self, machine: MachineId, hash: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE machines SET resume_prev = NULL WHERE id = ? AND resume_hash = ? AND resume_prev IS NOT NULL",
+        )
+        .bind(machine)
+        .bind(hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Machines, newest first.
@@ -1093,6 +1131,129 @@ async fn insert_event<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
 }
 
 /// Gives the steps of an ended attempt that had not finished their final state.
+/// What an agent's report does besides its log text (see [`Store::apply_report`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReportEffect<'a> {
+    /// Nothing: a report of log text only.
+    None,
+    StepStarted {
+        step: i64,
+    },
+    StepFinished {
+        step: i64,
+        result: &'a str,
+        exit_code: Option<i32>,
+    },
+    BuildFinished {
+        machine: MachineId,
+        result: &'a str,
+    },
+}
+
+/// How [`Store::apply_report`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Stored; `finished` when it ended the build (a BuildFinished for a build still running
+    /// on that machine).
+    Stored { finished: bool },
+    /// Not stored: the build's sequence is not where the report follows; it is at `applied`.
+    Stale { applied: u64 },
+}
+
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
+
+async fn append_log_in(tx: &mut Tx<'_>, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
+    sqlx::query("INSERT INTO log_chunks (build_id, step_idx, text, created_at) VALUES (?, ?, ?, ?)")
+        .bind(build)
+        .bind(idx)
+        .bind(text)
+        .bind(ts_string(now))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn step_started_in(tx: &mut Tx<'_>, build: BuildId, idx: i64, now: Ts) -> Result<()> {
+    sqlx::query(
+        "UPDATE steps SET state = 'running', started_at = ? WHERE build_id = ? AND idx = ?
+         AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
+    )
+    .bind(ts_string(now))
+    .bind(build)
+    .bind(idx)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn step_finished_in(
+    tx: &mut Tx<'_>,
+    build: BuildId,
+    idx: i64,
+    result: &str,
+    exit_code: Option<i32>,
+    now: Ts,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE steps SET state = ?, exit_code = ?, finished_at = ?,
+         started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?
+         AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
+    )
+    .bind(result)
+    .bind(exit_code)
+    .bind(ts_string(now))
+    .bind(if result == "skipped" { None } else { Some(ts_string(now)) })
+    .bind(build)
+    .bind(idx)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Ends a running attempt with `result` if it still runs on `machine`. A build is a success
+/// only if every step reported its own result: one still pending or running (its report never
+/// arrived) makes it an `exception`, said in its log.
+async fn finish_build_in(tx: &mut Tx<'_>, build: BuildId, machine: MachineId, result: &str, now: Ts) -> Result<bool> {
+    let now_s = ts_string(now);
+    let mut result = result;
+    if result == "success" {
+        let unreported: Option<(i64, String)> = sqlx::query_as(
+            "SELECT s.idx, s.name FROM steps s JOIN builds b ON b.id = s.build_id
+             WHERE s.build_id = ? AND b.state = 'running' AND b.machine_id = ? AND s.state IN ('pending', 'running')
+             ORDER BY s.idx LIMIT 1",
+        )
+        .bind(build)
+        .bind(machine)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some((idx, name)) = unreported {
+            let note = format!("paddock: step {name} reported no result, so the build cannot be a success\n");
+            append_log_in(tx, build, idx, &note, now).await?;
+            result = "exception";
+        }
+    }
+    // A cancel that lost the race with the build's end leaves no trace on its result.
+    let done = sqlx::query(
+        "UPDATE builds SET state = ?1, finished_at = ?2,
+           cancelled_by = CASE WHEN ?1 = 'cancelled' THEN cancelled_by ELSE NULL END
+         WHERE id = ?3 AND machine_id = ?4 AND state = 'running'",
+    )
+    .bind(result)
+    .bind(&now_s)
+    .bind(build)
+    .bind(machine)
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() == 0 {
+        // A stale report (the attempt was retried meanwhile): the new attempt owns the build.
+        return Ok(false);
+    }
+    close_open_steps(tx, build, "skipped").await?;
+    insert_event(&mut **tx, machine, &now_s, "build_finished", &format!("{build} {result}")).await?;
+    notify::outbox(tx, build, "finished", &now_s).await?;
+    Ok(true)
+}
+
 async fn close_open_steps(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, build: BuildId, state: &str) -> Result<()> {
     sqlx::query("UPDATE steps SET state = ? WHERE build_id = ? AND state IN ('pending', 'running')")
         .bind(state)

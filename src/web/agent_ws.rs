@@ -32,11 +32,12 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::serve::{env_number, WarnEvery};
 use super::ApiError;
-use crate::agent::protocol::{AgentMsg, MasterMsg, Secret};
-use crate::agent::redact::redact_str;
+use crate::agent::protocol::{Ack, AgentMsg, MasterMsg, Secret};
+use crate::agent::reports::{Next, ReportStream};
 use crate::core::fleet::FleetEvent;
 use crate::core::MachineId;
-use crate::runtime::{new_token, token_hash, Input, Shared, MAX_LOG_BYTES};
+use crate::runtime::{new_token, token_hash, Input, Shared};
+use crate::store::{Applied, ReportEffect};
 
 /// An agent's socket, once upgraded.
 type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
@@ -219,6 +220,17 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     };
     // Authenticated: no longer a stranger.
     drop(stranger);
+    // A resumed agent sends only what follows what is stored of the build it speaks of.
+    let acked = match resumed {
+        Some(Some(build)) => match s.store.report_position(build).await {
+            Ok((seq, _)) => Some(Ack { build, seq }),
+            Err(e) => {
+                tracing::error!(machine, "cannot read how far build {build} is stored: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     let heartbeat_secs = (s.config.master.heartbeat_timeout.as_secs() / 3).max(1);
     let welcome = MasterMsg::Welcome {
         machine,
@@ -227,6 +239,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
         // Long enough to ride out a master restart; no longer than the master waits for a
         // busy machine, so an agent never builds on after its build was given to another.
         reconnect_secs: s.config.master.heartbeat_timeout.as_secs().max(1),
+        acked,
     };
     if !send(&mut socket, &welcome).await {
         return;
@@ -234,6 +247,8 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     tracing::info!(machine, %peer, resumed = resumed.is_some(), "agent connected");
     let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // Acknowledgements go out through the same writer as the loop's messages.
+    let acks = tx.clone();
     s.send(Input::AgentConnected { machine, conn, tx, resumed }).await;
 
     let (mut sink, mut stream) = socket.split();
@@ -265,6 +280,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     let mut last_alive = tokio::time::Instant::now();
     // Interruption notices already handled on this connection (agents repeat them).
     let mut notices = HashSet::new();
+    let mut heard = false;
     while let Some(frame) = stream.next().await {
         if frame.is_ok() && last_alive.elapsed() >= Duration::from_secs(1) {
             last_alive = tokio::time::Instant::now();
@@ -275,9 +291,23 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
-        match serde_json::from_str::<AgentMsg>(&text) {
-            Ok(msg) => handle(&s, machine, msg, &mut notices).await,
-            Err(e) => tracing::warn!(machine, "unreadable message from agent: {e}"),
+        if !heard {
+            heard = true;
+            // The agent speaks only once it has the Welcome: its resume token is now in use,
+            // and the one it came back with must never work again.
+            if let Err(e) = s.store.confirm_resume(machine, &new_hash).await {
+                tracing::error!(machine, "cannot retire the previous resume token: {e}");
+            }
+        }
+        let keep_going = match serde_json::from_str::<AgentMsg>(&text) {
+            Ok(msg) => handle(&s, machine, msg, &mut notices, &acks).await,
+            Err(e) => {
+                tracing::warn!(machine, "unreadable message from agent: {e}");
+                true
+            }
+        };
+        if !keep_going {
+            break;
         }
     }
     writer.abort();
@@ -285,36 +315,13 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     s.send(Input::AgentClosed { machine, conn }).await;
 }
 
-/// The secrets of `build` if it runs on `machine`; `None` if the agent speaks of a build it
-/// was not given (it is then ignored).
-fn secrets_for(s: &Shared, machine: MachineId, build: i64) -> Option<Vec<(String, String)>> {
+/// The report stream of `build` if it runs on `machine`; `None` if the agent speaks of a build
+/// it was not given, or no longer has (retried, cancelled, interrupted): such reports are
+/// acknowledged and ignored.
+fn reports_of(s: &Shared, machine: MachineId, build: i64) -> Option<Arc<tokio::sync::Mutex<ReportStream>>> {
     let running = s.running.lock().ok()?;
     let r = running.get(&build)?;
-    (r.machine == machine).then(|| r.secrets.clone())
-}
-
-/// What to do with a log chunk.
-enum LogVerdict {
-    /// Store it, scrubbed of these secrets.
-    Store(Vec<(String, String)>),
-    /// The build just reached its log limit: store a notice instead.
-    Truncate,
-    /// Not this machine's build, or past the limit.
-    Drop,
-}
-
-fn accept_log(s: &Shared, machine: MachineId, build: i64, len: usize) -> LogVerdict {
-    let Ok(mut running) = s.running.lock() else { return LogVerdict::Drop };
-    let Some(r) = running.get_mut(&build).filter(|r| r.machine == machine) else { return LogVerdict::Drop };
-    let before = r.log_bytes;
-    r.log_bytes = r.log_bytes.saturating_add(len);
-    if r.log_bytes <= MAX_LOG_BYTES {
-        LogVerdict::Store(r.secrets.clone())
-    } else if before <= MAX_LOG_BYTES {
-        LogVerdict::Truncate
-    } else {
-        LogVerdict::Drop
-    }
+    (r.machine == machine).then(|| r.reports.clone())
 }
 
 /// The agent says its machine is going away (spot interruption or rebalance recommendation):
@@ -352,52 +359,89 @@ async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, s
     s.send(Input::Fleet(FleetEvent::Interrupted { machine })).await;
 }
 
-async fn handle(s: &Shared, machine: MachineId, msg: AgentMsg, notices: &mut HashSet<String>) {
-    let now = s.now();
-    let result = match msg {
-        AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => Ok(()),
+/// Handles one message of an agent; `false` when the connection must end (it broke the
+/// report sequence: the agent sends everything again on a new connection).
+async fn handle(
+    s: &Shared,
+    machine: MachineId,
+    msg: AgentMsg,
+    notices: &mut HashSet<String>,
+    acks: &mpsc::UnboundedSender<MasterMsg>,
+) -> bool {
+    match msg {
+        AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => true,
         // Counted as a sign of life when it arrived (see `serve`).
-        AgentMsg::Heartbeat => Ok(()),
-        AgentMsg::StepStarted { build, step } => match secrets_for(s, machine, build) {
-            Some(_) => s.store.step_started(build, step as i64, now).await,
-            None => Ok(()),
-        },
-        AgentMsg::Log { build, step, text } => match accept_log(s, machine, build, text.len()) {
-            // The agent already scrubbed it; scrub again in case an agent is older or wrong.
-            LogVerdict::Store(secrets) => {
-                s.store.append_log(build, step as i64, &redact_str(&secrets, &text), now).await
-            }
-            LogVerdict::Truncate => {
-                let notice = format!("\n[paddock: log truncated at {} MiB]\n", MAX_LOG_BYTES / (1024 * 1024));
-                s.store.append_log(build, step as i64, &notice, now).await
-            }
-            LogVerdict::Drop => Ok(()),
-        },
-        AgentMsg::StepFinished { build, step, result, exit_code } => match secrets_for(s, machine, build) {
-            Some(_) => s.store.step_finished(build, step as i64, result.as_str(), exit_code, now).await,
-            None => Ok(()),
-        },
-        AgentMsg::BuildFinished { build, result } => {
-            if secrets_for(s, machine, build).is_none() {
-                tracing::warn!(machine, build, "agent reported a build it does not run; ignored");
-                return;
-            }
-            if let Ok(mut running) = s.running.lock() {
-                running.remove(&build);
-            }
-            let stored = s.store.finish_build(build, machine, result.as_str(), now).await;
-            tracing::info!(build, machine, result = result.as_str(), "build finished");
-            s.send(Input::Fleet(FleetEvent::BuildFinished { machine, build })).await;
-            stored.map(|_| ())
-        }
+        AgentMsg::Heartbeat => true,
         AgentMsg::Interrupted { kind, detail } => {
             interrupted(s, machine, &kind, &detail, notices).await;
-            Ok(())
+            true
         }
-    };
-    if let Err(e) = result {
-        tracing::error!(machine, "cannot store agent report: {e}");
+        report => match stored_report(s, machine, &report).await {
+            Ok(Some(ack)) => {
+                let _ = acks.send(MasterMsg::Ack(ack));
+                true
+            }
+            Ok(None) => true,
+            Err(Broken(why)) => {
+                tracing::warn!(machine, "{why}; closing the connection, the agent will send its reports again");
+                false
+            }
+        },
     }
+}
+
+/// A report sequence the agent broke.
+struct Broken(String);
+
+/// Stores one numbered report (once, in order); returns what to acknowledge, if anything.
+async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Result<Option<Ack>, Broken> {
+    let Some((build, seq)) = report.sequenced() else { return Ok(None) };
+    let Some(stream) = reports_of(s, machine, build) else {
+        if matches!(report, AgentMsg::BuildFinished { .. }) {
+            tracing::warn!(machine, build, "agent reported a build it does not run; ignored");
+        }
+        return Ok(Some(Ack { build, seq }));
+    };
+    let mut stream = stream.lock().await;
+    let (after, log) = match stream.accept(report) {
+        Next::Repeat { ack } => return Ok(Some(Ack { build, seq: ack })),
+        Next::OutOfOrder { expected } => {
+            return Err(Broken(format!("report {seq} of build {build} arrived where {expected} was due")))
+        }
+        Next::Hold => return Ok(None),
+        Next::Store { after, log } => (after, log),
+    };
+    let effect = match report {
+        AgentMsg::StepStarted { step, .. } => ReportEffect::StepStarted { step: *step as i64 },
+        AgentMsg::StepFinished { step, result, exit_code, .. } => {
+            ReportEffect::StepFinished { step: *step as i64, result: result.as_str(), exit_code: *exit_code }
+        }
+        AgentMsg::BuildFinished { result, .. } => ReportEffect::BuildFinished { machine, result: result.as_str() },
+        _ => ReportEffect::None,
+    };
+    let log = log.as_ref().map(|(step, text)| (*step as i64, text.as_str()));
+    match s.store.apply_report(build, after, seq, log, effect, s.now()).await {
+        Ok(Applied::Stored { .. }) => stream.stored(seq),
+        Ok(Applied::Stale { applied }) => {
+            tracing::info!(machine, build, seq, applied, "report already stored by another connection");
+            stream.resync(applied);
+            return Ok(Some(Ack { build, seq: applied }));
+        }
+        Err(e) => {
+            // Not acknowledged: the agent keeps it and sends it again after a reconnection.
+            tracing::error!(machine, build, seq, "cannot store agent report: {e}");
+            return Err(Broken(format!("report {seq} of build {build} could not be stored")));
+        }
+    }
+    drop(stream);
+    if let AgentMsg::BuildFinished { result, .. } = report {
+        if let Ok(mut running) = s.running.lock() {
+            running.remove(&build);
+        }
+        tracing::info!(build, machine, result = result.as_str(), "build finished");
+        s.send(Input::Fleet(FleetEvent::BuildFinished { machine, build })).await;
+    }
+    Ok(Some(Ack { build, seq }))
 }
 
 #[cfg(test)]
@@ -407,6 +451,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::agent::protocol::{BuildResult, StepResult};
     use crate::runtime::secrets::Secrets;
     use crate::store::Store;
 
@@ -473,31 +518,119 @@ mod tests {
         assert_eq!(events(&db, "interrupted").await, ["spot-interruption: terminate at 2026-11-24T20:00:00Z", ""]);
     }
 
+    /// Build `b` running on machine 7 with steps checkout and test, as the loop's `assign`
+    /// leaves it.
+    async fn running_build(s: &Shared) -> i64 {
+        let now = s.now();
+        let b = s.store.create_request("b", "app", "main", "abc", "force", "test", &[], now).await.expect("request");
+        let steps = ["checkout".to_string(), "test".to_string()];
+        assert!(s.store.start_build(b.id, 7, &steps, now).await.expect("start"));
+        let secrets = [("TOKEN".to_string(), "hunter2-secret".to_string())];
+        s.running.lock().expect("lock").insert(b.id, crate::runtime::RunningBuild::new(7, &secrets, 0, 0));
+        b.id
+    }
+
+    /// Feeds `msgs` through one connection's handler; returns the acknowledgements sent.
+    async fn feed(s: &Shared, msgs: &[AgentMsg]) -> Vec<u64> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut seen = HashSet::new();
+        for m in msgs {
+            assert!(handle(s, 7, m.clone(), &mut seen, &tx).await, "connection kept");
+        }
+        let mut acks = Vec::new();
+        while let Ok(MasterMsg::Ack(a)) = rx.try_recv() {
+            acks.push(a.seq);
+        }
+        acks
+    }
+
+    fn log(build: i64, seq: u64, step: usize, text: &str) -> AgentMsg {
+        AgentMsg::Log { build, seq, step, text: text.to_string() }
+    }
+
+    fn step_done(build: i64, seq: u64, step: usize) -> AgentMsg {
+        AgentMsg::StepFinished { build, seq, step, result: StepResult::Success, exit_code: Some(0) }
+    }
+
     #[tokio::test]
     async fn a_build_report_after_the_interruption_does_not_end_the_build() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (s, mut inbox, _db) = master(dir.path()).await;
-        let now = s.now();
-        let b = s.store.create_request("b", "app", "main", "abc", "force", "test", &[], now).await.expect("request");
-        assert!(s.store.start_build(b.id, 7, &["checkout".to_string()], now).await.expect("start"));
-        s.running
-            .lock()
-            .expect("lock")
-            .insert(b.id, crate::runtime::RunningBuild { machine: 7, secrets: Vec::new(), log_bytes: 0 });
-        let mut seen = HashSet::new();
+        let b = running_build(&s).await;
         // A shutdown kills the step; the agent says so first, then reports the killed build.
-        handle(&s, 7, AgentMsg::Interrupted { kind: "shutdown".into(), detail: "SIGTERM".into() }, &mut seen).await;
-        handle(
-            &s,
-            7,
-            AgentMsg::BuildFinished { build: b.id, result: crate::agent::protocol::BuildResult::Failure },
-            &mut seen,
-        )
-        .await;
+        let finished = AgentMsg::BuildFinished { build: b, seq: 1, result: BuildResult::Failure };
+        let shutdown = AgentMsg::Interrupted { kind: "shutdown".into(), detail: "SIGTERM".into() };
+        assert_eq!(feed(&s, &[shutdown, finished]).await, [1], "acknowledged, so the agent forgets it");
         assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::Interrupted { machine: 7 }))));
         assert!(inbox.try_recv().is_err(), "the build report was ignored");
-        let row = s.store.build(b.id).await.expect("build").expect("row");
+        let row = s.store.build(b).await.expect("build").expect("row");
         assert_eq!(row.state, "running", "left for the fleet's retry, not stored as a failure");
+    }
+
+    #[tokio::test]
+    async fn reports_sent_again_are_stored_once_and_a_split_secret_is_caught() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, mut inbox, _db) = master(dir.path()).await;
+        let b = running_build(&s).await;
+        let first = [
+            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
+            log(b, 2, 0, "cloned\n"),
+            step_done(b, 3, 0),
+            AgentMsg::StepStarted { build: b, seq: 4, step: 1 },
+            log(b, 5, 1, "token hunter2"),
+        ];
+        // The last log holds the start of a secret: not stored, not acknowledged yet.
+        assert_eq!(feed(&s, &first).await, [1, 2, 3, 4]);
+        // The connection dies; the agent sends everything unacknowledged again, and more. A
+        // master that died after storing 4 but before acknowledging it gets 4 again too.
+        let again = [
+            AgentMsg::StepStarted { build: b, seq: 4, step: 1 },
+            log(b, 5, 1, "token hunter2"),
+            log(b, 6, 1, "-secret ok\n"),
+            step_done(b, 7, 1),
+            AgentMsg::BuildFinished { build: b, seq: 8, result: BuildResult::Success },
+        ];
+        assert_eq!(feed(&s, &again).await, [4, 4, 6, 7, 8]);
+        assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
+        let row = s.store.build(b).await.expect("build").expect("row");
+        assert_eq!(row.state, "success");
+        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
+        assert_eq!(steps, ["success", "success"]);
+        assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::BuildFinished { machine: 7, .. }))));
+        // After the end, a straggler of the build is acknowledged and ignored.
+        assert_eq!(feed(&s, &[log(b, 9, 1, "late\n")]).await, [9]);
+        assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_the_reports_ends_the_connection_and_stores_nothing_past_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, _inbox, _db) = master(dir.path()).await;
+        let b = running_build(&s).await;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut seen = HashSet::new();
+        assert!(handle(&s, 7, AgentMsg::StepStarted { build: b, seq: 1, step: 0 }, &mut seen, &tx).await);
+        assert!(!handle(&s, 7, log(b, 3, 0, "skipped two\n"), &mut seen, &tx).await, "connection dropped");
+        assert_eq!(s.store.log(b).await.expect("log"), "");
+        assert_eq!(s.store.report_position(b).await.expect("position").0, 1);
+    }
+
+    #[tokio::test]
+    async fn a_build_is_never_a_success_while_a_step_has_no_result() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, _inbox, _db) = master(dir.path()).await;
+        let b = running_build(&s).await;
+        let msgs = [
+            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
+            step_done(b, 2, 0),
+            // Step 1's reports never came; the agent says success anyway.
+            AgentMsg::BuildFinished { build: b, seq: 3, result: BuildResult::Success },
+        ];
+        assert_eq!(feed(&s, &msgs).await, [1, 2, 3]);
+        let row = s.store.build(b).await.expect("build").expect("row");
+        assert_eq!(row.state, "exception");
+        let log = s.store.log(b).await.expect("log");
+        assert!(log.contains("step test reported no result"), "{log}");
     }
 
     #[tokio::test]

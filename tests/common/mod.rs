@@ -359,6 +359,51 @@ impl Bed {
         }
     }
 
+    /// The master's pid.
+    pub fn master_pid(&self) -> u32 {
+        self.master.as_ref().expect("master running").id()
+    }
+
+    /// Sends `signal` (e.g. `-STOP`) to the master without waiting.
+    pub fn signal_master(&self, signal: &str) {
+        let status = Command::new("kill").arg(signal).arg(self.master_pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Bytes received on the master's port but not yet read by the master (summed over its
+    /// established connections, from /proc/net/tcp{,6}): what a frozen master holds unread.
+    pub fn unread_bytes_at_master(&self) -> u64 {
+        let mut total = 0;
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                let (Some(local), Some(st), Some(queues)) = (cols.get(1), cols.get(3), cols.get(4)) else { continue };
+                let port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+                if port != Some(self.port) || *st != "01" {
+                    continue;
+                }
+                let rx = queues.split(':').nth(1).and_then(|q| u64::from_str_radix(q, 16).ok()).unwrap_or(0);
+                total += rx;
+            }
+        }
+        total
+    }
+
+    /// The stored log text of one step of a build, exactly (read with the `sqlite3` CLI).
+    pub fn step_log(&self, build: i64, step: i64) -> String {
+        let out = Command::new("sqlite3")
+            .arg(self.path().join("paddock.db"))
+            .arg(format!("SELECT hex(text) FROM log_chunks WHERE build_id = {build} AND step_idx = {step} ORDER BY id"))
+            .output()
+            .expect("sqlite3 must be installed to run these tests (apt-get install sqlite3)");
+        assert!(out.status.success(), "sqlite3: {}", String::from_utf8_lossy(&out.stderr));
+        let hex: String = String::from_utf8_lossy(&out.stdout).split_whitespace().collect();
+        let bytes: Vec<u8> =
+            (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()).collect();
+        String::from_utf8(bytes).expect("the log is UTF-8")
+    }
+
     /// Sends SIGTERM to the master without waiting.
     pub fn term_master(&self) {
         let m = self.master.as_ref().expect("master running");
