@@ -87,11 +87,6 @@ impl Bed {
         }
     }
 
-    /// The master's process id (while it runs).
-    pub fn master_pid(&self) -> u32 {
-        self.master.as_ref().expect("master running").id()
-    }
-
     /// The bed admin's API token (made at the first start).
     pub fn token(&self) -> &str {
         self.token.as_deref().expect("the bed's admin token is made when the master first starts")
