@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::{Error, InconsistentKeys, ServerConfig};
 
 use crate::config::TlsFiles;
 
@@ -38,7 +38,14 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .with_no_client_auth()
         // Checks that the key is the certificate's (rustls compares their public keys).
         .with_single_cert(certs, key)
-        .map_err(|e| pair_error(format!("they do not make a server identity: {e}")))?;
+        .map_err(|e| {
+            pair_error(match e {
+                Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => {
+                    "the private key is not the certificate's (their public keys differ)".into()
+                }
+                other => format!("they do not make a server identity: {other}"),
+            })
+        })?;
     // The listener speaks HTTP/1.1 only (WebSocket upgrades need it).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
