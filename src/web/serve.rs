@@ -53,10 +53,15 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// The listener's timeouts and cap (see the module's documentation for what each bounds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// For a request's head to arrive, from the connection's start or a pause's first byte.
     pub header_read: Duration,
+    /// Of a keep-alive pause, and of a response's silence.
     pub idle: Duration,
+    /// For a handler (reading the request's body included) to have its response head ready.
     pub request: Duration,
+    /// For a TLS handshake to end.
     pub tls_handshake: Duration,
+    /// Connections open at once, WebSockets included.
     pub max_connections: usize,
 }
 
@@ -417,7 +422,7 @@ impl Drop for Done {
 }
 
 /// A response body that tells the connection when it is done (by being dropped).
-pub struct Tracked {
+struct Tracked {
     body: Body,
     _done: Done,
 }
