@@ -69,7 +69,7 @@ fn read_response(s: &mut TcpStream) -> Option<String> {
 const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: paddock\r\n\r\n";
 
 #[test]
-fn slow_and_idle_connections_are_closed_and_agent_sockets_are_not() {
+fn slow_and_idle_connections_are_closed_and_long_lived_ones_are_not() {
     let mut bed = Bed::new(&[]);
     bed.config("", SLOW_BUILDER);
     bed.start_with_env(
@@ -124,13 +124,30 @@ fn slow_and_idle_connections_are_closed_and_agent_sockets_are_not() {
     fresh.write_all(HEALTHZ).expect("write");
     assert!(read_response(&mut fresh).expect("an answer").starts_with("HTTP/1.1 200"));
 
-    // An agent's socket lives through a build much longer than the idle timeout, with seconds
-    // between its heartbeats and the master's pings: WebSockets are not cut as idle.
+    // The live log of a build is followed to its end, longer than the request timeout and
+    // through a quiet step longer than the idle timeout: a stream is not cut.
     let rev = bed.commit("main", "a.txt", "x\n", "a change");
-    let build = bed.wait("the build", || {
-        bed.builds().into_iter().find(|b| b["revision"] == rev.as_str() && b["finished_at"].is_string())
+    let id = bed.wait("the build to start", || {
+        bed.builds()
+            .into_iter()
+            .find(|b| b["revision"] == rev.as_str() && b["state"] == "running")
+            .map(|b| b["id"].clone())
     });
+    let mut live = connect(&bed);
+    live.write_all(format!("GET /builds/{id}/log/stream HTTP/1.1\r\nHost: paddock\r\n\r\n").as_bytes()).expect("write");
+    let mut followed = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !String::from_utf8_lossy(&followed).contains("event: done") {
+        let n = live.read(&mut buf).expect("the live log stays open until the build is done");
+        assert!(n > 0, "the live log was closed before the build was done");
+        followed.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&followed).contains("built"), "the log came through the live stream");
+    let build = bed.get(&format!("/api/builds/{id}"));
     assert_eq!(build["state"], "success", "{build}");
+
+    // An agent's socket lived through it all, with seconds between its heartbeats and the
+    // master's pings: WebSockets are not cut as idle.
     let log = bed.log();
     assert_eq!(log.matches("agent connected").count(), 1, "one connection, never resumed:\n{log}");
     assert!(!log.contains("resumed=true"), "{log}");

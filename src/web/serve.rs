@@ -7,8 +7,9 @@
 //! - a keep-alive connection without a request is closed after [`Limits::idle`];
 //! - a handler, reading of the request's body included, must have its response head ready
 //!   within [`Limits::request`], else the client gets 408 and the connection is closed;
-//! - a response body then streams as long as it likes (a live log, a download) while bytes
-//!   move: one that moves none for [`Limits::idle`] (a client that stopped reading) is dropped;
+//! - a response body then streams as long as it likes (a live log, a download), unless the
+//!   client takes none of it for [`Limits::idle`] while the master has some to send (a client
+//!   that stopped reading): then it is dropped;
 //! - a TLS handshake must end within [`Limits::tls_handshake`];
 //! - a WebSocket upgrade leaves all of this behind (the agent socket has its own heartbeats) but
 //!   still counts against [`Limits::max_connections`] while it lives; past that many, a new
@@ -55,7 +56,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 pub struct Limits {
     /// For a request's head to arrive, from the connection's start or a pause's first byte.
     pub header_read: Duration,
-    /// Of a keep-alive pause, and of a response's silence.
+    /// Of a keep-alive pause, and of a client not taking the response being sent to it.
     pub idle: Duration,
     /// For a handler (reading the request's body included) to have its response head ready.
     pub request: Duration,
@@ -334,7 +335,7 @@ enum Phase {
     Head(Instant),
     /// A handler is running (bounded by the request timeout, not the watchdog).
     Handling,
-    /// The response's body is being sent: bytes must keep moving.
+    /// The response's body is being sent: the client must keep taking what is written.
     Responding,
     /// Keep-alive pause since then.
     Idle(Instant),
@@ -342,21 +343,20 @@ enum Phase {
     Upgraded,
 }
 
-/// A connection's phase and when its last byte moved, shared by its IO, its requests and its
-/// watchdog.
+/// What a connection's IO, its requests and its watchdog share: its phase, and since when a
+/// write has been waiting for the client to take bytes (`None` while writes go through).
 struct Activity {
-    state: Mutex<(Phase, Instant)>,
-    /// Wakes the watchdog when the phase changes (a deadline may have come closer).
+    state: Mutex<(Phase, Option<Instant>)>,
+    /// Wakes the watchdog when a deadline may have come closer.
     changed: Notify,
 }
 
 impl Activity {
     fn new() -> Arc<Activity> {
-        let now = Instant::now();
-        Arc::new(Activity { state: Mutex::new((Phase::Head(now), now)), changed: Notify::new() })
+        Arc::new(Activity { state: Mutex::new((Phase::Head(Instant::now()), None)), changed: Notify::new() })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Phase, Instant)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Phase, Option<Instant>)> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -370,27 +370,42 @@ impl Activity {
         }
     }
 
-    /// Bytes moved (`read`: arrived from the client).
-    fn moved(&self, read: bool) {
-        let now = Instant::now();
+    /// Bytes arrived from the client: after a keep-alive pause, a request head has begun.
+    fn read_some(&self) {
         let mut state = self.lock();
-        state.1 = now;
-        if read && matches!(state.0, Phase::Idle(_)) {
-            state.0 = Phase::Head(now);
+        if matches!(state.0, Phase::Idle(_)) {
+            state.0 = Phase::Head(Instant::now());
             drop(state);
             self.changed.notify_one();
         }
     }
 
+    /// A write (or flush) went through (`true`), or has to wait for the client (`false`).
+    fn wrote(&self, through: bool) {
+        let mut state = self.lock();
+        match (through, state.1) {
+            (true, _) => state.1 = None,
+            (false, Some(_)) => {}
+            (false, None) => {
+                state.1 = Some(Instant::now());
+                drop(state);
+                self.changed.notify_one();
+            }
+        }
+    }
+
     /// When the connection is to be closed if nothing changes, and why.
     fn deadline(&self, limits: &Limits) -> Option<(Instant, &'static str)> {
-        let (phase, last_moved) = *self.lock();
+        let (phase, blocked) = *self.lock();
         match phase {
             Phase::Head(since) => {
                 Some((since + limits.header_read, "no complete request head within the header timeout"))
             }
             Phase::Idle(since) => Some((since + limits.idle, "idle for the idle timeout")),
-            Phase::Responding => Some((last_moved + limits.idle, "the response moved no byte for the idle timeout")),
+            // A response with nothing to send (a quiet live log) waits as long as it likes.
+            Phase::Responding => {
+                blocked.map(|since| (since + limits.idle, "the client took none of the response for the idle timeout"))
+            }
             Phase::Handling | Phase::Upgraded => None,
         }
     }
@@ -467,7 +482,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.moved(true);
+            this.activity.read_some();
         }
         polled
     }
@@ -477,9 +492,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved(false);
-        }
+        this.activity.wrote(polled.is_ready());
         polled
     }
 
@@ -490,9 +503,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.moved(false);
-        }
+        this.activity.wrote(polled.is_ready());
         polled
     }
 
@@ -501,7 +512,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.activity.wrote(polled.is_ready());
+        polled
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -512,6 +526,30 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Serves `app` on one end of an in-memory pipe of `buffer` bytes within `limits`; the other
+    /// end, and the task that ends when the master lets the connection go.
+    fn pipe(app: Router, buffer: usize, limits: Limits) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(buffer);
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("permit");
+        let (stop, stopped) = watch::channel(false);
+        let peer: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let task = tokio::spawn(async move {
+            let _stop = stop;
+            http(Watched::new(server, permit), peer, app, limits, stopped).await
+        });
+        (client, task)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_none_of_its_response_is_let_go() {
+        let app = Router::new().route("/big", axum::routing::get(|| async { "x".repeat(4 << 20) }));
+        let limits = Limits { idle: Duration::from_millis(200), ..Limits::default() };
+        let (mut client, served) = pipe(app, 64 * 1024, limits);
+        client.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("request");
+        tokio::time::timeout(Duration::from_secs(60), served).await.expect("let go").expect("task");
+    }
 
     #[test]
     fn warnings_are_let_through_once_per_period_with_a_count() {
@@ -535,14 +573,23 @@ mod tests {
         let idle_since = Instant::now();
         a.set(Phase::Idle(idle_since));
         assert_eq!(a.deadline(&limits).map(|d| d.0), Some(idle_since + limits.idle));
-        a.moved(false);
+        a.wrote(true);
         assert_eq!(a.deadline(&limits).map(|d| d.0), Some(idle_since + limits.idle), "writing does not start a head");
-        a.moved(true);
+        a.read_some();
         let (at, why) = a.deadline(&limits).expect("head");
         assert!(
             at <= Instant::now() + limits.header_read && why.contains("head"),
             "a byte after a pause starts a head"
         );
+        a.set(Phase::Responding);
+        assert!(a.deadline(&limits).is_none(), "a response with nothing to send waits");
+        a.wrote(false);
+        let (blocked, why) = a.deadline(&limits).expect("a client that takes nothing");
+        assert!(why.contains("took none"), "{why}");
+        a.wrote(false);
+        assert_eq!(a.deadline(&limits).map(|d| d.0), Some(blocked), "still since the first refusal");
+        a.wrote(true);
+        assert!(a.deadline(&limits).is_none(), "the client took bytes again");
         a.set(Phase::Upgraded);
         a.set(Phase::Idle(Instant::now()));
         assert!(a.deadline(&limits).is_none(), "an upgraded connection stays upgraded");
