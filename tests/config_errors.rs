@@ -540,6 +540,47 @@ agent_command = "../bin/paddock"
 }
 
 #[test]
+fn tls_files_resolve_against_config_folder_and_need_an_https_url() {
+    let cfg =
+        parse("[master]\nurl = \"https://ci.example:8443\"\ntls_cert = \"tls/cert.pem\"\ntls_key = \"/srv/key.pem\"\n")
+            .unwrap();
+    let tls = cfg.master.tls.expect("tls");
+    assert_eq!(tls.cert, PathBuf::from("/etc/paddock/tls/cert.pem"));
+    assert_eq!(tls.key, PathBuf::from("/srv/key.pem"));
+    assert_eq!(cfg.master.listen, "ci.example:8443");
+    assert_eq!(parse("[master]\n").unwrap().master.tls, None);
+
+    let e = assert_err(
+        "[master]\nurl = \"https://ci.example\"\ntls_cert = \"cert.pem\"\n",
+        3,
+        12,
+        "`tls_cert` needs `tls_key` too",
+    );
+    assert!(e.hint.unwrap().contains("private key"));
+    assert_err(
+        "[master]\nurl = \"https://ci.example\"\ntls_key = \"key.pem\"\n",
+        3,
+        11,
+        "`tls_key` needs `tls_cert` too",
+    );
+    let e = assert_err(
+        "[master]\nurl = \"http://ci.example:8010\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        2,
+        7,
+        "`url` must start with https:// when `tls_cert` is set",
+    );
+    assert!(e.hint.unwrap().contains("agents and browsers follow `url`"));
+    // Without `url`, the default (http://) is what is wrong; the error points at the certificate.
+    assert_err("[master]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n", 2, 12, "`url` must start with https://");
+    assert_err(
+        "[master]\nurl = \"https://x\"\ntls_cert = \"\"\ntls_key = \"k.pem\"\n",
+        3,
+        12,
+        "`tls_cert` must not be empty",
+    );
+}
+
+#[test]
 fn defaults() {
     let cfg = parse("[[repo]]\nname = \"a\"\nurl = \"https://x/a.git\"\n\n[pool.p]\n").unwrap();
     let m = &cfg.master;

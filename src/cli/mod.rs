@@ -251,6 +251,7 @@ async fn dispatch(command: Command, preloaded: Option<crate::config::Config>) ->
         Command::CheckConfig { config } => {
             let cfg = load_config(&config)?;
             crate::notify::worker::check_ca_files(&cfg)?;
+            crate::web::tls::check(&cfg)?;
             print!("{}", crate::config::render_builders(&cfg));
             println!("{}: OK ({} builders)", config.display(), cfg.builders.len());
         }

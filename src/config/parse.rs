@@ -55,6 +55,8 @@ const MASTER_KEYS: &[&str] = &[
     "database",
     "state_dir",
     "secrets_file",
+    "tls_cert",
+    "tls_key",
     "github_secret_env",
     "heartbeat_timeout",
     "shutdown_grace",
@@ -303,6 +305,7 @@ fn default_master(base: &Path) -> Result<Master, Diag> {
         database: resolve_db(base, "sqlite://paddock.db"),
         state_dir: resolve(base, "paddock-state"),
         secrets_file: None,
+        tls: None,
         github_secret_env: "PADDOCK_GITHUB_SECRET".to_string(),
         cluster: "paddock".to_string(),
         reconcile_interval: Duration::from_secs(60),
@@ -340,6 +343,7 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
     if let Some(file) = f.opt_str("secrets_file")? {
         m.secrets_file = Some(resolve(base, &file.v));
     }
+    m.tls = parse_tls(&f, base, &m.url)?;
     if let Some(env) = f.opt_str("github_secret_env")? {
         if env.v.is_empty() {
             return Err(Diag::new(env.span, "`github_secret_env` must not be empty"));
@@ -395,6 +399,32 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
         })?;
     }
     Ok(m)
+}
+
+/// `tls_cert` and `tls_key`: both or neither; with them the master speaks only HTTPS, so `url`
+/// (what agents and browsers follow, and what makes session cookies `Secure`) must say https.
+fn parse_tls(f: &Fields, base: &Path, url: &str) -> Result<Option<TlsFiles>, Diag> {
+    let (cert, key) = match (f.opt_str("tls_cert")?, f.opt_str("tls_key")?) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(given), None) | (None, Some(given)) => {
+            let (have, missing) =
+                if f.get("tls_cert").is_some() { ("tls_cert", "tls_key") } else { ("tls_key", "tls_cert") };
+            return Err(Diag::new(given.span, format!("`{have}` needs `{missing}` too"))
+                .hint("the master serves HTTPS with both a certificate (tls_cert) and its private key (tls_key)"));
+        }
+    };
+    for (name, file) in [("tls_cert", &cert), ("tls_key", &key)] {
+        if file.v.is_empty() {
+            return Err(Diag::new(file.span.clone(), format!("`{name}` must not be empty")));
+        }
+    }
+    if !url.starts_with("https://") {
+        let span = f.get("url").map(|e| e.value.span.clone()).unwrap_or(cert.span.clone());
+        return Err(Diag::new(span, format!("`url` must start with https:// when `tls_cert` is set, not \"{url}\""))
+            .hint("with tls_cert and tls_key the master speaks only HTTPS; agents and browsers follow `url`"));
+    }
+    Ok(Some(TlsFiles { cert: resolve(base, &cert.v), key: resolve(base, &key.v) }))
 }
 
 /// `host:port` of an http(s) URL, with the scheme's default port when none is written.

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod faultproxy;
 pub mod moto;
 pub mod tls;
+pub mod tls_client;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +40,8 @@ pub struct Bed {
     pub http: reqwest::blocking::Client,
     starts: u32,
     token: Option<String>,
+    /// The CA of the master's certificate when it serves HTTPS (see [`Bed::serve_https`]).
+    pub ca: Option<PathBuf>,
 }
 
 fn run_git(dir: &Path, args: &[&str]) -> String {
@@ -91,7 +94,14 @@ impl Bed {
             http: blocking_client().timeout(Duration::from_secs(20)).build().expect("client"),
             starts: 0,
             token: None,
+            ca: None,
         }
+    }
+
+    /// Makes the bed's master an HTTPS one whose certificate `ca` signed: [`Bed::url`] says
+    /// https, and the bed waits for it over TLS (the config still needs `tls_cert`/`tls_key`).
+    pub fn serve_https(&mut self, ca: &Path) {
+        self.ca = Some(ca.to_path_buf());
     }
 
     /// The bed admin's API token (made at the first start).
@@ -200,7 +210,8 @@ impl Bed {
 
     /// The master's base URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Writes `paddock.toml`: a `[master]` section for this bed, a repo `app` at the test
@@ -250,8 +261,18 @@ impl Bed {
             cmd.env(k, v);
         }
         self.master = Some(cmd.spawn().expect("start master"));
-        self.wait("master /healthz", || {
-            self.http.get(format!("{}/healthz", self.url())).send().ok().filter(|r| r.status().is_success()).map(|_| ())
+        self.wait("master /healthz", || match &self.ca {
+            None => self
+                .http
+                .get(format!("{}/healthz", self.url()))
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ()),
+            Some(ca) => tls_client::https_get(self.port, ca, "/healthz", None)
+                .ok()
+                .filter(|r| r.starts_with("HTTP/1.1 200"))
+                .map(|_| ()),
         });
         for b in branches {
             let b = b.to_string();
