@@ -81,7 +81,7 @@ fn slow_and_idle_connections_are_closed_and_long_lived_ones_are_not() {
         ],
     );
     // The bed's own polling opens a connection per request: the idle timeout is not its business.
-    bed.http = reqwest::blocking::Client::builder()
+    bed.http = common::blocking_client()
         .timeout(Duration::from_secs(20))
         .pool_max_idle_per_host(0)
         .default_headers(
