@@ -1,7 +1,7 @@
 //! The master serving HTTPS itself (`[master] tls_cert`/`tls_key`), with a private CA made by
-//! the openssl CLI: agents of a local pool connect over wss and build; plain HTTP, clients that
-//! trust another CA and silent connections get nothing; a key that is not the certificate's
-//! stops both `check-config` and `run`.
+//! the openssl CLI: agents of a local pool connect over wss and build; the CLI reads it with
+//! the CA in `SSL_CERT_FILE`; plain HTTP, clients that trust another CA and silent connections
+//! get nothing; a key that is not the certificate's stops both `check-config` and `run`.
 
 mod common;
 
@@ -11,8 +11,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use common::tls::TestCa;
-use common::tls_client::{body, https_get};
 use common::{paddock_bin, Bed, DEADLINE};
 
 const ONE_BUILDER: &str = "[pool.local]\nmax_instances = 1\nidle_timeout = \"60s\"\nboot_timeout = \"60s\"\n\n\
@@ -40,8 +41,9 @@ fn read_until_closed(s: &mut TcpStream, what: &str) -> Vec<u8> {
     }
 }
 
-#[test]
-fn an_https_master_builds_with_agents_over_wss_and_serves_nothing_but_tls() {
+/// A bed whose master serves HTTPS with a certificate of a fresh test CA, its local agents
+/// trusting that CA, and one finished build of builder `b` (which echoes "built over tls").
+fn an_https_master_with_a_build() -> (Bed, TestCa, Value) {
     let mut bed = Bed::new(&[]);
     let pki = bed.path().join("pki");
     std::fs::create_dir_all(&pki).expect("mkdir");
@@ -54,17 +56,34 @@ fn an_https_master_builds_with_agents_over_wss_and_serves_nothing_but_tls() {
 
     let rev = bed.commit("main", "a.txt", "x\n", "a change");
     let build = bed.wait("the build over wss", || {
-        let resp = https_get(bed.port, &ca.ca, "/api/builds", Some(bed.token())).ok()?;
-        let builds: serde_json::Value = serde_json::from_str(&body(&resp)).ok()?;
-        builds["builds"]
-            .as_array()?
-            .iter()
-            .find(|b| b["revision"] == rev.as_str() && b["finished_at"].is_string())
-            .cloned()
+        bed.builds().into_iter().find(|b| b["revision"] == rev.as_str() && b["finished_at"].is_string())
     });
+    (bed, ca, build)
+}
+
+/// Another CA, by another name (a same-named one would be taken for an impostor of the first:
+/// a bad signature rather than an unknown issuer).
+fn another_ca(bed: &Bed) -> TestCa {
+    let dir = bed.path().join("other-pki");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    TestCa::make_named(&dir, "Another test CA")
+}
+
+#[test]
+fn an_https_master_builds_with_agents_over_wss_and_serves_nothing_but_tls() {
+    let (bed, _, build) = an_https_master_with_a_build();
+    assert!(bed.url().starts_with("https://"), "{}", bed.url());
     assert_eq!(build["state"], "success", "{build}");
-    let log = https_get(bed.port, &ca.ca, &format!("/api/builds/{}/log", build["id"]), Some(bed.token())).expect("log");
-    assert!(body(&log).contains("built over tls"), "{log}");
+    let log = bed
+        .http
+        .get(format!("{}/api/builds/{}/log", bed.url(), build["id"]))
+        .send()
+        .expect("log")
+        .error_for_status()
+        .expect("log")
+        .text()
+        .expect("log");
+    assert!(log.contains("built over tls"), "{log}");
 
     // Plain HTTP on the TLS port: no HTTP answer, the connection is closed.
     let mut plain = TcpStream::connect(("127.0.0.1", bed.port)).expect("connect");
@@ -73,31 +92,83 @@ fn an_https_master_builds_with_agents_over_wss_and_serves_nothing_but_tls() {
     assert!(!answer.starts_with(b"HTTP/"), "{}", String::from_utf8_lossy(&answer));
 
     // A client that trusts another CA refuses the master's certificate.
-    let other_dir = bed.path().join("other-pki");
-    std::fs::create_dir_all(&other_dir).expect("mkdir");
-    let other = TestCa::make(&other_dir);
-    let refused = https_get(bed.port, &other.ca, "/healthz", None).expect_err("a certificate of an unknown CA");
-    assert!(refused.contains("certificate") || refused.contains("UnknownIssuer"), "{refused}");
+    let other = another_ca(&bed);
+    let refused = Bed::client_trusting(None, Some(&other.ca))
+        .get(format!("{}/healthz", bed.url()))
+        .send()
+        .expect_err("a certificate of an unknown CA");
+    let refused = paddock::tls::error_chain(&refused);
+    assert!(refused.contains("invalid peer certificate") && refused.contains("UnknownIssuer"), "{refused}");
 
     // A connection that never starts its handshake is closed after the handshake timeout.
     let mut silent = TcpStream::connect(("127.0.0.1", bed.port)).expect("connect");
     assert!(read_until_closed(&mut silent, "a silent TLS connection").is_empty());
 
     // And the master still serves HTTPS.
-    let health = https_get(bed.port, &ca.ca, "/healthz", None).expect("healthz");
-    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let health = bed.http.get(format!("{}/healthz", bed.url())).send().expect("healthz");
+    assert!(health.status().is_success(), "{}", health.status());
 }
 
-/// Runs `paddock ARGS` in `dir`; its exit status and stderr, killing it past [`DEADLINE`].
-fn paddock(dir: &Path, args: &[&str]) -> (bool, String) {
-    let mut child = Command::new(paddock_bin())
-        .args(args)
+#[test]
+fn the_cli_reads_an_https_master_whose_ca_is_in_ssl_cert_file_and_refuses_another() {
+    let (bed, ca, build) = an_https_master_with_a_build();
+    assert_eq!(build["state"], "success", "{build}");
+    let url = bed.url();
+    let id = build["id"].to_string();
+    let cli = |args: &[&str], ca: &Path| {
+        let ca = ca.display().to_string();
+        paddock_with(bed.path(), args, &[("PADDOCK_TOKEN", bed.token()), ("SSL_CERT_FILE", &ca)])
+    };
+
+    let (ok, out, err) = cli(&["builds", "--master", &url], &ca.ca);
+    assert!(ok, "paddock builds: {err}");
+    let revision: String = build["revision"].as_str().expect("revision").chars().take(10).collect();
+    let listed = out.lines().any(|line| {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        cells.get(..5) == Some(&[id.as_str(), "b", "main", revision.as_str(), "success"][..])
+    });
+    assert!(listed, "build {id} of b, a success, is not in:\n{out}");
+
+    let (ok, out, err) = cli(&["log", &id, "--master", &url], &ca.ca);
+    assert!(ok, "paddock log: {err}");
+    assert!(out.contains("built over tls"), "{out}");
+
+    let other = another_ca(&bed);
+    let (ok, out, err) = cli(&["builds", "--master", &url], &other.ca);
+    assert!(!ok, "paddock builds trusted a master whose CA it does not know: {out}");
+    assert!(err.contains(&format!("cannot reach the master at {url}")), "{err}");
+    assert!(err.contains("invalid peer certificate") && err.contains("UnknownIssuer"), "{err}");
+}
+
+/// Runs `paddock ARGS` in `dir` with `env` added (and no `SSL_CERT_DIR`, `PADDOCK_MASTER` or
+/// `PADDOCK_TOKEN` of the test's own); whether it succeeded, its stdout and its stderr,
+/// killing it past [`DEADLINE`].
+fn paddock_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(paddock_bin());
+    cmd.args(args)
         .current_dir(dir)
+        .env_remove("SSL_CERT_DIR")
+        .env_remove("PADDOCK_MASTER")
+        .env_remove("PADDOCK_TOKEN")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run paddock");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run paddock");
+    // Both pipes are read while it runs: a full pipe would stall it.
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                p.read_to_string(&mut text).expect("read output");
+            }
+            text
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -109,9 +180,13 @@ fn paddock(dir: &Path, args: &[&str]) -> (bool, String) {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut stderr = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr");
-    (status.success(), stderr)
+    (status.success(), stdout.join().expect("stdout"), stderr.join().expect("stderr"))
+}
+
+/// Runs `paddock ARGS` in `dir`; its exit status and stderr.
+fn paddock(dir: &Path, args: &[&str]) -> (bool, String) {
+    let (ok, _, stderr) = paddock_with(dir, args, &[]);
+    (ok, stderr)
 }
 
 #[test]

@@ -7,7 +7,6 @@ pub mod boot;
 pub mod faultproxy;
 pub mod moto;
 pub mod tls;
-pub mod tls_client;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -98,10 +97,12 @@ impl Bed {
         }
     }
 
-    /// Makes the bed's master an HTTPS one whose certificate `ca` signed: [`Bed::url`] says
-    /// https, and the bed waits for it over TLS (the config still needs `tls_cert`/`tls_key`).
+    /// Makes the bed's master an HTTPS one whose certificate `ca` signed: [`Bed::url`] (and so
+    /// the config's `[master] url`) says https, and [`Bed::http`] trusts `ca` alone (the config
+    /// still needs `tls_cert`/`tls_key`).
     pub fn serve_https(&mut self, ca: &Path) {
         self.ca = Some(ca.to_path_buf());
+        self.http = Bed::client_trusting(self.token.as_deref(), Some(ca));
     }
 
     /// The bed admin's API token (made at the first start).
@@ -138,8 +139,14 @@ impl Bed {
         self.host_cli(&["token", "create", name, "--name", "tests"], "").trim().to_string()
     }
 
-    /// An HTTP client that sends `token` (none: anonymous).
+    /// An HTTP client that sends `token` (none: anonymous), trusting the system's CAs.
     pub fn client(token: Option<&str>) -> reqwest::blocking::Client {
+        Bed::client_trusting(token, None)
+    }
+
+    /// An HTTP client that sends `token` (none: anonymous) and, given a CA file, trusts only
+    /// the certificates in it (else the system's CAs).
+    pub fn client_trusting(token: Option<&str>, ca: Option<&Path>) -> reqwest::blocking::Client {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(t) = token {
             headers.insert(
@@ -147,7 +154,15 @@ impl Bed {
                 reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
             );
         }
-        blocking_client()
+        let tls = match ca {
+            Some(ca) => {
+                let roots = paddock::tls::read_ca_file(ca).expect("the test CA file");
+                paddock::tls::client_config(Some(&roots)).expect("TLS client settings")
+            }
+            None => paddock::tls::client_config(None).expect("TLS client settings"),
+        };
+        reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls)
             .timeout(Duration::from_secs(20))
             .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
@@ -245,7 +260,7 @@ impl Bed {
         self.starts += 1;
         if self.token.is_none() {
             let token = self.add_user("bed-admin", "admin", "bed-admin-password");
-            self.http = Bed::client(Some(&token));
+            self.http = Bed::client_trusting(Some(&token), self.ca.as_deref());
             self.token = Some(token);
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.master_log).expect("log");
@@ -261,18 +276,8 @@ impl Bed {
             cmd.env(k, v);
         }
         self.master = Some(cmd.spawn().expect("start master"));
-        self.wait("master /healthz", || match &self.ca {
-            None => self
-                .http
-                .get(format!("{}/healthz", self.url()))
-                .send()
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ()),
-            Some(ca) => tls_client::https_get(self.port, ca, "/healthz", None)
-                .ok()
-                .filter(|r| r.starts_with("HTTP/1.1 200"))
-                .map(|_| ()),
+        self.wait("master /healthz", || {
+            self.http.get(format!("{}/healthz", self.url())).send().ok().filter(|r| r.status().is_success()).map(|_| ())
         });
         for b in branches {
             let b = b.to_string();
