@@ -198,7 +198,7 @@ fn main() {
     }));
     let addr = rt.block_on(ready_rx).expect("master ready");
     let base = format!("http://{addr}");
-    let http = reqwest::Client::new();
+    let http = paddock::tls::http_client(None).expect("HTTP client");
     let newest: serde_json::Value = rt.block_on(async {
         http.get(format!("{base}/api/builds?limit=1"))
             .bearer_auth(&token)

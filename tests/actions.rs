@@ -197,7 +197,7 @@ fn a_live_log_left_open_does_not_hold_up_the_shutdown() {
     let url = format!("{}/builds/{queued}/log/stream", bed.url());
     let (open_tx, open_rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
-        let resp = reqwest::blocking::Client::builder().build().expect("client").get(url).send().expect("stream");
+        let resp = common::blocking_client().build().expect("client").get(url).send().expect("stream");
         assert_eq!(resp.status().as_u16(), 200);
         let _ = open_tx.send(());
         resp.text().unwrap_or_default()

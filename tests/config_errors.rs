@@ -289,6 +289,19 @@ fn bad_cluster_and_reconcile_interval() {
 }
 
 #[test]
+fn log_format_is_text_or_json() {
+    let e =
+        assert_err("[master]\nlog_format = \"yaml\"\n", 2, 14, "`log_format` must be one of text, json, not \"yaml\"");
+    assert!(e.hint.unwrap().contains("--log-format"));
+    assert_err("[master]\nlog_format = \"JSON\"\n", 2, 14, "`log_format` must be one of text, json");
+    assert_err("[master]\nlog_format = 1\n", 2, 14, "log_format");
+    let format = |text: &str| parse(&format!("{text}{BASE}")).expect("parses").master.log_format;
+    assert_eq!(format("[master]\nlog_format = \"json\"\n"), paddock::logging::LogFormat::Json);
+    assert_eq!(format("[master]\nlog_format = \"text\"\n"), paddock::logging::LogFormat::Text);
+    assert_eq!(format(""), paddock::logging::LogFormat::Text);
+}
+
+#[test]
 fn ec2_pool_parses_every_setting() {
     let text = r#"[master]
 cluster = "prod"
@@ -524,6 +537,47 @@ agent_command = "../bin/paddock"
     assert_eq!(cfg.repo("ssh").unwrap().url, "git@github.com:me/ssh.git");
     assert_eq!(cfg.repo("file").unwrap().url, "file:///srv/git/file.git");
     assert_eq!(cfg.pool("p").unwrap().agent_command, Some(PathBuf::from("/etc/paddock/../bin/paddock")));
+}
+
+#[test]
+fn tls_files_resolve_against_config_folder_and_need_an_https_url() {
+    let cfg =
+        parse("[master]\nurl = \"https://ci.example:8443\"\ntls_cert = \"tls/cert.pem\"\ntls_key = \"/srv/key.pem\"\n")
+            .unwrap();
+    let tls = cfg.master.tls.expect("tls");
+    assert_eq!(tls.cert, PathBuf::from("/etc/paddock/tls/cert.pem"));
+    assert_eq!(tls.key, PathBuf::from("/srv/key.pem"));
+    assert_eq!(cfg.master.listen, "ci.example:8443");
+    assert_eq!(parse("[master]\n").unwrap().master.tls, None);
+
+    let e = assert_err(
+        "[master]\nurl = \"https://ci.example\"\ntls_cert = \"cert.pem\"\n",
+        3,
+        12,
+        "`tls_cert` needs `tls_key` too",
+    );
+    assert!(e.hint.unwrap().contains("private key"));
+    assert_err(
+        "[master]\nurl = \"https://ci.example\"\ntls_key = \"key.pem\"\n",
+        3,
+        11,
+        "`tls_key` needs `tls_cert` too",
+    );
+    let e = assert_err(
+        "[master]\nurl = \"http://ci.example:8010\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        2,
+        7,
+        "`url` must start with https:// when `tls_cert` is set",
+    );
+    assert!(e.hint.unwrap().contains("agents and browsers follow `url`"));
+    // Without `url`, the default (http://) is what is wrong; the error points at the certificate.
+    assert_err("[master]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n", 2, 12, "`url` must start with https://");
+    assert_err(
+        "[master]\nurl = \"https://x\"\ntls_cert = \"\"\ntls_key = \"k.pem\"\n",
+        3,
+        12,
+        "`tls_cert` must not be empty",
+    );
 }
 
 #[test]
@@ -810,7 +864,8 @@ fn notifiers_are_checked_where_they_are_written() {
             api_url: "https://api.github.com".into(),
             token_env: "T".into(),
             repository: None,
-            context: "paddock/{builder}".into()
+            context: "paddock/{builder}".into(),
+            ca_file: None,
         }
     );
     assert_eq!(gh.notifiers[0].events, vec![config::NotifyOn::Started, config::NotifyOn::Finished]);
@@ -821,8 +876,62 @@ fn notifiers_are_checked_where_they_are_written() {
     let n = &ok.notifiers[0];
     assert_eq!(n.name, "ops");
     assert_eq!(n.events, vec![config::NotifyOn::Transition, config::NotifyOn::Started]);
-    assert_eq!(n.kind, config::NotifierKind::Webhook { url: "https://x/h".into(), secret_env: Some("S".into()) });
+    assert_eq!(
+        n.kind,
+        config::NotifierKind::Webhook { url: "https://x/h".into(), secret_env: Some("S".into()), ca_file: None }
+    );
     assert_eq!(n.builders, vec!["u*".to_string()]);
+}
+
+#[test]
+fn https_notifiers_take_a_ca_file_and_plain_ones_refuse_it() {
+    // BASE is lines 1-6; [[notifier]] is line 8, its keys from line 9.
+    let n = |rest: &str| format!("{BASE}\n[[notifier]]\n{rest}");
+    let valid =
+        |rest: &str| parse(&format!("{BASE}{BUILDER}\n[[notifier]]\n{rest}")).expect("valid").notifiers[0].clone();
+    // The path is relative to the config's folder.
+    let hook = valid("kind = \"webhook\"\nurl = \"https://hooks.internal/p\"\nca_file = \"certs/ca.pem\"\n");
+    assert_eq!(
+        hook.kind,
+        config::NotifierKind::Webhook {
+            url: "https://hooks.internal/p".into(),
+            secret_env: None,
+            ca_file: Some(PathBuf::from("/etc/paddock/certs/ca.pem")),
+        }
+    );
+    let gh = valid("kind = \"github\"\ntoken_env = \"T\"\napi_url = \"https://ghe.internal/api/v3\"\nca_file = \"/etc/ssl/ghe.pem\"\n");
+    assert!(matches!(
+        &gh.kind,
+        config::NotifierKind::GitHub { ca_file: Some(p), .. } if p == Path::new("/etc/ssl/ghe.pem")
+    ));
+    // The default API is https too.
+    let gh = valid("kind = \"github\"\ntoken_env = \"T\"\nca_file = \"ca.pem\"\n");
+    assert!(matches!(&gh.kind, config::NotifierKind::GitHub { ca_file: Some(_), .. }));
+
+    let e = assert_err(
+        &n("kind = \"webhook\"\nurl = \"http://hooks.internal/p\"\nca_file = \"ca.pem\"\n"),
+        11,
+        11,
+        "`ca_file` has no use with an http:// `url`",
+    );
+    assert!(e.hint.as_deref().is_some_and(|h| h.contains("https://")), "{e}");
+    assert_err(
+        &n("kind = \"github\"\ntoken_env = \"T\"\napi_url = \"http://ghe.internal/api/v3\"\nca_file = \"ca.pem\"\n"),
+        12,
+        11,
+        "`ca_file` has no use with an http:// `api_url`",
+    );
+    assert_err(&n("kind = \"webhook\"\nurl = \"https://h/p\"\nca_file = \"\"\n"), 11, 11, "must not be empty");
+    // A URL that cannot be sent to is heard at start.
+    assert_err(&n("kind = \"webhook\"\nurl = \"https://exa mple.com/p\"\n"), 10, 7, "`url` is not a valid URL");
+    assert_err(&n("kind = \"webhook\"\nurl = \"https://\"\n"), 10, 7, "`url` is not a valid URL");
+    assert_err(&n("kind = \"webhook\"\nurl = \"hooks.internal/p\"\n"), 10, 7, "http:// or https://");
+    assert_err(
+        &n("kind = \"github\"\ntoken_env = \"T\"\napi_url = \"https://ghe:99999/api\"\n"),
+        11,
+        11,
+        "`api_url` is not a valid URL",
+    );
 }
 
 #[test]

@@ -24,8 +24,21 @@ pub const MACHINE_KEY_ENV: &str = "PADDOCK_MACHINE_KEY";
 pub const TOKEN_ENV: &str = "PADDOCK_AGENT_TOKEN";
 
 /// The only variables of the master's environment that a local machine inherits.
-pub const PASSED_ENV: &[&str] =
-    &["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM"];
+pub const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
 
 /// Starts agents as local child processes.
 #[derive(Debug, Clone)]

@@ -96,6 +96,9 @@ pub enum ImdsError {
     /// The HTTP client could not be set up.
     #[error("cannot set up the metadata client: {0}")]
     Client(#[source] reqwest::Error),
+    /// Its TLS settings could not be made.
+    #[error("cannot set up the metadata client: {0}")]
+    Tls(#[source] crate::tls::TlsError),
     /// No answer: not on EC2, IMDS disabled, or a hop limit too low.
     #[error("metadata service unreachable: {0}")]
     Unreachable(#[source] reqwest::Error),
@@ -181,7 +184,9 @@ impl std::fmt::Debug for ImdsClient {
 impl ImdsClient {
     /// A client for the service at `base` (e.g. `http://169.254.169.254`).
     pub fn new(base: &str) -> Result<Self, ImdsError> {
-        let http = reqwest::Client::builder()
+        // Plain HTTP to a link-local address: no CA is trusted for https.
+        let http = crate::tls::http_builder(Some(&[]))
+            .map_err(ImdsError::Tls)?
             // A proxy from the environment must not see (or answer for) link-local metadata.
             .no_proxy()
             .connect_timeout(CONNECT_TIMEOUT)

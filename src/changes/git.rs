@@ -15,6 +15,8 @@ use globset::{GlobBuilder, GlobSetBuilder};
 use serde::Serialize;
 use tokio::process::Command;
 
+use super::refname::{self, RefError};
+
 /// How long `git ls-remote` may take before we give up (a remote that hangs must not stall polls).
 pub const LS_REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long any other git command may take; generous because a first fetch clones everything.
@@ -83,6 +85,9 @@ pub enum GitError {
         /// Its value (credentials in URLs redacted).
         value: String,
     },
+    /// A branch name git's own rules refuse (see [`refname`]).
+    #[error(transparent)]
+    BadRef(#[from] RefError),
 }
 
 /// Replace the user-info part of URLs (`https://user:token@host/..`) so errors and logs never
@@ -194,8 +199,10 @@ pub async fn ls_remote(url: &str) -> Result<BTreeMap<String, String>, GitError> 
             continue;
         };
         // Only plain branches; `--heads` already filters, this guards against odd servers.
+        // A null id is what git advertises for a ref it cannot read (a broken loose ref): not
+        // a head anyone can fetch.
         if let Some(branch) = name.strip_prefix("refs/heads/") {
-            if is_hex_sha(sha) {
+            if is_hex_sha(sha) && !sha.bytes().all(|b| b == b'0') {
                 heads.insert(branch.to_string(), sha.to_string());
             }
         }
@@ -205,7 +212,7 @@ pub async fn ls_remote(url: &str) -> Result<BTreeMap<String, String>, GitError> 
 
 /// True if `s` looks like a full SHA-1 or SHA-256 object id.
 fn is_hex_sha(s: &str) -> bool {
-    (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
+    refname::is_full_hex_id(s)
 }
 
 /// True if any of `patterns` matches `branch`; `*` does not cross `/` (`stable/*` matches
@@ -435,18 +442,10 @@ impl Mirror {
     }
 }
 
-/// Refuse branch names that would change the meaning of a refspec or look like an option.
+/// Refuse branch names git would refuse, so none changes the meaning of a refspec, looks like
+/// an option or escapes `refs/heads/`.
 fn check_branch(branch: &str) -> Result<(), GitError> {
-    let bad = branch.is_empty()
-        || branch.starts_with('-')
-        || branch
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | '*' | '^' | '~' | '?' | '[' | '\\'))
-        || branch.contains("..");
-    if bad {
-        return Err(GitError::InvalidArgument { what: "branch", value: branch.to_string() });
-    }
-    Ok(())
+    Ok(refname::check_branch("branch", branch)?)
 }
 
 /// Parse `git log -z` output in [`LOG_FORMAT`] into commits (files empty) and parent lists.
@@ -496,6 +495,9 @@ pub struct PollResult {
     pub first_seen: Vec<String>,
     /// Branches in `known` that no longer exist upstream (or no longer match).
     pub deleted: Vec<String>,
+    /// Matching branches the remote advertised under names git's rules refuse, skipped: why,
+    /// with the name escaped (a hostile server's advertisement is not git's local check).
+    pub refused: Vec<String>,
 }
 
 /// Poll the mirror's remote once.
@@ -515,8 +517,12 @@ pub async fn poll(
     let mut result = PollResult::default();
     let mut changed = Vec::new();
     for (branch, sha) in remote {
-        // Branch names git would accept but we refuse in refspecs are skipped, not fatal.
-        if !branch_matches(branch_patterns, &branch) || check_branch(&branch).is_err() {
+        if !branch_matches(branch_patterns, &branch) {
+            continue;
+        }
+        // Skipped, not fatal: one bad name must not stop the other branches' builds.
+        if let Err(e) = refname::check_branch("branch", &branch) {
+            result.refused.push(e.to_string());
             continue;
         }
         match known.get(&branch) {
@@ -589,5 +595,7 @@ mod tests {
         assert!(check_branch("a:b").is_err());
         assert!(check_branch("a b").is_err());
         assert!(check_branch("a..b").is_err());
+        assert!(check_branch("a\nb").is_err());
+        assert!(check_branch("../../x").is_err());
     }
 }

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::git::CommitInfo;
+use super::refname::{self, RefError};
 
 /// Why a webhook delivery was refused. Display never includes the secret or the signature.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +28,9 @@ pub enum WebhookError {
     /// The body is not a push payload we understand.
     #[error("malformed payload: {0}")]
     Malformed(String),
+    /// The pushed branch's name is one git would refuse (a newline, `..`, a leading `-`, …).
+    #[error("{0}")]
+    BadRef(#[from] RefError),
 }
 
 /// Check GitHub's `X-Hub-Signature-256` header (`sha256=<hex>`) against `body`, in constant time.
@@ -121,6 +125,13 @@ fn nonempty(s: Option<String>) -> Option<String> {
 impl RawCommit {
     fn into_commit(self) -> Result<CommitInfo, WebhookError> {
         let revision = nonempty(self.id).ok_or_else(|| WebhookError::Malformed("commit without id".into()))?;
+        // GitHub sends full object ids; anything else must not reach git as a revision.
+        if !refname::is_full_hex_id(&revision) {
+            return Err(WebhookError::Malformed(format!(
+                "commit id {} is not a hex object id",
+                refname::shown(&revision)
+            )));
+        }
         let ts = self.timestamp.unwrap_or_default();
         let committed_at = DateTime::parse_from_rfc3339(&ts)
             .map_err(|_| WebhookError::Malformed(format!("commit {revision}: bad timestamp")))?
@@ -147,7 +158,18 @@ pub fn parse_push(body: &[u8]) -> Result<PushEvent, WebhookError> {
     let git_ref = raw.git_ref.ok_or_else(|| WebhookError::Malformed("missing ref".into()))?;
     let after = raw.after.ok_or_else(|| WebhookError::Malformed("missing after".into()))?;
     let repo = raw.repository.ok_or_else(|| WebhookError::Malformed("missing repository".into()))?;
-    let branch = git_ref.strip_prefix("refs/heads/").filter(|b| !b.is_empty()).map(str::to_string);
+    if !refname::is_full_hex_id(&after) {
+        return Err(WebhookError::Malformed(format!("`after` {} is not a hex object id", refname::shown(&after))));
+    }
+    // Tags and other refs are not built (the handler ignores them); a branch must be one git
+    // would accept, so no name forges a log line or reaches git as an option or a path.
+    let branch = match git_ref.strip_prefix("refs/heads/") {
+        Some(b) => {
+            refname::check_branch("ref", b).map_err(|e| RefError { shown: refname::shown(&git_ref), ..e })?;
+            Some(b.to_string())
+        }
+        None => None,
+    };
     let deleted = raw.deleted.unwrap_or(false) || (!after.is_empty() && after.bytes().all(|b| b == b'0'));
     let created = raw.created.unwrap_or(false);
     let repo_names = [repo.clone_url, repo.html_url, repo.ssh_url, repo.git_url, repo.full_name, repo.name]
@@ -400,6 +422,29 @@ mod tests {
         // A new branch with no new commits is recorded, not built.
         let created = body.replace(r#""created": false"#, r#""created": true"#);
         assert!(parse_push(created.as_bytes()).unwrap().commits.is_empty());
+    }
+
+    #[test]
+    fn hostile_branch_names_and_ids_are_refused() {
+        for git_ref in
+            ["refs/heads/main\nINFO forged", "refs/heads/../../x", "refs/heads/-x", "refs/heads/", "refs/heads/a b"]
+        {
+            let body = push_payload().replace("refs/heads/stable/5.2.x", &git_ref.replace('\n', "\\n"));
+            let err = parse_push(body.as_bytes()).expect_err(git_ref);
+            assert!(matches!(err, WebhookError::BadRef(_)), "{git_ref:?}: {err:?}");
+            let text = err.to_string();
+            assert!(text.starts_with("ref \"refs/heads/") && !text.contains('\n'), "{text}");
+        }
+        let id = "2".repeat(40);
+        for bad in ["--upload-pack=touch /tmp/pwned", "2222", "main"] {
+            let body = push_payload().replace(&id, bad);
+            assert!(matches!(parse_push(body.as_bytes()), Err(WebhookError::Malformed(_))), "{bad}");
+        }
+        let body = push_payload().replace(&"3".repeat(40), "HEAD");
+        assert!(matches!(parse_push(body.as_bytes()), Err(WebhookError::Malformed(_))));
+        // Other refs are not branches: ignored, not refused.
+        let body = push_payload().replace("refs/heads/stable/5.2.x", "refs/pull/1/head");
+        assert_eq!(parse_push(body.as_bytes()).expect("parsed").branch, None);
     }
 
     #[test]

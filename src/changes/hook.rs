@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use super::refname;
+
 /// Body of the generic change hook. Extra fields are ignored so senders may add their own.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ChangeHook {
@@ -22,7 +24,7 @@ pub struct ChangeHook {
     pub files: Option<Vec<String>>,
 }
 
-/// Longest repo, branch or revision we accept; longer is surely not a real name.
+/// Longest repository name we accept; longer is surely not a real one.
 const MAX_LEN: usize = 1024;
 
 impl ChangeHook {
@@ -33,7 +35,8 @@ impl ChangeHook {
         Ok(hook)
     }
 
-    /// Check the fields: non-empty, branch a valid ref name, revision a hex sha or ref name.
+    /// Check the fields: `repo` non-empty, `branch` a valid branch name and `revision` a hex
+    /// object id or ref name (see [`super::refname`]).
     pub fn validate(&self) -> Result<(), String> {
         let repo = self.repo.trim();
         if repo.is_empty() {
@@ -42,38 +45,10 @@ impl ChangeHook {
         if self.repo.len() > MAX_LEN || self.repo.chars().any(char::is_control) {
             return Err("repo is not a plausible name".into());
         }
-        if !is_valid_ref_name(&self.branch) {
-            return Err(format!("branch {:?} is not a valid branch name", self.branch));
-        }
-        if !is_hex_sha(&self.revision) && !is_valid_ref_name(&self.revision) {
-            return Err(format!("revision {:?} is neither a commit id nor a ref name", self.revision));
-        }
+        refname::check_branch("branch", &self.branch).map_err(|e| e.to_string())?;
+        refname::check_revision("revision", &self.revision).map_err(|e| e.to_string())?;
         Ok(())
     }
-}
-
-/// True if `s` is a (possibly abbreviated, ≥ 4 digits) hexadecimal commit id.
-pub fn is_hex_sha(s: &str) -> bool {
-    (4..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// True if `s` is acceptable as a branch or ref name: a conservative subset of
-/// `git check-ref-format` (no whitespace, control characters, `..`, `@{`, `~^:?*[\`, no leading
-/// `-` or `/`, no trailing `/`, `.` or `.lock`), so it can be passed to git as an argument.
-pub fn is_valid_ref_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_LEN
-        && !s.starts_with('-')
-        && !s.starts_with('/')
-        && !s.ends_with('/')
-        && !s.ends_with('.')
-        && !s.ends_with(".lock")
-        && !s.contains("..")
-        && !s.contains("@{")
-        && !s.contains("//")
-        && s != "@"
-        && !s.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
-        && s.split('/').all(|part| !part.starts_with('.'))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 pub mod git;
 pub mod github;
 pub mod hook;
+pub mod refname;
 
 pub use git::{branch_matches, ls_remote, poll, CommitInfo, GitError, Mirror, PollResult};
 pub use github::{parse_push, repo_matches, verify_signature, PushEvent, WebhookError};

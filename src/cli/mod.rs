@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "paddock", version, about)]
 pub struct Cli {
+    /// How log lines are written to stderr: `text`, or `json` (one object per line) for log
+    /// shippers. For `paddock run` it overrides the config's `log_format`.
+    #[arg(long, global = true, env = "PADDOCK_LOG_FORMAT", value_enum)]
+    log_format: Option<crate::logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,14 +33,24 @@ struct MasterArg {
 }
 
 impl MasterArg {
-    /// A request to `path` on the master, with the token if there is one.
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// A request to `path` on the master, with the token if there is one; an https://
+    /// master's certificate is checked against the system's CAs (`SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR` point elsewhere).
+    fn request(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
         let url = format!("{}{path}", self.master.trim_end_matches('/'));
-        let req = reqwest::Client::new().request(method, url);
-        match self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        let req = crate::tls::http_client(None)?.request(method, url);
+        Ok(match self.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             Some(t) => req.bearer_auth(t),
             None => req,
-        }
+        })
+    }
+
+    /// Sends `req`; an unreachable master is an error that says why, down to the refused
+    /// certificate (reqwest's own message stops at "error sending request").
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        req.send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the master at {}: {}", self.master, crate::tls::error_chain(&e)))
     }
 }
 
@@ -190,7 +204,20 @@ enum Command {
 /// Parses the command line and runs the subcommand; the binary's `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // `paddock run` reads its config before logging starts, so the config's `log_format`
+    // applies from the first line; config errors are printed without tracing anyway.
+    let preloaded = match &cli.command {
+        Command::Run { config } => match crate::config::load(config) {
+            Ok(cfg) => Some(cfg),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let format = cli.log_format.or(preloaded.as_ref().map(|c| c.master.log_format)).unwrap_or_default();
+    crate::logging::init(format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -198,7 +225,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, preloaded)) {
         Ok(code) => code,
         Err(e) => {
             match e.downcast_ref::<crate::config::ConfigError>() {
@@ -211,29 +238,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
-    // The AWS SDK's most verbose levels stay off unless RUST_LOG names one of its deeper
-    // modules explicitly: they print whole requests (user-data carrying machine tokens) and
-    // signing material.
-    for cap in ["aws_smithy_runtime=debug", "aws_smithy_http_client=debug", "aws_sigv4=info", "aws_runtime=info"] {
-        if let Ok(d) = cap.parse() {
-            filter = filter.add_directive(d);
-        }
-    }
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-}
-
-async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+/// Runs `command`; `preloaded` is the config `paddock run` already read, if any.
+async fn dispatch(command: Command, preloaded: Option<crate::config::Config>) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
-            let cfg = load_config(&config)?;
+            let cfg = match preloaded {
+                Some(cfg) => cfg,
+                None => load_config(&config)?,
+            };
             run_master(cfg).await?;
         }
         Command::CheckConfig { config } => {
             let cfg = load_config(&config)?;
             crate::notify::worker::check_ca_files(&cfg)?;
+            crate::web::tls::check(&cfg)?;
             print!("{}", crate::config::render_builders(&cfg));
             println!("{}: OK ({} builders)", config.display(), cfg.builders.len());
         }
@@ -367,12 +385,7 @@ async fn get_json(master: &MasterArg, path: &str, query: &[(&str, String)]) -> a
 
 /// GETs `path` from the master; the body, or the master's reason as the error.
 async fn get_text(master: &MasterArg, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
-    let resp = master
-        .request(reqwest::Method::GET, path)
-        .query(query)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the master at {}", master.master))?;
+    let resp = master.send(master.request(reqwest::Method::GET, path)?.query(query)).await?;
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {
@@ -387,12 +400,12 @@ async fn post_json(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let req = master.request(reqwest::Method::POST, path);
+    let req = master.request(reqwest::Method::POST, path)?;
     let req = match body {
         Some(b) => req.json(&b),
         None => req,
     };
-    let resp = req.send().await.with_context(|| format!("cannot reach the master at {}", master.master))?;
+    let resp = master.send(req).await?;
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {

@@ -40,6 +40,8 @@ pub struct Master {
     pub state_dir: PathBuf,
     /// Optional secrets file (TOML `NAME = "value"`), must not be readable by group/others.
     pub secrets_file: Option<PathBuf>,
+    /// `tls_cert` and `tls_key`: when set, the master serves HTTPS itself (and only HTTPS).
+    pub tls: Option<TlsFiles>,
     /// Name of the environment variable holding the GitHub webhook secret. Default `PADDOCK_GITHUB_SECRET`.
     pub github_secret_env: String,
     /// Agents that miss heartbeats for this long are lost. Default 30s.
@@ -55,6 +57,17 @@ pub struct Master {
     /// an orphan, and how long a launched machine may be missing from listings before it
     /// counts as gone. Default 120s.
     pub orphan_grace: Duration,
+    /// How `paddock run` writes its log (`--log-format` wins). Default text.
+    pub log_format: crate::logging::LogFormat,
+}
+
+/// The PEM files the master serves HTTPS with (paths relative to the config's folder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tls_cert`: the server's certificate chain, its own certificate first.
+    pub cert: PathBuf,
+    /// `tls_key`: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// `[[repo]]`: a git repository that changes come from.
@@ -148,7 +161,13 @@ pub struct Notifier {
 pub enum NotifierKind {
     /// A JSON POST to `url`, signed with HMAC-SHA256 when `secret_env` names a variable that
     /// holds the key.
-    Webhook { url: String, secret_env: Option<String> },
+    Webhook {
+        url: String,
+        secret_env: Option<String>,
+        /// PEM file of the CA certificates to trust instead of the system's (an https:// `url`
+        /// with a private CA).
+        ca_file: Option<PathBuf>,
+    },
     /// An IRC bot in one channel.
     Irc {
         /// Host name of the server.
@@ -199,6 +218,9 @@ pub enum NotifierKind {
         repository: Option<String>,
         /// The status's context, a template; default `paddock/{builder}`.
         context: String,
+        /// PEM file of the CA certificates to trust instead of the system's (GitHub Enterprise
+        /// with a private CA).
+        ca_file: Option<PathBuf>,
     },
 }
 

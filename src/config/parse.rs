@@ -55,12 +55,15 @@ const MASTER_KEYS: &[&str] = &[
     "database",
     "state_dir",
     "secrets_file",
+    "tls_cert",
+    "tls_key",
     "github_secret_env",
     "heartbeat_timeout",
     "shutdown_grace",
     "cluster",
     "reconcile_interval",
     "orphan_grace",
+    "log_format",
 ];
 const REPO_KEYS: &[&str] = &["name", "url", "branches", "poll"];
 const POOL_KEYS: &[&str] = &[
@@ -302,12 +305,14 @@ fn default_master(base: &Path) -> Result<Master, Diag> {
         database: resolve_db(base, "sqlite://paddock.db"),
         state_dir: resolve(base, "paddock-state"),
         secrets_file: None,
+        tls: None,
         github_secret_env: "PADDOCK_GITHUB_SECRET".to_string(),
         cluster: "paddock".to_string(),
         reconcile_interval: Duration::from_secs(60),
         orphan_grace: Duration::from_secs(120),
         heartbeat_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(60),
+        log_format: crate::logging::LogFormat::Text,
     })
 }
 
@@ -338,6 +343,7 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
     if let Some(file) = f.opt_str("secrets_file")? {
         m.secrets_file = Some(resolve(base, &file.v));
     }
+    m.tls = parse_tls(&f, base, &m.url)?;
     if let Some(env) = f.opt_str("github_secret_env")? {
         if env.v.is_empty() {
             return Err(Diag::new(env.span, "`github_secret_env` must not be empty"));
@@ -379,7 +385,46 @@ fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
         }
         m.orphan_grace = d;
     }
+    if let Some(format) = f.opt_str("log_format")? {
+        m.log_format = crate::logging::LogFormat::from_name(&format.v).ok_or_else(|| {
+            Diag::new(
+                format.span.clone(),
+                format!(
+                    "`log_format` must be one of {}, not {:?}",
+                    crate::logging::LogFormat::NAMES.join(", "),
+                    format.v
+                ),
+            )
+            .hint("\"text\" for people, \"json\" (one object per line) for log shippers; --log-format overrides it")
+        })?;
+    }
     Ok(m)
+}
+
+/// `tls_cert` and `tls_key`: both or neither; with them the master speaks only HTTPS, so `url`
+/// (what agents and browsers follow, and what makes session cookies `Secure`) must say https.
+fn parse_tls(f: &Fields, base: &Path, url: &str) -> Result<Option<TlsFiles>, Diag> {
+    let (cert, key) = match (f.opt_str("tls_cert")?, f.opt_str("tls_key")?) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(given), None) | (None, Some(given)) => {
+            let (have, missing) =
+                if f.get("tls_cert").is_some() { ("tls_cert", "tls_key") } else { ("tls_key", "tls_cert") };
+            return Err(Diag::new(given.span, format!("`{have}` needs `{missing}` too"))
+                .hint("the master serves HTTPS with both a certificate (tls_cert) and its private key (tls_key)"));
+        }
+    };
+    for (name, file) in [("tls_cert", &cert), ("tls_key", &key)] {
+        if file.v.is_empty() {
+            return Err(Diag::new(file.span.clone(), format!("`{name}` must not be empty")));
+        }
+    }
+    if !url.starts_with("https://") {
+        let span = f.get("url").map(|e| e.value.span.clone()).unwrap_or(cert.span.clone());
+        return Err(Diag::new(span, format!("`url` must start with https:// when `tls_cert` is set, not \"{url}\""))
+            .hint("with tls_cert and tls_key the master speaks only HTTPS; agents and browsers follow `url`"));
+    }
+    Ok(Some(TlsFiles { cert: resolve(base, &cert.v), key: resolve(base, &key.v) }))
 }
 
 /// `host:port` of an http(s) URL, with the scheme's default port when none is written.
@@ -628,17 +673,30 @@ fn parse_cost(node: &Node) -> Result<CostSettings, Diag> {
 }
 
 /// A notifier's `ca_file`, resolved against the config's folder; only where TLS is on
-/// (`tls_on`), since a CA that is never used is a mistake worth hearing about.
-fn ca_file(f: &Fields, base: &Path, tls_on: bool, plain: &str) -> Result<Option<PathBuf>, Diag> {
+/// (`tls_on`), since a CA that is never used is a mistake worth hearing about. `plain` names
+/// the setting that turns TLS off, `hint` how to mend it.
+fn ca_file(f: &Fields, base: &Path, tls_on: bool, plain: &str, hint: &str) -> Result<Option<PathBuf>, Diag> {
     match f.opt_str("ca_file")? {
         None => Ok(None),
         Some(p) if p.v.trim().is_empty() => {
             Err(Diag::new(p.span, "`ca_file` is the path of a PEM file; it must not be empty"))
         }
-        Some(p) if !tls_on => {
-            Err(Diag::new(p.span, format!("`ca_file` has no use with `{plain}`")).hint("remove it, or turn TLS on"))
-        }
+        Some(p) if !tls_on => Err(Diag::new(p.span, format!("`ca_file` has no use with {plain}")).hint(hint)),
         Some(p) => Ok(Some(resolve(base, &p.v))),
+    }
+}
+
+/// Checks a notifier's `key` (`url`, `api_url`) is a whole http:// or https:// URL, so a typo
+/// is heard at start rather than on every send; true when it is https://.
+fn web_url(key: &str, u: &Sp<String>) -> Result<bool, Diag> {
+    let lower = u.v.to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        return Err(Diag::new(u.span.clone(), format!("`{key}` must be an http:// or https:// URL")));
+    }
+    // The URL parser insists on a host for these schemes.
+    match reqwest::Url::parse(&u.v) {
+        Ok(url) => Ok(url.scheme() == "https"),
+        Err(e) => Err(Diag::new(u.span.clone(), format!("`{key}` is not a valid URL: {e}"))),
     }
 }
 
@@ -650,24 +708,23 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
     let kind = match kind_s.v.as_str() {
         "webhook" => {
             let url = f.req_nonempty("url", "\"https://example.com/paddock-hook\"")?;
-            if !(url.v.starts_with("http://") || url.v.starts_with("https://")) {
-                return Err(Diag::new(url.span, "`url` must be an http:// or https:// URL"));
-            }
+            let https = web_url("url", &url)?;
             let secret_env = match f.opt_str("secret_env")? {
                 Some(s) if s.v.trim().is_empty() => {
                     return Err(Diag::new(s.span, "`secret_env` names an environment variable; it must not be empty"))
                 }
                 other => other.map(|s| s.v),
             };
-            NotifierKind::Webhook { url: url.v, secret_env }
+            let ca_file = ca_file(&f, base, https, "an http:// `url`", "remove it, or use an https:// URL")?;
+            NotifierKind::Webhook { url: url.v, secret_env, ca_file }
         }
         "github" => {
-            let api_url = match f.opt_str("api_url")? {
-                Some(u) if !(u.v.starts_with("http://") || u.v.starts_with("https://")) => {
-                    return Err(Diag::new(u.span, "`api_url` must be an http:// or https:// URL"))
+            let (api_url, https) = match f.opt_str("api_url")? {
+                Some(u) => {
+                    let https = web_url("api_url", &u)?;
+                    (u.v.trim_end_matches('/').to_string(), https)
                 }
-                Some(u) => u.v.trim_end_matches('/').to_string(),
-                None => "https://api.github.com".to_string(),
+                None => ("https://api.github.com".to_string(), true),
             };
             let token_env = f.req_nonempty("token_env", "\"GITHUB_TOKEN\"")?.v;
             let repository = match f.opt_str("repository")? {
@@ -683,7 +740,8 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
                 }
                 None => "paddock/{builder}".to_string(),
             };
-            NotifierKind::GitHub { api_url, token_env, repository, context }
+            let ca_file = ca_file(&f, base, https, "an http:// `api_url`", "remove it, or use an https:// URL")?;
+            NotifierKind::GitHub { api_url, token_env, repository, context, ca_file }
         }
         "irc" => {
             let server = f.req_nonempty("server", "\"irc.libera.chat\"")?;
@@ -713,7 +771,7 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
                 Some(a) if a.v == "nickserv" => crate::notify::irc::IrcAuth::NickServ,
                 Some(a) => return Err(Diag::new(a.span, "`auth` is \"sasl\" or \"nickserv\"")),
             };
-            let ca_file = ca_file(&f, base, tls, "tls = false")?;
+            let ca_file = ca_file(&f, base, tls, "`tls = false`", "remove it, or turn TLS on")?;
             NotifierKind::Irc { host, port, tls, nick, channel: channel.v, password_env, auth, ca_file }
         }
         "email" => {
@@ -782,7 +840,13 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
                 }
                 None => "{builder} on {branch}: {result}".to_string(),
             };
-            let ca_file = ca_file(&f, base, security != SmtpSecurity::None, "security = \"none\"")?;
+            let ca_file = ca_file(
+                &f,
+                base,
+                security != SmtpSecurity::None,
+                "`security = \"none\"`",
+                "remove it, or turn TLS on",
+            )?;
             NotifierKind::Email {
                 host,
                 port,
@@ -809,8 +873,8 @@ fn parse_notifier(node: &Node, text: &str, base: &Path) -> Result<Notifier, Diag
     };
     // Keys of the other kinds are mistakes, not silently ignored settings.
     let own: &[&str] = match kind {
-        NotifierKind::Webhook { .. } => &["url", "secret_env"],
-        NotifierKind::GitHub { .. } => &["api_url", "token_env", "repository", "context"],
+        NotifierKind::Webhook { .. } => &["url", "secret_env", "ca_file"],
+        NotifierKind::GitHub { .. } => &["api_url", "token_env", "repository", "context", "ca_file"],
         NotifierKind::Irc { .. } => &["server", "tls", "nick", "channel", "password_env", "auth", "ca_file"],
         NotifierKind::Email { .. } => &[
             "smtp",

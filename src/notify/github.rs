@@ -81,7 +81,7 @@ pub async fn send(
         .json(&body)
         .send()
         .await
-        .map_err(|e| SendError::Retry(format!("cannot reach GitHub: {}", e.without_url())))?;
+        .map_err(|e| SendError::Retry(format!("cannot reach GitHub: {}", crate::tls::error_chain(&e.without_url()))))?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());

@@ -184,22 +184,8 @@ async fn connect(s: &IrcSettings) -> Result<Box<dyn Stream>, String> {
     if !s.tls {
         return Ok(Box::new(tcp));
     }
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    match &s.roots {
-        // Checked at start (`read_ca_file`): every one is usable.
-        Some(certs) => {
-            roots.add_parsable_certificates(certs.iter().cloned());
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
-    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    // `roots` were checked at start (`crate::tls::read_ca_file`): every one is usable.
+    let config = crate::tls::client_config(s.roots.as_deref()).map_err(|e| e.to_string())?;
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from(s.host.clone()).map_err(|e| e.to_string())?;
     let tls = tokio::time::timeout(IO_TIMEOUT, tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp))
         .await

@@ -247,7 +247,7 @@ mod tests {
     fn notifier(events: &[NotifyOn], template: Option<&str>) -> Notifier {
         Notifier {
             name: "hook".into(),
-            kind: crate::config::NotifierKind::Webhook { url: "http://x/".into(), secret_env: None },
+            kind: crate::config::NotifierKind::Webhook { url: "http://x/".into(), secret_env: None, ca_file: None },
             events: events.to_vec(),
             builders: vec![],
             branches: vec![],

@@ -56,8 +56,9 @@ pub async fn send(
         req = req.header("X-Paddock-Signature-256", signature(secret, body.as_bytes()));
     }
     // Webhook URLs often carry a secret in their path: no error names the URL.
-    let resp =
-        req.send().await.map_err(|e| SendError::Retry(format!("cannot reach the receiver: {}", e.without_url())))?;
+    let resp = req.send().await.map_err(|e| {
+        SendError::Retry(format!("cannot reach the receiver: {}", crate::tls::error_chain(&e.without_url())))
+    })?;
     let status = resp.status();
     if status.is_success() {
         return Ok(());

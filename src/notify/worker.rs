@@ -11,7 +11,6 @@ use crate::config::{Config, Notifier, NotifierKind};
 use crate::core::Ts;
 use crate::runtime::Shared;
 use crate::store::{Delivery, StoreError};
-use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// How often the loops look for work.
@@ -38,23 +37,8 @@ pub enum NotifyError {
     MissingSecret { notifier: String, var: String, key: &'static str },
     #[error("notifier {notifier}: `ca_file` {path}: {why}")]
     CaFile { notifier: String, path: String, why: String },
-}
-
-/// Reads a PEM file of CA certificates: at least one, and every one usable as a trust anchor
-/// (checked here, so a bad file stops the master at start rather than failing each send).
-pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not a PEM certificate file: {e}"))?;
-    if certs.is_empty() {
-        return Err("no certificate in it (expected PEM `-----BEGIN CERTIFICATE-----` blocks)".into());
-    }
-    let (_, unusable) = tokio_rustls::rustls::RootCertStore::empty().add_parsable_certificates(certs.iter().cloned());
-    if unusable > 0 {
-        return Err(format!("{unusable} of its {} certificates cannot be used as a CA", certs.len()));
-    }
-    Ok(certs)
+    #[error("notifier {notifier}: {source}")]
+    Tls { notifier: String, source: crate::tls::TlsError },
 }
 
 /// Checks every notifier's `ca_file`, as the master does at start.
@@ -65,9 +49,12 @@ pub fn check_ca_files(config: &Config) -> Result<(), NotifyError> {
 fn ca_files(config: &Config) -> Result<HashMap<String, Vec<CertificateDer<'static>>>, NotifyError> {
     let mut cas = HashMap::new();
     for n in &config.notifiers {
-        if let NotifierKind::Irc { ca_file: Some(path), .. } | NotifierKind::Email { ca_file: Some(path), .. } = &n.kind
+        if let NotifierKind::Irc { ca_file: Some(path), .. }
+        | NotifierKind::Email { ca_file: Some(path), .. }
+        | NotifierKind::Webhook { ca_file: Some(path), .. }
+        | NotifierKind::GitHub { ca_file: Some(path), .. } = &n.kind
         {
-            let certs = read_ca_file(path).map_err(|why| NotifyError::CaFile {
+            let certs = crate::tls::read_ca_file(path).map_err(|why| NotifyError::CaFile {
                 notifier: n.name.clone(),
                 path: path.display().to_string(),
                 why,
@@ -86,6 +73,9 @@ pub struct Notifiers {
     repos: HashMap<String, String>,
     /// Notifier name -> the CA certificates it trusts instead of the system's.
     cas: HashMap<String, Vec<CertificateDer<'static>>>,
+    /// Webhook or GitHub notifier name -> its HTTP client (one shared by those trusting the
+    /// system's CAs, its own for one with a `ca_file`).
+    http: HashMap<String, reqwest::Client>,
     /// Each IRC notifier's bot, started with the workers.
     bots: std::sync::Mutex<HashMap<String, irc::IrcBot>>,
 }
@@ -118,8 +108,23 @@ impl Notifiers {
             }
         }
         let cas = ca_files(config)?;
+        // Built here, so the system's CA store is read at start like the `ca_file`s.
+        let mut http = HashMap::new();
+        let mut system: Option<reqwest::Client> = None;
+        for n in &config.notifiers {
+            if !matches!(n.kind, NotifierKind::Webhook { .. } | NotifierKind::GitHub { .. }) {
+                continue;
+            }
+            let tls_error = |source| NotifyError::Tls { notifier: n.name.clone(), source };
+            let client = match (cas.get(&n.name), &system) {
+                (Some(ca), _) => crate::tls::http_client(Some(ca)).map_err(tls_error)?,
+                (None, Some(client)) => client.clone(),
+                (None, None) => system.insert(crate::tls::http_client(None).map_err(tls_error)?).clone(),
+            };
+            http.insert(n.name.clone(), client);
+        }
         let repos = config.repos.iter().map(|r| (r.name.clone(), r.url.clone())).collect();
-        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos, cas, bots: Default::default() })
+        Ok(Notifiers { list: config.notifiers.clone(), secrets, repos, cas, http, bots: Default::default() })
     }
 }
 
@@ -167,9 +172,8 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
         })
     };
     let sender = tokio::spawn(async move {
-        let http = reqwest::Client::new();
         loop {
-            match send_due(&shared, &notifiers, &http).await {
+            match send_due(&shared, &notifiers).await {
                 Ok(n) if n > 0 => continue,
                 Ok(_) => {}
                 Err(e) => tracing::error!("cannot send notifications: {e}"),
@@ -352,7 +356,7 @@ async fn log_tail(shared: &Shared, build: i64) -> Result<String, StoreError> {
 
 /// Sends the deliveries due now, each notifier's in order and the notifiers side by side (a
 /// receiver that hangs holds up only its own messages); returns how many it tried.
-pub async fn send_due(shared: &Shared, notifiers: &Notifiers, http: &reqwest::Client) -> Result<usize, StoreError> {
+pub async fn send_due(shared: &Shared, notifiers: &Notifiers) -> Result<usize, StoreError> {
     let due = shared.store.due_deliveries(shared.now(), 50).await?;
     let mut by_notifier: Vec<(String, Vec<&Delivery>)> = Vec::new();
     for d in &due {
@@ -365,7 +369,7 @@ pub async fn send_due(shared: &Shared, notifiers: &Notifiers, http: &reqwest::Cl
         for d in list {
             let outcome = match notifiers.list.iter().find(|n| n.name == name) {
                 None => Err(webhook::SendError::Refused("the notifier is no longer configured".into())),
-                Some(n) => deliver(n, notifiers, d, http).await,
+                Some(n) => deliver(n, notifiers, d).await,
             };
             record(shared, d, outcome).await?;
         }
@@ -377,15 +381,14 @@ pub async fn send_due(shared: &Shared, notifiers: &Notifiers, http: &reqwest::Cl
     Ok(due.len())
 }
 
-async fn deliver(
-    n: &Notifier,
-    notifiers: &Notifiers,
-    d: &Delivery,
-    http: &reqwest::Client,
-) -> Result<(), webhook::SendError> {
+async fn deliver(n: &Notifier, notifiers: &Notifiers, d: &Delivery) -> Result<(), webhook::SendError> {
     let secret = notifiers.secrets.get(&n.name).map(Vec::as_slice);
+    let http = || {
+        // Every webhook and GitHub notifier has one, made at start.
+        notifiers.http.get(&n.name).ok_or_else(|| webhook::SendError::Refused("no HTTP client for the notifier".into()))
+    };
     match &n.kind {
-        NotifierKind::Webhook { url, .. } => webhook::send(http, url, secret, d.id, &d.event, &d.payload).await,
+        NotifierKind::Webhook { url, .. } => webhook::send(http()?, url, secret, d.id, &d.event, &d.payload).await,
         NotifierKind::GitHub { api_url, repository, .. } => {
             let payload: serde_json::Value = serde_json::from_str(&d.payload)
                 .map_err(|e| webhook::SendError::Refused(format!("unreadable stored message: {e}")))?;
@@ -397,7 +400,7 @@ async fn deliver(
                     "repository {repo}'s URL is not on {host}; set `repository` on the notifier"
                 )));
             };
-            github::send(http, api_url, secret.unwrap_or_default(), &slug, &payload).await
+            github::send(http()?, api_url, secret.unwrap_or_default(), &slug, &payload).await
         }
         NotifierKind::Email { host, port, security, from, username, .. } => {
             let payload: serde_json::Value = serde_json::from_str(&d.payload)

@@ -44,8 +44,8 @@ pub enum MasterError {
     Listen { addr: String, source: std::io::Error },
     #[error("invalid scheduler: {0}")]
     Scheduler(#[from] crate::core::scheduler::SpecError),
-    #[error("web server failed: {0}")]
-    Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::web::tls::TlsError),
     #[error(transparent)]
     Notify(#[from] crate::notify::worker::NotifyError),
 }
@@ -212,6 +212,9 @@ pub async fn run(
     let store = Store::open(&config.master.database).await?;
     let secrets = Secrets::load(config.master.secrets_file.as_deref())?;
     let notifiers = Arc::new(crate::notify::worker::Notifiers::from_config(&config)?);
+    let tls = config.master.tls.as_ref().map(crate::web::tls::server_config).transpose()?;
+    let limits = crate::web::serve::Limits::from_env();
+    crate::web::serve::raise_fd_limit(limits.max_connections);
     let listener = tokio::net::TcpListener::bind(&config.master.listen)
         .await
         .map_err(|source| MasterError::Listen { addr: config.master.listen.clone(), source })?;
@@ -253,23 +256,15 @@ pub async fn run(
     let mut master = Master::new(shared.clone(), provisioners, rx).await?;
     master.recover().await?;
 
-    let (web_stop_tx, web_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = crate::web::router(shared.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async {
-                let _ = web_stop_rx.await;
-            })
-            .await
-    });
-    tracing::info!(%url, "master listening");
+    let https = tls.is_some();
+    let server = crate::web::serve::spawn(listener, crate::web::router(shared.clone()), tls, limits);
+    tracing::info!(%url, https, "master listening");
     if let Some(ready) = opts.on_ready {
         let _ = ready.send(addr);
     }
     let mut pollers = poller::spawn_all(shared.clone());
     pollers.extend(crate::notify::worker::spawn(shared.clone(), notifiers));
 
-    let mut server = server;
     master.run_loop(shutdown).await?;
     // The loop is over: requests still waiting on it (an action's reply) hear so at once.
     drop(master);
@@ -278,16 +273,8 @@ pub async fn run(
         p.abort();
     }
     shared.web_closing.store(true, Ordering::SeqCst);
-    let _ = web_stop_tx.send(());
     // Open responses (a live log, a slow client) get a moment to end; then the server goes.
-    match tokio::time::timeout(WEB_STOP_GRACE, &mut server).await {
-        Ok(Ok(Err(e))) => return Err(MasterError::Serve(e)),
-        Ok(_) => {}
-        Err(_) => {
-            tracing::warn!("web connections still open after {WEB_STOP_GRACE:?}; closing them");
-            server.abort();
-        }
-    }
+    server.shutdown(WEB_STOP_GRACE).await;
     tracing::info!("master stopped");
     Ok(())
 }

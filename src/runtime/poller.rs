@@ -31,10 +31,20 @@ async fn poll_forever(shared: Arc<Shared>, repo: Repo, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0u32;
+    // Refused branch names already warned about: a remote that keeps advertising one is
+    // reported once, not at every poll.
+    let mut warned = std::collections::HashSet::new();
     loop {
         tick.tick().await;
         match poll_once(&shared, &repo).await {
-            Ok(()) => failures = 0,
+            Ok(refused) => {
+                failures = 0;
+                for why in refused {
+                    if warned.insert(why.clone()) {
+                        tracing::warn!(repo = %repo.name, "skipping a branch the remote advertised: {why}");
+                    }
+                }
+            }
             Err(e) => {
                 failures += 1;
                 // Say it once, then quietly until it recovers, so a dead remote does not flood the log.
@@ -46,8 +56,9 @@ async fn poll_forever(shared: Arc<Shared>, repo: Repo, interval: Duration) {
     }
 }
 
-/// Polls one repository once: records first-seen heads and new commits.
-pub async fn poll_once(shared: &Shared, repo: &Repo) -> Result<(), PollError> {
+/// Polls one repository once: records first-seen heads and new commits; returns why branches
+/// were skipped (names git's rules refuse, escaped).
+pub async fn poll_once(shared: &Shared, repo: &Repo) -> Result<Vec<String>, PollError> {
     let _guard = shared.lock_repo(&repo.name).await;
     let mirror = Mirror::new(shared.mirror_dir(&repo.name), repo.url.clone());
     mirror.ensure().await?;
@@ -71,7 +82,7 @@ pub async fn poll_once(shared: &Shared, repo: &Repo) -> Result<(), PollError> {
         tracing::info!(repo = %repo.name, %branch, "branch deleted or no longer watched");
         shared.store.delete_head(&repo.name, branch).await?;
     }
-    Ok(())
+    Ok(result.refused)
 }
 
 /// Why a poll failed.

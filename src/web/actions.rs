@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 
 use super::auth::Caller;
 use super::ApiError;
-use crate::changes::git;
+use crate::changes::{git, refname};
 use crate::runtime::{ActionError, Cancelled, Input, Shared};
 use crate::store::BuildRow;
 
@@ -50,12 +50,15 @@ pub async fn force(
     if branch.is_empty() {
         return Err(ApiError::bad_request("a branch is needed"));
     }
+    refname::check_branch("branch", branch).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if !builder.branches.is_empty() && !git::branch_matches(&builder.branches, branch) {
         return Err(ApiError::bad_request(format!("builder {} does not build branch {branch:?}", builder.name)));
     }
     let revision = match revision.map(|r| r.trim().to_string()).filter(|r| !r.is_empty()) {
-        Some(r) if r.chars().all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c)) && !r.starts_with('-') => r,
-        Some(r) => return Err(ApiError::bad_request(format!("invalid revision {r:?}"))),
+        Some(r) => {
+            refname::check_revision("revision", &r).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            r
+        }
         None => {
             let heads = s.store.heads(&builder.repo).await?;
             match heads.get(branch) {

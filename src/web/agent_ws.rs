@@ -1,17 +1,37 @@
 //! `GET /agent/ws`: where agents connect, authenticate once, and report their builds.
+//!
+//! Until an agent has authenticated, its socket is a stranger's: at most
+//! [`MAX_UNAUTHENTICATED`] such sockets exist at once (past that, the upgrade is refused with
+//! 503 and the agent retries), and the one message read from each (the Hello or Resume, a few
+//! hundred bytes) may be at most [`MAX_HELLO_BYTES`]. That message is read frame by frame here
+//! rather than by tungstenite, whose frame and message limits are fixed for a socket's whole
+//! life: it reserves a frame's announced length before reading it, so its limits for an
+//! authenticated agent (16 MiB frames) would let each stranger cost 16 MiB with a few bytes.
 
 use std::collections::HashSet;
+use std::io::Cursor;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
+use super::serve::{env_number, WarnEvery};
+use super::ApiError;
 use crate::agent::protocol::{Ack, AgentMsg, MasterMsg, Secret};
 use crate::agent::reports::{Next, ReportStream};
 use crate::core::fleet::FleetEvent;
@@ -19,19 +39,127 @@ use crate::core::MachineId;
 use crate::runtime::{new_token, token_hash, Input, Shared};
 use crate::store::{Applied, ReportEffect};
 
-/// How long a new connection may take to say hello.
+/// An agent's socket, once upgraded.
+type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// How long a new connection may take to say hello (tests lengthen it with the hidden
+/// `PADDOCK_AGENT_HELLO_TIMEOUT_MS`).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most sockets waiting for their hello at once (tests change it with the hidden
+/// `PADDOCK_AGENT_MAX_UNAUTHENTICATED`).
+pub const MAX_UNAUTHENTICATED: usize = 64;
+/// Largest first message read from a socket that has not authenticated yet.
+pub const MAX_HELLO_BYTES: usize = 4096;
+/// Sockets upgraded and not yet authenticated.
+static UNAUTHENTICATED: AtomicUsize = AtomicUsize::new(0);
+/// Warnings about sockets refused at the cap come at most this often.
+static REFUSALS: WarnEvery = WarnEvery::new(Duration::from_secs(10));
 /// Tells a connection's close from that of an earlier connection of the same machine.
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 /// Most characters of an interruption notice stored in the machine's event log.
 const MAX_NOTICE_DETAIL: usize = 300;
 
+/// A place among the sockets that have not authenticated; given back when dropped.
+struct Stranger;
+
+impl Stranger {
+    /// A place, unless [`MAX_UNAUTHENTICATED`] (or the test's number) are taken.
+    fn arrive() -> Option<Stranger> {
+        let max = env_number("PADDOCK_AGENT_MAX_UNAUTHENTICATED")
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(MAX_UNAUTHENTICATED);
+        UNAUTHENTICATED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Stranger)
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        UNAUTHENTICATED.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts the WebSocket upgrade (RFC 6455) and serves the socket in a task of its own.
 pub async fn upgrade(
-    ws: WebSocketUpgrade,
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
 ) -> Response {
-    ws.on_upgrade(move |socket| serve(socket, s, peer))
+    let accept = match accept_key(req.headers()) {
+        Ok(accept) => accept,
+        Err(why) => return ApiError::bad_request(why).into_response(),
+    };
+    let Some(stranger) = Stranger::arrive() else {
+        if let Some(n) = REFUSALS.tick() {
+            tracing::warn!(%peer, refused = n, "agent sockets refused: as many as allowed are waiting for their hello");
+        }
+        let reason = "too many agents are connecting at once; try again".to_string();
+        return ApiError { status: StatusCode::SERVICE_UNAVAILABLE, reason }.into_response();
+    };
+    let upgrading = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrading.await {
+            Ok(io) => serve(TokioIo::new(io), s, peer, stranger).await,
+            Err(e) => tracing::debug!(%peer, "agent socket upgrade failed: {e}"),
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    resp
+}
+
+/// The `Sec-WebSocket-Accept` answering a valid upgrade request, or why it is not one.
+fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err("expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket)");
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err("expected WebSocket version 13");
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or("missing Sec-WebSocket-Key")?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    HeaderValue::from_str(&accept).map_err(|_| "invalid Sec-WebSocket-Key")
+}
+
+/// Reads the first message of a socket that has not authenticated: one unfragmented, masked
+/// text frame of at most [`MAX_HELLO_BYTES`], as every agent sends its Hello or Resume. Nothing
+/// is read past it, so the socket can be handed to tungstenite afterwards.
+async fn read_hello(io: &mut (impl AsyncRead + Unpin)) -> Result<String, &'static str> {
+    const CLOSED: &str = "the connection closed before hello";
+    // A header is 2 to 14 bytes; it is read a byte at a time until it parses, so that no byte
+    // of what follows is consumed.
+    let mut head = Vec::with_capacity(14);
+    let (frame, len) = loop {
+        head.push(io.read_u8().await.map_err(|_| CLOSED)?);
+        match FrameHeader::parse(&mut Cursor::new(&head)) {
+            Ok(Some(parsed)) => break parsed,
+            Ok(None) if head.len() < 14 => continue,
+            _ => return Err("expected hello"),
+        }
+    };
+    let text = frame.opcode == OpCode::Data(Data::Text) && frame.is_final && !(frame.rsv1 || frame.rsv2 || frame.rsv3);
+    let (true, Some(mask)) = (text, frame.mask) else { return Err("expected hello") };
+    if len > MAX_HELLO_BYTES as u64 {
+        return Err("hello too large");
+    }
+    let mut payload = vec![0u8; len as usize];
+    io.read_exact(&mut payload).await.map_err(|_| CLOSED)?;
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+    String::from_utf8(payload).map_err(|_| "expected hello")
 }
 
 async fn send(socket: &mut WebSocket, msg: &MasterMsg) -> bool {
@@ -45,18 +173,26 @@ async fn send(socket: &mut WebSocket, msg: &MasterMsg) -> bool {
 async fn refuse(mut socket: WebSocket, peer: SocketAddr, reason: &str) {
     tracing::warn!(%peer, "agent refused: {reason}");
     let _ = send(&mut socket, &MasterMsg::Refused { reason: reason.into() }).await;
-    let _ = socket.close().await;
+    let _ = socket.close(None).await;
 }
 
-async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, socket.next()).await {
-        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<AgentMsg>(&text).ok(),
-        _ => None,
+async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stranger: Stranger) {
+    let timeout = env_number("PADDOCK_AGENT_HELLO_TIMEOUT_MS").map(Duration::from_millis).unwrap_or(HELLO_TIMEOUT);
+    let first = match tokio::time::timeout(timeout, read_hello(&mut io)).await {
+        Ok(Ok(text)) => serde_json::from_str::<AgentMsg>(&text).map_err(|_| "expected hello"),
+        Ok(Err(why)) => Err(why),
+        Err(_) => Err("expected hello"),
+    };
+    // An authenticated agent's messages are bigger (logs); tungstenite's limits, as before.
+    let mut socket = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let first = match first {
+        Ok(msg) => msg,
+        Err(why) => return refuse(socket, peer, why).await,
     };
     let resume_token = new_token();
     let new_hash = token_hash(&resume_token);
     let (machine, resumed) = match first {
-        Some(AgentMsg::Hello { token, .. }) => match s.store.claim_token(&token_hash(token.expose()), s.now()).await {
+        AgentMsg::Hello { token, .. } => match s.store.claim_token(&token_hash(token.expose()), s.now()).await {
             Ok(Some(m)) => match s.store.set_resume_hash(m, &new_hash).await {
                 Ok(()) => (m, None),
                 Err(e) => {
@@ -70,7 +206,7 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
                 return;
             }
         },
-        Some(AgentMsg::Resume { machine, token, build, .. }) => {
+        AgentMsg::Resume { machine, token, build, .. } => {
             match s.store.claim_resume(machine, &token_hash(token.expose()), &new_hash).await {
                 Ok(true) => (machine, Some(build)),
                 Ok(false) => return refuse(socket, peer, "unknown or already used resume token").await,
@@ -82,6 +218,8 @@ async fn serve(mut socket: WebSocket, s: Arc<Shared>, peer: SocketAddr) {
         }
         _ => return refuse(socket, peer, "expected hello").await,
     };
+    // Authenticated: no longer a stranger.
+    drop(stranger);
     // A resumed agent sends only what follows what is stored of the build it speaks of.
     let acked = match resumed {
         Some(Some(build)) => match s.store.report_position(build).await {

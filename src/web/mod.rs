@@ -8,7 +8,9 @@ mod download;
 mod hooks;
 mod metrics;
 mod pages;
+pub mod serve;
 pub mod throttle;
+pub mod tls;
 
 use std::sync::Arc;
 

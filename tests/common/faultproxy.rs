@@ -348,7 +348,7 @@ async fn accept_loop(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let _ = port.send(listener.local_addr().expect("proxy address").port());
     // Never through an HTTP proxy from the environment: moto is on loopback.
-    let http = reqwest::Client::builder().no_proxy().build().expect("upstream client");
+    let http = paddock::tls::http_builder(None).expect("TLS").no_proxy().build().expect("upstream client");
     loop {
         tokio::select! {
             _ = &mut stopped => return,

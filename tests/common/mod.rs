@@ -39,6 +39,8 @@ pub struct Bed {
     pub http: reqwest::blocking::Client,
     starts: u32,
     token: Option<String>,
+    /// The CA of the master's certificate when it serves HTTPS (see [`Bed::serve_https`]).
+    pub ca: Option<PathBuf>,
 }
 
 fn run_git(dir: &Path, args: &[&str]) -> String {
@@ -53,6 +55,13 @@ fn run_git(dir: &Path, args: &[&str]) -> String {
         .expect("git must be installed to run these tests (apt-get install git)");
     assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A blocking HTTP client builder with Paddock's TLS settings (reqwest has no crypto provider
+/// of its own here: `reqwest::blocking::Client::new()` would panic).
+pub fn blocking_client() -> reqwest::blocking::ClientBuilder {
+    let tls = paddock::tls::client_config(None).expect("TLS client settings");
+    reqwest::blocking::Client::builder().use_preconfigured_tls(tls)
 }
 
 /// A free TCP port on loopback (bound then released).
@@ -81,10 +90,19 @@ impl Bed {
             port: free_port(),
             master: None,
             master_log,
-            http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(20)).build().expect("client"),
+            http: blocking_client().timeout(Duration::from_secs(20)).build().expect("client"),
             starts: 0,
             token: None,
+            ca: None,
         }
+    }
+
+    /// Makes the bed's master an HTTPS one whose certificate `ca` signed: [`Bed::url`] (and so
+    /// the config's `[master] url`) says https, and [`Bed::http`] trusts `ca` alone (the config
+    /// still needs `tls_cert`/`tls_key`).
+    pub fn serve_https(&mut self, ca: &Path) {
+        self.ca = Some(ca.to_path_buf());
+        self.http = Bed::client_trusting(self.token.as_deref(), Some(ca));
     }
 
     /// The bed admin's API token (made at the first start).
@@ -121,8 +139,14 @@ impl Bed {
         self.host_cli(&["token", "create", name, "--name", "tests"], "").trim().to_string()
     }
 
-    /// An HTTP client that sends `token` (none: anonymous).
+    /// An HTTP client that sends `token` (none: anonymous), trusting the system's CAs.
     pub fn client(token: Option<&str>) -> reqwest::blocking::Client {
+        Bed::client_trusting(token, None)
+    }
+
+    /// An HTTP client that sends `token` (none: anonymous) and, given a CA file, trusts only
+    /// the certificates in it (else the system's CAs).
+    pub fn client_trusting(token: Option<&str>, ca: Option<&Path>) -> reqwest::blocking::Client {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(t) = token {
             headers.insert(
@@ -130,7 +154,15 @@ impl Bed {
                 reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
             );
         }
+        let tls = match ca {
+            Some(ca) => {
+                let roots = paddock::tls::read_ca_file(ca).expect("the test CA file");
+                paddock::tls::client_config(Some(&roots)).expect("TLS client settings")
+            }
+            None => paddock::tls::client_config(None).expect("TLS client settings"),
+        };
         reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls)
             .timeout(Duration::from_secs(20))
             .default_headers(headers)
             .redirect(reqwest::redirect::Policy::none())
@@ -193,7 +225,8 @@ impl Bed {
 
     /// The master's base URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Writes `paddock.toml`: a `[master]` section for this bed, a repo `app` at the test
@@ -227,7 +260,7 @@ impl Bed {
         self.starts += 1;
         if self.token.is_none() {
             let token = self.add_user("bed-admin", "admin", "bed-admin-password");
-            self.http = Bed::client(Some(&token));
+            self.http = Bed::client_trusting(Some(&token), self.ca.as_deref());
             self.token = Some(token);
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.master_log).expect("log");

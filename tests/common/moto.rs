@@ -90,7 +90,7 @@ impl Moto {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let moto = Moto { child, port, rt, client: client(&format!("http://127.0.0.1:{port}")) };
         let start = Instant::now();
-        let http = reqwest::blocking::Client::new();
+        let http = super::blocking_client().build().expect("client");
         while http.get(format!("{}/moto-api/", moto.endpoint())).send().is_err() {
             assert!(start.elapsed() < super::DEADLINE, "moto_server did not start; see {}", log.display());
             std::thread::sleep(Duration::from_millis(50));

@@ -160,10 +160,11 @@ pub async fn login(State(s): State<Arc<Shared>>, parts: Parts, Form(f): Form<Log
     let ok = argon2(move || verify_password(&password, &stored)).await?;
     let user = match (found, ok) {
         (Some((user, _)), true) => user,
-        _ => {
-            // A name that is not a valid one may be a password typed in the wrong field.
-            let shown = if crate::accounts::check_name(name).is_ok() { name } else { "(not a valid name)" };
-            tracing::info!(name = %shown, "failed login");
+        (found, _) => {
+            // Only an account's own name is logged: whatever else was typed in the name field
+            // may well be a password.
+            let shown = found.as_ref().map_or("(no such account)", |(user, _)| user.name.as_str());
+            tracing::info!(name = %shown, from = %from, "failed login");
             return Ok(login_page(&s, &parts, &next, Some("wrong name or password"), StatusCode::UNAUTHORIZED));
         }
     };
