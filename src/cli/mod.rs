@@ -229,6 +229,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
             let cfg = load_config(&config)?;
+            private_umask();
             run_master(cfg).await?;
         }
         Command::CheckConfig { config } => {
@@ -320,11 +321,23 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::User { action } => return accounts::user(action).await,
-        Command::Token { action } => return accounts::token(action).await,
+        Command::User { action } => {
+            private_umask();
+            return accounts::user(action).await;
+        }
+        Command::Token { action } => {
+            private_umask();
+            return accounts::token(action).await;
+        }
         Command::Demo { dir, port } => crate::demo::run(&dir, port).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Files the master creates (its database, mirrors, logs) are its own: no other user, and so no
+/// build running as another user, may read them. Local machines start with the usual 022.
+fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {
