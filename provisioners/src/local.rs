@@ -259,6 +259,18 @@ impl LocalProvisioner {
                 .collect();
             mounts.extend(extra);
         }
+        // bwrap makes the missing folders on the way to a mount point private (0700): made
+        // here first, they are open to the machine's user, as the host's own folders are.
+        let mut dirs: Vec<Mount> = Vec::new();
+        for m in mounts.iter().filter(|m| m.is_bind()) {
+            for a in m.path().ancestors().skip(1) {
+                let over = mounts.iter().filter(|o| a.starts_with(o.path())).max_by_key(|o| (depth(o.path()), o.is_bind()));
+                if matches!(over, Some(Mount::Tmpfs(t)) if t != a) {
+                    dirs.push(Mount::Dir(a.to_path_buf()));
+                }
+            }
+        }
+        mounts.extend(dirs);
         order_mounts(&mut mounts);
         let mut args: Vec<OsString> = vec!["--ro-bind".into(), "/".into(), "/".into()];
         for m in &mounts {
@@ -338,6 +350,8 @@ enum Mount {
     Proc(PathBuf),
     /// An empty folder in memory over the path.
     Tmpfs(PathBuf),
+    /// A folder made inside a tmpfs, open to everyone (0755).
+    Dir(PathBuf),
     ReadOnly(PathBuf),
     Writable(PathBuf),
 }
@@ -345,7 +359,9 @@ enum Mount {
 impl Mount {
     fn path(&self) -> &Path {
         match self {
-            Mount::Dev(p) | Mount::Proc(p) | Mount::Tmpfs(p) | Mount::ReadOnly(p) | Mount::Writable(p) => p,
+            Mount::Dev(p) | Mount::Proc(p) | Mount::Tmpfs(p) | Mount::Dir(p) | Mount::ReadOnly(p) | Mount::Writable(p) => {
+                p
+            }
         }
     }
 
@@ -355,10 +371,13 @@ impl Mount {
     }
 
     fn args(&self) -> Vec<OsString> {
+        if let Mount::Dir(p) = self {
+            return vec!["--perms".into(), "0755".into(), "--dir".into(), p.as_os_str().to_owned()];
+        }
         let (flag, twice) = match self {
             Mount::Dev(_) => ("--dev", false),
             Mount::Proc(_) => ("--proc", false),
-            Mount::Tmpfs(_) => ("--tmpfs", false),
+            Mount::Tmpfs(_) | Mount::Dir(_) => ("--tmpfs", false),
             Mount::ReadOnly(_) => ("--ro-bind", true),
             Mount::Writable(_) => ("--bind", true),
         };
@@ -377,7 +396,7 @@ fn depth(p: &Path) -> usize {
 /// Sorts mounts so that the most specific path wins: shallower paths first, and at one path a
 /// folder is hidden before anything is bound back onto it. Duplicates go.
 fn order_mounts(mounts: &mut Vec<Mount>) {
-    mounts.sort_by_key(|m| (depth(m.path()), m.is_bind()));
+    mounts.sort_by_key(|m| (depth(m.path()), m.is_bind(), matches!(m, Mount::Dir(_))));
     let mut seen: Vec<Mount> = Vec::new();
     mounts.retain(|m| {
         let dup = seen.contains(m);
@@ -402,7 +421,7 @@ fn first_untraversable(mounts: &[Mount], path: &Path, user: &RunAs) -> Option<Pa
             .max_by_key(|m| (depth(m.path()), m.is_bind()));
         match over {
             // Folders of a tmpfs, and the folders bwrap makes in it, are open to everyone.
-            Some(Mount::Tmpfs(_)) | Some(Mount::Dev(_)) | Some(Mount::Proc(_)) => return None,
+            Some(Mount::Tmpfs(_)) | Some(Mount::Dir(_)) | Some(Mount::Dev(_)) | Some(Mount::Proc(_)) => return None,
             _ => {
                 if !traversable(&at, user) {
                     return Some(at);
