@@ -225,8 +225,9 @@ impl LocalProvisioner {
         let mut mounts: Vec<Mount> = vec![
             Mount::Dev("/dev".into()),
             Mount::Proc("/proc".into()),
-            Mount::Tmpfs("/tmp".into()),
-            Mount::Tmpfs("/var/tmp".into()),
+            Mount::Scratch("/dev/shm".into()),
+            Mount::Scratch("/tmp".into()),
+            Mount::Scratch("/var/tmp".into()),
             // Per-user runtime folders hold the sockets of the user's session bus and
             // service manager, through which a process could start others outside.
             Mount::Tmpfs("/run/user".into()),
@@ -265,7 +266,7 @@ impl LocalProvisioner {
         for m in mounts.iter().filter(|m| m.is_bind()) {
             for a in m.path().ancestors().skip(1) {
                 let over = mounts.iter().filter(|o| a.starts_with(o.path())).max_by_key(|o| (depth(o.path()), o.is_bind()));
-                if matches!(over, Some(Mount::Tmpfs(t)) if t != a) {
+                if matches!(over, Some(Mount::Tmpfs(t) | Mount::Scratch(t)) if t != a) {
                     dirs.push(Mount::Dir(a.to_path_buf()));
                 }
             }
@@ -352,6 +353,8 @@ enum Mount {
     Tmpfs(PathBuf),
     /// A folder made inside a tmpfs, open to everyone (0755).
     Dir(PathBuf),
+    /// A tmpfs everyone may write to, like the host's `/tmp` (1777).
+    Scratch(PathBuf),
     ReadOnly(PathBuf),
     Writable(PathBuf),
 }
@@ -359,9 +362,13 @@ enum Mount {
 impl Mount {
     fn path(&self) -> &Path {
         match self {
-            Mount::Dev(p) | Mount::Proc(p) | Mount::Tmpfs(p) | Mount::Dir(p) | Mount::ReadOnly(p) | Mount::Writable(p) => {
-                p
-            }
+            Mount::Dev(p)
+            | Mount::Proc(p)
+            | Mount::Tmpfs(p)
+            | Mount::Dir(p)
+            | Mount::Scratch(p)
+            | Mount::ReadOnly(p)
+            | Mount::Writable(p) => p,
         }
     }
 
@@ -371,13 +378,15 @@ impl Mount {
     }
 
     fn args(&self) -> Vec<OsString> {
-        if let Mount::Dir(p) = self {
-            return vec!["--perms".into(), "0755".into(), "--dir".into(), p.as_os_str().to_owned()];
+        match self {
+            Mount::Dir(p) => return vec!["--perms".into(), "0755".into(), "--dir".into(), p.as_os_str().to_owned()],
+            Mount::Scratch(p) => return vec!["--perms".into(), "1777".into(), "--tmpfs".into(), p.as_os_str().to_owned()],
+            _ => {}
         }
         let (flag, twice) = match self {
             Mount::Dev(_) => ("--dev", false),
             Mount::Proc(_) => ("--proc", false),
-            Mount::Tmpfs(_) | Mount::Dir(_) => ("--tmpfs", false),
+            Mount::Tmpfs(_) | Mount::Dir(_) | Mount::Scratch(_) => ("--tmpfs", false),
             Mount::ReadOnly(_) => ("--ro-bind", true),
             Mount::Writable(_) => ("--bind", true),
         };
@@ -421,7 +430,7 @@ fn first_untraversable(mounts: &[Mount], path: &Path, user: &RunAs) -> Option<Pa
             .max_by_key(|m| (depth(m.path()), m.is_bind()));
         match over {
             // Folders of a tmpfs, and the folders bwrap makes in it, are open to everyone.
-            Some(Mount::Tmpfs(_)) | Some(Mount::Dir(_)) | Some(Mount::Dev(_)) | Some(Mount::Proc(_)) => return None,
+            Some(Mount::Tmpfs(_) | Mount::Dir(_) | Mount::Scratch(_) | Mount::Dev(_) | Mount::Proc(_)) => return None,
             _ => {
                 if !traversable(&at, user) {
                     return Some(at);

@@ -489,6 +489,38 @@ impl Bed {
         })
     }
 
+    /// The running master's pid.
+    pub fn master_pid(&self) -> u32 {
+        self.master.as_ref().expect("master running").id()
+    }
+
+    /// Whether the master started by the bed still runs.
+    pub fn master_alive(&mut self) -> bool {
+        self.master.as_mut().is_some_and(|m| matches!(m.try_wait(), Ok(None)))
+    }
+
+    /// Runs `paddock run paddock.toml` (as the bed's user) with `env`, expecting it to refuse
+    /// to start; returns what it printed.
+    pub fn master_refuses(&self, env: &[(&str, &str)]) -> String {
+        let mut cmd = self.command(paddock_bin());
+        cmd.arg("run").arg(self.path().join("paddock.toml")).current_dir(self.path()).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start master");
+        let start = Instant::now();
+        while matches!(child.try_wait(), Ok(None)) {
+            if start.elapsed() > DEADLINE {
+                let _ = child.kill();
+                panic!("the master started, though it should have refused to");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("wait");
+        assert!(!out.status.success(), "the master should have refused to start");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+
     /// Stops the master with SIGKILL (a crash).
     pub fn kill_master(&mut self) {
         if let Some(mut m) = self.master.take() {
