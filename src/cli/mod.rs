@@ -184,6 +184,9 @@ enum Command {
         /// Port for the master.
         #[arg(long, default_value_t = 8010)]
         port: u16,
+        /// Run as root: the unprivileged user the demo's builds run as (it must exist).
+        #[arg(long, default_value = "paddock-build")]
+        run_as: String,
     },
 }
 
@@ -329,7 +332,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             private_umask();
             return accounts::token(action).await;
         }
-        Command::Demo { dir, port } => crate::demo::run(&dir, port).await?,
+        Command::Demo { dir, port, run_as } => crate::demo::run(&dir, port, &run_as).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
