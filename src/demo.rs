@@ -201,9 +201,9 @@ fn isolation_lines(run_as: &str) -> anyhow::Result<String> {
         return Ok(String::new());
     }
     match nix::unistd::User::from_name(run_as) {
-        Ok(Some(u)) if !u.uid.is_root() => Ok(format!(
-            "run_as = \"{run_as}\"               # the demo runs as root; its builds run as this user\n"
-        )),
+        Ok(Some(u)) if !u.uid.is_root() => {
+            Ok(format!("run_as = \"{run_as}\"               # the demo runs as root; its builds run as this user\n"))
+        }
         _ => bail!(
             "the demo runs as root, and its builds must not: create the user they run as \
              (useradd --system --no-create-home {run_as}) and run the demo again, or pass --run-as USER \

@@ -109,7 +109,8 @@ fn demo_builds_and_stops(dir: &std::path::Path, user: Option<(u32, u32)>, args: 
     let log = std::fs::File::create(dir.with_extension("log")).expect("log");
     let mut demo =
         cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("demo");
-    let http = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(10)).build().expect("client");
+    let http =
+        reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(10)).build().expect("client");
     let start = std::time::Instant::now();
     loop {
         let builds: Vec<serde_json::Value> = http
@@ -185,7 +186,10 @@ fn check_config_shows_how_local_machines_are_confined() {
         .expect("write");
     let (code, out, err) = run(&["check-config", path.to_str().expect("utf-8 path")]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("  a: local,") && out.contains("    isolation: sandbox (bubblewrap), as user paddock-build"), "{out}");
+    assert!(
+        out.contains("  a: local,") && out.contains("    isolation: sandbox (bubblewrap), as user paddock-build"),
+        "{out}"
+    );
     assert!(out.contains("    isolation: sandbox (bubblewrap), as the master's user"), "{out}");
     assert!(out.contains("    isolation: none: steps run as the master's user, with access to its files"), "{out}");
 }
@@ -225,7 +229,10 @@ fn without_bubblewrap_the_demo_opts_out_of_the_sandbox_and_says_so() {
     assert_eq!(printed.matches("bubblewrap is not installed").count(), 1, "{printed}");
     assert!(printed.contains("apt-get install bubblewrap"), "{printed}");
     let config = std::fs::read_to_string(dir.join("paddock.toml")).expect("config");
-    assert!(config.contains("# bubblewrap (bwrap) was not found") && config.contains("\nisolation = \"none\"\n"), "{config}");
+    assert!(
+        config.contains("# bubblewrap (bwrap) was not found") && config.contains("\nisolation = \"none\"\n"),
+        "{config}"
+    );
     let pid = nix::unistd::Pid::from_raw(i32::try_from(demo.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let start = std::time::Instant::now();

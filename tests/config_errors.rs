@@ -264,7 +264,8 @@ fn isolation_and_run_as_of_a_local_pool() {
     assert_eq!((p.isolation, p.run_as.as_deref()), (Isolation::Sandbox, Some("paddock-build")));
     assert_eq!((q.isolation, q.run_as.as_deref()), (Isolation::None, None));
 
-    let e = assert_err("[pool.p]\nisolation = \"bwrap\"\n", 2, 13, "`isolation` is \"sandbox\" or \"none\", not \"bwrap\"");
+    let e =
+        assert_err("[pool.p]\nisolation = \"bwrap\"\n", 2, 13, "`isolation` is \"sandbox\" or \"none\", not \"bwrap\"");
     assert!(e.hint.unwrap().contains("confines each machine with bubblewrap"));
     assert_err("[pool.p]\nisolation = true\n", 2, 13, "`isolation` must be a string");
     let e = assert_err("[pool.p]\nrun_as = \"root\"\n", 2, 10, "`run_as` must name an unprivileged user, not root");

@@ -159,7 +159,9 @@ fn hostile_build_reaches_nothing(mut bed: Bed) {
     assert_eq!(bed.get(&format!("/api/builds/{victim}"))["state"], "running", "the victim runs on");
 
     bed.raise("victim-may-end");
-    bed.wait("the victim to finish", || (bed.get(&format!("/api/builds/{victim}"))["state"] == "success").then_some(()));
+    bed.wait("the victim to finish", || {
+        (bed.get(&format!("/api/builds/{victim}"))["state"] == "success").then_some(())
+    });
     assert!(bed.stop_master().success());
     assert!(bed.agent_pids().is_empty(), "no machine process is left");
 }
@@ -256,7 +258,13 @@ fn isolation_none_starts_warns_and_leaves_the_masters_files_open() {
     // What "none" means: a step reads the master's config.
     let build = bed.build_file("x\n", "go");
     assert_eq!(build["state"], "success", "{build}");
-    let log = bed.http.get(format!("{}/api/builds/{}/log", bed.url(), build["id"])).send().expect("log").text().expect("text");
+    let log = bed
+        .http
+        .get(format!("{}/api/builds/{}/log", bed.url(), build["id"]))
+        .send()
+        .expect("log")
+        .text()
+        .expect("text");
     assert!(log.contains(CONFIG_MARKER), "{log}");
 }
 

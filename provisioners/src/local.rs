@@ -76,6 +76,17 @@ pub struct RunAs {
     pub setpriv: PathBuf,
 }
 
+/// Why a trial sandbox ([`LocalProvisioner::probe`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// bwrap could not set the sandbox up (what it said).
+    #[error("{0}")]
+    Sandbox(String),
+    /// The sandbox works, but the agent program cannot be executed inside it.
+    #[error("the agent program {} cannot be executed inside the sandbox", .0.display())]
+    Program(PathBuf),
+}
+
 /// Starts agents as local child processes.
 #[derive(Debug, Clone)]
 pub struct LocalProvisioner {
@@ -115,6 +126,19 @@ impl LocalProvisioner {
     }
 
     async fn start(&self, spec: LaunchSpec) -> Result<Launched, ProvisionError> {
+        if matches!(self.isolation, Isolation::Sandbox(_)) {
+            // bwrap would start and fail inside: say it as a failed launch, as a spawn would.
+            match std::fs::metadata(&self.program) {
+                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+                Ok(_) => {
+                    return Err(ProvisionError::Launch(format!(
+                        "cannot start {}: not an executable file",
+                        self.program.display()
+                    )))
+                }
+                Err(e) => return Err(ProvisionError::Launch(format!("cannot start {}: {e}", self.program.display()))),
+            }
+        }
         let dir = self.workdir(spec.machine_id);
         // Only the master (and, for `run_as`, the machine's user) may look inside.
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
@@ -187,15 +211,15 @@ impl LocalProvisioner {
 
     /// Checks that the sandbox can be set up on this host and that the agent program can be
     /// run inside it (as the pool's user), by starting one that only tests the program.
-    /// Errs with what bwrap or the test said.
-    pub async fn probe(&self) -> Result<(), ProvisionError> {
+    pub async fn probe(&self) -> Result<(), ProbeError> {
         let Isolation::Sandbox(sandbox) = &self.isolation else { return Ok(()) };
         let mut cmd = tokio::process::Command::new(&sandbox.bwrap);
         cmd.args(self.sandbox_args(sandbox, None)).arg("--");
         if let Some(user) = &sandbox.user {
             cmd.arg(&user.setpriv).args(setpriv_args(user));
         }
-        cmd.args(["/bin/sh", "-c", "test -x \"$1\" || { echo \"cannot execute $1\" >&2; exit 1; }", "sh"])
+        // Exit code 3 (from the test, not bwrap): the sandbox works, the program does not.
+        cmd.args(["/bin/sh", "-c", "test -x \"$1\" || exit 3", "sh"])
             .arg(&self.program)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -205,17 +229,23 @@ impl LocalProvisioner {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         new_session(&mut cmd);
-        let run = cmd.output();
-        let out = match tokio::time::timeout(Duration::from_secs(30), run).await {
+        let out = match tokio::time::timeout(Duration::from_secs(30), cmd.output()).await {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(ProvisionError::Launch(format!("cannot start {}: {e}", sandbox.bwrap.display()))),
-            Err(_) => return Err(ProvisionError::Launch("a test sandbox did not finish within 30s".into())),
+            Ok(Err(e)) => return Err(ProbeError::Sandbox(format!("cannot start {}: {e}", sandbox.bwrap.display()))),
+            Err(_) => return Err(ProbeError::Sandbox("a trial sandbox did not finish within 30s".into())),
         };
-        if out.status.success() {
-            return Ok(());
+        match out.status.code() {
+            Some(0) => Ok(()),
+            Some(3) => Err(ProbeError::Program(self.program.clone())),
+            _ => {
+                let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                Err(ProbeError::Sandbox(if stderr.is_empty() {
+                    format!("a trial sandbox failed: {}", out.status)
+                } else {
+                    stderr
+                }))
+            }
         }
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(ProvisionError::Launch(if stderr.is_empty() { format!("a test sandbox failed: {}", out.status) } else { stderr }))
     }
 
     /// bwrap's arguments (before `--`) for the machine whose work directory is `workdir`
@@ -233,7 +263,16 @@ impl LocalProvisioner {
             Mount::Tmpfs("/run/user".into()),
         ];
         mounts.retain(|m| m.path().exists());
-        mounts.extend(sandbox.hide.iter().filter(|p| p.exists()).map(|p| Mount::Tmpfs(canonical(p))));
+        let covered: Vec<PathBuf> = mounts.iter().map(|m| m.path().to_path_buf()).collect();
+        mounts.extend(
+            sandbox
+                .hide
+                .iter()
+                .filter(|p| p.exists())
+                .map(|p| canonical(p))
+                .filter(|p| !covered.contains(p))
+                .map(Mount::Tmpfs),
+        );
         mounts.extend(
             sandbox
                 .read_only
@@ -265,7 +304,8 @@ impl LocalProvisioner {
         let mut dirs: Vec<Mount> = Vec::new();
         for m in mounts.iter().filter(|m| m.is_bind()) {
             for a in m.path().ancestors().skip(1) {
-                let over = mounts.iter().filter(|o| a.starts_with(o.path())).max_by_key(|o| (depth(o.path()), o.is_bind()));
+                let over =
+                    mounts.iter().filter(|o| a.starts_with(o.path())).max_by_key(|o| (depth(o.path()), o.is_bind()));
                 if matches!(over, Some(Mount::Tmpfs(t) | Mount::Scratch(t)) if t != a) {
                     dirs.push(Mount::Dir(a.to_path_buf()));
                 }
@@ -380,7 +420,9 @@ impl Mount {
     fn args(&self) -> Vec<OsString> {
         match self {
             Mount::Dir(p) => return vec!["--perms".into(), "0755".into(), "--dir".into(), p.as_os_str().to_owned()],
-            Mount::Scratch(p) => return vec!["--perms".into(), "1777".into(), "--tmpfs".into(), p.as_os_str().to_owned()],
+            Mount::Scratch(p) => {
+                return vec!["--perms".into(), "1777".into(), "--tmpfs".into(), p.as_os_str().to_owned()]
+            }
             _ => {}
         }
         let (flag, twice) = match self {
@@ -424,10 +466,7 @@ fn first_untraversable(mounts: &[Mount], path: &Path, user: &RunAs) -> Option<Pa
             at.push(c);
         }
         // The deepest mount at or above this folder decides what it is.
-        let over = mounts
-            .iter()
-            .filter(|m| at.starts_with(m.path()))
-            .max_by_key(|m| (depth(m.path()), m.is_bind()));
+        let over = mounts.iter().filter(|m| at.starts_with(m.path())).max_by_key(|m| (depth(m.path()), m.is_bind()));
         match over {
             // Folders of a tmpfs, and the folders bwrap makes in it, are open to everyone.
             Some(Mount::Tmpfs(_) | Mount::Dir(_) | Mount::Scratch(_) | Mount::Dev(_) | Mount::Proc(_)) => return None,

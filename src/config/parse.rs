@@ -544,8 +544,11 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
     if is_ec2 {
         for key in ["isolation", "run_as"] {
             if let Some(e) = f.get(key) {
-                return Err(Diag::new(e.key_span.clone(), format!("`{key}` is only valid for provisioner = \"local\""))
-                    .hint("an EC2 build has a VM of its own, destroyed after use; remove the key"));
+                return Err(Diag::new(
+                    e.key_span.clone(),
+                    format!("`{key}` is only valid for provisioner = \"local\""),
+                )
+                .hint("an EC2 build has a VM of its own, destroyed after use; remove the key"));
             }
         }
         allowed.extend(EC2_KEYS);
@@ -633,8 +636,9 @@ fn run_as(f: &Fields<'_>) -> Result<Option<String>, Diag> {
             .hint("create one with useradd --system --no-create-home paddock-build and name it here"));
     }
     if f.get("isolation").is_some_and(|e| matches!(&e.value.kind, Kind::Str(s) if s == "none")) {
-        return Err(Diag::new(user.span, "`run_as` needs the sandbox, but this pool says isolation = \"none\"")
-            .hint("remove `run_as`, or remove isolation = \"none\" to confine the machines with bubblewrap as that user"));
+        return Err(Diag::new(user.span, "`run_as` needs the sandbox, but this pool says isolation = \"none\"").hint(
+            "remove `run_as`, or remove isolation = \"none\" to confine the machines with bubblewrap as that user",
+        ));
     }
     Ok(Some(user.v))
 }

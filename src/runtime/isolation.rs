@@ -5,7 +5,7 @@
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use paddock_provisioners::local::{self, LocalProvisioner, RunAs, Sandbox};
+use paddock_provisioners::local::{self, LocalProvisioner, ProbeError, RunAs, Sandbox};
 
 use crate::config::{Config, Isolation, Pool};
 
@@ -25,8 +25,10 @@ pub enum IsolationError {
 
 /// Top-level folders of the system that a sandbox cannot cover with an empty one: a master's
 /// file lying directly in one must move into a folder of its own.
-const SYSTEM_FOLDERS: &[&str] =
-    &["/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys", "/usr", "/var"];
+const SYSTEM_FOLDERS: &[&str] = &[
+    "/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin", "/sys",
+    "/usr", "/var",
+];
 
 /// Creates the state folder private to the master (0700) and makes the SQLite database and
 /// its `-wal`, `-shm` and `-journal` files readable by the master alone (0600). SQLite gives
@@ -100,7 +102,8 @@ pub async fn local_provisioner(
         }
         (None, false) => None,
         (Some(name), _) => {
-            let found = nix::unistd::User::from_name(name).map_err(|e| err(format!("cannot look up user `{name}`: {e}")))?;
+            let found =
+                nix::unistd::User::from_name(name).map_err(|e| err(format!("cannot look up user `{name}`: {e}")))?;
             let Some(found) = found else {
                 return Err(err(format!(
                     "run_as user `{name}` does not exist: create it with useradd --system --no-create-home {name}"
@@ -129,14 +132,25 @@ pub async fn local_provisioner(
     let hide = hidden_paths(config)?;
     let read_only = bound_paths(config, pool)?;
     let provisioner = provisioner.with_isolation(local::Isolation::Sandbox(Sandbox { bwrap, hide, read_only, user }));
-    provisioner.probe().await.map_err(|e| {
-        err(format!(
-            "bubblewrap cannot set up a sandbox here: {e}. If unprivileged user namespaces are disabled, enable them \
-             (sysctl kernel.unprivileged_userns_clone=1) or run the master as root with run_as; or set \
-             isolation = \"none\" in [pool.{}] to run builds unsandboxed",
-            pool.name
-        ))
-    })?;
+    match provisioner.probe().await {
+        Ok(()) => {}
+        // Not fatal: its launches fail, and say so, as any broken agent program's do.
+        Err(e @ ProbeError::Program(_)) => {
+            let who = match &pool.run_as {
+                Some(name) if root => format!(" by user {name}"),
+                _ => String::new(),
+            };
+            tracing::warn!(pool = %pool.name, "{e}{who}: its machines will fail to start");
+        }
+        Err(ProbeError::Sandbox(e)) => {
+            return Err(err(format!(
+                "bubblewrap cannot set up a sandbox here: {e}. If unprivileged user namespaces are disabled, enable \
+                 them (sysctl kernel.unprivileged_userns_clone=1) or run the master as root with run_as; or set \
+                 isolation = \"none\" in [pool.{}] to run builds unsandboxed",
+                pool.name
+            )))
+        }
+    }
     Ok(provisioner)
 }
 
@@ -259,9 +273,9 @@ fn absolute(path: &Path) -> PathBuf {
 /// The first executable file named `name` in the folders of PATH.
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// The name of the user the master runs as (its uid when it has no name).

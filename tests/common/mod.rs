@@ -51,9 +51,8 @@ pub fn user_ids(name: &str) -> (u32, u32) {
 
 /// Fails the test, saying what to install, when local machines cannot be sandboxed here.
 pub fn require_sandbox() {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("bwrap").is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("bwrap").is_file())).unwrap_or(false);
     assert!(found, "bubblewrap is needed to sandbox local machines: apt-get install bubblewrap");
     if is_root() {
         user_ids(TEST_USER);
@@ -72,7 +71,8 @@ pub fn with_run_as(text: &str) -> String {
         if !(line.trim_start().starts_with("[pool.") && line.trim_end().ends_with(']')) {
             continue;
         }
-        let section: Vec<&str> = lines[i + 1..].iter().take_while(|l| !l.trim_start().starts_with('[')).copied().collect();
+        let section: Vec<&str> =
+            lines[i + 1..].iter().take_while(|l| !l.trim_start().starts_with('[')).copied().collect();
         let has = |key: &str| section.iter().any(|l| l.trim_start().starts_with(key));
         let ec2 = section.iter().any(|l| l.replace(' ', "") == "provisioner=\"ec2\"");
         if !ec2 && !has("run_as") && !has("isolation") {
