@@ -32,7 +32,7 @@ max_instances = 2               # at most two builds at once
 idle_timeout = "15s"            # a machine idle this long is stopped
 hourly_price = 0.05             # a nominal price, so `paddock cost` has something to show
 boot_timeout = "30s"
-
+@ISOLATION@
 # Two builders from one matrix: test-quick and test-full.
 [[builder]]
 name = "test-{suite}"
@@ -163,7 +163,9 @@ async fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 
 async fn create_repo(repo: &Path) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(repo).await?;
-    git(repo, &["init", "-q", "-b", "main"]).await?;
+    // Machines may run as another user (a root demo's `run_as`) and must read it, whatever the
+    // umask.
+    git(repo, &["init", "-q", "-b", "main", "--shared=0644"]).await?;
     // So the person trying the demo can commit here without a global git identity.
     git(repo, &["config", "user.name", "Paddock Demo"]).await?;
     git(repo, &["config", "user.email", "demo@paddock.invalid"]).await?;
@@ -179,8 +181,40 @@ async fn create_repo(repo: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the demo in `dir` with the master on `port`, until Ctrl-C.
-pub async fn run(dir: &Path, port: u16) -> anyhow::Result<()> {
+/// How the demo's local pool confines its machines, as lines of its config: the sandbox when
+/// bubblewrap is installed (as `run_as`, when the demo runs as root, which must exist), else
+/// the opt-out, said once.
+fn isolation_lines(run_as: &str) -> anyhow::Result<String> {
+    let root = nix::unistd::geteuid().is_root();
+    if crate::runtime::isolation::find_program("bwrap").is_none() {
+        println!(
+            "Note: bubblewrap is not installed, so the demo's builds run unsandboxed as {}, with access to \
+             its files. To sandbox them: apt-get install bubblewrap, then delete paddock.toml in the demo folder.",
+            if root { "root" } else { "you" }
+        );
+        return Ok("# bubblewrap (bwrap) was not found when this file was written, so builds run unsandboxed as\n\
+                   # the master's user. To sandbox them: apt-get install bubblewrap, and delete the next line.\n\
+                   isolation = \"none\"\n"
+            .to_string());
+    }
+    if !root {
+        return Ok(String::new());
+    }
+    match nix::unistd::User::from_name(run_as) {
+        Ok(Some(u)) if !u.uid.is_root() => {
+            Ok(format!("run_as = \"{run_as}\"               # the demo runs as root; its builds run as this user\n"))
+        }
+        _ => bail!(
+            "the demo runs as root, and its builds must not: create the user they run as \
+             (useradd --system --no-create-home {run_as}) and run the demo again, or pass --run-as USER \
+             naming an unprivileged user, or run the demo as a normal user"
+        ),
+    }
+}
+
+/// Runs the demo in `dir` with the master on `port`, until Ctrl-C. `run_as` is the user its
+/// builds run as when the demo runs as root.
+pub async fn run(dir: &Path, port: u16, run_as: &str) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(dir).await.with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = tokio::fs::canonicalize(dir).await?;
     let repo = dir.join("repo");
@@ -189,7 +223,8 @@ pub async fn run(dir: &Path, port: u16) -> anyhow::Result<()> {
     }
     let config_path = dir.join("paddock.toml");
     if !config_path.exists() {
-        tokio::fs::write(&config_path, CONFIG.replace("@PORT@", &port.to_string())).await?;
+        let text = CONFIG.replace("@PORT@", &port.to_string()).replace("@ISOLATION@", &isolation_lines(run_as)?);
+        tokio::fs::write(&config_path, text).await?;
     }
     let config = crate::config::load(&config_path)?;
     let database = config.master.database.clone();

@@ -65,7 +65,7 @@ fn log(bed: &Bed, id: i64) -> String {
 #[test]
 fn cancel_rebuild_and_terminate() {
     let mut bed = Bed::new(&[]);
-    let go = bed.path().join("go");
+    let go = bed.flag("go");
     bed.config("", &config(&go));
     bed.start(&["main"]);
     let carl = Bed::client(Some(&bed.add_user("carl", "committer", "carl-password")));
@@ -139,7 +139,7 @@ fn cancel_rebuild_and_terminate() {
 #[test]
 fn a_paused_pool_starts_nothing_across_a_restart_until_resumed() {
     let mut bed = Bed::new(&[]);
-    let go = bed.path().join("go");
+    let go = bed.flag("go");
     std::fs::write(&go, "").expect("go");
     bed.config("", &config(&go));
     bed.start(&["main"]);
@@ -187,7 +187,7 @@ fn a_paused_pool_starts_nothing_across_a_restart_until_resumed() {
 #[test]
 fn a_live_log_left_open_does_not_hold_up_the_shutdown() {
     let mut bed = Bed::new(&[]);
-    let go = bed.path().join("go");
+    let go = bed.flag("go");
     bed.config("", &config(&go));
     bed.start(&["main"]);
     let (status, _) = post(&bed.http, &bed, "/api/pools/local/pause", None);

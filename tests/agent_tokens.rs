@@ -51,14 +51,12 @@ fn resume(bed: &Bed, machine: i64, token: &str, build: i64) -> (Ws, Option<Strin
 #[test]
 fn a_spent_resume_token_never_works_again_once_its_successor_is_in_use() {
     let mut bed = Bed::new(&[]);
-    // The machine's process only records its one-time token: this test is its agent.
-    let saved = bed.path().join("token.txt");
+    // The machine's process only records its one-time token (in its work folder, all a
+    // sandboxed machine may write): this test is its agent.
+    let saved = bed.machine_dir("local", 1).join("token.txt");
     let script = bed.path().join("recording-machine.sh");
-    std::fs::write(
-        &script,
-        format!("#!/bin/sh\nprintf '%s' \"$PADDOCK_AGENT_TOKEN\" > {}\nexec sleep 300\n", saved.display()),
-    )
-    .expect("script");
+    std::fs::write(&script, "#!/bin/sh\nprintf '%s' \"$PADDOCK_AGENT_TOKEN\" > token.txt\nexec sleep 300\n")
+        .expect("script");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     bed.config_with_master(
         "heartbeat_timeout = \"60s\"\n",

@@ -182,8 +182,8 @@ impl Drop for Browser {
 fn committers_watch_builds_live_force_builds_and_admins_see_costs() {
     let driver = start_driver();
     let mut bed = Bed::new(&[]);
-    let go1 = bed.path().join("go1");
-    let go2 = bed.path().join("go2");
+    let go1 = bed.flag("go1");
+    let go2 = bed.flag("go2");
     let wait_for = |f: &PathBuf| format!("while [ ! -e {} ]; do sleep 0.1; done", f.display());
     bed.config(
         "",

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use paddock::config::{self, Config, ConfigError, ProvisionerKind, SchedulerKind};
+use paddock::config::{self, Config, ConfigError, Isolation, ProvisionerKind, SchedulerKind};
 
 /// A valid prefix (lines 1-6) that most bad configs extend, so line numbers stay predictable.
 const BASE: &str = r#"[[repo]]
@@ -255,6 +255,38 @@ fn ec2_keys_are_refused_on_a_local_pool() {
     assert_err(text, 2, 1, "unknown key `ami` in [pool.big]");
     let text = "[pool.big]\nprovisioner = \"ec2\"\nami = \"ami-1\"\ninstance_types = [\"t3.small\"]\nagent_command = \"/bin/x\"\n";
     assert_err(text, 5, 1, "unknown key `agent_command` in [pool.big]");
+}
+
+#[test]
+fn isolation_and_run_as_of_a_local_pool() {
+    let cfg = parse("[pool.p]\nrun_as = \"paddock-build\"\n[pool.q]\nisolation = \"none\"\n").unwrap();
+    let (p, q) = (cfg.pool("p").unwrap(), cfg.pool("q").unwrap());
+    assert_eq!((p.isolation, p.run_as.as_deref()), (Isolation::Sandbox, Some("paddock-build")));
+    assert_eq!((q.isolation, q.run_as.as_deref()), (Isolation::None, None));
+
+    let e =
+        assert_err("[pool.p]\nisolation = \"bwrap\"\n", 2, 13, "`isolation` is \"sandbox\" or \"none\", not \"bwrap\"");
+    assert!(e.hint.unwrap().contains("confines each machine with bubblewrap"));
+    assert_err("[pool.p]\nisolation = true\n", 2, 13, "`isolation` must be a string");
+    let e = assert_err("[pool.p]\nrun_as = \"root\"\n", 2, 10, "`run_as` must name an unprivileged user, not root");
+    assert!(e.hint.unwrap().contains("useradd --system --no-create-home"));
+    assert_err("[pool.p]\nrun_as = \"a b\"\n", 2, 10, "`run_as` must be a user name, not \"a b\"");
+    assert_err("[pool.p]\nrun_as = \"\"\n", 2, 10, "`run_as` must be a user name");
+    let e = assert_err(
+        "[pool.p]\nisolation = \"none\"\nrun_as = \"paddock-build\"\n",
+        3,
+        10,
+        "`run_as` needs the sandbox, but this pool says isolation = \"none\"",
+    );
+    assert!(e.hint.unwrap().contains("remove `run_as`"));
+}
+
+#[test]
+fn isolation_and_run_as_are_refused_on_an_ec2_pool() {
+    let pool = "[pool.big]\nprovisioner = \"ec2\"\nami = \"ami-1\"\ninstance_types = [\"t3.small\"]\n";
+    let e = assert_err(&format!("{pool}run_as = \"u\"\n"), 5, 1, "`run_as` is only valid for provisioner = \"local\"");
+    assert!(e.hint.unwrap().contains("VM of its own"));
+    assert_err(&format!("{pool}isolation = \"none\"\n"), 5, 1, "`isolation` is only valid for provisioner = \"local\"");
 }
 
 #[test]
@@ -603,6 +635,8 @@ fn defaults() {
     assert_eq!(p.boot_timeout, Duration::from_secs(300));
     assert_eq!(p.max_builds, 0);
     assert_eq!(p.agent_command, None);
+    assert_eq!(p.isolation, Isolation::Sandbox);
+    assert_eq!(p.run_as, None);
     assert!(cfg.builders.is_empty() && cfg.schedulers.is_empty());
 }
 

@@ -305,10 +305,11 @@ fn chrono_after(ts: &str, secs: i64) -> String {
 /// Starts a master whose only build blocks on its first attempt (until killed) and succeeds on
 /// the next one; commits, and waits until the first attempt runs. Returns it and its machine.
 fn start_hanging_build(bed: &mut Bed) -> (i64, serde_json::Value) {
-    let marker = bed.path().join("attempted");
+    // Machines cannot leave a mark for the next attempt: the test raises a flag they can see.
+    let retried = bed.flag("retried");
     let steps = format!(
-        "steps = [\"if [ -e {m} ]; then echo second attempt; else touch {m}; echo first attempt; sleep 120; fi\"]",
-        m = marker.display()
+        "steps = [\"if [ -e {m} ]; then echo second attempt; else echo first attempt; sleep 120; fi\"]",
+        m = retried.display()
     );
     bed.config("", &one_builder(POOL, &steps));
     bed.start(&["main"]);
@@ -316,14 +317,15 @@ fn start_hanging_build(bed: &mut Bed) -> (i64, serde_json::Value) {
     let first = bed.wait("a running build", || bed.builds().into_iter().find(|b| state(b) == "running"));
     let id = first["id"].as_i64().expect("id");
     wait_for_log(bed, id, "first attempt");
+    bed.raise("retried");
     let machine = bed.machines().into_iter().find(|m| m["id"] == first["machine"]).expect("machine");
     (id, machine)
 }
 
-/// Sends `signal` to the agent process of `machine`.
-fn signal_agent(machine: &serde_json::Value, signal: &str) {
-    let pid = machine["provider_id"].as_str().expect("pid");
-    let status = std::process::Command::new("kill").args([signal, pid]).status().expect("kill");
+/// Sends `signal` to the agent process of `machine` (inside its sandbox).
+fn signal_agent(bed: &Bed, machine: &serde_json::Value, signal: &str) {
+    let pid = bed.agent_of(machine["id"].as_i64().expect("id"));
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
     assert!(status.success());
 }
 
@@ -357,14 +359,14 @@ fn wait_for_log(bed: &Bed, build: i64, text: &str) {
 fn an_agent_killed_mid_build_is_retried_on_a_new_machine() {
     let mut bed = Bed::new(&[]);
     let (id, machine) = start_hanging_build(&mut bed);
-    signal_agent(&machine, "-KILL");
+    signal_agent(&bed, &machine, "-KILL");
     assert_retried_elsewhere(&bed, id);
 }
 
 /// Starts a master whose only build runs until the file `go` appears; commits and waits until
 /// the build is running. Returns the build id, its machine and the path of `go`.
 fn start_waiting_build(bed: &mut Bed) -> (i64, serde_json::Value, std::path::PathBuf) {
-    let go = bed.path().join("go");
+    let go = bed.flag("go");
     bed.config(
         "",
         &one_builder(
@@ -410,7 +412,7 @@ fn an_agent_that_dies_while_the_master_is_down_has_its_build_retried() {
     let mut bed = Bed::new(&[]);
     let (id, machine, go) = start_waiting_build(&mut bed);
     bed.kill_master();
-    signal_agent(&machine, "-KILL");
+    signal_agent(&bed, &machine, "-KILL");
     let lost = machine["id"].as_i64().expect("machine");
     bed.wait("the agent to die", || {
         common::machine_processes(bed.path(), lost).iter().all(|p| !common::is_agent(*p)).then_some(())
@@ -432,7 +434,7 @@ fn an_agent_that_dies_while_the_master_is_down_has_its_build_retried() {
 #[test]
 fn a_machine_still_booting_when_the_master_dies_is_kept_and_runs_the_build() {
     let mut bed = Bed::new(&[]);
-    let go = bed.path().join("boot-go");
+    let go = bed.flag("boot-go");
     let script = bed.path().join("slow-boot.sh");
     std::fs::write(
         &script,
@@ -463,7 +465,7 @@ exec {bin} \"$@\"\n",
     bed.start(&["main"]);
     bed.wait("the booting machine kept", || bed.log().contains("still booting; waiting for its agent").then_some(()));
     // Its boot ends after the restart: the agent says hello with its one-time token.
-    std::fs::write(&go, "").expect("go");
+    bed.raise("boot-go");
     let builds = bed.wait_builds_done(1);
     assert_eq!(state(&builds[0]), "success", "{builds:?}");
     assert_eq!(builds[0]["attempt"], 1);
@@ -474,13 +476,12 @@ exec {bin} \"$@\"\n",
 #[test]
 fn a_machine_that_never_connects_is_stopped_after_boot_timeout_and_its_build_retried() {
     let mut bed = Bed::new(&[]);
-    let marker = bed.path().join("booted-once");
+    // The first machine never connects; later ones are real agents.
     let script = bed.path().join("slow-agent.sh");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nif [ ! -e {m} ]; then touch {m}; exec sleep 300; fi\nexec {bin} \"$@\"\n",
-            m = marker.display(),
+            "#!/bin/sh\nif [ \"$PADDOCK_MACHINE_ID\" = 1 ]; then exec sleep 300; fi\nexec {bin} \"$@\"\n",
             bin = paddock_bin().display()
         ),
     )
@@ -570,15 +571,11 @@ builders = [\"deploy\"]
 #[test]
 fn an_agent_with_a_wrong_or_reused_token_is_refused() {
     let mut bed = Bed::new(&[]);
-    let saved = bed.path().join("token.txt");
+    // The agent's log (its work directory is all a machine may write) records its token.
     let script = bed.path().join("recording-agent.sh");
     std::fs::write(
         &script,
-        format!(
-            "#!/bin/sh\nprintf '%s' \"$PADDOCK_AGENT_TOKEN\" > {}\nexec {} \"$@\"\n",
-            saved.display(),
-            paddock_bin().display()
-        ),
+        format!("#!/bin/sh\necho \"token=$PADDOCK_AGENT_TOKEN\" >&2\nexec {} \"$@\"\n", paddock_bin().display()),
     )
     .expect("script");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -598,7 +595,9 @@ fn an_agent_with_a_wrong_or_reused_token_is_refused() {
     // A real token, used once already by the machine it was made for.
     bed.commit("main", "a.txt", "1\n", "go");
     bed.wait_builds_done(1);
-    let token = std::fs::read_to_string(&saved).expect("token recorded");
+    let machine = bed.builds()[0]["machine"].as_i64().expect("machine");
+    let agent_log = std::fs::read_to_string(bed.machine_dir("local", machine).join("agent.log")).expect("agent log");
+    let token = agent_log.lines().find_map(|l| l.strip_prefix("token=")).expect("token recorded").to_string();
     assert_eq!(token.len(), 64);
     let out = std::process::Command::new(paddock_bin())
         .args(["agent", "--master", &bed.url(), "--workdir"])
@@ -690,7 +689,7 @@ fn an_agent_silent_past_the_heartbeat_limit_is_lost_and_its_build_retried() {
     let mut bed = Bed::new(&[]);
     let (id, machine) = start_hanging_build(&mut bed);
     // Frozen, not dead: the connection stays open but no heartbeat comes.
-    signal_agent(&machine, "-STOP");
+    signal_agent(&bed, &machine, "-STOP");
     let lost = assert_retried_elsewhere(&bed, id);
     let events =
         bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM machine_events WHERE machine_id = {lost} AND kind = 'lost'"));

@@ -92,7 +92,7 @@ fn metrics_parse_as_prometheus_text_and_count_what_happened() {
 fn readyz_says_not_ready_while_the_master_drains() {
     let mut bed = Bed::new(&[]);
     // The step waits for a file the test writes, so the drain lasts as long as the test wants.
-    let release = bed.path().join("release");
+    let release = bed.flag("release");
     bed.config(
         "",
         &format!(

@@ -214,7 +214,7 @@ fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
 fn an_older_change_finishing_after_a_newer_one_is_no_transition() {
     let receiver = Receiver::start();
     let mut bed = Bed::new(&[]);
-    let go = bed.path().join("go");
+    let go = bed.flag("go");
     std::fs::create_dir_all(go.join("base")).expect("go/base");
     // Each build waits for go/<its change's gate word>; the "older" change fails.
     bed.config(

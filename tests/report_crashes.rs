@@ -35,6 +35,19 @@ fn wait_file(path: &std::path::Path) -> String {
     format!("while [ ! -e {} ]; do sleep 0.05; done", path.display())
 }
 
+/// Whether a file called `name` exists anywhere under the local pool's machine folders (where a
+/// sandboxed step may write: its own work folder).
+fn step_wrote(bed: &Bed, name: &str) -> bool {
+    fn walk(dir: &std::path::Path, name: &str) -> bool {
+        let Ok(entries) = std::fs::read_dir(dir) else { return false };
+        entries.flatten().any(|e| {
+            let path = e.path();
+            e.file_name() == name || (path.is_dir() && !path.is_symlink() && walk(&path, name))
+        })
+    }
+    walk(&bed.path().join("paddock-state").join("machines"), name)
+}
+
 fn build_log(bed: &Bed, id: i64) -> String {
     bed.http.get(format!("{}/api/builds/{id}/log", bed.url())).send().expect("log").text().expect("text")
 }
@@ -51,7 +64,7 @@ fn steps(bed: &Bed, id: i64) -> Vec<(String, Option<i64>)> {
 #[test]
 fn reports_left_unread_in_a_frozen_masters_socket_are_stored_after_it_is_killed() {
     let mut bed = Bed::new(&[]);
-    let go = bed.path().join("go");
+    let go = bed.flag("go");
     let first = format!("echo begin; {}; {}", wait_file(&go), lines("line", 2000));
     bed.config_with_master(MASTER, "", &builder(&[("first", &first), ("second", "echo second step")]));
     bed.start(&["main"]);
@@ -62,7 +75,7 @@ fn reports_left_unread_in_a_frozen_masters_socket_are_stored_after_it_is_killed(
 
     // The master freezes: the kernel still takes what the agent sends, nobody reads it.
     bed.signal_master("-STOP");
-    std::fs::write(&go, "").expect("go");
+    bed.raise("go");
     bed.wait("the agent's reports to pile up unread at the frozen master", || {
         (bed.unread_bytes_at_master() >= 32 * 1024).then_some(())
     });
@@ -89,10 +102,9 @@ fn reports_left_unread_in_a_frozen_masters_socket_are_stored_after_it_is_killed(
 #[test]
 fn kills_mid_output_and_between_a_steps_end_and_the_builds_end_lose_nothing() {
     let mut bed = Bed::new(&[]);
-    let (go1, go2) = (bed.path().join("go1"), bed.path().join("go2"));
-    let (done1, done2) = (bed.path().join("done1"), bed.path().join("done2"));
-    let first = format!("echo a-start; {}; {}; touch {}", wait_file(&go1), lines("a", 500), done1.display());
-    let second = format!("{}; {}; touch {}; exit 3", wait_file(&go2), lines("b", 500), done2.display());
+    let (go1, go2) = (bed.flag("go1"), bed.flag("go2"));
+    let first = format!("echo a-start; {}; {}; touch done1", wait_file(&go1), lines("a", 500));
+    let second = format!("{}; {}; touch done2; exit 3", wait_file(&go2), lines("b", 500));
     bed.config_with_master(MASTER, "", &builder(&[("first", &first), ("second", &second)]));
     bed.start(&["main"]);
     bed.commit("main", "a.txt", "1\n", "go");
@@ -102,15 +114,15 @@ fn kills_mid_output_and_between_a_steps_end_and_the_builds_end_lose_nothing() {
 
     // Killed while the first step prints and ends: its output and its end happen with no master.
     bed.kill_master();
-    std::fs::write(&go1, "").expect("go1");
-    bed.wait("the first step to end", || done1.exists().then_some(()));
+    bed.raise("go1");
+    bed.wait("the first step to end", || step_wrote(&bed, "done1").then_some(()));
     bed.start(&["main"]);
     bed.wait("the first step's output to be stored", || build_log(&bed, id).contains("a 500:").then_some(()));
 
     // Killed again; the second step prints, fails, and the build ends with no master.
     bed.kill_master();
-    std::fs::write(&go2, "").expect("go2");
-    bed.wait("the second step to end", || done2.exists().then_some(()));
+    bed.raise("go2");
+    bed.wait("the second step to end", || step_wrote(&bed, "done2").then_some(()));
     bed.start(&["main"]);
 
     let builds = bed.wait_builds_done(1);

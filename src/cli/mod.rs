@@ -198,6 +198,9 @@ enum Command {
         /// Port for the master.
         #[arg(long, default_value_t = 8010)]
         port: u16,
+        /// Run as root: the unprivileged user the demo's builds run as (it must exist).
+        #[arg(long, default_value = "paddock-build")]
+        run_as: String,
     },
 }
 
@@ -246,6 +249,7 @@ async fn dispatch(command: Command, preloaded: Option<crate::config::Config>) ->
                 Some(cfg) => cfg,
                 None => load_config(&config)?,
             };
+            private_umask();
             run_master(cfg).await?;
         }
         Command::CheckConfig { config } => {
@@ -338,11 +342,23 @@ async fn dispatch(command: Command, preloaded: Option<crate::config::Config>) ->
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::User { action } => return accounts::user(action).await,
-        Command::Token { action } => return accounts::token(action).await,
-        Command::Demo { dir, port } => crate::demo::run(&dir, port).await?,
+        Command::User { action } => {
+            private_umask();
+            return accounts::user(action).await;
+        }
+        Command::Token { action } => {
+            private_umask();
+            return accounts::token(action).await;
+        }
+        Command::Demo { dir, port, run_as } => crate::demo::run(&dir, port, &run_as).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Files the master creates (its database, mirrors, logs) are its own: no other user, and so no
+/// build running as another user, may read them. Local machines start with the usual 022.
+fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
 }
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {

@@ -70,6 +70,15 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl Master {
+    /// The SQLite database file, when `database` names one (not `:memory:`, not PostgreSQL).
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        let rest = self.database.strip_prefix("sqlite://").or_else(|| self.database.strip_prefix("sqlite:"))?;
+        let file = rest.split('?').next().unwrap_or("");
+        (!file.is_empty() && !file.starts_with(':')).then(|| PathBuf::from(file))
+    }
+}
+
 /// `[[repo]]`: a git repository that changes come from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Repo {
@@ -108,6 +117,12 @@ pub struct Pool {
     pub max_builds: u32,
     /// Local provisioner only: the agent binary to start. Default: the running `paddock` binary.
     pub agent_command: Option<PathBuf>,
+    /// Local provisioner only: how machines are kept from the master's files and processes.
+    /// Default [`Isolation::Sandbox`].
+    pub isolation: Isolation,
+    /// Local provisioner only: the unprivileged OS user machines run as. Required when the
+    /// master runs as root (checked at start, with the user's existence).
+    pub run_as: Option<String>,
     /// USD per hour for every machine of the pool (overrides the price table; for local
     /// machines a nominal price, default 0).
     pub hourly_price: Option<f64>,
@@ -115,6 +130,27 @@ pub struct Pool {
     pub prices: BTreeMap<String, f64>,
     /// Spend caps of this pool.
     pub spend: SpendCaps,
+}
+
+/// `isolation` of a local pool: what a build step on one of its machines can reach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// A bubblewrap sandbox: the host read-only, the master's files and other machines hidden,
+    /// no process outside the machine visible.
+    #[default]
+    Sandbox,
+    /// No sandbox: steps run as the master's user, with access to everything it can reach.
+    None,
+}
+
+impl Isolation {
+    /// The config's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Sandbox => "sandbox",
+            Isolation::None => "none",
+        }
+    }
 }
 
 /// Spend caps (USD): no machine is launched while the spend of the current UTC hour or day

@@ -74,6 +74,8 @@ const POOL_KEYS: &[&str] = &[
     "boot_timeout",
     "max_builds",
     "agent_command",
+    "isolation",
+    "run_as",
     "hourly_price",
     "prices",
     "max_hourly_spend",
@@ -585,8 +587,17 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
     let is_ec2 = kind.as_ref().is_some_and(|k| k.v == "ec2");
     let mut allowed: Vec<&str> = POOL_KEYS.to_vec();
     if is_ec2 {
+        for key in ["isolation", "run_as"] {
+            if let Some(e) = f.get(key) {
+                return Err(Diag::new(
+                    e.key_span.clone(),
+                    format!("`{key}` is only valid for provisioner = \"local\""),
+                )
+                .hint("an EC2 build has a VM of its own, destroyed after use; remove the key"));
+            }
+        }
         allowed.extend(EC2_KEYS);
-        allowed.retain(|k| *k != "agent_command");
+        allowed.retain(|k| !matches!(*k, "agent_command" | "isolation" | "run_as"));
     }
     f.allow_only(&allowed)?;
     let provisioner = match &kind {
@@ -633,10 +644,48 @@ fn parse_pool(e: &Entry, base: &Path) -> Result<Pool, Diag> {
         boot_timeout: f.opt_duration("boot_timeout")?.unwrap_or(Duration::from_secs(300)),
         max_builds: f.opt_u32("max_builds")?.map(|m| m.v).unwrap_or(0),
         agent_command: f.opt_str("agent_command")?.map(|p| resolve(base, &p.v)),
+        isolation: isolation(&f)?,
+        run_as: run_as(&f)?,
         hourly_price,
         prices: parse_prices(&f)?,
         spend,
     })
+}
+
+/// `isolation = "sandbox" | "none"` of a local pool.
+fn isolation(f: &Fields<'_>) -> Result<Isolation, Diag> {
+    match f.opt_str("isolation")? {
+        None => Ok(Isolation::Sandbox),
+        Some(v) if v.v == "sandbox" => Ok(Isolation::Sandbox),
+        Some(v) if v.v == "none" => Ok(Isolation::None),
+        Some(v) => Err(Diag::new(v.span, format!("`isolation` is \"sandbox\" or \"none\", not \"{}\"", v.v)).hint(
+            "\"sandbox\" (the default) confines each machine with bubblewrap; \"none\" runs steps as the \
+             master's user with access to its files",
+        )),
+    }
+}
+
+/// `run_as = "USER"` of a local pool: a plausible user name, not root, and only with the sandbox.
+fn run_as(f: &Fields<'_>) -> Result<Option<String>, Diag> {
+    let Some(user) = f.opt_str("run_as")? else { return Ok(None) };
+    let plausible = !user.v.is_empty()
+        && user.v.len() <= 32
+        && !user.v.starts_with('-')
+        && user.v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !plausible {
+        return Err(Diag::new(user.span, format!("`run_as` must be a user name, not \"{}\"", user.v))
+            .hint("e.g. run_as = \"paddock-build\" (create it with useradd --system --no-create-home paddock-build)"));
+    }
+    if user.v == "root" {
+        return Err(Diag::new(user.span, "`run_as` must name an unprivileged user, not root")
+            .hint("create one with useradd --system --no-create-home paddock-build and name it here"));
+    }
+    if f.get("isolation").is_some_and(|e| matches!(&e.value.kind, Kind::Str(s) if s == "none")) {
+        return Err(Diag::new(user.span, "`run_as` needs the sandbox, but this pool says isolation = \"none\"").hint(
+            "remove `run_as`, or remove isolation = \"none\" to confine the machines with bubblewrap as that user",
+        ));
+    }
+    Ok(Some(user.v))
 }
 
 /// `prices = { "t3.small" = 0.0208, ... }`: per instance type, USD per hour.

@@ -74,6 +74,17 @@ pub fn render_builders(cfg: &Config) -> String {
         if let Some(cmd) = &p.agent_command {
             let _ = writeln!(out, "    agent_command: {}", cmd.display());
         }
+        if p.provisioner == ProvisionerKind::Local {
+            let who = match &p.run_as {
+                Some(user) => format!("as user {user}"),
+                None => "as the master's user".to_string(),
+            };
+            let how = match p.isolation {
+                Isolation::Sandbox => format!("sandbox (bubblewrap), {who}"),
+                Isolation::None => "none: steps run as the master's user, with access to its files".to_string(),
+            };
+            let _ = writeln!(out, "    isolation: {how}");
+        }
         if let ProvisionerKind::Ec2(e) = &p.provisioner {
             let image = match (&e.ami, &e.launch_template) {
                 (Some(ami), _) => ami.clone(),

@@ -6,6 +6,7 @@
 //! outcome back as an event: that is what keeps a crash from losing or duplicating work.
 
 pub mod ingest;
+pub mod isolation;
 pub mod poller;
 pub mod secrets;
 
@@ -17,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use paddock_provisioners::ec2::{Ec2Provisioner, Ec2Regions};
-use paddock_provisioners::local::LocalProvisioner;
 use paddock_provisioners::{LaunchSpec, Launched, Provisioner};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -48,6 +48,8 @@ pub enum MasterError {
     Tls(#[from] crate::web::tls::TlsError),
     #[error(transparent)]
     Notify(#[from] crate::notify::worker::NotifyError),
+    #[error(transparent)]
+    Isolation(#[from] isolation::IsolationError),
 }
 
 /// What the loop is told, by everyone else.
@@ -209,6 +211,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), MasterError> {
     let config = Arc::new(config);
+    isolation::protect_files(&config)?;
     let store = Store::open(&config.master.database).await?;
     let secrets = Secrets::load(config.master.secrets_file.as_deref())?;
     let notifiers = Arc::new(crate::notify::worker::Notifiers::from_config(&config)?);
@@ -241,10 +244,10 @@ pub async fn run(
     let regions = Ec2Regions::default();
     for pool in &config.pools {
         let p: Arc<dyn Provisioner> = match &pool.provisioner {
-            ProvisionerKind::Local => Arc::new(LocalProvisioner::new(
-                pool.agent_command.clone().unwrap_or_else(|| opts.agent_program.clone()),
-                config.master.state_dir.join("machines").join(&pool.name),
-            )),
+            ProvisionerKind::Local => {
+                let program = pool.agent_command.clone().unwrap_or_else(|| opts.agent_program.clone());
+                Arc::new(isolation::local_provisioner(&config, pool, program).await?)
+            }
             ProvisionerKind::Ec2(settings) => {
                 let api = regions.api(settings.region.as_deref(), settings.endpoint_url.as_deref()).await;
                 Arc::new(Ec2Provisioner::new(api, (**settings).clone(), &config.master.cluster, &pool.name))

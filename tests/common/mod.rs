@@ -8,6 +8,7 @@ pub mod faultproxy;
 pub mod moto;
 pub mod tls;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,6 +29,71 @@ pub fn paddock_bin() -> PathBuf {
 /// How long any single wait may take before the test fails (generous for a loaded 2-core box).
 pub const DEADLINE: Duration = Duration::from_secs(90);
 
+/// The unprivileged user local machines run as (`run_as`) when the tests run as root, as CI
+/// does; `.ci/test` creates it.
+pub const TEST_USER: &str = "paddock-test";
+
+/// Whether the tests run as root (then the masters they start need `run_as`).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The uid and gid of user `name`, failing the test with how to create it.
+pub fn user_ids(name: &str) -> (u32, u32) {
+    match nix::unistd::User::from_name(name) {
+        Ok(Some(u)) => (u.uid.as_raw(), u.gid.as_raw()),
+        _ => panic!(
+            "user `{name}` is missing: local machines of a root master run as it; create it with \
+             `useradd --system --no-create-home {name}` (.ci/test does)"
+        ),
+    }
+}
+
+/// Fails the test, saying what to install, when local machines cannot be sandboxed here.
+pub fn require_sandbox() {
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("bwrap").is_file())).unwrap_or(false);
+    assert!(found, "bubblewrap is needed to sandbox local machines: apt-get install bubblewrap");
+    if is_root() {
+        user_ids(TEST_USER);
+    }
+}
+
+/// `text` with `run_as = TEST_USER` added to every local pool that sets neither `run_as` nor
+/// `isolation`: a root master refuses local pools without it, and the suite is to exercise the
+/// sandbox as CI runs it.
+pub fn with_run_as(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for (i, line) in lines.iter().enumerate() {
+        out.push_str(line);
+        out.push('\n');
+        if !(line.trim_start().starts_with("[pool.") && line.trim_end().ends_with(']')) {
+            continue;
+        }
+        let section: Vec<&str> =
+            lines[i + 1..].iter().take_while(|l| !l.trim_start().starts_with('[')).copied().collect();
+        let has = |key: &str| section.iter().any(|l| l.trim_start().starts_with(key));
+        let ec2 = section.iter().any(|l| l.replace(' ', "") == "provisioner=\"ec2\"");
+        if !ec2 && !has("run_as") && !has("isolation") {
+            out.push_str(&format!("run_as = \"{TEST_USER}\"\n"));
+        }
+    }
+    out
+}
+
+/// Rewrites the config at `path` with [`with_run_as`] when the master will run as root.
+pub fn confine_config(path: &Path) {
+    if !is_root() {
+        return;
+    }
+    let text = std::fs::read_to_string(path).expect("read config");
+    let confined = with_run_as(&text);
+    if confined != text {
+        std::fs::write(path, confined).expect("write config");
+    }
+}
+
 /// One test's world: a temp folder with a repository, a config and (when started) a master.
 pub struct Bed {
     pub dir: tempfile::TempDir,
@@ -41,10 +107,26 @@ pub struct Bed {
     token: Option<String>,
     /// The CA of the master's certificate when it serves HTTPS (see [`Bed::serve_https`]).
     pub ca: Option<PathBuf>,
+    /// Who the master and every command of the bed run as: `None` for the test's own user,
+    /// or (uid, gid) of an unprivileged one (a root test playing a non-root installation).
+    user: Option<(u32, u32)>,
+}
+
+/// `cmd` run as `user` (uid, gid; no supplementary groups), with its home in `home`.
+fn as_user(cmd: &mut Command, user: Option<(u32, u32)>, home: &Path) {
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid).env("HOME", home);
+    }
 }
 
 fn run_git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
+    run_git_as(dir, args, None)
+}
+
+fn run_git_as(dir: &Path, args: &[&str], user: Option<(u32, u32)>) -> String {
+    let mut cmd = Command::new("git");
+    as_user(&mut cmd, user, dir);
+    let out = cmd
         .args(args)
         .current_dir(dir)
         .env("GIT_AUTHOR_NAME", "Ada Tester")
@@ -73,15 +155,38 @@ pub fn free_port() -> u16 {
 impl Bed {
     /// A repository with `main` (and the given other branches), each with one commit.
     pub fn new(branches: &[&str]) -> Bed {
+        require_sandbox();
+        Bed::new_for(branches, None)
+    }
+
+    /// Like [`Bed::new`], for a master that runs as the unprivileged user `name` (the tests
+    /// must run as root): the folder is that user's, and every command of the bed runs as it.
+    pub fn new_as(branches: &[&str], name: &str) -> Bed {
+        require_sandbox();
+        assert!(is_root(), "a bed of another user needs the tests to run as root");
+        let ids = user_ids(name);
+        Bed::new_for(branches, Some(ids))
+    }
+
+    fn new_for(branches: &[&str], user: Option<(u32, u32)>) -> Bed {
         let dir = tempfile::tempdir().expect("tempdir");
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the bed");
+        }
         let repo = dir.path().join("repo");
-        std::fs::create_dir_all(&repo).expect("mkdir");
-        run_git(&repo, &["init", "-q", "-b", "main"]);
-        std::fs::write(repo.join("README.md"), "hello\n").expect("write");
-        run_git(&repo, &["add", "."]);
-        run_git(&repo, &["commit", "-q", "-m", "initial"]);
+        let git = |args: &[&str]| run_git_as(dir.path(), args, user);
+        git(&["init", "-q", "-b", "main", "repo"]);
+        let file = |path: &Path, text: &str| {
+            std::fs::write(path, text).expect("write");
+            if let Some((uid, gid)) = user {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+            }
+        };
+        file(&repo.join("README.md"), "hello\n");
+        run_git_as(&repo, &["add", "."], user);
+        run_git_as(&repo, &["commit", "-q", "-m", "initial"], user);
         for b in branches {
-            run_git(&repo, &["branch", b]);
+            run_git_as(&repo, &["branch", b], user);
         }
         let master_log = dir.path().join("master.log");
         Bed {
@@ -94,6 +199,7 @@ impl Bed {
             starts: 0,
             token: None,
             ca: None,
+            user,
         }
     }
 
@@ -105,6 +211,33 @@ impl Bed {
         self.http = Bed::client_trusting(self.token.as_deref(), Some(ca));
     }
 
+    /// A command of the bed: run as the bed's user, if it has one.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        as_user(&mut cmd, self.user, self.path());
+        cmd
+    }
+
+    /// A path a test creates to signal a running build step: sandboxed machines see nothing of
+    /// the bed but the repository, so it lies in the repository's `.git` folder.
+    pub fn flag(&self, name: &str) -> PathBuf {
+        self.repo.join(".git").join(format!("test-flag-{name}"))
+    }
+
+    /// Creates [`Bed::flag`] `name`.
+    pub fn raise(&self, name: &str) {
+        let path = self.flag(name);
+        std::fs::write(&path, "").expect("write flag");
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown");
+        }
+    }
+
+    /// The work directory of local machine `id` of pool `pool`.
+    pub fn machine_dir(&self, pool: &str, id: i64) -> PathBuf {
+        self.path().join("paddock-state").join("machines").join(pool).join(format!("machine-{id}"))
+    }
+
     /// The bed admin's API token (made at the first start).
     pub fn token(&self) -> &str {
         self.token.as_deref().expect("the bed's admin token is made when the master first starts")
@@ -114,7 +247,8 @@ impl Bed {
     /// returns stdout, failing the test if the command fails.
     pub fn host_cli(&self, args: &[&str], stdin: &str) -> String {
         use std::io::Write;
-        let mut child = Command::new(paddock_bin())
+        let mut child = self
+            .command(paddock_bin())
             .args(args)
             .arg("--config")
             .arg(self.path().join("paddock.toml"))
@@ -177,7 +311,7 @@ impl Bed {
 
     /// Runs git in the repository.
     pub fn git(&self, args: &[&str]) -> String {
-        run_git(&self.repo, args)
+        run_git_as(&self.repo, args, self.user)
     }
 
     /// Commits `text` appended to `file` on `branch`; returns the new revision.
@@ -189,7 +323,7 @@ impl Bed {
         }
         let mut old = std::fs::read_to_string(&path).unwrap_or_default();
         old.push_str(text);
-        std::fs::write(&path, old).expect("write");
+        self.write_file(&path, &old);
         self.git(&["add", file]);
         self.git(&["commit", "-q", "-m", message]);
         let rev = self.git(&["rev-parse", "HEAD"]);
@@ -201,7 +335,7 @@ impl Bed {
     /// succeed or fail; returns the build.
     pub fn build_file(&self, content: &str, message: &str) -> Value {
         self.git(&["checkout", "-q", "main"]);
-        std::fs::write(self.repo.join("a.txt"), content).expect("write");
+        self.write_file(&self.repo.join("a.txt"), content);
         self.git(&["add", "a.txt"]);
         self.git(&["commit", "-q", "-m", message]);
         let rev = self.git(&["rev-parse", "HEAD"]);
@@ -210,6 +344,22 @@ impl Bed {
                 .into_iter()
                 .find(|b| b["revision"] == rev.as_str() && matches!(b["state"].as_str(), Some("success" | "failure")))
         })
+    }
+
+    /// Writes a file of the bed (owned by the bed's user).
+    pub fn write_file(&self, path: &Path, text: &str) {
+        if let Some(p) = path.parent() {
+            if !p.exists() {
+                std::fs::create_dir_all(p).expect("mkdir");
+                if let Some((uid, gid)) = self.user {
+                    std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+                }
+            }
+        }
+        std::fs::write(path, text).expect("write");
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+        }
     }
 
     /// Waits until every build event is planned and no notification is pending.
@@ -245,7 +395,7 @@ impl Bed {
             url = self.url()
         );
         let path = self.path().join("paddock.toml");
-        std::fs::write(&path, text).expect("write config");
+        self.write_file(&path, &text);
         path
     }
 
@@ -263,8 +413,11 @@ impl Bed {
             self.http = Bed::client_trusting(Some(&token), self.ca.as_deref());
             self.token = Some(token);
         }
+        if self.user.is_none() {
+            confine_config(&self.path().join("paddock.toml"));
+        }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.master_log).expect("log");
-        let mut cmd = Command::new(paddock_bin());
+        let mut cmd = self.command(paddock_bin());
         cmd.arg("run")
             .arg(self.path().join("paddock.toml"))
             .current_dir(self.path())
@@ -291,7 +444,8 @@ impl Bed {
 
     /// Reads one integer from the master's SQLite file with the `sqlite3` CLI (read-only use).
     pub fn sqlite_scalar(&self, sql: &str) -> Option<i64> {
-        let out = Command::new("sqlite3")
+        let out = self
+            .command("sqlite3")
             .arg(self.path().join("paddock.db"))
             .arg(sql)
             .output()
@@ -351,33 +505,54 @@ impl Bed {
         })
     }
 
-    /// Pids of agent processes started from this bed (found by their environment and cwd).
+    /// Pids of agent processes started from this bed (found by their machine key).
     pub fn agent_pids(&self) -> Vec<i32> {
-        let mut pids = Vec::new();
         let root = std::fs::canonicalize(self.path()).unwrap_or_else(|_| self.path().to_path_buf());
-        let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
-        for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(environ) = std::fs::read(e.path().join("environ")) else { continue };
-            if !environ.split(|b| *b == 0).any(|v| v.starts_with(b"PADDOCK_MACHINE_ID=")) {
-                continue;
-            }
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            if matches!(stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z') | None) {
-                continue;
-            }
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            let is_agent = cmdline.split(|b| *b == 0).any(|a| a == b"agent");
-            if !is_agent || forked_by_its_machine(pid) {
-                continue;
-            }
-            if let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) {
-                if cwd.starts_with(&root) {
-                    pids.push(pid);
-                }
-            }
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter(|pid| is_agent(*pid) && machine_key(*pid).is_some_and(|k| Path::new(&k).starts_with(&root)))
+            .collect()
+    }
+
+    /// The agent process of machine `id` (inside its sandbox: not the bwrap the master started).
+    pub fn agent_of(&self, id: i64) -> i32 {
+        self.wait(&format!("the agent process of machine {id}"), || {
+            machine_processes(self.path(), id).into_iter().find(|p| is_agent(*p))
+        })
+    }
+
+    /// The running master's pid.
+    pub fn master_pid(&self) -> u32 {
+        self.master.as_ref().expect("master running").id()
+    }
+
+    /// Whether the master started by the bed still runs.
+    pub fn master_alive(&mut self) -> bool {
+        self.master.as_mut().is_some_and(|m| matches!(m.try_wait(), Ok(None)))
+    }
+
+    /// Runs `paddock run paddock.toml` (as the bed's user) with `env`, expecting it to refuse
+    /// to start; returns what it printed.
+    pub fn master_refuses(&self, env: &[(&str, &str)]) -> String {
+        let mut cmd = self.command(paddock_bin());
+        cmd.arg("run").arg(self.path().join("paddock.toml")).current_dir(self.path()).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
         }
-        pids
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start master");
+        let start = Instant::now();
+        while matches!(child.try_wait(), Ok(None)) {
+            if start.elapsed() > DEADLINE {
+                let _ = child.kill();
+                panic!("the master started, though it should have refused to");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("wait");
+        assert!(!out.status.success(), "the master should have refused to start");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     }
 
     /// Stops the master with SIGKILL (a crash).
@@ -386,11 +561,6 @@ impl Bed {
             let _ = m.kill();
             let _ = m.wait();
         }
-    }
-
-    /// The master's pid.
-    pub fn master_pid(&self) -> u32 {
-        self.master.as_ref().expect("master running").id()
     }
 
     /// Sends `signal` (e.g. `-STOP`) to the master without waiting.
@@ -478,10 +648,17 @@ impl Drop for Bed {
             let _ = m.kill();
             let _ = m.wait();
         }
-        // Never leave an agent behind, even when a test failed half-way.
-        for pid in self.agent_pids() {
-            let _ = Command::new("kill").arg("-KILL").arg(format!("-{pid}")).status();
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        // Never leave a machine's process behind, even when a test failed half-way.
+        let root = std::fs::canonicalize(self.path()).unwrap_or_else(|_| self.path().to_path_buf());
+        for _ in 0..50 {
+            let left = processes_under(&root);
+            if left.is_empty() {
+                break;
+            }
+            for pid in left {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -521,6 +698,27 @@ impl AgentProbe {
     }
 }
 
+/// Live processes whose machine key lies under `root`.
+fn processes_under(root: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| live(*pid) && machine_key(*pid).is_some_and(|k| Path::new(&k).starts_with(root)))
+        .collect()
+}
+
+/// Whether `pid` is a process that has not exited (not a zombie).
+fn live(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !matches!(stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z') | Some('X') | None)
+}
+
+/// The command name of `pid` (`bwrap` for a sandbox's own processes).
+fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string()
+}
+
 /// The machine key in a process's environment.
 fn machine_key(pid: i32) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
@@ -528,21 +726,22 @@ fn machine_key(pid: i32) -> Option<String> {
         .find_map(|v| String::from_utf8_lossy(v).strip_prefix("PADDOCK_MACHINE_KEY=").map(str::to_string))
 }
 
-/// Whether `pid`'s parent belongs to the same machine: then it is a process the agent just
-/// forked (to exec a step or git), which looks like the agent until it execs.
+/// Whether `pid`'s parent belongs to the same machine (and is not the sandbox around it): then
+/// it is a process the agent just forked (to exec a step or git), which looks like the agent
+/// until it execs.
 fn forked_by_its_machine(pid: i32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse::<i32>().ok());
     match (ppid, machine_key(pid)) {
-        (Some(ppid), Some(key)) => machine_key(ppid).as_deref() == Some(key.as_str()),
+        (Some(ppid), Some(key)) => comm(ppid) != "bwrap" && machine_key(ppid).as_deref() == Some(key.as_str()),
         _ => false,
     }
 }
 
-/// Whether `pid` is a live `paddock agent` process started by a local provisioner.
+/// Whether `pid` is a live `paddock agent` process started by a local provisioner (the agent
+/// itself, not the bwrap processes of its sandbox).
 pub fn is_agent(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    if matches!(stat.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z') | None) {
+    if !live(pid) || comm(pid) == "bwrap" {
         return false;
     }
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
@@ -586,6 +785,7 @@ pub struct InProcessMaster {
 impl InProcessMaster {
     /// Starts the master of `config` on `clock` and waits for the head of `main` to be recorded.
     pub fn start(bed: &Bed, config: &std::path::Path, clock: &paddock::clock::ManualClock) -> InProcessMaster {
+        confine_config(config);
         let config = paddock::config::load(config).expect("config");
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
