@@ -129,7 +129,8 @@ fn main() {
                 .map(|l| Listed { provider_id: l.provider_id, machine: l.machine_id, alive: l.alive })
                 .collect();
             let at = Ts(1_000 + round as i64);
-            let verdicts = reconciler.judge(&listing, &believed, &HashSet::new(), &HashSet::new(), at, at);
+            let verdicts =
+                reconciler.judge(&listing, &believed, &HashSet::new(), &std::collections::HashMap::new(), at, at);
             assert!(verdicts.is_empty(), "all 1,000 are owned and alive: {:?}", &verdicts[..verdicts.len().min(3)]);
         }
         let wall = t0.elapsed();

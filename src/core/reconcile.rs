@@ -33,6 +33,9 @@ pub struct Believed {
 pub enum Verdict {
     /// A tagged machine nobody owns, seen for at least the grace period: terminate it.
     Orphan { provider_id: String, machine: Option<MachineId> },
+    /// A live instance tagged for a machine whose intent is over, and not the instance that
+    /// machine recorded (a launch the cloud served too late): terminate it at once and bill it.
+    Late { provider_id: String, machine: MachineId },
     /// A machine the master believes alive is gone (terminated, stopped, or missing past the
     /// grace period): mark it gone and retry its build.
     Vanished { machine: MachineId, provider_id: String },
@@ -55,14 +58,15 @@ impl Reconciler {
     /// Judges one complete listing of a scope, taken at `listed_at`, against the machines
     /// believed alive in it. `elsewhere`: live machines of other scopes, which may share the
     /// listing's tags (their instances are not orphans here). `over`: machines whose intent is
-    /// over (gone in the store): an instance of one of them, a launch served too late, is an
-    /// orphan at once, with no grace.
+    /// over (gone in the store), each with the instance it recorded, if any. Another live
+    /// instance of one of them is [`Verdict::Late`]; the recorded one, still listed because the
+    /// listing predates its stop, is left to the orphan grace like any unowned instance.
     pub fn judge(
         &mut self,
         listing: &[Listed],
         believed: &[Believed],
         elsewhere: &HashSet<MachineId>,
-        over: &HashSet<MachineId>,
+        over: &HashMap<MachineId, Option<String>>,
         listed_at: Ts,
         now: Ts,
     ) -> Vec<Verdict> {
@@ -81,8 +85,12 @@ impl Reconciler {
             }
             unowned_now.insert(l.provider_id.clone());
             let first = *self.first_seen.entry(l.provider_id.clone()).or_insert(now);
-            let late = l.alive && l.machine.is_some_and(|m| over.contains(&m));
-            if late || now.since(first) >= self.grace {
+            let late = l.machine.filter(|m| {
+                l.alive && over.get(m).is_some_and(|recorded| recorded.as_deref() != Some(l.provider_id.as_str()))
+            });
+            if let Some(machine) = late {
+                out.push(Verdict::Late { provider_id: l.provider_id.clone(), machine });
+            } else if now.since(first) >= self.grace {
                 out.push(Verdict::Orphan { provider_id: l.provider_id.clone(), machine: l.machine });
             }
         }
@@ -128,7 +136,7 @@ mod tests {
             &[l("i-1", Some(1), true)],
             &[b(1, Some("i-1"), 0)],
             &HashSet::new(),
-            &HashSet::new(),
+            &HashMap::new(),
             Ts(1_000_000),
             Ts(1_000_000),
         );
@@ -139,9 +147,9 @@ mod tests {
     fn orphan_is_terminated_only_after_the_grace_period() {
         let mut r = Reconciler::new(G);
         let listing = [l("i-9", Some(9), true), l("i-x", None, true)];
-        assert!(r.judge(&listing, &[], &HashSet::new(), &HashSet::new(), Ts(0), Ts(0)).is_empty());
-        assert!(r.judge(&listing, &[], &HashSet::new(), &HashSet::new(), Ts(59_999), Ts(59_999)).is_empty());
-        let v = r.judge(&listing, &[], &HashSet::new(), &HashSet::new(), Ts(60_000), Ts(60_000));
+        assert!(r.judge(&listing, &[], &HashSet::new(), &HashMap::new(), Ts(0), Ts(0)).is_empty());
+        assert!(r.judge(&listing, &[], &HashSet::new(), &HashMap::new(), Ts(59_999), Ts(59_999)).is_empty());
+        let v = r.judge(&listing, &[], &HashSet::new(), &HashMap::new(), Ts(60_000), Ts(60_000));
         assert_eq!(
             v,
             vec![
@@ -157,7 +165,7 @@ mod tests {
         let believed = [Believed { machine: 3, provider_id: None, launched_at: None }];
         for t in [0, 100_000, 200_000] {
             assert!(r
-                .judge(&[l("i-3", Some(3), true)], &believed, &HashSet::new(), &HashSet::new(), Ts(t), Ts(t))
+                .judge(&[l("i-3", Some(3), true)], &believed, &HashSet::new(), &HashMap::new(), Ts(t), Ts(t))
                 .is_empty());
         }
     }
@@ -169,7 +177,7 @@ mod tests {
             &[l("i-a", Some(4), true), l("i-b", Some(4), true)],
             &[b(4, Some("i-a"), 0)],
             &HashSet::new(),
-            &HashSet::new(),
+            &HashMap::new(),
             Ts(0),
             Ts(0),
         );
@@ -179,10 +187,25 @@ mod tests {
     #[test]
     fn a_late_instance_of_a_stopped_intent_is_an_orphan_at_once() {
         let mut r = Reconciler::new(G);
-        let over: HashSet<MachineId> = [9].into_iter().collect();
+        let over: HashMap<MachineId, Option<String>> = [(9, None)].into_iter().collect();
         let v =
             r.judge(&[l("i-9", Some(9), true), l("i-x", Some(10), true)], &[], &HashSet::new(), &over, Ts(0), Ts(0));
-        assert_eq!(v, vec![Verdict::Orphan { provider_id: "i-9".into(), machine: Some(9) }], "no grace for 9 only");
+        assert_eq!(v, vec![Verdict::Late { provider_id: "i-9".into(), machine: 9 }], "no grace for 9 only");
+    }
+
+    #[test]
+    fn the_recorded_instance_of_a_machine_just_stopped_is_not_late() {
+        // The listing was taken before the stop was confirmed: it still shows the machine's
+        // own instance alive. That is no second instance; the grace covers the stale listing.
+        let mut r = Reconciler::new(G);
+        let over: HashMap<MachineId, Option<String>> = [(4, Some("i-4".to_string()))].into_iter().collect();
+        let listing = [l("i-4", Some(4), true)];
+        assert!(r.judge(&listing, &[], &HashSet::new(), &over, Ts(0), Ts(0)).is_empty());
+        let v =
+            r.judge(&[l("i-4", Some(4), true), l("i-4b", Some(4), true)], &[], &HashSet::new(), &over, Ts(1), Ts(1));
+        assert_eq!(v, vec![Verdict::Late { provider_id: "i-4b".into(), machine: 4 }], "another instance is late");
+        let v = r.judge(&listing, &[], &HashSet::new(), &over, Ts(60_000), Ts(60_000));
+        assert_eq!(v, vec![Verdict::Orphan { provider_id: "i-4".into(), machine: Some(4) }], "alive past the grace");
     }
 
     #[test]
@@ -190,11 +213,11 @@ mod tests {
         let mut r = Reconciler::new(G);
         let believed = [b(5, Some("i-5"), 1_000)];
         assert!(
-            r.judge(&[], &believed, &HashSet::new(), &HashSet::new(), Ts(30_000), Ts(30_000)).is_empty(),
+            r.judge(&[], &believed, &HashSet::new(), &HashMap::new(), Ts(30_000), Ts(30_000)).is_empty(),
             "not visible yet"
         );
         assert_eq!(
-            r.judge(&[], &believed, &HashSet::new(), &HashSet::new(), Ts(61_000), Ts(61_000)),
+            r.judge(&[], &believed, &HashSet::new(), &HashMap::new(), Ts(61_000), Ts(61_000)),
             vec![Verdict::Vanished { machine: 5, provider_id: "i-5".into() }]
         );
     }
@@ -204,14 +227,14 @@ mod tests {
         let mut r = Reconciler::new(G);
         let believed = [b(5, Some("i-5"), 100_000)];
         // Listed at 90 s, judged at 200 s: the machine was not there to be listed.
-        assert!(r.judge(&[], &believed, &HashSet::new(), &HashSet::new(), Ts(90_000), Ts(200_000)).is_empty());
+        assert!(r.judge(&[], &believed, &HashSet::new(), &HashMap::new(), Ts(90_000), Ts(200_000)).is_empty());
     }
 
     #[test]
     fn instances_of_machines_in_other_scopes_are_not_orphans() {
         let mut r = Reconciler::new(Duration::ZERO);
         let elsewhere = HashSet::from([8]);
-        assert!(r.judge(&[l("i-8", Some(8), true)], &[], &elsewhere, &HashSet::new(), Ts(0), Ts(0)).is_empty());
+        assert!(r.judge(&[l("i-8", Some(8), true)], &[], &elsewhere, &HashMap::new(), Ts(0), Ts(0)).is_empty());
     }
 
     #[test]
@@ -221,7 +244,7 @@ mod tests {
             &[l("i-6", Some(6), false)],
             &[b(6, Some("i-6"), 0)],
             &HashSet::new(),
-            &HashSet::new(),
+            &HashMap::new(),
             Ts(1),
             Ts(1),
         );
@@ -231,11 +254,11 @@ mod tests {
     #[test]
     fn first_seen_is_forgotten_when_the_orphan_goes() {
         let mut r = Reconciler::new(G);
-        r.judge(&[l("i-7", None, true)], &[], &HashSet::new(), &HashSet::new(), Ts(0), Ts(0));
-        r.judge(&[], &[], &HashSet::new(), &HashSet::new(), Ts(10), Ts(10));
+        r.judge(&[l("i-7", None, true)], &[], &HashSet::new(), &HashMap::new(), Ts(0), Ts(0));
+        r.judge(&[], &[], &HashSet::new(), &HashMap::new(), Ts(10), Ts(10));
         // Seen again later: the grace starts over.
         assert!(r
-            .judge(&[l("i-7", None, true)], &[], &HashSet::new(), &HashSet::new(), Ts(70_000), Ts(70_000))
+            .judge(&[l("i-7", None, true)], &[], &HashSet::new(), &HashMap::new(), Ts(70_000), Ts(70_000))
             .is_empty());
     }
 }

@@ -1172,42 +1172,20 @@ impl Master {
             .or_insert_with(|| Reconciler::new(grace))
             .judge(listing, &believed, &elsewhere, &over, listed_at, now);
         for v in verdicts {
-            match v {
+            let (provider_id, machine, late) = match v {
+                Verdict::Late { provider_id, machine } => {
+                    tracing::warn!(%provider_id, machine, "reconcile: terminating the late instance of a machine already stopped");
+                    (provider_id, Some(machine), Some(machine))
+                }
                 Verdict::Orphan { provider_id, machine } => {
-                    let late = machine.filter(|m| over.contains(m));
-                    match late {
-                        Some(m) => {
-                            tracing::warn!(%provider_id, machine = m, "reconcile: terminating the late instance of a machine already stopped")
-                        }
-                        None => {
-                            tracing::warn!(%provider_id, ?machine, "reconcile: terminating an orphan (tagged as ours, owned by no machine)")
-                        }
-                    }
-                    let Some(p) = pools.first().and_then(|pool| self.provisioners.get(pool)).cloned() else { continue };
-                    let (inputs, clock) = (self.shared.inputs.clone(), self.shared.clock.clone());
-                    tokio::spawn(async move {
-                        // A late instance ran for its machine: what it was and when it started,
-                        // so the cost report has it.
-                        let found = match late {
-                            Some(m) => p.find(m).await.ok().flatten(),
-                            None => None,
-                        };
-                        if let Err(e) = p.terminate(machine.unwrap_or(0), &provider_id).await {
-                            tracing::error!(%provider_id, "reconcile: cannot terminate orphan; next round tries again: {e}");
-                            return;
-                        }
-                        if let (Some(machine), Some(found)) = (late, found) {
-                            let stopped_at = clock.now();
-                            let _ = inputs
-                                .send(Input::LateInstance { machine, launched: found.launched, stopped_at })
-                                .await;
-                        }
-                    });
+                    tracing::warn!(%provider_id, ?machine, "reconcile: terminating an orphan (tagged as ours, owned by no machine)");
+                    (provider_id, machine, None)
                 }
                 Verdict::Vanished { machine, .. }
                     if self.fleet.machine_state(machine) == Some(MachineState::Stopping) =>
                 {
                     // Being stopped: gone once the stop is confirmed, not before.
+                    continue;
                 }
                 Verdict::Vanished { machine, provider_id } => {
                     tracing::warn!(machine, %provider_id, "reconcile: machine is gone from the cloud; its build (if any) is retried");
@@ -1217,8 +1195,27 @@ impl Master {
                         .await?;
                     self.provider_ids.remove(&machine);
                     self.pending.push_back(FleetEvent::MachineGone { machine });
+                    continue;
                 }
-            }
+            };
+            let Some(p) = pools.first().and_then(|pool| self.provisioners.get(pool)).cloned() else { continue };
+            let (inputs, clock) = (self.shared.inputs.clone(), self.shared.clock.clone());
+            tokio::spawn(async move {
+                // A late instance ran for its machine: what it was and when it started,
+                // so the cost report has it.
+                let found = match late {
+                    Some(m) => p.find(m).await.ok().flatten(),
+                    None => None,
+                };
+                if let Err(e) = p.terminate(machine.unwrap_or(0), &provider_id).await {
+                    tracing::error!(%provider_id, "reconcile: cannot terminate orphan; next round tries again: {e}");
+                    return;
+                }
+                if let (Some(machine), Some(found)) = (late, found) {
+                    let stopped_at = clock.now();
+                    let _ = inputs.send(Input::LateInstance { machine, launched: found.launched, stopped_at }).await;
+                }
+            });
         }
         Ok(())
     }

@@ -858,14 +858,18 @@ impl Store {
         Ok(())
     }
 
-    /// Of these machines, those the store has as gone.
-    pub async fn gone_machines(&self, ids: &[MachineId]) -> Result<std::collections::HashSet<MachineId>> {
-        let mut gone = std::collections::HashSet::new();
+    /// Of these machines, those the store has as gone, each with the instance it recorded.
+    pub async fn gone_machines(
+        &self,
+        ids: &[MachineId],
+    ) -> Result<std::collections::HashMap<MachineId, Option<String>>> {
+        let mut gone = std::collections::HashMap::new();
         for id in ids {
-            let row: Option<i64> = sqlx::query_scalar("SELECT id FROM machines WHERE id = ? AND state = 'gone'")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+            let row: Option<(i64, Option<String>)> =
+                sqlx::query_as("SELECT id, provider_id FROM machines WHERE id = ? AND state = 'gone'")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
             gone.extend(row);
         }
         Ok(gone)
