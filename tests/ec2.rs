@@ -6,60 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::boot::BootEmulator;
-use common::faultproxy::{Fault, FaultProxy, Rule};
-use common::moto::{Moto, AWS_ENV};
+use common::cloud::{sample_peak, Cloud};
+use common::faultproxy::{Fault, Rule};
+use common::moto::AWS_ENV;
 use common::Bed;
 use serde_json::Value;
-
-/// A test's cloud: moto, optionally the proxy in front of it, and the boot emulator.
-struct Cloud {
-    moto: Moto,
-    proxy: Option<FaultProxy>,
-    boot: BootEmulator,
-    cluster: String,
-}
-
-impl Cloud {
-    fn new(proxied: bool) -> Cloud {
-        let moto = Moto::start();
-        let proxy = proxied.then(|| FaultProxy::with_seed(&moto.endpoint(), 7));
-        let cluster = format!("t{}", common::free_port());
-        let boot = BootEmulator::start(moto.endpoint(), cluster.clone(), Duration::from_millis(500));
-        Cloud { moto, proxy, boot, cluster }
-    }
-
-    /// What the master's SDK talks to.
-    fn endpoint(&self) -> String {
-        self.proxy.as_ref().map(|p| p.endpoint()).unwrap_or_else(|| self.moto.endpoint())
-    }
-
-    fn proxy(&self) -> &FaultProxy {
-        self.proxy.as_ref().expect("this test's cloud has a proxy")
-    }
-
-    /// `[master]` lines: this cloud's cluster, fast reconcile rounds.
-    fn master(&self) -> String {
-        format!("cluster = \"{}\"\nreconcile_interval = \"1s\"\norphan_grace = \"3s\"\n", self.cluster)
-    }
-
-    /// An EC2 pool `ec2` and one builder `b` with `steps`, built on every commit.
-    fn pool(&self, pool_extra: &str, steps: &str) -> String {
-        format!(
-            "[pool.ec2]\nprovisioner = \"ec2\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nami = \"{ami}\"\n\
-             {pool_extra}\n\n\
-             [[builder]]\nname = \"b\"\nrepo = \"app\"\npool = \"ec2\"\n{steps}\n\n\
-             [[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b\"]\n",
-            endpoint = self.endpoint(),
-            ami = self.moto.ami(),
-        )
-    }
-
-    /// Instances of this cluster that are pending or running.
-    fn alive(&self) -> Vec<common::moto::Instance> {
-        self.moto.cluster_instances(&self.cluster).into_iter().filter(|i| i.alive()).collect()
-    }
-}
 
 fn start(bed: &mut Bed) {
     bed.start_with_env(&["main"], AWS_ENV);
@@ -427,23 +378,6 @@ fn a_master_killed_during_run_instances_leaks_nothing_after_restart() {
     }
     // Idle machines go; nothing is left running.
     bed.wait("nothing left running", || cloud.alive().is_empty().then_some(()));
-}
-
-/// Samples how many of the cluster's instances are alive at once, every 100 ms, until the
-/// returned flag is set; the thread's result is the peak.
-fn sample_peak(cloud: &Cloud) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<usize>) {
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (stop, endpoint, cluster) = (done.clone(), cloud.moto.endpoint(), cloud.cluster.clone());
-    let thread = std::thread::spawn(move || {
-        let probe = common::moto::Probe::new(&endpoint);
-        let mut peak = 0;
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            peak = peak.max(probe.alive(&cluster));
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        peak
-    });
-    (done, thread)
 }
 
 #[test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod boot;
+pub mod cloud;
 pub mod faultproxy;
 pub mod moto;
 pub mod tls;
@@ -461,6 +462,31 @@ impl Bed {
         self.wait_long(what, DEADLINE, f)
     }
 
+    /// On a failed wait: the builds by state, and with `PADDOCK_TEST_KEEP=DIR` a copy of the
+    /// bed's database and master log in DIR (the bed itself is deleted as the test unwinds).
+    fn kept_for_debugging(&self) -> String {
+        let builds: Option<Vec<Value>> = self
+            .http
+            .get(format!("{}/api/builds?limit=1000", self.url()))
+            .send()
+            .ok()
+            .and_then(|r| r.json::<Value>().ok())
+            .and_then(|v| v["builds"].as_array().cloned());
+        let mut by_state = std::collections::BTreeMap::<String, usize>::new();
+        for b in builds.iter().flatten() {
+            *by_state.entry(b["state"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        }
+        let mut out = format!("{by_state:?}");
+        if let Some(dir) = std::env::var_os("PADDOCK_TEST_KEEP").map(PathBuf::from) {
+            let dest = dir.join(format!("bed-{}-{}", std::process::id(), self.port));
+            let copied = std::fs::create_dir_all(&dest)
+                .and_then(|_| std::fs::copy(self.path().join("paddock.db"), dest.join("paddock.db")))
+                .and_then(|_| std::fs::copy(&self.master_log, dest.join("master.log")));
+            out.push_str(&format!("\nkept in {}: {copied:?}", dest.display()));
+        }
+        out
+    }
+
     /// Like [`Bed::wait`] with a deadline of its own, for waits on many events at once.
     pub fn wait_long<T>(&self, what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         let start = Instant::now();
@@ -473,7 +499,10 @@ impl Bed {
                 let log = String::from_utf8_lossy(&std::fs::read(&self.master_log).unwrap_or_default()).into_owned();
                 let tail: String =
                     log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-                panic!("timed out waiting for: {what}\n--- master log tail ---\n{tail}");
+                panic!(
+                    "timed out waiting for: {what}\n--- builds ---\n{}\n--- master log tail ---\n{tail}",
+                    self.kept_for_debugging()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
