@@ -190,7 +190,7 @@ impl State {
         if let Err(e) = self.journal.ack(ack) {
             tracing::error!("cannot read back kept reports: {e}");
         }
-        self.journal.forget_done(self.current.as_ref().map(|r| r.build));
+        self.journal.forget_done();
     }
 
     /// A job task that ended without its BuildFinished (it panicked) must still be reported.

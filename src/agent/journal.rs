@@ -64,6 +64,8 @@ pub struct Journal {
     log_bytes: HashMap<i64, (usize, bool)>,
     /// Log text dropped past the cap since the last [`Journal::take_dropped`].
     dropped: usize,
+    /// Builds whose BuildFinished has been kept: no report of theirs comes after it.
+    finished: std::collections::HashSet<i64>,
 }
 
 impl Journal {
@@ -78,6 +80,7 @@ impl Journal {
             spill: None,
             sent: 0,
             log_bytes: HashMap::new(),
+            finished: std::collections::HashSet::new(),
             dropped: 0,
         }
     }
@@ -105,6 +108,9 @@ impl Journal {
             }
             other => other,
         };
+        if matches!(msg, AgentMsg::BuildFinished { .. }) {
+            self.finished.insert(build);
+        }
         let next = self.next_seq.entry(build).or_insert(1);
         let seq = *next;
         *next += 1;
@@ -215,15 +221,20 @@ impl Journal {
         std::mem::take(&mut self.dropped)
     }
 
-    /// Builds no longer running here whose reports are all acknowledged are forgotten, so
-    /// the maps stay as small as the work in flight.
-    pub fn forget_done(&mut self, running: Option<i64>) {
+    /// Builds whose BuildFinished is kept and whose reports are all acknowledged are
+    /// forgotten, so the maps stay as small as the work in flight. Not before: a job that has
+    /// ended may still have reports on their way to the journal, and a forgotten build would
+    /// number them from 1 again, which the master drops as already stored.
+    pub fn forget_done(&mut self) {
         let kept: std::collections::HashSet<i64> = self.memory.iter().map(|e| e.build).collect();
         let spilled = self.spill.is_some();
-        let keep = |b: &i64| Some(*b) == running || kept.contains(b) || spilled;
+        let finished = std::mem::take(&mut self.finished);
+        let keep = |b: &i64| !finished.contains(b) || kept.contains(b) || spilled;
         self.next_seq.retain(|b, _| keep(b));
         self.acked.retain(|b, _| keep(b));
         self.log_bytes.retain(|b, _| keep(b));
+        let still: std::collections::HashSet<i64> = finished.iter().filter(|b| keep(b)).copied().collect();
+        self.finished = still;
     }
 }
 
@@ -276,6 +287,26 @@ mod tests {
         // A new build counts from 1.
         j.push(AgentMsg::BuildFinished { build: 8, seq: 0, result: BuildResult::Success }).expect("push");
         assert_eq!(drain(&mut j).first().and_then(AgentMsg::sequenced), Some((8, 1)));
+    }
+
+    #[test]
+    fn a_build_is_forgotten_only_after_its_end_is_kept_and_acknowledged() {
+        // The job ended, but its last reports are still on their way when an ack for the
+        // earlier ones arrives: their numbers must carry on, not start again from 1.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = Journal::new(dir.path().join("spill"));
+        j.push(AgentMsg::StepStarted { build: 7, seq: 0, step: 1 }).expect("push");
+        drain(&mut j);
+        j.ack(Ack { build: 7, seq: 1 }).expect("ack");
+        j.forget_done();
+        j.push(AgentMsg::StepFinished { build: 7, seq: 0, step: 1, result: StepResult::Success, exit_code: Some(0) })
+            .expect("push");
+        j.push(AgentMsg::BuildFinished { build: 7, seq: 0, result: BuildResult::Success }).expect("push");
+        let sent = drain(&mut j);
+        assert_eq!(sent.iter().map(|m| m.sequenced()).collect::<Vec<_>>(), [Some((7, 2)), Some((7, 3))]);
+        j.ack(Ack { build: 7, seq: 3 }).expect("ack");
+        j.forget_done();
+        assert!(j.next_seq.is_empty() && j.finished.is_empty(), "a finished, acknowledged build is forgotten");
     }
 
     #[test]
