@@ -124,7 +124,7 @@ fn main() {
             if let FleetEvent::BuildFinished { .. } = e {
                 finished += 1;
             }
-            if let FleetEvent::AgentConnected { machine } = e {
+            if let FleetEvent::AgentConnected { machine, .. } = e {
                 alive.insert(machine, now + 30_000);
             }
             if let FleetEvent::MachineGone { machine } = e {
@@ -137,8 +137,13 @@ fn main() {
             match a {
                 FleetAction::Launch { machine, .. } => {
                     let boot = 20_000 + (rng.next() % 40_000) as i64;
-                    at(&mut agenda, &mut pending, now + 2_000, FleetEvent::LaunchSucceeded { machine });
-                    at(&mut agenda, &mut pending, now + boot, FleetEvent::AgentConnected { machine });
+                    at(
+                        &mut agenda,
+                        &mut pending,
+                        now + 2_000,
+                        FleetEvent::LaunchSucceeded { machine, provider_id: format!("i-{machine}") },
+                    );
+                    at(&mut agenda, &mut pending, now + boot, FleetEvent::AgentConnected { machine, resumed: None });
                 }
                 FleetAction::Assign { machine, build } => {
                     let dur = 60_000 + (rng.next() % 540_000) as i64;
@@ -153,7 +158,10 @@ fn main() {
                     eprintln!("unexpected retry of build {build}");
                     finished -= 1;
                 }
-                FleetAction::SetState { .. } => {}
+                FleetAction::SetState { .. }
+                | FleetAction::Accept { .. }
+                | FleetAction::Refuse { .. }
+                | FleetAction::Resolve { .. } => {}
             }
         }
         let live: usize = (0..POOLS).map(|i| fleet.live_machines(&format!("pool{i}"))).sum();

@@ -12,8 +12,9 @@ use proptest::prelude::*;
 enum Op {
     Queue { pool: usize, front: bool },
     Cancel(usize),
-    LaunchResult { pick: usize, ok: bool },
+    LaunchResult { pick: usize, outcome: u8 },
     Connect(usize),
+    Reconnect(usize),
     Heartbeat(usize),
     Disconnect(usize),
     Interrupt(usize),
@@ -30,8 +31,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..3usize, any::<bool>()).prop_map(|(pool, front)| Op::Queue { pool, front }),
         1 => any::<usize>().prop_map(Op::Cancel),
-        4 => (any::<usize>(), prop::bool::weighted(0.8)).prop_map(|(pick, ok)| Op::LaunchResult { pick, ok }),
+        4 => (any::<usize>(), 0..10u8).prop_map(|(pick, outcome)| Op::LaunchResult { pick, outcome }),
         4 => any::<usize>().prop_map(Op::Connect),
+        1 => any::<usize>().prop_map(Op::Reconnect),
         3 => any::<usize>().prop_map(Op::Heartbeat),
         1 => any::<usize>().prop_map(Op::Disconnect),
         1 => any::<usize>().prop_map(Op::Interrupt),
@@ -73,7 +75,13 @@ struct Env {
     pending_launch: Vec<MachineId>,
     booted: Vec<MachineId>,
     connected: Vec<MachineId>,
+    /// Busy machines whose agent's connection closed (their builds go on).
+    away: Vec<MachineId>,
     terminating: Vec<MachineId>,
+    /// Machines whose launch outcome was unknown and is being looked up.
+    resolving: BTreeSet<MachineId>,
+    /// Machines whose launch failed (only these may be stopped without a provider id).
+    failed_launch: BTreeSet<MachineId>,
 }
 
 fn pick<T: Copy>(v: &[T], i: usize) -> Option<T> {
@@ -99,7 +107,10 @@ impl Env {
             pending_launch: Vec::new(),
             booted: Vec::new(),
             connected: Vec::new(),
+            away: Vec::new(),
             terminating: Vec::new(),
+            resolving: BTreeSet::new(),
+            failed_launch: BTreeSet::new(),
         }
     }
 
@@ -116,7 +127,13 @@ impl Env {
     }
 
     fn send(&mut self, e: FleetEvent) {
+        self.act(e);
+    }
+
+    /// Feed an event, check the actions against the world, and return them.
+    fn act(&mut self, e: FleetEvent) -> Vec<FleetAction> {
         let actions = self.fleet.handle(e, Ts(self.now));
+        let returned = actions.clone();
         let mut retries = Vec::new();
         for a in actions {
             match a {
@@ -158,13 +175,27 @@ impl Env {
                     entry.1 = BuildState::Running(machine);
                     self.machine_build.insert(machine, build);
                 }
-                FleetAction::Terminate { machine, .. } => {
+                FleetAction::Terminate { machine, provider_id, .. } => {
                     assert!(self.machines.contains_key(&machine));
+                    assert!(
+                        provider_id.is_some() || self.failed_launch.contains(&machine),
+                        "machine {machine} stopped before its launch answered"
+                    );
                     self.forget(machine);
                     if !self.terminating.contains(&machine) {
                         self.terminating.push(machine);
                     }
                 }
+                FleetAction::Resolve { machine, .. } => {
+                    assert!(self.machines.contains_key(&machine), "resolve of an unknown machine");
+                    assert!(!self.pending_launch.contains(&machine), "resolve of a launch still out");
+                    assert!(self.resolving.insert(machine), "machine {machine} resolved twice at once");
+                    self.pending_launch.push(machine);
+                }
+                FleetAction::Accept { machine, .. } => {
+                    assert!(self.machines.contains_key(&machine), "accepted an unknown machine's agent")
+                }
+                FleetAction::Refuse { .. } => {}
                 FleetAction::Retry { build, .. } => {
                     let entry = self.builds.get_mut(&build).expect("retried build exists");
                     let BuildState::Running(m) = entry.1 else {
@@ -180,6 +211,7 @@ impl Env {
         for pool in retries {
             self.queue(pool, true);
         }
+        returned
     }
 
     /// The machine is no longer reachable by the environment's agents/provisioner.
@@ -187,6 +219,7 @@ impl Env {
         self.pending_launch.retain(|&x| x != m);
         self.booted.retain(|&x| x != m);
         self.connected.retain(|&x| x != m);
+        self.away.retain(|&x| x != m);
     }
 
     fn step(&mut self, op: Op) {
@@ -203,14 +236,28 @@ impl Env {
                     self.send(FleetEvent::BuildCancelled { build: b });
                 }
             }
-            Op::LaunchResult { pick: i, ok } => {
+            Op::LaunchResult { pick: i, outcome } => {
                 if let Some(m) = pick(&self.pending_launch, i) {
                     self.pending_launch.retain(|&x| x != m);
-                    if ok {
-                        self.booted.push(m);
-                        self.send(FleetEvent::LaunchSucceeded { machine: m });
-                    } else {
-                        self.send(FleetEvent::LaunchFailed { machine: m, reason: "capacity".into() });
+                    self.resolving.remove(&m);
+                    match outcome {
+                        0..=7 => {
+                            self.booted.push(m);
+                            self.send(FleetEvent::LaunchSucceeded { machine: m, provider_id: format!("i-{m}") });
+                        }
+                        8 => {
+                            self.failed_launch.insert(m);
+                            self.send(FleetEvent::LaunchFailed { machine: m, reason: "capacity".into() });
+                        }
+                        _ => {
+                            let a = self.act(FleetEvent::LaunchUnknown { machine: m, reason: "timeout".into() });
+                            // Looked up (Resolve puts it back in the world's hands), or given up.
+                            assert!(
+                                a.iter().any(|x| matches!(x, FleetAction::Resolve { machine, .. } if *machine == m))
+                                    || !self.machines.contains_key(&m),
+                                "an unknown launch of machine {m} is neither looked up nor forgotten"
+                            );
+                        }
                     }
                 }
             }
@@ -218,7 +265,7 @@ impl Env {
                 if let Some(m) = pick(&self.booted, i) {
                     self.booted.retain(|&x| x != m);
                     self.connected.push(m);
-                    self.send(FleetEvent::AgentConnected { machine: m });
+                    self.send(FleetEvent::AgentConnected { machine: m, resumed: None });
                 }
             }
             Op::Heartbeat(i) => {
@@ -229,7 +276,27 @@ impl Env {
             Op::Disconnect(i) => {
                 if let Some(m) = pick(&self.connected, i) {
                     self.connected.retain(|&x| x != m);
-                    self.send(FleetEvent::AgentDisconnected { machine: m });
+                    let busy = self.machine_build.contains_key(&m);
+                    let a = self.act(FleetEvent::AgentDisconnected { machine: m });
+                    if busy {
+                        // Its build goes on; the agent has until the heartbeat limit to return.
+                        assert!(a.is_empty(), "a busy agent's disconnect acted at once: {a:?}");
+                        self.away.push(m);
+                    }
+                }
+            }
+            Op::Reconnect(i) => {
+                if let Some(m) = pick(&self.away, i) {
+                    self.away.retain(|&x| x != m);
+                    let build = self.machine_build.get(&m).copied();
+                    let a = self.act(FleetEvent::AgentConnected { machine: m, resumed: Some(build) });
+                    if build.is_some() {
+                        assert!(
+                            a.contains(&FleetAction::Accept { machine: m, build }),
+                            "a busy agent coming back with its build is refused: {a:?}"
+                        );
+                        self.connected.push(m);
+                    }
                 }
             }
             Op::Interrupt(i) => {
@@ -312,11 +379,11 @@ impl Env {
             }
             while let Some(m) = self.pending_launch.pop() {
                 self.booted.push(m);
-                self.send(FleetEvent::LaunchSucceeded { machine: m });
+                self.send(FleetEvent::LaunchSucceeded { machine: m, provider_id: format!("i-{}", m) });
             }
             while let Some(m) = self.booted.pop() {
                 self.connected.push(m);
-                self.send(FleetEvent::AgentConnected { machine: m });
+                self.send(FleetEvent::AgentConnected { machine: m, resumed: None });
             }
             let mut running: Vec<(MachineId, BuildId)> = self.machine_build.iter().map(|(&m, &b)| (m, b)).collect();
             running.sort_unstable();
@@ -471,6 +538,7 @@ proptest! {
                             branch: BRANCHES[branch].into(),
                             revision: format!("rev{id}"),
                             files: files.iter().map(|&f| FILES[f].to_string()).collect(),
+                            unlisted_files: 0,
                         }),
                         Ts(now),
                     )

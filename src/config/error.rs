@@ -52,6 +52,12 @@ impl Diag {
         self
     }
 
+    /// The same error `by` bytes later in the text.
+    pub fn shift(mut self, by: usize) -> Self {
+        self.span = self.span.start + by..self.span.end + by;
+        self
+    }
+
     /// Locate the error in `text` (the contents of `file`).
     pub fn locate(self, file: &Path, text: &str) -> ConfigError {
         let (line, column) = line_col(text, self.span.start);

@@ -3,8 +3,10 @@
 mod duration;
 mod error;
 mod model;
+mod overrides;
 mod parse;
 mod render;
+mod specs;
 pub mod template;
 mod tree;
 
@@ -13,6 +15,7 @@ use std::path::Path;
 pub use duration::parse_duration;
 pub use error::ConfigError;
 pub use model::*;
+pub use overrides::{parse_with, OVERRIDE_FILE};
 pub use render::render_builders;
 
 /// Read, validate and expand the configuration file at `path`.
@@ -33,6 +36,24 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             hint: Some("pass the path of an existing TOML file, e.g. paddock check-config paddock.toml".into()),
         }),
     }
+}
+
+/// Read the configuration file at `path` with `--set` overrides applied (see [`parse_with`]).
+pub fn load_with(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: 1,
+        column: 1,
+        message: format!("cannot read the configuration file: {e}"),
+        hint: None,
+    })?;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    parse_with(&text, &abs, overrides).map_err(|mut e| {
+        if e.file == abs {
+            e.file = path.to_path_buf();
+        }
+        e
+    })
 }
 
 /// Validate and expand configuration `text`; `path` names it in errors and anchors relative paths.

@@ -113,6 +113,11 @@ const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Parse, validate and expand `text`, read from `path`.
 pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
     let root = parse_tree(text)?;
+    parse_root(&root, text, path)
+}
+
+/// Validate and expand an already parsed tree; `text` is what its spans index into.
+pub(crate) fn parse_root(root: &[Entry], text: &str, path: &Path) -> Result<Config, Diag> {
     let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
     let mut errs = Vec::new();
 
@@ -129,7 +134,7 @@ pub(crate) fn parse_config(text: &str, path: &Path) -> Result<Config, Diag> {
     let mut first_ec2: Option<Range<usize>> = None;
     let mut cluster_given = false;
 
-    for e in &root {
+    for e in root {
         match e.key.as_str() {
             "master" => {
                 cluster_given = Fields::new(&e.value, "[master]").ok().and_then(|f| f.get("cluster")).is_some();

@@ -109,7 +109,35 @@ fn from_value(v: &toml_edit::Value, fallback: Range<usize>) -> Node {
     Node { span, kind }
 }
 
+impl Entry {
+    /// The same entry with every span moved `by` bytes later (an override's line, placed
+    /// after the file's text).
+    pub fn shifted(mut self, by: usize) -> Entry {
+        self.key_span = shift(&self.key_span, by);
+        self.value.shift(by);
+        self
+    }
+}
+
+fn shift(r: &Range<usize>, by: usize) -> Range<usize> {
+    r.start + by..r.end + by
+}
+
 impl Node {
+    fn shift(&mut self, by: usize) {
+        self.span = shift(&self.span, by);
+        match &mut self.kind {
+            Kind::Array(items) => items.iter_mut().for_each(|n| n.shift(by)),
+            Kind::Table(entries) => {
+                for e in entries {
+                    e.key_span = shift(&e.key_span, by);
+                    e.value.shift(by);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The TOML type name, for "must be a string, not an integer" messages.
     pub fn type_name(&self) -> &'static str {
         match self.kind {

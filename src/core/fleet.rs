@@ -95,20 +95,35 @@ pub enum FleetEvent {
     BuildQueued { build: BuildId, pool: String, front: bool },
     /// A queued build was cancelled before it started (no-op if it is not queued).
     BuildCancelled { build: BuildId },
-    /// The provisioner started the machine (`Requested` -> `Booting`).
-    LaunchSucceeded { machine: MachineId },
-    /// The provisioner could not start the machine; it is gone, the queue still wants one.
+    /// The provisioner started the machine as `provider_id` (`Launching` -> `Booting`).
+    LaunchSucceeded { machine: MachineId, provider_id: String },
+    /// The launch call gave no usable answer (timed out, the answer was lost): the machine
+    /// may exist. It stays `Launching`, counted against the limit, while it is looked up.
+    LaunchUnknown { machine: MachineId, reason: String },
+    /// The provisioner could not start the machine; it is gone, the queue still wants one
+    /// (after a backoff that grows with the pool's consecutive failures).
     LaunchFailed { machine: MachineId, reason: String },
-    /// The machine's agent authenticated.
-    AgentConnected { machine: MachineId },
+    /// The machine's agent authenticated. `resumed` is `Some(build it speaks of)` when it
+    /// reconnected with a resume token (a live agent coming back), `None` for a first hello.
+    AgentConnected { machine: MachineId, resumed: Option<Option<BuildId>> },
     /// The machine's agent is alive.
     Heartbeat { machine: MachineId },
-    /// The agent's connection closed.
+    /// The agent's connection closed. A busy agent keeps its build going and is given until
+    /// the heartbeat limit to reconnect; any other is lost.
     AgentDisconnected { machine: MachineId },
+    /// The machine's agent cannot be used (a job could not be sent to it): its build is
+    /// retried and the machine stopped.
+    AgentLost { machine: MachineId, reason: String },
+    /// The store refused to start the build just assigned (it was cancelled or taken in the
+    /// meantime): the machine is idle again, and the build does not count as one it ran.
+    AssignRefused { machine: MachineId, build: BuildId },
     /// The machine finished its build (any result).
     BuildFinished { machine: MachineId, build: BuildId },
-    /// The provisioner confirmed the machine has stopped (or it vanished).
+    /// The provisioner confirmed the machine has stopped.
     MachineGone { machine: MachineId },
+    /// The cloud no longer lists the machine (reconcile): gone, its build retried; a machine
+    /// being stopped is gone only once its stop is confirmed.
+    Vanished { machine: MachineId },
     /// Time passed; check timeouts.
     Tick,
     /// Stop taking new builds and launching machines (shutdown or pause).
@@ -133,10 +148,20 @@ pub enum FleetEvent {
 pub enum FleetAction {
     /// Persist the machine row in `Requested` state, then ask the pool's provisioner for it.
     Launch { machine: MachineId, pool: String },
+    /// Look the machine up by its id (its launch outcome is unknown) until it is found or the
+    /// provider's settle time after `requested_at` has passed; feed the answer back as
+    /// `LaunchSucceeded` or `LaunchFailed`.
+    Resolve { machine: MachineId, requested_at: Ts },
+    /// Keep this agent connection: the machine speaks through it. `build` is the build it runs
+    /// when a busy agent came back (a cancel sent while it was away must be sent again).
+    Accept { machine: MachineId, build: Option<BuildId> },
+    /// Refuse this agent connection: tell the agent to shut down.
+    Refuse { machine: MachineId, reason: String },
     /// Send this build to this machine (machine is now `Busy`).
     Assign { machine: MachineId, build: BuildId },
-    /// Stop this machine through its provisioner.
-    Terminate { machine: MachineId, reason: String },
+    /// Stop this machine through its provisioner (`provider_id` is `None` when no launch
+    /// answer named it: the provisioner finds it by its id); feed `MachineGone` once stopped.
+    Terminate { machine: MachineId, provider_id: Option<String>, reason: String },
     /// The build attempt failed for infrastructure reasons: mark it `retry` and queue a new
     /// attempt (the shell feeds `BuildQueued { front: true }` for it).
     Retry { build: BuildId, reason: String },
@@ -177,6 +202,54 @@ struct Machine {
     idle_since: Ts,
     builds_run: u32,
     next_check: Option<Ts>,
+    /// The provider's id for it, once a launch answer (or the store) named it.
+    provider_id: Option<String>,
+    /// When the launch answer arrived (or the machine was taken back at a restart): a
+    /// cloud listing taken before then may not show it yet.
+    answered_at: Option<Ts>,
+    /// Its launch call has not answered (or its outcome is being looked up).
+    launch_pending: bool,
+    /// A stop was decided before the launch answered: it is carried out when it does.
+    stop_after_launch: bool,
+    /// Its agent's connection is open.
+    connected: bool,
+}
+
+impl Machine {
+    fn new(pool: usize, state: MachineState, at: Ts) -> Machine {
+        Machine {
+            pool,
+            state,
+            build: None,
+            launched_at: at,
+            last_seen: at,
+            idle_since: at,
+            builds_run: 0,
+            next_check: None,
+            provider_id: None,
+            answered_at: None,
+            launch_pending: false,
+            stop_after_launch: false,
+            connected: false,
+        }
+    }
+}
+
+/// What the fleet knows of one machine, for the shell and the reconciler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineView<'a> {
+    /// Its pool's name.
+    pub pool: &'a str,
+    /// Its state.
+    pub state: MachineState,
+    /// The build it runs.
+    pub build: Option<BuildId>,
+    /// The provider's id, once known.
+    pub provider_id: Option<&'a str>,
+    /// When it was asked for (restored machines: as the store had it).
+    pub requested_at: Ts,
+    /// When the launch answered (or it was taken back at a restart).
+    pub answered_at: Option<Ts>,
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +269,27 @@ struct Pool {
     held: bool,
     /// No launches and no new builds (an admin paused the pool).
     paused: bool,
+    /// Consecutive failed launches (reset by a successful one).
+    failures: u32,
+    /// No launches before this time: the last launch failed.
+    backoff_until: Option<Ts>,
+}
+
+/// Why the fleet refused an admin's stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StopRefused {
+    /// No such machine is starting or running.
+    #[error("the machine is not running")]
+    NotRunning,
+    /// It is already on its way out.
+    #[error("the machine is already {}", .0.as_str())]
+    Already(MachineState),
+}
+
+/// The backoff after `failures` consecutive failed launches: 1 s, 2 s, 4 s … up to 64 s, so a
+/// broken provisioner is retried, not hammered.
+pub fn launch_backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.clamp(1, 7)))
 }
 
 impl Pool {
@@ -210,6 +304,8 @@ impl Pool {
             live: 0,
             held: false,
             paused: false,
+            failures: 0,
+            backoff_until: None,
         }
     }
 }
@@ -245,6 +341,7 @@ impl Fleet {
 
     /// Re-insert a machine known from the store after a restart (no actions; send a `Tick`
     /// afterwards). Timers restart from `now`. Ignored if the id is already known.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore_machine(
         &mut self,
         machine: MachineId,
@@ -252,6 +349,7 @@ impl Fleet {
         state: MachineState,
         build: Option<BuildId>,
         builds_run: u32,
+        provider_id: Option<String>,
         now: Ts,
     ) {
         if self.machines.contains_key(&machine) || state == MachineState::Gone {
@@ -285,27 +383,20 @@ impl Fleet {
         if let Some(b) = build {
             self.running.insert(b, machine);
         }
-        self.machines.insert(
-            machine,
-            Machine {
-                pool: p,
-                state,
-                build,
-                launched_at: now,
-                last_seen: now,
-                idle_since: now,
-                builds_run,
-                next_check: None,
-            },
-        );
+        let mut m = Machine::new(p, state, now);
+        m.build = build;
+        m.builds_run = builds_run;
+        m.answered_at = provider_id.as_ref().map(|_| now);
+        m.launch_pending = provider_id.is_none() && is_starting(state);
+        m.provider_id = provider_id;
+        self.machines.insert(machine, m);
         self.schedule(machine, now);
     }
 
     /// Feed one event; returns the actions the shell must carry out, in order.
     ///
-    /// `LaunchFailed` frees the slot and, if the queue still wants a machine, launches a new
-    /// one at once: backing off after repeated failures is the shell's job (it can delay
-    /// feeding `LaunchFailed`, or `Drain`).
+    /// `LaunchFailed` frees the slot; the pool launches again once its backoff (see
+    /// [`launch_backoff`]) has passed, which [`Fleet::next_deadline`] includes.
     pub fn handle(&mut self, event: FleetEvent, now: Ts) -> Vec<FleetAction> {
         let mut out = Vec::new();
         match event {
@@ -339,50 +430,61 @@ impl Fleet {
                     }
                 }
             }
-            FleetEvent::LaunchSucceeded { machine } => {
-                let Some(m) = self.machines.get(&machine) else {
+            FleetEvent::LaunchSucceeded { machine, provider_id } => {
+                let Some(m) = self.machines.get_mut(&machine) else {
                     return out;
                 };
-                if matches!(m.state, MachineState::Requested | MachineState::Launching) {
+                let p = m.pool;
+                m.launch_pending = false;
+                if m.provider_id.is_none() {
+                    m.provider_id = Some(provider_id);
+                    m.answered_at = Some(now);
+                }
+                self.pools[p].failures = 0;
+                self.pools[p].backoff_until = None;
+                if m.stop_after_launch {
+                    // A stop was decided while the call was out: carry it out now.
+                    m.stop_after_launch = false;
+                    let reason = "stopped before its launch answered".to_string();
+                    out.push(FleetAction::Terminate { machine, provider_id: m.provider_id.clone(), reason });
+                } else if is_starting(m.state) && m.state != MachineState::Booting {
                     self.set_state(machine, MachineState::Booting, now, &mut out);
                     if self.draining {
                         self.terminate(machine, "draining", now, &mut out);
                     }
                 }
             }
-            FleetEvent::LaunchFailed { machine, reason } => {
+            FleetEvent::LaunchUnknown { machine, .. } => {
                 let Some(m) = self.machines.get(&machine) else {
                     return out;
                 };
-                // A launch whose answer was lost or late may still have started the machine:
-                // if its agent has connected since, the machine is alive, whatever the call said.
-                if matches!(m.state, MachineState::Requested | MachineState::Launching | MachineState::Stopping) {
-                    let p = m.pool;
-                    self.gone(machine, &format!("launch failed: {reason}"), now, &mut out);
-                    self.provision(p, now, &mut out);
+                if m.launch_pending {
+                    out.push(FleetAction::Resolve { machine, requested_at: m.launched_at });
                 }
             }
-            FleetEvent::AgentConnected { machine } => {
+            FleetEvent::LaunchFailed { machine, reason } => {
                 let Some(m) = self.machines.get_mut(&machine) else {
                     return out;
                 };
                 let p = m.pool;
-                match m.state {
-                    s if is_starting(s) => {
-                        m.last_seen = now;
-                        self.set_state(machine, MachineState::Idle, now, &mut out);
-                        if self.draining {
-                            self.terminate(machine, "draining", now, &mut out);
-                        } else {
-                            self.assign(p, &mut out);
-                            self.provision(p, now, &mut out);
-                        }
-                    }
-                    // A reconnect of a live agent only proves it is alive.
-                    MachineState::Idle | MachineState::Busy => m.last_seen = now,
-                    _ => {}
+                m.launch_pending = false;
+                if m.stop_after_launch {
+                    // Stopped while launching: stop it by its id anyway (the provisioner
+                    // finds what is left of it); it is gone once that is confirmed.
+                    m.stop_after_launch = false;
+                    let reason = format!("launch failed: {reason}");
+                    out.push(FleetAction::Terminate { machine, provider_id: None, reason });
+                    self.backoff(p, now);
+                } else if matches!(m.state, MachineState::Requested | MachineState::Launching | MachineState::Stopping)
+                {
+                    // A launch whose answer was lost or late may still have started the machine:
+                    // if its agent has connected since, the machine is alive, whatever the call said.
+                    self.gone(machine, &format!("launch failed: {reason}"), now, &mut out);
+                    self.backoff(p, now);
+                    self.provision(p, now, &mut out);
                 }
             }
+            FleetEvent::AgentConnected { machine, resumed } => self.connected(machine, resumed, now, &mut out),
             FleetEvent::Heartbeat { machine } => {
                 if let Some(m) = self.machines.get_mut(&machine) {
                     if matches!(m.state, MachineState::Booting | MachineState::Idle | MachineState::Busy) {
@@ -395,10 +497,48 @@ impl Fleet {
                     return out;
                 };
                 let p = m.pool;
+                match m.state {
+                    // Its build may still be running: the agent has until the heartbeat limit
+                    // (counted from when it was last heard) to reconnect.
+                    MachineState::Busy => {
+                        if let Some(m) = self.machines.get_mut(&machine) {
+                            m.connected = false;
+                        }
+                    }
+                    MachineState::Booting | MachineState::Idle => {
+                        self.lose(machine, MachineState::Lost, "agent disconnected", now, &mut out);
+                        self.provision(p, now, &mut out);
+                    }
+                    _ => {}
+                }
+            }
+            FleetEvent::AgentLost { machine, reason } => {
+                let Some(m) = self.machines.get(&machine) else {
+                    return out;
+                };
+                let p = m.pool;
                 if matches!(m.state, MachineState::Booting | MachineState::Idle | MachineState::Busy) {
-                    self.lose(machine, MachineState::Lost, "agent disconnected", now, &mut out);
+                    self.lose(machine, MachineState::Lost, &reason, now, &mut out);
                     self.provision(p, now, &mut out);
                 }
+            }
+            FleetEvent::AssignRefused { machine, build } => {
+                let Some(m) = self.machines.get_mut(&machine) else {
+                    return out;
+                };
+                if m.state != MachineState::Busy || m.build != Some(build) {
+                    return out;
+                }
+                m.build = None;
+                let p = m.pool;
+                self.running.remove(&build);
+                if self.draining {
+                    self.terminate(machine, "draining", now, &mut out);
+                } else {
+                    self.set_state(machine, MachineState::Idle, now, &mut out);
+                    self.assign(p, &mut out);
+                }
+                self.provision(p, now, &mut out);
             }
             FleetEvent::Interrupted { machine } => {
                 let Some(m) = self.machines.get(&machine) else {
@@ -443,6 +583,17 @@ impl Fleet {
                     self.provision(p, now, &mut out);
                 }
             }
+            FleetEvent::Vanished { machine } => {
+                let Some(m) = self.machines.get(&machine) else {
+                    return out;
+                };
+                // A machine being stopped is gone once its stop is confirmed, not before.
+                if m.state != MachineState::Stopping {
+                    let p = m.pool;
+                    self.gone(machine, "vanished from the cloud", now, &mut out);
+                    self.provision(p, now, &mut out);
+                }
+            }
             FleetEvent::Tick => self.tick(now, &mut out),
             FleetEvent::Drain => {
                 self.draining = true;
@@ -468,7 +619,10 @@ impl Fleet {
             FleetEvent::Pause { pool, paused } => {
                 let p = self.pool_idx(&pool);
                 self.pools[p].paused = paused;
-                if !paused {
+                if paused {
+                    // Warm machines kept past their idle deadline go now: paused keeps none.
+                    self.idle_sweep(p, now, &mut out);
+                } else {
                     self.assign(p, &mut out);
                     self.provision(p, now, &mut out);
                 }
@@ -499,6 +653,39 @@ impl Fleet {
     /// The build a machine is running.
     pub fn machine_build(&self, id: MachineId) -> Option<BuildId> {
         self.machines.get(&id).and_then(|m| m.build)
+    }
+
+    /// What the fleet knows of a (not yet gone) machine.
+    pub fn machine_view(&self, id: MachineId) -> Option<MachineView<'_>> {
+        self.machines.get(&id).map(|m| self.view(m))
+    }
+
+    /// Every known (not gone) machine, in no particular order.
+    pub fn machine_views(&self) -> impl Iterator<Item = (MachineId, MachineView<'_>)> {
+        self.machines.iter().map(|(&id, m)| (id, self.view(m)))
+    }
+
+    fn view<'a>(&'a self, m: &'a Machine) -> MachineView<'a> {
+        MachineView {
+            pool: &self.pools[m.pool].spec.name,
+            state: m.state,
+            build: m.build,
+            provider_id: m.provider_id.as_deref(),
+            requested_at: m.launched_at,
+            answered_at: m.answered_at,
+        }
+    }
+
+    /// An admin's stop: refused when the machine is unknown or already on its way out;
+    /// otherwise the actions (a build on it is retried elsewhere).
+    pub fn stop_machine(&mut self, machine: MachineId, reason: &str, now: Ts) -> Result<Vec<FleetAction>, StopRefused> {
+        match self.machine_state(machine) {
+            None => Err(StopRefused::NotRunning),
+            Some(s @ (MachineState::Stopping | MachineState::Lost | MachineState::Interrupted)) => {
+                Err(StopRefused::Already(s))
+            }
+            Some(_) => Ok(self.handle(FleetEvent::StopMachine { machine, reason: reason.to_string() }, now)),
+        }
     }
 
     /// The pool a (not yet gone) machine belongs to.
@@ -561,10 +748,16 @@ impl Fleet {
         self.draining
     }
 
-    /// The earliest time a `Tick` may change something (a boot, heartbeat or idle deadline);
-    /// `None` if no timer is pending. Never later than the true deadline.
+    /// The earliest time a `Tick` may change something (a boot, heartbeat or idle deadline,
+    /// or the end of a launch backoff); `None` if nothing is pending. Never later than the
+    /// true deadline.
     pub fn next_deadline(&self) -> Option<Ts> {
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        let timer = self.timers.peek().map(|Reverse((t, _))| *t);
+        let backoff = self.pools.iter().filter_map(|p| p.backoff_until).min();
+        match (timer, backoff) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn pool(&self, name: &str) -> Option<&Pool> {
@@ -686,6 +879,11 @@ impl Fleet {
             self.check(id, now, out);
         }
         for p in 0..self.pools.len() {
+            // An ended backoff is cleared even where the pool launches nothing now (held,
+            // paused, draining): a deadline in the past would wake the shell at once, forever.
+            if self.pools[p].backoff_until.is_some_and(|t| t <= now) {
+                self.pools[p].backoff_until = None;
+            }
             self.idle_sweep(p, now, out);
             self.assign(p, out);
             self.provision(p, now, out);
@@ -782,6 +980,11 @@ impl Fleet {
             return;
         }
         let pool = &mut self.pools[p];
+        match pool.backoff_until {
+            Some(t) if now < t => return,
+            Some(_) => pool.backoff_until = None,
+            None => {}
+        }
         let wanted = pool.queued_len + pool.spec.min_idle as usize;
         let available = pool.starting + pool.idle.len();
         let room = (pool.spec.max_instances as usize).saturating_sub(pool.live);
@@ -792,22 +995,65 @@ impl Fleet {
             pool.starting += 1;
             pool.live += 1;
             let deadline = now.plus(pool.spec.boot_timeout);
-            self.machines.insert(
-                id,
-                Machine {
-                    pool: p,
-                    state: MachineState::Requested,
-                    build: None,
-                    launched_at: now,
-                    last_seen: now,
-                    idle_since: now,
-                    builds_run: 0,
-                    next_check: Some(deadline),
-                },
-            );
+            // Requested while its row is written, Launching once the call is out.
+            let mut m = Machine::new(p, MachineState::Launching, now);
+            m.next_check = Some(deadline);
+            m.launch_pending = true;
+            self.machines.insert(id, m);
             self.timers.push(Reverse((deadline, id)));
             out.push(FleetAction::SetState { machine: id, state: MachineState::Requested });
             out.push(FleetAction::Launch { machine: id, pool: pool.spec.name.clone() });
+            out.push(FleetAction::SetState { machine: id, state: MachineState::Launching });
+        }
+    }
+
+    /// A launch failed: the pool waits before launching again, longer after each failure.
+    fn backoff(&mut self, p: usize, now: Ts) {
+        let pool = &mut self.pools[p];
+        pool.failures = pool.failures.saturating_add(1);
+        pool.backoff_until = Some(now.plus(launch_backoff(pool.failures)));
+    }
+
+    /// An agent said hello: accepted when the machine can take it, refused otherwise.
+    fn connected(&mut self, machine: MachineId, resumed: Option<Option<BuildId>>, now: Ts, out: &mut Vec<FleetAction>) {
+        let Some(m) = self.machines.get_mut(&machine) else {
+            let reason = "no such machine is starting or running".to_string();
+            out.push(FleetAction::Refuse { machine, reason });
+            return;
+        };
+        let p = m.pool;
+        match (resumed, m.state) {
+            (None, s) if is_starting(s) => {
+                m.last_seen = now;
+                m.connected = true;
+                out.push(FleetAction::Accept { machine, build: None });
+                self.set_state(machine, MachineState::Idle, now, out);
+                if self.draining {
+                    self.terminate(machine, "draining", now, out);
+                } else {
+                    self.assign(p, out);
+                    self.provision(p, now, out);
+                }
+            }
+            (Some(spoken), MachineState::Busy | MachineState::Idle) => {
+                let expected = m.build;
+                if expected.is_some() && spoken != expected {
+                    // The agent never got (or lost) the build the master gave it: retry it.
+                    let reason = format!("its agent came back without build {}", expected.unwrap_or_default());
+                    out.push(FleetAction::Refuse { machine, reason: reason.clone() });
+                    self.lose(machine, MachineState::Lost, &reason, now, out);
+                    self.provision(p, now, out);
+                } else {
+                    // Running it, or finished it: its reports (and BuildFinished) are sent again.
+                    m.last_seen = now;
+                    m.connected = true;
+                    out.push(FleetAction::Accept { machine, build: expected });
+                }
+            }
+            (_, s) => {
+                let reason = format!("the machine is {} and cannot take this connection", s.as_str());
+                out.push(FleetAction::Refuse { machine, reason });
+            }
         }
     }
 
@@ -828,7 +1074,23 @@ impl Fleet {
             out.push(FleetAction::Retry { build, reason: reason.to_string() });
         }
         self.set_state(id, MachineState::Stopping, now, out);
-        out.push(FleetAction::Terminate { machine: id, reason: reason.to_string() });
+        self.stop(id, reason, out);
+    }
+
+    /// Emit the provisioner's stop, or defer it until the launch answers with an id.
+    fn stop(&mut self, id: MachineId, reason: &str, out: &mut Vec<FleetAction>) {
+        let Some(m) = self.machines.get_mut(&id) else {
+            return;
+        };
+        if m.launch_pending {
+            m.stop_after_launch = true;
+            return;
+        }
+        out.push(FleetAction::Terminate {
+            machine: id,
+            provider_id: m.provider_id.clone(),
+            reason: reason.to_string(),
+        });
     }
 
     /// The machine is unusable (`Lost`/`Interrupted`): retry its build and stop it.
@@ -841,7 +1103,7 @@ impl Fleet {
             out.push(FleetAction::Retry { build, reason: reason.to_string() });
         }
         self.set_state(id, state, now, out);
-        out.push(FleetAction::Terminate { machine: id, reason: reason.to_string() });
+        self.stop(id, reason, out);
     }
 
     /// The machine no longer exists: retry its build if it had one and forget it.
@@ -967,8 +1229,8 @@ mod tests {
 
     /// Launch, boot and connect machine `m`, returning the connect actions.
     fn bring_up(f: &mut Fleet, m: MachineId, now: i64) -> Vec<FleetAction> {
-        f.handle(FleetEvent::LaunchSucceeded { machine: m }, Ts(now));
-        f.handle(FleetEvent::AgentConnected { machine: m }, Ts(now))
+        f.handle(FleetEvent::LaunchSucceeded { machine: m, provider_id: format!("i-{}", m) }, Ts(now));
+        f.handle(FleetEvent::AgentConnected { machine: m, resumed: None }, Ts(now))
     }
 
     #[test]
@@ -979,13 +1241,14 @@ mod tests {
             a,
             vec![
                 FleetAction::SetState { machine: 1, state: MachineState::Requested },
-                FleetAction::Launch { machine: 1, pool: "p".into() }
+                FleetAction::Launch { machine: 1, pool: "p".into() },
+                FleetAction::SetState { machine: 1, state: MachineState::Launching },
             ]
         );
-        assert_eq!(f.machine_state(1), Some(MachineState::Requested));
-        f.handle(FleetEvent::LaunchSucceeded { machine: 1 }, Ts(S));
+        assert_eq!(f.machine_state(1), Some(MachineState::Launching));
+        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: format!("i-{}", 1) }, Ts(S));
         assert_eq!(f.machine_state(1), Some(MachineState::Booting));
-        let a = f.handle(FleetEvent::AgentConnected { machine: 1 }, Ts(2 * S));
+        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: None }, Ts(2 * S));
         assert!(a.contains(&FleetAction::Assign { machine: 1, build: 10 }));
         assert_eq!(f.machine_build(1), Some(10));
         assert_eq!(f.queue_len("p"), 0);
@@ -1041,13 +1304,17 @@ mod tests {
         let mut f = fleet(vec![PoolSpec { idle_timeout: Duration::from_secs(60), ..spec("p", 4, 1, 0) }]);
         let a = f.handle(FleetEvent::Tick, Ts(0));
         assert_eq!(launched(&a), vec![1], "min_idle keeps one warm");
-        f.handle(FleetEvent::LaunchSucceeded { machine: 1 }, Ts(S));
-        f.handle(FleetEvent::AgentConnected { machine: 1 }, Ts(S));
+        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: format!("i-{}", 1) }, Ts(S));
+        f.handle(FleetEvent::AgentConnected { machine: 1, resumed: None }, Ts(S));
         f.handle(FleetEvent::Pause { pool: "p".into(), paused: true }, Ts(2 * S));
         f.handle(FleetEvent::Heartbeat { machine: 1 }, Ts(60 * S));
         let a = f.handle(FleetEvent::Tick, Ts(62 * S));
         assert!(
-            a.contains(&FleetAction::Terminate { machine: 1, reason: "idle timeout".into() }),
+            a.contains(&FleetAction::Terminate {
+                machine: 1,
+                provider_id: Some("i-1".into()),
+                reason: "idle timeout".into()
+            }),
             "past idle_timeout while paused: {a:?}"
         );
         assert!(launched(&a).is_empty(), "and no replacement");
@@ -1098,13 +1365,155 @@ mod tests {
     }
 
     #[test]
-    fn launch_failure_relaunches() {
+    fn launch_failure_relaunches_after_a_growing_backoff() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
         q(&mut f, 1, 0);
         let a = f.handle(FleetEvent::LaunchFailed { machine: 1, reason: "capacity".into() }, Ts(S));
         assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Gone }));
-        assert_eq!(launched(&a), vec![2]);
+        assert!(launched(&a).is_empty(), "not at once: {a:?}");
         assert_eq!(f.machine_state(1), None);
+        // The loop sleeps until the backoff ends, then the queue gets its machine.
+        assert_eq!(f.next_deadline(), Some(Ts(2 * S)));
+        assert!(launched(&f.handle(FleetEvent::Tick, Ts(2 * S - 1))).is_empty());
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(2 * S))), vec![2]);
+        // A second failure in a row waits twice as long.
+        f.handle(FleetEvent::LaunchFailed { machine: 2, reason: "capacity".into() }, Ts(3 * S));
+        assert_eq!(f.next_deadline(), Some(Ts(5 * S)));
+        assert!(launched(&f.handle(FleetEvent::Tick, Ts(4 * S))).is_empty());
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(5 * S))), vec![3]);
+        // A success resets it: the next failure waits 1 s again.
+        f.handle(FleetEvent::LaunchSucceeded { machine: 3, provider_id: "i-3".into() }, Ts(6 * S));
+        let a = f.handle(FleetEvent::MachineGone { machine: 3 }, Ts(7 * S));
+        assert_eq!(launched(&a), vec![4], "{a:?}");
+        f.handle(FleetEvent::LaunchFailed { machine: 4, reason: "capacity".into() }, Ts(8 * S));
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(9 * S))), vec![5]);
+        assert_eq!(launch_backoff(0), Duration::from_secs(1));
+        assert_eq!(launch_backoff(7), Duration::from_secs(64));
+        assert_eq!(launch_backoff(u32::MAX), Duration::from_secs(64), "capped");
+    }
+
+    #[test]
+    fn a_stop_decided_before_the_launch_answers_waits_for_the_answer() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        q(&mut f, 1, 0);
+        q(&mut f, 2, 0);
+        for m in [1, 2] {
+            let a = f.stop_machine(m, "by admin", Ts(S)).expect("a launching machine can be stopped");
+            // Its launch is still out: nothing to stop yet, but it is on its way out.
+            assert!(!has_terminate(&a, m), "{a:?}");
+            assert_eq!(f.machine_state(m), Some(MachineState::Stopping));
+        }
+        assert!(!has_terminate(&f.handle(FleetEvent::Tick, Ts(2 * S)), 1));
+        // The answer names the instance: it is stopped by that id.
+        let a = f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: "i-1".into() }, Ts(3 * S));
+        assert_eq!(
+            a,
+            vec![FleetAction::Terminate {
+                machine: 1,
+                provider_id: Some("i-1".into()),
+                reason: "stopped before its launch answered".into()
+            }]
+        );
+        // A failed launch may still have left something: stopped by the machine's own id, and
+        // counted against the limit until the stop is confirmed.
+        let a = f.handle(FleetEvent::LaunchFailed { machine: 2, reason: "timed out".into() }, Ts(3 * S));
+        assert!(a.contains(&FleetAction::Terminate {
+            machine: 2,
+            provider_id: None,
+            reason: "launch failed: timed out".into()
+        }));
+        assert_eq!(f.machine_state(2), Some(MachineState::Stopping));
+        assert_eq!(f.live_machines("p"), 2);
+        assert!(launched(&f.handle(FleetEvent::Tick, Ts(3 * S))).is_empty(), "no room until it is gone");
+        let a = f.handle(FleetEvent::MachineGone { machine: 2 }, Ts(4 * S));
+        assert_eq!(launched(&a), vec![3], "its place is free once the stop is confirmed");
+    }
+
+    #[test]
+    fn an_unknown_launch_outcome_is_looked_up_and_counted() {
+        let mut f = fleet(vec![spec("p", 1, 0, 0)]);
+        q(&mut f, 1, 0);
+        let a = f.handle(FleetEvent::LaunchUnknown { machine: 1, reason: "timed out".into() }, Ts(S));
+        assert_eq!(a, vec![FleetAction::Resolve { machine: 1, requested_at: Ts(0) }]);
+        assert_eq!(f.live_machines("p"), 1, "it may exist: it counts against max_instances");
+        assert!(launched(&q(&mut f, 2, 2 * S)).is_empty());
+        // Found: it boots as any other.
+        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: "i-1".into() }, Ts(3 * S));
+        assert_eq!(f.machine_state(1), Some(MachineState::Booting));
+        // A second unknown answer for a launch already answered asks nothing.
+        assert!(f.handle(FleetEvent::LaunchUnknown { machine: 1, reason: "late".into() }, Ts(4 * S)).is_empty());
+    }
+
+    #[test]
+    fn a_busy_agent_that_comes_back_with_another_build_is_refused_and_its_build_retried() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        q(&mut f, 7, 0);
+        bring_up(&mut f, 1, 0);
+        f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(S));
+        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: Some(None) }, Ts(2 * S));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Refuse { machine: 1, .. })), "{a:?}");
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })), "{a:?}");
+        assert_eq!(f.machine_state(1), Some(MachineState::Lost));
+        // A first hello from a machine already running is refused too, and changes nothing.
+        q(&mut f, 8, 3 * S);
+        bring_up(&mut f, 2, 3 * S);
+        let a = f.handle(FleetEvent::AgentConnected { machine: 2, resumed: None }, Ts(4 * S));
+        assert!(matches!(a.as_slice(), [FleetAction::Refuse { machine: 2, .. }]), "{a:?}");
+        assert_eq!(f.machine_build(2), Some(8));
+    }
+
+    #[test]
+    fn an_admins_stop_is_refused_for_what_is_not_running() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        assert_eq!(f.stop_machine(1, "by admin", Ts(0)), Err(StopRefused::NotRunning));
+        q(&mut f, 1, 0);
+        bring_up(&mut f, 1, 0);
+        let a = f.stop_machine(1, "by admin", Ts(S)).expect("a running machine can be stopped");
+        assert!(has_terminate(&a, 1));
+        assert_eq!(f.stop_machine(1, "again", Ts(2 * S)), Err(StopRefused::Already(MachineState::Stopping)));
+    }
+
+    #[test]
+    fn a_refused_assignment_does_not_count_as_a_build_run() {
+        let mut f = fleet(vec![spec("p", 1, 0, 1)]);
+        q(&mut f, 1, 0);
+        bring_up(&mut f, 1, 0);
+        assert_eq!(f.machine_build(1), Some(1));
+        // The store refused to start it (cancelled meanwhile): the ephemeral machine is idle again.
+        let a = f.handle(FleetEvent::AssignRefused { machine: 1, build: 1 }, Ts(S));
+        assert_eq!(a, vec![FleetAction::SetState { machine: 1, state: MachineState::Idle }]);
+        assert_eq!(f.machine_builds_run(1), Some(0));
+        let a = q(&mut f, 2, 2 * S);
+        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 2 }), "{a:?}");
+    }
+
+    #[test]
+    fn an_agent_lost_while_sending_its_job_retries_the_build() {
+        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+        q(&mut f, 1, 0);
+        bring_up(&mut f, 1, 0);
+        let a = f.handle(FleetEvent::AgentLost { machine: 1, reason: "send failed".into() }, Ts(S));
+        assert!(a.contains(&FleetAction::Retry { build: 1, reason: "send failed".into() }));
+        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Lost }));
+        assert!(has_terminate(&a, 1));
+    }
+
+    #[test]
+    fn a_machine_that_vanishes_while_stopping_is_gone_only_once_confirmed() {
+        let mut f = fleet(vec![spec("p", 1, 0, 0)]);
+        q(&mut f, 1, 0);
+        bring_up(&mut f, 1, 0);
+        f.stop_machine(1, "by admin", Ts(S)).expect("running");
+        assert!(f.handle(FleetEvent::Vanished { machine: 1 }, Ts(2 * S)).is_empty());
+        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
+        // A running machine that vanishes is gone; its build was already retried by the stop.
+        q(&mut f, 2, 3 * S);
+        f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(3 * S));
+        bring_up(&mut f, 2, 4 * S);
+        assert_eq!(f.machine_build(2), Some(2));
+        let a = f.handle(FleetEvent::Vanished { machine: 2 }, Ts(5 * S));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 2, .. })), "{a:?}");
+        assert_eq!(f.machine_state(2), None);
     }
 
     #[test]
@@ -1112,7 +1521,7 @@ mod tests {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
         q(&mut f, 1, 0);
         // The launch call timed out, but the instance booted and its agent connected first.
-        let a = f.handle(FleetEvent::AgentConnected { machine: 1 }, Ts(S));
+        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: None }, Ts(S));
         assert!(a.contains(&FleetAction::Assign { machine: 1, build: 1 }));
         let a = f.handle(FleetEvent::LaunchFailed { machine: 1, reason: "timed out".into() }, Ts(2 * S));
         assert!(a.is_empty(), "{a:?}");
@@ -1123,7 +1532,7 @@ mod tests {
     fn boot_timeout_terminates_and_relaunches() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
         q(&mut f, 1, 0);
-        f.handle(FleetEvent::LaunchSucceeded { machine: 1 }, Ts(S));
+        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: format!("i-{}", 1) }, Ts(S));
         assert_eq!(f.next_deadline(), Some(Ts(300 * S)));
         assert!(f.handle(FleetEvent::Tick, Ts(299 * S)).is_empty());
         let a = f.handle(FleetEvent::Tick, Ts(300 * S));
@@ -1201,16 +1610,35 @@ mod tests {
     }
 
     #[test]
-    fn disconnect_retries_and_gone_retries() {
-        let mut f = fleet(vec![spec("p", 2, 0, 0)]);
+    fn a_busy_disconnect_waits_for_the_heartbeat_limit_and_gone_retries() {
+        let mut f = fleet(vec![spec("p", 3, 0, 0)]);
         q(&mut f, 7, 0);
         bring_up(&mut f, 1, 0);
-        let a = f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(S));
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
-        q(&mut f, 8, 0);
-        bring_up(&mut f, 2, 0);
-        let a = f.handle(FleetEvent::MachineGone { machine: 2 }, Ts(S));
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 8, .. })));
+        // Its build may still run: no decision yet.
+        assert!(f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(S)).is_empty());
+        assert_eq!(f.machine_state(1), Some(MachineState::Busy));
+        // It comes back speaking of its build: accepted, the build goes on.
+        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: Some(Some(7)) }, Ts(10 * S));
+        assert_eq!(a, vec![FleetAction::Accept { machine: 1, build: Some(7) }]);
+        // Gone again and silent past the heartbeat limit: lost, its build retried.
+        f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(11 * S));
+        assert!(f.handle(FleetEvent::Tick, Ts(69 * S)).is_empty());
+        let a = f.handle(FleetEvent::Tick, Ts(70 * S));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })), "{a:?}");
+        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Lost }));
+        // An idle agent that disconnects is lost at once.
+        q(&mut f, 9, 71 * S);
+        let m = launched(&f.handle(FleetEvent::Tick, Ts(71 * S)));
+        let m = m.first().copied().unwrap_or_else(|| f.build_machine(9).unwrap_or(2));
+        bring_up(&mut f, m, 72 * S);
+        f.handle(FleetEvent::BuildFinished { machine: m, build: 9 }, Ts(73 * S));
+        let a = f.handle(FleetEvent::AgentDisconnected { machine: m }, Ts(74 * S));
+        assert!(a.contains(&FleetAction::SetState { machine: m, state: MachineState::Lost }), "{a:?}");
+        q(&mut f, 8, 75 * S);
+        let m2 = m + 1;
+        bring_up(&mut f, m2, 75 * S);
+        let a = f.handle(FleetEvent::MachineGone { machine: m2 }, Ts(76 * S));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 8, .. })), "{a:?}");
     }
 
     #[test]
@@ -1236,10 +1664,14 @@ mod tests {
     fn unknown_ids_are_ignored() {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
         for e in [
-            FleetEvent::LaunchSucceeded { machine: 99 },
+            FleetEvent::LaunchSucceeded { machine: 99, provider_id: format!("i-{}", 99) },
             FleetEvent::LaunchFailed { machine: 99, reason: String::new() },
-            FleetEvent::AgentConnected { machine: 99 },
+            FleetEvent::LaunchUnknown { machine: 99, reason: String::new() },
             FleetEvent::Heartbeat { machine: 99 },
+            FleetEvent::AgentLost { machine: 99, reason: String::new() },
+            FleetEvent::AssignRefused { machine: 99, build: 1 },
+            FleetEvent::Vanished { machine: 99 },
+            FleetEvent::StopMachine { machine: 99, reason: String::new() },
             FleetEvent::AgentDisconnected { machine: 99 },
             FleetEvent::BuildFinished { machine: 99, build: 1 },
             FleetEvent::MachineGone { machine: 99 },
@@ -1248,6 +1680,9 @@ mod tests {
         ] {
             assert!(f.handle(e, Ts(0)).is_empty());
         }
+        // An agent naming no known machine is told to go.
+        let a = f.handle(FleetEvent::AgentConnected { machine: 99, resumed: None }, Ts(0));
+        assert!(matches!(a.as_slice(), [FleetAction::Refuse { machine: 99, .. }]), "{a:?}");
     }
 
     #[test]

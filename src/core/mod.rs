@@ -4,6 +4,7 @@
 //! together with the current time and carries out the actions that come back. That keeps every
 //! decision deterministic, replayable and testable with property tests.
 
+pub mod build;
 pub mod fleet;
 pub mod reconcile;
 pub mod scheduler;
@@ -23,6 +24,22 @@ impl Ts {
     pub fn since(self, earlier: Ts) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0).max(0) as u64)
     }
+}
+
+/// Renders a duration compactly in the config's syntax (`1h30m`, `90s`, `250ms`).
+pub fn format_duration(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_string();
+    }
+    let mut out = String::new();
+    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+        if ms >= size {
+            out.push_str(&format!("{}{unit}", ms / size));
+            ms %= size;
+        }
+    }
+    out
 }
 
 /// A build attempt's id (the `builds` row id).

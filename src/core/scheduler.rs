@@ -61,8 +61,11 @@ pub struct ChangeInfo {
     pub branch: String,
     /// Commit id.
     pub revision: String,
-    /// Files touched (empty = unknown, always interesting).
+    /// Files touched (empty, with no `unlisted_files` either = unknown, always interesting).
     pub files: Vec<String>,
+    /// Files touched whose paths are not known (a trace that gives only a count): they match
+    /// no `files` filter and are not covered by `ignore`.
+    pub unlisted_files: u32,
 }
 
 /// Something that happened, fed to [`Schedulers::handle`].
@@ -142,6 +145,8 @@ struct Sched {
     /// (builder name, its branch globs; None = any branch).
     builders: Vec<(String, Option<GlobSet>)>,
     kind: Kind,
+    /// The spec as written, to explain decisions in its own words.
+    spec: SchedulerSpec,
 }
 
 #[derive(Debug, Clone)]
@@ -201,20 +206,48 @@ impl Sched {
 
 /// Does a change pass the file filters? A change with no files listed always does.
 fn interesting(files: &Option<GlobSet>, ignore: &Option<GlobSet>, c: &ChangeInfo) -> bool {
-    if c.files.is_empty() {
-        return true;
+    filtered_out(files, ignore, c).is_none()
+}
+
+/// Why the file filters drop a change, or `None` when it passes them.
+fn filtered_out(files: &Option<GlobSet>, ignore: &Option<GlobSet>, c: &ChangeInfo) -> Option<Filtered> {
+    if c.files.is_empty() && c.unlisted_files == 0 {
+        return None;
     }
     if let Some(f) = files {
         if !c.files.iter().any(|p| f.is_match(p)) {
-            return false;
+            return Some(Filtered::NoneMatch);
         }
     }
     if let Some(i) = ignore {
-        if c.files.iter().all(|p| i.is_match(p)) {
-            return false;
+        if c.unlisted_files == 0 && c.files.iter().all(|p| i.is_match(p)) {
+            return Some(Filtered::AllIgnored);
         }
     }
-    true
+    None
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Filtered {
+    NoneMatch,
+    AllIgnored,
+}
+
+/// Whether one builder would start for one change, and why (the config's dry run).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explanation {
+    /// The scheduler that decided.
+    pub scheduler: String,
+    /// The builder it decided for.
+    pub builder: String,
+    /// A build would be requested (at once, or once the tree is stable).
+    pub starts: bool,
+    /// In words, naming the setting that decided.
+    pub why: String,
+}
+
+fn list(pats: &[String]) -> String {
+    pats.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")
 }
 
 impl Schedulers {
@@ -227,23 +260,35 @@ impl Schedulers {
             for b in &spec.builders {
                 builders.push((b.name.clone(), globs(&name, &b.branches)?));
             }
-            let kind = match spec.kind {
+            let kind = match &spec.kind {
                 SpecKind::Branch { tree_stable, files, ignore } => Kind::Branch {
-                    tree_stable,
-                    files: globs(&name, &files)?,
-                    ignore: globs(&name, &ignore)?,
+                    tree_stable: *tree_stable,
+                    files: globs(&name, files)?,
+                    ignore: globs(&name, ignore)?,
                     bursts: BTreeMap::new(),
                 },
                 SpecKind::Nightly { cron, only_if_changed } => {
-                    let c = Cron::new(&cron).parse().map_err(|e| SpecError {
+                    let c = Cron::new(cron).parse().map_err(|e| SpecError {
                         scheduler: name.clone(),
                         message: format!("bad cron {cron:?}: {e}"),
                     })?;
                     let next_fire = next_after(&c, now);
-                    Kind::Nightly { cron: Box::new(c), only_if_changed, next_fire, built: BTreeMap::new() }
+                    Kind::Nightly {
+                        cron: Box::new(c),
+                        only_if_changed: *only_if_changed,
+                        next_fire,
+                        built: BTreeMap::new(),
+                    }
                 }
             };
-            scheds.push(Sched { branches: globs(&name, &spec.branches)?, name, repo: spec.repo, builders, kind });
+            scheds.push(Sched {
+                branches: globs(&name, &spec.branches)?,
+                name,
+                repo: spec.repo.clone(),
+                builders,
+                kind,
+                spec,
+            });
         }
         Ok(Schedulers { scheds, heads: HashMap::new(), holders: HashMap::new() })
     }
@@ -290,6 +335,73 @@ impl Schedulers {
             }
         }
         next
+    }
+
+    /// For one change, every (scheduler, builder) pair and whether it would start a build,
+    /// by the same rules [`Schedulers::handle`] applies (the config's dry run).
+    pub fn explain(&self, c: &ChangeInfo) -> Vec<Explanation> {
+        let mut out = Vec::new();
+        for s in &self.scheds {
+            let why_not_scheduler = if s.repo != c.repo {
+                Some(format!("scheduler {}: watches repo {}, not {}", s.name, s.repo, c.repo))
+            } else if !matches(&s.branches, &c.branch) {
+                Some(format!(
+                    "scheduler {}: branch {} is not among its branches ({})",
+                    s.name,
+                    c.branch,
+                    list(&s.spec.branches)
+                ))
+            } else {
+                None
+            };
+            let filtered = match &s.kind {
+                Kind::Branch { files, ignore, .. } => filtered_out(files, ignore, c),
+                Kind::Nightly { .. } => None,
+            };
+            for (i, (builder, globs)) in s.builders.iter().enumerate() {
+                let pats = s.spec.builders.get(i).map(|b| b.branches.as_slice()).unwrap_or_default();
+                let (starts, why) = if let Some(w) = &why_not_scheduler {
+                    (false, w.clone())
+                } else if !matches(globs, &c.branch) {
+                    (false, format!("scheduler {}: the builder builds only branches {}", s.name, list(pats)))
+                } else {
+                    match (&s.spec.kind, filtered) {
+                        (SpecKind::Nightly { cron, .. }, _) => (
+                            false,
+                            format!(
+                                "scheduler {}: nightly ({cron}), it builds on its schedule, not per change",
+                                s.name
+                            ),
+                        ),
+                        (SpecKind::Branch { files, .. }, Some(Filtered::NoneMatch)) => (
+                            false,
+                            format!("scheduler {}: no file of the change matches its files ({})", s.name, list(files)),
+                        ),
+                        (SpecKind::Branch { ignore, .. }, Some(Filtered::AllIgnored)) => (
+                            false,
+                            format!(
+                                "scheduler {}: every file of the change is in its ignore ({})",
+                                s.name,
+                                list(ignore)
+                            ),
+                        ),
+                        (SpecKind::Branch { tree_stable: Some(w), .. }, None) => (
+                            true,
+                            format!(
+                                "scheduler {}: builds it once the branch has been quiet for {}",
+                                s.name,
+                                super::format_duration(*w)
+                            ),
+                        ),
+                        (SpecKind::Branch { tree_stable: None, .. }, None) => {
+                            (true, format!("scheduler {}: builds every change on {}", s.name, c.branch))
+                        }
+                    }
+                };
+                out.push(Explanation { scheduler: s.name.clone(), builder: builder.clone(), starts, why });
+            }
+        }
+        out
     }
 
     /// Changes still held by a tree-stable burst (not yet in `ChangesDone`).
@@ -467,6 +579,7 @@ mod tests {
     fn change(id: ChangeId, branch: &str, rev: &str, files: &[&str]) -> SchedEvent {
         SchedEvent::Change(ChangeInfo {
             id,
+            unlisted_files: 0,
             repo: "r".into(),
             branch: branch.into(),
             revision: rev.into(),
@@ -583,6 +696,7 @@ mod tests {
         let a = s.handle(
             SchedEvent::Change(ChangeInfo {
                 id: 3,
+                unlisted_files: 0,
                 repo: "other".into(),
                 branch: "stable/1".into(),
                 revision: "c".into(),

@@ -25,10 +25,10 @@ use tokio::sync::mpsc;
 
 use crate::agent::protocol::{BuildJob, JobStep, MasterMsg};
 use crate::clock::Clock;
-use crate::config::{Config, ProvisionerKind, SchedulerKind};
-use crate::core::fleet::{recovery, Fleet, FleetAction, FleetEvent, LeftOver, MachineState, PoolSpec, Recovery};
+use crate::config::{Config, ProvisionerKind};
+use crate::core::fleet::{recovery, Fleet, FleetAction, FleetEvent, LeftOver, MachineState, Recovery, StopRefused};
 use crate::core::reconcile::{Believed, Listed, Reconciler, Verdict};
-use crate::core::scheduler::{BuilderRef, ChangeInfo, SchedAction, SchedEvent, SchedulerSpec, Schedulers, SpecKind};
+use crate::core::scheduler::{ChangeInfo, SchedAction, SchedEvent, Schedulers};
 use crate::core::{BuildId, MachineId, Ts};
 use crate::store::{BuildRow, ChangeRow, Store, StoreError};
 use secrets::Secrets;
@@ -304,6 +304,12 @@ fn effective_url(configured: &str, addr: SocketAddr) -> String {
 /// by what is spent in this time.
 const SPEND_CHECK: Duration = Duration::from_secs(2);
 
+/// The longest the loop sleeps with nothing due (a wall clock may be stepped meanwhile).
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// How often a draining master looks whether its running builds have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
 /// How long open HTTP responses may take to end once the master has stopped.
 const WEB_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -348,22 +354,13 @@ struct Master {
     sched: Schedulers,
     provisioners: HashMap<String, Arc<dyn Provisioner>>,
     rx: mpsc::Receiver<Input>,
-    /// Connected agents: connection id and sender.
+    /// Connected agents the fleet accepted: connection id and sender.
     agents: HashMap<MachineId, (u64, mpsc::UnboundedSender<MasterMsg>)>,
-    machine_pool: HashMap<MachineId, String>,
-    provider_ids: HashMap<MachineId, String>,
-    /// Terminations asked for before the launch call returned.
-    terminate_after_launch: HashSet<MachineId>,
-    /// Machines whose launch outcome is not known yet (the call has not returned, or it is being
-    /// looked up), with when the launch was asked for.
-    launching: HashMap<MachineId, Ts>,
-    /// Consecutive launch failures per pool, for backoff.
-    launch_failures: HashMap<String, u32>,
+    /// An agent connection waiting for the fleet's accept or refuse.
+    connecting: HashMap<MachineId, (u64, mpsc::UnboundedSender<MasterMsg>)>,
     pending: VecDeque<FleetEvent>,
     /// (scheduler, change) pairs requested before a crash, for changes replayed at start.
     already_requested: HashSet<(String, crate::core::ChangeId)>,
-    /// When each machine's launch returned (or it was adopted): listings may lag behind it.
-    launched_at: HashMap<MachineId, Ts>,
     /// One reconciler per scope (see [`Provisioner::scope`]).
     reconcilers: HashMap<String, Reconciler>,
     /// Scopes whose listing is under way, so a slow cloud never gets two at once.
@@ -381,43 +378,10 @@ impl Master {
         rx: mpsc::Receiver<Input>,
     ) -> Result<Master, MasterError> {
         let config = &shared.config;
-        let pools = config
-            .pools
-            .iter()
-            .map(|p| PoolSpec {
-                name: p.name.clone(),
-                max_instances: p.max_instances,
-                min_idle: p.min_idle,
-                idle_timeout: p.idle_timeout,
-                boot_timeout: p.boot_timeout,
-                max_builds: p.max_builds,
-            })
-            .collect();
+        let pools = config.pool_specs();
         let first_id = shared.store.max_machine_id().await? + 1;
         let fleet = Fleet::new(pools, config.master.heartbeat_timeout, first_id);
-        let specs = config
-            .schedulers
-            .iter()
-            .map(|s| SchedulerSpec {
-                name: s.name.clone(),
-                repo: s.repo.clone(),
-                branches: s.branches.clone(),
-                builders: s
-                    .builders
-                    .iter()
-                    .filter_map(|b| config.builder(b))
-                    .map(|b| BuilderRef { name: b.name.clone(), branches: b.branches.clone() })
-                    .collect(),
-                kind: match &s.kind {
-                    SchedulerKind::Branch { tree_stable, files, ignore } => {
-                        SpecKind::Branch { tree_stable: *tree_stable, files: files.clone(), ignore: ignore.clone() }
-                    }
-                    SchedulerKind::Nightly { cron, only_if_changed } => {
-                        SpecKind::Nightly { cron: cron.clone(), only_if_changed: *only_if_changed }
-                    }
-                },
-            })
-            .collect();
+        let specs = config.scheduler_specs();
         let mut sched = Schedulers::new(specs, shared.now())?;
         for n in shared.store.nightly_states().await? {
             sched.restore_nightly(&n.name, n.last_fire, n.built);
@@ -429,14 +393,9 @@ impl Master {
             provisioners,
             rx,
             agents: HashMap::new(),
-            machine_pool: HashMap::new(),
-            provider_ids: HashMap::new(),
-            terminate_after_launch: HashSet::new(),
-            launching: HashMap::new(),
-            launch_failures: HashMap::new(),
+            connecting: HashMap::new(),
             pending: VecDeque::new(),
             already_requested: HashSet::new(),
-            launched_at: HashMap::new(),
             reconcilers: HashMap::new(),
             listing: HashSet::new(),
             caps_reached: HashSet::new(),
@@ -594,18 +553,14 @@ impl Master {
         let now = self.shared.now();
         let launched_at = m.launched_at.as_deref().and_then(crate::cost::parse_ts).unwrap_or(now);
         let builds_run = m.builds_run.max(0) as u32;
-        self.fleet.restore_machine(m.id, &m.pool, MachineState::Booting, None, builds_run, launched_at);
+        let pid = m.provider_id.clone();
+        self.fleet.restore_machine(m.id, &m.pool, MachineState::Booting, None, builds_run, pid, launched_at);
         if self.fleet.machine_state(m.id) != Some(MachineState::Booting) {
             return self.stop_leftover(m).await;
         }
         if m.state != MachineState::Booting.as_str() {
             self.shared.store.set_machine_state(m.id, MachineState::Booting.as_str(), now).await?;
         }
-        self.machine_pool.insert(m.id, m.pool.clone());
-        if let Some(pid) = &m.provider_id {
-            self.provider_ids.insert(m.id, pid.clone());
-        }
-        self.launched_at.insert(m.id, launched_at);
         tracing::info!(
             machine = m.id,
             "keeping a machine of the previous run that is still booting; waiting for its agent"
@@ -618,26 +573,23 @@ impl Master {
     /// for it by its id, until the answer is final.
     fn resolve_launch(&mut self, m: &crate::store::MachineRow) {
         let requested_at = crate::cost::parse_ts(&m.requested_at).unwrap_or_else(|| self.shared.now());
-        self.fleet.restore_machine(m.id, &m.pool, MachineState::Launching, None, 0, requested_at);
-        self.machine_pool.insert(m.id, m.pool.clone());
-        self.launching.insert(m.id, requested_at);
+        self.fleet.restore_machine(m.id, &m.pool, MachineState::Launching, None, 0, None, requested_at);
         tracing::info!(
             machine = m.id,
             "the previous run died while launching this machine; asking the provider for it"
         );
-        self.spawn_resolve(m.id, "the master restarted during the launch".to_string());
+        self.spawn_resolve(m.id, requested_at, "the master restarted during the launch".to_string());
     }
 
     /// Asks the provider for a machine whose launch outcome is unknown, until it is found or
     /// the provider's settle time since the request has passed; the answer comes back as an
     /// [`Input::Launched`]. Errors from the provider are retried: until it answers, the machine
     /// keeps counting against the pool's limit.
-    fn spawn_resolve(&mut self, machine: MachineId, why: String) {
-        let Some(p) = self.machine_pool.get(&machine).and_then(|pool| self.provisioners.get(pool)).cloned() else {
+    fn spawn_resolve(&mut self, machine: MachineId, requested_at: Ts, why: String) {
+        let Some(p) = self.provisioner_of(machine) else {
             self.pending.push_back(FleetEvent::LaunchFailed { machine, reason: format!("no provisioner ({why})") });
             return;
         };
-        let requested_at = self.launching.get(&machine).copied().unwrap_or_else(|| self.shared.now());
         let final_at = requested_at.plus(p.settle_time());
         let (inputs, clock) = (self.shared.inputs.clone(), self.shared.clock.clone());
         tokio::spawn(async move {
@@ -710,14 +662,12 @@ impl Master {
         let m = &a.machine;
         // The store counted the running build when it started; the fleet counts it when it ends.
         let builds_run = (m.builds_run - 1).max(0) as u32;
-        self.fleet.restore_machine(m.id, &m.pool, MachineState::Busy, Some(a.build.id), builds_run, now);
+        let pid = Some(a.pid.clone());
+        self.fleet.restore_machine(m.id, &m.pool, MachineState::Busy, Some(a.build.id), builds_run, pid, now);
         if self.fleet.machine_build(m.id) != Some(a.build.id) {
             tracing::error!(machine = m.id, build = a.build.id, "the fleet refused to adopt the machine");
             return false;
         }
-        self.provider_ids.insert(m.id, a.pid.clone());
-        self.machine_pool.insert(m.id, m.pool.clone());
-        self.launched_at.insert(m.id, now);
         if let Ok(mut r) = self.shared.running.lock() {
             r.insert(a.build.id, RunningBuild::new(m.id, &a.secrets, a.applied, a.log_bytes));
         }
@@ -744,8 +694,7 @@ impl Master {
         &mut self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), MasterError> {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let jumps = self.shared.clock.jumps();
         let mut reconcile = tokio::time::interval(self.shared.config.master.reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut spend_check = tokio::time::interval(SPEND_CHECK);
@@ -753,7 +702,17 @@ impl Master {
         let capped = crate::cost::caps::any(&self.shared.config);
         let mut shutdown = Box::pin(shutdown);
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        // The first look: what the pools want with nothing yet asked of them (min_idle).
+        self.pending.push_back(FleetEvent::Tick);
+        self.drain_pending().await?;
         loop {
+            let wake = self.next_wake(drain_deadline.is_some());
+            let jumped = async {
+                match &jumps {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = &mut shutdown, if drain_deadline.is_none() => {
                     tracing::info!(grace = ?self.shared.config.master.shutdown_grace, "shutting down: no new builds, waiting for running ones");
@@ -771,7 +730,8 @@ impl Master {
                 },
                 _ = reconcile.tick(), if drain_deadline.is_none() => self.start_listings(),
                 _ = spend_check.tick(), if capped && drain_deadline.is_none() => self.start_spend_check(),
-                _ = tick.tick() => {
+                () = jumped => self.pending.push_back(FleetEvent::Tick),
+                () = tokio::time::sleep(wake) => {
                     self.pending.push_back(FleetEvent::Tick);
                     if let Err(e) = self.apply_sched(SchedEvent::Tick).await {
                         tracing::error!("scheduler tick failed: {e}");
@@ -794,6 +754,24 @@ impl Master {
             }
         }
         self.stop_everything().await
+    }
+
+    /// How long the loop may sleep: until the fleet's or the schedulers' next deadline (a
+    /// clock that jumps wakes it earlier), at most [`MAX_SLEEP`], and briefly while draining
+    /// (it watches the running builds end).
+    fn next_wake(&self, draining: bool) -> Duration {
+        let now = self.shared.now();
+        let next = match (self.fleet.next_deadline(), self.sched.next_wakeup()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // One millisecond past the deadline: a timer never fires before its time is due.
+        let wake = next.map_or(MAX_SLEEP, |t| t.since(now) + Duration::from_millis(1)).min(MAX_SLEEP);
+        if draining {
+            wake.min(DRAIN_POLL)
+        } else {
+            wake
+        }
     }
 
     /// After the grace period: builds still running are retried by the next start; every
@@ -841,15 +819,13 @@ impl Master {
                 let _ = reply.send(answer);
             }
             Input::StopMachine { machine, by, reply } => {
-                let answer = match self.fleet.machine_state(machine) {
-                    None => Err(ActionError::NotFound(format!("machine {machine} is not running"))),
-                    Some(s @ (MachineState::Stopping | MachineState::Lost | MachineState::Interrupted)) => {
-                        Err(ActionError::Conflict(format!("machine {machine} is already {}", s.as_str())))
-                    }
-                    Some(_) => {
+                let now = self.shared.now();
+                let answer = match self.fleet.stop_machine(machine, &format!("terminated by {by}"), now) {
+                    Err(e @ StopRefused::NotRunning) => Err(ActionError::NotFound(format!("machine {machine}: {e}"))),
+                    Err(e @ StopRefused::Already(_)) => Err(ActionError::Conflict(format!("machine {machine}: {e}"))),
+                    Ok(actions) => {
                         tracing::info!(machine, %by, "admin asked to stop the machine");
-                        self.pending
-                            .push_back(FleetEvent::StopMachine { machine, reason: format!("terminated by {by}") });
+                        self.execute_all(actions, now).await?;
                         Ok(())
                     }
                 };
@@ -872,108 +848,47 @@ impl Master {
                 let _ = reply.send(answer);
             }
             Input::AgentConnected { machine, conn, tx, resumed } => {
-                let state = self.fleet.machine_state(machine);
-                let starting =
-                    matches!(state, Some(MachineState::Booting | MachineState::Launching | MachineState::Requested));
-                let adoptable = matches!(state, Some(MachineState::Busy | MachineState::Idle));
-                let expected = self.fleet.machine_build(machine);
-                if resumed.is_none() && starting {
-                    self.agents.insert(machine, (conn, tx));
-                    self.pending.push_back(FleetEvent::AgentConnected { machine });
-                } else if let (Some(build), true) = (resumed, adoptable) {
-                    self.agents.insert(machine, (conn, tx));
-                    if expected.is_some() && build != expected {
-                        // The agent never got (or lost) the build the master gave it: retry it.
-                        tracing::warn!(machine, ?expected, ?build, "reconnected agent is not running its build");
-                        self.pending.push_back(FleetEvent::AgentDisconnected { machine });
-                    } else {
-                        // Running it, or finished it: its BuildFinished is sent again next.
-                        tracing::info!(machine, "agent reconnected; its build carries on");
-                        self.pending.push_back(FleetEvent::Heartbeat { machine });
-                        // A cancel sent while the connection was dying may never have arrived.
-                        if let Some(b) = expected {
-                            let row = self.shared.store.build(b).await?;
-                            if row.is_some_and(|r| r.state == "running" && r.cancelled_by.is_some()) {
-                                if let Some((_, tx)) = self.agents.get(&machine) {
-                                    let _ = tx.send(MasterMsg::Cancel { build: b });
-                                }
-                            }
-                        }
-                    }
-                } else {
-                    tracing::warn!(
-                        machine,
-                        ?state,
-                        resumed,
-                        "agent connected for a machine that cannot take it; telling it to stop"
-                    );
-                    let _ = tx.send(MasterMsg::Shutdown);
-                }
+                // The fleet accepts or refuses it (see `FleetAction::Accept`/`Refuse`).
+                self.connecting.insert(machine, (conn, tx));
+                self.pending.push_back(FleetEvent::AgentConnected { machine, resumed });
             }
             Input::AgentClosed { machine, conn } => {
-                if self.agents.get(&machine).is_some_and(|(c, _)| *c == conn) {
+                let ours = |m: &HashMap<MachineId, (u64, _)>| m.get(&machine).is_some_and(|(c, _)| *c == conn);
+                if ours(&self.agents) || ours(&self.connecting) {
                     self.agents.remove(&machine);
-                    if self.fleet.machine_state(machine) == Some(MachineState::Busy) {
-                        // Its build may still be running: give the agent until the heartbeat
-                        // limit to reconnect before the fleet declares it lost.
-                        tracing::info!(machine, "busy agent disconnected; waiting for it to reconnect");
-                    } else {
-                        self.pending.push_back(FleetEvent::AgentDisconnected { machine });
-                    }
+                    self.connecting.remove(&machine);
+                    tracing::info!(machine, "agent disconnected");
+                    self.pending.push_back(FleetEvent::AgentDisconnected { machine });
                 }
             }
             Input::Launched { machine, result } => {
                 let now = self.shared.now();
-                let requested_at = match &result {
-                    // Still unknown: it keeps its place (and its slot) while it is looked up.
-                    LaunchOutcome::Unknown(_) => self.launching.get(&machine).copied(),
-                    _ => self.launching.remove(&machine),
-                };
-                let pool = self.machine_pool.get(&machine).cloned().unwrap_or_default();
+                let view = self.fleet.machine_view(machine);
+                let requested_at = view.as_ref().map(|v| v.requested_at);
+                let pool = view.map(|v| v.pool.to_string()).unwrap_or_default();
                 match result {
                     LaunchOutcome::Up(launched) => {
-                        self.launch_failures.remove(&pool);
                         self.record_launch(machine, &pool, &launched, requested_at, now).await?;
-                        self.provider_ids.insert(machine, launched.provider_id);
-                        self.launched_at.insert(machine, now);
-                        if self.terminate_after_launch.remove(&machine) {
-                            self.terminate(machine);
-                        } else {
-                            self.pending.push_back(FleetEvent::LaunchSucceeded { machine });
-                        }
+                        let provider_id = launched.provider_id;
+                        self.pending.push_back(FleetEvent::LaunchSucceeded { machine, provider_id });
                     }
                     LaunchOutcome::Ran(launched) => {
                         // It ran while nobody watched and has stopped since: billed from the
                         // provider's launch time to now, then gone.
                         tracing::warn!(machine, %pool, instance = %launched.provider_id, "the machine ran but had already stopped when found");
                         self.record_launch(machine, &pool, &launched, requested_at, now).await?;
-                        self.terminate_after_launch.remove(&machine);
                         let reason = "its instance had already stopped when found".to_string();
                         self.pending.push_back(FleetEvent::LaunchFailed { machine, reason });
                     }
                     LaunchOutcome::Unknown(reason) => {
                         tracing::warn!(machine, %pool, %reason, "launch outcome unknown; looking the machine up");
                         self.shared.store.machine_event(machine, "launch_unknown", &reason, now).await?;
-                        self.spawn_resolve(machine, reason);
+                        self.pending.push_back(FleetEvent::LaunchUnknown { machine, reason });
                     }
                     LaunchOutcome::Failed(reason) => {
                         tracing::warn!(machine, %pool, %reason, "launch failed");
                         self.shared.store.machine_event(machine, "launch_failed", &reason, now).await?;
-                        if self.terminate_after_launch.remove(&machine) {
-                            // A stop was waiting for this launch. Stop it by its id anyway (the
-                            // provisioner finds what is left of it), so it cannot hang in Stopping.
-                            self.terminate(machine);
-                        }
-                        // Hold the failure back before the fleet sees it, so a broken
-                        // provisioner is retried with backoff instead of in a hot loop.
-                        let failures = self.launch_failures.entry(pool).or_insert(0);
-                        *failures += 1;
-                        let delay = Duration::from_millis(500u64.saturating_mul(1 << (*failures).min(7)));
-                        let inputs = self.shared.inputs.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = inputs.send(Input::Fleet(FleetEvent::LaunchFailed { machine, reason })).await;
-                        });
+                        self.pending.push_back(FleetEvent::LaunchFailed { machine, reason });
                     }
                 }
             }
@@ -990,10 +905,7 @@ impl Master {
                     tracing::warn!(machine, instance = %launched.provider_id, "a second instance ran for this machine; the cost report does not show it");
                 }
             }
-            Input::Terminated { machine } => {
-                self.provider_ids.remove(&machine);
-                self.pending.push_back(FleetEvent::MachineGone { machine });
-            }
+            Input::Terminated { machine } => self.pending.push_back(FleetEvent::MachineGone { machine }),
             Input::SpendChecked(result) => {
                 self.spend_checking = false;
                 match result {
@@ -1107,10 +1019,10 @@ impl Master {
             }
             let Some(p) = pools.first().and_then(|pool| self.provisioners.get(pool)).cloned() else { continue };
             let known: Vec<(MachineId, String)> = self
-                .provider_ids
-                .iter()
-                .filter(|(m, _)| self.machine_pool.get(m).is_some_and(|pool| pools.contains(pool)))
-                .map(|(m, pid)| (*m, pid.clone()))
+                .fleet
+                .machine_views()
+                .filter(|(_, v)| pools.iter().any(|p| p == v.pool))
+                .filter_map(|(m, v)| v.provider_id.map(|pid| (m, pid.to_string())))
                 .collect();
             let inputs = self.shared.inputs.clone();
             let listed_at = self.shared.now();
@@ -1138,22 +1050,17 @@ impl Master {
         let Some(pools) = self.scopes().remove(scope) else { return Ok(()) };
         // Live machines of other scopes: a listing by tag may include them (same region and
         // cluster through another endpoint); they are owned, never orphans.
-        let elsewhere: HashSet<MachineId> = self
-            .machine_pool
-            .iter()
-            .filter(|(m, pool)| !pools.contains(pool) && self.fleet.machine_state(**m).is_some())
-            .map(|(m, _)| *m)
-            .collect();
+        let ours = |pool: &str| pools.iter().any(|p| p == pool);
+        let elsewhere: HashSet<MachineId> =
+            self.fleet.machine_views().filter(|(_, v)| !ours(v.pool)).map(|(m, _)| m).collect();
         let believed: Vec<Believed> = self
-            .machine_pool
-            .iter()
-            .filter(|(m, pool)| {
-                pools.contains(pool) && self.fleet.machine_state(**m).is_some_and(|s| s != MachineState::Gone)
-            })
-            .map(|(m, _)| Believed {
-                machine: *m,
-                provider_id: self.provider_ids.get(m).cloned(),
-                launched_at: self.launched_at.get(m).copied(),
+            .fleet
+            .machine_views()
+            .filter(|(_, v)| ours(v.pool))
+            .map(|(m, v)| Believed {
+                machine: m,
+                provider_id: v.provider_id.map(str::to_string),
+                launched_at: v.answered_at,
             })
             .collect();
         // Tagged instances of machines the store has as gone: launches served too late.
@@ -1181,20 +1088,14 @@ impl Master {
                     tracing::warn!(%provider_id, ?machine, "reconcile: terminating an orphan (tagged as ours, owned by no machine)");
                     (provider_id, machine, None)
                 }
-                Verdict::Vanished { machine, .. }
-                    if self.fleet.machine_state(machine) == Some(MachineState::Stopping) =>
-                {
-                    // Being stopped: gone once the stop is confirmed, not before.
-                    continue;
-                }
                 Verdict::Vanished { machine, provider_id } => {
-                    tracing::warn!(machine, %provider_id, "reconcile: machine is gone from the cloud; its build (if any) is retried");
-                    self.shared
-                        .store
-                        .machine_event(machine, "vanished", &format!("{provider_id} no longer running"), now)
-                        .await?;
-                    self.provider_ids.remove(&machine);
-                    self.pending.push_back(FleetEvent::MachineGone { machine });
+                    let actions = self.fleet.handle(FleetEvent::Vanished { machine }, now);
+                    if !actions.is_empty() {
+                        tracing::warn!(machine, %provider_id, "reconcile: machine is gone from the cloud; its build (if any) is retried");
+                        let detail = format!("{provider_id} no longer running");
+                        self.shared.store.machine_event(machine, "vanished", &detail, now).await?;
+                    }
+                    self.execute_all(actions, now).await?;
                     continue;
                 }
             };
@@ -1269,11 +1170,22 @@ impl Master {
     async fn drain_pending(&mut self) -> Result<(), MasterError> {
         while let Some(ev) = self.pending.pop_front() {
             let now = self.shared.now();
-            for action in self.fleet.handle(ev, now) {
-                self.execute(action, now).await?;
-            }
+            let actions = self.fleet.handle(ev, now);
+            self.execute_all(actions, now).await?;
         }
         Ok(())
+    }
+
+    async fn execute_all(&mut self, actions: Vec<FleetAction>, now: Ts) -> Result<(), MasterError> {
+        for action in actions {
+            self.execute(action, now).await?;
+        }
+        Ok(())
+    }
+
+    /// The provisioner of a machine's pool (while the fleet knows the machine).
+    fn provisioner_of(&self, machine: MachineId) -> Option<Arc<dyn Provisioner>> {
+        self.fleet.machine_pool(machine).and_then(|pool| self.provisioners.get(pool)).cloned()
     }
 
     async fn execute(&mut self, action: FleetAction, now: Ts) -> Result<(), MasterError> {
@@ -1286,10 +1198,7 @@ impl Master {
                 }
                 if state == MachineState::Gone {
                     self.agents.remove(&machine);
-                    self.machine_pool.remove(&machine);
-                    self.terminate_after_launch.remove(&machine);
-                    self.launching.remove(&machine);
-                    self.launched_at.remove(&machine);
+                    self.connecting.remove(&machine);
                 }
             }
             FleetAction::Launch { machine, pool } => {
@@ -1307,8 +1216,6 @@ impl Master {
                     _ => "local",
                 };
                 store.insert_machine(machine, &pool, kind, &hash_token(&token), now).await?;
-                self.machine_pool.insert(machine, pool.clone());
-                self.launching.insert(machine, now);
                 let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
                 let inputs = self.shared.inputs.clone();
                 tokio::spawn(async move {
@@ -1326,10 +1233,34 @@ impl Master {
                 });
             }
             FleetAction::Assign { machine, build } => self.assign(machine, build, now).await?,
-            FleetAction::Terminate { machine, reason } => {
+            FleetAction::Terminate { machine, provider_id, reason } => {
                 tracing::info!(machine, %reason, "stopping machine");
                 store.machine_event(machine, "stop_requested", &reason, now).await?;
-                self.terminate(machine);
+                self.terminate(machine, provider_id.unwrap_or_default());
+            }
+            FleetAction::Resolve { machine, requested_at } => {
+                self.spawn_resolve(machine, requested_at, "the launch's outcome was unknown".to_string())
+            }
+            FleetAction::Accept { machine, build } => {
+                if let Some(agent) = self.connecting.remove(&machine) {
+                    self.agents.insert(machine, agent);
+                }
+                if let Some(b) = build {
+                    tracing::info!(machine, build = b, "agent reconnected; its build carries on");
+                    // A cancel sent while the connection was dying may never have arrived.
+                    let row = store.build(b).await?;
+                    if row.is_some_and(|r| r.state == "running" && r.cancelled_by.is_some()) {
+                        if let Some((_, tx)) = self.agents.get(&machine) {
+                            let _ = tx.send(MasterMsg::Cancel { build: b });
+                        }
+                    }
+                }
+            }
+            FleetAction::Refuse { machine, reason } => {
+                if let Some((_, tx)) = self.connecting.remove(&machine) {
+                    tracing::warn!(machine, %reason, "agent connection refused; telling it to stop");
+                    let _ = tx.send(MasterMsg::Shutdown);
+                }
             }
             FleetAction::Retry { build, reason } => {
                 self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
@@ -1342,22 +1273,11 @@ impl Master {
         Ok(())
     }
 
-    fn terminate(&mut self, machine: MachineId) {
+    fn terminate(&mut self, machine: MachineId, provider_id: String) {
         if let Some((_, tx)) = self.agents.remove(&machine) {
             let _ = tx.send(MasterMsg::Shutdown);
         }
-        let provider_id = match self.provider_ids.get(&machine) {
-            Some(id) => id.clone(),
-            None if self.launching.contains_key(&machine) => {
-                // The launch call has not returned yet; stop it as soon as it does.
-                self.terminate_after_launch.insert(machine);
-                return;
-            }
-            // The launch returned without an id (it failed, yet the machine came up): the
-            // provisioner finds the machine by its id.
-            None => String::new(),
-        };
-        let Some(provisioner) = self.machine_pool.get(&machine).and_then(|p| self.provisioners.get(p)).cloned() else {
+        let Some(provisioner) = self.provisioner_of(machine) else {
             self.pending.push_back(FleetEvent::MachineGone { machine });
             return;
         };
@@ -1378,12 +1298,13 @@ impl Master {
     async fn assign(&mut self, machine: MachineId, build: BuildId, now: Ts) -> Result<(), MasterError> {
         let store = self.shared.store.clone();
         let Some(row) = store.build(build).await? else {
-            self.pending.push_back(FleetEvent::BuildFinished { machine, build });
+            self.pending.push_back(FleetEvent::AssignRefused { machine, build });
             return Ok(());
         };
         let Some((_, tx)) = self.agents.get(&machine).cloned() else {
             // The agent vanished between connecting and now: the fleet retries the build.
-            self.pending.push_back(FleetEvent::AgentDisconnected { machine });
+            let reason = "its agent's connection is gone".to_string();
+            self.pending.push_back(FleetEvent::AgentLost { machine, reason });
             return Ok(());
         };
         let job = match self.job_for(&row) {
@@ -1403,7 +1324,7 @@ impl Master {
         names.extend(job.steps.iter().map(|s| s.name.clone()));
         if !store.start_build(build, machine, &names, now).await? {
             // Cancelled or already taken: give the machine back.
-            self.pending.push_back(FleetEvent::BuildFinished { machine, build });
+            self.pending.push_back(FleetEvent::AssignRefused { machine, build });
             return Ok(());
         }
         let secrets: Vec<(String, String)> = job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -1412,7 +1333,8 @@ impl Master {
         }
         tracing::info!(build, machine, builder = %row.builder, "build started");
         if tx.send(MasterMsg::Run(Box::new(job))).is_err() {
-            self.pending.push_back(FleetEvent::AgentDisconnected { machine });
+            let reason = "its agent's connection closed as the build was sent".to_string();
+            self.pending.push_back(FleetEvent::AgentLost { machine, reason });
         }
         Ok(())
     }
@@ -1475,6 +1397,7 @@ pub fn change_info(c: &ChangeRow) -> ChangeInfo {
         branch: c.branch.clone(),
         revision: c.revision.clone(),
         files: c.files.clone(),
+        unlisted_files: 0,
     }
 }
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+use crate::core::build::{after_loss, AfterLoss};
 use crate::core::{BuildId, ChangeId, MachineId, Ts};
 use crate::cost::report::MachineFacts;
 
@@ -35,8 +36,7 @@ pub enum StoreError {
     Unsupported(String),
 }
 
-/// Attempts of one build request before it ends as `exception` instead of being retried.
-pub const MAX_ATTEMPTS: i64 = 3;
+pub use crate::core::build::MAX_ATTEMPTS;
 
 /// Result alias for store calls.
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -600,7 +600,8 @@ impl Store {
         let Some((attempt, machine, was, cancelled_by)) = attempt else {
             return Ok(None);
         };
-        if cancelled_by.is_some() {
+        let decision = after_loss(u32::try_from(attempt).unwrap_or(u32::MAX), cancelled_by.is_some());
+        if decision == AfterLoss::Cancelled {
             // Someone cancelled it and its machine went away before saying so: it ends
             // cancelled, never runs again.
             sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = ? WHERE id = ?")
@@ -617,7 +618,7 @@ impl Store {
             return Ok(None);
         }
         // A build that keeps killing its machine must not launch machines forever.
-        let give_up = attempt >= MAX_ATTEMPTS;
+        let give_up = decision == AfterLoss::GiveUp;
         let (state, why) = match give_up {
             true => ("exception", format!("gave up after {MAX_ATTEMPTS} attempts; the last one: {reason}")),
             false => ("retry", reason.to_string()),
