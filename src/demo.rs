@@ -181,10 +181,13 @@ async fn create_repo(repo: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The user a root demo's builds run as when none is named; the demo creates it if missing.
+pub const DEFAULT_RUN_AS: &str = "paddock-build";
+
 /// How the demo's local pool confines its machines, as lines of its config: the sandbox when
-/// bubblewrap is installed (as `run_as`, when the demo runs as root, which must exist), else
-/// the opt-out, said once.
-fn isolation_lines(run_as: &str) -> anyhow::Result<String> {
+/// bubblewrap is installed (as `run_as` when the demo runs as root: a named user must exist,
+/// the default one is created), else the opt-out, said once.
+async fn isolation_lines(run_as: Option<&str>) -> anyhow::Result<String> {
     let root = nix::unistd::geteuid().is_root();
     if crate::runtime::isolation::find_program("bwrap").is_none() {
         println!(
@@ -200,21 +203,38 @@ fn isolation_lines(run_as: &str) -> anyhow::Result<String> {
     if !root {
         return Ok(String::new());
     }
-    match nix::unistd::User::from_name(run_as) {
-        Ok(Some(u)) if !u.uid.is_root() => {
-            Ok(format!("run_as = \"{run_as}\"               # the demo runs as root; its builds run as this user\n"))
-        }
-        _ => bail!(
-            "the demo runs as root, and its builds must not: create the user they run as \
-             (useradd --system --no-create-home {run_as}) and run the demo again, or pass --run-as USER \
-             naming an unprivileged user, or run the demo as a normal user"
-        ),
+    let user = run_as.unwrap_or(DEFAULT_RUN_AS);
+    let found = |name: &str| matches!(nix::unistd::User::from_name(name), Ok(Some(u)) if !u.uid.is_root());
+    if !found(user) && run_as.is_none() {
+        // Builds never run as root; the default user is one the demo may make for itself.
+        create_system_user(user).await?;
     }
+    if !found(user) {
+        bail!(
+            "the demo runs as root, and its builds must not: --run-as {user} names no unprivileged user; \
+             create it (useradd --system --no-create-home {user}), name another, or run the demo as a normal user"
+        );
+    }
+    Ok(format!("run_as = \"{user}\"               # the demo runs as root; its builds run as this user\n"))
+}
+
+/// Creates an unprivileged system user with no home and no login shell.
+async fn create_system_user(name: &str) -> anyhow::Result<()> {
+    println!("The demo runs as root; creating the unprivileged user {name} for its builds (useradd --system).");
+    let out = tokio::process::Command::new("useradd")
+        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+        .output()
+        .await
+        .context("cannot run useradd to create the demo's build user")?;
+    if !out.status.success() {
+        bail!("useradd could not create the demo's build user {name}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Runs the demo in `dir` with the master on `port`, until Ctrl-C. `run_as` is the user its
-/// builds run as when the demo runs as root.
-pub async fn run(dir: &Path, port: u16, run_as: &str) -> anyhow::Result<()> {
+/// builds run as when the demo runs as root ([`DEFAULT_RUN_AS`] when `None`).
+pub async fn run(dir: &Path, port: u16, run_as: Option<&str>) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(dir).await.with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = tokio::fs::canonicalize(dir).await?;
     let repo = dir.join("repo");
@@ -223,7 +243,7 @@ pub async fn run(dir: &Path, port: u16, run_as: &str) -> anyhow::Result<()> {
     }
     let config_path = dir.join("paddock.toml");
     if !config_path.exists() {
-        let text = CONFIG.replace("@PORT@", &port.to_string()).replace("@ISOLATION@", &isolation_lines(run_as)?);
+        let text = CONFIG.replace("@PORT@", &port.to_string()).replace("@ISOLATION@", &isolation_lines(run_as).await?);
         tokio::fs::write(&config_path, text).await?;
     }
     let config = crate::config::load(&config_path)?;

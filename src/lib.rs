@@ -16,6 +16,7 @@ pub mod demo;
 pub mod logging;
 pub mod notify;
 pub mod runtime;
+pub mod sim;
 pub mod store;
 pub mod tls;
 pub mod web;

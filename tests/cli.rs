@@ -175,6 +175,14 @@ fn the_demo_as_root_runs_its_builds_as_an_unprivileged_user_or_says_what_to_do()
     demo_builds_and_stops(&dir, None, &["--run-as", common::TEST_USER]);
     let config = std::fs::read_to_string(dir.join("paddock.toml")).expect("config");
     assert!(config.contains(&format!("run_as = \"{}\"", common::TEST_USER)), "{config}");
+    // Named by nobody, the build user is the demo's own, made when missing: on a fresh machine
+    // `cargo run -- demo` as root needs no other step.
+    let dir = tmp.path().join("default-user");
+    demo_builds_and_stops(&dir, None, &[]);
+    let config = std::fs::read_to_string(dir.join("paddock.toml")).expect("config");
+    assert!(config.contains("run_as = \"paddock-build\""), "{config}");
+    let user = nix::unistd::User::from_name("paddock-build").expect("user lookup").expect("the demo made its user");
+    assert!(!user.uid.is_root());
 }
 
 #[test]

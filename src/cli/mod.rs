@@ -20,6 +20,7 @@ pub struct Cli {
 }
 
 mod accounts;
+mod simulate;
 
 /// Where client subcommands find the master, and how they prove who they are.
 #[derive(Debug, clap::Args)]
@@ -190,6 +191,10 @@ enum Command {
         #[command(subcommand)]
         action: accounts::TokenCmd,
     },
+    /// Replay a commit history through this config's schedulers and fleet on a virtual clock:
+    /// what would the pools cost, and how long would builds wait? Or, with --change, which
+    /// builders one change would start.
+    Simulate(Box<simulate::SimulateArgs>),
     /// Set up a demo repository and run the master on it with local workers.
     Demo {
         /// Folder for the demo repository, config and database.
@@ -198,9 +203,10 @@ enum Command {
         /// Port for the master.
         #[arg(long, default_value_t = 8010)]
         port: u16,
-        /// Run as root: the unprivileged user the demo's builds run as (it must exist).
-        #[arg(long, default_value = "paddock-build")]
-        run_as: String,
+        /// Run as root: the unprivileged user the demo's builds run as (it must exist; by
+        /// default `paddock-build`, created when missing).
+        #[arg(long)]
+        run_as: Option<String>,
     },
 }
 
@@ -350,7 +356,8 @@ async fn dispatch(command: Command, preloaded: Option<crate::config::Config>) ->
             private_umask();
             return accounts::token(action).await;
         }
-        Command::Demo { dir, port, run_as } => crate::demo::run(&dir, port, &run_as).await?,
+        Command::Simulate(args) => simulate::run(*args)?,
+        Command::Demo { dir, port, run_as } => crate::demo::run(&dir, port, run_as.as_deref()).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
