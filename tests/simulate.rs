@@ -1,9 +1,13 @@
 //! `paddock simulate` driven as a user runs it: the binary, a config file, a CSV trace or a
 //! real git repository, and its table or JSON output.
 
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
+use common::Bed;
 use serde_json::Value;
 
 fn paddock(args: &[&str]) -> (i32, String, String) {
@@ -403,7 +407,12 @@ fn bad_input_says_what_and_where() {
     }
     let (code, _, err) = paddock(&["simulate", &config]);
     assert_eq!(code, 1);
-    assert!(err.contains("--trace FILE.csv or --git PATH"), "{err}");
+    assert!(err.contains("--trace FILE.csv, --git PATH or --from-db"), "{err}");
+    // No installation here: its history is not made up, nor an empty database left behind.
+    let (code, _, err) = paddock(&["simulate", &config, "--from-db"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("paddock.db does not exist"), "{err}");
+    assert!(!tmp.path().join("paddock.db").exists());
 }
 
 #[test]
@@ -416,4 +425,85 @@ fn builds_that_lose_every_machine_give_up_after_three_attempts() {
     assert_eq!((t["gave_up"].as_u64(), t["retries"].as_u64()), (Some(2), Some(4)), "{o}");
     assert_eq!((t["interruptions"].as_u64(), t["launches"].as_u64()), (Some(6), Some(6)), "{o}");
     close(&t["floor_cost"], 0.0);
+}
+
+fn secs_between(from: &Value, to: &Value) -> f64 {
+    let t = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or("")).map(|d| d.timestamp_millis()).unwrap_or(0)
+    };
+    (t(to) - t(from)) as f64 / 1000.0
+}
+
+fn p50(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get((v.len().max(1) - 1) / 2).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn the_simulation_of_a_real_run_predicts_its_builds_launches_bill_and_waits() {
+    // The real master: a local pool whose machines take 2 s to boot, steps that sleep 3 s.
+    let mut bed = Bed::new(&[]);
+    let script = bed.path().join("boot.sh");
+    let bin = common::paddock_bin();
+    std::fs::write(&script, format!("#!/bin/sh\nsleep 2\nexec {} \"$@\"\n", bin.display())).expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let pool = format!(
+        "[pool.local]\nmax_instances = 2\nidle_timeout = \"4s\"\nboot_timeout = \"60s\"\nhourly_price = 3.6\n\
+         agent_command = \"{}\"\n",
+        script.display()
+    );
+    let config = bed.config(
+        "",
+        &format!(
+            "{pool}\n[[builder]]\nname = \"b{{n}}\"\nrepo = \"app\"\npool = \"local\"\nmatrix = {{ n = [\"1\", \"2\"] }}\n\
+             steps = [\"sleep 3\"]\n\n[[scheduler]]\nkind = \"branch\"\nrepo = \"app\"\nbuilders = [\"b*\"]\n"
+        ),
+    );
+    bed.start(&["main"]);
+    // A short history, replayed in real time: a push; a second while its builds run (it waits
+    // for those machines, which take it warm); a third once every machine has timed out.
+    bed.commit("main", "a.txt", "1\n", "one");
+    bed.wait("the first builds running", || {
+        (bed.builds().iter().filter(|b| b["state"] == "running").count() == 2).then_some(())
+    });
+    bed.commit("main", "a.txt", "2\n", "two");
+    bed.wait_builds_done(4);
+    bed.wait("every machine timed out", || {
+        let ms = bed.machines();
+        (ms.len() == 2 && ms.iter().all(|m| m["state"] == "gone")).then_some(())
+    });
+    bed.commit("main", "a.txt", "3\n", "three");
+    let builds = bed.wait_builds_done(6);
+    bed.wait("every machine timed out again", || {
+        let ms = bed.machines();
+        (ms.len() == 4 && ms.iter().all(|m| m["state"] == "gone")).then_some(())
+    });
+    assert!(builds.iter().all(|b| b["state"] == "success"), "{builds:?}");
+    let real_waits: Vec<f64> = builds.iter().map(|b| secs_between(&b["queued_at"], &b["started_at"])).collect();
+    let cost = bed.get("/api/cost?since=1d&format=json");
+    let real_billed = cost["totals"]["billed_seconds"].as_f64().expect("billed seconds");
+    bed.stop_master();
+
+    // The same history, simulated from the installation's own records.
+    let cfg = config.to_str().expect("utf-8");
+    let o = json(&["simulate", cfg, "--from-db", "--durations-from-db", "--boot", "db"]);
+    let t = &o["total"];
+    assert_eq!(o["changes"], 3, "{o}");
+    assert_eq!(t["builds"], 6, "the same builds: {o}");
+    assert_eq!(t["launches"], 4, "the same launches: {o}");
+    let billed = t["billed_seconds"].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "fidelity: billed {billed} s simulated, {real_billed} s real; waits {:?} real, sim p50 {} max {}",
+        real_waits, t["wait_p50_s"], t["wait_max_s"]
+    );
+    assert!((billed - real_billed).abs() <= 0.02 * real_billed, "billed {billed} s, really {real_billed} s");
+    let (sim_p50, real_p50) = (t["wait_p50_s"].as_f64().unwrap_or(0.0), p50(real_waits.clone()));
+    let sim_max = t["wait_max_s"].as_f64().unwrap_or(0.0);
+    let real_max = real_waits.iter().copied().fold(0.0, f64::max);
+    for (sim, real) in [(sim_p50, real_p50), (sim_max, real_max)] {
+        assert!(
+            (sim - real).abs() <= (0.05 * real).max(1.0),
+            "waits: simulated {sim} s, really {real} s ({real_waits:?})"
+        );
+    }
 }

@@ -356,7 +356,7 @@ async fn dispatch(command: Command, preloaded: Option<crate::config::Config>) ->
             private_umask();
             return accounts::token(action).await;
         }
-        Command::Simulate(args) => simulate::run(*args)?,
+        Command::Simulate(args) => simulate::run(*args).await?,
         Command::Demo { dir, port, run_as } => crate::demo::run(&dir, port, run_as.as_deref()).await?,
     }
     Ok(ExitCode::SUCCESS)

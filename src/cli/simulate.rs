@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::sim::{self, Model, Span};
+use crate::sim::{self, Draw, Model, Span};
 
 /// `paddock simulate`'s options.
 #[derive(Debug, clap::Args)]
@@ -13,8 +13,16 @@ pub struct SimulateArgs {
     /// The config to simulate (its pools, builders and schedulers).
     pub config: PathBuf,
     /// A CSV trace: `unix_time,branch,sha,files` (files `;`-separated, or a count).
-    #[arg(long, conflicts_with = "git")]
+    #[arg(long, conflicts_with_all = ["git", "from_db"])]
     pub trace: Option<PathBuf>,
+    /// Replay the installation's own changes instead, from the config's database, at the
+    /// times the master recorded them.
+    #[arg(long, conflicts_with = "git")]
+    pub from_db: bool,
+    /// Draw each builder's build durations from its finished builds in the config's database
+    /// (builders with none use --duration).
+    #[arg(long)]
+    pub durations_from_db: bool,
     /// Read the history from this local git repository instead: the first-parent history of
     /// its branches that the repo's `branches` (or the schedulers') match.
     #[arg(long)]
@@ -28,7 +36,8 @@ pub struct SimulateArgs {
     /// The config's repo the trace is of (needed when it has several).
     #[arg(long)]
     pub repo: Option<String>,
-    /// Boot time, launch to agent connected: `30s`, or a range `25s..40s`.
+    /// Boot time, launch to agent connected: `30s`, a range `25s..40s`, or `db` to draw from
+    /// the boot times of the machines in the config's database.
     #[arg(long, default_value = "30s")]
     pub boot: String,
     /// Build durations: `GLOB=SPAN` per builder glob (first match wins, e.g. 'py*=6m..9m'),
@@ -57,7 +66,7 @@ pub struct SimulateArgs {
 }
 
 /// Runs `paddock simulate`.
-pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
+pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let json = match a.format.as_str() {
         "table" => false,
         "json" => true,
@@ -77,10 +86,30 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let model = model(&a)?;
-    let trace = match (&a.trace, &a.git) {
-        (Some(t), None) => sim::trace::read_csv(t)?,
-        (None, Some(g)) => {
+    let needs_db = a.from_db || a.durations_from_db || a.boot == "db";
+    if needs_db {
+        // Reading history must not create an empty database where none was.
+        let file = config.master.database.strip_prefix("sqlite://").map(|f| f.split('?').next().unwrap_or(f));
+        if let Some(file) = file.filter(|f| !std::path::Path::new(f).exists()) {
+            bail!("--from-db, --durations-from-db and --boot db read the config's database, and {file} does not exist");
+        }
+    }
+    let store = match needs_db {
+        true => Some(
+            crate::store::Store::open(&config.master.database)
+                .await
+                .with_context(|| format!("cannot open the config's database {}", config.master.database))?,
+        ),
+        false => None,
+    };
+    let mut model = model(&a)?;
+    if let Some(store) = &store {
+        history_into(&mut model, store, &a).await?;
+    }
+    let trace = match (&a.trace, &a.git, &store) {
+        (_, _, Some(store)) if a.from_db => sim::trace::from_store(store, &repo).await?,
+        (Some(t), None, _) => sim::trace::read_csv(t)?,
+        (None, Some(g), _) => {
             let r = config.repo(&repo).context("the repo is configured")?;
             let mut branches = r.branches.clone();
             if branches.is_empty() {
@@ -89,7 +118,7 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
             }
             sim::trace::read_git(g, &branches, a.since.as_deref(), a.until.as_deref())?
         }
-        _ => bail!("give the history to replay: --trace FILE.csv or --git PATH (or --change for a dry run)"),
+        _ => bail!("give the history to replay: --trace FILE.csv, --git PATH or --from-db (or --change for a dry run)"),
     };
     let Some(sweep) = &a.sweep else {
         let outcome = sim::simulate(&config, &repo, &trace, &model)?;
@@ -121,9 +150,26 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Boot times and build durations from the store's history, where asked for.
+async fn history_into(m: &mut Model, store: &crate::store::Store, a: &SimulateArgs) -> anyhow::Result<()> {
+    if a.boot == "db" {
+        let boots = sim::trace::boot_times(store).await?;
+        if boots.is_empty() {
+            bail!("--boot db: the database has no machine whose agent connected; give --boot 30s or a range");
+        }
+        m.boot = Draw::Observed(boots);
+    }
+    if a.durations_from_db {
+        m.observed = sim::trace::build_durations(store).await?;
+    }
+    Ok(())
+}
+
 fn model(a: &SimulateArgs) -> anyhow::Result<Model> {
     let mut m = Model { seed: a.seed, ..Model::default() };
-    m.boot = Span::parse(&a.boot).map_err(|e| anyhow::anyhow!("--boot {}: {e}", a.boot))?;
+    if a.boot != "db" {
+        m.boot = Draw::Range(Span::parse(&a.boot).map_err(|e| anyhow::anyhow!("--boot {}: {e}", a.boot))?);
+    }
     for d in &a.duration {
         m.add_duration(d).map_err(|e| anyhow::anyhow!("--duration {d}: {e}"))?;
     }

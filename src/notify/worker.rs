@@ -13,8 +13,9 @@ use crate::runtime::Shared;
 use crate::store::{Delivery, StoreError};
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
-/// How often the loops look for work.
-const POLL: Duration = Duration::from_millis(300);
+/// The longest the loops sleep without news: what another process (a second master, an admin's
+/// tool) wrote to the outbox is seen within this time.
+const IDLE_LOOK: Duration = Duration::from_secs(30);
 /// How long sent and given-up deliveries (and planned outbox rows) are kept, for the API.
 const KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often old records are pruned.
@@ -148,8 +149,11 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
             }
         }
     }
+    // The planner wakes the sender when it has planned deliveries.
+    let planned = Arc::new(tokio::sync::Notify::new());
     let planner = {
-        let (shared, notifiers) = (shared.clone(), notifiers.clone());
+        let (shared, notifiers, planned) = (shared.clone(), notifiers.clone(), planned.clone());
+        let news = shared.store.news();
         tokio::spawn(async move {
             let mut pruned_at = tokio::time::Instant::now();
             loop {
@@ -163,11 +167,18 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
                     }
                 }
                 match plan_pending(&shared, &notifiers).await {
-                    Ok(n) if n > 0 => continue,
+                    Ok(n) if n > 0 => {
+                        planned.notify_one();
+                        continue;
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::error!("cannot plan notifications: {e}"),
                 }
-                tokio::time::sleep(POLL).await;
+                // Until a build starts or ends (the store says so), or a last look.
+                tokio::select! {
+                    () = news.notified() => {}
+                    () = tokio::time::sleep(IDLE_LOOK) => {}
+                }
             }
         })
     };
@@ -178,7 +189,19 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
                 Ok(_) => {}
                 Err(e) => tracing::error!("cannot send notifications: {e}"),
             }
-            tokio::time::sleep(POLL).await;
+            // Until the next retry is due, new deliveries are planned, or a last look.
+            let due = match shared.store.next_delivery_at().await {
+                Ok(next) => next.as_deref().and_then(crate::cost::parse_ts).map(|t| t.since(shared.now())),
+                Err(e) => {
+                    tracing::error!("cannot read when the next notification is due: {e}");
+                    None
+                }
+            };
+            let wait = due.map_or(IDLE_LOOK, |d| d.min(IDLE_LOOK)).max(Duration::from_millis(100));
+            tokio::select! {
+                () = planned.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
         }
     });
     vec![planner, sender]

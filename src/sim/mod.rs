@@ -22,7 +22,7 @@ use crate::core::fleet::{Fleet, FleetAction, FleetEvent, MachineState};
 use crate::core::scheduler::{ChangeInfo, SchedAction, SchedEvent, Schedulers, SpecError};
 use crate::core::{BuildId, MachineId, Ts};
 use crate::cost::meter::{Life, Use, EC2_MINIMUM_MS};
-pub use model::{Model, Span};
+pub use model::{Draw, Model, Span};
 pub use trace::{Files, TraceChange};
 
 /// The simulated agents never miss a heartbeat: machines are lost only by the models.
@@ -459,7 +459,7 @@ impl<'a> Sim<'a> {
                 let (builder, attempt) = (req.builder, req.attempts);
                 let name = &self.builder_names[builder];
                 let key = [2, r as u64, u64::from(attempt)];
-                let duration = self.model.duration_for(name).sample(self.model.seed, &key);
+                let duration = self.model.build_duration(name, &key);
                 let interrupted = self.model.interruptions > 0.0
                     && model::unit(self.model.seed, &[3, r as u64, u64::from(attempt)]) < self.model.interruptions;
                 if let Some(m) = self.machines.get_mut(&machine) {

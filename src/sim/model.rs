@@ -40,11 +40,37 @@ impl Span {
     /// The draw for `key` under `seed`: the same key always gets the same duration, so two
     /// policies compared on one seed see the same builds and boots.
     pub fn sample(&self, seed: u64, key: &[u64]) -> Duration {
+        self.draw(unit(seed, key))
+    }
+
+    fn draw(&self, u: f64) -> Duration {
         if self.hi == self.lo {
             return self.lo;
         }
         let span = (self.hi - self.lo).as_millis() as f64;
-        self.lo + Duration::from_millis((unit(seed, key) * span).round() as u64)
+        self.lo + Duration::from_millis((u * span).round() as u64)
+    }
+}
+
+/// Where a duration is drawn from: a range, or what the installation recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Draw {
+    /// Uniformly from a range.
+    Range(Span),
+    /// One of these, each as likely (the store's history); never empty.
+    Observed(Vec<Duration>),
+}
+
+impl Draw {
+    /// The draw for `key` under `seed` (see [`Span::sample`]).
+    pub fn sample(&self, seed: u64, key: &[u64]) -> Duration {
+        match self {
+            Draw::Range(s) => s.sample(seed, key),
+            Draw::Observed(v) => {
+                let i = (unit(seed, key) * v.len() as f64) as usize;
+                v.get(i.min(v.len().saturating_sub(1))).copied().unwrap_or_default()
+            }
+        }
     }
 }
 
@@ -62,7 +88,9 @@ pub struct DurationRule {
 #[derive(Debug, Clone)]
 pub struct Model {
     /// Launch to agent connected.
-    pub boot: Span,
+    pub boot: Draw,
+    /// Per builder, the durations its builds took (`--durations-from-db`); before the rules.
+    pub observed: std::collections::HashMap<String, Vec<Duration>>,
     /// Per builder glob, first match wins.
     pub durations: Vec<DurationRule>,
     /// For builders no rule matches.
@@ -77,7 +105,8 @@ pub struct Model {
 impl Default for Model {
     fn default() -> Model {
         Model {
-            boot: Span::fixed(Duration::from_secs(30)),
+            boot: Draw::Range(Span::fixed(Duration::from_secs(30))),
+            observed: Default::default(),
             durations: Vec::new(),
             default_duration: Span::fixed(Duration::from_secs(300)),
             interruptions: 0.0,
@@ -98,7 +127,15 @@ impl Model {
         Ok(())
     }
 
-    /// The durations of `builder`'s builds.
+    /// A duration for attempt `key` of one of `builder`'s builds.
+    pub fn build_duration(&self, builder: &str, key: &[u64]) -> Duration {
+        match self.observed.get(builder) {
+            Some(v) if !v.is_empty() => Draw::Observed(v.clone()).sample(self.seed, key),
+            _ => self.duration_for(builder).sample(self.seed, key),
+        }
+    }
+
+    /// The durations of `builder`'s builds by the rules (history aside).
     pub fn duration_for(&self, builder: &str) -> Span {
         self.durations.iter().find(|r| r.matcher.is_match(builder)).map(|r| r.span).unwrap_or(self.default_duration)
     }
@@ -146,6 +183,16 @@ mod tests {
         assert_eq!(m.duration_for("py3.12").lo, Duration::from_secs(360));
         assert_eq!(m.duration_for("docs").hi, Duration::from_secs(60));
         assert_eq!(m.duration_for("lint"), Span::fixed(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn observed_durations_are_drawn_from_what_was_recorded() {
+        let mut m = Model::default();
+        let seen = vec![Duration::from_secs(3), Duration::from_secs(5)];
+        m.observed.insert("b".into(), seen.clone());
+        let drawn: std::collections::BTreeSet<Duration> = (0..100).map(|k| m.build_duration("b", &[k])).collect();
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), seen);
+        assert_eq!(m.build_duration("other", &[1]), Duration::from_secs(300), "no history: the rules");
     }
 
     #[test]

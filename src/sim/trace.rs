@@ -52,6 +52,9 @@ pub enum TraceError {
     /// git failed or is missing.
     #[error("git: {0}")]
     Git(String),
+    /// The database could not be read.
+    #[error("the config's database: {0}")]
+    Store(String),
 }
 
 /// The CSV header a trace starts with.
@@ -161,6 +164,59 @@ pub fn read_git(
     }
     // Oldest first; one instant's commits in a stable order.
     out.sort_by(|a, b| (a.at, &a.branch, &a.sha).cmp(&(b.at, &b.branch, &b.sha)));
+    Ok(out)
+}
+
+/// The installation's own changes of `repo`, oldest first, at the times the master recorded
+/// them (a push's time as the master saw it).
+pub async fn from_store(store: &crate::store::Store, repo: &str) -> Result<Vec<TraceChange>, TraceError> {
+    let rows = store.list_changes(Some(repo), None, i64::MAX).await.map_err(|e| TraceError::Store(e.to_string()))?;
+    let mut out: Vec<TraceChange> = rows
+        .into_iter()
+        .rev()
+        .filter_map(|c| {
+            Some(TraceChange {
+                at: crate::cost::parse_ts(&c.created_at)?,
+                branch: c.branch,
+                sha: c.revision,
+                files: Files::Listed(c.files),
+            })
+        })
+        .collect();
+    out.sort_by_key(|c| c.at);
+    Ok(out)
+}
+
+/// How long the machines in the store took from launch to their agent's connection.
+pub async fn boot_times(store: &crate::store::Store) -> Result<Vec<std::time::Duration>, TraceError> {
+    let rows = store.list_machines(None, None).await.map_err(|e| TraceError::Store(e.to_string()))?;
+    Ok(rows
+        .iter()
+        .filter_map(|m| {
+            let from = crate::cost::parse_ts(m.launched_at.as_deref()?)?;
+            let to = crate::cost::parse_ts(m.connected_at.as_deref()?)?;
+            Some(to.since(from))
+        })
+        .collect())
+}
+
+/// Per builder, how long its finished builds ran (start to end).
+pub async fn build_durations(
+    store: &crate::store::Store,
+) -> Result<std::collections::HashMap<String, Vec<std::time::Duration>>, TraceError> {
+    let filter = crate::store::BuildFilter { limit: Some(i64::MAX), ..Default::default() };
+    let rows = store.list_builds(&filter).await.map_err(|e| TraceError::Store(e.to_string()))?;
+    let mut out: std::collections::HashMap<String, Vec<std::time::Duration>> = Default::default();
+    for b in rows.iter().filter(|b| matches!(b.state.as_str(), "success" | "failure")) {
+        let (Some(s), Some(f)) = (b.started_at.as_deref(), b.finished_at.as_deref()) else { continue };
+        if let (Some(s), Some(f)) = (crate::cost::parse_ts(s), crate::cost::parse_ts(f)) {
+            out.entry(b.builder.clone()).or_default().push(f.since(s));
+        }
+    }
+    // Oldest first, so a seed draws the same from the same history.
+    for v in out.values_mut() {
+        v.reverse();
+    }
     Ok(out)
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -53,6 +54,9 @@ pub fn ts_string(ts: Ts) -> String {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Raised after a transaction that wrote a notification event, so the notifier's planner
+    /// sleeps until there is news instead of polling.
+    news: Arc<tokio::sync::Notify>,
 }
 
 /// A change about to be stored.
@@ -268,7 +272,13 @@ impl Store {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store { pool, news: Arc::new(tokio::sync::Notify::new()) })
+    }
+
+    /// What the notifier's planner waits on: raised after every transaction that may have
+    /// written a notification event (a permit is kept when nobody waits).
+    pub fn news(&self) -> Arc<tokio::sync::Notify> {
+        self.news.clone()
     }
 
     /// Stores new commits of one branch and moves its head, in one transaction. A commit
@@ -514,6 +524,7 @@ impl Store {
         .await?;
         notify::outbox(&mut tx, build, "started", &now_s).await?;
         tx.commit().await?;
+        self.news.notify_one();
         Ok(true)
     }
 
@@ -522,6 +533,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let done = finish_build_in(&mut tx, build, machine, result, now).await?;
         tx.commit().await?;
+        self.news.notify_one();
         Ok(done)
     }
 
@@ -570,6 +582,9 @@ impl Store {
             }
         };
         tx.commit().await?;
+        if finished {
+            self.news.notify_one();
+        }
         Ok(Applied::Stored { finished })
     }
 
@@ -615,6 +630,7 @@ impl Store {
                 notify::outbox(&mut tx, build, "finished", &now_s).await?;
             }
             tx.commit().await?;
+            self.news.notify_one();
             return Ok(None);
         }
         // A build that keeps killing its machine must not launch machines forever.
@@ -638,6 +654,7 @@ impl Store {
             // Its end is news like any other (a pending commit status must not stay pending).
             notify::outbox(&mut tx, build, "finished", &now_s).await?;
             tx.commit().await?;
+            self.news.notify_one();
             return Ok(None);
         }
         let row = sqlx::query(&format!(
@@ -733,6 +750,7 @@ impl Store {
             notify::outbox(&mut tx, build, "finished", &now_s).await?;
         }
         tx.commit().await?;
+        self.news.notify_one();
         Ok(())
     }
 
