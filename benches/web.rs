@@ -189,9 +189,11 @@ fn main() {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let opts = paddock::runtime::RunOptions {
-        agent_program: std::env::current_exe().expect("exe"),
-        clock: Arc::new(paddock::clock::SystemClock),
         on_ready: Some(ready_tx),
+        ..paddock::runtime::RunOptions::new(
+            std::env::current_exe().expect("exe"),
+            Arc::new(paddock::clock::SystemClock),
+        )
     };
     let master = rt.spawn(paddock::runtime::run(cfg, opts, async {
         let _ = stop_rx.await;

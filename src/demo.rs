@@ -251,10 +251,10 @@ pub async fn run(dir: &Path, port: u16, run_as: Option<&str>) -> anyhow::Result<
     let url = config.master.url.clone();
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let program = std::env::current_exe().context("cannot find the paddock executable")?;
     let opts = crate::runtime::RunOptions {
-        agent_program: std::env::current_exe().context("cannot find the paddock executable")?,
-        clock: Arc::new(crate::clock::SystemClock),
         on_ready: Some(ready_tx),
+        ..crate::runtime::RunOptions::new(program, Arc::new(crate::clock::SystemClock))
     };
     let master = tokio::spawn(crate::runtime::run(config, opts, crate::cli::shutdown_signal()));
     if ready_rx.await.is_err() {

@@ -374,11 +374,8 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> 
 
 /// Runs the master until SIGINT or SIGTERM.
 pub async fn run_master(cfg: crate::config::Config) -> anyhow::Result<()> {
-    let opts = crate::runtime::RunOptions {
-        agent_program: std::env::current_exe().context("cannot find the paddock executable")?,
-        clock: Arc::new(crate::clock::SystemClock),
-        on_ready: None,
-    };
+    let program = std::env::current_exe().context("cannot find the paddock executable")?;
+    let opts = crate::runtime::RunOptions::new(program, Arc::new(crate::clock::SystemClock));
     crate::runtime::run(cfg, opts, shutdown_signal()).await?;
     Ok(())
 }

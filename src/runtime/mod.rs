@@ -201,6 +201,17 @@ pub struct RunOptions {
     pub clock: Arc<dyn Clock>,
     /// Told the bound address once the master listens.
     pub on_ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    /// Provisioners to use instead of the config's, by pool name (an in-process fake in
+    /// tests); pools not named here get the one their config says.
+    pub provisioners: HashMap<String, Arc<dyn Provisioner>>,
+}
+
+impl RunOptions {
+    /// The config's own provisioners for every pool, this executable as the agent program,
+    /// on `clock`.
+    pub fn new(agent_program: PathBuf, clock: Arc<dyn Clock>) -> RunOptions {
+        RunOptions { agent_program, clock, on_ready: None, provisioners: HashMap::new() }
+    }
 }
 
 /// Runs the master until `shutdown` completes, then drains: running builds get the configured
@@ -242,7 +253,12 @@ pub async fn run(
 
     let mut provisioners: HashMap<String, Arc<dyn Provisioner>> = HashMap::new();
     let regions = Ec2Regions::default();
+    let mut given = opts.provisioners;
     for pool in &config.pools {
+        if let Some(p) = given.remove(&pool.name) {
+            provisioners.insert(pool.name.clone(), p);
+            continue;
+        }
         let p: Arc<dyn Provisioner> = match &pool.provisioner {
             ProvisionerKind::Local => {
                 let program = pool.agent_command.clone().unwrap_or_else(|| opts.agent_program.clone());

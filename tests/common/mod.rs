@@ -814,15 +814,26 @@ pub struct InProcessMaster {
 impl InProcessMaster {
     /// Starts the master of `config` on `clock` and waits for the head of `main` to be recorded.
     pub fn start(bed: &Bed, config: &std::path::Path, clock: &paddock::clock::ManualClock) -> InProcessMaster {
+        Self::start_with(bed, config, clock, Default::default())
+    }
+
+    /// Like [`InProcessMaster::start`], with `provisioners` instead of the config's for the
+    /// pools they name.
+    pub fn start_with(
+        bed: &Bed,
+        config: &std::path::Path,
+        clock: &paddock::clock::ManualClock,
+        provisioners: std::collections::HashMap<String, std::sync::Arc<dyn paddock_provisioners::Provisioner>>,
+    ) -> InProcessMaster {
         confine_config(config);
         let config = paddock::config::load(config).expect("config");
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let opts = paddock::runtime::RunOptions {
-            agent_program: paddock_bin(),
-            clock: std::sync::Arc::new(clock.clone()),
             on_ready: Some(ready_tx),
+            provisioners,
+            ..paddock::runtime::RunOptions::new(paddock_bin(), std::sync::Arc::new(clock.clone()))
         };
         let master = rt.spawn(paddock::runtime::run(config, opts, async {
             let _ = stop_rx.await;
