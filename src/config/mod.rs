@@ -60,3 +60,19 @@ pub fn load_with(path: &Path, overrides: &[String]) -> Result<Config, ConfigErro
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     parse::parse_config(text, path).map_err(|d| d.locate(path, text))
 }
+
+/// The address in `Name <address>` or a bare address, if it looks like one.
+pub fn address_of(s: &str) -> Option<String> {
+    let addr = match s.rsplit_once('<') {
+        Some((_, rest)) => rest.strip_suffix('>')?,
+        None => s,
+    }
+    .trim();
+    let (user, domain) = addr.split_once('@')?;
+    let ok = !user.is_empty()
+        && !domain.is_empty()
+        && !domain.starts_with('.')
+        && !addr.contains(char::is_whitespace)
+        && !domain.contains('@');
+    ok.then(|| addr.to_string())
+}

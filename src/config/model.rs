@@ -188,7 +188,7 @@ pub struct Notifier {
     /// Branch globs; empty: every branch.
     pub branches: Vec<String>,
     /// Message text with `{builder}`, `{branch}`, `{result}`, … (see
-    /// [`crate::notify::FIELDS`]); default: a short line per event.
+    /// [`crate::config::template::FIELDS`]); default: a short line per event.
     pub template: Option<String>,
 }
 
@@ -218,7 +218,7 @@ pub enum NotifierKind {
         /// Environment variable holding the nick's password, if it has one.
         password_env: Option<String>,
         /// How the password is used: SASL (default) or NickServ.
-        auth: crate::notify::irc::IrcAuth,
+        auth: IrcAuth,
         /// PEM file of the CA certificates to trust instead of the system's (a private CA).
         ca_file: Option<PathBuf>,
     },
@@ -389,4 +389,13 @@ impl Config {
     pub fn repo(&self, name: &str) -> Option<&Repo> {
         self.repos.iter().find(|r| r.name == name)
     }
+}
+
+/// How an IRC bot proves its nick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrcAuth {
+    /// SASL PLAIN during registration.
+    Sasl,
+    /// `PRIVMSG NickServ :IDENTIFY …` once registered.
+    NickServ,
 }

@@ -11,6 +11,25 @@ use std::ops::Range;
 use super::error::Diag;
 use super::tree::{closest, Sp};
 
+/// The placeholders a message template may use.
+pub const FIELDS: &[&str] = &[
+    "event",
+    "id",
+    "builder",
+    "repo",
+    "branch",
+    "revision",
+    "short_revision",
+    "result",
+    "previous",
+    "committer",
+    "committers",
+    "reason",
+    "failing_step",
+    "log_tail",
+    "url",
+];
+
 /// True for names usable as a matrix axis and as a placeholder.
 pub(crate) fn is_ident(s: &str) -> bool {
     let mut chars = s.chars();

@@ -10,21 +10,7 @@ use super::webhook::{SendError, TIMEOUT};
 use crate::config::SmtpSecurity;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
-/// The address in `Name <address>` or a bare address, if it looks like one.
-pub fn address_of(s: &str) -> Option<String> {
-    let addr = match s.rsplit_once('<') {
-        Some((_, rest)) => rest.strip_suffix('>')?,
-        None => s,
-    }
-    .trim();
-    let (user, domain) = addr.split_once('@')?;
-    let ok = !user.is_empty()
-        && !domain.is_empty()
-        && !domain.starts_with('.')
-        && !addr.contains(char::is_whitespace)
-        && !domain.contains('@');
-    ok.then(|| addr.to_string())
-}
+pub use crate::config::address_of;
 
 /// Everyone a message goes to: the fixed list, then the committers (when wanted, and only
 /// those in `domains` unless it is empty), each once.

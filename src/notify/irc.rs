@@ -28,14 +28,7 @@ pub struct IrcSettings {
     pub roots: Option<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>,
 }
 
-/// How the bot proves its nick.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IrcAuth {
-    /// SASL PLAIN during registration.
-    Sasl,
-    /// `PRIVMSG NickServ :IDENTIFY …` once registered.
-    NickServ,
-}
+pub use crate::config::IrcAuth;
 
 /// How long a connection attempt or a write may take.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);

@@ -19,24 +19,7 @@ use serde_json::json;
 use crate::config::{Notifier, NotifyOn};
 use crate::store::{BuildRow, NewDelivery};
 
-/// The placeholders a message template may use.
-pub const FIELDS: &[&str] = &[
-    "event",
-    "id",
-    "builder",
-    "repo",
-    "branch",
-    "revision",
-    "short_revision",
-    "result",
-    "previous",
-    "committer",
-    "committers",
-    "reason",
-    "failing_step",
-    "log_tail",
-    "url",
-];
+pub use crate::config::template::FIELDS;
 
 /// The default message of each event.
 pub fn default_template(event: NotifyOn) -> &'static str {
