@@ -204,42 +204,7 @@ pub async fn spend(store: &Store, since: Ts, now: Ts) -> Result<Spend, StoreErro
     Ok(Spend { total: r.totals.cost, by_pool: r.rows.into_iter().map(|row| (row.key, row.cost)).collect() })
 }
 
-/// Reads a stored time (`2026-11-24T22:27:38.123Z`) without a general parser: reports read a
-/// million of them.
-pub fn parse_ts(s: &str) -> Option<Ts> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let mut v = 0i64;
-        for &c in b.get(r)? {
-            if !c.is_ascii_digit() {
-                return None;
-            }
-            v = v * 10 + i64::from(c - b'0');
-        }
-        Some(v)
-    };
-    if b.len() == 24 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z' {
-        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-        let (h, mi, sec, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
-        if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-            return None;
-        }
-        let days = days_from_civil(y, mo, d);
-        return Some(Ts(((days * 24 + h) * 60 + mi) * 60_000 + sec * 1000 + ms));
-    }
-    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| Ts(t.timestamp_millis()))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
+pub use crate::core::parse_ts;
 
 #[cfg(test)]
 mod tests {

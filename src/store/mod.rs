@@ -46,13 +46,7 @@ pub use crate::core::build::MAX_ATTEMPTS;
 /// Result alias for store calls.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Formats a time the way the API and the database want it: RFC 3339, UTC, milliseconds.
-pub fn ts_string(ts: Ts) -> String {
-    match chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ts.0) {
-        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-        None => "1970-01-01T00:00:00.000Z".to_string(),
-    }
-}
+pub use crate::core::ts_string;
 
 /// A handle on the database (cheap to clone).
 #[derive(Debug, Clone)]
