@@ -83,7 +83,7 @@ builders = ["b*"]
     let total = PUSHES * BUILDERS;
     wait("every build to finish", dir.path(), || {
         let b = builds();
-        b.len() == total && b.iter().all(|x| x.state == "success")
+        b.len() == total && b.iter().all(|x| x.state == paddock::core::build::BuildState::Success)
     });
     let (cpu1, _) = master::cpu_seconds(pid);
     let wall = t0.elapsed().as_secs_f64();

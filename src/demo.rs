@@ -312,7 +312,7 @@ async fn wait_for_heads(store: &Store) -> anyhow::Result<()> {
 
 /// Prints each build when its state changes.
 async fn watch(store: Store) {
-    let mut seen: HashMap<i64, String> = HashMap::new();
+    let mut seen: HashMap<i64, crate::core::build::BuildState> = HashMap::new();
     loop {
         if let Ok(builds) = store.list_builds(&BuildFilter { limit: Some(50), ..Default::default() }).await {
             for b in builds.iter().rev() {
@@ -322,7 +322,7 @@ async fn watch(store: Store) {
                         "build {:>3}  {:<12} {:<18} {:.10}  {}{machine}",
                         b.id, b.builder, b.branch, b.revision, b.state
                     );
-                    seen.insert(b.id, b.state.clone());
+                    seen.insert(b.id, b.state);
                 }
             }
         }

@@ -16,7 +16,7 @@ async fn migrations_apply_to_a_fresh_database_and_keep_data_on_reopen() {
     // Opening again applies nothing new and loses nothing.
     let store = Store::open(&url).await.expect("reopen");
     let again = store.build(build.id).await.expect("read").expect("build kept");
-    assert_eq!(again.state, "queued");
+    assert_eq!(again.state, paddock::core::build::BuildState::Queued);
     assert_eq!(again.queued_at, "1970-01-01T00:00:01.000Z");
     assert_eq!(store.max_machine_id().await.expect("max"), 1);
 }

@@ -2,6 +2,74 @@
 //! whose machine was lost. The store carries the decision out in one transaction; the
 //! simulator applies the same rule.
 
+/// Where a build attempt is in its life. Stored and shown as its lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildState {
+    /// Waiting for a machine.
+    Queued,
+    /// On a machine.
+    Running,
+    /// Every step passed.
+    Success,
+    /// A step failed.
+    Failure,
+    /// Its machine was lost; a new attempt of the same request was queued.
+    Retry,
+    /// Someone cancelled it.
+    Cancelled,
+    /// It could not run or finish as a build should (a missing secret, a step that never
+    /// reported, too many lost machines).
+    Exception,
+}
+
+impl BuildState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [BuildState; 7] = [
+        BuildState::Queued,
+        BuildState::Running,
+        BuildState::Success,
+        BuildState::Failure,
+        BuildState::Retry,
+        BuildState::Cancelled,
+        BuildState::Exception,
+    ];
+
+    /// Its stored and shown name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildState::Queued => "queued",
+            BuildState::Running => "running",
+            BuildState::Success => "success",
+            BuildState::Failure => "failure",
+            BuildState::Retry => "retry",
+            BuildState::Cancelled => "cancelled",
+            BuildState::Exception => "exception",
+        }
+    }
+
+    /// The state named `s`, if it is one.
+    pub fn parse(s: &str) -> Option<BuildState> {
+        BuildState::ALL.into_iter().find(|b| b.as_str() == s)
+    }
+
+    /// Still to end: queued or running.
+    pub fn is_live(self) -> bool {
+        matches!(self, BuildState::Queued | BuildState::Running)
+    }
+
+    /// Ended, with a result of its own (not handed on to another attempt).
+    pub fn is_final(self) -> bool {
+        !self.is_live() && self != BuildState::Retry
+    }
+}
+
+impl std::fmt::Display for BuildState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Attempts of one build request before it ends as `exception` instead of being retried.
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -32,6 +100,16 @@ pub fn after_loss(attempt: u32, cancelled: bool) -> AfterLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_state_is_named_and_parsed_back() {
+        for s in BuildState::ALL {
+            assert_eq!(BuildState::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).ok(), Some(serde_json::Value::String(s.as_str().into())));
+        }
+        assert_eq!(BuildState::parse("done"), None);
+        assert!(BuildState::Queued.is_live() && !BuildState::Retry.is_final() && BuildState::Cancelled.is_final());
+    }
 
     #[test]
     fn cancel_wins_then_three_attempts_at_most() {

@@ -76,7 +76,7 @@ pub struct Facts {
 impl Facts {
     /// Whether this finished build changed its builder and branch between passing and failing.
     pub fn is_transition(&self) -> bool {
-        !self.superseded && is_transition(self.previous.as_deref(), &self.build.state)
+        !self.superseded && is_transition(self.previous.as_deref(), self.build.state.as_str())
     }
 
     fn fields(&self, event: NotifyOn) -> BTreeMap<String, String> {
@@ -92,7 +92,7 @@ impl Facts {
         put("branch", b.branch.clone());
         put("revision", b.revision.clone());
         put("short_revision", b.revision.chars().take(10).collect());
-        put("result", b.state.clone());
+        put("result", b.state.as_str().to_string());
         put("previous", self.previous.clone().unwrap_or_else(|| "nothing".into()));
         put("committer", self.committers.first().cloned().unwrap_or_else(|| "nobody".into()));
         put("committers", self.committers.join(", "));
@@ -209,7 +209,8 @@ mod tests {
                 repo: "app".into(),
                 branch: "main".into(),
                 revision: "0123456789abcdef0123456789abcdef01234567".into(),
-                state: state.into(),
+                state: crate::core::build::BuildState::parse(state)
+                    .unwrap_or(crate::core::build::BuildState::Exception),
                 machine: Some(3),
                 attempt: 1,
                 reason: "change 9 on main".into(),

@@ -266,8 +266,8 @@ async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreE
             }
             let failing: Vec<_> =
                 newest.iter().filter(|b| matches!(b.state.as_str(), "failure" | "exception")).collect();
-            let passing = newest.iter().filter(|b| b.state == "success").count();
-            let building = newest.iter().filter(|b| matches!(b.state.as_str(), "queued" | "running")).count();
+            let passing = newest.iter().filter(|b| b.state == crate::core::build::BuildState::Success).count();
+            let building = newest.iter().filter(|b| b.state.is_live()).count();
             let mut lines = Vec::new();
             if failing.is_empty() {
                 lines.push(format!("nothing failing: {passing} passing, {building} building"));
@@ -306,9 +306,7 @@ async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreE
             let short: String = last.revision.chars().take(10).collect();
             let mut line =
                 format!("{} on {}: {} at {short}{by}: {}", last.builder, last.branch, last.state, page(last.id));
-            if let Some(now) =
-                builds.iter().find(|b| b.id > last.id && matches!(b.state.as_str(), "queued" | "running"))
-            {
+            if let Some(now) = builds.iter().find(|b| b.id > last.id && b.state.is_live()) {
                 line.push_str(&format!(" (build {} is {})", now.id, now.state));
             }
             vec![line]

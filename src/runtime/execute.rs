@@ -77,7 +77,9 @@ impl Master {
                     tracing::info!(machine, build = b, "agent reconnected; its build carries on");
                     // A cancel sent while the connection was dying may never have arrived.
                     let row = store.build(b).await?;
-                    if row.is_some_and(|r| r.state == "running" && r.cancelled_by.is_some()) {
+                    if row
+                        .is_some_and(|r| r.state == crate::core::build::BuildState::Running && r.cancelled_by.is_some())
+                    {
                         if let Some((_, tx)) = self.agents.get(&machine) {
                             let _ = tx.send(MasterMsg::Cancel { build: b });
                         }

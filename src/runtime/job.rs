@@ -66,7 +66,7 @@ mod tests {
             repo: "app".into(),
             branch: "main".into(),
             revision: "abc".into(),
-            state: "queued".into(),
+            state: crate::core::build::BuildState::Queued,
             machine: None,
             attempt: 1,
             reason: String::new(),

@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::core::build::{after_loss, AfterLoss};
+use crate::core::build::{after_loss, AfterLoss, BuildState};
 use crate::core::{BuildId, ChangeId, MachineId, Ts};
 use crate::cost::report::MachineFacts;
 
@@ -94,7 +94,7 @@ pub struct BuildRow {
     pub repo: String,
     pub branch: String,
     pub revision: String,
-    pub state: String,
+    pub state: BuildState,
     pub machine: Option<MachineId>,
     pub attempt: i64,
     pub reason: String,
@@ -208,7 +208,9 @@ fn build_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
         repo: r.get("repo"),
         branch: r.get("branch"),
         revision: r.get("revision"),
-        state: r.get("state"),
+        // The schema's CHECK keeps it one of them; an unknown name would be a newer
+        // schema's, shown as an exception rather than trusted.
+        state: BuildState::parse(r.get::<&str, _>("state")).unwrap_or(BuildState::Exception),
         machine: r.get("machine_id"),
         attempt: r.get("attempt"),
         reason: r.get("reason"),

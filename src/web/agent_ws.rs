@@ -564,7 +564,7 @@ mod tests {
         assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::Interrupted { machine: 7 }))));
         assert!(inbox.try_recv().is_err(), "the build report was ignored");
         let row = s.store.build(b).await.expect("build").expect("row");
-        assert_eq!(row.state, "running", "left for the fleet's retry, not stored as a failure");
+        assert_eq!(row.state.as_str(), "running", "left for the fleet's retry, not stored as a failure");
     }
 
     #[tokio::test]
@@ -593,7 +593,7 @@ mod tests {
         assert_eq!(feed(&s, &again).await, [4, 4, 6, 7, 8]);
         assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
         let row = s.store.build(b).await.expect("build").expect("row");
-        assert_eq!(row.state, "success");
+        assert_eq!(row.state.as_str(), "success");
         let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
         assert_eq!(steps, ["success", "success"]);
         assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::BuildFinished { machine: 7, .. }))));
@@ -628,7 +628,7 @@ mod tests {
         ];
         assert_eq!(feed(&s, &msgs).await, [1, 2, 3]);
         let row = s.store.build(b).await.expect("build").expect("row");
-        assert_eq!(row.state, "exception");
+        assert_eq!(row.state.as_str(), "exception");
         let log = s.store.log(b).await.expect("log");
         assert!(log.contains("step test reported no result"), "{log}");
     }

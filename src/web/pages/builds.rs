@@ -65,7 +65,7 @@ pub async fn console(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) -> 
                             @for b in &builders {
                                 td {
                                     @if let Some(build) = cell.get(&(*b, *br)) {
-                                        (badge(build.id, &build.state, &format!("build {} at {}", build.id, short(&build.revision))))
+                                        (badge(build.id, build.state.as_str(), &format!("build {} at {}", build.id, short(&build.revision))))
                                     }
                                 }
                             }
@@ -90,7 +90,7 @@ pub async fn console(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) -> 
                             @for b in &builders {
                                 td {
                                     @if let Some(build) = by_change.get(&(c.revision.as_str(), *b, c.branch.as_str())) {
-                                        (badge(build.id, &build.state, &format!("build {}", build.id)))
+                                        (badge(build.id, build.state.as_str(), &format!("build {}", build.id)))
                                     }
                                 }
                             }
@@ -132,7 +132,7 @@ pub async fn build(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(
     let next_attempt = s.store.next_attempt(id).await?;
     let (chunks, cut) = s.store.log_tail(id, INLINE_LOG).await?;
     let last = chunks.last().map_or(0, |c| c.id);
-    let live = matches!(b.state.as_str(), "queued" | "running");
+    let live = b.state.is_live();
     let now = s.now();
     let body = html! {
         table.facts #facts {
@@ -146,7 +146,7 @@ pub async fn build(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(
             tr { td { "Queued" } td { (when(&b.queued_at)) } }
             @if let Some(t) = &b.started_at { tr { td { "Started" } td { (when(t)) } } }
             @if let Some(t) = &b.finished_at { tr { td { "Finished" } td { (when(t)) } } }
-            @if let Some(who) = b.cancelled_by.as_ref().filter(|_| b.state == "cancelled") { tr { td { "Cancelled by" } td { (who) } } }
+            @if let Some(who) = b.cancelled_by.as_ref().filter(|_| b.state == crate::core::build::BuildState::Cancelled) { tr { td { "Cancelled by" } td { (who) } } }
             @if let Some(next) = next_attempt { tr { td { "Retried as" } td { a #next-attempt href={ "/builds/" (next) } { "build " (next) } } } }
         }
         @if caller.can(Role::Committer) {
@@ -287,13 +287,13 @@ pub async fn log_stream(
                 events.push(Event::default().event("steps").data(steps.clone()));
                 f.steps = steps;
             }
-            if b.state != f.state {
-                events.push(Event::default().event("state").data(b.state.clone()));
-                f.state = b.state.clone();
+            if b.state.as_str() != f.state {
+                events.push(Event::default().event("state").data(b.state.as_str()));
+                f.state = b.state.as_str().to_string();
             }
             // Ended, and every line it wrote has been sent (a full batch means more may wait).
-            if !matches!(b.state.as_str(), "queued" | "running") && chunks.len() < 1000 {
-                events.push(Event::default().event("done").data(b.state));
+            if !b.state.is_live() && chunks.len() < 1000 {
+                events.push(Event::default().event("done").data(b.state.as_str()));
                 f.done = true;
             }
         }
@@ -351,7 +351,7 @@ pub async fn changes(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) -> 
                         td.num { (c.files.len()) }
                         td {
                             @for b in of.get(&(c.revision.as_str(), c.branch.as_str())).map(Vec::as_slice).unwrap_or(&[]) {
-                                (badge(b.id, &b.state, &b.builder)) " "
+                                (badge(b.id, b.state.as_str(), &b.builder)) " "
                             }
                         }
                     }
@@ -382,7 +382,7 @@ pub async fn builders(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) ->
                         td { (b.pool) }
                         td { @if b.branches.is_empty() { span.muted { "any" } } @else { (b.branches.join(", ")) } }
                         td { (b.steps.iter().map(|st| st.name.as_str()).collect::<Vec<_>>().join(" → ")) }
-                        td { @for r in recent.get(b.name.as_str()).map(Vec::as_slice).unwrap_or(&[]) { (badge(r.id, &r.state, &r.branch)) " " } }
+                        td { @for r in recent.get(b.name.as_str()).map(Vec::as_slice).unwrap_or(&[]) { (badge(r.id, r.state.as_str(), &r.branch)) " " } }
                     }
                 }
             }
