@@ -97,10 +97,11 @@ fn a_history_worked_out_by_hand_costs_what_the_meter_bills() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = write(tmp.path(), "p.toml", LOCAL);
     // Two pushes ten minutes apart, one to a branch the repo does not watch.
+    // (a1 pushed twice is one change, as the master stores it.)
     let trace = write(
         tmp.path(),
         "t.csv",
-        "unix_time,branch,sha,files\n1000,main,a1,src/x.py\n1300,feature/x,f1,src/y.py\n1600,main,a2,3\n",
+        "unix_time,branch,sha,files\n1000,main,a1,src/x.py\n1000,main,a1,src/x.py\n1300,feature/x,f1,src/y.py\n1600,main,a2,3\n",
     );
     let o = json(&["simulate", &config, "--trace", &trace, "--boot", "10s", "--duration", "60s"]);
     // Each: launched at the push, 10 s boot, 60 s build, 30 s idle, then stopped: 100 s
@@ -405,22 +406,43 @@ fn bad_input_says_what_and_where() {
         assert!(err.contains(want), "{all:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A boot that always outlasts the boot timeout would retry forever: refused.
+    let (code, _, err) = paddock(&["simulate", &config, "--trace", &good, "--boot", "5m"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--boot 5m: pool p's boot_timeout is 5m"), "{err}");
+    // A swept value that is wrong is named as such.
+    let (code, _, err) = paddock(&["simulate", &config, "--trace", &good, "--sweep", "pool.p.max_instances=1,0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--sweep pool.p.max_instances=0: `max_instances` must be at least 1"), "{err}");
+    // Nothing on a watched branch: said so.
+    let other = write(tmp.path(), "o.csv", "unix_time,branch,sha,files\n1000,feature/x,a1,x\n");
+    let (code, _, err) = paddock(&["simulate", &config, "--trace", &other]);
+    assert_eq!(code, 1);
+    assert!(err.contains("none of the trace's 1 changes is on a branch repo app watches (main, *.x)"), "{err}");
     let (code, _, err) = paddock(&["simulate", &config]);
     assert_eq!(code, 1);
     assert!(err.contains("--trace FILE.csv, --git PATH or --from-db"), "{err}");
     // No installation here: its history is not made up, nor an empty database left behind.
     let (code, _, err) = paddock(&["simulate", &config, "--from-db"]);
     assert_eq!(code, 1);
-    assert!(err.contains("paddock.db does not exist"), "{err}");
+    assert!(err.contains("paddock.db is not a file"), "{err}");
     assert!(!tmp.path().join("paddock.db").exists());
+    // Reading history writes nothing, even to a file that is no database.
+    std::fs::write(tmp.path().join("paddock.db"), "").expect("empty file");
+    let (code, _, err) = paddock(&["simulate", &config, "--from-db"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(std::fs::metadata(tmp.path().join("paddock.db")).map(|m| m.len()).ok(), Some(0));
 }
 
 #[test]
-fn builds_that_lose_every_machine_give_up_after_three_attempts() {
+fn builds_that_lose_every_spot_machine_give_up_after_three_attempts() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = write(tmp.path(), "p.toml", LOCAL);
+    let config = write(tmp.path(), "p.toml", EC2);
     let trace = write(tmp.path(), "t.csv", "unix_time,branch,sha,files\n1000,main,a1,x\n5000,main,a2,y\n");
+    // Only spot machines are reclaimed: on demand, nothing is interrupted.
     let o = json(&["simulate", &config, "--trace", &trace, "--interruptions", "1"]);
+    assert_eq!((o["total"]["interruptions"].as_u64(), o["total"]["gave_up"].as_u64()), (Some(0), Some(0)), "{o}");
+    let o = json(&["simulate", &config, "--trace", &trace, "--interruptions", "1", "--set", "pool.p.spot=true"]);
     let t = &o["total"];
     assert_eq!((t["gave_up"].as_u64(), t["retries"].as_u64()), (Some(2), Some(4)), "{o}");
     assert_eq!((t["interruptions"].as_u64(), t["launches"].as_u64()), (Some(6), Some(6)), "{o}");

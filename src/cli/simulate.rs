@@ -44,7 +44,8 @@ pub struct SimulateArgs {
     /// or a bare SPAN for the rest (default 5m). Repeatable.
     #[arg(long)]
     pub duration: Vec<String>,
-    /// Probability that a build attempt is cut short by a spot interruption (0 to 1).
+    /// Probability that a build attempt on a spot pool is cut short by a spot interruption
+    /// (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     pub interruptions: f64,
     /// Seed of every random draw: same inputs and seed, same output.
@@ -90,13 +91,13 @@ pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
     if needs_db {
         // Reading history must not create an empty database where none was.
         let file = config.master.database.strip_prefix("sqlite://").map(|f| f.split('?').next().unwrap_or(f));
-        if let Some(file) = file.filter(|f| !std::path::Path::new(f).exists()) {
-            bail!("--from-db, --durations-from-db and --boot db read the config's database, and {file} does not exist");
+        if let Some(file) = file.filter(|f| !std::path::Path::new(f).is_file()) {
+            bail!("--from-db, --durations-from-db and --boot db read the config's database, and {file} is not a file");
         }
     }
     let store = match needs_db {
         true => Some(
-            crate::store::Store::open(&config.master.database)
+            crate::store::Store::open_read_only(&config.master.database)
                 .await
                 .with_context(|| format!("cannot open the config's database {}", config.master.database))?,
         ),
@@ -116,7 +117,15 @@ pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
                 branches =
                     config.schedulers.iter().filter(|s| s.repo == repo).flat_map(|s| s.branches.clone()).collect();
             }
-            sim::trace::read_git(g, &branches, a.since.as_deref(), a.until.as_deref())?
+            let t = sim::trace::read_git(g, &branches, a.since.as_deref(), a.until.as_deref())?;
+            if t.is_empty() {
+                bail!(
+                    "--git {}: no commits on the branches {} between --since and --until",
+                    g.display(),
+                    if branches.is_empty() { "(all)".to_string() } else { branches.join(", ") }
+                );
+            }
+            t
         }
         _ => bail!("give the history to replay: --trace FILE.csv, --git PATH or --from-db (or --change for a dry run)"),
     };
@@ -134,8 +143,9 @@ pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
     for value in values.split(',').map(str::trim).filter(|v| !v.is_empty()) {
         let mut set = a.set.clone();
         set.push(format!("{setting}={value}"));
-        let config = crate::config::load_with(&a.config, &set)?;
-        let outcome = sim::simulate(&config, &repo, &trace, &model)?;
+        let sweep_err = |e: String| anyhow::anyhow!("--sweep {setting}={value}: {e}");
+        let config = crate::config::load_with(&a.config, &set).map_err(|e| sweep_err(e.message.clone()))?;
+        let outcome = sim::simulate(&config, &repo, &trace, &model).map_err(|e| sweep_err(e.to_string()))?;
         rows.push(sim::render::SweepRow { value: value.to_string(), total: outcome.total, pools: outcome.pools });
     }
     if rows.is_empty() {

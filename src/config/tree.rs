@@ -10,6 +10,9 @@ use std::time::Duration;
 use super::duration::{parse_duration, ACCEPTED_UNITS};
 use super::error::Diag;
 
+/// The largest amount of money a setting may hold (an hourly price, a cap).
+const MAX_DOLLARS: f64 = 1_000_000.0;
+
 /// A value with the byte span it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Sp<T> {
@@ -183,6 +186,10 @@ impl Node {
                 self.span.clone(),
                 format!("{what} must be a number of dollars, 0 or more, not {v}"),
             ));
+        }
+        // Sums of many such amounts must stay finite.
+        if v > MAX_DOLLARS {
+            return Err(Diag::new(self.span.clone(), format!("{what} must be at most {MAX_DOLLARS} dollars, not {v}")));
         }
         Ok(Sp { v, span: self.span.clone() })
     }

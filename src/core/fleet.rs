@@ -537,6 +537,8 @@ impl Fleet {
                 } else {
                     self.set_state(machine, MachineState::Idle, now, &mut out);
                     self.assign(p, &mut out);
+                    // With no idle timeout, a machine left idle goes at once (no timer is due).
+                    self.idle_sweep(p, now, &mut out);
                 }
                 self.provision(p, now, &mut out);
             }
@@ -574,6 +576,8 @@ impl Fleet {
                 } else {
                     self.set_state(machine, MachineState::Idle, now, &mut out);
                     self.assign(p, &mut out);
+                    // With no idle timeout, a machine left idle goes at once (no timer is due).
+                    self.idle_sweep(p, now, &mut out);
                 }
                 self.provision(p, now, &mut out);
             }
@@ -899,7 +903,11 @@ impl Fleet {
         match m.state {
             s if is_starting(s) => {
                 if now >= m.launched_at.plus(spec.boot_timeout) {
+                    // A machine that never came up is a failed launch: the pool backs off
+                    // before the next, so a broken image is not relaunched in a hot loop.
+                    let p = m.pool;
                     self.terminate(id, "boot timeout", now, out);
+                    self.backoff(p, now);
                     return;
                 }
             }
@@ -1032,6 +1040,7 @@ impl Fleet {
                     self.terminate(machine, "draining", now, out);
                 } else {
                     self.assign(p, out);
+                    self.idle_sweep(p, now, out);
                     self.provision(p, now, out);
                 }
             }
@@ -1540,8 +1549,19 @@ mod tests {
         assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
         // Still counted against max_instances until gone.
         assert!(launched(&a).is_empty());
-        let a = f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(301 * S));
-        assert_eq!(launched(&a), vec![2]);
+        // Gone at once: the next launch waits out the backoff a failed boot earns.
+        let a = f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(300 * S + 500));
+        assert!(launched(&a).is_empty(), "{a:?}");
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(301 * S))), vec![2]);
+    }
+
+    #[test]
+    fn an_idle_timeout_of_zero_stops_a_machine_as_soon_as_it_is_idle() {
+        let mut f = fleet(vec![PoolSpec { idle_timeout: Duration::ZERO, ..spec("p", 1, 0, 0) }]);
+        q(&mut f, 1, 0);
+        bring_up(&mut f, 1, 0);
+        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 1 }, Ts(5 * S));
+        assert!(has_terminate(&a, 1), "stopped at once, not left to the heartbeat limit: {a:?}");
     }
 
     #[test]

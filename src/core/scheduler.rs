@@ -394,7 +394,13 @@ impl Schedulers {
                             ),
                         ),
                         (SpecKind::Branch { tree_stable: None, .. }, None) => {
-                            (true, format!("scheduler {}: builds every change on {}", s.name, c.branch))
+                            let files = match &s.spec.kind {
+                                SpecKind::Branch { files, .. } if !files.is_empty() => {
+                                    format!(" that touches its files ({})", list(files))
+                                }
+                                _ => String::new(),
+                            };
+                            (true, format!("scheduler {}: builds every change on {}{files}", s.name, c.branch))
                         }
                     }
                 };

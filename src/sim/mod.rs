@@ -25,6 +25,10 @@ use crate::cost::meter::{Life, Use, EC2_MINIMUM_MS};
 pub use model::{Draw, Model, Span};
 pub use trace::{Files, TraceChange};
 
+/// How long past the history's end builds still waiting are given before they count as
+/// unfinished (a pool whose machines never boot would retry them forever).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(7 * 86_400);
+
 /// The simulated agents never miss a heartbeat: machines are lost only by the models.
 const NO_HEARTBEAT_LOSS: Duration = Duration::from_secs(100 * 365 * 86_400);
 
@@ -34,9 +38,12 @@ pub enum SimError {
     /// A scheduler's globs or cron do not compile.
     #[error(transparent)]
     Spec(#[from] SpecError),
-    /// The trace has nothing in it.
-    #[error("the trace has no changes")]
-    EmptyTrace,
+    /// The trace has nothing to replay.
+    #[error("{0}")]
+    EmptyTrace(String),
+    /// The model cannot work with the config.
+    #[error("{0}")]
+    Model(String),
     /// The config has no repository to replay the trace into, or several and none was named.
     #[error("{0}")]
     Repo(String),
@@ -160,9 +167,25 @@ pub fn simulate(config: &Config, repo: &str, trace: &[TraceChange], model: &Mode
     let watched = config.repo(repo).map(|r| r.branches.clone()).unwrap_or_default();
     let watched = |b: &str| watched.is_empty() || crate::changes::git::branch_matches(&watched, b);
     let all = trace.len();
-    let trace: Vec<TraceChange> = trace.iter().filter(|c| watched(&c.branch)).cloned().collect();
+    if all == 0 {
+        return Err(SimError::EmptyTrace("the trace has no changes".into()));
+    }
+    let unwatched = trace.iter().filter(|c| !watched(&c.branch)).count();
+    // A commit pushed twice to one branch is one change, as the master stores it.
+    let mut seen = HashSet::new();
+    let trace: Vec<TraceChange> = trace
+        .iter()
+        .filter(|c| watched(&c.branch) && seen.insert((c.branch.clone(), c.sha.clone())))
+        .cloned()
+        .collect();
     let trace = trace.as_slice();
-    let first = trace.iter().map(|c| c.at).min().ok_or(SimError::EmptyTrace)?;
+    let Some(first) = trace.iter().map(|c| c.at).min() else {
+        let branches = config.repo(repo).map(|r| r.branches.join(", ")).unwrap_or_default();
+        return Err(SimError::EmptyTrace(format!(
+            "none of the trace's {all} changes is on a branch repo {repo} watches ({branches})"
+        )));
+    };
+    check_model(config, model)?;
     let last = trace.iter().map(|c| c.at).max().unwrap_or(first);
     let mut sim = Sim::new(config, repo, model, first)?;
     for (i, c) in trace.iter().enumerate() {
@@ -170,8 +193,25 @@ pub fn simulate(config: &Config, repo: &str, trace: &[TraceChange], model: &Mode
     }
     sim.run(trace, last);
     let mut outcome = sim.finish(trace.len(), first, last);
-    outcome.unwatched_changes = (all - trace.len()) as u64;
+    outcome.unwatched_changes = unwatched as u64;
     Ok(outcome)
+}
+
+/// Refuses a model no machine could work under: boots that always outlast a pool's
+/// `boot_timeout` (every machine would be stopped before its agent connects).
+fn check_model(config: &Config, model: &Model) -> Result<(), SimError> {
+    let Draw::Range(span) = &model.boot else { return Ok(()) };
+    for p in &config.pools {
+        if span.lo >= p.boot_timeout {
+            return Err(SimError::Model(format!(
+                "--boot {}: pool {}'s boot_timeout is {}, so every machine would be stopped before its agent connects",
+                crate::core::format_duration(span.lo),
+                p.name,
+                crate::core::format_duration(p.boot_timeout)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Picks the repository a trace replays into: `named`, or the config's only one.
@@ -280,8 +320,11 @@ impl<'a> Sim<'a> {
     fn run(&mut self, trace: &[TraceChange], until: Ts) {
         self.fleet_event(FleetEvent::Tick);
         let longest_idle = self.config.pools.iter().map(|p| p.idle_timeout).max().unwrap_or_default();
+        // Builds a pool can never run (every boot times out) would be retried forever.
+        let give_up_at = until.plus(GIVE_UP_AFTER);
         let mut ticked_at = None;
-        loop {
+        let mut dirty = true;
+        while self.now <= give_up_at {
             let next_ev = self.heap.peek().map(|Reverse((t, _, _))| *t);
             // Nightlies fire up to `until`; a tree-stable burst still waiting fires after it.
             let sched_due = self.sched.next_wakeup().filter(|t| *t <= until || self.sched.pending_changes() > 0);
@@ -291,11 +334,13 @@ impl<'a> Sim<'a> {
             let active = next_ev.is_some() || self.open > 0 || sched_due.is_some();
             let fleet_due = self.fleet.next_deadline().filter(|t| active || *t <= horizon);
             let core_due = [sched_due, fleet_due].into_iter().flatten().min();
-            let tick =
-                core_due.filter(|c| next_ev.is_none_or(|e| *c <= e) && ticked_at != Some(Ts(c.0.max(self.now.0))));
+            // A deadline already passed is looked at again only if something happened since.
+            let tick = core_due
+                .filter(|c| next_ev.is_none_or(|e| *c <= e) && (dirty || ticked_at != Some(Ts(c.0.max(self.now.0)))));
             if let Some(t) = tick {
                 self.now = Ts(self.now.0.max(t.0));
                 ticked_at = Some(self.now);
+                dirty = false;
                 if sched_due.is_some_and(|s| s <= self.now) {
                     let mut actions = self.sched.handle(SchedEvent::Tick, self.now);
                     if self.now > until {
@@ -309,6 +354,7 @@ impl<'a> Sim<'a> {
             let Some(Reverse((t, _, ev))) = self.heap.pop() else { break };
             self.now = Ts(self.now.0.max(t.0));
             self.on(ev, trace);
+            dirty = true;
         }
         let end = Ts(self.now.0.max(until.0));
         // Machines kept warm past the history's end are billed up to it.
@@ -456,11 +502,14 @@ impl<'a> Sim<'a> {
                 let req = &mut self.requests[r];
                 req.started.get_or_insert(now);
                 req.attempts += 1;
-                let (builder, attempt) = (req.builder, req.attempts);
+                let (builder, attempt, req_pool) = (req.builder, req.attempts, req.pool);
                 let name = &self.builder_names[builder];
                 let key = [2, r as u64, u64::from(attempt)];
                 let duration = self.model.build_duration(name, &key);
-                let interrupted = self.model.interruptions > 0.0
+                // Only the cloud's spot machines are reclaimed.
+                let spot = matches!(&self.config.pools[req_pool].provisioner, ProvisionerKind::Ec2(s) if s.spot);
+                let interrupted = spot
+                    && self.model.interruptions > 0.0
                     && model::unit(self.model.seed, &[3, r as u64, u64::from(attempt)]) < self.model.interruptions;
                 if let Some(m) = self.machines.get_mut(&machine) {
                     m.life.builds.push((build, now, None));

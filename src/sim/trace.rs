@@ -76,15 +76,18 @@ pub fn parse_csv(text: &str, file: &str) -> Result<Vec<TraceChange>, TraceError>
         if line.trim().is_empty() {
             continue;
         }
-        let mut parts = line.splitn(4, ',');
-        let (Some(time), Some(branch), Some(sha)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(err(n, "expected 4 fields: unix_time,branch,sha,files".into()));
+        let fields = split_csv(line).map_err(|m| err(n, m))?;
+        let [time, branch, sha, files] = fields.as_slice() else {
+            return Err(err(n, format!("expected 4 fields (unix_time,branch,sha,files), found {}", fields.len())));
         };
-        let files = unquote(parts.next().unwrap_or("").trim());
+        let files = files.trim();
         let secs: i64 =
             time.trim().parse().map_err(|_| err(n, format!("unix_time {time:?} is not a number of seconds")))?;
-        let at = secs.checked_mul(1000).map(Ts).ok_or_else(|| err(n, format!("unix_time {secs} is out of range")))?;
-        let branch = unquote(branch.trim());
+        if !(0..=LAST_SECOND).contains(&secs) {
+            return Err(err(n, format!("unix_time {secs} is not between 1970 and the end of 9999")));
+        }
+        let at = Ts(secs * 1000);
+        let branch = branch.trim();
         if branch.is_empty() {
             return Err(err(n, "the branch is empty".into()));
         }
@@ -93,7 +96,7 @@ pub fn parse_csv(text: &str, file: &str) -> Result<Vec<TraceChange>, TraceError>
         } else {
             Files::Listed(files.split(';').map(str::trim).filter(|f| !f.is_empty()).map(str::to_string).collect())
         };
-        out.push(TraceChange { at, branch: branch.to_string(), sha: unquote(sha.trim()).to_string(), files });
+        out.push(TraceChange { at, branch: branch.to_string(), sha: sha.trim().to_string(), files });
     }
     out.sort_by_key(|c| c.at);
     Ok(out)
@@ -106,8 +109,49 @@ pub fn read_csv(path: &Path) -> Result<Vec<TraceChange>, TraceError> {
     parse_csv(&text, &file)
 }
 
-fn unquote(s: &str) -> &str {
-    s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(s)
+/// The last second a trace may name (9999-12-31T23:59:59Z): later times would overflow the
+/// clock's milliseconds somewhere in a year-long simulation.
+pub const LAST_SECOND: i64 = 253_402_300_799;
+
+/// One CSV line's fields (RFC 4180: a field in double quotes may hold commas, and `""` is a
+/// quote inside it).
+fn split_csv(line: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                    None => return Err(format!("field {} opens a quote it never closes", fields.len() + 1)),
+                }
+            }
+            match chars.peek() {
+                None | Some(',') => {}
+                Some(_) => return Err(format!("field {} has text after its closing quote", fields.len() + 1)),
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                field.push(c);
+                chars.next();
+            }
+        }
+        fields.push(field);
+        match chars.next() {
+            Some(',') => continue,
+            _ => return Ok(fields),
+        }
+    }
 }
 
 /// The first-parent history of every local branch of `repo` that matches `branches` (all
@@ -150,6 +194,12 @@ pub fn read_git(
             let head = lines.next().unwrap_or("");
             let Some((time, sha)) = head.split_once(' ') else { continue };
             let Ok(secs) = time.parse::<i64>() else { continue };
+            if !(0..=LAST_SECOND).contains(&secs) {
+                return Err(TraceError::Git(format!(
+                    "commit {} has the time {secs}, not between 1970 and 9999",
+                    sha.trim()
+                )));
+            }
             if !seen.insert(sha.trim().to_string()) {
                 continue;
             }
@@ -251,6 +301,28 @@ mod tests {
         assert_eq!(t[0].files, Files::Listed(vec!["src/x.py".into(), "doc/a.md".into()]));
         assert_eq!(t[1].files, Files::Count(3));
         assert_eq!(t[1].at, Ts(20_000));
+    }
+
+    #[test]
+    fn quoted_fields_may_hold_commas_and_quotes() {
+        let t = parse_csv("unix_time,branch,sha,files\n10,\"ma\"\"in\",\"abc,def\",\"doc/a,b.md;x\"\n", "t.csv")
+            .expect("valid");
+        assert_eq!((t[0].branch.as_str(), t[0].sha.as_str()), ("ma\"in", "abc,def"));
+        assert_eq!(t[0].files, Files::Listed(vec!["doc/a,b.md".into(), "x".into()]));
+        for (line, want) in [
+            ("10,main,\"abc,x", "t.csv:2: field 3 opens a quote it never closes"),
+            ("10,main,\"abc\"d,x", "t.csv:2: field 3 has text after its closing quote"),
+            ("10,main,aaa,x,extra", "t.csv:2: expected 4 fields (unix_time,branch,sha,files), found 5"),
+            ("10,main,aaa", "t.csv:2: expected 4 fields (unix_time,branch,sha,files), found 3"),
+            (
+                "9223372036854775,main,a,x",
+                "t.csv:2: unix_time 9223372036854775 is not between 1970 and the end of 9999",
+            ),
+            ("-1,main,a,x", "t.csv:2: unix_time -1 is not between 1970 and the end of 9999"),
+        ] {
+            let e = parse_csv(&format!("unix_time,branch,sha,files\n{line}\n"), "t.csv").expect_err(line);
+            assert_eq!(e.to_string(), want);
+        }
     }
 
     #[test]

@@ -275,6 +275,17 @@ impl Store {
         Ok(Store { pool, news: Arc::new(tokio::sync::Notify::new()) })
     }
 
+    /// Opens an existing database to read it only (no migrations, no writes): for tools that
+    /// read an installation's history, such as `paddock simulate --from-db`.
+    pub async fn open_read_only(url: &str) -> Result<Store> {
+        if !url.starts_with("sqlite:") {
+            return Err(StoreError::Unsupported(url.to_string()));
+        }
+        let opts = SqliteConnectOptions::from_str(url)?.read_only(true).busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        Ok(Store { pool, news: Arc::new(tokio::sync::Notify::new()) })
+    }
+
     /// What the notifier's planner waits on: raised after every transaction that may have
     /// written a notification event (a permit is kept when nobody waits).
     pub fn news(&self) -> Arc<tokio::sync::Notify> {
