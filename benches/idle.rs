@@ -11,24 +11,10 @@ use std::time::{Duration, Instant};
 fn main() {
     let secs: u64 = std::env::var("PADDOCK_BENCH_IDLE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = dir.path().join("repo");
-    std::fs::create_dir(&repo).expect("mkdir");
-    master::git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(repo.join("a.txt"), "1\n").expect("write");
-    master::git(&repo, &["add", "a.txt"]);
-    master::git(&repo, &["commit", "-q", "-m", "one"]);
+    let repo = master::new_repo(dir.path(), "a.txt");
     let port = master::free_port();
-    let config = format!(
-        r#"[master]
-url = "http://127.0.0.1:{port}"
-database = "sqlite://{db}"
-
-[[repo]]
-name = "app"
-url = "{repo}"
-poll = "60s"
-
-[pool.a]
+    let config = master::head(port, dir.path(), &repo, "60s")
+        + r#"[pool.a]
 max_instances = 2
 isolation = "none"
 
@@ -52,10 +38,7 @@ steps = ["true"]
 kind = "branch"
 repo = "app"
 builders = ["a", "b"]
-"#,
-        db = dir.path().join("paddock.db").display(),
-        repo = repo.display(),
-    );
+"#;
     let m = master::start_master(dir.path(), &config, port);
     // Past start-up and the first poll.
     std::thread::sleep(Duration::from_secs(5));

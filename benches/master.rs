@@ -21,44 +21,27 @@ fn wait(what: &str, dir: &std::path::Path, mut done: impl FnMut() -> bool) {
 
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = dir.path().join("repo");
-    std::fs::create_dir(&repo).expect("mkdir");
-    master::git(&repo, &["init", "-q", "-b", "main"]);
-    std::fs::write(repo.join("n.txt"), "0\n").expect("write");
-    master::git(&repo, &["add", "n.txt"]);
-    master::git(&repo, &["commit", "-q", "-m", "start"]);
+    let repo = master::new_repo(dir.path(), "n.txt");
     let port = master::free_port();
-    let config = format!(
-        r#"[master]
-url = "http://127.0.0.1:{port}"
-database = "sqlite://{db}"
-
-[[repo]]
-name = "app"
-url = "{repo}"
-poll = "1s"
-
-[pool.warm]
+    let config = master::head(port, dir.path(), &repo, "1s")
+        + r#"[pool.warm]
 max_instances = 4
 min_idle = 4
 idle_timeout = "30m"
 isolation = "none"
 
 [[builder]]
-name = "b{{n}}"
+name = "b{n}"
 repo = "app"
 pool = "warm"
-matrix = {{ n = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"] }}
+matrix = { n = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"] }
 steps = ["true"]
 
 [[scheduler]]
 kind = "branch"
 repo = "app"
 builders = ["b*"]
-"#,
-        db = dir.path().join("paddock.db").display(),
-        repo = repo.display(),
-    );
+"#;
     let m = master::start_master(dir.path(), &config, port);
     let idle = || {
         let ms = master::get(&format!("{}/api/machines", m.url));

@@ -62,6 +62,28 @@ pub fn git(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A git repository in `dir/repo` with one commit of `file`; returns its path.
+pub fn new_repo(dir: &Path, file: &str) -> std::path::PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir(&repo).expect("mkdir");
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join(file), "0\n").expect("write");
+    git(&repo, &["add", file]);
+    git(&repo, &["commit", "-q", "-m", "start"]);
+    repo
+}
+
+/// The `[master]` and `[[repo]]` sections of a bench master on `port`, its database in `dir`,
+/// the repository at `repo` polled every `poll`.
+pub fn head(port: u16, dir: &Path, repo: &Path, poll: &str) -> String {
+    format!(
+        "[master]\nurl = \"http://127.0.0.1:{port}\"\ndatabase = \"sqlite://{}\"\n\n\
+         [[repo]]\nname = \"app\"\nurl = \"{}\"\npoll = \"{poll}\"\n\n",
+        dir.join("paddock.db").display(),
+        repo.display()
+    )
+}
+
 /// Starts the master on `config` (written into `dir` as paddock.toml) and waits for /healthz.
 pub fn start_master(dir: &Path, config: &str, port: u16) -> Master {
     let path = dir.join("paddock.toml");

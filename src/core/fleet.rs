@@ -532,14 +532,7 @@ impl Fleet {
                 m.build = None;
                 let p = m.pool;
                 self.running.remove(&build);
-                if self.draining {
-                    self.terminate(machine, "draining", now, &mut out);
-                } else {
-                    self.set_state(machine, MachineState::Idle, now, &mut out);
-                    self.assign(p, &mut out);
-                    // With no idle timeout, a machine left idle goes at once (no timer is due).
-                    self.idle_sweep(p, now, &mut out);
-                }
+                self.free(machine, p, now, &mut out);
                 self.provision(p, now, &mut out);
             }
             FleetEvent::Interrupted { machine } => {
@@ -571,13 +564,8 @@ impl Fleet {
                 let max = self.pools[p].spec.max_builds;
                 if max > 0 && m.builds_run >= max {
                     self.terminate(machine, "reached max_builds", now, &mut out);
-                } else if self.draining {
-                    self.terminate(machine, "draining", now, &mut out);
                 } else {
-                    self.set_state(machine, MachineState::Idle, now, &mut out);
-                    self.assign(p, &mut out);
-                    // With no idle timeout, a machine left idle goes at once (no timer is due).
-                    self.idle_sweep(p, now, &mut out);
+                    self.free(machine, p, now, &mut out);
                 }
                 self.provision(p, now, &mut out);
             }
@@ -1063,6 +1051,18 @@ impl Fleet {
                 let reason = format!("the machine is {} and cannot take this connection", s.as_str());
                 out.push(FleetAction::Refuse { machine, reason });
             }
+        }
+    }
+
+    /// A machine done with a build: stopped when draining, else idle and offered the queue
+    /// (with no idle timeout, a machine left idle goes at once: no timer would be due).
+    fn free(&mut self, machine: MachineId, p: usize, now: Ts, out: &mut Vec<FleetAction>) {
+        if self.draining {
+            self.terminate(machine, "draining", now, out);
+        } else {
+            self.set_state(machine, MachineState::Idle, now, out);
+            self.assign(p, out);
+            self.idle_sweep(p, now, out);
         }
     }
 
