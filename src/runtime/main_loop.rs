@@ -201,8 +201,11 @@ impl Master {
                     }
                     LaunchOutcome::Failed(reason) => {
                         tracing::warn!(machine, %pool, %reason, "launch failed");
+                        // The fleet first (the machine is gone), then the reason: a machine's
+                        // last event is what the API shows as why its build still waits.
+                        self.pending.push_back(FleetEvent::LaunchFailed { machine, reason: reason.clone() });
+                        self.drain_pending().await?;
                         self.shared.store.machine_event(machine, "launch_failed", &reason, now).await?;
-                        self.pending.push_back(FleetEvent::LaunchFailed { machine, reason });
                     }
                 }
             }
