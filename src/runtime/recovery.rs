@@ -21,12 +21,24 @@ impl Master {
         let running = store.builds_in_state("running").await?;
         let live = store.live_machines().await?;
         let alive = self.alive_machines(&live).await;
+        let mut alive = alive;
         let mut keep = Vec::new();
-        for m in live {
+        for mut m in live {
             let Some(state) = MachineState::parse(&m.state) else {
                 self.stop_leftover(&m).await?;
                 continue;
             };
+            if m.provider_id.is_none() && !matches!(state, MachineState::Requested | MachineState::Launching) {
+                // Its agent connected before the launch's answer (or its lookup) came back, and
+                // the previous run died in between: the machine exists, but nothing named it.
+                // Found by its id, it is recorded (billing from its launch) and judged as any.
+                if let Some(found) = self.find_unnamed(&m).await? {
+                    m.provider_id = Some(found.launched.provider_id.clone());
+                    if found.alive {
+                        alive.insert(m.id);
+                    }
+                }
+            }
             let left = LeftOver {
                 state,
                 launched: m.provider_id.is_some(),
@@ -176,10 +188,12 @@ impl Master {
             if known.is_empty() {
                 continue;
             }
+            let mut listed_ok = false;
             for attempt in 1..=3u32 {
                 match p.list(&known).await {
                     Ok(listed) => {
                         alive.extend(listed.iter().filter(|l| l.alive).filter_map(|l| l.machine_id));
+                        listed_ok = true;
                         break;
                     }
                     Err(e) => {
@@ -188,8 +202,43 @@ impl Master {
                     }
                 }
             }
+            if !listed_ok {
+                // Not known to be dead is not dead: a busy machine is taken back and its agent
+                // given the heartbeat limit to reconnect, a booting one its boot timeout; the
+                // fleet retries the build if it does not. Stopping it here would retry a build
+                // that is still running.
+                tracing::warn!(%pool, "the provider did not answer: the previous run's machines are taken as alive until their agents say otherwise");
+                alive.extend(known.iter().map(|(m, _)| *m));
+            }
         }
         alive
+    }
+
+    /// Looks up, by its id, a machine of the previous run that no launch answer named, and
+    /// records what the provider says of it (its id, its launch time) before anything is
+    /// decided about it. `None` when the provider does not know it (after a few tries).
+    pub(super) async fn find_unnamed(
+        &self,
+        m: &crate::store::MachineRow,
+    ) -> Result<Option<paddock_provisioners::Found>, MasterError> {
+        let Some(p) = self.provisioners.get(&m.pool).cloned() else { return Ok(None) };
+        for attempt in 1..=3u32 {
+            match p.find(m.id).await {
+                Ok(Some(found)) => {
+                    let now = self.shared.now();
+                    let requested_at = crate::cost::parse_ts(&m.requested_at);
+                    self.record_launch(m.id, &m.pool, &found.launched, requested_at, now).await?;
+                    tracing::info!(machine = m.id, instance = %found.launched.provider_id, "found a machine of the previous run that no launch answer named");
+                    return Ok(Some(found));
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    tracing::warn!(machine = m.id, attempt, "cannot look up a machine of the previous run: {e}");
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// A busy machine of the previous run that can be taken back (see [`recovery`]): its build,
