@@ -69,7 +69,7 @@ async fn generate(store: &Store) -> Result<u64, paddock::store::StoreError> {
             t += 15 * MIN;
             store.step_finished(build.id, 0, "success", Some(0), Ts(t)).await?;
             store.step_finished(build.id, 1, "success", Some(0), Ts(t)).await?;
-            store.finish_build(build.id, id, "success", Ts(t)).await?;
+            store.finish_build(build.id, id, paddock::core::build::BuildState::Success, Ts(t)).await?;
             store.set_machine_state(id, "idle", Ts(t)).await?;
             events += 4;
         }

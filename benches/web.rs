@@ -62,15 +62,16 @@ async fn generate(store: &Store) -> Result<i64, paddock::store::StoreError> {
                     store.append_log(build.id, 3, &format!("test_{line} ... ok <{i}> & more\n"), Ts(t)).await?;
                 }
             }
+            use paddock::core::build::BuildState;
             let result = match builds % 50 {
-                0..=3 => "failure",
-                4 => "exception",
-                _ => "success",
+                0..=3 => BuildState::Failure,
+                4 => BuildState::Exception,
+                _ => BuildState::Success,
             };
             // Every step reports its result (a success with a silent step would be stored as an
             // exception); a failed build's last step failed.
             for (idx, _) in steps.iter().enumerate() {
-                let failed = result != "success" && idx + 1 == steps.len();
+                let failed = result != BuildState::Success && idx + 1 == steps.len();
                 let state = if failed { "failure" } else { "success" };
                 store.step_finished(build.id, idx as i64, state, Some(i32::from(failed)), Ts(t + 60 * SEC)).await?;
             }

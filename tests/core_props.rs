@@ -567,3 +567,176 @@ proptest! {
         prop_assert!(done.values().all(|&n| n == 1), "a change reported done twice");
     }
 }
+
+/// What can happen to one build request's attempts, in the order the store sees it.
+#[derive(Debug, Clone)]
+enum LifeOp {
+    /// The fleet starts the current attempt on a machine (with this many steps).
+    Start {
+        machine: MachineId,
+        steps: u8,
+    },
+    /// The current attempt's next open step reports its result.
+    StepDone,
+    /// An agent reports an end, about the current attempt (or an earlier one, `stale`).
+    Report {
+        machine: MachineId,
+        result: u8,
+        stale: bool,
+    },
+    Lost,
+    Cancel {
+        reachable: bool,
+    },
+    Abandon,
+}
+
+fn life_op() -> impl Strategy<Value = LifeOp> {
+    prop_oneof![
+        4 => (1..4i64, 0..4u8).prop_map(|(machine, steps)| LifeOp::Start { machine, steps }),
+        4 => Just(LifeOp::StepDone),
+        4 => (1..4i64, 0..6u8, prop::bool::weighted(0.2))
+            .prop_map(|(machine, result, stale)| LifeOp::Report { machine, result, stale }),
+        3 => Just(LifeOp::Lost),
+        1 => any::<bool>().prop_map(|reachable| LifeOp::Cancel { reachable }),
+        1 => Just(LifeOp::Abandon),
+    ]
+}
+
+/// A build request's attempts as the store holds them, changed only by what `decide` says.
+struct Request {
+    attempts: Vec<paddock::core::build::BuildFacts>,
+    /// Steps of the current attempt not yet reported.
+    open: Vec<i64>,
+    /// Notifications of an end sent.
+    news: usize,
+}
+
+impl Request {
+    fn apply(&mut self, at: usize, t: &paddock::core::build::Transition) {
+        let f = &mut self.attempts[at];
+        f.state = t.to;
+        f.cancel_asked = t.cancel_by.is_some() || (f.cancel_asked && !t.forget_cancel);
+        if t.open_steps.is_some() {
+            f.open_step = None;
+            self.open.clear();
+        }
+        if t.news {
+            self.news += 1;
+        }
+        if t.requeue.is_some() {
+            let next = paddock::core::build::BuildFacts {
+                id: f.id + 1,
+                state: paddock::core::build::BuildState::Queued,
+                attempt: f.attempt + 1,
+                machine: None,
+                cancel_asked: false,
+                open_step: None,
+            };
+            self.attempts.push(next);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// The build lifecycle's rules over random histories of one request: an ended attempt never
+    /// changes, a cancel wins over a retry, a request has at most MAX_ATTEMPTS attempts, a
+    /// success has every step reported, reports from a machine that does not run the attempt
+    /// change nothing, and a request that ended after it ran was announced exactly once.
+    #[test]
+    fn the_build_lifecycle_keeps_its_promises(ops in prop::collection::vec(life_op(), 1..60)) {
+        use paddock::core::build::{decide, BuildEvent, BuildFacts, BuildState as S, FleetNext, MAX_ATTEMPTS};
+        let first = BuildFacts { id: 1, state: S::Queued, attempt: 1, machine: None, cancel_asked: false, open_step: None };
+        let mut r = Request { attempts: vec![first], open: Vec::new(), news: 0 };
+        let mut cancelled = false;
+        for op in ops {
+            let at = r.attempts.len() - 1;
+            let before = r.attempts[at].clone();
+            let event = match op {
+                LifeOp::Start { machine, steps } => {
+                    if before.state == S::Queued {
+                        let f = &mut r.attempts[at];
+                        f.state = S::Running;
+                        f.machine = Some(machine);
+                        r.open = (0..i64::from(steps)).collect();
+                        f.open_step = r.open.first().map(|&i| (i, format!("step{i}")));
+                    }
+                    continue;
+                }
+                LifeOp::StepDone => {
+                    if before.state == S::Running && !r.open.is_empty() {
+                        r.open.remove(0);
+                        r.attempts[at].open_step = r.open.first().map(|&i| (i, format!("step{i}")));
+                    }
+                    continue;
+                }
+                LifeOp::Report { machine, result, stale } => {
+                    let result = S::ALL[usize::from(result) % S::ALL.len()];
+                    let target = if stale { 0 } else { at };
+                    let f = r.attempts[target].clone();
+                    let ev = BuildEvent::Reported { machine, result };
+                    match decide(&f, &ev) {
+                        Ok(t) => {
+                            prop_assert_eq!(f.state, S::Running);
+                            prop_assert_eq!(f.machine, Some(machine), "only the machine running it ends it");
+                            prop_assert!(t.to.is_final());
+                            if t.to == S::Success {
+                                prop_assert!(f.open_step.is_none(), "a success with a step unreported");
+                            }
+                            prop_assert_eq!(&t.fleet, &FleetNext::MachineFree(machine));
+                            prop_assert!(t.news && t.requeue.is_none());
+                            r.apply(target, &t);
+                        }
+                        Err(_) => prop_assert!(f.state != S::Running || f.machine != Some(machine) || !result.is_final()),
+                    }
+                    continue;
+                }
+                LifeOp::Lost => BuildEvent::Lost { reason: "lost".into() },
+                LifeOp::Cancel { reachable } => BuildEvent::Cancel { by: "ann".into(), agent_reachable: reachable },
+                LifeOp::Abandon => BuildEvent::Abandon { reason: "builder removed".into() },
+            };
+            match decide(&before, &event) {
+                Ok(t) => {
+                    prop_assert!(before.state.is_live(), "an ended attempt changed: {:?}", before.state);
+                    prop_assert_eq!(t.from, before.state);
+                    if matches!(event, BuildEvent::Cancel { .. }) {
+                        cancelled = true;
+                        if let Some(m) = t.tell_agent {
+                            prop_assert_eq!(Some(m), before.machine, "only its own agent is told");
+                            prop_assert_eq!(t.to, S::Running);
+                        }
+                    }
+                    if t.requeue.is_some() {
+                        prop_assert!(!cancelled && !before.cancel_asked, "a cancelled build was retried");
+                        prop_assert!(before.attempt < MAX_ATTEMPTS);
+                    }
+                    if let Some(m) = t.meter_end {
+                        prop_assert_eq!(Some(m), before.machine, "the meter ends on the machine it ran on");
+                    }
+                    r.apply(at, &t);
+                }
+                Err(_) => prop_assert!(
+                    !before.state.is_live() || matches!(event, BuildEvent::Abandon { .. }),
+                    "a live attempt refused {:?}", event
+                ),
+            }
+        }
+        prop_assert!(r.attempts.len() as u32 <= MAX_ATTEMPTS);
+        // Every attempt but the last was handed on as a retry.
+        for f in &r.attempts[..r.attempts.len() - 1] {
+            prop_assert_eq!(f.state, S::Retry);
+        }
+        // Retries are not news; the request's end is, once, when its last attempt ran (a
+        // queued attempt cancelled was never announced as started either).
+        let last = &r.attempts[r.attempts.len() - 1];
+        match (last.state, last.machine) {
+            (s, _) if s.is_live() => prop_assert_eq!(r.news, 0),
+            (_, Some(_)) => prop_assert_eq!(r.news, 1),
+            (S::Cancelled, None) => prop_assert_eq!(r.news, 0),
+            (_, None) => prop_assert_eq!(r.news, 1, "given up or abandoned is news"),
+        }
+
+    }
+}

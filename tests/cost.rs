@@ -81,7 +81,11 @@ impl Farm {
         assert!(self.store.start_build(b.id, id, &["checkout".into()], start).await.expect("start"));
         self.store.set_machine_state(id, "busy", start).await.expect("busy");
         self.store.step_finished(b.id, 0, "success", Some(0), end).await.expect("step");
-        assert!(self.store.finish_build(b.id, id, "success", end).await.expect("finish"));
+        assert!(self
+            .store
+            .finish_build(b.id, id, paddock::core::build::BuildState::Success, end)
+            .await
+            .expect("finish"));
         self.store.set_machine_state(id, "idle", end).await.expect("idle");
         b.id
     }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use paddock::core::build::{BuildEvent, BuildState, Refused};
 use paddock::core::Ts;
 use paddock::store::{Standing, Store};
 
@@ -67,7 +68,8 @@ async fn builds_of_revisions_next_attempt_and_log_tail() {
     store.insert_machine(1, "local", "local", "h", Ts(4)).await.expect("machine");
     assert!(store.start_build(one.id, 1, &["s".into()], Ts(5)).await.expect("start"));
     assert_eq!(store.next_attempt(one.id).await.expect("next"), None);
-    let retry = store.retry_build(one.id, "machine lost", Ts(6)).await.expect("retry").expect("new attempt");
+    let decided = store.build_event(one.id, &lost(), Ts(6)).await.expect("retry").expect("applies");
+    let retry = decided.next.expect("new attempt");
     assert_eq!(store.next_attempt(one.id).await.expect("next"), Some(retry.id));
 
     // The log's tail: the last chunks within the size, oldest first, and whether some were cut.
@@ -104,17 +106,22 @@ async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
     let b = store.create_request("a", "app", "main", "r1", "force", "t", &[], Ts(1)).await.expect("request");
     store.insert_machine(1, "local", "local", "h", Ts(2)).await.expect("machine");
     assert!(store.start_build(b.id, 1, &["s".into()], Ts(3)).await.expect("start"));
-    assert!(store.cancel_requested(b.id, "carl").await.expect("cancel"));
+    let t = store.build_event(b.id, &cancel(true), Ts(3)).await.expect("cancel").expect("applies");
+    assert_eq!(t.transition.to, BuildState::Running, "the agent is told; it reports the end");
     // The machine is lost before the agent reports the cancel.
-    assert!(store.retry_build(b.id, "machine lost", Ts(4)).await.expect("retry").is_none(), "no new attempt");
+    let t = store.build_event(b.id, &lost(), Ts(4)).await.expect("retry").expect("applies");
+    assert!(t.next.is_none(), "no new attempt");
     let row = store.build(b.id).await.expect("read").expect("build");
     assert_eq!((row.state.as_str(), row.cancelled_by.as_deref()), ("cancelled", Some("carl")));
     assert_eq!(store.next_attempt(b.id).await.expect("next"), None);
     // A finished build cannot be marked for cancelling.
-    assert!(!store.cancel_requested(b.id, "carl").await.expect("cancel"));
+    let again = store.build_event(b.id, &cancel(true), Ts(5)).await.expect("cancel");
+    assert_eq!(again, Err(Refused::Ended(b.id, BuildState::Cancelled)));
     let queued = store.create_request("a", "app", "main", "r2", "force", "t", &[], Ts(5)).await.expect("request");
-    assert!(store.cancel_queued(queued.id, "carl", Ts(6)).await.expect("cancel"));
-    assert!(!store.cancel_queued(queued.id, "carl", Ts(7)).await.expect("again"), "only once");
+    let t = store.build_event(queued.id, &cancel(false), Ts(6)).await.expect("cancel").expect("applies");
+    assert_eq!(t.transition.to, BuildState::Cancelled);
+    let again = store.build_event(queued.id, &cancel(false), Ts(7)).await.expect("again");
+    assert!(again.is_err(), "only once");
 }
 
 #[tokio::test]
@@ -132,12 +139,12 @@ async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() 
             assert!(store.start_build(b.id, 1, &["s".into()], Ts(at + 1)).await.expect("start"));
             match result {
                 "retry" => {
-                    store.retry_build(b.id, "machine lost", Ts(at + 2)).await.expect("retry");
+                    store.build_event(b.id, &lost(), Ts(at + 2)).await.expect("retry").expect("applies");
                 }
                 r => {
                     let step = if r == "success" { "success" } else { "failure" };
                     store.step_finished(b.id, 0, step, None, Ts(at + 2)).await.expect("step");
-                    store.finish_build(b.id, 1, r, Ts(at + 2)).await.expect("finish");
+                    store.finish_build(b.id, 1, state(r), Ts(at + 2)).await.expect("finish");
                 }
             }
             b.id
@@ -180,7 +187,7 @@ async fn the_standing_of_builds_that_finish_out_of_order() {
         async move {
             let step = if result == "success" { "success" } else { "failure" };
             store.step_finished(id, 0, step, None, Ts(at)).await.expect("step");
-            assert!(store.finish_build(id, machine, result, Ts(at)).await.expect("finish"))
+            assert!(store.finish_build(id, machine, state(result), Ts(at)).await.expect("finish"))
         }
     };
     let standing = |id: i64| {
@@ -255,6 +262,21 @@ async fn pruning_keeps_pending_work_and_recent_records() {
     assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("again"), 0);
     // Nothing younger than the cut goes.
     store.step_finished(b.id, 0, "success", Some(0), Ts(20_000)).await.expect("step");
-    assert!(store.finish_build(b.id, 1, "success", Ts(20_000)).await.expect("finish"));
+    assert!(store.finish_build(b.id, 1, BuildState::Success, Ts(20_000)).await.expect("finish"));
     assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("recent kept"), 0);
+}
+
+/// A machine lost under a build.
+fn lost() -> BuildEvent {
+    BuildEvent::Lost { reason: "machine lost".into() }
+}
+
+/// Carl cancels; `reachable` says whether the build's agent can be told.
+fn cancel(reachable: bool) -> BuildEvent {
+    BuildEvent::Cancel { by: "carl".into(), agent_reachable: reachable }
+}
+
+/// The state named `name`.
+fn state(name: &str) -> BuildState {
+    BuildState::parse(name).expect("a build state")
 }

@@ -245,6 +245,17 @@ pub enum BuildResult {
 }
 
 impl BuildResult {
+    /// The build state it ends the attempt in.
+    pub fn state(self) -> crate::core::build::BuildState {
+        use crate::core::build::BuildState;
+        match self {
+            BuildResult::Success => BuildState::Success,
+            BuildResult::Failure => BuildState::Failure,
+            BuildResult::Exception => BuildState::Exception,
+            BuildResult::Cancelled => BuildState::Cancelled,
+        }
+    }
+
     /// Lowercase name as stored and shown by the API.
     pub fn as_str(self) -> &'static str {
         match self {

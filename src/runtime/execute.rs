@@ -2,6 +2,7 @@
 //! agent, and feed the outcome back as an event.
 
 use super::*;
+use crate::core::build::{BuildEvent, BuildState};
 
 impl Master {
     pub(super) async fn execute_all(&mut self, actions: Vec<FleetAction>, now: Ts) -> Result<(), MasterError> {
@@ -93,10 +94,9 @@ impl Master {
                 }
             }
             FleetAction::Retry { build, reason } => {
-                self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
-                if let Some(next) = store.retry_build(build, &reason, now).await? {
-                    tracing::warn!(build, next = next.id, %reason, "build will be retried");
-                    self.queue(&next, true);
+                // The fleet has freed the machine already; an attempt that had ended is left be.
+                if let Err(why) = self.build_event(build, BuildEvent::Lost { reason }).await? {
+                    tracing::debug!(build, "no retry: {why}");
                 }
             }
         }
@@ -144,7 +144,10 @@ impl Master {
                 if store.start_build(build, machine, &["setup".to_string()], now).await? {
                     store.append_log(build, 0, &format!("paddock: {message}\n"), now).await?;
                     store.step_finished(build, 0, "exception", None, now).await?;
-                    store.finish_build(build, machine, "exception", now).await?;
+                    let ended = BuildEvent::Reported { machine, result: BuildState::Exception };
+                    if self.build_event(build, ended).await?.is_ok() {
+                        return Ok(());
+                    }
                 }
                 self.pending.push_back(FleetEvent::BuildFinished { machine, build });
                 return Ok(());

@@ -95,7 +95,9 @@ impl Master {
         let now = self.shared.now();
         for b in store.builds_in_state("running").await? {
             tracing::warn!(build = b.id, "build still running at shutdown; it will be retried on the next start");
-            store.retry_build(b.id, "master shut down while it ran", now).await?;
+            // Stored only: the new attempt is queued by the next start, not launched for now.
+            let lost = crate::core::build::BuildEvent::Lost { reason: "master shut down while it ran".into() };
+            store.build_event(b.id, &lost, now).await?.ok();
         }
         for (_, tx) in self.agents.values() {
             let _ = tx.send(MasterMsg::Shutdown);
@@ -127,7 +129,33 @@ impl Master {
         match input {
             Input::Fleet(ev) => self.pending.push_back(ev),
             Input::Sched(ev) => self.apply_sched(ev).await?,
-            Input::Queued(b) => self.queue(&b, false),
+            Input::Finished { machine, build, after, seq, log, result, reply } => {
+                let now = self.shared.now();
+                let effect = crate::store::ReportEffect::BuildFinished { machine, result };
+                let log_text = log.as_ref().map(|(step, text)| (*step, text.as_str()));
+                let stored = self.shared.store.apply_report(build, after, seq, log_text, effect, now).await;
+                if let Ok(crate::store::Applied::Stored { ended }) = &stored {
+                    self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
+                    match ended {
+                        Some(t) => {
+                            tracing::info!(build, machine, reported = %result, result = %t.to, "build finished");
+                            self.follow_up(build, t, None);
+                        }
+                        // An attempt that had ended (retried, cancelled here): the fleet frees
+                        // the machine if it still holds it for that build.
+                        None => self.pending.push_back(FleetEvent::BuildFinished { machine, build }),
+                    }
+                }
+                let _ = reply.send(stored);
+            }
+            Input::Interrupted { machine, detail, reply } => {
+                self.interrupted(machine, &detail).await?;
+                let _ = reply.send(());
+            }
+            Input::Request { request, reply } => {
+                let answer = self.request(request).await;
+                let _ = reply.send(answer);
+            }
             Input::Cancel { build, by, reply } => {
                 let answer = self.cancel(build, &by).await;
                 let _ = reply.send(answer);
@@ -238,6 +266,29 @@ impl Master {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// An agent says its machine is being taken away: its build is retried elsewhere and the
+    /// machine is given up. A notice for a machine the fleet has already given up (a
+    /// reconnection that raced the fleet repeats it) is old news.
+    pub(super) async fn interrupted(&mut self, machine: MachineId, detail: &str) -> Result<(), MasterError> {
+        let state = self.fleet.machine_view(machine).map(|v| v.state);
+        let live = state.is_some_and(|s| {
+            !matches!(s, MachineState::Stopping | MachineState::Gone | MachineState::Lost | MachineState::Interrupted)
+        });
+        if !live {
+            tracing::debug!(machine, %detail, ?state, "interruption notice for a machine already given up ignored");
+            return Ok(());
+        }
+        tracing::warn!(machine, %detail, "machine is being interrupted; requeueing its build, if any");
+        // From here its build belongs to the retry: what the agent still says about it (a step
+        // killed by the shutdown, a BuildFinished) must not end it as that step's failure.
+        if let Ok(mut running) = self.shared.running.lock() {
+            running.retain(|_, r| r.machine != machine);
+        }
+        self.shared.store.machine_event(machine, "interrupted", detail, self.shared.now()).await?;
+        self.pending.push_back(FleetEvent::Interrupted { machine });
         Ok(())
     }
 

@@ -9,6 +9,7 @@ mod execute;
 pub mod ingest;
 pub mod isolation;
 pub mod job;
+mod lifecycle;
 mod main_loop;
 pub mod poller;
 mod recovery;
@@ -63,8 +64,6 @@ pub enum Input {
     Fleet(FleetEvent),
     /// A change or a branch head from a poller or a webhook (already stored).
     Sched(SchedEvent),
-    /// A build attempt was stored in `queued` state (force builds).
-    Queued(BuildRow),
     /// An agent authenticated; this is how to reach it, over connection `conn`. `resumed` is
     /// `Some(build it speaks of)` when it reconnected with a resume token.
     AgentConnected {
@@ -88,6 +87,24 @@ pub enum Input {
     LateInstance { machine: MachineId, launched: Launched, stopped_at: Ts },
     /// A spend check's answer: which caps are reached and which pools they hold.
     SpendChecked(Result<crate::cost::caps::Caps, String>),
+    /// An agent's report that its build ended (report `seq`, following `after`, with the log
+    /// text it carries): the loop stores it, ends the attempt as the lifecycle decides, and
+    /// frees the machine.
+    Finished {
+        machine: MachineId,
+        build: BuildId,
+        after: u64,
+        seq: u64,
+        log: Option<(i64, String)>,
+        result: crate::core::build::BuildState,
+        reply: tokio::sync::oneshot::Sender<Result<crate::store::Applied, StoreError>>,
+    },
+    /// An agent said its machine is being taken away (a spot notice, a shutdown): `detail` is
+    /// recorded and its build retried; the answer comes once the loop has acted.
+    Interrupted { machine: MachineId, detail: String, reply: tokio::sync::oneshot::Sender<()> },
+    /// Someone asked for a build (force or rebuild): the loop stores and queues it, unless the
+    /// master is shutting down.
+    Request { request: NewRequest, reply: tokio::sync::oneshot::Sender<Result<BuildRow, ActionError>> },
     /// Someone asked to cancel a build; the answer says what became of it.
     Cancel { build: BuildId, by: String, reply: tokio::sync::oneshot::Sender<Result<Cancelled, ActionError>> },
     /// An admin asked to stop a machine (its build, if any, is retried elsewhere).
@@ -95,6 +112,19 @@ pub enum Input {
     /// An admin pauses or resumes a pool: recorded, then applied, in the loop's order (so two
     /// admins at once cannot leave the record and the fleet disagreeing).
     Pause { pool: String, paused: bool, by: String, reply: tokio::sync::oneshot::Sender<Result<(), ActionError>> },
+}
+
+/// A build asked for by someone (forced, or a rebuild): what to build and why.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub builder: String,
+    pub repo: String,
+    pub branch: String,
+    pub revision: String,
+    /// What made it: `force` or `rebuild`.
+    pub scheduler: &'static str,
+    pub reason: String,
+    pub changes: Vec<crate::core::ChangeId>,
 }
 
 /// How a launch ended, as far as the master can tell.
@@ -128,6 +158,9 @@ pub enum ActionError {
     /// already stopping).
     #[error("{0}")]
     Conflict(String),
+    /// The master is shutting down and takes no new work.
+    #[error("master is shutting down")]
+    Stopping,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -421,53 +454,6 @@ impl Master {
             caps_reached: HashSet::new(),
             spend_checking: false,
         })
-    }
-
-    /// Cancels a build: a queued one at once, a running one by telling its agent (which
-    /// reports it `cancelled`); a running build whose agent is not connected ends as cancelled
-    /// here and its machine is stopped.
-    pub(super) async fn cancel(&mut self, build: BuildId, by: &str) -> Result<Cancelled, ActionError> {
-        let store = self.shared.store.clone();
-        let now = self.shared.now();
-        let row = store.build(build).await?.ok_or_else(|| ActionError::NotFound(format!("no build {build}")))?;
-        match (row.state.as_str(), row.machine) {
-            ("queued", _) => {
-                if !store.cancel_queued(build, by, now).await? {
-                    return Err(ActionError::Conflict(format!("build {build} has just started; cancel it again")));
-                }
-                self.pending.push_back(FleetEvent::BuildCancelled { build });
-                tracing::info!(build, %by, "queued build cancelled");
-                Ok(Cancelled::Queued)
-            }
-            ("running", Some(machine)) => {
-                if !store.cancel_requested(build, by).await? {
-                    return Err(ActionError::Conflict(format!("build {build} has just finished")));
-                }
-                store.append_log(build, 0, &format!("*** cancel requested by {by}\n"), now).await?;
-                match self.agents.get(&machine) {
-                    Some((_, tx)) if self.fleet.machine_build(machine) == Some(build) => {
-                        let _ = tx.send(MasterMsg::Cancel { build });
-                        tracing::info!(build, machine, %by, "running build cancelled; its agent is stopping it");
-                    }
-                    _ => {
-                        // Nobody to tell: end it here, and stop the machine rather than trust it.
-                        // (Stopping it, not finishing the build on it: a machine made idle here
-                        // would be handed the next queued build, which the stop would then retry.)
-                        self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
-                        store.finish_build(build, machine, "cancelled", now).await?;
-                        self.pending.push_back(FleetEvent::StopMachine {
-                            machine,
-                            reason: format!("build {build} cancelled by {by} while its agent was away"),
-                        });
-                        tracing::info!(build, machine, %by, "running build cancelled; its agent is away, stopping the machine");
-                    }
-                }
-                Ok(Cancelled::Stopping)
-            }
-            (state, _) => Err(ActionError::Conflict(format!(
-                "build {build} is {state}; only queued or running builds can be cancelled"
-            ))),
-        }
     }
 
     pub(super) fn queue(&mut self, b: &BuildRow, front: bool) {

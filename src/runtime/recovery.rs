@@ -2,6 +2,7 @@
 //! stopped, and what it was doing is queued again.
 
 use super::*;
+use crate::core::build::BuildEvent;
 
 impl Master {
     /// Repairs what a crash or kill of the previous master left: adopts machines still running
@@ -68,13 +69,15 @@ impl Master {
             }
         }
         for b in running.iter().filter(|b| !adopted.contains(&b.id)) {
-            store.retry_build(b.id, "its machine was lost while the master was down", now).await?;
+            // The new attempt is queued with the other queued builds below.
+            let lost = BuildEvent::Lost { reason: "its machine was lost while the master was down".into() };
+            store.build_event(b.id, &lost, now).await?.ok();
         }
         for b in store.builds_in_state("queued").await? {
             if self.shared.config.builder(&b.builder).is_none() {
                 let reason = format!("builder {} is no longer configured", b.builder);
                 tracing::warn!(build = b.id, %reason, "queued build abandoned");
-                store.abandon_build(b.id, &reason, now).await?;
+                store.build_event(b.id, &BuildEvent::Abandon { reason }, now).await?.ok();
                 continue;
             }
             self.queue(&b, false);

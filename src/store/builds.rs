@@ -46,7 +46,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(build_row(&row))
+        build_row(&row)
     }
 
     /// Builds in the given state, oldest first.
@@ -55,7 +55,7 @@ impl Store {
             .bind(state)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(build_row).collect())
+        rows.iter().map(build_row).collect()
     }
 
     /// One build attempt.
@@ -64,7 +64,7 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(build_row))
+        row.as_ref().map(build_row).transpose()
     }
 
     /// Build attempts, newest first.
@@ -79,7 +79,7 @@ impl Store {
         .bind(f.limit.unwrap_or(100))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(build_row).collect())
+        rows.iter().map(build_row).collect()
     }
 
     /// Marks a queued attempt running on `machine` and creates its step rows.
@@ -131,13 +131,29 @@ impl Store {
         Ok(true)
     }
 
-    /// Ends a running attempt with its result, if it is still running on that machine.
-    pub async fn finish_build(&self, build: BuildId, machine: MachineId, result: &str, now: Ts) -> Result<bool> {
+    /// Carries out what the lifecycle's rules ([`decide`]) make of `event` for attempt `build`,
+    /// read and written in one transaction. The new attempt of a retry comes back with the
+    /// decision.
+    pub async fn build_event(
+        &self,
+        build: BuildId,
+        event: &life::BuildEvent,
+        now: Ts,
+    ) -> Result<std::result::Result<Decided, Refused>> {
         let mut tx = self.pool.begin().await?;
-        let done = finish_build_in(&mut tx, build, machine, result, now).await?;
+        let decided = event_in(&mut tx, build, event, now).await?;
         tx.commit().await?;
-        self.news.notify_one();
-        Ok(done)
+        if decided.as_ref().is_ok_and(|d| d.transition.news) {
+            self.news.notify_one();
+        }
+        Ok(decided)
+    }
+
+    /// Ends a running attempt as its agent on `machine` reported it, as the lifecycle decides
+    /// ([`life::BuildEvent::Reported`]); `false` if the report does not apply (the attempt had
+    /// ended or runs elsewhere).
+    pub async fn finish_build(&self, build: BuildId, machine: MachineId, result: BuildState, now: Ts) -> Result<bool> {
+        Ok(self.build_event(build, &life::BuildEvent::Reported { machine, result }, now).await?.is_ok())
     }
 
     /// Stores one numbered report of an agent about `build`, with the log text it carries: only
@@ -170,25 +186,27 @@ impl Store {
         if let Some((step, text)) = log.filter(|(_, t)| !t.is_empty()) {
             append_log_in(&mut tx, build, step, text, now).await?;
         }
-        let finished = match effect {
-            ReportEffect::None => false,
+        let ended = match effect {
+            ReportEffect::None => None,
             ReportEffect::StepStarted { step } => {
                 step_started_in(&mut tx, build, step, now).await?;
-                false
+                None
             }
             ReportEffect::StepFinished { step, result, exit_code } => {
                 step_finished_in(&mut tx, build, step, result, exit_code, now).await?;
-                false
+                None
             }
+            // A report about an attempt retried meanwhile is stored as text only: the new
+            // attempt owns the build.
             ReportEffect::BuildFinished { machine, result } => {
-                finish_build_in(&mut tx, build, machine, result, now).await?
+                event_in(&mut tx, build, &life::BuildEvent::Reported { machine, result }, now).await?.ok()
             }
         };
         tx.commit().await?;
-        if finished {
+        if ended.is_some() {
             self.news.notify_one();
         }
-        Ok(Applied::Stored { finished })
+        Ok(Applied::Stored { ended: ended.map(|d| d.transition) })
     }
 
     /// How far the reports of `build` are stored: the highest sequence number, and the bytes of
@@ -202,100 +220,6 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map_or((0, 0), |(seq, bytes)| (seq.max(0) as u64, bytes.max(0) as usize)))
-    }
-
-    /// Marks an attempt `retry` and queues the next attempt of the same request, in one
-    /// transaction. Returns the new attempt, or `None` if the attempt had already ended.
-    pub async fn retry_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<Option<BuildRow>> {
-        let now_s = ts_string(now);
-        let mut tx = self.pool.begin().await?;
-        let attempt: Option<(i64, Option<i64>, String, Option<String>)> = sqlx::query_as(
-            "SELECT attempt, machine_id, state, cancelled_by FROM builds WHERE id = ? AND state IN ('queued', 'running')",
-        )
-        .bind(build)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((attempt, machine, was, cancelled_by)) = attempt else {
-            return Ok(None);
-        };
-        let decision = after_loss(u32::try_from(attempt).unwrap_or(u32::MAX), cancelled_by.is_some());
-        if decision == AfterLoss::Cancelled {
-            // Someone cancelled it and its machine went away before saying so: it ends
-            // cancelled, never runs again.
-            sqlx::query("UPDATE builds SET state = 'cancelled', finished_at = ? WHERE id = ?")
-                .bind(&now_s)
-                .bind(build)
-                .execute(&mut *tx)
-                .await?;
-            close_open_steps(&mut tx, build, "cancelled").await?;
-            if let (Some(machine), "running") = (machine, was.as_str()) {
-                insert_event(&mut *tx, machine, &now_s, "build_finished", &format!("{build} cancelled")).await?;
-                notify::outbox(&mut tx, build, "finished", &now_s).await?;
-            }
-            tx.commit().await?;
-            self.news.notify_one();
-            return Ok(None);
-        }
-        // A build that keeps killing its machine must not launch machines forever.
-        let give_up = decision == AfterLoss::GiveUp;
-        let (state, why) = match give_up {
-            true => ("exception", format!("gave up after {MAX_ATTEMPTS} attempts; the last one: {reason}")),
-            false => ("retry", reason.to_string()),
-        };
-        sqlx::query("UPDATE builds SET state = ?, reason = ?, finished_at = ? WHERE id = ?")
-            .bind(state)
-            .bind(why)
-            .bind(&now_s)
-            .bind(build)
-            .execute(&mut *tx)
-            .await?;
-        close_open_steps(&mut tx, build, "cancelled").await?;
-        if let (Some(machine), "running") = (machine, was.as_str()) {
-            insert_event(&mut *tx, machine, &now_s, "build_finished", &format!("{build} {state}")).await?;
-        }
-        if give_up {
-            // Its end is news like any other (a pending commit status must not stay pending).
-            notify::outbox(&mut tx, build, "finished", &now_s).await?;
-            tx.commit().await?;
-            self.news.notify_one();
-            return Ok(None);
-        }
-        let row = sqlx::query(&format!(
-            "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at, attempt)
-             SELECT request_id, builder, repo, branch, revision, ?, ?, attempt + 1 FROM builds WHERE id = ?
-             RETURNING {BUILD_COLUMNS}"
-        ))
-        .bind(format!("retry of build {build}: {reason}"))
-        .bind(&now_s)
-        .bind(build)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Some(build_row(&row)))
-    }
-
-    /// Cancels a build that has not started; `false` if it was no longer queued.
-    pub async fn cancel_queued(&self, build: BuildId, by: &str, now: Ts) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE builds SET state = 'cancelled', cancelled_by = ?, finished_at = ? WHERE id = ? AND state = 'queued'",
-        )
-        .bind(by)
-        .bind(ts_string(now))
-        .bind(build)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    /// Notes who asked to cancel a running build (its agent then reports it `cancelled`);
-    /// `false` if it was no longer running.
-    pub async fn cancel_requested(&self, build: BuildId, by: &str) -> Result<bool> {
-        let done = sqlx::query("UPDATE builds SET cancelled_by = ? WHERE id = ? AND state = 'running'")
-            .bind(by)
-            .bind(build)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
     }
 
     /// The changes a build was made for (the scheduler's), or else the stored commit of its
@@ -335,26 +259,6 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(ids.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default())
-    }
-
-    /// Ends a queued attempt that can never run, as `exception` with the reason.
-    pub async fn abandon_build(&self, build: BuildId, reason: &str, now: Ts) -> Result<()> {
-        let now_s = ts_string(now);
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE builds SET state = 'exception', reason = ?, finished_at = ? WHERE id = ? AND state = 'queued'",
-        )
-        .bind(reason)
-        .bind(&now_s)
-        .bind(build)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 1 {
-            notify::outbox(&mut tx, build, "finished", &now_s).await?;
-        }
-        tx.commit().await?;
-        self.news.notify_one();
-        Ok(())
     }
 
     /// Marks a step running.

@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::core::build::{after_loss, AfterLoss, BuildState};
+use crate::core::build::{self as life, decide, BuildFacts, BuildState, Refused, Transition};
 use crate::core::{BuildId, ChangeId, MachineId, Ts};
 use crate::cost::report::MachineFacts;
 
@@ -22,6 +22,7 @@ mod changes;
 mod machines;
 mod meter;
 mod notify;
+mod types;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
 pub use notify::{BuildEvent, Delivery, NewDelivery, Standing};
@@ -200,17 +201,17 @@ const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instan
      (SELECT e.kind || CASE WHEN e.detail = '' THEN '' ELSE ': ' || e.detail END FROM machine_events e \
       WHERE e.machine_id = machines.id ORDER BY e.id DESC LIMIT 1) AS last_event";
 
-fn build_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
-    BuildRow {
+fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
+    Ok(BuildRow {
         id: r.get("id"),
         request: r.get("request_id"),
         builder: r.get("builder"),
         repo: r.get("repo"),
         branch: r.get("branch"),
         revision: r.get("revision"),
-        // The schema's CHECK keeps it one of them; an unknown name would be a newer
-        // schema's, shown as an exception rather than trusted.
-        state: BuildState::parse(r.get::<&str, _>("state")).unwrap_or(BuildState::Exception),
+        // The schema's CHECK keeps it one of them; an unknown name (a newer schema's) is an
+        // error, not a guess.
+        state: r.try_get("state")?,
         machine: r.get("machine_id"),
         attempt: r.get("attempt"),
         reason: r.get("reason"),
@@ -218,7 +219,7 @@ fn build_row(r: &sqlx::sqlite::SqliteRow) -> BuildRow {
         started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
         cancelled_by: r.get("cancelled_by"),
-    }
+    })
 }
 
 fn machine_row(r: &sqlx::sqlite::SqliteRow) -> MachineRow {
@@ -338,16 +339,16 @@ pub enum ReportEffect<'a> {
     },
     BuildFinished {
         machine: MachineId,
-        result: &'a str,
+        result: BuildState,
     },
 }
 
 /// How [`Store::apply_report`] went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
-    /// Stored; `finished` when it ended the build (a BuildFinished for a build still running
-    /// on that machine).
-    Stored { finished: bool },
+    /// Stored; `ended` says what became of the build when the report ended it (a
+    /// BuildFinished for a build still running on that machine).
+    Stored { ended: Option<Transition> },
     /// Not stored: the build's sequence is not where the report follows; it is at `applied`.
     Stale { applied: u64 },
 }
@@ -402,48 +403,106 @@ async fn step_finished_in(
     Ok(())
 }
 
-/// Ends a running attempt with `result` if it still runs on `machine`. A build is a success
-/// only if every step reported its own result: one still pending or running (its report never
-/// arrived) makes it an `exception`, said in its log.
-async fn finish_build_in(tx: &mut Tx<'_>, build: BuildId, machine: MachineId, result: &str, now: Ts) -> Result<bool> {
-    let now_s = ts_string(now);
-    let mut result = result;
-    if result == "success" {
-        let unreported: Option<(i64, String)> = sqlx::query_as(
-            "SELECT s.idx, s.name FROM steps s JOIN builds b ON b.id = s.build_id
-             WHERE s.build_id = ? AND b.state = 'running' AND b.machine_id = ? AND s.state IN ('pending', 'running')
-             ORDER BY s.idx LIMIT 1",
-        )
-        .bind(build)
-        .bind(machine)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if let Some((idx, name)) = unreported {
-            let note = format!("paddock: step {name} reported no result, so the build cannot be a success\n");
-            append_log_in(tx, build, idx, &note, now).await?;
-            result = "exception";
-        }
-    }
-    // A cancel that lost the race with the build's end leaves no trace on its result.
-    let done = sqlx::query(
-        "UPDATE builds SET state = ?1, finished_at = ?2,
-           cancelled_by = CASE WHEN ?1 = 'cancelled' THEN cancelled_by ELSE NULL END
-         WHERE id = ?3 AND machine_id = ?4 AND state = 'running'",
+/// What [`Store::build_event`] carried out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decided {
+    pub transition: Transition,
+    /// The new attempt, when the transition queued one.
+    pub next: Option<BuildRow>,
+}
+
+/// State, attempt, machine, cancel asked, and the first open step's index and name.
+type FactsRow = (BuildState, i64, Option<MachineId>, bool, Option<i64>, Option<String>);
+
+/// What the lifecycle rules need of attempt `build`, as stored; `None` if there is none.
+async fn facts_in(tx: &mut Tx<'_>, build: BuildId) -> Result<Option<BuildFacts>> {
+    let row: Option<FactsRow> = sqlx::query_as(
+        "SELECT b.state, b.attempt, b.machine_id, b.cancelled_by IS NOT NULL, s.idx, s.name
+         FROM builds b LEFT JOIN steps s ON s.build_id = b.id AND s.idx = (SELECT MIN(idx) FROM steps
+           WHERE build_id = b.id AND state IN ('pending', 'running'))
+         WHERE b.id = ?",
     )
-    .bind(result)
-    .bind(&now_s)
     .bind(build)
-    .bind(machine)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((state, attempt, machine, cancel_asked, idx, name)) = row else { return Ok(None) };
+    Ok(Some(BuildFacts {
+        id: build,
+        state,
+        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+        machine,
+        cancel_asked,
+        open_step: idx.zip(name),
+    }))
+}
+
+/// Reads attempt `build`, lets the lifecycle decide what `event` does, and writes it.
+async fn event_in(
+    tx: &mut Tx<'_>,
+    build: BuildId,
+    event: &life::BuildEvent,
+    now: Ts,
+) -> Result<std::result::Result<Decided, Refused>> {
+    let Some(facts) = facts_in(tx, build).await? else { return Ok(Err(Refused::NoSuchBuild(build))) };
+    let transition = match decide(&facts, event) {
+        Ok(t) => t,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    let next = match apply_in(tx, build, &transition, now).await? {
+        Some(next) => next,
+        None => return Ok(Err(Refused::Raced(build))),
+    };
+    Ok(Ok(Decided { transition, next }))
+}
+
+/// Writes what the lifecycle decided for `build`, guarded by the state it was decided from.
+/// `None` when the attempt had changed meanwhile (nothing written), else the new attempt, if
+/// one was queued.
+async fn apply_in(tx: &mut Tx<'_>, build: BuildId, t: &Transition, now: Ts) -> Result<Option<Option<BuildRow>>> {
+    let now_s = ts_string(now);
+    let done = sqlx::query(
+        "UPDATE builds SET state = ?1,
+           finished_at = CASE WHEN ?1 IN ('queued', 'running') THEN finished_at ELSE ?2 END,
+           reason = COALESCE(?3, reason),
+           cancelled_by = CASE WHEN ?4 IS NOT NULL THEN ?4 WHEN ?5 THEN NULL ELSE cancelled_by END
+         WHERE id = ?6 AND state = ?7",
+    )
+    .bind(t.to.as_str())
+    .bind(&now_s)
+    .bind(&t.reason)
+    .bind(&t.cancel_by)
+    .bind(t.forget_cancel)
+    .bind(build)
+    .bind(t.from.as_str())
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 0 {
-        // A stale report (the attempt was retried meanwhile): the new attempt owns the build.
-        return Ok(false);
+        return Ok(None);
     }
-    close_open_steps(tx, build, "skipped").await?;
-    insert_event(&mut **tx, machine, &now_s, "build_finished", &format!("{build} {result}")).await?;
-    notify::outbox(tx, build, "finished", &now_s).await?;
-    Ok(true)
+    if let Some((idx, text)) = &t.note {
+        append_log_in(tx, build, *idx, text, now).await?;
+    }
+    if let Some(steps) = t.open_steps {
+        close_open_steps(tx, build, steps.as_str()).await?;
+    }
+    if let Some(machine) = t.meter_end {
+        insert_event(&mut **tx, machine, &now_s, "build_finished", &format!("{build} {}", t.to)).await?;
+    }
+    if t.news {
+        notify::outbox(tx, build, "finished", &now_s).await?;
+    }
+    let Some(reason) = &t.requeue else { return Ok(Some(None)) };
+    let row = sqlx::query(&format!(
+        "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at, attempt)
+         SELECT request_id, builder, repo, branch, revision, ?, ?, attempt + 1 FROM builds WHERE id = ?
+         RETURNING {BUILD_COLUMNS}"
+    ))
+    .bind(reason)
+    .bind(&now_s)
+    .bind(build)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Some(Some(build_row(&row)?)))
 }
 
 async fn close_open_steps(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, build: BuildId, state: &str) -> Result<()> {

@@ -36,7 +36,7 @@ impl Store {
         ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(build_row).collect())
+        rows.iter().map(build_row).collect()
     }
 
     /// Builds of these (repo, revision) pairs, newest first.
@@ -53,7 +53,7 @@ impl Store {
         .bind(serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into()))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(build_row).collect())
+        rows.iter().map(build_row).collect()
     }
 
     /// Log chunks of a build after chunk `after` (0: from the start), at most `limit`.

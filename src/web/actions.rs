@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use super::auth::Caller;
 use super::ApiError;
 use crate::changes::{git, refname};
-use crate::runtime::{ActionError, Cancelled, Input, Shared};
+use crate::runtime::{ActionError, Cancelled, Input, NewRequest, Shared};
 use crate::store::BuildRow;
 
 impl From<ActionError> for ApiError {
@@ -17,6 +17,7 @@ impl From<ActionError> for ApiError {
         match e {
             ActionError::NotFound(why) => ApiError::not_found(why),
             ActionError::Conflict(why) => ApiError { status: StatusCode::CONFLICT, reason: why },
+            ActionError::Stopping => loop_gone(),
             ActionError::Store(e) => e.into(),
         }
     }
@@ -76,11 +77,16 @@ pub async fn force(
         }
     };
     let reason = reason.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| format!("forced by {}", caller.name()));
-    let build =
-        s.store.create_request(&builder.name, &builder.repo, branch, &revision, "force", &reason, &[], s.now()).await?;
-    tracing::info!(build = build.id, builder = %build.builder, branch = %build.branch, by = caller.name(), "force build queued");
-    s.send(Input::Queued(build.clone())).await;
-    Ok(build)
+    let request = NewRequest {
+        builder: builder.name.clone(),
+        repo: builder.repo.clone(),
+        branch: branch.to_string(),
+        revision,
+        scheduler: "force",
+        reason,
+        changes: Vec::new(),
+    };
+    ask(s, request).await
 }
 
 /// Queues build `id`'s builder, branch and revision again, with the same changes.
@@ -95,13 +101,23 @@ pub async fn rebuild(s: &Shared, caller: &Caller, id: i64) -> Result<BuildRow, A
     }
     let changes = s.store.build_change_ids(id).await?;
     let reason = format!("rebuild of build {id} by {}", caller.name());
-    let build = s
-        .store
-        .create_request(&old.builder, &old.repo, &old.branch, &old.revision, "rebuild", &reason, &changes, s.now())
-        .await?;
-    tracing::info!(build = build.id, of = id, by = caller.name(), "rebuild queued");
-    s.send(Input::Queued(build.clone())).await;
-    Ok(build)
+    let request = NewRequest {
+        builder: old.builder,
+        repo: old.repo,
+        branch: old.branch,
+        revision: old.revision,
+        scheduler: "rebuild",
+        reason,
+        changes,
+    };
+    ask(s, request).await
+}
+
+/// Has the loop store and queue a build request.
+async fn ask(s: &Shared, request: NewRequest) -> Result<BuildRow, ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    s.send(Input::Request { request, reply }).await;
+    Ok(answer.await.map_err(|_| loop_gone())??)
 }
 
 /// Cancels build `id` (see [`Input::Cancel`]).

@@ -325,8 +325,8 @@ fn reports_of(s: &Shared, machine: MachineId, build: i64) -> Option<Arc<tokio::s
 }
 
 /// The agent says its machine is going away (spot interruption or rebalance recommendation):
-/// record it, and have the fleet requeue the build and stop the machine. A repeat (agents send
-/// notices again after a reconnection) changes nothing.
+/// the loop records it, and the fleet requeues the build and stops the machine. A repeat on
+/// this connection is dropped here; one on a new connection the loop knows for old news.
 async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, seen: &mut HashSet<String>) {
     // Agent text ends up in the event log and the master's log: keep it short and on one line.
     let detail: String =
@@ -335,28 +335,11 @@ async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, s
         tracing::debug!(machine, %detail, "repeated interruption notice ignored");
         return;
     }
-    // Once the fleet has acted the machine is `interrupted` and can no longer resume; but a
-    // reconnection that raced the fleet repeats the notice on a new connection: old news.
-    match s.store.list_machines(None, Some("interrupted")).await {
-        Ok(rows) if rows.iter().any(|m| m.id == machine) => {
-            tracing::debug!(machine, %detail, "interruption notice for a machine already interrupted ignored");
-            return;
-        }
-        Ok(_) => {}
-        // Acting on it matters more than recording it once: carry on.
-        Err(e) => tracing::error!(machine, "cannot read the machine's state: {e}"),
-    }
-    tracing::warn!(machine, %detail, "machine is being interrupted; requeueing its build, if any");
-    // From here its build belongs to the retry: what the agent still says about it (a step
-    // killed by the shutdown, a BuildFinished) must not end it as that step's failure.
-    if let Ok(mut running) = s.running.lock() {
-        running.retain(|_, r| r.machine != machine);
-    }
-    if let Err(e) = s.store.machine_event(machine, "interrupted", &detail, s.now()).await {
-        tracing::error!(machine, "cannot record the interruption: {e}");
-    }
-    // The fleet ignores it for a machine already interrupted, stopping or gone.
-    s.send(Input::Fleet(FleetEvent::Interrupted { machine })).await;
+    // The loop records it and retries the build; what this connection reads next (a step
+    // killed by the shutdown) is handled after the loop has acted, so it cannot end the build.
+    let (reply, acted) = tokio::sync::oneshot::channel();
+    s.send(Input::Interrupted { machine, detail, reply }).await;
+    let _ = acted.await;
 }
 
 /// Handles one message of an agent; `false` when the connection must end (it broke the
@@ -411,16 +394,32 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
         Next::Hold => return Ok(None),
         Next::Store { after, log } => (after, log),
     };
-    let effect = match report {
-        AgentMsg::StepStarted { step, .. } => ReportEffect::StepStarted { step: *step as i64 },
-        AgentMsg::StepFinished { step, result, exit_code, .. } => {
-            ReportEffect::StepFinished { step: *step as i64, result: result.as_str(), exit_code: *exit_code }
+    let log = log.map(|(step, text)| (step as i64, text));
+    let stored = match report {
+        // The build's end is the loop's to decide and carry out (the fleet frees the machine
+        // in the same turn): it stores this report and answers.
+        AgentMsg::BuildFinished { result, .. } => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let result = result.state();
+            s.send(Input::Finished { machine, build, after, seq, log, result, reply }).await;
+            match answer.await {
+                Ok(stored) => stored,
+                Err(_) => return Err(Broken(format!("report {seq} of build {build}: the master is stopping"))),
+            }
         }
-        AgentMsg::BuildFinished { result, .. } => ReportEffect::BuildFinished { machine, result: result.as_str() },
-        _ => ReportEffect::None,
+        _ => {
+            let effect = match report {
+                AgentMsg::StepStarted { step, .. } => ReportEffect::StepStarted { step: *step as i64 },
+                AgentMsg::StepFinished { step, result, exit_code, .. } => {
+                    ReportEffect::StepFinished { step: *step as i64, result: result.as_str(), exit_code: *exit_code }
+                }
+                _ => ReportEffect::None,
+            };
+            let log = log.as_ref().map(|(step, text)| (*step, text.as_str()));
+            s.store.apply_report(build, after, seq, log, effect, s.now()).await
+        }
     };
-    let log = log.as_ref().map(|(step, text)| (*step as i64, text.as_str()));
-    match s.store.apply_report(build, after, seq, log, effect, s.now()).await {
+    match stored {
         Ok(Applied::Stored { .. }) => stream.stored(seq),
         Ok(Applied::Stale { applied }) => {
             tracing::info!(machine, build, seq, applied, "report already stored by another connection");
@@ -433,14 +432,6 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
             return Err(Broken(format!("report {seq} of build {build} could not be stored")));
         }
     }
-    drop(stream);
-    if let AgentMsg::BuildFinished { result, .. } = report {
-        if let Ok(mut running) = s.running.lock() {
-            running.remove(&build);
-        }
-        tracing::info!(build, machine, result = result.as_str(), "build finished");
-        s.send(Input::Fleet(FleetEvent::BuildFinished { machine, build })).await;
-    }
     Ok(Some(Ack { build, seq }))
 }
 
@@ -452,11 +443,50 @@ mod tests {
 
     use super::*;
     use crate::agent::protocol::{BuildResult, StepResult};
+    use crate::core::build::BuildState;
+    use crate::core::Ts;
     use crate::runtime::secrets::Secrets;
     use crate::store::Store;
 
-    /// A master's shared state on a fresh database holding busy machine 7, and its loop's inbox.
-    async fn master(dir: &std::path::Path) -> (Shared, mpsc::Receiver<Input>, String) {
+    /// What the stand-in loop was asked.
+    #[derive(Debug, PartialEq)]
+    enum Asked {
+        Finished { build: i64, ended: Option<crate::core::build::BuildState> },
+        Interrupted { machine: i64, detail: String },
+    }
+
+    /// Answers the socket's requests as the loop's store writes do (the loop's own rules are
+    /// tested with the real loop), and says what it was asked.
+    fn stand_in_loop(store: Store, mut rx: mpsc::Receiver<Input>) -> mpsc::UnboundedReceiver<Asked> {
+        let (tx, asked) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(input) = rx.recv().await {
+                match input {
+                    Input::Finished { machine, build, after, seq, log, result, reply } => {
+                        let effect = ReportEffect::BuildFinished { machine, result };
+                        let log = log.as_ref().map(|(step, text)| (*step, text.as_str()));
+                        let stored = store.apply_report(build, after, seq, log, effect, Ts(0)).await;
+                        let ended = match &stored {
+                            Ok(Applied::Stored { ended }) => ended.as_ref().map(|t| t.to),
+                            _ => None,
+                        };
+                        let _ = tx.send(Asked::Finished { build, ended });
+                        let _ = reply.send(stored);
+                    }
+                    Input::Interrupted { machine, detail, reply } => {
+                        let _ = tx.send(Asked::Interrupted { machine, detail });
+                        let _ = reply.send(());
+                    }
+                    other => panic!("the socket asked the loop for {other:?}"),
+                }
+            }
+        });
+        asked
+    }
+
+    /// A master's shared state on a fresh database holding busy machine 7, and what its
+    /// (stand-in) loop is asked.
+    async fn master(dir: &std::path::Path) -> (Shared, mpsc::UnboundedReceiver<Asked>, String) {
         let db = format!("sqlite://{}", dir.join("paddock.db").display());
         let text = format!("[master]\nurl = \"http://127.0.0.1:0\"\ndatabase = \"{db}\"\n");
         let config = crate::config::parse(&text, &dir.join("paddock.toml")).expect("config");
@@ -479,43 +509,25 @@ mod tests {
             spend_holds: Mutex::new(HashMap::new()),
             login_throttle: Default::default(),
         };
-        (shared, rx, db)
-    }
-
-    /// The details of the events of `kind` recorded for machine 7, oldest first.
-    async fn events(db: &str, kind: &str) -> Vec<String> {
-        let pool = sqlx::SqlitePool::connect(db).await.expect("db");
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT detail FROM machine_events WHERE machine_id = 7 AND kind = ? ORDER BY id")
-                .bind(kind)
-                .fetch_all(&pool)
-                .await
-                .expect("events");
-        pool.close().await;
-        rows
+        let asked = stand_in_loop(shared.store.clone(), rx);
+        (shared, asked, db)
     }
 
     #[tokio::test]
-    async fn an_interruption_is_recorded_and_acted_on_once() {
+    async fn an_interruption_is_told_to_the_loop_once_per_connection() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (s, mut inbox, db) = master(dir.path()).await;
+        let (s, mut asked, _db) = master(dir.path()).await;
         let mut seen = HashSet::new();
-
-        interrupted(&s, 7, "spot-interruption", "terminate at 2026-11-24T20:00:00Z", &mut seen).await;
-        assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::Interrupted { machine: 7 }))));
-        assert_eq!(events(&db, "interrupted").await, ["spot-interruption: terminate at 2026-11-24T20:00:00Z"]);
-
-        // The same notice again on this connection: nothing more.
-        interrupted(&s, 7, "spot-interruption", "terminate at 2026-11-24T20:00:00Z", &mut seen).await;
-        assert!(inbox.try_recv().is_err());
-
-        // Repeated on a new connection after the fleet acted (it marks the machine interrupted,
-        // which also records an event without detail): nothing more either.
-        s.store.set_machine_state(7, "interrupted", s.now()).await.expect("state");
-        let mut seen_later = HashSet::new();
-        interrupted(&s, 7, "spot-interruption", "terminate at 2026-11-24T20:00:00Z", &mut seen_later).await;
-        assert!(inbox.try_recv().is_err());
-        assert_eq!(events(&db, "interrupted").await, ["spot-interruption: terminate at 2026-11-24T20:00:00Z", ""]);
+        let notice = "terminate at 2026-11-24T20:00:00Z";
+        interrupted(&s, 7, "spot-interruption", notice, &mut seen).await;
+        let detail = format!("spot-interruption: {notice}");
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Interrupted { machine: 7, detail: detail.clone() }));
+        // The same notice again on this connection: nothing more (a new connection tells the
+        // loop again, which knows the machine is already given up).
+        interrupted(&s, 7, "spot-interruption", notice, &mut seen).await;
+        assert!(asked.try_recv().is_err());
+        interrupted(&s, 7, "spot-interruption", notice, &mut HashSet::new()).await;
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Interrupted { machine: 7, detail }));
     }
 
     /// Build `b` running on machine 7 with steps checkout and test, as the loop's `assign`
@@ -555,14 +567,17 @@ mod tests {
     #[tokio::test]
     async fn a_build_report_after_the_interruption_does_not_end_the_build() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (s, mut inbox, _db) = master(dir.path()).await;
+        let (s, mut asked, _db) = master(dir.path()).await;
         let b = running_build(&s).await;
         // A shutdown kills the step; the agent says so first, then reports the killed build.
+        // The loop gives the build up to its retry before the socket reads on (as the real
+        // loop does), so the report finds no running build.
+        s.running.lock().expect("lock").clear();
         let finished = AgentMsg::BuildFinished { build: b, seq: 1, result: BuildResult::Failure };
         let shutdown = AgentMsg::Interrupted { kind: "shutdown".into(), detail: "SIGTERM".into() };
         assert_eq!(feed(&s, &[shutdown, finished]).await, [1], "acknowledged, so the agent forgets it");
-        assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::Interrupted { machine: 7 }))));
-        assert!(inbox.try_recv().is_err(), "the build report was ignored");
+        assert!(matches!(asked.try_recv(), Ok(Asked::Interrupted { machine: 7, .. })));
+        assert!(asked.try_recv().is_err(), "the build report was ignored");
         let row = s.store.build(b).await.expect("build").expect("row");
         assert_eq!(row.state.as_str(), "running", "left for the fleet's retry, not stored as a failure");
     }
@@ -570,7 +585,7 @@ mod tests {
     #[tokio::test]
     async fn reports_sent_again_are_stored_once_and_a_split_secret_is_caught() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (s, mut inbox, _db) = master(dir.path()).await;
+        let (s, mut asked, _db) = master(dir.path()).await;
         let b = running_build(&s).await;
         let first = [
             AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
@@ -596,8 +611,10 @@ mod tests {
         assert_eq!(row.state.as_str(), "success");
         let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
         assert_eq!(steps, ["success", "success"]);
-        assert!(matches!(inbox.try_recv(), Ok(Input::Fleet(FleetEvent::BuildFinished { machine: 7, .. }))));
-        // After the end, a straggler of the build is acknowledged and ignored.
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: Some(BuildState::Success) }));
+        // After the end (the loop forgets the running build), a straggler of the build is
+        // acknowledged and ignored.
+        s.running.lock().expect("lock").clear();
         assert_eq!(feed(&s, &[log(b, 9, 1, "late\n")]).await, [9]);
         assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
     }
@@ -636,13 +653,11 @@ mod tests {
     #[tokio::test]
     async fn agent_text_is_kept_short_and_on_one_line() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (s, mut inbox, db) = master(dir.path()).await;
+        let (s, mut asked, _db) = master(dir.path()).await;
         let long = format!("terminate\nnow{}", "x".repeat(1000));
         interrupted(&s, 7, "rebalance", &long, &mut HashSet::new()).await;
-        assert!(inbox.try_recv().is_ok());
-        let recorded = events(&db, "interrupted").await;
-        assert_eq!(recorded.len(), 1);
-        assert_eq!(recorded[0].chars().count(), MAX_NOTICE_DETAIL);
-        assert!(recorded[0].starts_with("rebalance: terminatenowxxx"), "{}", recorded[0]);
+        let Ok(Asked::Interrupted { detail, .. }) = asked.try_recv() else { panic!("the loop was not told") };
+        assert_eq!(detail.chars().count(), MAX_NOTICE_DETAIL);
+        assert!(detail.starts_with("rebalance: terminatenowxxx"), "{detail}");
     }
 }
