@@ -1133,12 +1133,23 @@ impl Fleet {
 pub struct LeftOver {
     /// Its state in the store.
     pub state: MachineState,
-    /// The provider's id is recorded (the launch's answer was stored).
+    /// The provider's id is recorded (the launch's answer was stored, or a lookup found it).
     pub launched: bool,
-    /// The provider lists it pending or running (only asked when `launched`).
-    pub alive: bool,
+    /// Whether the provider lists it pending or running (only asked when `launched`).
+    pub alive: Liveness,
     /// The store has a build running on it.
     pub running_build: bool,
+    /// It was already looked up by its id (see [`Recovery::LookUp`]).
+    pub looked_up: bool,
+}
+
+/// What the provider's listing said of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Dead,
+    /// The provider did not answer.
+    Unknown,
 }
 
 /// What a restarted master does with a machine the previous run left (see [`recovery`]).
@@ -1152,15 +1163,25 @@ pub enum Recovery {
     /// The launch's outcome is unknown (the master died during the call): it counts against
     /// `max_instances` while the provider is asked for it, until its answer is final.
     Resolve,
+    /// Past its launch but no answer named it (its agent connected before the launch's answer,
+    /// and the previous run died in between): find it by its id, record what is found, and ask
+    /// again with `launched` and `looked_up` set.
+    LookUp,
     /// Anything else: stop it and record it gone.
     Stop,
 }
 
 /// The restart rule for one machine of the previous run.
 pub fn recovery(m: LeftOver) -> Recovery {
+    let launching = matches!(m.state, MachineState::Requested | MachineState::Launching);
+    // Not known to be dead is not dead: a busy machine is taken back and its agent given the
+    // heartbeat limit to reconnect, a booting one its boot timeout; the fleet retries the
+    // build if it does not. Stopping it on a failed listing would retry a build still running.
+    let dead = m.alive == Liveness::Dead;
     match m.state {
+        _ if !m.launched && !m.looked_up && !launching => Recovery::LookUp,
         s if is_starting(s) && !m.launched => Recovery::Resolve,
-        _ if !m.launched || !m.alive => Recovery::Stop,
+        _ if !m.launched || dead => Recovery::Stop,
         MachineState::Busy if m.running_build => Recovery::AdoptBusy,
         // Booting, or launched with its state not yet moved on when the master died.
         s if is_starting(s) => Recovery::KeepBooting,
@@ -1186,20 +1207,36 @@ mod tests {
 
     #[test]
     fn a_restart_keeps_what_can_go_on_and_resolves_what_it_cannot_know() {
-        let m = |state, launched, alive, running_build| LeftOver { state, launched, alive, running_build };
+        use Liveness::*;
         use MachineState::*;
-        assert_eq!(recovery(m(Requested, false, false, false)), Recovery::Resolve);
-        assert_eq!(recovery(m(Launching, false, false, false)), Recovery::Resolve);
-        assert_eq!(recovery(m(Booting, true, true, false)), Recovery::KeepBooting);
+        let m = |state, launched, alive, running_build| LeftOver {
+            state,
+            launched,
+            alive,
+            running_build,
+            looked_up: launched || matches!(state, Requested | Launching),
+        };
+        assert_eq!(recovery(m(Requested, false, Dead, false)), Recovery::Resolve);
+        assert_eq!(recovery(m(Launching, false, Dead, false)), Recovery::Resolve);
+        assert_eq!(recovery(m(Booting, true, Alive, false)), Recovery::KeepBooting);
         // The answer was stored but the state not yet moved on.
-        assert_eq!(recovery(m(Requested, true, true, false)), Recovery::KeepBooting);
-        assert_eq!(recovery(m(Booting, true, false, false)), Recovery::Stop, "dead while the master was down");
-        assert_eq!(recovery(m(Busy, true, true, true)), Recovery::AdoptBusy);
-        assert_eq!(recovery(m(Busy, true, true, false)), Recovery::Stop, "busy with nothing");
-        assert_eq!(recovery(m(Busy, true, false, true)), Recovery::Stop);
+        assert_eq!(recovery(m(Requested, true, Alive, false)), Recovery::KeepBooting);
+        assert_eq!(recovery(m(Booting, true, Dead, false)), Recovery::Stop, "dead while the master was down");
+        assert_eq!(recovery(m(Busy, true, Alive, true)), Recovery::AdoptBusy);
+        assert_eq!(recovery(m(Busy, true, Alive, false)), Recovery::Stop, "busy with nothing");
+        assert_eq!(recovery(m(Busy, true, Dead, true)), Recovery::Stop);
         for s in [Idle, Stopping, Lost, Interrupted] {
-            assert_eq!(recovery(m(s, true, true, false)), Recovery::Stop, "{s:?}");
+            assert_eq!(recovery(m(s, true, Alive, false)), Recovery::Stop, "{s:?}");
         }
+        // A provider that did not answer: taken as alive until the agents say otherwise.
+        assert_eq!(recovery(m(Busy, true, Unknown, true)), Recovery::AdoptBusy);
+        assert_eq!(recovery(m(Booting, true, Unknown, false)), Recovery::KeepBooting);
+        // Busy (or booting) with no launch answer recorded: looked up first, then judged.
+        let unnamed = LeftOver { state: Busy, launched: false, alive: Dead, running_build: true, looked_up: false };
+        assert_eq!(recovery(unnamed), Recovery::LookUp);
+        assert_eq!(recovery(LeftOver { looked_up: true, ..unnamed }), Recovery::Stop, "not found");
+        let found = LeftOver { launched: true, alive: Alive, looked_up: true, ..unnamed };
+        assert_eq!(recovery(found), Recovery::AdoptBusy);
     }
 
     const S: i64 = 1000;

@@ -31,7 +31,9 @@ use tokio::sync::mpsc;
 use crate::agent::protocol::MasterMsg;
 use crate::clock::Clock;
 use crate::config::{Config, ProvisionerKind};
-use crate::core::fleet::{recovery, Fleet, FleetAction, FleetEvent, LeftOver, MachineState, Recovery, StopRefused};
+use crate::core::fleet::{
+    recovery, Fleet, FleetAction, FleetEvent, LeftOver, Liveness, MachineState, Recovery, StopRefused,
+};
 use crate::core::reconcile::{Believed, Listed, Reconciler, Verdict};
 use crate::core::scheduler::{ChangeInfo, SchedAction, SchedEvent, Schedulers};
 use crate::core::{BuildId, MachineId, Ts};

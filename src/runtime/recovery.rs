@@ -21,31 +21,28 @@ impl Master {
         }
         let running = store.builds_in_state("running").await?;
         let live = store.live_machines().await?;
-        let alive = self.alive_machines(&live).await;
-        let mut alive = alive;
+        let listed = self.alive_machines(&live).await;
         let mut keep = Vec::new();
         for mut m in live {
             let Some(state) = MachineState::parse(&m.state) else {
                 self.stop_leftover(&m).await?;
                 continue;
             };
-            if m.provider_id.is_none() && !matches!(state, MachineState::Requested | MachineState::Launching) {
-                // Its agent connected before the launch's answer (or its lookup) came back, and
-                // the previous run died in between: the machine exists, but nothing named it.
-                // Found by its id, it is recorded (billing from its launch) and judged as any.
-                if let Some(found) = self.find_unnamed(&m).await? {
-                    m.provider_id = Some(found.launched.provider_id.clone());
-                    if found.alive {
-                        alive.insert(m.id);
-                    }
-                }
-            }
-            let left = LeftOver {
+            let mut left = LeftOver {
                 state,
                 launched: m.provider_id.is_some(),
-                alive: alive.contains(&m.id),
+                alive: listed.get(&m.id).copied().unwrap_or(Liveness::Dead),
                 running_build: running.iter().any(|b| b.machine == Some(m.id)),
+                looked_up: false,
             };
+            if recovery(left) == Recovery::LookUp {
+                if let Some(found) = self.find_unnamed(&m).await? {
+                    m.provider_id = Some(found.launched.provider_id.clone());
+                    left.launched = true;
+                    left.alive = if found.alive { Liveness::Alive } else { Liveness::Dead };
+                }
+                left.looked_up = true;
+            }
             match recovery(left) {
                 Recovery::AdoptBusy => match self.adoptable(&m, &running) {
                     Some(a) => keep.push(a),
@@ -53,7 +50,8 @@ impl Master {
                 },
                 Recovery::KeepBooting => self.keep_booting(&m).await?,
                 Recovery::Resolve => self.resolve_launch(&m),
-                Recovery::Stop => self.stop_leftover(&m).await?,
+                // (`LookUp` comes only before the lookup above.)
+                Recovery::Stop | Recovery::LookUp => self.stop_leftover(&m).await?,
             }
         }
         // Adopted machines' timers start now, after the leftovers were stopped, so a slow
@@ -178,10 +176,11 @@ impl Master {
         });
     }
 
-    /// Which launched machines of the previous run are still alive: one listing per pool (not
-    /// one per machine), tried a few times, since a machine wrongly thought dead is stopped.
-    pub(super) async fn alive_machines(&self, live: &[crate::store::MachineRow]) -> HashSet<MachineId> {
-        let mut alive = HashSet::new();
+    /// What the providers say of the previous run's launched machines: one listing per pool
+    /// (not one per machine), tried a few times, since a machine wrongly thought dead is
+    /// stopped. A machine missing from the answer is dead.
+    pub(super) async fn alive_machines(&self, live: &[crate::store::MachineRow]) -> HashMap<MachineId, Liveness> {
+        let mut alive = HashMap::new();
         for (pool, p) in &self.provisioners {
             let known: Vec<(MachineId, String)> = live
                 .iter()
@@ -195,7 +194,8 @@ impl Master {
             for attempt in 1..=3u32 {
                 match p.list(&known).await {
                     Ok(listed) => {
-                        alive.extend(listed.iter().filter(|l| l.alive).filter_map(|l| l.machine_id));
+                        let up = listed.iter().filter(|l| l.alive).filter_map(|l| l.machine_id);
+                        alive.extend(up.map(|m| (m, Liveness::Alive)));
                         listed_ok = true;
                         break;
                     }
@@ -206,12 +206,8 @@ impl Master {
                 }
             }
             if !listed_ok {
-                // Not known to be dead is not dead: a busy machine is taken back and its agent
-                // given the heartbeat limit to reconnect, a booting one its boot timeout; the
-                // fleet retries the build if it does not. Stopping it here would retry a build
-                // that is still running.
                 tracing::warn!(%pool, "the provider did not answer: the previous run's machines are taken as alive until their agents say otherwise");
-                alive.extend(known.iter().map(|(m, _)| *m));
+                alive.extend(known.iter().map(|(m, _)| (*m, Liveness::Unknown)));
             }
         }
         alive
