@@ -161,11 +161,26 @@ struct State {
     current: Option<Running>,
     /// The last build given to this machine, for a Resume while idle.
     last_build: Option<i64>,
+    /// Log text of one step held back (since when) for up to [`LOG_LINGER`]: lines that come
+    /// in a burst (a command's header and its output) travel, and are stored, as one report.
+    held_log: Option<(AgentMsg, tokio::time::Instant)>,
 }
+
+/// How long log text may wait for more of the same step before it is sent.
+const LOG_LINGER: Duration = Duration::from_millis(50);
+
+/// The most log text one held report gathers.
+const LOG_BATCH_BYTES: usize = 64 * 1024;
 
 impl State {
     fn new(workdir: &std::path::Path) -> State {
-        State { journal: Journal::new(workdir.join(SPILL_FILE)), notices: Vec::new(), current: None, last_build: None }
+        State {
+            journal: Journal::new(workdir.join(SPILL_FILE)),
+            notices: Vec::new(),
+            current: None,
+            last_build: None,
+            held_log: None,
+        }
     }
 
     /// The build a Resume speaks of: the one running, else the last one.
@@ -173,16 +188,45 @@ impl State {
         self.current.as_ref().map(|r| r.build).or(self.last_build)
     }
 
-    /// Keeps a report of the job's for the master.
+    /// Keeps a report of the job's for the master. Log text is held back to gather more of
+    /// the same step; anything else first releases what is held, so reports keep their order.
     fn keep(&mut self, msg: AgentMsg) {
+        if let AgentMsg::Log { build, step, text, .. } = &msg {
+            if let Some((AgentMsg::Log { build: b, step: st, text: held, .. }, _)) = &mut self.held_log {
+                if b == build && st == step && held.len() + text.len() <= LOG_BATCH_BYTES {
+                    held.push_str(text);
+                    return;
+                }
+            }
+            self.release_log();
+            self.held_log = Some((msg, tokio::time::Instant::now()));
+            return;
+        }
+        self.release_log();
         if let AgentMsg::BuildFinished { build, .. } = &msg {
             if self.current.as_ref().is_some_and(|r| r.build == *build) {
                 self.current = None;
             }
         }
+        self.journal_push(msg);
+    }
+
+    fn journal_push(&mut self, msg: AgentMsg) {
         if let Err(e) = self.journal.push(msg) {
             tracing::error!("cannot keep a report for the master: {e}");
         }
+    }
+
+    /// Puts held log text into the journal, to be sent.
+    fn release_log(&mut self) {
+        if let Some((msg, _)) = self.held_log.take() {
+            self.journal_push(msg);
+        }
+    }
+
+    /// When held log text is due to be sent.
+    fn log_due(&self) -> Option<tokio::time::Instant> {
+        self.held_log.as_ref().map(|(_, since)| *since + LOG_LINGER)
     }
 
     /// The master stored reports up to `ack`.
@@ -356,6 +400,7 @@ async fn start_connection(sink: &mut SplitSink<Ws, Message>, session: &Session, 
 /// Sends the kept reports not yet sent on this connection; `false` if the socket failed (they
 /// stay kept).
 async fn send_pending(sink: &mut SplitSink<Ws, Message>, state: &mut State) -> bool {
+    state.release_log();
     let dropped = state.journal.take_dropped();
     if dropped > 0 {
         tracing::warn!(bytes = dropped, max = MAX_LOG_BYTES, "build output past the log limit dropped");
@@ -367,6 +412,14 @@ async fn send_pending(sink: &mut SplitSink<Ws, Message>, state: &mut State) -> b
         state.journal.mark_sent();
     }
     true
+}
+
+/// Sleeps until `at` (for ever when `None`).
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Serves one connection: heartbeats, runs builds, forwards their messages.
@@ -402,7 +455,14 @@ async fn connected(
                 }
             }
             Some(msg) = job_rx.recv() => {
+                // Log text waits (see `LOG_LINGER`) for more of its step; the rest goes now.
+                let log = matches!(msg, AgentMsg::Log { .. });
                 state.keep(msg);
+                if !log && !send_pending(sink, state).await {
+                    return End::Lost;
+                }
+            }
+            () = until(state.log_due()), if state.log_due().is_some() => {
                 if !send_pending(sink, state).await {
                     return End::Lost;
                 }

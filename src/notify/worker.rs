@@ -168,15 +168,19 @@ pub fn spawn(shared: Arc<Shared>, notifiers: Arc<Notifiers>) -> Vec<tokio::task:
                 }
                 match plan_pending(&shared, &notifiers).await {
                     Ok(n) if n > 0 => {
-                        planned.notify_one();
+                        // With no notifier nothing was planned: the sender has nothing new.
+                        if !notifiers.list.is_empty() {
+                            planned.notify_one();
+                        }
                         continue;
                     }
                     Ok(_) => {}
                     Err(e) => tracing::error!("cannot plan notifications: {e}"),
                 }
-                // Until a build starts or ends (the store says so), or a last look.
+                // Until a build starts or ends (the store says so), or a last look. With no
+                // notifier nothing is urgent: the rows are cleared at the look.
                 tokio::select! {
-                    () = news.notified() => {}
+                    () = news.notified(), if !notifiers.list.is_empty() => {}
                     () = tokio::time::sleep(IDLE_LOOK) => {}
                 }
             }
@@ -318,9 +322,15 @@ async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreE
 pub async fn plan_pending(shared: &Shared, notifiers: &Notifiers) -> Result<usize, StoreError> {
     let store = &shared.store;
     let events = store.pending_build_events(100).await?;
+    if notifiers.list.is_empty() {
+        // Nobody to tell: the rows are done with, in one write rather than one per row.
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        store.skip_build_events(&ids).await?;
+        return Ok(events.len());
+    }
     for ev in &events {
         let deliveries = match store.build(ev.build).await? {
-            Some(build) if !notifiers.list.is_empty() => {
+            Some(build) => {
                 let standing = match ev.kind.as_str() {
                     "finished" => store.standing(build.id).await?,
                     _ => Default::default(),

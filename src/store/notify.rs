@@ -118,6 +118,18 @@ impl Store {
         Ok(Standing { previous, superseded })
     }
 
+    /// Marks outbox rows handled with nothing to deliver (no notifier is configured).
+    pub async fn skip_build_events(&self, events: &[i64]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("UPDATE build_events SET processed = 1 WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(serde_json::to_string(events).unwrap_or_else(|_| "[]".into()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Stores an outbox row's deliveries (a delivery already made for its key is kept as it
     /// is) and marks the row done, in one transaction.
     pub async fn plan_deliveries(&self, event: i64, deliveries: &[NewDelivery], now: Ts) -> Result<()> {
