@@ -46,7 +46,7 @@ impl Master {
                 };
                 store.insert_machine(machine, &pool, kind, &hash_token(&token), now).await?;
                 let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
-                let inputs = self.shared.inputs.clone();
+                let inputs = self.shared.master.clone();
                 tokio::spawn(async move {
                     let result = match tokio::time::timeout(LAUNCH_TIMEOUT, provisioner.launch(spec)).await {
                         Ok(Ok(l)) => LaunchOutcome::Up(l),
@@ -58,7 +58,7 @@ impl Master {
                             LaunchOutcome::Unknown(format!("the provisioner did not answer within {LAUNCH_TIMEOUT:?}"))
                         }
                     };
-                    let _ = inputs.send(Input::Launched { machine, result }).await;
+                    inputs.send(Input::Launched { machine, result }).await;
                 });
             }
             FleetAction::Assign { machine, build } => self.assign(machine, build, now).await?,
@@ -111,7 +111,7 @@ impl Master {
             self.pending.push_back(FleetEvent::MachineGone { machine });
             return;
         };
-        let inputs = self.shared.inputs.clone();
+        let inputs = self.shared.master.clone();
         tokio::spawn(async move {
             // The machine is gone only once the provisioner says so; until then it stays
             // `stopping` (and counts against the pool's limit), and the stop is retried.
@@ -121,7 +121,7 @@ impl Master {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(60));
             }
-            let _ = inputs.send(Input::Terminated { machine }).await;
+            inputs.send(Input::Terminated { machine }).await;
         });
     }
 

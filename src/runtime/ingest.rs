@@ -2,10 +2,9 @@
 //! the generic change hook and the GitHub webhook all share.
 
 use crate::changes::git::CommitInfo;
-use crate::core::scheduler::SchedEvent;
 use crate::store::{ChangeRow, NewChange, StoreError};
 
-use super::{change_info, Input, Shared};
+use super::{change_info, Shared};
 
 /// Stores `commits` (oldest first) of `repo`/`branch`, moves the branch head to `head` when
 /// given, and hands each newly stored change to the schedulers (a commit already stored is
@@ -35,7 +34,7 @@ pub async fn commits(
     let rows = shared.store.record_changes(&new, head.map(|h| (repo, branch, h)), shared.now()).await?;
     for row in &rows {
         tracing::info!(change = row.id, %repo, %branch, revision = %row.revision, %source, "new change");
-        shared.send(Input::Sched(SchedEvent::Change(change_info(row)))).await;
+        shared.master.change(change_info(row)).await;
     }
     Ok(rows)
 }
@@ -44,8 +43,6 @@ pub async fn commits(
 pub async fn first_head(shared: &Shared, repo: &str, branch: &str, revision: &str) -> Result<(), StoreError> {
     shared.store.set_head(repo, branch, revision, shared.now()).await?;
     tracing::info!(%repo, %branch, %revision, "branch seen for the first time; its history is not built");
-    shared
-        .send(Input::Sched(SchedEvent::Head { repo: repo.into(), branch: branch.into(), revision: revision.into() }))
-        .await;
+    shared.master.head(repo, branch, revision).await;
     Ok(())
 }

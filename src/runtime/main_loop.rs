@@ -374,7 +374,7 @@ impl Master {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let result = spend_caps(&shared).await.map_err(|e| e.to_string());
-            shared.send(Input::SpendChecked(result)).await;
+            shared.master.send(Input::SpendChecked(result)).await;
         });
     }
 
@@ -392,7 +392,7 @@ impl Master {
                 .filter(|(_, v)| pools.iter().any(|p| p == v.pool))
                 .filter_map(|(m, v)| v.provider_id.map(|pid| (m, pid.to_string())))
                 .collect();
-            let inputs = self.shared.inputs.clone();
+            let inputs = self.shared.master.clone();
             let listed_at = self.shared.now();
             tokio::spawn(async move {
                 let result = match p.inventory().await {
@@ -407,7 +407,7 @@ impl Master {
                             .collect()
                     })
                     .map_err(|e| e.to_string());
-                let _ = inputs.send(Input::Listing { scope, listed_at, result }).await;
+                inputs.send(Input::Listing { scope, listed_at, result }).await;
             });
         }
     }
@@ -468,7 +468,7 @@ impl Master {
                 }
             };
             let Some(p) = pools.first().and_then(|pool| self.provisioners.get(pool)).cloned() else { continue };
-            let (inputs, clock) = (self.shared.inputs.clone(), self.shared.clock.clone());
+            let (inputs, clock) = (self.shared.master.clone(), self.shared.clock.clone());
             tokio::spawn(async move {
                 // A late instance ran for its machine: what it was and when it started,
                 // so the cost report has it.
@@ -482,7 +482,7 @@ impl Master {
                 }
                 if let (Some(machine), Some(found)) = (late, found) {
                     let stopped_at = clock.now();
-                    let _ = inputs.send(Input::LateInstance { machine, launched: found.launched, stopped_at }).await;
+                    inputs.send(Input::LateInstance { machine, launched: found.launched, stopped_at }).await;
                 }
             });
         }

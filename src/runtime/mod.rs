@@ -6,6 +6,7 @@
 //! outcome back as an event: that is what keeps a crash from losing or duplicating work.
 
 mod execute;
+pub mod handle;
 pub mod ingest;
 pub mod isolation;
 pub mod job;
@@ -59,9 +60,9 @@ pub enum MasterError {
     Isolation(#[from] isolation::IsolationError),
 }
 
-/// What the loop is told, by everyone else.
+/// What the loop is told, by everyone else (through its [`handle::LoopHandle`]).
 #[derive(Debug)]
-pub enum Input {
+pub(crate) enum Input {
     /// A fleet event from an agent connection or a timer.
     Fleet(FleetEvent),
     /// A change or a branch head from a poller or a webhook (already stored).
@@ -193,7 +194,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// The master's URL as agents reach it (with the real port when configured as 0).
     pub url: String,
-    pub inputs: mpsc::Sender<Input>,
+    /// The loop's handle: the only way to ask the loop for anything.
+    pub master: handle::LoopHandle,
     pub running: Mutex<HashMap<BuildId, RunningBuild>>,
     pub secrets: Secrets,
     /// Serialises mirror updates per repository (poller and webhooks share the mirror).
@@ -222,13 +224,6 @@ impl Shared {
         match self.repo_locks.get(repo) {
             Some(lock) => Some(lock.lock().await),
             None => None,
-        }
-    }
-
-    /// Hands the loop an input; fails only when the master is shutting down.
-    pub async fn send(&self, input: Input) {
-        if self.inputs.send(input).await.is_err() {
-            tracing::debug!("master loop has stopped; input dropped");
         }
     }
 }
@@ -279,7 +274,7 @@ pub async fn run(
         store: store.clone(),
         clock: opts.clock.clone(),
         url: url.clone(),
-        inputs: tx,
+        master: handle::LoopHandle::new(tx),
         running: Mutex::new(HashMap::new()),
         secrets,
         repo_locks: config.repos.iter().map(|r| (r.name.clone(), tokio::sync::Mutex::new(()))).collect(),

@@ -158,7 +158,7 @@ impl Master {
             return;
         };
         let final_at = requested_at.plus(p.settle_time());
-        let (inputs, clock) = (self.shared.inputs.clone(), self.shared.clock.clone());
+        let (inputs, clock) = (self.shared.master.clone(), self.shared.clock.clone());
         tokio::spawn(async move {
             let result = loop {
                 match p.find(machine).await {
@@ -172,7 +172,7 @@ impl Master {
                 }
                 tokio::time::sleep(RESOLVE_POLL).await;
             };
-            let _ = inputs.send(Input::Launched { machine, result }).await;
+            inputs.send(Input::Launched { machine, result }).await;
         });
     }
 

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use super::auth::Caller;
 use super::ApiError;
 use crate::changes::{git, refname};
-use crate::runtime::{ActionError, Cancelled, Input, NewRequest, Shared};
+use crate::runtime::{ActionError, Cancelled, NewRequest, Shared};
 use crate::store::BuildRow;
 
 impl From<ActionError> for ApiError {
@@ -115,23 +115,17 @@ pub async fn rebuild(s: &Shared, caller: &Caller, id: i64) -> Result<BuildRow, A
 
 /// Has the loop store and queue a build request.
 async fn ask(s: &Shared, request: NewRequest) -> Result<BuildRow, ApiError> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    s.send(Input::Request { request, reply }).await;
-    Ok(answer.await.map_err(|_| loop_gone())??)
+    Ok(s.master.request(request).await?)
 }
 
 /// Cancels build `id` (see [`Input::Cancel`]).
 pub async fn cancel(s: &Shared, caller: &Caller, id: i64) -> Result<Cancelled, ApiError> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    s.send(Input::Cancel { build: id, by: caller.name().to_string(), reply }).await;
-    Ok(answer.await.map_err(|_| loop_gone())??)
+    Ok(s.master.cancel(id, caller.name()).await?)
 }
 
 /// Stops machine `id` now.
 pub async fn terminate(s: &Shared, caller: &Caller, id: i64) -> Result<(), ApiError> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    s.send(Input::StopMachine { machine: id, by: caller.name().to_string(), reply }).await;
-    Ok(answer.await.map_err(|_| loop_gone())??)
+    Ok(s.master.stop_machine(id, caller.name()).await?)
 }
 
 /// Pauses or resumes a pool (recorded first, so a restart keeps it).
@@ -139,7 +133,5 @@ pub async fn pause(s: &Shared, caller: &Caller, pool: &str, paused: bool) -> Res
     if s.config.pool(pool).is_none() {
         return Err(ApiError::not_found(format!("no pool {pool:?}")));
     }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    s.send(Input::Pause { pool: pool.to_string(), paused, by: caller.name().to_string(), reply }).await;
-    Ok(answer.await.map_err(|_| loop_gone())??)
+    Ok(s.master.pause(pool, paused, caller.name()).await?)
 }

@@ -34,9 +34,8 @@ use super::serve::{env_number, WarnEvery};
 use super::ApiError;
 use crate::agent::protocol::{Ack, AgentMsg, MasterMsg, Secret};
 use crate::agent::reports::{Next, ReportStream};
-use crate::core::fleet::FleetEvent;
 use crate::core::MachineId;
-use crate::runtime::{new_token, token_hash, Input, Shared};
+use crate::runtime::{new_token, token_hash, Shared};
 use crate::store::{Applied, ReportEffect};
 
 /// An agent's socket, once upgraded.
@@ -249,7 +248,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     let (tx, mut rx) = mpsc::unbounded_channel();
     // Acknowledgements go out through the same writer as the loop's messages.
     let acks = tx.clone();
-    s.send(Input::AgentConnected { machine, conn, tx, resumed }).await;
+    s.master.agent_connected(machine, conn, tx, resumed).await;
 
     let (mut sink, mut stream) = socket.split();
     let writer = tokio::spawn(async move {
@@ -284,7 +283,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     while let Some(frame) = stream.next().await {
         if frame.is_ok() && last_alive.elapsed() >= Duration::from_secs(1) {
             last_alive = tokio::time::Instant::now();
-            s.send(Input::Fleet(FleetEvent::Heartbeat { machine })).await;
+            s.master.heartbeat(machine).await;
         }
         let text = match frame {
             Ok(Message::Text(text)) => text,
@@ -312,7 +311,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     }
     writer.abort();
     tracing::info!(machine, "agent disconnected");
-    s.send(Input::AgentClosed { machine, conn }).await;
+    s.master.agent_closed(machine, conn).await;
 }
 
 /// The report stream of `build` if it runs on `machine`; `None` if the agent speaks of a build
@@ -337,9 +336,7 @@ async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, s
     }
     // The loop records it and retries the build; what this connection reads next (a step
     // killed by the shutdown) is handled after the loop has acted, so it cannot end the build.
-    let (reply, acted) = tokio::sync::oneshot::channel();
-    s.send(Input::Interrupted { machine, detail, reply }).await;
-    let _ = acted.await;
+    s.master.interrupted(machine, detail).await;
 }
 
 /// Handles one message of an agent; `false` when the connection must end (it broke the
@@ -399,12 +396,9 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
         // The build's end is the loop's to decide and carry out (the fleet frees the machine
         // in the same turn): it stores this report and answers.
         AgentMsg::BuildFinished { result, .. } => {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let result = result.state();
-            s.send(Input::Finished { machine, build, after, seq, log, result, reply }).await;
-            match answer.await {
-                Ok(stored) => stored,
-                Err(_) => return Err(Broken(format!("report {seq} of build {build}: the master is stopping"))),
+            match s.master.finished(machine, build, after, seq, log, result.state()).await {
+                Some(stored) => stored,
+                None => return Err(Broken(format!("report {seq} of build {build}: the master is stopping"))),
             }
         }
         _ => {
@@ -446,6 +440,7 @@ mod tests {
     use crate::core::build::BuildState;
     use crate::core::Ts;
     use crate::runtime::secrets::Secrets;
+    use crate::runtime::Input;
     use crate::store::Store;
 
     /// What the stand-in loop was asked.
@@ -500,7 +495,7 @@ mod tests {
             store,
             clock,
             url: "http://127.0.0.1:0".into(),
-            inputs,
+            master: crate::runtime::handle::LoopHandle::new(inputs),
             running: Mutex::new(HashMap::new()),
             secrets: Secrets::default(),
             repo_locks: HashMap::new(),
