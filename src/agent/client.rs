@@ -471,7 +471,8 @@ async fn connected(
                 let msg = notice.to_msg();
                 tracing::warn!(kind = notice.kind.as_str(), detail = %notice.detail, "this machine is going away; telling the master");
                 state.notices.push(msg.clone());
-                if !send_msg(sink, &msg).await {
+                // Output held back goes first: once told, the master ignores the build's reports.
+                if !send_pending(sink, state).await || !send_msg(sink, &msg).await {
                     return End::Lost;
                 }
             }
@@ -553,7 +554,11 @@ async fn connected(
                         kind: "shutdown".to_string(),
                         detail: format!("the agent was signalled to stop during build {}", run.build),
                     };
-                    let _ = send_msg(sink, &msg).await;
+                    // Output held back goes first: once told, the master ignores the build's
+                    // reports.
+                    if send_pending(sink, state).await {
+                        let _ = send_msg(sink, &msg).await;
+                    }
                 }
                 return End::Stop;
             }

@@ -67,6 +67,15 @@ impl Master {
                 tracing::error!("cannot handle a fleet event (it will be repaired at the next start): {e}");
             }
         }
+        // Builds that ended while the loop was stopping: their reports are stored, not left
+        // in the inbox for the next start to retry builds that finished.
+        while let Ok(input) = self.rx.try_recv() {
+            if matches!(input, Input::Finished { .. }) {
+                if let Err(e) = self.on_input(input).await {
+                    tracing::error!("cannot store a build's end during shutdown: {e}");
+                }
+            }
+        }
         self.stop_everything().await
     }
 
@@ -287,7 +296,10 @@ impl Master {
         if let Ok(mut running) = self.shared.running.lock() {
             running.retain(|_, r| r.machine != machine);
         }
-        self.shared.store.machine_event(machine, "interrupted", detail, self.shared.now()).await?;
+        // Acting on it matters more than recording it once.
+        if let Err(e) = self.shared.store.machine_event(machine, "interrupted", detail, self.shared.now()).await {
+            tracing::error!(machine, "cannot record the interruption: {e}");
+        }
         self.pending.push_back(FleetEvent::Interrupted { machine });
         Ok(())
     }

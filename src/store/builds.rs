@@ -140,7 +140,9 @@ impl Store {
         event: &life::BuildEvent,
         now: Ts,
     ) -> Result<std::result::Result<Decided, Refused>> {
-        let mut tx = self.pool.begin().await?;
+        // A write lock from the start: a transaction that reads first and writes later fails
+        // at once (it does not wait) if another connection wrote in between.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let decided = event_in(&mut tx, build, event, now).await?;
         tx.commit().await?;
         if decided.as_ref().is_ok_and(|d| d.transition.news) {
