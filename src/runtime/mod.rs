@@ -487,4 +487,55 @@ mod tests {
         assert_eq!(effective_url("http://127.0.0.1:0", addr), "http://127.0.0.1:4567");
         assert_eq!(effective_url("http://ci.example:8010/", addr), "http://ci.example:8010");
     }
+
+    /// The loop's rule for interruption notices: the first is recorded and acted on (the fleet
+    /// gives the machine up); a repeat, as an agent sends after reconnecting, is old news.
+    #[tokio::test]
+    async fn an_interruption_is_acted_on_once_whatever_the_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = format!("sqlite://{}", dir.path().join("paddock.db").display());
+        let text =
+            format!("[master]\nurl = \"http://127.0.0.1:0\"\ndatabase = \"{db}\"\n\n[pool.spot]\nmax_instances = 1\n");
+        let config = crate::config::parse(&text, &dir.path().join("paddock.toml")).expect("config");
+        let store = Store::open(&db).await.expect("store");
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        store.insert_machine(7, "spot", "local", "hash", clock.now()).await.expect("machine");
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::new(Shared {
+            config: Arc::new(config),
+            store: store.clone(),
+            clock: clock.clone(),
+            url: "http://127.0.0.1:0".into(),
+            master: handle::LoopHandle::new(tx),
+            running: Mutex::new(HashMap::new()),
+            secrets: Secrets::default(),
+            repo_locks: HashMap::new(),
+            draining: AtomicBool::new(false),
+            web_closing: AtomicBool::new(false),
+            spend_holds: Mutex::new(HashMap::new()),
+            login_throttle: Default::default(),
+        });
+        let mut master = Master::new(shared, HashMap::new(), rx).await.expect("master");
+        master.fleet.restore_machine(7, "spot", MachineState::Idle, None, 0, Some("i-7".into()), clock.now());
+        let interrupted = |db: String| async move {
+            let pool = sqlx::SqlitePool::connect(&db).await.expect("db");
+            let rows: Vec<String> = sqlx::query_scalar(
+                "SELECT detail FROM machine_events WHERE machine_id = 7 AND kind = 'interrupted' AND detail != ''",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("events");
+            pool.close().await;
+            rows
+        };
+
+        master.interrupted(7, "spot-interruption: terminate at 20:00").await.expect("acted on");
+        master.drain_pending().await.expect("fleet");
+        assert_ne!(master.fleet.machine_state(7), Some(MachineState::Idle), "the fleet gave the machine up");
+        assert_eq!(interrupted(db.clone()).await, ["spot-interruption: terminate at 20:00"]);
+
+        master.interrupted(7, "spot-interruption: terminate at 20:00").await.expect("ignored");
+        master.drain_pending().await.expect("fleet");
+        assert_eq!(interrupted(db.clone()).await.len(), 1, "recorded once");
+    }
 }
