@@ -211,6 +211,26 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for unit tests of the pieces around the loop: nothing running, no secrets, no
+    /// repositories; `inputs` is the loop's inbox.
+    #[cfg(test)]
+    pub(crate) fn for_test(config: Config, store: Store, clock: Arc<dyn Clock>, inputs: mpsc::Sender<Input>) -> Shared {
+        Shared {
+            config: Arc::new(config),
+            store,
+            clock,
+            url: "http://127.0.0.1:0".into(),
+            master: handle::LoopHandle::new(inputs),
+            running: Mutex::new(HashMap::new()),
+            secrets: Secrets::default(),
+            repo_locks: HashMap::new(),
+            draining: AtomicBool::new(false),
+            web_closing: AtomicBool::new(false),
+            spend_holds: Mutex::new(HashMap::new()),
+            login_throttle: Default::default(),
+        }
+    }
+
     /// Current time from the injected clock.
     pub fn now(&self) -> Ts {
         self.clock.now()
@@ -501,20 +521,7 @@ mod tests {
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
         store.insert_machine(7, "spot", "local", "hash", clock.now()).await.expect("machine");
         let (tx, rx) = mpsc::channel(16);
-        let shared = Arc::new(Shared {
-            config: Arc::new(config),
-            store: store.clone(),
-            clock: clock.clone(),
-            url: "http://127.0.0.1:0".into(),
-            master: handle::LoopHandle::new(tx),
-            running: Mutex::new(HashMap::new()),
-            secrets: Secrets::default(),
-            repo_locks: HashMap::new(),
-            draining: AtomicBool::new(false),
-            web_closing: AtomicBool::new(false),
-            spend_holds: Mutex::new(HashMap::new()),
-            login_throttle: Default::default(),
-        });
+        let shared = Arc::new(Shared::for_test(config, store.clone(), clock.clone(), tx));
         let mut master = Master::new(shared, HashMap::new(), rx).await.expect("master");
         master.fleet.restore_machine(7, "spot", MachineState::Idle, None, 0, Some("i-7".into()), clock.now());
         let interrupted = |db: String| async move {

@@ -431,15 +431,11 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Mutex;
 
     use super::*;
     use crate::agent::protocol::{BuildResult, StepResult};
     use crate::core::build::BuildState;
     use crate::core::Ts;
-    use crate::runtime::secrets::Secrets;
     use crate::runtime::Input;
     use crate::store::Store;
 
@@ -490,20 +486,7 @@ mod tests {
         store.insert_machine(7, "spot", "ec2", "hash", clock.now()).await.expect("machine");
         store.set_machine_state(7, "busy", clock.now()).await.expect("busy");
         let (inputs, rx) = mpsc::channel(16);
-        let shared = Shared {
-            config: Arc::new(config),
-            store,
-            clock,
-            url: "http://127.0.0.1:0".into(),
-            master: crate::runtime::handle::LoopHandle::new(inputs),
-            running: Mutex::new(HashMap::new()),
-            secrets: Secrets::default(),
-            repo_locks: HashMap::new(),
-            draining: AtomicBool::new(false),
-            web_closing: AtomicBool::new(false),
-            spend_holds: Mutex::new(HashMap::new()),
-            login_throttle: Default::default(),
-        };
+        let shared = Shared::for_test(config, store, clock, inputs);
         let asked = stand_in_loop(shared.store.clone(), rx);
         (shared, asked, db)
     }
