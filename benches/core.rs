@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use paddock::core::fleet::{Fleet, FleetAction, FleetEvent, PoolSpec};
 use paddock::core::Ts;
+use paddock::core::{BuildId, MachineId};
 
 /// Counts live heap bytes so the benchmark can report the peak.
 struct Counting;
@@ -69,7 +70,7 @@ fn main() {
         })
         .collect();
     let builder_pool: Vec<String> = (0..BUILDERS).map(|b| format!("pool{}", b % POOLS)).collect();
-    let mut fleet = Fleet::new(specs, Duration::from_secs(120), 1);
+    let mut fleet = Fleet::new(specs, Duration::from_secs(120), MachineId(1));
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
 
     // Virtual-time event queue: (time, seq) -> event.
@@ -90,7 +91,7 @@ fn main() {
         let builder = (rng.next() as usize) % BUILDERS;
         let t = (rng.next() % 3_600_000) as i64;
         let pool = builder_pool[builder].clone();
-        at(&mut agenda, &mut pending, t, FleetEvent::BuildQueued { build: b, pool, front: false });
+        at(&mut agenda, &mut pending, t, FleetEvent::BuildQueued { build: BuildId(b), pool, front: false });
     }
 
     let start = Instant::now();
@@ -99,7 +100,7 @@ fn main() {
     let mut next_tick = 0i64;
     let mut now = 0i64;
     let mut peak_machines = 0usize;
-    let mut alive: HashMap<i64, i64> = HashMap::new(); // machine -> next heartbeat
+    let mut alive: HashMap<MachineId, i64> = HashMap::new(); // machine -> next heartbeat
     while finished < REQUESTS {
         let next_event = agenda.peek().map(|Reverse((t, _))| *t).unwrap_or(i64::MAX);
         let actions = if next_tick <= next_event {

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use common::vm_hwm_kib;
 
+use paddock::core::MachineId;
 use paddock::core::Ts;
 use paddock::cost::report::ReportQuery;
 use paddock::store::{MachinePrice, NewChange, Store};
@@ -37,13 +38,15 @@ async fn generate(store: &Store) -> Result<u64, paddock::store::StoreError> {
         let mut t = YEAR_START + id * step;
         let pool = if id % 4 == 0 { "large" } else { "small" };
         let token = format!("token-{id}");
-        store.insert_machine(id, pool, "ec2", &token, Ts(t)).await?;
+        store.insert_machine(MachineId(id), pool, "ec2", &token, Ts(t)).await?;
         t += 20 * SEC;
-        store.machine_launched(id, &format!("i-{id:017x}"), Some("t3.medium"), "on-demand", &price, Ts(t)).await?;
-        store.set_machine_state(id, "booting", Ts(t)).await?;
+        store
+            .machine_launched(MachineId(id), &format!("i-{id:017x}"), Some("t3.medium"), "on-demand", &price, Ts(t))
+            .await?;
+        store.set_machine_state(MachineId(id), "booting", Ts(t)).await?;
         t += 60 * SEC;
         store.claim_token(&token, Ts(t)).await?;
-        store.set_machine_state(id, "idle", Ts(t)).await?;
+        store.set_machine_state(MachineId(id), "idle", Ts(t)).await?;
         events += 5;
         for b in 0..BUILDS_PER_MACHINE {
             let n = id * BUILDS_PER_MACHINE + b;
@@ -64,20 +67,20 @@ async fn generate(store: &Store) -> Result<u64, paddock::store::StoreError> {
             let build =
                 store.create_request(&builder, "app", &branch, &revision, "branch", "bench", &ids, Ts(t)).await?;
             t += 2 * MIN;
-            store.set_machine_state(id, "busy", Ts(t)).await?;
-            store.start_build(build.id, id, &["checkout".into(), "test".into()], Ts(t)).await?;
+            store.set_machine_state(MachineId(id), "busy", Ts(t)).await?;
+            store.start_build(build.id, MachineId(id), &["checkout".into(), "test".into()], Ts(t)).await?;
             t += 15 * MIN;
             store.step_finished(build.id, 0, "success", Some(0), Ts(t)).await?;
             store.step_finished(build.id, 1, "success", Some(0), Ts(t)).await?;
-            store.finish_build(build.id, id, paddock::core::build::BuildState::Success, Ts(t)).await?;
-            store.set_machine_state(id, "idle", Ts(t)).await?;
+            store.finish_build(build.id, MachineId(id), paddock::core::build::BuildState::Success, Ts(t)).await?;
+            store.set_machine_state(MachineId(id), "idle", Ts(t)).await?;
             events += 4;
         }
         t += 10 * MIN;
-        store.machine_event(id, "stop_requested", "idle_timeout", Ts(t)).await?;
-        store.set_machine_state(id, "stopping", Ts(t)).await?;
+        store.machine_event(MachineId(id), "stop_requested", "idle_timeout", Ts(t)).await?;
+        store.set_machine_state(MachineId(id), "stopping", Ts(t)).await?;
         t += 5 * SEC;
-        store.set_machine_state(id, "gone", Ts(t)).await?;
+        store.set_machine_state(MachineId(id), "gone", Ts(t)).await?;
         events += 3;
     }
     Ok(events)

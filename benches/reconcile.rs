@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use paddock::core::reconcile::{Believed, Listed, Reconciler};
+use paddock::core::MachineId;
 use paddock::core::Ts;
 use paddock_provisioners::ec2::{Ec2Api, Ec2Provisioner, Ec2Settings};
 use paddock_provisioners::Provisioner;
@@ -114,7 +115,11 @@ fn main() {
         let believed: Vec<Believed> = ids
             .iter()
             .enumerate()
-            .map(|(n, id)| Believed { machine: n as i64 + 1, provider_id: Some(id.clone()), launched_at: Some(Ts(0)) })
+            .map(|(n, id)| Believed {
+                machine: MachineId(n as i64 + 1),
+                provider_id: Some(id.clone()),
+                launched_at: Some(Ts(0)),
+            })
             .collect();
         let mut reconciler = Reconciler::new(Duration::from_secs(120));
         let before_calls = api.buckets().describe.taken();
@@ -126,7 +131,7 @@ fn main() {
             listed_total = listing.len();
             let listing: Vec<Listed> = listing
                 .into_iter()
-                .map(|l| Listed { provider_id: l.provider_id, machine: l.machine_id, alive: l.alive })
+                .map(|l| Listed { provider_id: l.provider_id, machine: l.machine_id.map(MachineId), alive: l.alive })
                 .collect();
             let at = Ts(1_000 + round as i64);
             let verdicts =

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use paddock::core::MachineId;
 use paddock::core::Ts;
 use paddock::store::{MachinePrice, NewChange, Store};
 
@@ -30,8 +31,8 @@ async fn generate(store: &Store) -> Result<i64, paddock::store::StoreError> {
     let price = MachinePrice::default();
     for m in 1..=MACHINES {
         let token = format!("token-{m}");
-        store.insert_machine(m, "local", "local", &token, Ts(START)).await?;
-        store.machine_launched(m, &format!("local-{m}"), None, "on-demand", &price, Ts(START)).await?;
+        store.insert_machine(MachineId(m), "local", "local", &token, Ts(START)).await?;
+        store.machine_launched(MachineId(m), &format!("local-{m}"), None, "on-demand", &price, Ts(START)).await?;
         store.claim_token(&token, Ts(START)).await?;
     }
     let mut t = START;
@@ -55,7 +56,7 @@ async fn generate(store: &Store) -> Result<i64, paddock::store::StoreError> {
             let rev = format!("{n:040x}");
             let build = store.create_request(b, "app", branch, &rev, "branch", "bench", &ids, Ts(t)).await?;
             let machine = 1 + (builds % MACHINES);
-            store.start_build(build.id, machine, &steps, Ts(t)).await?;
+            store.start_build(build.id, MachineId(machine), &steps, Ts(t)).await?;
             let last = n >= CHANGES - 5;
             if last {
                 for line in 0..200 {
@@ -75,7 +76,7 @@ async fn generate(store: &Store) -> Result<i64, paddock::store::StoreError> {
                 let state = if failed { "failure" } else { "success" };
                 store.step_finished(build.id, idx as i64, state, Some(i32::from(failed)), Ts(t + 60 * SEC)).await?;
             }
-            store.finish_build(build.id, machine, result, Ts(t + 60 * SEC)).await?;
+            store.finish_build(build.id, MachineId(machine), result, Ts(t + 60 * SEC)).await?;
             builds += 1;
         }
     }

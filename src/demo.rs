@@ -312,7 +312,7 @@ async fn wait_for_heads(store: &Store) -> anyhow::Result<()> {
 
 /// Prints each build when its state changes.
 async fn watch(store: Store) {
-    let mut seen: HashMap<i64, crate::core::build::BuildState> = HashMap::new();
+    let mut seen: HashMap<crate::core::BuildId, crate::core::build::BuildState> = HashMap::new();
     loop {
         if let Ok(builds) = store.list_builds(&BuildFilter { limit: Some(50), ..Default::default() }).await {
             for b in builds.iter().rev() {

@@ -15,6 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use paddock::agent::client::{run_with, AgentOptions, ImdsOptions};
 use paddock::agent::imds::{poll, Notice, NoticeKind};
 use paddock::agent::protocol::{AgentMsg, MasterMsg, Secret};
+use paddock::core::MachineId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -334,7 +335,7 @@ async fn agent_tells_the_master_once_the_notice_appears_and_again_after_reconnec
         other => panic!("expected hello, got {other:?}"),
     }
     let welcome = |n: u32| MasterMsg::Welcome {
-        machine: 7,
+        machine: MachineId(7),
         heartbeat_secs: 30,
         resume_token: Some(Secret(format!("resume-{n}"))),
         reconnect_secs: 30,
@@ -356,7 +357,7 @@ async fn agent_tells_the_master_once_the_notice_appears_and_again_after_reconnec
     let (mut sink, mut stream) = accept(&listener).await.split();
     match recv(&mut stream).await {
         Some(AgentMsg::Resume { machine, token, build, .. }) => {
-            assert_eq!((machine, token.expose(), build), (7, "resume-1", None));
+            assert_eq!((machine, token.expose(), build), (MachineId(7), "resume-1", None));
         }
         other => panic!("expected resume, got {other:?}"),
     }

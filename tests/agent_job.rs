@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use paddock::agent::job::{run_job, Stop};
 use paddock::agent::protocol::{AgentMsg, BuildJob, BuildResult, JobStep, StepResult};
+use paddock::core::{BuildId, MachineId};
 use tokio::sync::{mpsc, watch};
 
 /// Runs git with an identity given on the command line, so no global config is needed.
@@ -64,7 +65,7 @@ fn step(name: &str, run: &str) -> JobStep {
     JobStep { name: name.into(), run: run.into(), env: BTreeMap::new(), workdir: None, timeout_secs: 60, always: false }
 }
 
-fn job(build: i64, repo: &Repo, revision: &str, steps: Vec<JobStep>) -> BuildJob {
+fn job(build: BuildId, repo: &Repo, revision: &str, steps: Vec<JobStep>) -> BuildJob {
     BuildJob {
         build,
         builder: "py3.12/sqlite".into(),
@@ -143,7 +144,7 @@ async fn passing_steps_at_exact_revision() {
         step("env", "echo \"$PADDOCK_BUILD $PADDOCK_BUILDER $PADDOCK_BRANCH $PADDOCK_REVISION $JOB_VAR $STEP_VAR\"");
     env_step.env.insert("STEP_VAR".into(), "from-step".into());
     let mut j = job(
-        7,
+        BuildId(7),
         &repo,
         &repo.rev2,
         vec![step("rev", "git rev-parse HEAD"), step("files", "cat a.txt b.txt; echo to-stderr >&2"), env_step],
@@ -152,7 +153,7 @@ async fn passing_steps_at_exact_revision() {
     let (result, msgs) = run(&j, work.path()).await;
 
     assert_eq!(result, BuildResult::Success, "{msgs:?}");
-    assert!(matches!(msgs.first(), Some(AgentMsg::StepStarted { build: 7, step: 0, .. })));
+    assert!(matches!(msgs.first(), Some(AgentMsg::StepStarted { build: BuildId(7), step: 0, .. })));
     for i in 0..=3 {
         assert!(started(&msgs, i));
         assert_eq!(finished(&msgs, i).0, StepResult::Success);
@@ -178,7 +179,7 @@ async fn failure_skips_later_steps_but_runs_always() {
     let mut cleanup = step("cleanup", "echo cleaning up");
     cleanup.always = true;
     let j = job(
-        1,
+        BuildId(1),
         &repo,
         &repo.rev1,
         vec![step("fail", "echo before; exit 3"), step("never", "echo should-not-run"), cleanup],
@@ -203,7 +204,7 @@ async fn timeout_kills_the_process_group() {
     // group (the background sleep would otherwise hold the output pipes open).
     let mut slow = step("slow", "sleep 600 & echo bg=$!; echo fg=$$; sleep 600; echo not-reached");
     slow.timeout_secs = 1;
-    let j = job(1, &repo, &repo.rev1, vec![slow, step("after", "echo after")]);
+    let j = job(BuildId(1), &repo, &repo.rev1, vec![slow, step("after", "echo after")]);
     let (result, msgs) = tokio::time::timeout(DEADLINE, run(&j, work.path())).await.expect("the timeout ends the job");
 
     assert_eq!(result, BuildResult::Failure);
@@ -234,7 +235,7 @@ async fn secrets_never_reach_the_log() {
         "echo whole={secret:API}; printf 'abc'; sleep 0.2; printf 'def\\n'; printf 'ab' >&2; sleep 0.2; printf 'cdef!\\n' >&2; echo \"env=$WITH_SECRET\"",
     );
     s.env.insert("WITH_SECRET".into(), "x-{secret:API}-y".into());
-    let mut j = job(1, &repo, &repo.rev1, vec![s]);
+    let mut j = job(BuildId(1), &repo, &repo.rev1, vec![s]);
     j.secrets.insert("API".into(), "abcdef".into());
     let (result, msgs) = run(&j, work.path()).await;
 
@@ -258,7 +259,7 @@ async fn a_secret_written_half_to_stdout_and_half_to_stderr_is_redacted_in_order
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
     let s = step("split", "echo out-1; echo err-1 >&2; printf 'key=ab'; printf 'cdef\\n' >&2; echo out-2");
-    let mut j = job(1, &repo, &repo.rev1, vec![s]);
+    let mut j = job(BuildId(1), &repo, &repo.rev1, vec![s]);
     j.secrets.insert("API".into(), "abcdef".into());
     let (result, msgs) = run(&j, work.path()).await;
     assert_eq!(result, BuildResult::Success, "{msgs:?}");
@@ -272,7 +273,7 @@ async fn a_secret_written_half_to_stdout_and_half_to_stderr_is_redacted_in_order
 async fn unknown_secret_is_an_exception() {
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
-    let j = job(1, &repo, &repo.rev1, vec![step("bad", "echo {secret:MISSING}"), step("next", "true")]);
+    let j = job(BuildId(1), &repo, &repo.rev1, vec![step("bad", "echo {secret:MISSING}"), step("next", "true")]);
     let (result, msgs) = run(&j, work.path()).await;
     assert_eq!(result, BuildResult::Exception);
     assert_eq!(finished(&msgs, 1).0, StepResult::Exception);
@@ -284,14 +285,22 @@ async fn unknown_secret_is_an_exception() {
 async fn source_dir_is_reused_across_builds() {
     let repo = make_repo();
     let work = tempfile::tempdir().expect("tempdir");
-    let first =
-        job(1, &repo, &repo.rev1, vec![step("dirty", "git rev-parse HEAD; touch junk; mkdir -p out && touch out/x")]);
+    let first = job(
+        BuildId(1),
+        &repo,
+        &repo.rev1,
+        vec![step("dirty", "git rev-parse HEAD; touch junk; mkdir -p out && touch out/x")],
+    );
     let (result, msgs) = run(&first, work.path()).await;
     assert_eq!(result, BuildResult::Success, "{msgs:?}");
     assert!(log(&msgs, 0).contains("clone --no-checkout"));
 
-    let second =
-        job(2, &repo, &repo.rev2, vec![step("check", "git rev-parse HEAD; ls; test ! -e junk && test ! -e out")]);
+    let second = job(
+        BuildId(2),
+        &repo,
+        &repo.rev2,
+        vec![step("check", "git rev-parse HEAD; ls; test ! -e junk && test ! -e out")],
+    );
     let (result, msgs) = run(&second, work.path()).await;
     assert_eq!(result, BuildResult::Success, "{}", log(&msgs, 0) + &log(&msgs, 1));
     let checkout = log(&msgs, 0);
@@ -303,7 +312,7 @@ async fn source_dir_is_reused_across_builds() {
 
     // A commit made after the clone is fetched.
     let rev3 = commit_file(&repo.path, "c.txt", "third\n", "third");
-    let third = job(3, &repo, &rev3, vec![step("check", "git rev-parse HEAD; cat c.txt")]);
+    let third = job(BuildId(3), &repo, &rev3, vec![step("check", "git rev-parse HEAD; cat c.txt")]);
     let (result, msgs) = run(&third, work.path()).await;
     assert_eq!(result, BuildResult::Success, "{}", log(&msgs, 0));
     assert!(log(&msgs, 1).contains(&format!("{rev3}\nthird\n")));
@@ -315,7 +324,7 @@ async fn bad_revision_is_a_checkout_exception() {
     let work = tempfile::tempdir().expect("tempdir");
     let mut always = step("always", "echo x");
     always.always = true;
-    let j = job(1, &repo, "0123456789abcdef0123456789abcdef01234567", vec![step("s", "true"), always]);
+    let j = job(BuildId(1), &repo, "0123456789abcdef0123456789abcdef01234567", vec![step("s", "true"), always]);
     let (result, msgs) = run(&j, work.path()).await;
     assert_eq!(result, BuildResult::Exception);
     assert_eq!(finished(&msgs, 0).0, StepResult::Exception);
@@ -330,7 +339,7 @@ async fn cancel_stops_the_running_step_skips_the_rest_and_still_runs_always_step
     let mut cleanup = step("cleanup", "echo cleaned up");
     cleanup.always = true;
     let steps = vec![step("slow", "echo started; sleep 600"), step("next", "echo should-not-run"), cleanup];
-    let j = job(1, &repo, &repo.rev1, steps);
+    let j = job(BuildId(1), &repo, &repo.rev1, steps);
     let (cancel_tx, cancel_rx) = watch::channel(Stop::Running);
     let (tx, mut rx) = mpsc::channel(4);
     // Cancel once the first step has visibly started; keep every message.
@@ -367,7 +376,7 @@ async fn an_agent_stopping_after_a_cancel_stops_the_always_step_too() {
     cleanup.always = true;
     let mut last = step("last", "echo should-not-run");
     last.always = true;
-    let j = job(1, &repo, &repo.rev1, vec![step("slow", "echo started; sleep 600"), cleanup, last]);
+    let j = job(BuildId(1), &repo, &repo.rev1, vec![step("slow", "echo started; sleep 600"), cleanup, last]);
     let (cancel_tx, cancel_rx) = watch::channel(Stop::Running);
     let (tx, mut rx) = mpsc::channel(4);
     // Cancel when the first step runs; stop the agent when the clean-up runs. A second cancel
@@ -481,10 +490,16 @@ mod client {
         hello(&mut ws).await;
         send(
             &mut ws,
-            &MasterMsg::Welcome { machine: 5, heartbeat_secs: 1, resume_token: None, reconnect_secs: 0, acked: None },
+            &MasterMsg::Welcome {
+                machine: MachineId(5),
+                heartbeat_secs: 1,
+                resume_token: None,
+                reconnect_secs: 0,
+                acked: None,
+            },
         )
         .await;
-        let j = job(42, &repo, &repo.rev1, vec![step("slowish", "git rev-parse HEAD; sleep 1.5")]);
+        let j = job(BuildId(42), &repo, &repo.rev1, vec![step("slowish", "git rev-parse HEAD; sleep 1.5")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut msgs = Vec::new();
         loop {
@@ -496,7 +511,10 @@ mod client {
             }
         }
         assert!(
-            matches!(msgs.last(), Some(AgentMsg::BuildFinished { build: 42, result: BuildResult::Success, .. })),
+            matches!(
+                msgs.last(),
+                Some(AgentMsg::BuildFinished { build: BuildId(42), result: BuildResult::Success, .. })
+            ),
             "{msgs:?}"
         );
         // Every report about the build is numbered, from 1, without a gap.
@@ -533,10 +551,16 @@ mod client {
         hello(&mut ws).await;
         send(
             &mut ws,
-            &MasterMsg::Welcome { machine: 1, heartbeat_secs: 30, resume_token: None, reconnect_secs: 0, acked: None },
+            &MasterMsg::Welcome {
+                machine: MachineId(1),
+                heartbeat_secs: 30,
+                resume_token: None,
+                reconnect_secs: 0,
+                acked: None,
+            },
         )
         .await;
-        let j = job(1, &repo, &repo.rev1, vec![step("forever", "echo pid=$$; exec sleep 60")]);
+        let j = job(BuildId(1), &repo, &repo.rev1, vec![step("forever", "echo pid=$$; exec sleep 60")]);
         send(&mut ws, &MasterMsg::Run(Box::new(j))).await;
         let mut text = String::new();
         let pid: i32 = loop {

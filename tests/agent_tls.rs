@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use paddock::agent::client::{run, AgentOptions};
 use paddock::agent::protocol::{AgentMsg, MasterMsg, Secret};
+use paddock::core::MachineId;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
@@ -57,7 +58,7 @@ async fn the_agent_connects_to_an_https_master_it_trusts() {
         other => panic!("expected hello, got {other:?}"),
     }
     let welcome = MasterMsg::Welcome {
-        machine: 1,
+        machine: MachineId(1),
         heartbeat_secs: 30,
         resume_token: Some(Secret("r".into())),
         reconnect_secs: 0,

@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use common::Bed;
 use paddock::agent::protocol::{AgentMsg, MasterMsg, Secret};
+use paddock::core::{BuildId, MachineId};
 use tokio_tungstenite::tungstenite::{self, stream::MaybeTlsStream, Message, WebSocket};
 
 type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
@@ -34,7 +35,7 @@ fn recv(ws: &mut Ws) -> Option<MasterMsg> {
 }
 
 /// Resumes as `machine` with `token`: the new resume token, or `None` when refused.
-fn resume(bed: &Bed, machine: i64, token: &str, build: i64) -> (Ws, Option<String>) {
+fn resume(bed: &Bed, machine: MachineId, token: &str, build: BuildId) -> (Ws, Option<String>) {
     let mut ws = open(bed);
     let msg = AgentMsg::Resume { machine, token: Secret(token.into()), version: "test".into(), build: Some(build) };
     send(&mut ws, &msg);

@@ -20,7 +20,7 @@ enum Op {
     Interrupt(usize),
     Finish(usize),
     Gone(usize),
-    StaleFinish { machine: i64, build: i64 },
+    StaleFinish { machine: MachineId, build: BuildId },
     Advance(u32),
     Tick,
     Drain,
@@ -39,7 +39,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Interrupt),
         5 => any::<usize>().prop_map(Op::Finish),
         3 => any::<usize>().prop_map(Op::Gone),
-        1 => (0..40i64, 0..40i64).prop_map(|(machine, build)| Op::StaleFinish { machine, build }),
+        1 => (0..40i64, 0..40i64).prop_map(|(machine, build)| Op::StaleFinish { machine: MachineId(machine), build: BuildId(build) }),
         3 => (1..200_000u32).prop_map(Op::Advance),
         3 => Just(Op::Tick),
         1 => prop::bool::weighted(0.1).prop_map(|d| if d { Op::Drain } else { Op::Tick }),
@@ -95,15 +95,15 @@ fn pick<T: Copy>(v: &[T], i: usize) -> Option<T> {
 impl Env {
     fn new(specs: Vec<PoolSpec>) -> Env {
         Env {
-            fleet: Fleet::new(specs.clone(), Duration::from_secs(90), 1),
+            fleet: Fleet::new(specs.clone(), Duration::from_secs(90), MachineId(1)),
             specs,
             now: 0,
-            next_build: 1,
+            next_build: BuildId(1),
             builds: BTreeMap::new(),
             machines: BTreeMap::new(),
             machine_build: HashMap::new(),
             ever_launched: BTreeSet::new(),
-            max_id: 0,
+            max_id: MachineId(0),
             pending_launch: Vec::new(),
             booted: Vec::new(),
             connected: Vec::new(),
@@ -120,7 +120,7 @@ impl Env {
 
     fn queue(&mut self, pool: usize, front: bool) {
         let b = self.next_build;
-        self.next_build += 1;
+        self.next_build = self.next_build.next();
         self.builds.insert(b, (pool, BuildState::Queued));
         let name = self.specs[pool].name.clone();
         self.send(FleetEvent::BuildQueued { build: b, pool: name, front });
@@ -593,10 +593,10 @@ enum LifeOp {
 
 fn life_op() -> impl Strategy<Value = LifeOp> {
     prop_oneof![
-        4 => (1..4i64, 0..4u8).prop_map(|(machine, steps)| LifeOp::Start { machine, steps }),
+        4 => (1..4i64, 0..4u8).prop_map(|(machine, steps)| LifeOp::Start { machine: MachineId(machine), steps }),
         4 => Just(LifeOp::StepDone),
         4 => (1..4i64, 0..6u8, prop::bool::weighted(0.2))
-            .prop_map(|(machine, result, stale)| LifeOp::Report { machine, result, stale }),
+            .prop_map(|(machine, result, stale)| LifeOp::Report { machine: MachineId(machine), result, stale }),
         3 => Just(LifeOp::Lost),
         1 => any::<bool>().prop_map(|reachable| LifeOp::Cancel { reachable }),
         1 => Just(LifeOp::Abandon),
@@ -626,7 +626,7 @@ impl Request {
         }
         if t.requeue.is_some() {
             let next = paddock::core::build::BuildFacts {
-                id: f.id + 1,
+                id: f.id.next(),
                 state: paddock::core::build::BuildState::Queued,
                 attempt: f.attempt + 1,
                 machine: None,
@@ -648,7 +648,7 @@ proptest! {
     #[test]
     fn the_build_lifecycle_keeps_its_promises(ops in prop::collection::vec(life_op(), 1..60)) {
         use paddock::core::build::{decide, BuildEvent, BuildFacts, BuildState as S, FleetNext, MAX_ATTEMPTS};
-        let first = BuildFacts { id: 1, state: S::Queued, attempt: 1, machine: None, cancel_asked: false, open_step: None };
+        let first = BuildFacts { id: BuildId(1), state: S::Queued, attempt: 1, machine: None, cancel_asked: false, open_step: None };
         let mut r = Request { attempts: vec![first], open: Vec::new(), news: 0 };
         let mut cancelled = false;
         for op in ops {

@@ -111,13 +111,13 @@ async fn the_60_second_minimum_is_charged_once_the_machine_ends() {
     let farm = Farm::new().await;
     // EC2 at $3.60/h = $0.001 per second. Runs 20 s (5 s boot, 15 s idle), billed 60 s:
     // $0.06, of which boot $0.005 and idle 15 s + the 40 s top-up = $0.055.
-    farm.machine(1, "ec2pool", "ec2", &price(3.60), at(0)).await;
-    farm.connect(1, at(5 * SEC)).await;
-    farm.stop(1, at(20 * SEC)).await;
+    farm.machine(MachineId(1), "ec2pool", "ec2", &price(3.60), at(0)).await;
+    farm.connect(MachineId(1), at(5 * SEC)).await;
+    farm.stop(MachineId(1), at(20 * SEC)).await;
     // A local machine has no minimum: 20 s at the same nominal price is $0.02.
-    farm.machine(2, "localpool", "local", &price(3.60), at(0)).await;
-    farm.connect(2, at(5 * SEC)).await;
-    farm.stop(2, at(20 * SEC)).await;
+    farm.machine(MachineId(2), "localpool", "local", &price(3.60), at(0)).await;
+    farm.connect(MachineId(2), at(5 * SEC)).await;
+    farm.stop(MachineId(2), at(20 * SEC)).await;
 
     let r = farm.report(at(-HOUR), at(HOUR), "pool", at(HOUR)).await;
     let ec2 = row(&r, "ec2pool");
@@ -136,10 +136,10 @@ async fn partial_hours_split_into_boot_busy_and_idle() {
     // $1.53/h for 1 h 30 min 15 s = 5415 s: 5415 x 1.53 / 3600 = $2.301375 → $2.30.
     // Boot 92 s = $0.0391; one build of exactly 1 h = $1.53; idle 8 s before it and
     // 1715 s after it = 1723 s = $0.732275.
-    farm.machine(1, "big", "ec2", &price(1.53), at(0)).await;
-    farm.connect(1, at(92 * SEC)).await;
-    farm.build(1, "tests", "main", "Ada Lovelace", at(100 * SEC), at(100 * SEC + HOUR)).await;
-    farm.stop(1, at(5415 * SEC)).await;
+    farm.machine(MachineId(1), "big", "ec2", &price(1.53), at(0)).await;
+    farm.connect(MachineId(1), at(92 * SEC)).await;
+    farm.build(MachineId(1), "tests", "main", "Ada Lovelace", at(100 * SEC), at(100 * SEC + HOUR)).await;
+    farm.stop(MachineId(1), at(5415 * SEC)).await;
 
     let r = farm.report(at(0), at(2 * HOUR), "builder", at(2 * HOUR)).await;
     let t = &r.totals;
@@ -196,7 +196,7 @@ async fn spot_and_on_demand_are_priced_from_what_the_cloud_reported_and_the_tabl
 
     let farm = Farm::new().await;
     // Each runs exactly 2 h: on-demand 2 x 0.17 = $0.34; spot 2 x 0.0612 = $0.1224 → $0.12.
-    for (id, p) in [(1, &on_demand), (2, &spot), (3, &unknown)] {
+    for (id, p) in [(MachineId(1), &on_demand), (MachineId(2), &spot), (MachineId(3), &unknown)] {
         let p = MachinePrice { volume_hourly: Some(0.0), ..p.clone() };
         farm.machine(id, "ec2", "ec2", &p, at(0)).await;
         farm.connect(id, at(MIN)).await;
@@ -220,27 +220,27 @@ async fn a_machine_still_running_costs_what_it_has_run_so_far() {
     let farm = Farm::new().await;
     // $2.00/h, running for 45 min at report time: $1.50 so far, in the totals and in the
     // "running now" list, with its current build.
-    farm.machine(1, "p", "ec2", &price(2.0), at(0)).await;
-    farm.connect(1, at(MIN)).await;
-    let b = farm.build(1, "lint", "main", "Grace", at(2 * MIN), at(10 * MIN)).await;
+    farm.machine(MachineId(1), "p", "ec2", &price(2.0), at(0)).await;
+    farm.connect(MachineId(1), at(MIN)).await;
+    let b = farm.build(MachineId(1), "lint", "main", "Grace", at(2 * MIN), at(10 * MIN)).await;
     let running = farm
         .store
         .create_request("tests", "app", "main", "abc", "force", "test", &[], at(29 * MIN))
         .await
         .expect("request");
-    assert!(farm.store.start_build(running.id, 1, &["checkout".into()], at(30 * MIN)).await.expect("start"));
+    assert!(farm.store.start_build(running.id, MachineId(1), &["checkout".into()], at(30 * MIN)).await.expect("start"));
     let now = at(45 * MIN);
     let r = farm.report(at(-HOUR), now, "builder", now).await;
     assert_eq!(r.totals.cost, 1.5);
     assert_eq!(r.running.len(), 1);
     let m = &r.running[0];
-    assert_eq!((m.machine, m.cost_so_far, m.seconds, m.build), (1, Some(1.5), 2700.0, Some(running.id)));
+    assert_eq!((m.machine, m.cost_so_far, m.seconds, m.build), (MachineId(1), Some(1.5), 2700.0, Some(running.id)));
     // 8 min of lint ($0.2667) and 15 min of the running tests build ($0.50).
     assert_eq!(row(&r, "lint").cost, 0.2667);
     assert_eq!(row(&r, "tests").cost, 0.5);
     assert_ne!(b, running.id);
     // Young and still running: no minimum yet (it is owed only when the machine ends).
-    farm.machine(2, "p", "ec2", &price(3.6), at(45 * MIN - 30 * SEC)).await;
+    farm.machine(MachineId(2), "p", "ec2", &price(3.6), at(45 * MIN - 30 * SEC)).await;
     let r = farm.report(at(-HOUR), now, "machine", now).await;
     assert_eq!(row(&r, "2").cost, 0.03);
     // 30 days at the rate of the window's last 24 h: the window covers only 1 h 45 min, in
@@ -253,10 +253,10 @@ async fn a_machine_still_running_costs_what_it_has_run_so_far() {
 async fn a_window_that_cuts_a_life_in_two_charges_each_side_its_part() {
     let farm = Farm::new().await;
     // $1.00/h from 10:00 to 13:00, a build 10:30–11:30.
-    farm.machine(1, "p", "ec2", &price(1.0), at(0)).await;
-    farm.connect(1, at(0)).await;
-    farm.build(1, "tests", "main", "Ada", at(30 * MIN), at(90 * MIN)).await;
-    farm.stop(1, at(3 * HOUR)).await;
+    farm.machine(MachineId(1), "p", "ec2", &price(1.0), at(0)).await;
+    farm.connect(MachineId(1), at(0)).await;
+    farm.build(MachineId(1), "tests", "main", "Ada", at(30 * MIN), at(90 * MIN)).await;
+    farm.stop(MachineId(1), at(3 * HOUR)).await;
     let now = at(10 * HOUR);
     let before = farm.report(at(-HOUR), at(HOUR), "pool", now).await;
     let after = farm.report(at(HOUR), at(4 * HOUR), "pool", now).await;
@@ -275,12 +275,12 @@ async fn a_day_report_cuts_at_midnight_and_the_minimum_lands_on_the_last_day() {
     let farm = Farm::new().await;
     // $2.40/h = $0.04/min, from 23:00 to 01:00 the next day: 1 h ($2.40) on each day.
     let ten_pm = at(13 * HOUR); // 23:00Z
-    farm.machine(1, "p", "ec2", &price(2.4), ten_pm).await;
-    farm.connect(1, ten_pm).await;
-    farm.stop(1, Ts(ten_pm.0 + 2 * HOUR)).await;
+    farm.machine(MachineId(1), "p", "ec2", &price(2.4), ten_pm).await;
+    farm.connect(MachineId(1), ten_pm).await;
+    farm.stop(MachineId(1), Ts(ten_pm.0 + 2 * HOUR)).await;
     // And a 10 s machine at 00:30: billed 60 s = $0.04 on the second day.
-    farm.machine(2, "p", "ec2", &price(2.4), Ts(ten_pm.0 + 90 * MIN)).await;
-    farm.stop(2, Ts(ten_pm.0 + 90 * MIN + 10 * SEC)).await;
+    farm.machine(MachineId(2), "p", "ec2", &price(2.4), Ts(ten_pm.0 + 90 * MIN)).await;
+    farm.stop(MachineId(2), Ts(ten_pm.0 + 90 * MIN + 10 * SEC)).await;
     let r = farm.report(at(0), at(2 * 24 * HOUR), "day", at(2 * 24 * HOUR)).await;
     assert_eq!(row(&r, "2026-11-02").cost, 2.4);
     assert_eq!(row(&r, "2026-11-03").cost, 2.44);
@@ -316,9 +316,9 @@ async fn the_root_volume_is_billed_per_gb_month_prorated() {
     let farm = Farm::new().await;
     // 73 h: t3.micro 73 x 0.0104 = $0.7592; 100 GB gp3 at $0.08/GB-month for 73/730 of a
     // month = $0.80. Total $1.5592 → $1.56.
-    farm.machine(1, "ec2", "ec2", &p, at(0)).await;
-    farm.connect(1, at(0)).await;
-    farm.stop(1, at(73 * HOUR)).await;
+    farm.machine(MachineId(1), "ec2", "ec2", &p, at(0)).await;
+    farm.connect(MachineId(1), at(0)).await;
+    farm.stop(MachineId(1), at(73 * HOUR)).await;
     let r = farm.report(at(0), at(100 * HOUR), "pool", at(100 * HOUR)).await;
     assert_eq!((r.totals.instance_cost, r.totals.volume_cost, r.totals.cost), (0.7592, 0.8, 1.5592));
     assert_eq!(cents(r.totals.cost), 156);
@@ -330,8 +330,8 @@ async fn a_machine_of_unknown_price_counts_against_caps_at_the_on_demand_price()
     // A spot machine whose price lookup failed: unknown in reports, but a cap counts it at the
     // table's on-demand price for c5.xlarge in us-east-1 ($0.17/h): 2 h = $0.34.
     let unknown = MachinePrice { zone: Some("us-east-1b".into()), volume_hourly: Some(0.0), ..Default::default() };
-    farm.machine(1, "ec2", "ec2", &unknown, at(0)).await;
-    farm.stop(1, at(2 * HOUR)).await;
+    farm.machine(MachineId(1), "ec2", "ec2", &unknown, at(0)).await;
+    farm.stop(MachineId(1), at(2 * HOUR)).await;
     let r = farm.report(at(0), at(3 * HOUR), "pool", at(3 * HOUR)).await;
     assert_eq!((r.totals.cost, r.unknown_price.machines), (0.0, 1));
     let spend = paddock::cost::spend(&farm.store, at(0), at(3 * HOUR)).await.expect("spend");
@@ -344,8 +344,8 @@ async fn a_late_instance_of_a_machine_thought_never_launched_is_billed_for_its_w
     let farm = Farm::new().await;
     // The launch's outcome was unknown; when the answer became final nothing had been found,
     // so the machine ended with no launch (billed nothing)...
-    farm.store.insert_machine(1, "ec2pool", "ec2", "token-1", at(0)).await.expect("insert");
-    farm.store.set_machine_state(1, "gone", at(200 * SEC)).await.expect("gone");
+    farm.store.insert_machine(MachineId(1), "ec2pool", "ec2", "token-1", at(0)).await.expect("insert");
+    farm.store.set_machine_state(MachineId(1), "gone", at(200 * SEC)).await.expect("gone");
     let r = farm.report(at(-HOUR), at(HOUR), "pool", at(HOUR)).await;
     assert!(r.rows.is_empty(), "nothing billed yet: {:#?}", r.rows);
     // ...then its instance showed up after all, launched by the cloud at 100 s, and was
@@ -360,10 +360,18 @@ async fn a_late_instance_of_a_machine_thought_never_launched_is_billed_for_its_w
         volume_type: None,
         launched_at: Some(at(100 * SEC).0),
     };
-    assert!(farm.store.late_life(1, &launched, &price(3.60), at(100 * SEC), at(400 * SEC)).await.expect("late"));
+    assert!(farm
+        .store
+        .late_life(MachineId(1), &launched, &price(3.60), at(100 * SEC), at(400 * SEC))
+        .await
+        .expect("late"));
     let r = farm.report(at(-HOUR), at(HOUR), "pool", at(HOUR)).await;
     let ec2 = row(&r, "ec2pool");
     assert_eq!((ec2.cost, ec2.billed_seconds, ec2.boot_seconds), (0.3, 300.0, 300.0));
     // One intent, one instance: a second one is not billed over the first.
-    assert!(!farm.store.late_life(1, &launched, &price(3.60), at(500 * SEC), at(600 * SEC)).await.expect("again"));
+    assert!(!farm
+        .store
+        .late_life(MachineId(1), &launched, &price(3.60), at(500 * SEC), at(600 * SEC))
+        .await
+        .expect("again"));
 }

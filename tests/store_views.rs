@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use paddock::core::build::{BuildEvent, BuildState, Refused};
 use paddock::core::Ts;
+use paddock::core::{BuildId, MachineId};
 use paddock::store::{Standing, Store};
 
 async fn open() -> (tempfile::TempDir, Store) {
@@ -20,7 +21,7 @@ async fn latest_per_builder_branch_matches_a_full_scan() {
     let (_dir, store) = open().await;
     let builders = ["a", "b", "c-long-name"];
     let branches = ["main", "stable/1", "z"];
-    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut expected: BTreeMap<(String, String), BuildId> = BTreeMap::new();
     // An uneven spread: some pairs never built, some many times.
     for n in 0..200i64 {
         // Every builder on several branches, so the scan also steps from branch to branch.
@@ -35,7 +36,7 @@ async fn latest_per_builder_branch_matches_a_full_scan() {
             .expect("request");
         expected.insert((builder.into(), branch.into()), b.id);
     }
-    let got: BTreeMap<(String, String), i64> = store
+    let got: BTreeMap<(String, String), BuildId> = store
         .latest_per_builder_branch()
         .await
         .expect("latest")
@@ -65,8 +66,8 @@ async fn builds_of_revisions_next_attempt_and_log_tail() {
     assert!(store.builds_of_revisions(&[]).await.expect("none").is_empty());
 
     // A retried build points to its next attempt.
-    store.insert_machine(1, "local", "local", "h", Ts(4)).await.expect("machine");
-    assert!(store.start_build(one.id, 1, &["s".into()], Ts(5)).await.expect("start"));
+    store.insert_machine(MachineId(1), "local", "local", "h", Ts(4)).await.expect("machine");
+    assert!(store.start_build(one.id, MachineId(1), &["s".into()], Ts(5)).await.expect("start"));
     assert_eq!(store.next_attempt(one.id).await.expect("next"), None);
     let decided = store.build_event(one.id, &lost(), Ts(6)).await.expect("retry").expect("applies");
     let retry = decided.next.expect("new attempt");
@@ -90,22 +91,22 @@ async fn builds_of_revisions_next_attempt_and_log_tail() {
 async fn recent_machines_lists_every_live_one_and_the_newest_gone() {
     let (_dir, store) = open().await;
     for id in 1..=10 {
-        store.insert_machine(id, "local", "local", &format!("h{id}"), Ts(id)).await.expect("machine");
+        store.insert_machine(MachineId(id), "local", "local", &format!("h{id}"), Ts(id)).await.expect("machine");
         if id != 2 && id != 9 {
-            store.set_machine_state(id, "gone", Ts(100 + id)).await.expect("gone");
+            store.set_machine_state(MachineId(id), "gone", Ts(100 + id)).await.expect("gone");
         }
     }
-    let ids: Vec<i64> = store.recent_machines(3).await.expect("recent").iter().map(|m| m.id).collect();
+    let ids: Vec<MachineId> = store.recent_machines(3).await.expect("recent").iter().map(|m| m.id).collect();
     // Live 9 and 2, and the three newest gone: 10, 8, 7; newest first.
-    assert_eq!(ids, vec![10, 9, 8, 7, 2]);
+    assert_eq!(ids, [10, 9, 8, 7, 2].map(MachineId));
 }
 
 #[tokio::test]
 async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
     let (_dir, store) = open().await;
     let b = store.create_request("a", "app", "main", "r1", "force", "t", &[], Ts(1)).await.expect("request");
-    store.insert_machine(1, "local", "local", "h", Ts(2)).await.expect("machine");
-    assert!(store.start_build(b.id, 1, &["s".into()], Ts(3)).await.expect("start"));
+    store.insert_machine(MachineId(1), "local", "local", "h", Ts(2)).await.expect("machine");
+    assert!(store.start_build(b.id, MachineId(1), &["s".into()], Ts(3)).await.expect("start"));
     let t = store.build_event(b.id, &cancel(true), Ts(3)).await.expect("cancel").expect("applies");
     assert_eq!(t.transition.to, BuildState::Running, "the agent is told; it reports the end");
     // The machine is lost before the agent reports the cancel.
@@ -127,7 +128,7 @@ async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
 #[tokio::test]
 async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() {
     let (_dir, store) = open().await;
-    store.insert_machine(1, "local", "local", "h", Ts(0)).await.expect("machine");
+    store.insert_machine(MachineId(1), "local", "local", "h", Ts(0)).await.expect("machine");
     let mut t = 10;
     let mut run = |builder: &'static str, branch: &'static str, result: &'static str| {
         t += 10;
@@ -136,7 +137,7 @@ async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() 
         async move {
             let b =
                 store.create_request(builder, "app", branch, "r", "on-push", "t", &[], Ts(at)).await.expect("request");
-            assert!(store.start_build(b.id, 1, &["s".into()], Ts(at + 1)).await.expect("start"));
+            assert!(store.start_build(b.id, MachineId(1), &["s".into()], Ts(at + 1)).await.expect("start"));
             match result {
                 "retry" => {
                     store.build_event(b.id, &lost(), Ts(at + 2)).await.expect("retry").expect("applies");
@@ -144,7 +145,7 @@ async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() 
                 r => {
                     let step = if r == "success" { "success" } else { "failure" };
                     store.step_finished(b.id, 0, step, None, Ts(at + 2)).await.expect("step");
-                    store.finish_build(b.id, 1, state(r), Ts(at + 2)).await.expect("finish");
+                    store.finish_build(b.id, MachineId(1), state(r), Ts(at + 2)).await.expect("finish");
                 }
             }
             b.id
@@ -172,25 +173,25 @@ async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() 
 #[tokio::test]
 async fn the_standing_of_builds_that_finish_out_of_order() {
     let (_dir, store) = open().await;
-    store.insert_machine(1, "local", "local", "h", Ts(0)).await.expect("machine");
-    store.insert_machine(2, "local", "local", "h", Ts(0)).await.expect("machine");
+    store.insert_machine(MachineId(1), "local", "local", "h", Ts(0)).await.expect("machine");
+    store.insert_machine(MachineId(2), "local", "local", "h", Ts(0)).await.expect("machine");
     let request = |at: i64| {
         let store = store.clone();
         async move { store.create_request("a", "app", "main", "r", "change", "t", &[], Ts(at)).await.expect("request") }
     };
-    let start = |id: i64, machine: i64, at: i64| {
+    let start = |id: BuildId, machine: i64, at: i64| {
         let store = store.clone();
-        async move { assert!(store.start_build(id, machine, &["s".into()], Ts(at)).await.expect("start")) }
+        async move { assert!(store.start_build(id, MachineId(machine), &["s".into()], Ts(at)).await.expect("start")) }
     };
-    let finish = |id: i64, machine: i64, result: &'static str, at: i64| {
+    let finish = |id: BuildId, machine: i64, result: &'static str, at: i64| {
         let store = store.clone();
         async move {
             let step = if result == "success" { "success" } else { "failure" };
             store.step_finished(id, 0, step, None, Ts(at)).await.expect("step");
-            assert!(store.finish_build(id, machine, state(result), Ts(at)).await.expect("finish"))
+            assert!(store.finish_build(id, MachineId(machine), state(result), Ts(at)).await.expect("finish"))
         }
     };
-    let standing = |id: i64| {
+    let standing = |id: BuildId| {
         let store = store.clone();
         async move { store.standing(id).await.expect("standing") }
     };
@@ -246,9 +247,9 @@ async fn the_standing_of_builds_that_finish_out_of_order() {
 async fn pruning_keeps_pending_work_and_recent_records() {
     use paddock::store::NewDelivery;
     let (_dir, store) = open().await;
-    store.insert_machine(1, "local", "local", "h", Ts(0)).await.expect("machine");
+    store.insert_machine(MachineId(1), "local", "local", "h", Ts(0)).await.expect("machine");
     let b = store.create_request("a", "app", "main", "r", "force", "t", &[], Ts(1)).await.expect("request");
-    assert!(store.start_build(b.id, 1, &["s".into()], Ts(2)).await.expect("start"));
+    assert!(store.start_build(b.id, MachineId(1), &["s".into()], Ts(2)).await.expect("start"));
     let ev = store.pending_build_events(10).await.expect("events");
     let d = |event: &str| NewDelivery { notifier: "n".into(), build: b.id, event: event.into(), payload: "{}".into() };
     store.plan_deliveries(ev[0].id, &[d("started"), d("finished")], Ts(3)).await.expect("plan");
@@ -262,7 +263,7 @@ async fn pruning_keeps_pending_work_and_recent_records() {
     assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("again"), 0);
     // Nothing younger than the cut goes.
     store.step_finished(b.id, 0, "success", Some(0), Ts(20_000)).await.expect("step");
-    assert!(store.finish_build(b.id, 1, BuildState::Success, Ts(20_000)).await.expect("finish"));
+    assert!(store.finish_build(b.id, MachineId(1), BuildState::Success, Ts(20_000)).await.expect("finish"));
     assert_eq!(store.prune_notifications(Ts(10_000)).await.expect("recent kept"), 0);
 }
 

@@ -30,6 +30,7 @@ use super::imds::{self, Notice};
 use super::job::{run_job, Stop};
 use super::journal::Journal;
 use super::protocol::{Ack, AgentMsg, BuildResult, MasterMsg, Secret, MAX_LOG_BYTES};
+use crate::core::{BuildId, MachineId};
 
 /// How long the initial connection is retried.
 const CONNECT_WINDOW: Duration = Duration::from_secs(30);
@@ -133,7 +134,7 @@ pub fn ws_url(master: &str) -> Result<String, AgentError> {
 
 /// What a Welcome granted. No `Debug`: it holds the resume token.
 struct Session {
-    machine: i64,
+    machine: MachineId,
     heartbeat_secs: u64,
     resume_token: Option<String>,
     reconnect_secs: u64,
@@ -160,7 +161,7 @@ struct State {
     /// The build being run, if any.
     current: Option<Running>,
     /// The last build given to this machine, for a Resume while idle.
-    last_build: Option<i64>,
+    last_build: Option<BuildId>,
     /// Log text of one step held back (since when) for up to [`LOG_LINGER`]: lines that come
     /// in a burst (a command's header and its output) travel, and are stored, as one report.
     held_log: Option<(AgentMsg, tokio::time::Instant)>,
@@ -184,7 +185,7 @@ impl State {
     }
 
     /// The build a Resume speaks of: the one running, else the last one.
-    fn resume_build(&self) -> Option<i64> {
+    fn resume_build(&self) -> Option<BuildId> {
         self.current.as_ref().map(|r| r.build).or(self.last_build)
     }
 
@@ -242,7 +243,7 @@ impl State {
         // Taken either way: a finished JoinHandle must not be polled again. A normal end has
         // already queued its BuildFinished, which is kept in order.
         if let (Err(e), Some(run)) = (r, self.current.take()) {
-            tracing::error!(build = run.build, "build task failed: {e}");
+            tracing::error!(build = %run.build, "build task failed: {e}");
             self.keep(AgentMsg::BuildFinished { build: run.build, seq: 0, result: BuildResult::Exception });
         }
     }
@@ -295,7 +296,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
         },
         () = signals.recv() => return Ok(()),
     };
-    tracing::info!(machine = session.machine, heartbeat_secs = session.heartbeat_secs, "connected to master");
+    tracing::info!(machine = %session.machine, heartbeat_secs = session.heartbeat_secs, "connected to master");
 
     let (job_tx, mut job_rx) = mpsc::channel::<AgentMsg>(JOB_CHANNEL);
     let mut state = State::new(&opts.workdir);
@@ -341,7 +342,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
                 .await;
                 match back {
                     Some((new_sink, new_stream, new_session)) => {
-                        tracing::info!(machine = new_session.machine, "reconnected to master");
+                        tracing::info!(machine = %new_session.machine, "reconnected to master");
                         (sink, stream, session) = (new_sink, new_stream, new_session);
                     }
                     None => break false,
@@ -366,7 +367,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
                     forward = forward && send_pending(&mut sink, &mut state).await;
                 }
                 () = &mut give_up => {
-                    tracing::warn!(build = run.build, "build did not stop in time; exiting anyway");
+                    tracing::warn!(build = %run.build, "build did not stop in time; exiting anyway");
                     break;
                 }
             }
@@ -493,18 +494,18 @@ async fn connected(
                     }
                     Ok(MasterMsg::Run(job)) => {
                         if let Some(run) = state.current.as_ref() {
-                            tracing::warn!(busy_with = run.build, build = job.build, "ignoring a second build while busy");
+                            tracing::warn!(busy_with = %run.build, build = %job.build, "ignoring a second build while busy");
                             continue;
                         }
                         // Log identifiers only: the job carries secrets.
-                        tracing::info!(build = job.build, builder = %job.builder, revision = %job.revision, "running build");
+                        tracing::info!(build = %job.build, builder = %job.builder, revision = %job.revision, "running build");
                         let (cancel_tx, cancel_rx) = watch::channel(Stop::Running);
                         let tx = job_tx.clone();
                         let workdir = opts.workdir.clone();
                         let build = job.build;
                         let handle = tokio::spawn(async move {
                             let result = run_job(&job, &workdir, tx.clone(), cancel_rx).await;
-                            tracing::info!(build, result = result.as_str(), "build finished");
+                            tracing::info!(%build, result = result.as_str(), "build finished");
                             let _ = tx.send(AgentMsg::BuildFinished { build, seq: 0, result }).await;
                         });
                         state.current = Some(Running { build, handle, cancel: cancel_tx });
@@ -518,7 +519,7 @@ async fn connected(
                         // The job sees the flag, kills its step's process group and reports the
                         // build cancelled; the connection stays for the next build.
                         Some(run) if run.build == build => {
-                            tracing::info!(build, "master cancelled the build; stopping it");
+                            tracing::info!(%build, "master cancelled the build; stopping it");
                             // Never softens a stop already under way.
                             run.cancel.send_if_modified(|s| {
                                 let was = *s;
@@ -526,7 +527,7 @@ async fn connected(
                                 *s != was
                             });
                         }
-                        _ => tracing::info!(build, "cancel for a build not running here; ignored"),
+                        _ => tracing::info!(%build, "cancel for a build not running here; ignored"),
                     },
                     Ok(MasterMsg::Welcome { .. } | MasterMsg::Refused { .. }) => {
                         tracing::warn!("unexpected handshake message after welcome; ignored");
@@ -568,7 +569,7 @@ async fn connected(
 
 /// The build being run.
 struct Running {
-    build: i64,
+    build: BuildId,
     handle: JoinHandle<()>,
     cancel: watch::Sender<Stop>,
 }
@@ -631,7 +632,7 @@ async fn connect(url: &str) -> Result<Ws, AgentError> {
 #[allow(clippy::too_many_arguments)]
 async fn reconnect(
     url: &str,
-    machine: i64,
+    machine: MachineId,
     token: &str,
     window: Duration,
     job_rx: &mut mpsc::Receiver<AgentMsg>,
@@ -687,9 +688,9 @@ async fn reconnect(
 /// One reconnection attempt: connect, Resume, wait for Welcome.
 async fn resume_once(
     url: &str,
-    machine: i64,
+    machine: MachineId,
     token: &str,
-    build: Option<i64>,
+    build: Option<BuildId>,
 ) -> Result<(SplitSink<Ws, Message>, SplitStream<Ws>, Session), AgentError> {
     let timed_out = || AgentError::Protocol("reconnection attempt timed out".into());
     let connected =

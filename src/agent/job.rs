@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::protocol::{AgentMsg, BuildJob, BuildResult, JobStep, StepResult};
 use super::redact::{redact_str, Redactor};
+use crate::core::BuildId;
 
 /// What [`run_job`] is told, in increasing force.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -130,7 +131,7 @@ pub async fn run_job(job: &BuildJob, workdir: &Path, out: mpsc::Sender<AgentMsg>
 
 /// What one job's helpers share.
 struct Ctx {
-    build: i64,
+    build: BuildId,
     out: mpsc::Sender<AgentMsg>,
     /// (name, value) of every secret of the job, for redaction.
     secrets: Vec<(String, String)>,
@@ -647,7 +648,7 @@ impl Output {
 
 /// Copies a step's output into `Log` messages, redacted, batched by line / time / size.
 async fn pump_output(
-    build: i64,
+    build: BuildId,
     step: usize,
     out: mpsc::Sender<AgentMsg>,
     secrets: &[(String, String)],

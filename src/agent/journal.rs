@@ -17,6 +17,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use super::protocol::{Ack, AgentMsg, MAX_LOG_BYTES};
+use crate::core::BuildId;
 
 /// Kept reports held in memory before new ones are spilled to disk.
 pub const MEMORY_BYTES: usize = 8 * 1024 * 1024;
@@ -24,7 +25,7 @@ pub const MEMORY_BYTES: usize = 8 * 1024 * 1024;
 /// One kept report, already encoded for the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
-    build: i64,
+    build: BuildId,
     seq: u64,
     text: String,
 }
@@ -51,9 +52,9 @@ pub struct Journal {
     /// Where the spill file goes when memory is full.
     spill_path: PathBuf,
     /// The number the next report of each build gets.
-    next_seq: HashMap<i64, u64>,
+    next_seq: HashMap<BuildId, u64>,
     /// The highest number of each build the master has acknowledged.
-    acked: HashMap<i64, u64>,
+    acked: HashMap<BuildId, u64>,
     /// Kept reports in memory, oldest first; after them, those in `spill`.
     memory: VecDeque<Entry>,
     memory_bytes: usize,
@@ -61,11 +62,11 @@ pub struct Journal {
     /// How many reports at the front of `memory` went out on the current connection.
     sent: usize,
     /// Log text kept per build, for the cap; and whether the cap's notice was kept.
-    log_bytes: HashMap<i64, (usize, bool)>,
+    log_bytes: HashMap<BuildId, (usize, bool)>,
     /// Log text dropped past the cap since the last [`Journal::take_dropped`].
     dropped: usize,
     /// Builds whose BuildFinished has been kept: no report of theirs comes after it.
-    finished: std::collections::HashSet<i64>,
+    finished: std::collections::HashSet<BuildId>,
 }
 
 impl Journal {
@@ -176,7 +177,7 @@ impl Journal {
             spill.read_at += n as u64;
             spill.count -= 1;
             let text = line.trim_end_matches('\n').to_string();
-            let (build, seq) = serde_json::from_str::<AgentMsg>(&text)?.sequenced().unwrap_or((0, 0));
+            let (build, seq) = serde_json::from_str::<AgentMsg>(&text)?.sequenced().unwrap_or((BuildId(0), 0));
             self.memory_bytes += text.len();
             self.memory.push_back(Entry { build, seq, text });
         }
@@ -226,14 +227,14 @@ impl Journal {
     /// ended may still have reports on their way to the journal, and a forgotten build would
     /// number them from 1 again, which the master drops as already stored.
     pub fn forget_done(&mut self) {
-        let kept: std::collections::HashSet<i64> = self.memory.iter().map(|e| e.build).collect();
+        let kept: std::collections::HashSet<BuildId> = self.memory.iter().map(|e| e.build).collect();
         let spilled = self.spill.is_some();
         let finished = std::mem::take(&mut self.finished);
-        let keep = |b: &i64| !finished.contains(b) || kept.contains(b) || spilled;
+        let keep = |b: &BuildId| !finished.contains(b) || kept.contains(b) || spilled;
         self.next_seq.retain(|b, _| keep(b));
         self.acked.retain(|b, _| keep(b));
         self.log_bytes.retain(|b, _| keep(b));
-        let still: std::collections::HashSet<i64> = finished.iter().filter(|b| keep(b)).copied().collect();
+        let still: std::collections::HashSet<BuildId> = finished.iter().filter(|b| keep(b)).copied().collect();
         self.finished = still;
     }
 }
@@ -251,7 +252,7 @@ mod tests {
     use super::*;
     use crate::agent::protocol::{BuildResult, StepResult};
 
-    fn log(build: i64, text: &str) -> AgentMsg {
+    fn log(build: BuildId, text: &str) -> AgentMsg {
         AgentMsg::Log { build, seq: 0, step: 1, text: text.to_string() }
     }
 
@@ -268,25 +269,34 @@ mod tests {
     fn reports_are_numbered_per_build_and_kept_until_acked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut j = Journal::new(dir.path().join("spill"));
-        j.push(AgentMsg::StepStarted { build: 7, seq: 0, step: 0 }).expect("push");
-        j.push(log(7, "a\n")).expect("push");
+        j.push(AgentMsg::StepStarted { build: BuildId(7), seq: 0, step: 0 }).expect("push");
+        j.push(log(BuildId(7), "a\n")).expect("push");
         j.push(AgentMsg::Heartbeat).expect("not journaled");
-        j.push(AgentMsg::StepFinished { build: 7, seq: 0, step: 0, result: StepResult::Success, exit_code: Some(0) })
-            .expect("push");
+        j.push(AgentMsg::StepFinished {
+            build: BuildId(7),
+            seq: 0,
+            step: 0,
+            result: StepResult::Success,
+            exit_code: Some(0),
+        })
+        .expect("push");
         let sent = drain(&mut j);
-        assert_eq!(sent.iter().map(|m| m.sequenced()).collect::<Vec<_>>(), [Some((7, 1)), Some((7, 2)), Some((7, 3))]);
+        assert_eq!(
+            sent.iter().map(|m| m.sequenced()).collect::<Vec<_>>(),
+            [Some((BuildId(7), 1)), Some((BuildId(7), 2)), Some((BuildId(7), 3))]
+        );
         assert_eq!(drain(&mut j), []);
 
         // The connection dies before the master acknowledged the last one: sent again.
-        j.ack(Ack { build: 7, seq: 2 }).expect("ack");
+        j.ack(Ack { build: BuildId(7), seq: 2 }).expect("ack");
         j.rewind();
-        assert_eq!(drain(&mut j).iter().map(|m| m.sequenced()).collect::<Vec<_>>(), [Some((7, 3))]);
-        j.ack(Ack { build: 7, seq: 3 }).expect("ack");
+        assert_eq!(drain(&mut j).iter().map(|m| m.sequenced()).collect::<Vec<_>>(), [Some((BuildId(7), 3))]);
+        j.ack(Ack { build: BuildId(7), seq: 3 }).expect("ack");
         assert!(j.is_empty());
 
         // A new build counts from 1.
-        j.push(AgentMsg::BuildFinished { build: 8, seq: 0, result: BuildResult::Success }).expect("push");
-        assert_eq!(drain(&mut j).first().and_then(AgentMsg::sequenced), Some((8, 1)));
+        j.push(AgentMsg::BuildFinished { build: BuildId(8), seq: 0, result: BuildResult::Success }).expect("push");
+        assert_eq!(drain(&mut j).first().and_then(AgentMsg::sequenced), Some((BuildId(8), 1)));
     }
 
     #[test]
@@ -295,16 +305,25 @@ mod tests {
         // earlier ones arrives: their numbers must carry on, not start again from 1.
         let dir = tempfile::tempdir().expect("tempdir");
         let mut j = Journal::new(dir.path().join("spill"));
-        j.push(AgentMsg::StepStarted { build: 7, seq: 0, step: 1 }).expect("push");
+        j.push(AgentMsg::StepStarted { build: BuildId(7), seq: 0, step: 1 }).expect("push");
         drain(&mut j);
-        j.ack(Ack { build: 7, seq: 1 }).expect("ack");
+        j.ack(Ack { build: BuildId(7), seq: 1 }).expect("ack");
         j.forget_done();
-        j.push(AgentMsg::StepFinished { build: 7, seq: 0, step: 1, result: StepResult::Success, exit_code: Some(0) })
-            .expect("push");
-        j.push(AgentMsg::BuildFinished { build: 7, seq: 0, result: BuildResult::Success }).expect("push");
+        j.push(AgentMsg::StepFinished {
+            build: BuildId(7),
+            seq: 0,
+            step: 1,
+            result: StepResult::Success,
+            exit_code: Some(0),
+        })
+        .expect("push");
+        j.push(AgentMsg::BuildFinished { build: BuildId(7), seq: 0, result: BuildResult::Success }).expect("push");
         let sent = drain(&mut j);
-        assert_eq!(sent.iter().map(|m| m.sequenced()).collect::<Vec<_>>(), [Some((7, 2)), Some((7, 3))]);
-        j.ack(Ack { build: 7, seq: 3 }).expect("ack");
+        assert_eq!(
+            sent.iter().map(|m| m.sequenced()).collect::<Vec<_>>(),
+            [Some((BuildId(7), 2)), Some((BuildId(7), 3))]
+        );
+        j.ack(Ack { build: BuildId(7), seq: 3 }).expect("ack");
         j.forget_done();
         assert!(j.next_seq.is_empty() && j.finished.is_empty(), "a finished, acknowledged build is forgotten");
     }
@@ -317,7 +336,7 @@ mod tests {
         let line = "x".repeat(64 * 1024);
         let n = 2 * MEMORY_BYTES / line.len();
         for _ in 0..n {
-            j.push(log(3, &line)).expect("push");
+            j.push(log(BuildId(3), &line)).expect("push");
         }
         assert!(spill.exists(), "memory full: the rest went to disk");
         assert_eq!(j.len(), n);
@@ -339,9 +358,9 @@ mod tests {
         let mut j = Journal::new(dir.path().join("spill"));
         let chunk = "y".repeat(1024 * 1024);
         for _ in 0..(MAX_LOG_BYTES / chunk.len() + 3) {
-            j.push(log(1, &chunk)).expect("push");
+            j.push(log(BuildId(1), &chunk)).expect("push");
         }
-        j.push(AgentMsg::BuildFinished { build: 1, seq: 0, result: BuildResult::Success }).expect("push");
+        j.push(AgentMsg::BuildFinished { build: BuildId(1), seq: 0, result: BuildResult::Success }).expect("push");
         assert_eq!(j.take_dropped(), 3 * chunk.len());
         // Cap's worth of chunks, one notice, the result.
         assert_eq!(j.len(), MAX_LOG_BYTES / chunk.len() + 2);
@@ -359,6 +378,6 @@ mod tests {
             j.ack(Ack { build: b, seq: s }).expect("ack");
         }
         assert_eq!(notices, 1);
-        assert!(matches!(last, Some(AgentMsg::BuildFinished { build: 1, .. })));
+        assert!(matches!(last, Some(AgentMsg::BuildFinished { build: BuildId(1), .. })));
     }
 }

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::core::{BuildId, MachineId};
 use serde::{Deserialize, Serialize};
 
 /// Most log text stored per build attempt; past it, one notice and the rest is dropped, so a
@@ -30,12 +31,12 @@ pub enum AgentMsg {
     /// machine and the resume token of its last Welcome. `build` is the build it is running or,
     /// when idle, the last one it finished (its BuildFinished is sent again after the Welcome,
     /// in case the master never got it). Buffered messages follow the Welcome.
-    Resume { machine: i64, token: Secret, version: String, build: Option<i64> },
+    Resume { machine: MachineId, token: Secret, version: String, build: Option<BuildId> },
     /// Liveness, every `heartbeat_secs`.
     Heartbeat,
     /// A step started.
     StepStarted {
-        build: i64,
+        build: BuildId,
         /// The report's place in the build's sequence (see the module docs); 0 until the
         /// connection layer numbers it.
         #[serde(default)]
@@ -45,7 +46,7 @@ pub enum AgentMsg {
     /// Output of a step (stdout and stderr merged), already redacted by the agent (the master
     /// redacts again).
     Log {
-        build: i64,
+        build: BuildId,
         #[serde(default)]
         seq: u64,
         step: usize,
@@ -53,7 +54,7 @@ pub enum AgentMsg {
     },
     /// A step ended.
     StepFinished {
-        build: i64,
+        build: BuildId,
         #[serde(default)]
         seq: u64,
         step: usize,
@@ -63,7 +64,7 @@ pub enum AgentMsg {
     },
     /// The build ended; `result` is `success`, `failure` or `exception` (checkout failed, …).
     BuildFinished {
-        build: i64,
+        build: BuildId,
         #[serde(default)]
         seq: u64,
         result: BuildResult,
@@ -84,7 +85,7 @@ pub enum MasterMsg {
     /// reconnect within `reconnect_secs` after losing the connection; without it the agent
     /// exits when the connection ends.
     Welcome {
-        machine: i64,
+        machine: MachineId,
         heartbeat_secs: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume_token: Option<Secret>,
@@ -103,7 +104,7 @@ pub enum MasterMsg {
     Shutdown,
     /// Stop this build (someone cancelled it): kill its step, skip the rest, report it
     /// `cancelled`, and stay connected for the next one. Ignored unless it is the running build.
-    Cancel { build: i64 },
+    Cancel { build: BuildId },
     /// Every report of `build` up to and including `seq` is stored (or was not wanted): the
     /// agent may forget them.
     Ack(Ack),
@@ -112,14 +113,14 @@ pub enum MasterMsg {
 /// A point in a build's sequence of reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
-    pub build: i64,
+    pub build: BuildId,
     pub seq: u64,
 }
 
 impl AgentMsg {
     /// The build and sequence number of a report about a build; `None` for the others
     /// (handshake, heartbeat, interruption notices), which are not sequenced.
-    pub fn sequenced(&self) -> Option<(i64, u64)> {
+    pub fn sequenced(&self) -> Option<(BuildId, u64)> {
         match *self {
             AgentMsg::StepStarted { build, seq, .. }
             | AgentMsg::Log { build, seq, .. }
@@ -164,7 +165,7 @@ impl std::fmt::Debug for Secret {
 /// Everything an agent needs to run one build. Its `Debug` shows secret names, not values.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct BuildJob {
-    pub build: i64,
+    pub build: BuildId,
     pub builder: String,
     pub repo_url: String,
     pub branch: String,

@@ -136,9 +136,10 @@ impl ReportStream {
 mod tests {
     use super::*;
     use crate::agent::protocol::StepResult;
+    use crate::core::BuildId;
 
     fn log(seq: u64, text: &str) -> AgentMsg {
-        AgentMsg::Log { build: 1, seq, step: 1, text: text.to_string() }
+        AgentMsg::Log { build: BuildId(1), seq, step: 1, text: text.to_string() }
     }
 
     fn secrets() -> Vec<(String, String)> {
@@ -168,7 +169,13 @@ mod tests {
         r.stored(6);
         // A false start is released at the step's end.
         assert_eq!(r.accept(&log(7, "hunter")), Next::Hold);
-        let end = AgentMsg::StepFinished { build: 1, seq: 8, step: 1, result: StepResult::Success, exit_code: Some(0) };
+        let end = AgentMsg::StepFinished {
+            build: BuildId(1),
+            seq: 8,
+            step: 1,
+            result: StepResult::Success,
+            exit_code: Some(0),
+        };
         assert_eq!(r.accept(&end), Next::Store { after: 6, log: Some((1, "hunter".into())) });
     }
 

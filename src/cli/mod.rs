@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+use crate::core::{BuildId, MachineId};
+
 /// Paddock: a CI master that runs every build on small on-demand latent workers.
 #[derive(Debug, Parser)]
 #[command(name = "paddock", version, about)]
@@ -111,7 +113,7 @@ enum Command {
         #[command(flatten)]
         master: MasterArg,
         /// The build's id.
-        build: i64,
+        build: BuildId,
     },
     /// Queue a build by hand.
     Force {
@@ -131,21 +133,21 @@ enum Command {
         #[command(flatten)]
         master: MasterArg,
         /// The build's id.
-        build: i64,
+        build: BuildId,
     },
     /// Cancel a queued or running build (committer): a running one's step is killed.
     Cancel {
         #[command(flatten)]
         master: MasterArg,
         /// The build's id.
-        build: i64,
+        build: BuildId,
     },
     /// Stop a machine now; a build on it is retried elsewhere (admin).
     Terminate {
         #[command(flatten)]
         master: MasterArg,
         /// The machine's id (`GET /api/machines`).
-        machine: i64,
+        machine: MachineId,
     },
     /// Pause a pool: it starts no build and launches nothing until resumed (admin).
     Pause {

@@ -340,31 +340,33 @@ mod tests {
     use super::*;
 
     fn facts(state: BuildState, attempt: u32, cancel_asked: bool) -> BuildFacts {
-        let machine = (state == BuildState::Running).then_some(7);
-        BuildFacts { id: 1, state, attempt, machine, cancel_asked, open_step: None }
+        let machine = (state == BuildState::Running).then_some(MachineId(7));
+        BuildFacts { id: BuildId(1), state, attempt, machine, cancel_asked, open_step: None }
     }
 
     #[test]
     fn a_success_with_a_step_unreported_is_an_exception() {
         let mut f = facts(BuildState::Running, 1, false);
         f.open_step = Some((2, "test".into()));
-        let t = decide(&f, &BuildEvent::Reported { machine: 7, result: BuildState::Success }).expect("applies");
+        let t =
+            decide(&f, &BuildEvent::Reported { machine: MachineId(7), result: BuildState::Success }).expect("applies");
         assert_eq!(t.to, BuildState::Exception);
         assert!(t.note.is_some_and(|(i, n)| i == 2 && n.contains("step test reported no result")));
-        let t = decide(&f, &BuildEvent::Reported { machine: 7, result: BuildState::Failure }).expect("applies");
-        assert_eq!((t.to, t.fleet), (BuildState::Failure, FleetNext::MachineFree(7)));
+        let t =
+            decide(&f, &BuildEvent::Reported { machine: MachineId(7), result: BuildState::Failure }).expect("applies");
+        assert_eq!((t.to, t.fleet), (BuildState::Failure, FleetNext::MachineFree(MachineId(7))));
     }
 
     #[test]
     fn reports_from_elsewhere_or_after_the_end_change_nothing() {
         let f = facts(BuildState::Running, 1, false);
-        let ev = BuildEvent::Reported { machine: 8, result: BuildState::Success };
-        assert_eq!(decide(&f, &ev), Err(Refused::NotOnMachine(1, 8)));
-        let ev = BuildEvent::Reported { machine: 7, result: BuildState::Running };
-        assert_eq!(decide(&f, &ev), Err(Refused::NotAnEnd(1, BuildState::Running)));
+        let ev = BuildEvent::Reported { machine: MachineId(8), result: BuildState::Success };
+        assert_eq!(decide(&f, &ev), Err(Refused::NotOnMachine(BuildId(1), MachineId(8))));
+        let ev = BuildEvent::Reported { machine: MachineId(7), result: BuildState::Running };
+        assert_eq!(decide(&f, &ev), Err(Refused::NotAnEnd(BuildId(1), BuildState::Running)));
         for s in [BuildState::Success, BuildState::Retry, BuildState::Cancelled] {
             let ev = BuildEvent::Cancel { by: "ann".into(), agent_reachable: true };
-            assert_eq!(decide(&facts(s, 1, false), &ev), Err(Refused::Ended(1, s)));
+            assert_eq!(decide(&facts(s, 1, false), &ev), Err(Refused::Ended(BuildId(1), s)));
         }
     }
 
@@ -372,10 +374,13 @@ mod tests {
     fn a_cancel_is_told_to_the_agent_or_ends_the_build_and_its_machine() {
         let f = facts(BuildState::Running, 1, false);
         let t = decide(&f, &BuildEvent::Cancel { by: "ann".into(), agent_reachable: true }).expect("applies");
-        assert_eq!((t.to, t.tell_agent, t.cancel_by.as_deref()), (BuildState::Running, Some(7), Some("ann")));
+        assert_eq!(
+            (t.to, t.tell_agent, t.cancel_by.as_deref()),
+            (BuildState::Running, Some(MachineId(7)), Some("ann"))
+        );
         let t = decide(&f, &BuildEvent::Cancel { by: "ann".into(), agent_reachable: false }).expect("applies");
         assert_eq!(t.to, BuildState::Cancelled);
-        assert!(matches!(t.fleet, FleetNext::StopMachine { machine: 7, .. }));
+        assert!(matches!(t.fleet, FleetNext::StopMachine { machine: MachineId(7), .. }));
         let t = decide(
             &facts(BuildState::Queued, 1, false),
             &BuildEvent::Cancel { by: "ann".into(), agent_reachable: false },

@@ -361,7 +361,7 @@ impl Fleet {
             }
         }
         let p = self.pool_idx(pool);
-        self.next_id = self.next_id.max(machine.saturating_add(1));
+        self.next_id = self.next_id.max(machine.next());
         // A Busy row without a build (or vice versa) cannot be trusted: stop it.
         let state = match (state, build) {
             (MachineState::Busy, None) => MachineState::Stopping,
@@ -987,7 +987,7 @@ impl Fleet {
         let n = wanted.saturating_sub(available).min(room);
         for _ in 0..n {
             let id = self.next_id;
-            self.next_id += 1;
+            self.next_id = id.next();
             pool.starting += 1;
             pool.live += 1;
             let deadline = now.plus(pool.spec.boot_timeout);
@@ -1253,7 +1253,7 @@ mod tests {
     }
 
     fn fleet(specs: Vec<PoolSpec>) -> Fleet {
-        Fleet::new(specs, Duration::from_secs(60), 1)
+        Fleet::new(specs, Duration::from_secs(60), MachineId(1))
     }
 
     fn q(f: &mut Fleet, build: BuildId, now: i64) -> Vec<FleetAction> {
@@ -1282,28 +1282,28 @@ mod tests {
     #[test]
     fn queued_build_launches_and_assigns() {
         let mut f = fleet(vec![spec("p", 4, 0, 0)]);
-        let a = q(&mut f, 10, 0);
+        let a = q(&mut f, BuildId(10), 0);
         assert_eq!(
             a,
             vec![
-                FleetAction::SetState { machine: 1, state: MachineState::Requested },
-                FleetAction::Launch { machine: 1, pool: "p".into() },
-                FleetAction::SetState { machine: 1, state: MachineState::Launching },
+                FleetAction::SetState { machine: MachineId(1), state: MachineState::Requested },
+                FleetAction::Launch { machine: MachineId(1), pool: "p".into() },
+                FleetAction::SetState { machine: MachineId(1), state: MachineState::Launching },
             ]
         );
-        assert_eq!(f.machine_state(1), Some(MachineState::Launching));
-        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: format!("i-{}", 1) }, Ts(S));
-        assert_eq!(f.machine_state(1), Some(MachineState::Booting));
-        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: None }, Ts(2 * S));
-        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 10 }));
-        assert_eq!(f.machine_build(1), Some(10));
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Launching));
+        f.handle(FleetEvent::LaunchSucceeded { machine: MachineId(1), provider_id: format!("i-{}", 1) }, Ts(S));
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Booting));
+        let a = f.handle(FleetEvent::AgentConnected { machine: MachineId(1), resumed: None }, Ts(2 * S));
+        assert!(a.contains(&FleetAction::Assign { machine: MachineId(1), build: BuildId(10) }));
+        assert_eq!(f.machine_build(MachineId(1)), Some(BuildId(10)));
         assert_eq!(f.queue_len("p"), 0);
         // Finished: idle, no new launch.
-        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(3 * S));
-        assert_eq!(a, vec![FleetAction::SetState { machine: 1, state: MachineState::Idle }]);
+        let a = f.handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(10) }, Ts(3 * S));
+        assert_eq!(a, vec![FleetAction::SetState { machine: MachineId(1), state: MachineState::Idle }]);
         // Next build goes straight to the idle machine.
-        let a = q(&mut f, 11, 4 * S);
-        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }));
+        let a = q(&mut f, BuildId(11), 4 * S);
+        assert!(a.contains(&FleetAction::Assign { machine: MachineId(1), build: BuildId(11) }));
         assert!(launched(&a).is_empty());
     }
 
@@ -1311,53 +1311,53 @@ mod tests {
     fn a_held_pool_launches_nothing_but_its_warm_machine_keeps_working() {
         let mut f = fleet(vec![spec("p", 4, 0, 0)]);
         let hold = |held| FleetEvent::LaunchHold { pool: "p".into(), held };
-        assert_eq!(launched(&q(&mut f, 10, 0)), vec![1]);
-        bring_up(&mut f, 1, S);
-        assert_eq!(f.machine_build(1), Some(10));
+        assert_eq!(launched(&q(&mut f, BuildId(10), 0)), vec![MachineId(1)]);
+        bring_up(&mut f, MachineId(1), S);
+        assert_eq!(f.machine_build(MachineId(1)), Some(BuildId(10)));
         // A spend cap is reached.
         assert!(f.handle(hold(true), Ts(S)).is_empty());
-        let a = q(&mut f, 11, 2 * S);
+        let a = q(&mut f, BuildId(11), 2 * S);
         assert!(launched(&a).is_empty(), "no launch while held: {a:?}");
         // The running machine finishes and takes the queued build: no new spend needed.
-        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(3 * S));
-        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }));
-        let a = q(&mut f, 12, 4 * S);
+        let a = f.handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(10) }, Ts(3 * S));
+        assert!(a.contains(&FleetAction::Assign { machine: MachineId(1), build: BuildId(11) }));
+        let a = q(&mut f, BuildId(12), 4 * S);
         assert!(launched(&a).is_empty());
-        assert_eq!(f.queued("p"), vec![12]);
+        assert_eq!(f.queued("p"), vec![BuildId(12)]);
         // Lifted: the queue gets its machine.
-        assert_eq!(launched(&f.handle(hold(false), Ts(5 * S))), vec![2]);
+        assert_eq!(launched(&f.handle(hold(false), Ts(5 * S))), vec![MachineId(2)]);
     }
 
     #[test]
     fn a_paused_pool_starts_nothing_until_resumed() {
         let mut f = fleet(vec![spec("p", 4, 0, 0)]);
         let pause = |paused| FleetEvent::Pause { pool: "p".into(), paused };
-        assert_eq!(launched(&q(&mut f, 10, 0)), vec![1]);
-        bring_up(&mut f, 1, S);
+        assert_eq!(launched(&q(&mut f, BuildId(10), 0)), vec![MachineId(1)]);
+        bring_up(&mut f, MachineId(1), S);
         assert!(f.handle(pause(true), Ts(S)).is_empty());
         // Queued while paused: no launch, and the warm machine does not take it either.
-        assert!(q(&mut f, 11, 2 * S).is_empty());
-        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(3 * S));
-        assert_eq!(a, vec![FleetAction::SetState { machine: 1, state: MachineState::Idle }]);
-        assert_eq!(f.queued("p"), vec![11]);
+        assert!(q(&mut f, BuildId(11), 2 * S).is_empty());
+        let a = f.handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(10) }, Ts(3 * S));
+        assert_eq!(a, vec![FleetAction::SetState { machine: MachineId(1), state: MachineState::Idle }]);
+        assert_eq!(f.queued("p"), vec![BuildId(11)]);
         // Resumed: the idle machine takes the build.
         let a = f.handle(pause(false), Ts(4 * S));
-        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 11 }), "{a:?}");
+        assert!(a.contains(&FleetAction::Assign { machine: MachineId(1), build: BuildId(11) }), "{a:?}");
     }
 
     #[test]
     fn a_paused_pool_lets_its_warm_machines_time_out() {
         let mut f = fleet(vec![PoolSpec { idle_timeout: Duration::from_secs(60), ..spec("p", 4, 1, 0) }]);
         let a = f.handle(FleetEvent::Tick, Ts(0));
-        assert_eq!(launched(&a), vec![1], "min_idle keeps one warm");
-        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: format!("i-{}", 1) }, Ts(S));
-        f.handle(FleetEvent::AgentConnected { machine: 1, resumed: None }, Ts(S));
+        assert_eq!(launched(&a), vec![MachineId(1)], "min_idle keeps one warm");
+        f.handle(FleetEvent::LaunchSucceeded { machine: MachineId(1), provider_id: format!("i-{}", 1) }, Ts(S));
+        f.handle(FleetEvent::AgentConnected { machine: MachineId(1), resumed: None }, Ts(S));
         f.handle(FleetEvent::Pause { pool: "p".into(), paused: true }, Ts(2 * S));
-        f.handle(FleetEvent::Heartbeat { machine: 1 }, Ts(60 * S));
+        f.handle(FleetEvent::Heartbeat { machine: MachineId(1) }, Ts(60 * S));
         let a = f.handle(FleetEvent::Tick, Ts(62 * S));
         assert!(
             a.contains(&FleetAction::Terminate {
-                machine: 1,
+                machine: MachineId(1),
                 provider_id: Some("i-1".into()),
                 reason: "idle timeout".into()
             }),
@@ -1369,13 +1369,15 @@ mod tests {
     #[test]
     fn stopping_a_busy_machine_retries_its_build() {
         let mut f = fleet(vec![spec("p", 4, 0, 0)]);
-        q(&mut f, 10, 0);
-        bring_up(&mut f, 1, S);
-        let a = f.handle(FleetEvent::StopMachine { machine: 1, reason: "by admin".into() }, Ts(2 * S));
-        assert!(a.contains(&FleetAction::Retry { build: 10, reason: "by admin".into() }), "{a:?}");
-        assert!(has_terminate(&a, 1));
-        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
-        assert!(f.handle(FleetEvent::StopMachine { machine: 1, reason: "again".into() }, Ts(3 * S)).is_empty());
+        q(&mut f, BuildId(10), 0);
+        bring_up(&mut f, MachineId(1), S);
+        let a = f.handle(FleetEvent::StopMachine { machine: MachineId(1), reason: "by admin".into() }, Ts(2 * S));
+        assert!(a.contains(&FleetAction::Retry { build: BuildId(10), reason: "by admin".into() }), "{a:?}");
+        assert!(has_terminate(&a, MachineId(1)));
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Stopping));
+        assert!(f
+            .handle(FleetEvent::StopMachine { machine: MachineId(1), reason: "again".into() }, Ts(3 * S))
+            .is_empty());
     }
 
     #[test]
@@ -1383,56 +1385,56 @@ mod tests {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
         let mut l = Vec::new();
         for b in 0..5 {
-            l.extend(launched(&q(&mut f, b, 0)));
+            l.extend(launched(&q(&mut f, BuildId(b), 0)));
         }
-        assert_eq!(l, vec![1, 2]);
+        assert_eq!(l, vec![MachineId(1), MachineId(2)]);
         assert_eq!(f.live_machines("p"), 2);
-        assert_eq!(f.queued("p"), vec![0, 1, 2, 3, 4]);
+        assert_eq!(f.queued("p"), vec![BuildId(0), BuildId(1), BuildId(2), BuildId(3), BuildId(4)]);
     }
 
     #[test]
     fn retry_goes_to_front() {
         let mut f = fleet(vec![spec("p", 0, 0, 0)]);
-        q(&mut f, 1, 0);
-        q(&mut f, 2, 0);
-        f.handle(FleetEvent::BuildQueued { build: 3, pool: "p".into(), front: true }, Ts(0));
-        assert_eq!(f.queued("p"), vec![3, 1, 2]);
-        f.handle(FleetEvent::BuildCancelled { build: 1 }, Ts(0));
-        assert_eq!(f.queued("p"), vec![3, 2]);
+        q(&mut f, BuildId(1), 0);
+        q(&mut f, BuildId(2), 0);
+        f.handle(FleetEvent::BuildQueued { build: BuildId(3), pool: "p".into(), front: true }, Ts(0));
+        assert_eq!(f.queued("p"), vec![BuildId(3), BuildId(1), BuildId(2)]);
+        f.handle(FleetEvent::BuildCancelled { build: BuildId(1) }, Ts(0));
+        assert_eq!(f.queued("p"), vec![BuildId(3), BuildId(2)]);
         assert_eq!(f.queue_len("p"), 2);
     }
 
     #[test]
     fn duplicate_queue_is_ignored() {
         let mut f = fleet(vec![spec("p", 4, 0, 0)]);
-        q(&mut f, 1, 0);
-        assert!(q(&mut f, 1, 0).is_empty());
+        q(&mut f, BuildId(1), 0);
+        assert!(q(&mut f, BuildId(1), 0).is_empty());
         assert_eq!(f.queue_len("p"), 1);
     }
 
     #[test]
     fn launch_failure_relaunches_after_a_growing_backoff() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
-        q(&mut f, 1, 0);
-        let a = f.handle(FleetEvent::LaunchFailed { machine: 1, reason: "capacity".into() }, Ts(S));
-        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Gone }));
+        q(&mut f, BuildId(1), 0);
+        let a = f.handle(FleetEvent::LaunchFailed { machine: MachineId(1), reason: "capacity".into() }, Ts(S));
+        assert!(a.contains(&FleetAction::SetState { machine: MachineId(1), state: MachineState::Gone }));
         assert!(launched(&a).is_empty(), "not at once: {a:?}");
-        assert_eq!(f.machine_state(1), None);
+        assert_eq!(f.machine_state(MachineId(1)), None);
         // The loop sleeps until the backoff ends, then the queue gets its machine.
         assert_eq!(f.next_deadline(), Some(Ts(2 * S)));
         assert!(launched(&f.handle(FleetEvent::Tick, Ts(2 * S - 1))).is_empty());
-        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(2 * S))), vec![2]);
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(2 * S))), vec![MachineId(2)]);
         // A second failure in a row waits twice as long.
-        f.handle(FleetEvent::LaunchFailed { machine: 2, reason: "capacity".into() }, Ts(3 * S));
+        f.handle(FleetEvent::LaunchFailed { machine: MachineId(2), reason: "capacity".into() }, Ts(3 * S));
         assert_eq!(f.next_deadline(), Some(Ts(5 * S)));
         assert!(launched(&f.handle(FleetEvent::Tick, Ts(4 * S))).is_empty());
-        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(5 * S))), vec![3]);
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(5 * S))), vec![MachineId(3)]);
         // A success resets it: the next failure waits 1 s again.
-        f.handle(FleetEvent::LaunchSucceeded { machine: 3, provider_id: "i-3".into() }, Ts(6 * S));
-        let a = f.handle(FleetEvent::MachineGone { machine: 3 }, Ts(7 * S));
-        assert_eq!(launched(&a), vec![4], "{a:?}");
-        f.handle(FleetEvent::LaunchFailed { machine: 4, reason: "capacity".into() }, Ts(8 * S));
-        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(9 * S))), vec![5]);
+        f.handle(FleetEvent::LaunchSucceeded { machine: MachineId(3), provider_id: "i-3".into() }, Ts(6 * S));
+        let a = f.handle(FleetEvent::MachineGone { machine: MachineId(3) }, Ts(7 * S));
+        assert_eq!(launched(&a), vec![MachineId(4)], "{a:?}");
+        f.handle(FleetEvent::LaunchFailed { machine: MachineId(4), reason: "capacity".into() }, Ts(8 * S));
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(9 * S))), vec![MachineId(5)]);
         assert_eq!(launch_backoff(0), Duration::from_secs(1));
         assert_eq!(launch_backoff(7), Duration::from_secs(64));
         assert_eq!(launch_backoff(u32::MAX), Duration::from_secs(64), "capped");
@@ -1441,164 +1443,166 @@ mod tests {
     #[test]
     fn a_stop_decided_before_the_launch_answers_waits_for_the_answer() {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
-        q(&mut f, 1, 0);
-        q(&mut f, 2, 0);
-        for m in [1, 2] {
+        q(&mut f, BuildId(1), 0);
+        q(&mut f, BuildId(2), 0);
+        for m in [MachineId(1), MachineId(2)] {
             let a = f.stop_machine(m, "by admin", Ts(S)).expect("a launching machine can be stopped");
             // Its launch is still out: nothing to stop yet, but it is on its way out.
             assert!(!has_terminate(&a, m), "{a:?}");
             assert_eq!(f.machine_state(m), Some(MachineState::Stopping));
         }
-        assert!(!has_terminate(&f.handle(FleetEvent::Tick, Ts(2 * S)), 1));
+        assert!(!has_terminate(&f.handle(FleetEvent::Tick, Ts(2 * S)), MachineId(1)));
         // The answer names the instance: it is stopped by that id.
-        let a = f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: "i-1".into() }, Ts(3 * S));
+        let a = f.handle(FleetEvent::LaunchSucceeded { machine: MachineId(1), provider_id: "i-1".into() }, Ts(3 * S));
         assert_eq!(
             a,
             vec![FleetAction::Terminate {
-                machine: 1,
+                machine: MachineId(1),
                 provider_id: Some("i-1".into()),
                 reason: "stopped before its launch answered".into()
             }]
         );
         // A failed launch may still have left something: stopped by the machine's own id, and
         // counted against the limit until the stop is confirmed.
-        let a = f.handle(FleetEvent::LaunchFailed { machine: 2, reason: "timed out".into() }, Ts(3 * S));
+        let a = f.handle(FleetEvent::LaunchFailed { machine: MachineId(2), reason: "timed out".into() }, Ts(3 * S));
         assert!(a.contains(&FleetAction::Terminate {
-            machine: 2,
+            machine: MachineId(2),
             provider_id: None,
             reason: "launch failed: timed out".into()
         }));
-        assert_eq!(f.machine_state(2), Some(MachineState::Stopping));
+        assert_eq!(f.machine_state(MachineId(2)), Some(MachineState::Stopping));
         assert_eq!(f.live_machines("p"), 2);
         assert!(launched(&f.handle(FleetEvent::Tick, Ts(3 * S))).is_empty(), "no room until it is gone");
-        let a = f.handle(FleetEvent::MachineGone { machine: 2 }, Ts(4 * S));
-        assert_eq!(launched(&a), vec![3], "its place is free once the stop is confirmed");
+        let a = f.handle(FleetEvent::MachineGone { machine: MachineId(2) }, Ts(4 * S));
+        assert_eq!(launched(&a), vec![MachineId(3)], "its place is free once the stop is confirmed");
     }
 
     #[test]
     fn an_unknown_launch_outcome_is_looked_up_and_counted() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
-        q(&mut f, 1, 0);
-        let a = f.handle(FleetEvent::LaunchUnknown { machine: 1, reason: "timed out".into() }, Ts(S));
-        assert_eq!(a, vec![FleetAction::Resolve { machine: 1, requested_at: Ts(0) }]);
+        q(&mut f, BuildId(1), 0);
+        let a = f.handle(FleetEvent::LaunchUnknown { machine: MachineId(1), reason: "timed out".into() }, Ts(S));
+        assert_eq!(a, vec![FleetAction::Resolve { machine: MachineId(1), requested_at: Ts(0) }]);
         assert_eq!(f.live_machines("p"), 1, "it may exist: it counts against max_instances");
-        assert!(launched(&q(&mut f, 2, 2 * S)).is_empty());
+        assert!(launched(&q(&mut f, BuildId(2), 2 * S)).is_empty());
         // Found: it boots as any other.
-        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: "i-1".into() }, Ts(3 * S));
-        assert_eq!(f.machine_state(1), Some(MachineState::Booting));
+        f.handle(FleetEvent::LaunchSucceeded { machine: MachineId(1), provider_id: "i-1".into() }, Ts(3 * S));
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Booting));
         // A second unknown answer for a launch already answered asks nothing.
-        assert!(f.handle(FleetEvent::LaunchUnknown { machine: 1, reason: "late".into() }, Ts(4 * S)).is_empty());
+        assert!(f
+            .handle(FleetEvent::LaunchUnknown { machine: MachineId(1), reason: "late".into() }, Ts(4 * S))
+            .is_empty());
     }
 
     #[test]
     fn a_busy_agent_that_comes_back_with_another_build_is_refused_and_its_build_retried() {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
-        q(&mut f, 7, 0);
-        bring_up(&mut f, 1, 0);
-        f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(S));
-        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: Some(None) }, Ts(2 * S));
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Refuse { machine: 1, .. })), "{a:?}");
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })), "{a:?}");
-        assert_eq!(f.machine_state(1), Some(MachineState::Lost));
+        q(&mut f, BuildId(7), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        f.handle(FleetEvent::AgentDisconnected { machine: MachineId(1) }, Ts(S));
+        let a = f.handle(FleetEvent::AgentConnected { machine: MachineId(1), resumed: Some(None) }, Ts(2 * S));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Refuse { machine: MachineId(1), .. })), "{a:?}");
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: BuildId(7), .. })), "{a:?}");
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Lost));
         // A first hello from a machine already running is refused too, and changes nothing.
-        q(&mut f, 8, 3 * S);
-        bring_up(&mut f, 2, 3 * S);
-        let a = f.handle(FleetEvent::AgentConnected { machine: 2, resumed: None }, Ts(4 * S));
-        assert!(matches!(a.as_slice(), [FleetAction::Refuse { machine: 2, .. }]), "{a:?}");
-        assert_eq!(f.machine_build(2), Some(8));
+        q(&mut f, BuildId(8), 3 * S);
+        bring_up(&mut f, MachineId(2), 3 * S);
+        let a = f.handle(FleetEvent::AgentConnected { machine: MachineId(2), resumed: None }, Ts(4 * S));
+        assert!(matches!(a.as_slice(), [FleetAction::Refuse { machine: MachineId(2), .. }]), "{a:?}");
+        assert_eq!(f.machine_build(MachineId(2)), Some(BuildId(8)));
     }
 
     #[test]
     fn an_admins_stop_is_refused_for_what_is_not_running() {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
-        assert_eq!(f.stop_machine(1, "by admin", Ts(0)), Err(StopRefused::NotRunning));
-        q(&mut f, 1, 0);
-        bring_up(&mut f, 1, 0);
-        let a = f.stop_machine(1, "by admin", Ts(S)).expect("a running machine can be stopped");
-        assert!(has_terminate(&a, 1));
-        assert_eq!(f.stop_machine(1, "again", Ts(2 * S)), Err(StopRefused::Already(MachineState::Stopping)));
+        assert_eq!(f.stop_machine(MachineId(1), "by admin", Ts(0)), Err(StopRefused::NotRunning));
+        q(&mut f, BuildId(1), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        let a = f.stop_machine(MachineId(1), "by admin", Ts(S)).expect("a running machine can be stopped");
+        assert!(has_terminate(&a, MachineId(1)));
+        assert_eq!(f.stop_machine(MachineId(1), "again", Ts(2 * S)), Err(StopRefused::Already(MachineState::Stopping)));
     }
 
     #[test]
     fn a_refused_assignment_does_not_count_as_a_build_run() {
         let mut f = fleet(vec![spec("p", 1, 0, 1)]);
-        q(&mut f, 1, 0);
-        bring_up(&mut f, 1, 0);
-        assert_eq!(f.machine_build(1), Some(1));
+        q(&mut f, BuildId(1), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        assert_eq!(f.machine_build(MachineId(1)), Some(BuildId(1)));
         // The store refused to start it (cancelled meanwhile): the ephemeral machine is idle again.
-        let a = f.handle(FleetEvent::AssignRefused { machine: 1, build: 1 }, Ts(S));
-        assert_eq!(a, vec![FleetAction::SetState { machine: 1, state: MachineState::Idle }]);
-        assert_eq!(f.machine_builds_run(1), Some(0));
-        let a = q(&mut f, 2, 2 * S);
-        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 2 }), "{a:?}");
+        let a = f.handle(FleetEvent::AssignRefused { machine: MachineId(1), build: BuildId(1) }, Ts(S));
+        assert_eq!(a, vec![FleetAction::SetState { machine: MachineId(1), state: MachineState::Idle }]);
+        assert_eq!(f.machine_builds_run(MachineId(1)), Some(0));
+        let a = q(&mut f, BuildId(2), 2 * S);
+        assert!(a.contains(&FleetAction::Assign { machine: MachineId(1), build: BuildId(2) }), "{a:?}");
     }
 
     #[test]
     fn an_agent_lost_while_sending_its_job_retries_the_build() {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
-        q(&mut f, 1, 0);
-        bring_up(&mut f, 1, 0);
-        let a = f.handle(FleetEvent::AgentLost { machine: 1, reason: "send failed".into() }, Ts(S));
-        assert!(a.contains(&FleetAction::Retry { build: 1, reason: "send failed".into() }));
-        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Lost }));
-        assert!(has_terminate(&a, 1));
+        q(&mut f, BuildId(1), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        let a = f.handle(FleetEvent::AgentLost { machine: MachineId(1), reason: "send failed".into() }, Ts(S));
+        assert!(a.contains(&FleetAction::Retry { build: BuildId(1), reason: "send failed".into() }));
+        assert!(a.contains(&FleetAction::SetState { machine: MachineId(1), state: MachineState::Lost }));
+        assert!(has_terminate(&a, MachineId(1)));
     }
 
     #[test]
     fn a_machine_that_vanishes_while_stopping_is_gone_only_once_confirmed() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
-        q(&mut f, 1, 0);
-        bring_up(&mut f, 1, 0);
-        f.stop_machine(1, "by admin", Ts(S)).expect("running");
-        assert!(f.handle(FleetEvent::Vanished { machine: 1 }, Ts(2 * S)).is_empty());
-        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
+        q(&mut f, BuildId(1), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        f.stop_machine(MachineId(1), "by admin", Ts(S)).expect("running");
+        assert!(f.handle(FleetEvent::Vanished { machine: MachineId(1) }, Ts(2 * S)).is_empty());
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Stopping));
         // A running machine that vanishes is gone; its build was already retried by the stop.
-        q(&mut f, 2, 3 * S);
-        f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(3 * S));
-        bring_up(&mut f, 2, 4 * S);
-        assert_eq!(f.machine_build(2), Some(2));
-        let a = f.handle(FleetEvent::Vanished { machine: 2 }, Ts(5 * S));
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 2, .. })), "{a:?}");
-        assert_eq!(f.machine_state(2), None);
+        q(&mut f, BuildId(2), 3 * S);
+        f.handle(FleetEvent::MachineGone { machine: MachineId(1) }, Ts(3 * S));
+        bring_up(&mut f, MachineId(2), 4 * S);
+        assert_eq!(f.machine_build(MachineId(2)), Some(BuildId(2)));
+        let a = f.handle(FleetEvent::Vanished { machine: MachineId(2) }, Ts(5 * S));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: BuildId(2), .. })), "{a:?}");
+        assert_eq!(f.machine_state(MachineId(2)), None);
     }
 
     #[test]
     fn a_late_launch_failure_does_not_kill_a_machine_whose_agent_connected() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
-        q(&mut f, 1, 0);
+        q(&mut f, BuildId(1), 0);
         // The launch call timed out, but the instance booted and its agent connected first.
-        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: None }, Ts(S));
-        assert!(a.contains(&FleetAction::Assign { machine: 1, build: 1 }));
-        let a = f.handle(FleetEvent::LaunchFailed { machine: 1, reason: "timed out".into() }, Ts(2 * S));
+        let a = f.handle(FleetEvent::AgentConnected { machine: MachineId(1), resumed: None }, Ts(S));
+        assert!(a.contains(&FleetAction::Assign { machine: MachineId(1), build: BuildId(1) }));
+        let a = f.handle(FleetEvent::LaunchFailed { machine: MachineId(1), reason: "timed out".into() }, Ts(2 * S));
         assert!(a.is_empty(), "{a:?}");
-        assert_eq!(f.machine_build(1), Some(1));
+        assert_eq!(f.machine_build(MachineId(1)), Some(BuildId(1)));
     }
 
     #[test]
     fn boot_timeout_terminates_and_relaunches() {
         let mut f = fleet(vec![spec("p", 1, 0, 0)]);
-        q(&mut f, 1, 0);
-        f.handle(FleetEvent::LaunchSucceeded { machine: 1, provider_id: format!("i-{}", 1) }, Ts(S));
+        q(&mut f, BuildId(1), 0);
+        f.handle(FleetEvent::LaunchSucceeded { machine: MachineId(1), provider_id: format!("i-{}", 1) }, Ts(S));
         assert_eq!(f.next_deadline(), Some(Ts(300 * S)));
         assert!(f.handle(FleetEvent::Tick, Ts(299 * S)).is_empty());
         let a = f.handle(FleetEvent::Tick, Ts(300 * S));
-        assert!(has_terminate(&a, 1));
-        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
+        assert!(has_terminate(&a, MachineId(1)));
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Stopping));
         // Still counted against max_instances until gone.
         assert!(launched(&a).is_empty());
         // Gone at once: the next launch waits out the backoff a failed boot earns.
-        let a = f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(300 * S + 500));
+        let a = f.handle(FleetEvent::MachineGone { machine: MachineId(1) }, Ts(300 * S + 500));
         assert!(launched(&a).is_empty(), "{a:?}");
-        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(301 * S))), vec![2]);
+        assert_eq!(launched(&f.handle(FleetEvent::Tick, Ts(301 * S))), vec![MachineId(2)]);
     }
 
     #[test]
     fn an_idle_timeout_of_zero_stops_a_machine_as_soon_as_it_is_idle() {
         let mut f = fleet(vec![PoolSpec { idle_timeout: Duration::ZERO, ..spec("p", 1, 0, 0) }]);
-        q(&mut f, 1, 0);
-        bring_up(&mut f, 1, 0);
-        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 1 }, Ts(5 * S));
-        assert!(has_terminate(&a, 1), "stopped at once, not left to the heartbeat limit: {a:?}");
+        q(&mut f, BuildId(1), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        let a = f.handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(1) }, Ts(5 * S));
+        assert!(has_terminate(&a, MachineId(1)), "stopped at once, not left to the heartbeat limit: {a:?}");
     }
 
     #[test]
@@ -1606,112 +1610,115 @@ mod tests {
         let mut f = fleet(vec![spec("p", 3, 1, 0)]);
         // min_idle launches one machine with no queue.
         let a = f.handle(FleetEvent::Tick, Ts(0));
-        assert_eq!(launched(&a), vec![1]);
-        q(&mut f, 10, 0);
-        q(&mut f, 11, 0);
-        for m in 1..=3 {
+        assert_eq!(launched(&a), vec![MachineId(1)]);
+        q(&mut f, BuildId(10), 0);
+        q(&mut f, BuildId(11), 0);
+        for m in (1..=3).map(MachineId) {
             bring_up(&mut f, m, 0);
         }
-        f.handle(FleetEvent::BuildFinished { machine: 1, build: 10 }, Ts(10 * S));
-        f.handle(FleetEvent::BuildFinished { machine: 2, build: 11 }, Ts(20 * S));
+        f.handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(10) }, Ts(10 * S));
+        f.handle(FleetEvent::BuildFinished { machine: MachineId(2), build: BuildId(11) }, Ts(20 * S));
         // Keep heartbeats flowing so only idle timeouts matter.
         for t in (0..=700).step_by(30) {
-            for m in 1..=3 {
+            for m in (1..=3).map(MachineId) {
                 f.handle(FleetEvent::Heartbeat { machine: m }, Ts(t * S));
             }
         }
         assert_eq!(f.idle_total(), 3);
         // Machine 3 became idle at 0 (no build left), 1 at 10s, 2 at 20s.
         let a = f.handle(FleetEvent::Tick, Ts(600 * S));
-        assert!(has_terminate(&a, 3));
-        assert!(!has_terminate(&a, 1));
+        assert!(has_terminate(&a, MachineId(3)));
+        assert!(!has_terminate(&a, MachineId(1)));
         let a = f.handle(FleetEvent::Tick, Ts(625 * S));
-        assert!(has_terminate(&a, 1));
-        assert!(!has_terminate(&a, 2), "min_idle = 1 keeps the newest idle machine");
+        assert!(has_terminate(&a, MachineId(1)));
+        assert!(!has_terminate(&a, MachineId(2)), "min_idle = 1 keeps the newest idle machine");
         assert!(f.handle(FleetEvent::Tick, Ts(700 * S)).is_empty());
-        assert_eq!(f.machine_state(2), Some(MachineState::Idle));
+        assert_eq!(f.machine_state(MachineId(2)), Some(MachineState::Idle));
     }
 
     #[test]
     fn ephemeral_machine_runs_one_build() {
         let mut f = fleet(vec![spec("p", 2, 0, 1)]);
-        q(&mut f, 1, 0);
-        q(&mut f, 2, 0);
-        bring_up(&mut f, 1, 0);
-        bring_up(&mut f, 2, 0);
-        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 1 }, Ts(S));
-        assert!(has_terminate(&a, 1));
-        assert_eq!(f.machine_state(1), Some(MachineState::Stopping));
-        q(&mut f, 3, 2 * S);
+        q(&mut f, BuildId(1), 0);
+        q(&mut f, BuildId(2), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        bring_up(&mut f, MachineId(2), 0);
+        let a = f.handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(1) }, Ts(S));
+        assert!(has_terminate(&a, MachineId(1)));
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Stopping));
+        q(&mut f, BuildId(3), 2 * S);
         assert_eq!(f.queue_len("p"), 1, "the stopping machine takes nothing");
-        let a = f.handle(FleetEvent::MachineGone { machine: 1 }, Ts(3 * S));
-        assert_eq!(launched(&a), vec![3]);
+        let a = f.handle(FleetEvent::MachineGone { machine: MachineId(1) }, Ts(3 * S));
+        assert_eq!(launched(&a), vec![MachineId(3)]);
     }
 
     #[test]
     fn heartbeat_loss_retries_build() {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
-        q(&mut f, 7, 0);
-        bring_up(&mut f, 1, 0);
-        f.handle(FleetEvent::Heartbeat { machine: 1 }, Ts(30 * S));
+        q(&mut f, BuildId(7), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        f.handle(FleetEvent::Heartbeat { machine: MachineId(1) }, Ts(30 * S));
         assert!(f.handle(FleetEvent::Tick, Ts(60 * S)).is_empty());
         let a = f.handle(FleetEvent::Tick, Ts(90 * S));
-        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Lost }));
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })));
-        assert!(has_terminate(&a, 1));
-        assert_eq!(f.machine_build(1), None);
+        assert!(a.contains(&FleetAction::SetState { machine: MachineId(1), state: MachineState::Lost }));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: BuildId(7), .. })));
+        assert!(has_terminate(&a, MachineId(1)));
+        assert_eq!(f.machine_build(MachineId(1)), None);
         // The late result is ignored; the retry runs elsewhere.
-        assert!(f.handle(FleetEvent::BuildFinished { machine: 1, build: 7 }, Ts(91 * S)).is_empty());
-        let a = f.handle(FleetEvent::BuildQueued { build: 8, pool: "p".into(), front: true }, Ts(92 * S));
-        assert_eq!(launched(&a), vec![2]);
+        assert!(f
+            .handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(7) }, Ts(91 * S))
+            .is_empty());
+        let a = f.handle(FleetEvent::BuildQueued { build: BuildId(8), pool: "p".into(), front: true }, Ts(92 * S));
+        assert_eq!(launched(&a), vec![MachineId(2)]);
     }
 
     #[test]
     fn a_busy_disconnect_waits_for_the_heartbeat_limit_and_gone_retries() {
         let mut f = fleet(vec![spec("p", 3, 0, 0)]);
-        q(&mut f, 7, 0);
-        bring_up(&mut f, 1, 0);
+        q(&mut f, BuildId(7), 0);
+        bring_up(&mut f, MachineId(1), 0);
         // Its build may still run: no decision yet.
-        assert!(f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(S)).is_empty());
-        assert_eq!(f.machine_state(1), Some(MachineState::Busy));
+        assert!(f.handle(FleetEvent::AgentDisconnected { machine: MachineId(1) }, Ts(S)).is_empty());
+        assert_eq!(f.machine_state(MachineId(1)), Some(MachineState::Busy));
         // It comes back speaking of its build: accepted, the build goes on.
-        let a = f.handle(FleetEvent::AgentConnected { machine: 1, resumed: Some(Some(7)) }, Ts(10 * S));
-        assert_eq!(a, vec![FleetAction::Accept { machine: 1, build: Some(7) }]);
+        let a =
+            f.handle(FleetEvent::AgentConnected { machine: MachineId(1), resumed: Some(Some(BuildId(7))) }, Ts(10 * S));
+        assert_eq!(a, vec![FleetAction::Accept { machine: MachineId(1), build: Some(BuildId(7)) }]);
         // Gone again and silent past the heartbeat limit: lost, its build retried.
-        f.handle(FleetEvent::AgentDisconnected { machine: 1 }, Ts(11 * S));
+        f.handle(FleetEvent::AgentDisconnected { machine: MachineId(1) }, Ts(11 * S));
         assert!(f.handle(FleetEvent::Tick, Ts(69 * S)).is_empty());
         let a = f.handle(FleetEvent::Tick, Ts(70 * S));
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 7, .. })), "{a:?}");
-        assert!(a.contains(&FleetAction::SetState { machine: 1, state: MachineState::Lost }));
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: BuildId(7), .. })), "{a:?}");
+        assert!(a.contains(&FleetAction::SetState { machine: MachineId(1), state: MachineState::Lost }));
         // An idle agent that disconnects is lost at once.
-        q(&mut f, 9, 71 * S);
+        q(&mut f, BuildId(9), 71 * S);
         let m = launched(&f.handle(FleetEvent::Tick, Ts(71 * S)));
-        let m = m.first().copied().unwrap_or_else(|| f.build_machine(9).unwrap_or(2));
+        let m = m.first().copied().unwrap_or_else(|| f.build_machine(BuildId(9)).unwrap_or(MachineId(2)));
         bring_up(&mut f, m, 72 * S);
-        f.handle(FleetEvent::BuildFinished { machine: m, build: 9 }, Ts(73 * S));
+        f.handle(FleetEvent::BuildFinished { machine: m, build: BuildId(9) }, Ts(73 * S));
         let a = f.handle(FleetEvent::AgentDisconnected { machine: m }, Ts(74 * S));
         assert!(a.contains(&FleetAction::SetState { machine: m, state: MachineState::Lost }), "{a:?}");
-        q(&mut f, 8, 75 * S);
-        let m2 = m + 1;
+        q(&mut f, BuildId(8), 75 * S);
+        let m2 = m.next();
         bring_up(&mut f, m2, 75 * S);
         let a = f.handle(FleetEvent::MachineGone { machine: m2 }, Ts(76 * S));
-        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: 8, .. })), "{a:?}");
+        assert!(a.iter().any(|a| matches!(a, FleetAction::Retry { build: BuildId(8), .. })), "{a:?}");
     }
 
     #[test]
     fn drain_stops_idle_and_lets_busy_finish() {
         let mut f = fleet(vec![spec("p", 3, 0, 0)]);
-        q(&mut f, 1, 0);
-        q(&mut f, 2, 0);
-        bring_up(&mut f, 1, 0);
-        bring_up(&mut f, 2, 0);
-        f.handle(FleetEvent::BuildFinished { machine: 2, build: 2 }, Ts(S));
+        q(&mut f, BuildId(1), 0);
+        q(&mut f, BuildId(2), 0);
+        bring_up(&mut f, MachineId(1), 0);
+        bring_up(&mut f, MachineId(2), 0);
+        f.handle(FleetEvent::BuildFinished { machine: MachineId(2), build: BuildId(2) }, Ts(S));
         let a = f.handle(FleetEvent::Drain, Ts(2 * S));
-        assert!(has_terminate(&a, 2));
-        assert!(!has_terminate(&a, 1));
-        assert!(launched(&q(&mut f, 3, 3 * S)).is_empty());
-        let a = f.handle(FleetEvent::BuildFinished { machine: 1, build: 1 }, Ts(4 * S));
-        assert!(has_terminate(&a, 1));
+        assert!(has_terminate(&a, MachineId(2)));
+        assert!(!has_terminate(&a, MachineId(1)));
+        assert!(launched(&q(&mut f, BuildId(3), 3 * S)).is_empty());
+        let a = f.handle(FleetEvent::BuildFinished { machine: MachineId(1), build: BuildId(1) }, Ts(4 * S));
+        assert!(has_terminate(&a, MachineId(1)));
         assert!(f.is_draining());
         let a = f.handle(FleetEvent::Resume, Ts(5 * S));
         assert_eq!(launched(&a).len(), 1);
@@ -1721,31 +1728,31 @@ mod tests {
     fn unknown_ids_are_ignored() {
         let mut f = fleet(vec![spec("p", 2, 0, 0)]);
         for e in [
-            FleetEvent::LaunchSucceeded { machine: 99, provider_id: format!("i-{}", 99) },
-            FleetEvent::LaunchFailed { machine: 99, reason: String::new() },
-            FleetEvent::LaunchUnknown { machine: 99, reason: String::new() },
-            FleetEvent::Heartbeat { machine: 99 },
-            FleetEvent::AgentLost { machine: 99, reason: String::new() },
-            FleetEvent::AssignRefused { machine: 99, build: 1 },
-            FleetEvent::Vanished { machine: 99 },
-            FleetEvent::StopMachine { machine: 99, reason: String::new() },
-            FleetEvent::AgentDisconnected { machine: 99 },
-            FleetEvent::BuildFinished { machine: 99, build: 1 },
-            FleetEvent::MachineGone { machine: 99 },
-            FleetEvent::Interrupted { machine: 99 },
-            FleetEvent::BuildCancelled { build: 5 },
+            FleetEvent::LaunchSucceeded { machine: MachineId(99), provider_id: format!("i-{}", 99) },
+            FleetEvent::LaunchFailed { machine: MachineId(99), reason: String::new() },
+            FleetEvent::LaunchUnknown { machine: MachineId(99), reason: String::new() },
+            FleetEvent::Heartbeat { machine: MachineId(99) },
+            FleetEvent::AgentLost { machine: MachineId(99), reason: String::new() },
+            FleetEvent::AssignRefused { machine: MachineId(99), build: BuildId(1) },
+            FleetEvent::Vanished { machine: MachineId(99) },
+            FleetEvent::StopMachine { machine: MachineId(99), reason: String::new() },
+            FleetEvent::AgentDisconnected { machine: MachineId(99) },
+            FleetEvent::BuildFinished { machine: MachineId(99), build: BuildId(1) },
+            FleetEvent::MachineGone { machine: MachineId(99) },
+            FleetEvent::Interrupted { machine: MachineId(99) },
+            FleetEvent::BuildCancelled { build: BuildId(5) },
         ] {
             assert!(f.handle(e, Ts(0)).is_empty());
         }
         // An agent naming no known machine is told to go.
-        let a = f.handle(FleetEvent::AgentConnected { machine: 99, resumed: None }, Ts(0));
-        assert!(matches!(a.as_slice(), [FleetAction::Refuse { machine: 99, .. }]), "{a:?}");
+        let a = f.handle(FleetEvent::AgentConnected { machine: MachineId(99), resumed: None }, Ts(0));
+        assert!(matches!(a.as_slice(), [FleetAction::Refuse { machine: MachineId(99), .. }]), "{a:?}");
     }
 
     #[test]
     fn unknown_pool_keeps_build_queued() {
         let mut f = fleet(vec![]);
-        let a = f.handle(FleetEvent::BuildQueued { build: 1, pool: "nope".into(), front: false }, Ts(0));
+        let a = f.handle(FleetEvent::BuildQueued { build: BuildId(1), pool: "nope".into(), front: false }, Ts(0));
         assert!(a.is_empty());
         assert_eq!(f.queue_len("nope"), 1);
     }

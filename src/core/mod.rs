@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod reconcile;
 pub mod scheduler;
 
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// A point in time: milliseconds since the Unix epoch (UTC). Always passed in, never read here.
@@ -87,9 +88,49 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// A build attempt's id (the `builds` row id).
-pub type BuildId = i64;
-/// A machine's id (the `machines` row id, also the provisioner's idempotency token).
-pub type MachineId = i64;
+/// Declares a row id as its own type, so a build's id can never be passed where a machine's is
+/// expected; it is a plain integer on the wire (serde) and in the database (see `store::types`).
+macro_rules! row_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub i64);
+
+        impl $name {
+            /// The id as the integer stored in the database and sent on the wire.
+            pub const fn get(self) -> i64 {
+                self.0
+            }
+
+            /// The id after this one (ids are handed out in increasing order).
+            pub const fn next(self) -> Self {
+                $name(self.0.saturating_add(1))
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = std::num::ParseIntError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                s.parse().map($name)
+            }
+        }
+    };
+}
+
+row_id!(
+    /// A build attempt's id (the `builds` row id).
+    BuildId
+);
+row_id!(
+    /// A machine's id (the `machines` row id, also the provisioner's idempotency token).
+    MachineId
+);
 /// A stored change's id.
 pub type ChangeId = i64;

@@ -133,8 +133,8 @@ mod tests {
     fn owned_machines_are_left_alone() {
         let mut r = Reconciler::new(G);
         let v = r.judge(
-            &[l("i-1", Some(1), true)],
-            &[b(1, Some("i-1"), 0)],
+            &[l("i-1", Some(MachineId(1)), true)],
+            &[b(MachineId(1), Some("i-1"), 0)],
             &HashSet::new(),
             &HashMap::new(),
             Ts(1_000_000),
@@ -146,14 +146,14 @@ mod tests {
     #[test]
     fn orphan_is_terminated_only_after_the_grace_period() {
         let mut r = Reconciler::new(G);
-        let listing = [l("i-9", Some(9), true), l("i-x", None, true)];
+        let listing = [l("i-9", Some(MachineId(9)), true), l("i-x", None, true)];
         assert!(r.judge(&listing, &[], &HashSet::new(), &HashMap::new(), Ts(0), Ts(0)).is_empty());
         assert!(r.judge(&listing, &[], &HashSet::new(), &HashMap::new(), Ts(59_999), Ts(59_999)).is_empty());
         let v = r.judge(&listing, &[], &HashSet::new(), &HashMap::new(), Ts(60_000), Ts(60_000));
         assert_eq!(
             v,
             vec![
-                Verdict::Orphan { provider_id: "i-9".into(), machine: Some(9) },
+                Verdict::Orphan { provider_id: "i-9".into(), machine: Some(MachineId(9)) },
                 Verdict::Orphan { provider_id: "i-x".into(), machine: None }
             ]
         );
@@ -162,10 +162,10 @@ mod tests {
     #[test]
     fn instance_of_a_launch_in_flight_is_not_an_orphan() {
         let mut r = Reconciler::new(G);
-        let believed = [Believed { machine: 3, provider_id: None, launched_at: None }];
+        let believed = [Believed { machine: MachineId(3), provider_id: None, launched_at: None }];
         for t in [0, 100_000, 200_000] {
             assert!(r
-                .judge(&[l("i-3", Some(3), true)], &believed, &HashSet::new(), &HashMap::new(), Ts(t), Ts(t))
+                .judge(&[l("i-3", Some(MachineId(3)), true)], &believed, &HashSet::new(), &HashMap::new(), Ts(t), Ts(t))
                 .is_empty());
         }
     }
@@ -174,23 +174,29 @@ mod tests {
     fn a_second_instance_for_one_machine_is_an_orphan() {
         let mut r = Reconciler::new(Duration::ZERO);
         let v = r.judge(
-            &[l("i-a", Some(4), true), l("i-b", Some(4), true)],
-            &[b(4, Some("i-a"), 0)],
+            &[l("i-a", Some(MachineId(4)), true), l("i-b", Some(MachineId(4)), true)],
+            &[b(MachineId(4), Some("i-a"), 0)],
             &HashSet::new(),
             &HashMap::new(),
             Ts(0),
             Ts(0),
         );
-        assert_eq!(v, vec![Verdict::Orphan { provider_id: "i-b".into(), machine: Some(4) }]);
+        assert_eq!(v, vec![Verdict::Orphan { provider_id: "i-b".into(), machine: Some(MachineId(4)) }]);
     }
 
     #[test]
     fn a_late_instance_of_a_stopped_intent_is_an_orphan_at_once() {
         let mut r = Reconciler::new(G);
-        let over: HashMap<MachineId, Option<String>> = [(9, None)].into_iter().collect();
-        let v =
-            r.judge(&[l("i-9", Some(9), true), l("i-x", Some(10), true)], &[], &HashSet::new(), &over, Ts(0), Ts(0));
-        assert_eq!(v, vec![Verdict::Late { provider_id: "i-9".into(), machine: 9 }], "no grace for 9 only");
+        let over: HashMap<MachineId, Option<String>> = [(MachineId(9), None)].into_iter().collect();
+        let v = r.judge(
+            &[l("i-9", Some(MachineId(9)), true), l("i-x", Some(MachineId(10)), true)],
+            &[],
+            &HashSet::new(),
+            &over,
+            Ts(0),
+            Ts(0),
+        );
+        assert_eq!(v, vec![Verdict::Late { provider_id: "i-9".into(), machine: MachineId(9) }], "no grace for 9 only");
     }
 
     #[test]
@@ -198,34 +204,48 @@ mod tests {
         // The listing was taken before the stop was confirmed: it still shows the machine's
         // own instance alive. That is no second instance; the grace covers the stale listing.
         let mut r = Reconciler::new(G);
-        let over: HashMap<MachineId, Option<String>> = [(4, Some("i-4".to_string()))].into_iter().collect();
-        let listing = [l("i-4", Some(4), true)];
+        let over: HashMap<MachineId, Option<String>> = [(MachineId(4), Some("i-4".to_string()))].into_iter().collect();
+        let listing = [l("i-4", Some(MachineId(4)), true)];
         assert!(r.judge(&listing, &[], &HashSet::new(), &over, Ts(0), Ts(0)).is_empty());
-        let v =
-            r.judge(&[l("i-4", Some(4), true), l("i-4b", Some(4), true)], &[], &HashSet::new(), &over, Ts(1), Ts(1));
-        assert_eq!(v, vec![Verdict::Late { provider_id: "i-4b".into(), machine: 4 }], "another instance is late");
+        let v = r.judge(
+            &[l("i-4", Some(MachineId(4)), true), l("i-4b", Some(MachineId(4)), true)],
+            &[],
+            &HashSet::new(),
+            &over,
+            Ts(1),
+            Ts(1),
+        );
+        assert_eq!(
+            v,
+            vec![Verdict::Late { provider_id: "i-4b".into(), machine: MachineId(4) }],
+            "another instance is late"
+        );
         let v = r.judge(&listing, &[], &HashSet::new(), &over, Ts(60_000), Ts(60_000));
-        assert_eq!(v, vec![Verdict::Orphan { provider_id: "i-4".into(), machine: Some(4) }], "alive past the grace");
+        assert_eq!(
+            v,
+            vec![Verdict::Orphan { provider_id: "i-4".into(), machine: Some(MachineId(4)) }],
+            "alive past the grace"
+        );
     }
 
     #[test]
     fn missing_is_gone_only_after_the_grace_window() {
         let mut r = Reconciler::new(G);
-        let believed = [b(5, Some("i-5"), 1_000)];
+        let believed = [b(MachineId(5), Some("i-5"), 1_000)];
         assert!(
             r.judge(&[], &believed, &HashSet::new(), &HashMap::new(), Ts(30_000), Ts(30_000)).is_empty(),
             "not visible yet"
         );
         assert_eq!(
             r.judge(&[], &believed, &HashSet::new(), &HashMap::new(), Ts(61_000), Ts(61_000)),
-            vec![Verdict::Vanished { machine: 5, provider_id: "i-5".into() }]
+            vec![Verdict::Vanished { machine: MachineId(5), provider_id: "i-5".into() }]
         );
     }
 
     #[test]
     fn a_machine_launched_after_the_listing_was_taken_is_young() {
         let mut r = Reconciler::new(G);
-        let believed = [b(5, Some("i-5"), 100_000)];
+        let believed = [b(MachineId(5), Some("i-5"), 100_000)];
         // Listed at 90 s, judged at 200 s: the machine was not there to be listed.
         assert!(r.judge(&[], &believed, &HashSet::new(), &HashMap::new(), Ts(90_000), Ts(200_000)).is_empty());
     }
@@ -233,22 +253,24 @@ mod tests {
     #[test]
     fn instances_of_machines_in_other_scopes_are_not_orphans() {
         let mut r = Reconciler::new(Duration::ZERO);
-        let elsewhere = HashSet::from([8]);
-        assert!(r.judge(&[l("i-8", Some(8), true)], &[], &elsewhere, &HashMap::new(), Ts(0), Ts(0)).is_empty());
+        let elsewhere = HashSet::from([MachineId(8)]);
+        assert!(r
+            .judge(&[l("i-8", Some(MachineId(8)), true)], &[], &elsewhere, &HashMap::new(), Ts(0), Ts(0))
+            .is_empty());
     }
 
     #[test]
     fn stopped_or_shutting_down_is_gone_at_once() {
         let mut r = Reconciler::new(G);
         let v = r.judge(
-            &[l("i-6", Some(6), false)],
-            &[b(6, Some("i-6"), 0)],
+            &[l("i-6", Some(MachineId(6)), false)],
+            &[b(MachineId(6), Some("i-6"), 0)],
             &HashSet::new(),
             &HashMap::new(),
             Ts(1),
             Ts(1),
         );
-        assert_eq!(v, vec![Verdict::Vanished { machine: 6, provider_id: "i-6".into() }]);
+        assert_eq!(v, vec![Verdict::Vanished { machine: MachineId(6), provider_id: "i-6".into() }]);
     }
 
     #[test]

@@ -120,11 +120,11 @@ mod tests {
 
     fn life() -> Life {
         Life {
-            machine: 1,
+            machine: MachineId(1),
             start: Some(s(100)),
             connected: Some(s(130)),
             end: Some(s(400)),
-            builds: vec![(7, s(150), Some(s(250))), (8, s(300), Some(s(350)))],
+            builds: vec![(BuildId(7), s(150), Some(s(250))), (BuildId(8), s(300), Some(s(350)))],
             minimum_ms: EC2_MINIMUM_MS,
         }
     }
@@ -136,9 +136,9 @@ mod tests {
             vec![
                 (100, 30, Use::Boot, None),
                 (130, 20, Use::Idle, None),
-                (150, 100, Use::Busy, Some(7)),
+                (150, 100, Use::Busy, Some(BuildId(7))),
                 (250, 50, Use::Idle, None),
-                (300, 50, Use::Busy, Some(8)),
+                (300, 50, Use::Busy, Some(BuildId(8))),
                 (350, 50, Use::Idle, None),
             ]
         );
@@ -149,7 +149,11 @@ mod tests {
     fn a_window_cuts_stretches() {
         assert_eq!(
             collect(&life(), 200, 320, 1000),
-            vec![(200, 50, Use::Busy, Some(7)), (250, 50, Use::Idle, None), (300, 20, Use::Busy, Some(8))]
+            vec![
+                (200, 50, Use::Busy, Some(BuildId(7))),
+                (250, 50, Use::Idle, None),
+                (300, 20, Use::Busy, Some(BuildId(8)))
+            ]
         );
     }
 
@@ -170,10 +174,10 @@ mod tests {
 
     #[test]
     fn a_running_machine_is_billed_up_to_now_without_the_minimum_yet() {
-        let l = Life { end: None, builds: vec![(7, s(150), None)], ..life() };
+        let l = Life { end: None, builds: vec![(BuildId(7), s(150), None)], ..life() };
         assert_eq!(
             collect(&l, 0, 1000, 170),
-            vec![(100, 30, Use::Boot, None), (130, 20, Use::Idle, None), (150, 20, Use::Busy, Some(7))]
+            vec![(100, 30, Use::Boot, None), (130, 20, Use::Idle, None), (150, 20, Use::Busy, Some(BuildId(7)))]
         );
         let young = Life { start: Some(s(100)), connected: None, end: None, builds: vec![], ..life() };
         assert_eq!(young.billed_ms(s(120)), 20_000);

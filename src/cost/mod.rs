@@ -167,7 +167,7 @@ fn build_label(detail: &str, names: &mut HashSet<Arc<str>>) -> Option<(BuildId, 
 
 /// Adds one meter event to a machine's life.
 fn apply_event(l: &mut Life, at: Ts, kind: &str, detail: &str) {
-    let build = || detail.split_whitespace().next().and_then(|b| b.parse::<i64>().ok());
+    let build = || detail.split_whitespace().next().and_then(|b| b.parse::<BuildId>().ok());
     match kind {
         "launched" => l.start = l.start.or(Some(at)),
         "connected" => l.connected = l.connected.or(Some(at)),
@@ -231,7 +231,7 @@ mod tests {
         apply_event(&mut l, Ts(9), "gone", "");
         assert_eq!(
             (l.start, l.connected, l.end, l.builds),
-            (Some(Ts(1)), Some(Ts(2)), Some(Ts(9)), vec![(7, Ts(3), Some(Ts(4))), (8, Ts(5), None)])
+            (Some(Ts(1)), Some(Ts(2)), Some(Ts(9)), vec![(BuildId(7), Ts(3), Some(Ts(4))), (BuildId(8), Ts(5), None)])
         );
     }
 }

@@ -199,11 +199,12 @@ fn payload(n: &Notifier, event: NotifyOn, facts: &Facts, text: &str) -> serde_js
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::{BuildId, MachineId};
 
     fn facts(state: &str, previous: Option<&str>) -> Facts {
         Facts {
             build: BuildRow {
-                id: 42,
+                id: BuildId(42),
                 request: 7,
                 builder: "py3.12-sqlite".into(),
                 repo: "app".into(),
@@ -211,7 +212,7 @@ mod tests {
                 revision: "0123456789abcdef0123456789abcdef01234567".into(),
                 state: crate::core::build::BuildState::parse(state)
                     .unwrap_or(crate::core::build::BuildState::Exception),
-                machine: Some(3),
+                machine: Some(MachineId(3)),
                 attempt: 1,
                 reason: "change 9 on main".into(),
                 queued_at: "2026-11-25T10:00:00.000Z".into(),

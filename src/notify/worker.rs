@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{email, github, irc, plan, webhook, Facts};
 use crate::config::{Config, Notifier, NotifierKind};
-use crate::core::Ts;
+use crate::core::{BuildId, Ts};
 use crate::runtime::Shared;
 use crate::store::{Delivery, StoreError};
 use tokio_rustls::rustls::pki_types::CertificateDer;
@@ -234,7 +234,7 @@ impl irc::Answers for StoreAnswers {
 }
 
 async fn answer(shared: &Shared, q: irc::Question) -> Result<Vec<String>, StoreError> {
-    let page = |id: i64| format!("{}/builds/{id}", shared.url.trim_end_matches('/'));
+    let page = |id: BuildId| format!("{}/builds/{id}", shared.url.trim_end_matches('/'));
     Ok(match q {
         irc::Question::Help | irc::Question::Unknown(_) => {
             let lead = match q {
@@ -378,7 +378,7 @@ pub async fn plan_pending(shared: &Shared, notifiers: &Notifiers) -> Result<usiz
 const MAIL_LOG_LINES: usize = 40;
 
 /// The last lines of a build's log (at most 8 KiB).
-async fn log_tail(shared: &Shared, build: i64) -> Result<String, StoreError> {
+async fn log_tail(shared: &Shared, build: BuildId) -> Result<String, StoreError> {
     let (chunks, _) = shared.store.log_tail(build, 8 * 1024).await?;
     let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
     let lines: Vec<&str> = text.lines().collect();
@@ -469,16 +469,16 @@ async fn record(shared: &Shared, d: &Delivery, outcome: Result<(), webhook::Send
     let now = shared.now();
     match outcome {
         Ok(()) => {
-            tracing::info!(notifier = %d.notifier, build = d.build, event = %d.event, "notification sent");
+            tracing::info!(notifier = %d.notifier, build = %d.build, event = %d.event, "notification sent");
             shared.store.delivery_sent(d.id, now).await
         }
         Err(webhook::SendError::Retry(why)) if d.attempts + 1 < MAX_ATTEMPTS => {
             let wait = backoff(d.attempts);
-            tracing::warn!(notifier = %d.notifier, build = d.build, retry_in = ?wait, "notification failed: {why}");
+            tracing::warn!(notifier = %d.notifier, build = %d.build, retry_in = ?wait, "notification failed: {why}");
             shared.store.delivery_failed(d.id, &why, Some(Ts(now.0 + wait.as_millis() as i64))).await
         }
         Err(e) => {
-            tracing::error!(notifier = %d.notifier, build = d.build, attempts = d.attempts + 1, "notification given up: {e}");
+            tracing::error!(notifier = %d.notifier, build = %d.build, attempts = d.attempts + 1, "notification given up: {e}");
             shared.store.delivery_failed(d.id, &e.to_string(), None).await
         }
     }

@@ -45,7 +45,7 @@ impl Master {
                     _ => "local",
                 };
                 store.insert_machine(machine, &pool, kind, &hash_token(&token), now).await?;
-                let spec = LaunchSpec { machine_id: machine, pool, master_url: self.shared.url.clone(), token };
+                let spec = LaunchSpec { machine_id: machine.get(), pool, master_url: self.shared.url.clone(), token };
                 let inputs = self.shared.master.clone();
                 tokio::spawn(async move {
                     let result = match tokio::time::timeout(LAUNCH_TIMEOUT, provisioner.launch(spec)).await {
@@ -63,7 +63,7 @@ impl Master {
             }
             FleetAction::Assign { machine, build } => self.assign(machine, build, now).await?,
             FleetAction::Terminate { machine, provider_id, reason } => {
-                tracing::info!(machine, %reason, "stopping machine");
+                tracing::info!(%machine, %reason, "stopping machine");
                 store.machine_event(machine, "stop_requested", &reason, now).await?;
                 self.terminate(machine, provider_id.unwrap_or_default());
             }
@@ -75,7 +75,7 @@ impl Master {
                     self.agents.insert(machine, agent);
                 }
                 if let Some(b) = build {
-                    tracing::info!(machine, build = b, "agent reconnected; its build carries on");
+                    tracing::info!(%machine, build = %b, "agent reconnected; its build carries on");
                     // A cancel sent while the connection was dying may never have arrived.
                     let row = store.build(b).await?;
                     if row
@@ -89,14 +89,14 @@ impl Master {
             }
             FleetAction::Refuse { machine, reason } => {
                 if let Some((_, tx)) = self.connecting.remove(&machine) {
-                    tracing::warn!(machine, %reason, "agent connection refused; telling it to stop");
+                    tracing::warn!(%machine, %reason, "agent connection refused; telling it to stop");
                     let _ = tx.send(MasterMsg::Shutdown);
                 }
             }
             FleetAction::Retry { build, reason } => {
                 // The fleet has freed the machine already; an attempt that had ended is left be.
                 if let Err(why) = self.build_event(build, BuildEvent::Lost { reason }).await? {
-                    tracing::debug!(build, "no retry: {why}");
+                    tracing::debug!(%build, "no retry: {why}");
                 }
             }
         }
@@ -116,8 +116,8 @@ impl Master {
             // The machine is gone only once the provisioner says so; until then it stays
             // `stopping` (and counts against the pool's limit), and the stop is retried.
             let mut delay = Duration::from_secs(1);
-            while let Err(e) = provisioner.terminate(machine, &provider_id).await {
-                tracing::error!(machine, retry_in = ?delay, "terminate failed: {e}");
+            while let Err(e) = provisioner.terminate(machine.get(), &provider_id).await {
+                tracing::error!(%machine, retry_in = ?delay, "terminate failed: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(60));
             }
@@ -140,7 +140,7 @@ impl Master {
         let job = match job::assemble(&self.shared.config, &self.shared.secrets, &row) {
             Ok(job) => job,
             Err(message) => {
-                tracing::warn!(build, %message, "build cannot start");
+                tracing::warn!(%build, %message, "build cannot start");
                 if store.start_build(build, machine, &["setup".to_string()], now).await? {
                     store.append_log(build, 0, &format!("paddock: {message}\n"), now).await?;
                     store.step_finished(build, 0, "exception", None, now).await?;
@@ -164,7 +164,7 @@ impl Master {
         if let Ok(mut running) = self.shared.running.lock() {
             running.insert(build, RunningBuild::new(machine, &secrets, 0, 0));
         }
-        tracing::info!(build, machine, builder = %row.builder, "build started");
+        tracing::info!(%build, %machine, builder = %row.builder, "build started");
         if tx.send(MasterMsg::Run(Box::new(job))).is_err() {
             let reason = "its agent's connection closed as the build was sent".to_string();
             self.pending.push_back(FleetEvent::AgentLost { machine, reason });

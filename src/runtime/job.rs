@@ -56,11 +56,12 @@ pub fn assemble(config: &Config, secrets: &Secrets, row: &BuildRow) -> Result<Bu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::BuildId;
     use std::os::unix::fs::PermissionsExt;
 
     fn row(builder: &str) -> BuildRow {
         BuildRow {
-            id: 7,
+            id: BuildId(7),
             request: 1,
             builder: builder.into(),
             repo: "app".into(),
@@ -91,7 +92,7 @@ mod tests {
         let job = assemble(&config, &secrets, &row("b")).expect("job");
         assert_eq!(
             (job.build, job.repo_url.as_str(), job.revision.as_str()),
-            (7, "https://git.example.com/app.git", "abc")
+            (BuildId(7), "https://git.example.com/app.git", "abc")
         );
         assert_eq!(job.steps.len(), 2);
         assert_eq!(job.secrets.keys().collect::<Vec<_>>(), ["TOKEN"]);

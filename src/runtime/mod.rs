@@ -449,7 +449,7 @@ impl Master {
     ) -> Result<Master, MasterError> {
         let config = &shared.config;
         let pools = config.pool_specs();
-        let first_id = shared.store.max_machine_id().await? + 1;
+        let first_id = shared.store.max_machine_id().await?.next();
         let fleet = Fleet::new(pools, config.master.heartbeat_timeout, first_id);
         let specs = config.scheduler_specs();
         let mut sched = Schedulers::new(specs, shared.now())?;
@@ -479,7 +479,7 @@ impl Master {
                 self.pending.push_back(FleetEvent::BuildQueued { build: b.id, pool: builder.pool.clone(), front })
             }
             None => {
-                tracing::warn!(build = b.id, builder = %b.builder, "queued build's builder is no longer configured")
+                tracing::warn!(build = %b.id, builder = %b.builder, "queued build's builder is no longer configured")
             }
         }
     }
@@ -519,11 +519,19 @@ mod tests {
         let config = crate::config::parse(&text, &dir.path().join("paddock.toml")).expect("config");
         let store = Store::open(&db).await.expect("store");
         let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
-        store.insert_machine(7, "spot", "local", "hash", clock.now()).await.expect("machine");
+        store.insert_machine(MachineId(7), "spot", "local", "hash", clock.now()).await.expect("machine");
         let (tx, rx) = mpsc::channel(16);
         let shared = Arc::new(Shared::for_test(config, store.clone(), clock.clone(), tx));
         let mut master = Master::new(shared, HashMap::new(), rx).await.expect("master");
-        master.fleet.restore_machine(7, "spot", MachineState::Idle, None, 0, Some("i-7".into()), clock.now());
+        master.fleet.restore_machine(
+            MachineId(7),
+            "spot",
+            MachineState::Idle,
+            None,
+            0,
+            Some("i-7".into()),
+            clock.now(),
+        );
         let interrupted = |db: String| async move {
             let pool = sqlx::SqlitePool::connect(&db).await.expect("db");
             let rows: Vec<String> = sqlx::query_scalar(
@@ -536,12 +544,12 @@ mod tests {
             rows
         };
 
-        master.interrupted(7, "spot-interruption: terminate at 20:00").await.expect("acted on");
+        master.interrupted(MachineId(7), "spot-interruption: terminate at 20:00").await.expect("acted on");
         master.drain_pending().await.expect("fleet");
-        assert_ne!(master.fleet.machine_state(7), Some(MachineState::Idle), "the fleet gave the machine up");
+        assert_ne!(master.fleet.machine_state(MachineId(7)), Some(MachineState::Idle), "the fleet gave the machine up");
         assert_eq!(interrupted(db.clone()).await, ["spot-interruption: terminate at 20:00"]);
 
-        master.interrupted(7, "spot-interruption: terminate at 20:00").await.expect("ignored");
+        master.interrupted(MachineId(7), "spot-interruption: terminate at 20:00").await.expect("ignored");
         master.drain_pending().await.expect("fleet");
         assert_eq!(interrupted(db.clone()).await.len(), 1, "recorded once");
     }

@@ -74,7 +74,7 @@ impl Master {
         for b in store.builds_in_state("queued").await? {
             if self.shared.config.builder(&b.builder).is_none() {
                 let reason = format!("builder {} is no longer configured", b.builder);
-                tracing::warn!(build = b.id, %reason, "queued build abandoned");
+                tracing::warn!(build = %b.id, %reason, "queued build abandoned");
                 store.build_event(b.id, &BuildEvent::Abandon { reason }, now).await?.ok();
                 continue;
             }
@@ -104,9 +104,9 @@ impl Master {
     pub(super) async fn stop_leftover(&mut self, m: &crate::store::MachineRow) -> Result<(), MasterError> {
         if let Some(p) = self.provisioners.get(&m.pool) {
             let pid = m.provider_id.as_deref().unwrap_or("");
-            tracing::info!(machine = m.id, provider_id = pid, "stopping machine left by the previous run");
-            if let Err(e) = p.terminate(m.id, pid).await {
-                tracing::error!(machine = m.id, "cannot stop leftover machine: {e}");
+            tracing::info!(machine = %m.id, provider_id = pid, "stopping machine left by the previous run");
+            if let Err(e) = p.terminate(m.id.get(), pid).await {
+                tracing::error!(machine = %m.id, "cannot stop leftover machine: {e}");
                 return Ok(());
             }
         }
@@ -129,7 +129,7 @@ impl Master {
             self.shared.store.set_machine_state(m.id, MachineState::Booting.as_str(), now).await?;
         }
         tracing::info!(
-            machine = m.id,
+            machine = %m.id,
             "keeping a machine of the previous run that is still booting; waiting for its agent"
         );
         Ok(())
@@ -142,7 +142,7 @@ impl Master {
         let requested_at = crate::cost::parse_ts(&m.requested_at).unwrap_or_else(|| self.shared.now());
         self.fleet.restore_machine(m.id, &m.pool, MachineState::Launching, None, 0, None, requested_at);
         tracing::info!(
-            machine = m.id,
+            machine = %m.id,
             "the previous run died while launching this machine; asking the provider for it"
         );
         self.spawn_resolve(m.id, requested_at, "the master restarted during the launch".to_string());
@@ -161,14 +161,14 @@ impl Master {
         let (inputs, clock) = (self.shared.master.clone(), self.shared.clock.clone());
         tokio::spawn(async move {
             let result = loop {
-                match p.find(machine).await {
+                match p.find(machine.get()).await {
                     Ok(Some(found)) if found.alive => break LaunchOutcome::Up(found.launched),
                     Ok(Some(found)) => break LaunchOutcome::Ran(found.launched),
                     Ok(None) if clock.now() >= final_at => {
                         break LaunchOutcome::Failed(format!("{why}; no machine was started (none found by its id)"))
                     }
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(machine, "cannot look the machine up yet; trying again: {e}"),
+                    Err(e) => tracing::warn!(%machine, "cannot look the machine up yet; trying again: {e}"),
                 }
                 tokio::time::sleep(RESOLVE_POLL).await;
             };
@@ -182,10 +182,10 @@ impl Master {
     pub(super) async fn alive_machines(&self, live: &[crate::store::MachineRow]) -> HashMap<MachineId, Liveness> {
         let mut alive = HashMap::new();
         for (pool, p) in &self.provisioners {
-            let known: Vec<(MachineId, String)> = live
+            let known: Vec<(i64, String)> = live
                 .iter()
                 .filter(|m| &m.pool == pool)
-                .filter_map(|m| m.provider_id.clone().map(|pid| (m.id, pid)))
+                .filter_map(|m| m.provider_id.clone().map(|pid| (m.id.get(), pid)))
                 .collect();
             if known.is_empty() {
                 continue;
@@ -194,7 +194,7 @@ impl Master {
             for attempt in 1..=3u32 {
                 match p.list(&known).await {
                     Ok(listed) => {
-                        let up = listed.iter().filter(|l| l.alive).filter_map(|l| l.machine_id);
+                        let up = listed.iter().filter(|l| l.alive).filter_map(|l| l.machine_id).map(MachineId);
                         alive.extend(up.map(|m| (m, Liveness::Alive)));
                         listed_ok = true;
                         break;
@@ -207,7 +207,7 @@ impl Master {
             }
             if !listed_ok {
                 tracing::warn!(%pool, "the provider did not answer: the previous run's machines are taken as alive until their agents say otherwise");
-                alive.extend(known.iter().map(|(m, _)| (*m, Liveness::Unknown)));
+                alive.extend(known.iter().map(|(m, _)| (MachineId(*m), Liveness::Unknown)));
             }
         }
         alive
@@ -222,17 +222,17 @@ impl Master {
     ) -> Result<Option<paddock_provisioners::Found>, MasterError> {
         let Some(p) = self.provisioners.get(&m.pool).cloned() else { return Ok(None) };
         for attempt in 1..=3u32 {
-            match p.find(m.id).await {
+            match p.find(m.id.get()).await {
                 Ok(Some(found)) => {
                     let now = self.shared.now();
                     let requested_at = crate::cost::parse_ts(&m.requested_at);
                     self.record_launch(m.id, &m.pool, &found.launched, requested_at, now).await?;
-                    tracing::info!(machine = m.id, instance = %found.launched.provider_id, "found a machine of the previous run that no launch answer named");
+                    tracing::info!(machine = %m.id, instance = %found.launched.provider_id, "found a machine of the previous run that no launch answer named");
                     return Ok(Some(found));
                 }
                 Ok(None) => return Ok(None),
                 Err(e) => {
-                    tracing::warn!(machine = m.id, attempt, "cannot look up a machine of the previous run: {e}");
+                    tracing::warn!(machine = %m.id, attempt, "cannot look up a machine of the previous run: {e}");
                     tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
                 }
             }
@@ -267,15 +267,15 @@ impl Master {
         let pid = Some(a.pid.clone());
         self.fleet.restore_machine(m.id, &m.pool, MachineState::Busy, Some(a.build.id), builds_run, pid, now);
         if self.fleet.machine_build(m.id) != Some(a.build.id) {
-            tracing::error!(machine = m.id, build = a.build.id, "the fleet refused to adopt the machine");
+            tracing::error!(machine = %m.id, build = %a.build.id, "the fleet refused to adopt the machine");
             return false;
         }
         if let Ok(mut r) = self.shared.running.lock() {
             r.insert(a.build.id, RunningBuild::new(m.id, &a.secrets, a.applied, a.log_bytes));
         }
         tracing::info!(
-            machine = m.id,
-            build = a.build.id,
+            machine = %m.id,
+            build = %a.build.id,
             "adopting a machine still running a build; waiting for its agent"
         );
         true

@@ -266,7 +266,7 @@ struct Sim<'a> {
 
 impl<'a> Sim<'a> {
     fn new(config: &'a Config, repo: &str, model: &'a Model, start: Ts) -> Result<Sim<'a>, SimError> {
-        let fleet = Fleet::new(config.pool_specs(), NO_HEARTBEAT_LOSS, 1);
+        let fleet = Fleet::new(config.pool_specs(), NO_HEARTBEAT_LOSS, MachineId(1));
         let sched = Schedulers::new(config.scheduler_specs(), start)?;
         let pool_index = config.pools.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
         let builder_names: Vec<String> = config.builders.iter().map(|b| b.name.clone()).collect();
@@ -292,7 +292,7 @@ impl<'a> Sim<'a> {
             pending: VecDeque::new(),
             requests: Vec::new(),
             attempts: HashMap::new(),
-            next_attempt: 1,
+            next_attempt: BuildId(1),
             machines: HashMap::new(),
             builder_busy: vec![0.0; builder_names.len()],
             builder_index,
@@ -463,7 +463,7 @@ impl<'a> Sim<'a> {
 
     fn new_attempt(&mut self, request: usize) -> BuildId {
         let id = self.next_attempt;
-        self.next_attempt += 1;
+        self.next_attempt = self.next_attempt.next();
         self.attempts.insert(id, request);
         id
     }
@@ -492,7 +492,7 @@ impl<'a> Sim<'a> {
                 acc.totals.peak_machines = acc.totals.peak_machines.max(acc.alive);
                 self.total_alive += 1;
                 self.total_peak = self.total_peak.max(self.total_alive);
-                let boot = self.model.boot.sample(self.model.seed, &[1, machine as u64]);
+                let boot = self.model.boot.sample(self.model.seed, &[1, machine.get() as u64]);
                 self.push(now.plus(boot), Ev::Booted(machine));
                 let provider_id = format!("sim-{machine}");
                 self.pending.push_back(FleetEvent::LaunchSucceeded { machine, provider_id });

@@ -5,8 +5,8 @@ use super::*;
 impl Store {
     /// The largest machine id ever used (ids are never reused: they are idempotency tokens).
     pub async fn max_machine_id(&self) -> Result<MachineId> {
-        let id: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM machines").fetch_one(&self.pool).await?;
-        Ok(id.unwrap_or(0))
+        let id: Option<MachineId> = sqlx::query_scalar("SELECT MAX(id) FROM machines").fetch_one(&self.pool).await?;
+        Ok(id.unwrap_or_default())
     }
 
     /// Writes a machine's row in `requested` state, before anything is launched.
@@ -74,7 +74,7 @@ impl Store {
     ) -> Result<std::collections::HashMap<MachineId, Option<String>>> {
         let mut gone = std::collections::HashMap::new();
         for id in ids {
-            let row: Option<(i64, Option<String>)> =
+            let row: Option<(MachineId, Option<String>)> =
                 sqlx::query_as("SELECT id, provider_id FROM machines WHERE id = ? AND state = 'gone'")
                     .bind(id)
                     .fetch_optional(&self.pool)
@@ -162,7 +162,7 @@ impl Store {
     /// The machine whose one-time token this is, if the token is unspent and the machine is
     /// starting: what authorises a machine to download the agent while it boots.
     pub async fn machine_for_unused_token(&self, token_hash: &str) -> Result<Option<MachineId>> {
-        let id: Option<i64> = sqlx::query_scalar(
+        let id: Option<MachineId> = sqlx::query_scalar(
             "SELECT id FROM machines
              WHERE token_hash = ? AND token_used = 0 AND state IN ('requested', 'launching', 'booting')",
         )
@@ -177,7 +177,7 @@ impl Store {
     pub async fn claim_token(&self, token_hash: &str, now: Ts) -> Result<Option<MachineId>> {
         let now_s = ts_string(now);
         let mut tx = self.pool.begin().await?;
-        let id: Option<i64> = sqlx::query_scalar(
+        let id: Option<MachineId> = sqlx::query_scalar(
             "UPDATE machines SET token_used = 1, connected_at = ?
              WHERE token_hash = ? AND token_used = 0 AND state NOT IN ('gone', 'stopping', 'lost') RETURNING id",
         )

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use super::auth::Caller;
 use super::ApiError;
 use crate::changes::{git, refname};
+use crate::core::{BuildId, MachineId};
 use crate::runtime::{ActionError, Cancelled, NewRequest, Shared};
 use crate::store::BuildRow;
 
@@ -90,7 +91,7 @@ pub async fn force(
 }
 
 /// Queues build `id`'s builder, branch and revision again, with the same changes.
-pub async fn rebuild(s: &Shared, caller: &Caller, id: i64) -> Result<BuildRow, ApiError> {
+pub async fn rebuild(s: &Shared, caller: &Caller, id: BuildId) -> Result<BuildRow, ApiError> {
     draining(s)?;
     let old = s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
     if s.config.builder(&old.builder).is_none() {
@@ -119,12 +120,12 @@ async fn ask(s: &Shared, request: NewRequest) -> Result<BuildRow, ApiError> {
 }
 
 /// Cancels build `id` (see [`Input::Cancel`]).
-pub async fn cancel(s: &Shared, caller: &Caller, id: i64) -> Result<Cancelled, ApiError> {
+pub async fn cancel(s: &Shared, caller: &Caller, id: BuildId) -> Result<Cancelled, ApiError> {
     Ok(s.master.cancel(id, caller.name()).await?)
 }
 
 /// Stops machine `id` now.
-pub async fn terminate(s: &Shared, caller: &Caller, id: i64) -> Result<(), ApiError> {
+pub async fn terminate(s: &Shared, caller: &Caller, id: MachineId) -> Result<(), ApiError> {
     Ok(s.master.stop_machine(id, caller.name()).await?)
 }
 

@@ -34,7 +34,7 @@ use super::serve::{env_number, WarnEvery};
 use super::ApiError;
 use crate::agent::protocol::{Ack, AgentMsg, MasterMsg, Secret};
 use crate::agent::reports::{Next, ReportStream};
-use crate::core::MachineId;
+use crate::core::{BuildId, MachineId};
 use crate::runtime::{new_token, token_hash, Shared};
 use crate::store::{Applied, ReportEffect};
 
@@ -224,7 +224,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
         Some(Some(build)) => match s.store.report_position(build).await {
             Ok((seq, _)) => Some(Ack { build, seq }),
             Err(e) => {
-                tracing::error!(machine, "cannot read how far build {build} is stored: {e}");
+                tracing::error!(%machine, "cannot read how far build {build} is stored: {e}");
                 None
             }
         },
@@ -243,7 +243,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     if !send(&mut socket, &welcome).await {
         return;
     }
-    tracing::info!(machine, %peer, resumed = resumed.is_some(), "agent connected");
+    tracing::info!(%machine, %peer, resumed = resumed.is_some(), "agent connected");
     let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
     // Acknowledgements go out through the same writer as the loop's messages.
@@ -295,13 +295,13 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
             // The agent speaks only once it has the Welcome: its resume token is now in use,
             // and the one it came back with must never work again.
             if let Err(e) = s.store.confirm_resume(machine, &new_hash).await {
-                tracing::error!(machine, "cannot retire the previous resume token: {e}");
+                tracing::error!(%machine, "cannot retire the previous resume token: {e}");
             }
         }
         let keep_going = match serde_json::from_str::<AgentMsg>(&text) {
             Ok(msg) => handle(&s, machine, msg, &mut notices, &acks).await,
             Err(e) => {
-                tracing::warn!(machine, "unreadable message from agent: {e}");
+                tracing::warn!(%machine, "unreadable message from agent: {e}");
                 true
             }
         };
@@ -310,14 +310,14 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
         }
     }
     writer.abort();
-    tracing::info!(machine, "agent disconnected");
+    tracing::info!(%machine, "agent disconnected");
     s.master.agent_closed(machine, conn).await;
 }
 
 /// The report stream of `build` if it runs on `machine`; `None` if the agent speaks of a build
 /// it was not given, or no longer has (retried, cancelled, interrupted): such reports are
 /// acknowledged and ignored.
-fn reports_of(s: &Shared, machine: MachineId, build: i64) -> Option<Arc<tokio::sync::Mutex<ReportStream>>> {
+fn reports_of(s: &Shared, machine: MachineId, build: BuildId) -> Option<Arc<tokio::sync::Mutex<ReportStream>>> {
     let running = s.running.lock().ok()?;
     let r = running.get(&build)?;
     (r.machine == machine).then(|| r.reports.clone())
@@ -331,7 +331,7 @@ async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, s
     let detail: String =
         format!("{kind}: {detail}").chars().filter(|c| !c.is_control()).take(MAX_NOTICE_DETAIL).collect();
     if !seen.insert(detail.clone()) {
-        tracing::debug!(machine, %detail, "repeated interruption notice ignored");
+        tracing::debug!(%machine, %detail, "repeated interruption notice ignored");
         return;
     }
     // The loop records it and retries the build; what this connection reads next (a step
@@ -363,7 +363,7 @@ async fn handle(
             }
             Ok(None) => true,
             Err(Broken(why)) => {
-                tracing::warn!(machine, "{why}; closing the connection, the agent will send its reports again");
+                tracing::warn!(%machine, "{why}; closing the connection, the agent will send its reports again");
                 false
             }
         },
@@ -378,7 +378,7 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
     let Some((build, seq)) = report.sequenced() else { return Ok(None) };
     let Some(stream) = reports_of(s, machine, build) else {
         if matches!(report, AgentMsg::BuildFinished { .. }) {
-            tracing::warn!(machine, build, "agent reported a build it does not run; ignored");
+            tracing::warn!(%machine, %build, "agent reported a build it does not run; ignored");
         }
         return Ok(Some(Ack { build, seq }));
     };
@@ -416,13 +416,13 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
     match stored {
         Ok(Applied::Stored { .. }) => stream.stored(seq),
         Ok(Applied::Stale { applied }) => {
-            tracing::info!(machine, build, seq, applied, "report already stored by another connection");
+            tracing::info!(%machine, %build, seq, applied, "report already stored by another connection");
             stream.resync(applied);
             return Ok(Some(Ack { build, seq: applied }));
         }
         Err(e) => {
             // Not acknowledged: the agent keeps it and sends it again after a reconnection.
-            tracing::error!(machine, build, seq, "cannot store agent report: {e}");
+            tracing::error!(%machine, %build, seq, "cannot store agent report: {e}");
             return Err(Broken(format!("report {seq} of build {build} could not be stored")));
         }
     }
@@ -442,8 +442,8 @@ mod tests {
     /// What the stand-in loop was asked.
     #[derive(Debug, PartialEq)]
     enum Asked {
-        Finished { build: i64, ended: Option<crate::core::build::BuildState> },
-        Interrupted { machine: i64, detail: String },
+        Finished { build: BuildId, ended: Option<crate::core::build::BuildState> },
+        Interrupted { machine: MachineId, detail: String },
     }
 
     /// Answers the socket's requests as the loop's store writes do (the loop's own rules are
@@ -483,8 +483,8 @@ mod tests {
         let config = crate::config::parse(&text, &dir.join("paddock.toml")).expect("config");
         let store = Store::open(&db).await.expect("store");
         let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
-        store.insert_machine(7, "spot", "ec2", "hash", clock.now()).await.expect("machine");
-        store.set_machine_state(7, "busy", clock.now()).await.expect("busy");
+        store.insert_machine(MachineId(7), "spot", "ec2", "hash", clock.now()).await.expect("machine");
+        store.set_machine_state(MachineId(7), "busy", clock.now()).await.expect("busy");
         let (inputs, rx) = mpsc::channel(16);
         let shared = Shared::for_test(config, store, clock, inputs);
         let asked = stand_in_loop(shared.store.clone(), rx);
@@ -497,26 +497,26 @@ mod tests {
         let (s, mut asked, _db) = master(dir.path()).await;
         let mut seen = HashSet::new();
         let notice = "terminate at 2026-11-24T20:00:00Z";
-        interrupted(&s, 7, "spot-interruption", notice, &mut seen).await;
+        interrupted(&s, MachineId(7), "spot-interruption", notice, &mut seen).await;
         let detail = format!("spot-interruption: {notice}");
-        assert_eq!(asked.try_recv().ok(), Some(Asked::Interrupted { machine: 7, detail: detail.clone() }));
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Interrupted { machine: MachineId(7), detail: detail.clone() }));
         // The same notice again on this connection: nothing more (a new connection tells the
         // loop again, which knows the machine is already given up).
-        interrupted(&s, 7, "spot-interruption", notice, &mut seen).await;
+        interrupted(&s, MachineId(7), "spot-interruption", notice, &mut seen).await;
         assert!(asked.try_recv().is_err());
-        interrupted(&s, 7, "spot-interruption", notice, &mut HashSet::new()).await;
-        assert_eq!(asked.try_recv().ok(), Some(Asked::Interrupted { machine: 7, detail }));
+        interrupted(&s, MachineId(7), "spot-interruption", notice, &mut HashSet::new()).await;
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Interrupted { machine: MachineId(7), detail }));
     }
 
     /// Build `b` running on machine 7 with steps checkout and test, as the loop's `assign`
     /// leaves it.
-    async fn running_build(s: &Shared) -> i64 {
+    async fn running_build(s: &Shared) -> BuildId {
         let now = s.now();
         let b = s.store.create_request("b", "app", "main", "abc", "force", "test", &[], now).await.expect("request");
         let steps = ["checkout".to_string(), "test".to_string()];
-        assert!(s.store.start_build(b.id, 7, &steps, now).await.expect("start"));
+        assert!(s.store.start_build(b.id, MachineId(7), &steps, now).await.expect("start"));
         let secrets = [("TOKEN".to_string(), "hunter2-secret".to_string())];
-        s.running.lock().expect("lock").insert(b.id, crate::runtime::RunningBuild::new(7, &secrets, 0, 0));
+        s.running.lock().expect("lock").insert(b.id, crate::runtime::RunningBuild::new(MachineId(7), &secrets, 0, 0));
         b.id
     }
 
@@ -525,7 +525,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut seen = HashSet::new();
         for m in msgs {
-            assert!(handle(s, 7, m.clone(), &mut seen, &tx).await, "connection kept");
+            assert!(handle(s, MachineId(7), m.clone(), &mut seen, &tx).await, "connection kept");
         }
         let mut acks = Vec::new();
         while let Ok(MasterMsg::Ack(a)) = rx.try_recv() {
@@ -534,11 +534,11 @@ mod tests {
         acks
     }
 
-    fn log(build: i64, seq: u64, step: usize, text: &str) -> AgentMsg {
+    fn log(build: BuildId, seq: u64, step: usize, text: &str) -> AgentMsg {
         AgentMsg::Log { build, seq, step, text: text.to_string() }
     }
 
-    fn step_done(build: i64, seq: u64, step: usize) -> AgentMsg {
+    fn step_done(build: BuildId, seq: u64, step: usize) -> AgentMsg {
         AgentMsg::StepFinished { build, seq, step, result: StepResult::Success, exit_code: Some(0) }
     }
 
@@ -554,7 +554,7 @@ mod tests {
         let finished = AgentMsg::BuildFinished { build: b, seq: 1, result: BuildResult::Failure };
         let shutdown = AgentMsg::Interrupted { kind: "shutdown".into(), detail: "SIGTERM".into() };
         assert_eq!(feed(&s, &[shutdown, finished]).await, [1], "acknowledged, so the agent forgets it");
-        assert!(matches!(asked.try_recv(), Ok(Asked::Interrupted { machine: 7, .. })));
+        assert!(matches!(asked.try_recv(), Ok(Asked::Interrupted { machine: MachineId(7), .. })));
         assert!(asked.try_recv().is_err(), "the build report was ignored");
         let row = s.store.build(b).await.expect("build").expect("row");
         assert_eq!(row.state.as_str(), "running", "left for the fleet's retry, not stored as a failure");
@@ -604,8 +604,8 @@ mod tests {
         let b = running_build(&s).await;
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut seen = HashSet::new();
-        assert!(handle(&s, 7, AgentMsg::StepStarted { build: b, seq: 1, step: 0 }, &mut seen, &tx).await);
-        assert!(!handle(&s, 7, log(b, 3, 0, "skipped two\n"), &mut seen, &tx).await, "connection dropped");
+        assert!(handle(&s, MachineId(7), AgentMsg::StepStarted { build: b, seq: 1, step: 0 }, &mut seen, &tx).await);
+        assert!(!handle(&s, MachineId(7), log(b, 3, 0, "skipped two\n"), &mut seen, &tx).await, "connection dropped");
         assert_eq!(s.store.log(b).await.expect("log"), "");
         assert_eq!(s.store.report_position(b).await.expect("position").0, 1);
     }
@@ -633,7 +633,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (s, mut asked, _db) = master(dir.path()).await;
         let long = format!("terminate\nnow{}", "x".repeat(1000));
-        interrupted(&s, 7, "rebalance", &long, &mut HashSet::new()).await;
+        interrupted(&s, MachineId(7), "rebalance", &long, &mut HashSet::new()).await;
         let Ok(Asked::Interrupted { detail, .. }) = asked.try_recv() else { panic!("the loop was not told") };
         assert_eq!(detail.chars().count(), MAX_NOTICE_DETAIL);
         assert!(detail.starts_with("rebalance: terminatenowxxx"), "{detail}");

@@ -15,6 +15,7 @@ use super::auth::{Admin, Committer, Viewer};
 use super::ApiError;
 use crate::changes::git::{self, Mirror};
 use crate::changes::hook::ChangeHook;
+use crate::core::{BuildId, MachineId};
 use crate::runtime::{ingest, Shared};
 use crate::store::BuildFilter;
 
@@ -56,7 +57,7 @@ pub async fn list_builds(
 pub async fn get_build(
     _: Viewer,
     State(s): State<Arc<Shared>>,
-    Path(id): Path<i64>,
+    Path(id): Path<BuildId>,
 ) -> Result<impl IntoResponse, ApiError> {
     let build = s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
     let steps = s.store.steps(id).await?;
@@ -68,7 +69,7 @@ pub async fn get_build(
 pub async fn get_log(
     _: Viewer,
     State(s): State<Arc<Shared>>,
-    Path(id): Path<i64>,
+    Path(id): Path<BuildId>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.store.build(id).await?.ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
     let log = s.store.log(id).await?;
@@ -320,7 +321,7 @@ pub async fn force_build(
 pub async fn rebuild(
     Committer(caller): Committer,
     State(s): State<Arc<Shared>>,
-    Path(id): Path<i64>,
+    Path(id): Path<BuildId>,
 ) -> Result<impl IntoResponse, ApiError> {
     let build = actions::rebuild(&s, &caller, id).await?;
     Ok((StatusCode::CREATED, Json(json!({ "builds": [build] }))))
@@ -331,7 +332,7 @@ pub async fn rebuild(
 pub async fn cancel(
     Committer(caller): Committer,
     State(s): State<Arc<Shared>>,
-    Path(id): Path<i64>,
+    Path(id): Path<BuildId>,
 ) -> Result<impl IntoResponse, ApiError> {
     let outcome = actions::cancel(&s, &caller, id).await?;
     let build = s.store.build(id).await?;
@@ -346,7 +347,7 @@ pub async fn cancel(
 pub async fn terminate_machine(
     Admin(caller): Admin,
     State(s): State<Arc<Shared>>,
-    Path(id): Path<i64>,
+    Path(id): Path<MachineId>,
 ) -> Result<impl IntoResponse, ApiError> {
     actions::terminate(&s, &caller, id).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "machine": id, "state": "stopping" }))))

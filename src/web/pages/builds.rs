@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::{badge, duration, first_line, layout, may_act, may_view, seconds_between, when, PageError, PageResult};
 use crate::accounts::Role;
+use crate::core::BuildId;
 use crate::runtime::Shared;
 use crate::store::{BuildFilter, BuildRow, StepRow};
 use crate::web::actions;
@@ -123,7 +124,7 @@ fn force_form(s: &Shared, caller: &Caller) -> Markup {
 }
 
 /// `GET /builds/{id}`: facts, changes, steps, log (live while running), actions.
-pub async fn build(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(id): Path<i64>) -> PageResult {
+pub async fn build(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(id): Path<BuildId>) -> PageResult {
     may_view(&s, &caller, &uri)?;
     let b =
         s.store.build(id).await?.ok_or_else(|| PageError::Status(StatusCode::NOT_FOUND, format!("no build {id}")))?;
@@ -219,7 +220,7 @@ fn steps_table(steps: &[StepRow], now: crate::core::Ts) -> Markup {
 
 /// Follows the log while the build runs: text appended as text (never parsed as HTML), the
 /// steps table replaced by the server's rendering, and a reload once the build ends.
-fn live_js(id: i64, after: i64) -> String {
+fn live_js(id: BuildId, after: i64) -> String {
     format!(
         r#"(function () {{
   var log = document.getElementById('log');
@@ -257,7 +258,7 @@ pub async fn log_stream(
     caller: Caller,
     uri: Uri,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    Path(id): Path<BuildId>,
     Query(q): Query<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, PageError> {
     may_view(&s, &caller, &uri)?;
@@ -316,7 +317,12 @@ fn json_string(text: &str) -> String {
 }
 
 /// `GET /builds/{id}/log.txt`: the whole log as a file.
-pub async fn log_download(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri, Path(id): Path<i64>) -> PageResult {
+pub async fn log_download(
+    State(s): State<Arc<Shared>>,
+    caller: Caller,
+    uri: Uri,
+    Path(id): Path<BuildId>,
+) -> PageResult {
     may_view(&s, &caller, &uri)?;
     let b =
         s.store.build(id).await?.ok_or_else(|| PageError::Status(StatusCode::NOT_FOUND, format!("no build {id}")))?;
@@ -420,7 +426,7 @@ pub struct CsrfForm {
 pub async fn rebuild(
     State(s): State<Arc<Shared>>,
     caller: Caller,
-    Path(id): Path<i64>,
+    Path(id): Path<BuildId>,
     Form(f): Form<CsrfForm>,
 ) -> PageResult {
     may_act(&s, &caller, Role::Committer, &f.csrf, &format!("/builds/{id}"))?;
@@ -432,7 +438,7 @@ pub async fn rebuild(
 pub async fn cancel(
     State(s): State<Arc<Shared>>,
     caller: Caller,
-    Path(id): Path<i64>,
+    Path(id): Path<BuildId>,
     Form(f): Form<CsrfForm>,
 ) -> PageResult {
     may_act(&s, &caller, Role::Committer, &f.csrf, &format!("/builds/{id}"))?;

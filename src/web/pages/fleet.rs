@@ -13,6 +13,7 @@ use maud::html;
 use super::builds::CsrfForm;
 use super::{dollars, duration, layout, may_act, may_view, seconds_between, when, PageResult};
 use crate::accounts::Role;
+use crate::core::{BuildId, MachineId};
 use crate::cost::report::ReportQuery;
 use crate::runtime::Shared;
 use crate::web::auth::Caller;
@@ -29,8 +30,8 @@ pub async fn machines(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) ->
     let now = s.now();
     let admin = caller.can(Role::Admin);
     // Cost so far of the machines running now, from the meter (admins only).
-    let mut cost: HashMap<i64, Option<f64>> = HashMap::new();
-    let mut current: HashMap<i64, i64> = HashMap::new();
+    let mut cost: HashMap<MachineId, Option<f64>> = HashMap::new();
+    let mut current: HashMap<MachineId, BuildId> = HashMap::new();
     if admin {
         let since = crate::store::ts_string(crate::core::Ts(now.0 - 1000));
         let q = ReportQuery::parse(Some(&since), None, Some("pool"), Some("json"), now)
@@ -129,7 +130,7 @@ pub async fn machines(State(s): State<Arc<Shared>>, caller: Caller, uri: Uri) ->
 pub async fn terminate(
     State(s): State<Arc<Shared>>,
     caller: Caller,
-    Path(id): Path<i64>,
+    Path(id): Path<MachineId>,
     Form(f): Form<CsrfForm>,
 ) -> PageResult {
     may_act(&s, &caller, Role::Admin, &f.csrf, "/machines")?;

@@ -172,7 +172,7 @@ fn layout(s: &Shared, caller: &Caller, title: &str, content: Markup) -> Markup {
 }
 
 /// A build's state as a coloured badge linking to the build.
-fn badge(id: i64, state: &str, title: &str) -> Markup {
+fn badge(id: crate::core::BuildId, state: &str, title: &str) -> Markup {
     html! { a class={ "badge " (state) } href={ "/builds/" (id) } title=(title) { (state) } }
 }
 
