@@ -161,9 +161,7 @@ impl Master {
             return Ok(());
         }
         let secrets: Vec<(String, String)> = job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if let Ok(mut running) = self.shared.running.lock() {
-            running.insert(build, RunningBuild::new(machine, &secrets, 0, 0));
-        }
+        self.shared.running.start(build, machine, &secrets, 0, 0);
         tracing::info!(%build, %machine, builder = %row.builder, "build started");
         if tx.send(MasterMsg::Run(Box::new(job))).is_err() {
             let reason = "its agent's connection closed as the build was sent".to_string();

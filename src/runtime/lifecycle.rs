@@ -25,7 +25,7 @@ impl Master {
         if !t.to.is_live() {
             // What its agent still says about it (a step killed by a shutdown) must not end it
             // again as that step's failure.
-            self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
+            self.shared.running.end(build);
         }
         if let Some(next) = next {
             tracing::warn!(%build, next = %next.id, reason = ?t.reason, "build will be retried");

@@ -144,7 +144,7 @@ impl Master {
                 let log_text = log.as_ref().map(|(step, text)| (*step, text.as_str()));
                 let stored = self.shared.store.apply_report(build, after, seq, log_text, effect, now).await;
                 if let Ok(crate::store::Applied::Stored { ended }) = &stored {
-                    self.shared.running.lock().map(|mut r| r.remove(&build)).ok();
+                    self.shared.running.end(build);
                     match ended {
                         Some(t) => {
                             tracing::info!(%build, %machine, reported = %result, result = %t.to, "build finished");
@@ -290,12 +290,10 @@ impl Master {
             tracing::debug!(%machine, %detail, ?state, "interruption notice for a machine already given up ignored");
             return Ok(());
         }
-        tracing::warn!(%machine, %detail, "machine is being interrupted; requeueing its %build, if any");
+        tracing::warn!(%machine, %detail, "machine is being interrupted; requeueing its build, if any");
         // From here its build belongs to the retry: what the agent still says about it (a step
         // killed by the shutdown, a BuildFinished) must not end it as that step's failure.
-        if let Ok(mut running) = self.shared.running.lock() {
-            running.retain(|_, r| r.machine != machine);
-        }
+        self.shared.running.forget_machine(machine);
         // Acting on it matters more than recording it once.
         if let Err(e) = self.shared.store.machine_event(machine, "interrupted", detail, self.shared.now()).await {
             tracing::error!(%machine, "cannot record the interruption: {e}");

@@ -14,6 +14,7 @@ mod lifecycle;
 mod main_loop;
 pub mod poller;
 mod recovery;
+pub mod running;
 pub mod secrets;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -168,23 +169,6 @@ pub enum ActionError {
     Store(#[from] StoreError),
 }
 
-/// A build being run: which machine runs it, and where its agent's reports stand (with the
-/// redactor for its log). The stream is locked while one report is stored, so two connections
-/// of one agent (a dying one and its replacement) never store a report twice.
-#[derive(Clone)]
-pub struct RunningBuild {
-    pub machine: MachineId,
-    pub reports: Arc<tokio::sync::Mutex<crate::agent::reports::ReportStream>>,
-}
-
-impl RunningBuild {
-    /// A build on `machine` whose reports are stored up to `applied`, with `log_bytes` of log.
-    pub fn new(machine: MachineId, secrets: &[(String, String)], applied: u64, log_bytes: usize) -> RunningBuild {
-        let stream = crate::agent::reports::ReportStream::new(secrets, applied, log_bytes);
-        RunningBuild { machine, reports: Arc::new(tokio::sync::Mutex::new(stream)) }
-    }
-}
-
 pub use crate::agent::protocol::MAX_LOG_BYTES;
 
 /// State shared by the loop, the web handlers and the pollers.
@@ -196,7 +180,8 @@ pub struct Shared {
     pub url: String,
     /// The loop's handle: the only way to ask the loop for anything.
     pub master: handle::LoopHandle,
-    pub running: Mutex<HashMap<BuildId, RunningBuild>>,
+    /// The builds running now, for the agent sockets.
+    pub running: running::RunningBuilds,
     pub secrets: Secrets,
     /// Serialises mirror updates per repository (poller and webhooks share the mirror).
     pub repo_locks: HashMap<String, tokio::sync::Mutex<()>>,
@@ -221,7 +206,7 @@ impl Shared {
             clock,
             url: "http://127.0.0.1:0".into(),
             master: handle::LoopHandle::new(inputs),
-            running: Mutex::new(HashMap::new()),
+            running: running::RunningBuilds::default(),
             secrets: Secrets::default(),
             repo_locks: HashMap::new(),
             draining: AtomicBool::new(false),
@@ -295,7 +280,7 @@ pub async fn run(
         clock: opts.clock.clone(),
         url: url.clone(),
         master: handle::LoopHandle::new(tx),
-        running: Mutex::new(HashMap::new()),
+        running: running::RunningBuilds::default(),
         secrets,
         repo_locks: config.repos.iter().map(|r| (r.name.clone(), tokio::sync::Mutex::new(()))).collect(),
         draining: AtomicBool::new(false),

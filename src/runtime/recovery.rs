@@ -270,9 +270,7 @@ impl Master {
             tracing::error!(machine = %m.id, build = %a.build.id, "the fleet refused to adopt the machine");
             return false;
         }
-        if let Ok(mut r) = self.shared.running.lock() {
-            r.insert(a.build.id, RunningBuild::new(m.id, &a.secrets, a.applied, a.log_bytes));
-        }
+        self.shared.running.start(a.build.id, m.id, &a.secrets, a.applied, a.log_bytes);
         tracing::info!(
             machine = %m.id,
             build = %a.build.id,

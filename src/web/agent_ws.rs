@@ -318,9 +318,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
 /// it was not given, or no longer has (retried, cancelled, interrupted): such reports are
 /// acknowledged and ignored.
 fn reports_of(s: &Shared, machine: MachineId, build: BuildId) -> Option<Arc<tokio::sync::Mutex<ReportStream>>> {
-    let running = s.running.lock().ok()?;
-    let r = running.get(&build)?;
-    (r.machine == machine).then(|| r.reports.clone())
+    s.running.reports_of(build, machine)
 }
 
 /// The agent says its machine is going away (spot interruption or rebalance recommendation):
@@ -516,7 +514,7 @@ mod tests {
         let steps = ["checkout".to_string(), "test".to_string()];
         assert!(s.store.start_build(b.id, MachineId(7), &steps, now).await.expect("start"));
         let secrets = [("TOKEN".to_string(), "hunter2-secret".to_string())];
-        s.running.lock().expect("lock").insert(b.id, crate::runtime::RunningBuild::new(MachineId(7), &secrets, 0, 0));
+        s.running.start(b.id, MachineId(7), &secrets, 0, 0);
         b.id
     }
 
@@ -550,7 +548,7 @@ mod tests {
         // A shutdown kills the step; the agent says so first, then reports the killed build.
         // The loop gives the build up to its retry before the socket reads on (as the real
         // loop does), so the report finds no running build.
-        s.running.lock().expect("lock").clear();
+        s.running.clear();
         let finished = AgentMsg::BuildFinished { build: b, seq: 1, result: BuildResult::Failure };
         let shutdown = AgentMsg::Interrupted { kind: "shutdown".into(), detail: "SIGTERM".into() };
         assert_eq!(feed(&s, &[shutdown, finished]).await, [1], "acknowledged, so the agent forgets it");
@@ -592,7 +590,7 @@ mod tests {
         assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: Some(BuildState::Success) }));
         // After the end (the loop forgets the running build), a straggler of the build is
         // acknowledged and ignored.
-        s.running.lock().expect("lock").clear();
+        s.running.clear();
         assert_eq!(feed(&s, &[log(b, 9, 1, "late\n")]).await, [9]);
         assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
     }
