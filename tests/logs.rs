@@ -228,6 +228,13 @@ fn log_format_json_in_the_config_makes_every_line_an_object() {
         .unwrap_or_else(|| panic!("a `build queued` line:\n{log}"));
     assert_eq!(queued["level"], "INFO");
     assert_eq!(queued["fields"]["revision"], rev.as_str());
+    // Ids are numbers, as in the API, so log queries can compare them.
+    assert!(queued["fields"]["build"].is_u64(), "{queued}");
+    let started = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "build started")
+        .unwrap_or_else(|| panic!("a `build started` line:\n{log}"));
+    assert!(started["fields"]["build"].is_u64() && started["fields"]["machine"].is_u64(), "{started}");
     assert!(lines
         .iter()
         .any(|l| l["fields"]["message"] == "failed login" && l["fields"]["name"] == "(no such account)"));

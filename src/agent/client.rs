@@ -243,7 +243,7 @@ impl State {
         // Taken either way: a finished JoinHandle must not be polled again. A normal end has
         // already queued its BuildFinished, which is kept in order.
         if let (Err(e), Some(run)) = (r, self.current.take()) {
-            tracing::error!(build = %run.build, "build task failed: {e}");
+            tracing::error!(build = run.build.get(), "build task failed: {e}");
             self.keep(AgentMsg::BuildFinished { build: run.build, seq: 0, result: BuildResult::Exception });
         }
     }
@@ -296,7 +296,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
         },
         () = signals.recv() => return Ok(()),
     };
-    tracing::info!(machine = %session.machine, heartbeat_secs = session.heartbeat_secs, "connected to master");
+    tracing::info!(machine = session.machine.get(), heartbeat_secs = session.heartbeat_secs, "connected to master");
 
     let (job_tx, mut job_rx) = mpsc::channel::<AgentMsg>(JOB_CHANNEL);
     let mut state = State::new(&opts.workdir);
@@ -342,7 +342,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
                 .await;
                 match back {
                     Some((new_sink, new_stream, new_session)) => {
-                        tracing::info!(machine = %new_session.machine, "reconnected to master");
+                        tracing::info!(machine = new_session.machine.get(), "reconnected to master");
                         (sink, stream, session) = (new_sink, new_stream, new_session);
                     }
                     None => break false,
@@ -367,7 +367,7 @@ pub async fn run_with(opts: AgentOptions, metadata: Option<ImdsOptions>) -> Resu
                     forward = forward && send_pending(&mut sink, &mut state).await;
                 }
                 () = &mut give_up => {
-                    tracing::warn!(build = %run.build, "build did not stop in time; exiting anyway");
+                    tracing::warn!(build = run.build.get(), "build did not stop in time; exiting anyway");
                     break;
                 }
             }
@@ -494,18 +494,18 @@ async fn connected(
                     }
                     Ok(MasterMsg::Run(job)) => {
                         if let Some(run) = state.current.as_ref() {
-                            tracing::warn!(busy_with = %run.build, build = %job.build, "ignoring a second build while busy");
+                            tracing::warn!(busy_with = run.build.get(), build = job.build.get(), "ignoring a second build while busy");
                             continue;
                         }
                         // Log identifiers only: the job carries secrets.
-                        tracing::info!(build = %job.build, builder = %job.builder, revision = %job.revision, "running build");
+                        tracing::info!(build = job.build.get(), builder = %job.builder, revision = %job.revision, "running build");
                         let (cancel_tx, cancel_rx) = watch::channel(Stop::Running);
                         let tx = job_tx.clone();
                         let workdir = opts.workdir.clone();
                         let build = job.build;
                         let handle = tokio::spawn(async move {
                             let result = run_job(&job, &workdir, tx.clone(), cancel_rx).await;
-                            tracing::info!(%build, result = result.as_str(), "build finished");
+                            tracing::info!(build = build.get(), result = result.as_str(), "build finished");
                             let _ = tx.send(AgentMsg::BuildFinished { build, seq: 0, result }).await;
                         });
                         state.current = Some(Running { build, handle, cancel: cancel_tx });
@@ -519,7 +519,7 @@ async fn connected(
                         // The job sees the flag, kills its step's process group and reports the
                         // build cancelled; the connection stays for the next build.
                         Some(run) if run.build == build => {
-                            tracing::info!(%build, "master cancelled the build; stopping it");
+                            tracing::info!(build = build.get(), "master cancelled the build; stopping it");
                             // Never softens a stop already under way.
                             run.cancel.send_if_modified(|s| {
                                 let was = *s;
@@ -527,7 +527,7 @@ async fn connected(
                                 *s != was
                             });
                         }
-                        _ => tracing::info!(%build, "cancel for a build not running here; ignored"),
+                        _ => tracing::info!(build = build.get(), "cancel for a build not running here; ignored"),
                     },
                     Ok(MasterMsg::Welcome { .. } | MasterMsg::Refused { .. }) => {
                         tracing::warn!("unexpected handshake message after welcome; ignored");

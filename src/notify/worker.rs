@@ -469,16 +469,16 @@ async fn record(shared: &Shared, d: &Delivery, outcome: Result<(), webhook::Send
     let now = shared.now();
     match outcome {
         Ok(()) => {
-            tracing::info!(notifier = %d.notifier, build = %d.build, event = %d.event, "notification sent");
+            tracing::info!(notifier = %d.notifier, build = d.build.get(), event = %d.event, "notification sent");
             shared.store.delivery_sent(d.id, now).await
         }
         Err(webhook::SendError::Retry(why)) if d.attempts + 1 < MAX_ATTEMPTS => {
             let wait = backoff(d.attempts);
-            tracing::warn!(notifier = %d.notifier, build = %d.build, retry_in = ?wait, "notification failed: {why}");
+            tracing::warn!(notifier = %d.notifier, build = d.build.get(), retry_in = ?wait, "notification failed: {why}");
             shared.store.delivery_failed(d.id, &why, Some(Ts(now.0 + wait.as_millis() as i64))).await
         }
         Err(e) => {
-            tracing::error!(notifier = %d.notifier, build = %d.build, attempts = d.attempts + 1, "notification given up: {e}");
+            tracing::error!(notifier = %d.notifier, build = d.build.get(), attempts = d.attempts + 1, "notification given up: {e}");
             shared.store.delivery_failed(d.id, &e.to_string(), None).await
         }
     }

@@ -63,7 +63,7 @@ impl Master {
             }
             FleetAction::Assign { machine, build } => self.assign(machine, build, now).await?,
             FleetAction::Terminate { machine, provider_id, reason } => {
-                tracing::info!(%machine, %reason, "stopping machine");
+                tracing::info!(machine = machine.get(), %reason, "stopping machine");
                 store.machine_event(machine, "stop_requested", &reason, now).await?;
                 self.terminate(machine, provider_id.unwrap_or_default());
             }
@@ -75,7 +75,7 @@ impl Master {
                     self.agents.insert(machine, agent);
                 }
                 if let Some(b) = build {
-                    tracing::info!(%machine, build = %b, "agent reconnected; its build carries on");
+                    tracing::info!(machine = machine.get(), build = b.get(), "agent reconnected; its build carries on");
                     // A cancel sent while the connection was dying may never have arrived.
                     let row = store.build(b).await?;
                     if row
@@ -89,14 +89,14 @@ impl Master {
             }
             FleetAction::Refuse { machine, reason } => {
                 if let Some((_, tx)) = self.connecting.remove(&machine) {
-                    tracing::warn!(%machine, %reason, "agent connection refused; telling it to stop");
+                    tracing::warn!(machine = machine.get(), %reason, "agent connection refused; telling it to stop");
                     let _ = tx.send(MasterMsg::Shutdown);
                 }
             }
             FleetAction::Retry { build, reason } => {
                 // The fleet has freed the machine already; an attempt that had ended is left be.
                 if let Err(why) = self.build_event(build, BuildEvent::Lost { reason }).await? {
-                    tracing::debug!(%build, "no retry: {why}");
+                    tracing::debug!(build = build.get(), "no retry: {why}");
                 }
             }
         }
@@ -117,7 +117,7 @@ impl Master {
             // `stopping` (and counts against the pool's limit), and the stop is retried.
             let mut delay = Duration::from_secs(1);
             while let Err(e) = provisioner.terminate(machine.get(), &provider_id).await {
-                tracing::error!(%machine, retry_in = ?delay, "terminate failed: {e}");
+                tracing::error!(machine = machine.get(), retry_in = ?delay, "terminate failed: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(60));
             }
@@ -140,7 +140,7 @@ impl Master {
         let job = match job::assemble(&self.shared.config, &self.shared.secrets, &row) {
             Ok(job) => job,
             Err(message) => {
-                tracing::warn!(%build, %message, "build cannot start");
+                tracing::warn!(build = build.get(), %message, "build cannot start");
                 if store.start_build(build, machine, &["setup".to_string()], now).await? {
                     store.append_log(build, 0, &format!("paddock: {message}\n"), now).await?;
                     store.step_finished(build, 0, "exception", None, now).await?;
@@ -162,7 +162,7 @@ impl Master {
         }
         let secrets: Vec<(String, String)> = job.secrets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         self.shared.running.start(build, machine, &secrets, 0, 0);
-        tracing::info!(%build, %machine, builder = %row.builder, "build started");
+        tracing::info!(build = build.get(), machine = machine.get(), builder = %row.builder, "build started");
         if tx.send(MasterMsg::Run(Box::new(job))).is_err() {
             let reason = "its agent's connection closed as the build was sent".to_string();
             self.pending.push_back(FleetEvent::AgentLost { machine, reason });

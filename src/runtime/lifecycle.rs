@@ -28,7 +28,7 @@ impl Master {
             self.shared.running.end(build);
         }
         if let Some(next) = next {
-            tracing::warn!(%build, next = %next.id, reason = ?t.reason, "build will be retried");
+            tracing::warn!(build = build.get(), next = next.id.get(), reason = ?t.reason, "build will be retried");
             self.queue(next, true);
         }
         if let Some(machine) = t.tell_agent {
@@ -59,7 +59,7 @@ impl Master {
         let build = store
             .create_request(&r.builder, &r.repo, &r.branch, &r.revision, r.scheduler, &r.reason, &r.changes, now)
             .await?;
-        tracing::info!(build = %build.id, builder = %build.builder, branch = %build.branch, reason = %r.reason, "{} build queued", r.scheduler);
+        tracing::info!(build = build.id.get(), builder = %build.builder, branch = %build.branch, reason = %r.reason, "{} build queued", r.scheduler);
         self.queue(&build, false);
         Ok(build)
     }
@@ -75,16 +75,16 @@ impl Master {
         let event = BuildEvent::Cancel { by: by.to_string(), agent_reachable: reachable };
         match self.build_event(build, event).await {
             Ok(Ok(t)) if t.from == crate::core::build::BuildState::Queued => {
-                tracing::info!(%build, %by, "queued build cancelled");
+                tracing::info!(build = build.get(), %by, "queued build cancelled");
                 Ok(Cancelled::Queued)
             }
             Ok(Ok(t)) => {
                 match t.tell_agent {
                     Some(machine) => {
-                        tracing::info!(%build, %machine, %by, "running build cancelled; its agent is stopping it")
+                        tracing::info!(build = build.get(), machine = machine.get(), %by, "running build cancelled; its agent is stopping it")
                     }
                     None => {
-                        tracing::info!(%build, %by, "running build cancelled; its agent is away, stopping the machine")
+                        tracing::info!(build = build.get(), %by, "running build cancelled; its agent is away, stopping the machine")
                     }
                 }
                 Ok(Cancelled::Stopping)

@@ -103,7 +103,7 @@ impl Master {
         let store = self.shared.store.clone();
         let now = self.shared.now();
         for b in store.builds_in_state("running").await? {
-            tracing::warn!(build = %b.id, "build still running at shutdown; it will be retried on the next start");
+            tracing::warn!(build = b.id.get(), "build still running at shutdown; it will be retried on the next start");
             // Stored only: the new attempt is queued by the next start, not launched for now.
             let lost = crate::core::build::BuildEvent::Lost { reason: "master shut down while it ran".into() };
             store.build_event(b.id, &lost, now).await?.ok();
@@ -119,12 +119,12 @@ impl Master {
             stops.push(tokio::spawn(async move {
                 if let Some(p) = p {
                     if let Err(e) = p.terminate(m.id.get(), m.provider_id.as_deref().unwrap_or("")).await {
-                        tracing::error!(machine = %m.id, "cannot stop machine; the next start tries again: {e}");
+                        tracing::error!(machine = m.id.get(), "cannot stop machine; the next start tries again: {e}");
                         return;
                     }
                 }
                 if let Err(e) = store.set_machine_state(m.id, "gone", clock.now()).await {
-                    tracing::warn!(machine = %m.id, "cannot record machine as gone: {e}");
+                    tracing::warn!(machine = m.id.get(), "cannot record machine as gone: {e}");
                 }
             }));
         }
@@ -147,7 +147,7 @@ impl Master {
                     self.shared.running.end(build);
                     match ended {
                         Some(t) => {
-                            tracing::info!(%build, %machine, reported = %result, result = %t.to, "build finished");
+                            tracing::info!(build = build.get(), machine = machine.get(), reported = %result, result = %t.to, "build finished");
                             self.follow_up(build, t, None);
                         }
                         // An attempt that had ended (retried, cancelled here): the fleet frees
@@ -175,7 +175,7 @@ impl Master {
                     Err(e @ StopRefused::NotRunning) => Err(ActionError::NotFound(format!("machine {machine}: {e}"))),
                     Err(e @ StopRefused::Already(_)) => Err(ActionError::Conflict(format!("machine {machine}: {e}"))),
                     Ok(actions) => {
-                        tracing::info!(%machine, %by, "admin asked to stop the machine");
+                        tracing::info!(machine = machine.get(), %by, "admin asked to stop the machine");
                         self.execute_all(actions, now).await?;
                         Ok(())
                     }
@@ -208,7 +208,7 @@ impl Master {
                 if ours(&self.agents) || ours(&self.connecting) {
                     self.agents.remove(&machine);
                     self.connecting.remove(&machine);
-                    tracing::info!(%machine, "agent disconnected");
+                    tracing::info!(machine = machine.get(), "agent disconnected");
                     self.pending.push_back(FleetEvent::AgentDisconnected { machine });
                 }
             }
@@ -226,18 +226,18 @@ impl Master {
                     LaunchOutcome::Ran(launched) => {
                         // It ran while nobody watched and has stopped since: billed from the
                         // provider's launch time to now, then gone.
-                        tracing::warn!(%machine, %pool, instance = %launched.provider_id, "the machine ran but had already stopped when found");
+                        tracing::warn!(machine = machine.get(), %pool, instance = %launched.provider_id, "the machine ran but had already stopped when found");
                         self.record_launch(machine, &pool, &launched, requested_at, now).await?;
                         let reason = "its instance had already stopped when found".to_string();
                         self.pending.push_back(FleetEvent::LaunchFailed { machine, reason });
                     }
                     LaunchOutcome::Unknown(reason) => {
-                        tracing::warn!(%machine, %pool, %reason, "launch outcome unknown; looking the machine up");
+                        tracing::warn!(machine = machine.get(), %pool, %reason, "launch outcome unknown; looking the machine up");
                         self.shared.store.machine_event(machine, "launch_unknown", &reason, now).await?;
                         self.pending.push_back(FleetEvent::LaunchUnknown { machine, reason });
                     }
                     LaunchOutcome::Failed(reason) => {
-                        tracing::warn!(%machine, %pool, %reason, "launch failed");
+                        tracing::warn!(machine = machine.get(), %pool, %reason, "launch failed");
                         // The fleet first (the machine is gone), then the reason: a machine's
                         // last event is what the API shows as why its build still waits.
                         self.pending.push_back(FleetEvent::LaunchFailed { machine, reason: reason.clone() });
@@ -256,7 +256,7 @@ impl Master {
                 let started = Ts(launched.launched_at.unwrap_or(stopped_at.0).clamp(requested_at.0, stopped_at.0));
                 let recorded = self.shared.store.late_life(machine, &launched, &price, started, stopped_at).await?;
                 if !recorded {
-                    tracing::warn!(%machine, instance = %launched.provider_id, "a second instance ran for this machine; the cost report does not show it");
+                    tracing::warn!(machine = machine.get(), instance = %launched.provider_id, "a second instance ran for this machine; the cost report does not show it");
                 }
             }
             Input::Terminated { machine } => self.pending.push_back(FleetEvent::MachineGone { machine }),
@@ -287,16 +287,16 @@ impl Master {
             !matches!(s, MachineState::Stopping | MachineState::Gone | MachineState::Lost | MachineState::Interrupted)
         });
         if !live {
-            tracing::debug!(%machine, %detail, ?state, "interruption notice for a machine already given up ignored");
+            tracing::debug!(machine = machine.get(), %detail, ?state, "interruption notice for a machine already given up ignored");
             return Ok(());
         }
-        tracing::warn!(%machine, %detail, "machine is being interrupted; requeueing its build, if any");
+        tracing::warn!(machine = machine.get(), %detail, "machine is being interrupted; requeueing its build, if any");
         // From here its build belongs to the retry: what the agent still says about it (a step
         // killed by the shutdown, a BuildFinished) must not end it as that step's failure.
         self.shared.running.forget_machine(machine);
         // Acting on it matters more than recording it once.
         if let Err(e) = self.shared.store.machine_event(machine, "interrupted", detail, self.shared.now()).await {
-            tracing::error!(%machine, "cannot record the interruption: {e}");
+            tracing::error!(machine = machine.get(), "cannot record the interruption: {e}");
         }
         self.pending.push_back(FleetEvent::Interrupted { machine });
         Ok(())
@@ -464,17 +464,17 @@ impl Master {
         for v in verdicts {
             let (provider_id, machine, late) = match v {
                 Verdict::Late { provider_id, machine } => {
-                    tracing::warn!(%provider_id, %machine, "reconcile: terminating the late instance of a machine already stopped");
+                    tracing::warn!(%provider_id, machine = machine.get(), "reconcile: terminating the late instance of a machine already stopped");
                     (provider_id, Some(machine), Some(machine))
                 }
                 Verdict::Orphan { provider_id, machine } => {
-                    tracing::warn!(%provider_id, ?machine, "reconcile: terminating an orphan (tagged as ours, owned by no machine)");
+                    tracing::warn!(%provider_id, machine = ?machine.map(MachineId::get), "reconcile: terminating an orphan (tagged as ours, owned by no machine)");
                     (provider_id, machine, None)
                 }
                 Verdict::Vanished { machine, provider_id } => {
                     let actions = self.fleet.handle(FleetEvent::Vanished { machine }, now);
                     if !actions.is_empty() {
-                        tracing::warn!(%machine, %provider_id, "reconcile: machine is gone from the cloud; its build (if any) is retried");
+                        tracing::warn!(machine = machine.get(), %provider_id, "reconcile: machine is gone from the cloud; its build (if any) is retried");
                         let detail = format!("{provider_id} no longer running");
                         self.shared.store.machine_event(machine, "vanished", &detail, now).await?;
                     }
@@ -537,7 +537,7 @@ impl Master {
                                 now,
                             )
                             .await?;
-                        tracing::info!(build = %b.id, builder = %b.builder, branch = %b.branch, revision = %b.revision, reason = %req.reason, "build queued");
+                        tracing::info!(build = b.id.get(), builder = %b.builder, branch = %b.branch, revision = %b.revision, reason = %req.reason, "build queued");
                         self.queue(&b, false);
                     }
                 }

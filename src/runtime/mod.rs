@@ -464,7 +464,7 @@ impl Master {
                 self.pending.push_back(FleetEvent::BuildQueued { build: b.id, pool: builder.pool.clone(), front })
             }
             None => {
-                tracing::warn!(build = %b.id, builder = %b.builder, "queued build's builder is no longer configured")
+                tracing::warn!(build = b.id.get(), builder = %b.builder, "queued build's builder is no longer configured")
             }
         }
     }

@@ -74,7 +74,7 @@ impl Master {
         for b in store.builds_in_state("queued").await? {
             if self.shared.config.builder(&b.builder).is_none() {
                 let reason = format!("builder {} is no longer configured", b.builder);
-                tracing::warn!(build = %b.id, %reason, "queued build abandoned");
+                tracing::warn!(build = b.id.get(), %reason, "queued build abandoned");
                 store.build_event(b.id, &BuildEvent::Abandon { reason }, now).await?.ok();
                 continue;
             }
@@ -104,9 +104,9 @@ impl Master {
     pub(super) async fn stop_leftover(&mut self, m: &crate::store::MachineRow) -> Result<(), MasterError> {
         if let Some(p) = self.provisioners.get(&m.pool) {
             let pid = m.provider_id.as_deref().unwrap_or("");
-            tracing::info!(machine = %m.id, provider_id = pid, "stopping machine left by the previous run");
+            tracing::info!(machine = m.id.get(), provider_id = pid, "stopping machine left by the previous run");
             if let Err(e) = p.terminate(m.id.get(), pid).await {
-                tracing::error!(machine = %m.id, "cannot stop leftover machine: {e}");
+                tracing::error!(machine = m.id.get(), "cannot stop leftover machine: {e}");
                 return Ok(());
             }
         }
@@ -129,7 +129,7 @@ impl Master {
             self.shared.store.set_machine_state(m.id, MachineState::Booting.as_str(), now).await?;
         }
         tracing::info!(
-            machine = %m.id,
+            machine = m.id.get(),
             "keeping a machine of the previous run that is still booting; waiting for its agent"
         );
         Ok(())
@@ -142,7 +142,7 @@ impl Master {
         let requested_at = crate::cost::parse_ts(&m.requested_at).unwrap_or_else(|| self.shared.now());
         self.fleet.restore_machine(m.id, &m.pool, MachineState::Launching, None, 0, None, requested_at);
         tracing::info!(
-            machine = %m.id,
+            machine = m.id.get(),
             "the previous run died while launching this machine; asking the provider for it"
         );
         self.spawn_resolve(m.id, requested_at, "the master restarted during the launch".to_string());
@@ -168,7 +168,9 @@ impl Master {
                         break LaunchOutcome::Failed(format!("{why}; no machine was started (none found by its id)"))
                     }
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(%machine, "cannot look the machine up yet; trying again: {e}"),
+                    Err(e) => {
+                        tracing::warn!(machine = machine.get(), "cannot look the machine up yet; trying again: {e}")
+                    }
                 }
                 tokio::time::sleep(RESOLVE_POLL).await;
             };
@@ -227,12 +229,12 @@ impl Master {
                     let now = self.shared.now();
                     let requested_at = crate::cost::parse_ts(&m.requested_at);
                     self.record_launch(m.id, &m.pool, &found.launched, requested_at, now).await?;
-                    tracing::info!(machine = %m.id, instance = %found.launched.provider_id, "found a machine of the previous run that no launch answer named");
+                    tracing::info!(machine = m.id.get(), instance = %found.launched.provider_id, "found a machine of the previous run that no launch answer named");
                     return Ok(Some(found));
                 }
                 Ok(None) => return Ok(None),
                 Err(e) => {
-                    tracing::warn!(machine = %m.id, attempt, "cannot look up a machine of the previous run: {e}");
+                    tracing::warn!(machine = m.id.get(), attempt, "cannot look up a machine of the previous run: {e}");
                     tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
                 }
             }
@@ -267,13 +269,13 @@ impl Master {
         let pid = Some(a.pid.clone());
         self.fleet.restore_machine(m.id, &m.pool, MachineState::Busy, Some(a.build.id), builds_run, pid, now);
         if self.fleet.machine_build(m.id) != Some(a.build.id) {
-            tracing::error!(machine = %m.id, build = %a.build.id, "the fleet refused to adopt the machine");
+            tracing::error!(machine = m.id.get(), build = a.build.id.get(), "the fleet refused to adopt the machine");
             return false;
         }
         self.shared.running.start(a.build.id, m.id, &a.secrets, a.applied, a.log_bytes);
         tracing::info!(
-            machine = %m.id,
-            build = %a.build.id,
+            machine = m.id.get(),
+            build = a.build.id.get(),
             "adopting a machine still running a build; waiting for its agent"
         );
         true

@@ -224,7 +224,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
         Some(Some(build)) => match s.store.report_position(build).await {
             Ok((seq, _)) => Some(Ack { build, seq }),
             Err(e) => {
-                tracing::error!(%machine, "cannot read how far build {build} is stored: {e}");
+                tracing::error!(machine = machine.get(), "cannot read how far build {build} is stored: {e}");
                 None
             }
         },
@@ -243,7 +243,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     if !send(&mut socket, &welcome).await {
         return;
     }
-    tracing::info!(%machine, %peer, resumed = resumed.is_some(), "agent connected");
+    tracing::info!(machine = machine.get(), %peer, resumed = resumed.is_some(), "agent connected");
     let conn = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel();
     // Acknowledgements go out through the same writer as the loop's messages.
@@ -295,13 +295,13 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
             // The agent speaks only once it has the Welcome: its resume token is now in use,
             // and the one it came back with must never work again.
             if let Err(e) = s.store.confirm_resume(machine, &new_hash).await {
-                tracing::error!(%machine, "cannot retire the previous resume token: {e}");
+                tracing::error!(machine = machine.get(), "cannot retire the previous resume token: {e}");
             }
         }
         let keep_going = match serde_json::from_str::<AgentMsg>(&text) {
             Ok(msg) => handle(&s, machine, msg, &mut notices, &acks).await,
             Err(e) => {
-                tracing::warn!(%machine, "unreadable message from agent: {e}");
+                tracing::warn!(machine = machine.get(), "unreadable message from agent: {e}");
                 true
             }
         };
@@ -310,7 +310,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
         }
     }
     writer.abort();
-    tracing::info!(%machine, "agent disconnected");
+    tracing::info!(machine = machine.get(), "agent disconnected");
     s.master.agent_closed(machine, conn).await;
 }
 
@@ -329,7 +329,7 @@ async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, s
     let detail: String =
         format!("{kind}: {detail}").chars().filter(|c| !c.is_control()).take(MAX_NOTICE_DETAIL).collect();
     if !seen.insert(detail.clone()) {
-        tracing::debug!(%machine, %detail, "repeated interruption notice ignored");
+        tracing::debug!(machine = machine.get(), %detail, "repeated interruption notice ignored");
         return;
     }
     // The loop records it and retries the build; what this connection reads next (a step
@@ -361,7 +361,10 @@ async fn handle(
             }
             Ok(None) => true,
             Err(Broken(why)) => {
-                tracing::warn!(%machine, "{why}; closing the connection, the agent will send its reports again");
+                tracing::warn!(
+                    machine = machine.get(),
+                    "{why}; closing the connection, the agent will send its reports again"
+                );
                 false
             }
         },
@@ -376,7 +379,11 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
     let Some((build, seq)) = report.sequenced() else { return Ok(None) };
     let Some(stream) = reports_of(s, machine, build) else {
         if matches!(report, AgentMsg::BuildFinished { .. }) {
-            tracing::warn!(%machine, %build, "agent reported a build it does not run; ignored");
+            tracing::warn!(
+                machine = machine.get(),
+                build = build.get(),
+                "agent reported a build it does not run; ignored"
+            );
         }
         return Ok(Some(Ack { build, seq }));
     };
@@ -414,13 +421,19 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
     match stored {
         Ok(Applied::Stored { .. }) => stream.stored(seq),
         Ok(Applied::Stale { applied }) => {
-            tracing::info!(%machine, %build, seq, applied, "report already stored by another connection");
+            tracing::info!(
+                machine = machine.get(),
+                build = build.get(),
+                seq,
+                applied,
+                "report already stored by another connection"
+            );
             stream.resync(applied);
             return Ok(Some(Ack { build, seq: applied }));
         }
         Err(e) => {
             // Not acknowledged: the agent keeps it and sends it again after a reconnection.
-            tracing::error!(%machine, %build, seq, "cannot store agent report: {e}");
+            tracing::error!(machine = machine.get(), build = build.get(), seq, "cannot store agent report: {e}");
             return Err(Broken(format!("report {seq} of build {build} could not be stored")));
         }
     }

@@ -37,7 +37,7 @@ pub async fn agent_download(State(s): State<Arc<Shared>>, headers: HeaderMap) ->
     })?;
     let len = file.metadata().await.map(|m| m.len()).ok();
     s.store.machine_event(machine, "agent_download", "", s.now()).await?;
-    tracing::info!(%machine, "machine is downloading the agent");
+    tracing::info!(machine = machine.get(), "machine is downloading the agent");
     // Streamed in chunks: many machines booting at once must not each hold a copy in memory.
     let stream = futures_util::stream::unfold(Some(file), |file| async move {
         let mut file = file?;
