@@ -415,8 +415,11 @@ fn a_launch_in_flight_at_a_crash_counts_against_the_limit_and_its_late_instance_
     assert_eq!(instances.len(), 1, "no second instance while the first was unknown: {instances:?}");
     assert_eq!(cloud.proxy().count("RunInstances"), 1, "never launched again");
 
-    // Billed from the cloud's own launch time to the stop the cloud confirmed.
-    let machine = bed.machines().into_iter().find(|m| m["id"] == 1).expect("machine 1");
+    // Billed from the cloud's own launch time to the stop the cloud confirmed. The master
+    // records the stop after the cloud reports it, so on a loaded machine it may come later.
+    let machine = bed.wait("machine 1 recorded as stopped", || {
+        bed.machines().into_iter().find(|m| m["id"] == 1 && !m["terminated_at"].is_null())
+    });
     let ms = |v: &Value| {
         chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a time")).expect("rfc3339").timestamp_millis()
     };
