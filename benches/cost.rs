@@ -113,7 +113,7 @@ async fn report(db: &str) {
 /// schema changes: both are in the name).
 fn cached_year() -> std::path::PathBuf {
     const GENERATOR: u32 = 2;
-    let schema = paddock::store::MIGRATOR.iter().count();
+    let schema = paddock::store::MIGRATIONS.len();
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/bench-data")
         .join(format!("cost-year-g{GENERATOR}-s{schema}.db"))

@@ -85,7 +85,7 @@ async fn generate(store: &Store) -> Result<i64, paddock::store::StoreError> {
 
 fn cached_db() -> std::path::PathBuf {
     const GENERATOR: u32 = 1;
-    let schema = paddock::store::MIGRATOR.iter().count();
+    let schema = paddock::store::MIGRATIONS.len();
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/bench-data")
         .join(format!("web-100k-g{GENERATOR}-s{schema}.db"))

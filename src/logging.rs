@@ -35,7 +35,7 @@ impl LogFormat {
 }
 
 /// What runs when `RUST_LOG` is unset or empty.
-const DEFAULT_DIRECTIVES: &str = "info,sqlx=warn,tower_http=warn";
+const DEFAULT_DIRECTIVES: &str = "info,tower_http=warn";
 
 /// The most verbose level of dependencies whose debug output is a flood or a leak: the AWS SDK
 /// prints whole requests (user-data carrying machine tokens) and signing material, the HTTP and
@@ -258,8 +258,6 @@ mod tests {
         assert!(pass(None, "aws_config::imds", Level::INFO));
         assert!(pass(None, "paddock::runtime", Level::INFO));
         assert!(!pass(None, "paddock::runtime", Level::DEBUG));
-        assert!(!pass(None, "sqlx::query", Level::INFO));
-        assert!(pass(None, "sqlx::query", Level::WARN));
         // Empty is unset.
         assert!(!pass(Some(" "), "aws_smithy_runtime::client", Level::DEBUG));
         assert!(pass(Some(""), "paddock::web", Level::INFO));
@@ -271,7 +269,7 @@ mod tests {
         assert!(pass(Some("debug"), "paddock::runtime", Level::DEBUG));
         assert!(!pass(Some("debug"), "aws_smithy_runtime::client", Level::DEBUG));
         assert!(!pass(Some("trace"), "aws_sigv4::sign", Level::DEBUG));
-        assert!(pass(Some("debug"), "sqlx::query", Level::DEBUG), "sqlx is not capped");
+        assert!(pass(Some("debug"), "paddock::store", Level::DEBUG), "Paddock's own targets are not capped");
         // A named SDK target gets what it asks for; its siblings stay capped.
         let dirs = Some("info,aws_smithy_runtime=debug");
         assert!(pass(dirs, "aws_smithy_runtime::client::orchestrator", Level::DEBUG));

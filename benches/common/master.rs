@@ -92,7 +92,8 @@ pub fn start_master(dir: &Path, config: &str, port: u16) -> Master {
     let child = Command::new(env!("CARGO_BIN_EXE_paddock"))
         .arg("run")
         .arg(&path)
-        .env("RUST_LOG", "warn")
+        // PADDOCK_BENCH_LOG lets a profiling run see what the master does (e.g. paddock=debug).
+        .env("RUST_LOG", std::env::var("PADDOCK_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)

@@ -34,7 +34,7 @@ pub struct Master {
     pub url: String,
     /// Address to bind; default derived from `url` (host:port).
     pub listen: String,
-    /// sqlx URL. Default `sqlite://paddock.db` (relative to the config's folder).
+    /// Database URL (`sqlite://FILE`). Default `sqlite://paddock.db` (relative to the config's folder).
     pub database: String,
     /// Folder for mirrors and local worker directories. Default `paddock-state` beside the config.
     pub state_dir: PathBuf,

@@ -518,15 +518,15 @@ mod tests {
             clock.now(),
         );
         let interrupted = |db: String| async move {
-            let pool = sqlx::SqlitePool::connect(&db).await.expect("db");
-            let rows: Vec<String> = sqlx::query_scalar(
-                "SELECT detail FROM machine_events WHERE machine_id = 7 AND kind = 'interrupted' AND detail != ''",
-            )
-            .fetch_all(&pool)
-            .await
-            .expect("events");
-            pool.close().await;
-            rows
+            let file = db.strip_prefix("sqlite://").expect("a file URL");
+            let conn = rusqlite::Connection::open(file).expect("db");
+            let mut stmt = conn
+                .prepare(
+                    "SELECT detail FROM machine_events WHERE machine_id = 7 AND kind = 'interrupted' AND detail != ''",
+                )
+                .expect("query");
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).expect("events");
+            rows.collect::<Result<Vec<String>, _>>().expect("events")
         };
 
         master.interrupted(MachineId(7), "spot-interruption: terminate at 20:00").await.expect("acted on");

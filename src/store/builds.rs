@@ -1,5 +1,7 @@
 //! Build requests and attempts, their steps and logs: the build lifecycle as stored.
 
+use rusqlite::params;
+
 use super::*;
 
 impl Store {
@@ -17,118 +19,90 @@ impl Store {
         now: Ts,
     ) -> Result<BuildRow> {
         let now_s = ts_string(now);
-        let mut tx = self.pool.begin().await?;
-        let request: i64 = sqlx::query_scalar(
-            "INSERT INTO build_requests (builder, repo, branch, revision, scheduler, reason, changes, submitted_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(builder)
-        .bind(repo)
-        .bind(branch)
-        .bind(revision)
-        .bind(scheduler)
-        .bind(reason)
-        .bind(serde_json::to_string(changes).unwrap_or_else(|_| "[]".into()))
-        .bind(&now_s)
-        .fetch_one(&mut *tx)
-        .await?;
-        let row = sqlx::query(&format!(
-            "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {BUILD_COLUMNS}"
-        ))
-        .bind(request)
-        .bind(builder)
-        .bind(repo)
-        .bind(branch)
-        .bind(revision)
-        .bind(reason)
-        .bind(&now_s)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        build_row(&row)
+        let changes = serde_json::to_string(changes).unwrap_or_else(|_| "[]".into());
+        self.write(|c| {
+            let request: i64 = one(
+                c,
+                "INSERT INTO build_requests (builder, repo, branch, revision, scheduler, reason, changes, submitted_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                params![builder, repo, branch, revision, scheduler, reason, changes, &now_s],
+                |r| r.get(0),
+            )?;
+            one(
+                c,
+                &format!(
+                    "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {BUILD_COLUMNS}"
+                ),
+                params![request, builder, repo, branch, revision, reason, &now_s],
+                build_row,
+            )
+        })
     }
 
     /// Builds in the given state, oldest first.
     pub async fn builds_in_state(&self, state: &str) -> Result<Vec<BuildRow>> {
-        let rows = sqlx::query(&format!("SELECT {BUILD_COLUMNS} FROM builds WHERE state = ? ORDER BY id"))
-            .bind(state)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(build_row).collect()
+        self.read(|c| {
+            all(c, &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE state = ? ORDER BY id"), [state], build_row)
+        })
     }
 
     /// One build attempt.
     pub async fn build(&self, id: BuildId) -> Result<Option<BuildRow>> {
-        let row = sqlx::query(&format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(build_row).transpose()
+        self.read(|c| opt(c, &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?"), [id], build_row))
     }
 
     /// Build attempts, newest first.
     pub async fn list_builds(&self, f: &BuildFilter) -> Result<Vec<BuildRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {BUILD_COLUMNS} FROM builds WHERE (?1 IS NULL OR builder = ?1) AND (?2 IS NULL OR branch = ?2)
-             AND (?3 IS NULL OR state = ?3) ORDER BY id DESC LIMIT ?4"
-        ))
-        .bind(&f.builder)
-        .bind(&f.branch)
-        .bind(&f.state)
-        .bind(f.limit.unwrap_or(100))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(build_row).collect()
+        self.read(|c| {
+            all(
+                c,
+                &format!(
+                    "SELECT {BUILD_COLUMNS} FROM builds WHERE (?1 IS NULL OR builder = ?1) AND (?2 IS NULL OR branch = ?2)
+                     AND (?3 IS NULL OR state = ?3) ORDER BY id DESC LIMIT ?4"
+                ),
+                params![f.builder, f.branch, f.state, f.limit.unwrap_or(100)],
+                build_row,
+            )
+        })
     }
 
     /// Marks a queued attempt running on `machine` and creates its step rows.
     pub async fn start_build(&self, build: BuildId, machine: MachineId, steps: &[String], now: Ts) -> Result<bool> {
         let now_s = ts_string(now);
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE builds SET state = 'running', machine_id = ?, started_at = ? WHERE id = ? AND state = 'queued'",
-        )
-        .bind(machine)
-        .bind(&now_s)
-        .bind(build)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
+        let started = self.write(|c| {
+            let done = exec(
+                c,
+                "UPDATE builds SET state = 'running', machine_id = ?, started_at = ? WHERE id = ? AND state = 'queued'",
+                params![machine, &now_s, build],
+            )?;
+            if done == 0 {
+                return Ok(false);
+            }
+            for (i, name) in steps.iter().enumerate() {
+                exec(c, "INSERT INTO steps (build_id, idx, name) VALUES (?, ?, ?)", params![build, i as i64, name])?;
+            }
+            exec(c, "UPDATE machines SET builds_run = builds_run + 1 WHERE id = ?", [machine])?;
+            // The meter's record of the build says what it was, so a report attributes busy time
+            // from the events alone: id, builder, repository, branch and committer (the author of
+            // the newest change), tab-separated.
+            exec(
+                c,
+                "INSERT INTO machine_events (machine_id, at, kind, detail)
+                 SELECT ?, ?, 'build_started', b.id || char(9) || b.builder || char(9) || b.repo || char(9) || b.branch
+                        || char(9) || REPLACE(REPLACE(COALESCE(c.author, ''), char(9), ' '), char(10), ' ')
+                 FROM builds b JOIN build_requests r ON r.id = b.request_id
+                 LEFT JOIN changes c ON c.id = json_extract(r.changes, '$[#-1]')
+                 WHERE b.id = ?",
+                params![machine, &now_s, build],
+            )?;
+            notify::outbox(c, build, "started", &now_s)?;
+            Ok(true)
+        })?;
+        if started {
+            self.news.notify_one();
         }
-        for (i, name) in steps.iter().enumerate() {
-            sqlx::query("INSERT INTO steps (build_id, idx, name) VALUES (?, ?, ?)")
-                .bind(build)
-                .bind(i as i64)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query("UPDATE machines SET builds_run = builds_run + 1 WHERE id = ?")
-            .bind(machine)
-            .execute(&mut *tx)
-            .await?;
-        // The meter's record of the build says what it was, so a report attributes busy time
-        // from the events alone: id, builder, repository, branch and committer (the author of
-        // the newest change), tab-separated.
-        sqlx::query(
-            "INSERT INTO machine_events (machine_id, at, kind, detail)
-             SELECT ?, ?, 'build_started', b.id || char(9) || b.builder || char(9) || b.repo || char(9) || b.branch
-                    || char(9) || REPLACE(REPLACE(COALESCE(c.author, ''), char(9), ' '), char(10), ' ')
-             FROM builds b JOIN build_requests r ON r.id = b.request_id
-             LEFT JOIN changes c ON c.id = json_extract(r.changes, '$[#-1]')
-             WHERE b.id = ?",
-        )
-        .bind(machine)
-        .bind(&now_s)
-        .bind(build)
-        .execute(&mut *tx)
-        .await?;
-        notify::outbox(&mut tx, build, "started", &now_s).await?;
-        tx.commit().await?;
-        self.news.notify_one();
-        Ok(true)
+        Ok(started)
     }
 
     /// Carries out what the lifecycle's rules ([`decide`]) make of `event` for attempt `build`,
@@ -140,11 +114,7 @@ impl Store {
         event: &life::BuildEvent,
         now: Ts,
     ) -> Result<std::result::Result<Decided, Refused>> {
-        // A write lock from the start: a transaction that reads first and writes later fails
-        // at once (it does not wait) if another connection wrote in between.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let decided = event_in(&mut tx, build, event, now).await?;
-        tx.commit().await?;
+        let decided = self.write(|c| event_in(c, build, event, now))?;
         if decided.as_ref().is_ok_and(|d| d.transition.news) {
             self.news.notify_one();
         }
@@ -170,105 +140,109 @@ impl Store {
         effect: ReportEffect<'_>,
         now: Ts,
     ) -> Result<Applied> {
-        let mut tx = self.pool.begin().await?;
-        let moved = sqlx::query("UPDATE builds SET applied_seq = ? WHERE id = ? AND applied_seq = ?")
-            .bind(seq as i64)
-            .bind(build)
-            .bind(after as i64)
-            .execute(&mut *tx)
-            .await?;
-        if moved.rows_affected() == 0 {
-            drop(tx);
-            let applied: Option<i64> = sqlx::query_scalar("SELECT applied_seq FROM builds WHERE id = ?")
-                .bind(build)
-                .fetch_optional(&self.pool)
-                .await?;
-            return Ok(Applied::Stale { applied: applied.unwrap_or(0).max(0) as u64 });
-        }
-        if let Some((step, text)) = log.filter(|(_, t)| !t.is_empty()) {
-            append_log_in(&mut tx, build, step, text, now).await?;
-        }
-        let ended = match effect {
-            ReportEffect::None => None,
-            ReportEffect::StepStarted { step } => {
-                step_started_in(&mut tx, build, step, now).await?;
-                None
+        let applied = self.write(|c| {
+            let moved = exec(
+                c,
+                "UPDATE builds SET applied_seq = ? WHERE id = ? AND applied_seq = ?",
+                params![seq as i64, build, after as i64],
+            )?;
+            if moved == 0 {
+                let applied: Option<i64> =
+                    opt(c, "SELECT applied_seq FROM builds WHERE id = ?", [build], |r| r.get(0))?;
+                return Ok(Applied::Stale { applied: applied.unwrap_or(0).max(0) as u64 });
             }
-            ReportEffect::StepFinished { step, result, exit_code } => {
-                step_finished_in(&mut tx, build, step, result, exit_code, now).await?;
-                None
+            if let Some((step, text)) = log.filter(|(_, t)| !t.is_empty()) {
+                append_log_in(c, build, step, text, now)?;
             }
-            // A report about an attempt retried meanwhile is stored as text only: the new
-            // attempt owns the build.
-            ReportEffect::BuildFinished { machine, result } => {
-                event_in(&mut tx, build, &life::BuildEvent::Reported { machine, result }, now).await?.ok()
-            }
-        };
-        tx.commit().await?;
-        if ended.is_some() {
+            let ended = match effect {
+                ReportEffect::None => None,
+                ReportEffect::StepStarted { step } => {
+                    step_started_in(c, build, step, now)?;
+                    None
+                }
+                ReportEffect::StepFinished { step, result, exit_code } => {
+                    step_finished_in(c, build, step, result, exit_code, now)?;
+                    None
+                }
+                // A report about an attempt retried meanwhile is stored as text only: the new
+                // attempt owns the build.
+                ReportEffect::BuildFinished { machine, result } => {
+                    event_in(c, build, &life::BuildEvent::Reported { machine, result }, now)?.ok()
+                }
+            };
+            Ok(Applied::Stored { ended: ended.map(|d| d.transition) })
+        })?;
+        if matches!(applied, Applied::Stored { ended: Some(_) }) {
             self.news.notify_one();
         }
-        Ok(Applied::Stored { ended: ended.map(|d| d.transition) })
+        Ok(applied)
     }
 
     /// How far the reports of `build` are stored: the highest sequence number, and the bytes of
     /// log text (toward [`crate::agent::protocol::MAX_LOG_BYTES`]).
     pub async fn report_position(&self, build: BuildId) -> Result<(u64, usize)> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT b.applied_seq, COALESCE((SELECT SUM(LENGTH(CAST(text AS BLOB))) FROM log_chunks WHERE build_id = b.id), 0)
-             FROM builds b WHERE b.id = ?",
-        )
-        .bind(build)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(i64, i64)> = self.read(|c| {
+            opt(
+                c,
+                "SELECT b.applied_seq, COALESCE((SELECT SUM(LENGTH(CAST(text AS BLOB))) FROM log_chunks WHERE build_id = b.id), 0)
+                 FROM builds b WHERE b.id = ?",
+                [build],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })?;
         Ok(row.map_or((0, 0), |(seq, bytes)| (seq.max(0) as u64, bytes.max(0) as usize)))
     }
 
     /// The changes a build was made for (the scheduler's), or else the stored commit of its
     /// revision (a forced build), newest first.
     pub async fn build_changes(&self, build: BuildId) -> Result<Vec<ChangeRow>> {
-        let Some((ids, repo, revision)) = sqlx::query_as::<_, (String, String, String)>(
-            "SELECT r.changes, b.repo, b.revision FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
-        )
-        .bind(build)
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(Vec::new());
-        };
-        let ids: Vec<ChangeId> = serde_json::from_str(&ids).unwrap_or_default();
-        let rows = if ids.is_empty() {
-            sqlx::query("SELECT * FROM changes WHERE repo = ? AND revision = ? ORDER BY id DESC LIMIT 1")
-                .bind(repo)
-                .bind(revision)
-                .fetch_all(&self.pool)
-                .await?
-        } else {
-            sqlx::query("SELECT * FROM changes WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id DESC")
-                .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
-                .fetch_all(&self.pool)
-                .await?
-        };
-        Ok(rows.iter().map(change_row).collect())
+        self.read(|c| {
+            // One snapshot: the request and its changes as of the same moment.
+            let tx = c.unchecked_transaction()?;
+            let Some((ids, repo, revision)) = opt(
+                &tx,
+                "SELECT r.changes, b.repo, b.revision FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
+                [build],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)),
+            )?
+            else {
+                return Ok(Vec::new());
+            };
+            let ids: Vec<ChangeId> = serde_json::from_str(&ids).unwrap_or_default();
+            if ids.is_empty() {
+                all(
+                    &tx,
+                    "SELECT * FROM changes WHERE repo = ? AND revision = ? ORDER BY id DESC LIMIT 1",
+                    [repo, revision],
+                    change_row,
+                )
+            } else {
+                all(
+                    &tx,
+                    "SELECT * FROM changes WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id DESC",
+                    [serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into())],
+                    change_row,
+                )
+            }
+        })
     }
 
     /// The change ids of a build's request (what a rebuild carries over).
     pub async fn build_change_ids(&self, build: BuildId) -> Result<Vec<ChangeId>> {
-        let ids: Option<String> = sqlx::query_scalar(
-            "SELECT r.changes FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
-        )
-        .bind(build)
-        .fetch_optional(&self.pool)
-        .await?;
+        let ids: Option<String> = self.read(|c| {
+            opt(
+                c,
+                "SELECT r.changes FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
+                [build],
+                |r| r.get(0),
+            )
+        })?;
         Ok(ids.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default())
     }
 
     /// Marks a step running.
     pub async fn step_started(&self, build: BuildId, idx: i64, now: Ts) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        step_started_in(&mut tx, build, idx, now).await?;
-        tx.commit().await?;
-        Ok(())
+        self.write(|c| step_started_in(c, build, idx, now))
     }
 
     /// Records a step's result.
@@ -280,45 +254,35 @@ impl Store {
         exit_code: Option<i32>,
         now: Ts,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        step_finished_in(&mut tx, build, idx, result, exit_code, now).await?;
-        tx.commit().await?;
-        Ok(())
+        self.write(|c| step_finished_in(c, build, idx, result, exit_code, now))
     }
 
     /// Steps of a build, in order.
     pub async fn steps(&self, build: BuildId) -> Result<Vec<StepRow>> {
-        let rows = sqlx::query("SELECT * FROM steps WHERE build_id = ? ORDER BY idx")
-            .bind(build)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| StepRow {
-                index: r.get("idx"),
-                name: r.get("name"),
-                state: r.get("state"),
-                exit_code: r.get("exit_code"),
-                started_at: r.get("started_at"),
-                finished_at: r.get("finished_at"),
+        self.read(|c| {
+            all(c, "SELECT * FROM steps WHERE build_id = ? ORDER BY idx", [build], |r| {
+                Ok(StepRow {
+                    index: r.get("idx")?,
+                    name: r.get("name")?,
+                    state: r.get("state")?,
+                    exit_code: r.get("exit_code")?,
+                    started_at: r.get("started_at")?,
+                    finished_at: r.get("finished_at")?,
+                })
             })
-            .collect())
+        })
     }
 
     /// Appends (already redacted) log text to a build's step.
     pub async fn append_log(&self, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        append_log_in(&mut tx, build, idx, text, now).await?;
-        tx.commit().await?;
-        Ok(())
+        self.write(|c| append_log_in(c, build, idx, text, now))
     }
 
     /// The whole log of a build, chunks concatenated in arrival order.
     pub async fn log(&self, build: BuildId) -> Result<String> {
-        let rows = sqlx::query("SELECT text FROM log_chunks WHERE build_id = ? ORDER BY id")
-            .bind(build)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| r.get::<String, _>("text")).collect())
+        let chunks: Vec<String> = self.read_long(|c| {
+            all(c, "SELECT text FROM log_chunks WHERE build_id = ? ORDER BY id", [build], |r| r.get(0))
+        })?;
+        Ok(chunks.concat())
     }
 }

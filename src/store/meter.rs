@@ -9,9 +9,10 @@ impl Store {
     /// gets the machine and its events as lines of `at TAB kind TAB detail`, in order. One row
     /// per machine: the events are gathered by SQLite, not handed over one by one.
     pub async fn cost_lives(&self, since: Ts, until: Ts, mut f: impl FnMut(MachineFacts, &str)) -> Result<()> {
-        use futures_util::TryStreamExt;
-        let mut rows = sqlx::query(
-            "SELECT m.id, m.pool, m.provisioner, m.state, m.instance_type, m.lifecycle, m.zone, m.hourly_price,
+        let (since, until) = (ts_string(since), ts_string(until));
+        self.read_long(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT m.id, m.pool, m.provisioner, m.state, m.instance_type, m.lifecycle, m.zone, m.hourly_price,
                     m.price_source, m.volume_hourly, m.terminated_at,
                     (SELECT group_concat(e.at || char(9) || e.kind || char(9) || e.detail, char(10) ORDER BY e.id)
                      FROM machine_events e
@@ -20,57 +21,61 @@ impl Store {
              FROM machines m WHERE m.launched_at IS NOT NULL
                AND ((m.launched_at < ?2 AND (m.terminated_at IS NULL OR m.terminated_at >= ?1)) OR m.state != 'gone')
              ORDER BY m.id",
-        )
-        .bind(ts_string(since))
-        .bind(ts_string(until))
-        .fetch(&self.pool);
-        while let Some(r) = rows.try_next().await? {
-            let facts = MachineFacts {
-                id: r.try_get("id")?,
-                pool: r.try_get("pool")?,
-                provisioner: r.try_get("provisioner")?,
-                state: r.try_get("state")?,
-                instance_type: r.try_get("instance_type")?,
-                lifecycle: r.try_get("lifecycle")?,
-                zone: r.try_get("zone")?,
-                hourly_price: r.try_get("hourly_price")?,
-                price_source: r.try_get("price_source")?,
-                volume_hourly: r.try_get("volume_hourly")?,
-                terminated_at: r.try_get("terminated_at")?,
-            };
-            let events: Option<&str> = r.try_get("events")?;
-            f(facts, events.unwrap_or_default());
-        }
-        Ok(())
+            )?;
+            let mut rows = stmt.query([&since, &until])?;
+            while let Some(r) = rows.next()? {
+                let facts = MachineFacts {
+                    id: r.get("id")?,
+                    pool: r.get("pool")?,
+                    provisioner: r.get("provisioner")?,
+                    state: r.get("state")?,
+                    instance_type: r.get("instance_type")?,
+                    lifecycle: r.get("lifecycle")?,
+                    zone: r.get("zone")?,
+                    hourly_price: r.get("hourly_price")?,
+                    price_source: r.get("price_source")?,
+                    volume_hourly: r.get("volume_hourly")?,
+                    terminated_at: r.get("terminated_at")?,
+                };
+                let events: Option<String> = r.get("events")?;
+                f(facts, events.as_deref().unwrap_or_default());
+            }
+            Ok(())
+        })
     }
 
     /// Counts for `/metrics`: live machines by (pool, state), build attempts by state,
     /// machines ever launched and failed launches by pool.
     pub async fn metric_counts(&self) -> Result<MetricCounts> {
-        let machines = sqlx::query_as(
-            "SELECT pool, state, COUNT(*) FROM machines WHERE state != 'gone' GROUP BY pool, state ORDER BY pool, state",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let builds = sqlx::query_as("SELECT state, COUNT(*) FROM builds GROUP BY state ORDER BY state")
-            .fetch_all(&self.pool)
-            .await?;
-        let launched = sqlx::query_as(
-            "SELECT pool, COUNT(*) FROM machines WHERE launched_at IS NOT NULL GROUP BY pool ORDER BY pool",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let launch_failures = sqlx::query_as(
-            "SELECT m.pool, COUNT(*) FROM machine_events e JOIN machines m ON m.id = e.machine_id
+        self.read(|c| {
+            let machines = all(
+                c,
+                "SELECT pool, state, COUNT(*) FROM machines WHERE state != 'gone' GROUP BY pool, state ORDER BY pool, state",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let builds = all(c, "SELECT state, COUNT(*) FROM builds GROUP BY state ORDER BY state", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            let launched = all(
+                c,
+                "SELECT pool, COUNT(*) FROM machines WHERE launched_at IS NOT NULL GROUP BY pool ORDER BY pool",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let launch_failures = all(
+                c,
+                "SELECT m.pool, COUNT(*) FROM machine_events e JOIN machines m ON m.id = e.machine_id
              WHERE e.kind = 'launch_failed' GROUP BY m.pool ORDER BY m.pool",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(MetricCounts { machines, builds, launched, launch_failures })
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok(MetricCounts { machines, builds, launched, launch_failures })
+        })
     }
 
     /// How many machine events are stored (the meter's size).
     pub async fn machine_event_count(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM machine_events").fetch_one(&self.pool).await?)
+        self.read(|c| one(c, "SELECT COUNT(*) FROM machine_events", [], |r| r.get(0)))
     }
 }

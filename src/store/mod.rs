@@ -1,16 +1,20 @@
-//! The store: every row Paddock keeps, on SQLite through sqlx. All SQL lives here.
+//! The store: every row Paddock keeps, on SQLite. All SQL lives here.
 //!
 //! State that matters is written before the side effect it describes (a machine row before the
 //! provisioner call, a build request before the fleet sees it), so a crash loses nothing.
+//!
+//! SQLite is called in place, on the caller's thread: one connection writes (each call one
+//! `BEGIN IMMEDIATE` transaction under the writer lock), a few more read (WAL lets them read
+//! while it writes). A statement then costs microseconds; a connection thread would add a
+//! thread hand-off to every statement, which was most of the master's CPU per build.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
 
 use crate::core::build::{self as life, decide, BuildFacts, BuildState, Refused, Transition};
 use crate::core::{BuildId, ChangeId, MachineId, Ts};
@@ -21,25 +25,26 @@ mod builds;
 mod changes;
 mod machines;
 mod meter;
+mod migrate;
 mod notify;
 mod types;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
+pub use migrate::{Migration, MIGRATIONS};
 pub use notify::{BuildEvent, Delivery, NewDelivery, Standing};
 pub use views::LogChunk;
-
-/// The migrations under `migrations/`, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(#[from] rusqlite::Error),
     #[error("cannot apply migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(String),
     #[error("unsupported database URL {0:?}: only sqlite:// is supported in this build")]
     Unsupported(String),
+    #[error("database URL {url:?}: {why}")]
+    BadUrl { url: String, why: String },
 }
 
 pub use crate::core::build::MAX_ATTEMPTS;
@@ -52,10 +57,218 @@ pub use crate::core::ts_string;
 /// A handle on the database (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    db: Arc<Db>,
     /// Raised after a transaction that wrote a notification event, so the notifier's planner
     /// sleeps until there is news instead of polling.
     news: Arc<tokio::sync::Notify>,
+}
+
+/// The connections: one that writes, and idle ones that read.
+struct Db {
+    /// The database file; `None` for an in-memory database, which has one connection only.
+    file: Option<PathBuf>,
+    read_only: bool,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("file", &self.file).field("read_only", &self.read_only).finish_non_exhaustive()
+    }
+}
+
+/// How long a statement waits for another process's lock (a CLI command, a backup) to go.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle read connections kept open.
+const IDLE_READERS: usize = 4;
+
+/// Where a `sqlite:` URL points: a file (and whether it is to be read only), or memory.
+fn parse_url(url: &str) -> Result<(Option<PathBuf>, bool)> {
+    let bad = |why: &str| StoreError::BadUrl { url: url.to_string(), why: why.to_string() };
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| StoreError::Unsupported(url.to_string()))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut read_only = false;
+    for option in query.split('&').filter(|o| !o.is_empty()) {
+        match option {
+            "mode=ro" => read_only = true,
+            "mode=rw" | "mode=rwc" => {}
+            other => return Err(bad(&format!("unknown option {other:?} (known: mode=ro, mode=rw, mode=rwc)"))),
+        }
+    }
+    match path {
+        "" => Err(bad("no file named")),
+        ":memory:" => Ok((None, read_only)),
+        file => Ok((Some(PathBuf::from(file)), read_only)),
+    }
+}
+
+/// Opens one connection with the settings every connection has.
+fn connect(file: Option<&PathBuf>, read_only: bool) -> Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI
+    };
+    let conn = match file {
+        Some(file) => Connection::open_with_flags(file, flags)?,
+        None => Connection::open_in_memory()?,
+    };
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Every statement is prepared once per connection: the same few dozen run all day.
+    conn.set_prepared_statement_cache_capacity(256);
+    conn.pragma_update(None, "foreign_keys", true)?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+    }
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating if absent) the database at `url` and applies the migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        let (file, read_only) = parse_url(url)?;
+        let mut writer = connect(file.as_ref(), read_only)?;
+        if !read_only {
+            migrate::run(&mut writer)?;
+        }
+        Ok(Store::with(file, read_only, writer))
+    }
+
+    /// Opens an existing database to read it only (no migrations, no writes): for tools that
+    /// read an installation's history, such as `paddock simulate --from-db`.
+    pub async fn open_read_only(url: &str) -> Result<Store> {
+        let (file, _) = parse_url(url)?;
+        if let Some(f) = file.as_ref().filter(|f| !f.exists()) {
+            return Err(StoreError::BadUrl { url: url.to_string(), why: format!("{} does not exist", f.display()) });
+        }
+        let writer = connect(file.as_ref(), true)?;
+        Ok(Store::with(file, true, writer))
+    }
+
+    fn with(file: Option<PathBuf>, read_only: bool, writer: Connection) -> Store {
+        let db = Db { file, read_only, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) };
+        Store { db: Arc::new(db), news: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// Runs `f` in one write transaction, committed if `f` returns `Ok` (rolled back if not).
+    /// The transaction takes the write lock at its start: one that read first and wrote later
+    /// would fail at once (not wait) if another process wrote in between.
+    fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        // A panic inside an earlier transaction rolled it back when it unwound (the
+        // transaction's drop); the connection itself is sound.
+        let mut conn = self.db.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` on a read connection (a consistent snapshot of committed data per statement,
+    /// or per transaction `f` opens). An in-memory database reads on its one connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        if self.db.file.is_none() {
+            let conn = self.db.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            return f(&conn);
+        }
+        let idle = self.db.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = connect(self.db.file.as_ref(), self.db.read_only)?;
+                // Reads only: a write through a reader would bypass the writer lock.
+                conn.pragma_update(None, "query_only", true)?;
+                conn
+            }
+        };
+        let out = f(&conn);
+        let mut idle = self.db.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        out
+    }
+
+    /// [`Store::read`] for a read that may take long (a year of the meter, a whole log): on a
+    /// multi-threaded runtime the worker first hands its other tasks to another thread, so the
+    /// loop and other requests do not wait behind it. Short reads skip that hand-off: it costs
+    /// more than they do.
+    fn read_long<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.read(f))
+            }
+            _ => self.read(f),
+        }
+    }
+
+    /// What the notifier's planner waits on: raised after every transaction that may have
+    /// written a notification event (a permit is kept when nobody waits).
+    pub fn news(&self) -> Arc<tokio::sync::Notify> {
+        self.news.clone()
+    }
+
+    /// Folds the write-ahead log into the database file (what closing the last connection
+    /// does, for a copy of the file taken while the store stays open).
+    pub async fn close(&self) {
+        self.db.readers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        if self.db.read_only || self.db.file.is_none() {
+            return;
+        }
+        let conn = self.db.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "cannot fold the write-ahead log into the database file");
+        }
+    }
+
+    /// Whether the database answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+}
+
+/// Runs one statement (prepared once per connection) and says how many rows it changed.
+fn exec(c: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+    Ok(c.prepare_cached(sql)?.execute(params)?)
+}
+
+/// The one row a statement returns, read by `f`.
+fn one<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&Row) -> rusqlite::Result<T>,
+) -> Result<T> {
+    Ok(c.prepare_cached(sql)?.query_row(params, f)?)
+}
+
+/// The row a statement returns, if any, read by `f`.
+fn opt<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&Row) -> rusqlite::Result<T>,
+) -> Result<Option<T>> {
+    Ok(c.prepare_cached(sql)?.query_row(params, f).optional()?)
+}
+
+/// Every row a statement returns, each read by `f`.
+fn all<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnMut(&Row) -> rusqlite::Result<T>,
+) -> Result<Vec<T>> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, f)?;
+    Ok(rows.collect::<rusqlite::Result<Vec<T>>>()?)
 }
 
 /// A change about to be stored.
@@ -201,129 +414,74 @@ const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instan
      (SELECT e.kind || CASE WHEN e.detail = '' THEN '' ELSE ': ' || e.detail END FROM machine_events e \
       WHERE e.machine_id = machines.id ORDER BY e.id DESC LIMIT 1) AS last_event";
 
-fn build_row(r: &sqlx::sqlite::SqliteRow) -> Result<BuildRow> {
+fn build_row(r: &Row) -> rusqlite::Result<BuildRow> {
     Ok(BuildRow {
-        id: r.get("id"),
-        request: r.get("request_id"),
-        builder: r.get("builder"),
-        repo: r.get("repo"),
-        branch: r.get("branch"),
-        revision: r.get("revision"),
+        id: r.get("id")?,
+        request: r.get("request_id")?,
+        builder: r.get("builder")?,
+        repo: r.get("repo")?,
+        branch: r.get("branch")?,
+        revision: r.get("revision")?,
         // The schema's CHECK keeps it one of them; an unknown name (a newer schema's) is an
         // error, not a guess.
-        state: r.try_get("state")?,
-        machine: r.get("machine_id"),
-        attempt: r.get("attempt"),
-        reason: r.get("reason"),
-        queued_at: r.get("queued_at"),
-        started_at: r.get("started_at"),
-        finished_at: r.get("finished_at"),
-        cancelled_by: r.get("cancelled_by"),
+        state: r.get("state")?,
+        machine: r.get("machine_id")?,
+        attempt: r.get("attempt")?,
+        reason: r.get("reason")?,
+        queued_at: r.get("queued_at")?,
+        started_at: r.get("started_at")?,
+        finished_at: r.get("finished_at")?,
+        cancelled_by: r.get("cancelled_by")?,
     })
 }
 
-fn machine_row(r: &sqlx::sqlite::SqliteRow) -> MachineRow {
-    MachineRow {
-        id: r.get("id"),
-        pool: r.get("pool"),
-        provisioner: r.get("provisioner"),
-        provider_id: r.get("provider_id"),
-        state: r.get("state"),
-        instance_type: r.get("instance_type"),
-        lifecycle: r.get("lifecycle"),
-        requested_at: r.get("requested_at"),
-        launched_at: r.get("launched_at"),
-        connected_at: r.get("connected_at"),
-        terminated_at: r.get("terminated_at"),
-        builds_run: r.get("builds_run"),
-        zone: r.get("zone"),
-        hourly_price: r.get("hourly_price"),
-        price_source: r.get("price_source"),
-        last_event: r.get("last_event"),
-    }
+fn machine_row(r: &Row) -> rusqlite::Result<MachineRow> {
+    Ok(MachineRow {
+        id: r.get("id")?,
+        pool: r.get("pool")?,
+        provisioner: r.get("provisioner")?,
+        provider_id: r.get("provider_id")?,
+        state: r.get("state")?,
+        instance_type: r.get("instance_type")?,
+        lifecycle: r.get("lifecycle")?,
+        requested_at: r.get("requested_at")?,
+        launched_at: r.get("launched_at")?,
+        connected_at: r.get("connected_at")?,
+        terminated_at: r.get("terminated_at")?,
+        builds_run: r.get("builds_run")?,
+        zone: r.get("zone")?,
+        hourly_price: r.get("hourly_price")?,
+        price_source: r.get("price_source")?,
+        last_event: r.get("last_event")?,
+    })
 }
 
-fn change_row(r: &sqlx::sqlite::SqliteRow) -> ChangeRow {
-    let files: String = r.get("files");
-    ChangeRow {
-        id: r.get("id"),
-        repo: r.get("repo"),
-        branch: r.get("branch"),
-        revision: r.get("revision"),
-        author: r.get("author"),
-        committed_at: r.get("committed_at"),
-        message: r.get("message"),
+fn change_row(r: &Row) -> rusqlite::Result<ChangeRow> {
+    let files: String = r.get("files")?;
+    Ok(ChangeRow {
+        id: r.get("id")?,
+        repo: r.get("repo")?,
+        branch: r.get("branch")?,
+        revision: r.get("revision")?,
+        author: r.get("author")?,
+        committed_at: r.get("committed_at")?,
+        message: r.get("message")?,
         files: serde_json::from_str(&files).unwrap_or_default(),
-        source: r.get("source"),
-        created_at: r.get("created_at"),
-    }
+        source: r.get("source")?,
+        created_at: r.get("created_at")?,
+    })
 }
 
-impl Store {
-    /// Opens (creating if absent) the database at `url` and applies the migrations.
-    pub async fn open(url: &str) -> Result<Store> {
-        if !url.starts_with("sqlite:") {
-            return Err(StoreError::Unsupported(url.to_string()));
-        }
-        let opts = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(opts).await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Store { pool, news: Arc::new(tokio::sync::Notify::new()) })
-    }
-
-    /// Opens an existing database to read it only (no migrations, no writes): for tools that
-    /// read an installation's history, such as `paddock simulate --from-db`.
-    pub async fn open_read_only(url: &str) -> Result<Store> {
-        if !url.starts_with("sqlite:") {
-            return Err(StoreError::Unsupported(url.to_string()));
-        }
-        let opts = SqliteConnectOptions::from_str(url)?.read_only(true).busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
-        Ok(Store { pool, news: Arc::new(tokio::sync::Notify::new()) })
-    }
-
-    /// What the notifier's planner waits on: raised after every transaction that may have
-    /// written a notification event (a permit is kept when nobody waits).
-    pub fn news(&self) -> Arc<tokio::sync::Notify> {
-        self.news.clone()
-    }
-
-    /// Closes every connection (SQLite folds its write-ahead log into the file).
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    /// Whether the database answers (for `/readyz`).
-    pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-}
-
-/// Appends one machine event, on a pool or inside a transaction.
-async fn insert_event<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
-    ex: E,
-    machine: MachineId,
-    at: &str,
-    kind: &str,
-    detail: &str,
-) -> Result<()> {
-    sqlx::query("INSERT INTO machine_events (machine_id, at, kind, detail) VALUES (?, ?, ?, ?)")
-        .bind(machine)
-        .bind(at)
-        .bind(kind)
-        .bind(detail)
-        .execute(ex)
-        .await?;
+/// Appends one machine event.
+fn insert_event(c: &Connection, machine: MachineId, at: &str, kind: &str, detail: &str) -> Result<()> {
+    exec(
+        c,
+        "INSERT INTO machine_events (machine_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+        rusqlite::params![machine, at, kind, detail],
+    )?;
     Ok(())
 }
 
-/// Gives the steps of an ended attempt that had not finished their final state.
 /// What an agent's report does besides its log text (see [`Store::apply_report`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ReportEffect<'a> {
@@ -353,53 +511,47 @@ pub enum Applied {
     Stale { applied: u64 },
 }
 
-type Tx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
-
-async fn append_log_in(tx: &mut Tx<'_>, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
-    sqlx::query("INSERT INTO log_chunks (build_id, step_idx, text, created_at) VALUES (?, ?, ?, ?)")
-        .bind(build)
-        .bind(idx)
-        .bind(text)
-        .bind(ts_string(now))
-        .execute(&mut **tx)
-        .await?;
+fn append_log_in(c: &Connection, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
+    exec(
+        c,
+        "INSERT INTO log_chunks (build_id, step_idx, text, created_at) VALUES (?, ?, ?, ?)",
+        rusqlite::params![build, idx, text, ts_string(now)],
+    )?;
     Ok(())
 }
 
-async fn step_started_in(tx: &mut Tx<'_>, build: BuildId, idx: i64, now: Ts) -> Result<()> {
-    sqlx::query(
+fn step_started_in(c: &Connection, build: BuildId, idx: i64, now: Ts) -> Result<()> {
+    exec(
+        c,
         "UPDATE steps SET state = 'running', started_at = ? WHERE build_id = ? AND idx = ?
          AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
-    )
-    .bind(ts_string(now))
-    .bind(build)
-    .bind(idx)
-    .execute(&mut **tx)
-    .await?;
+        rusqlite::params![ts_string(now), build, idx],
+    )?;
     Ok(())
 }
 
-async fn step_finished_in(
-    tx: &mut Tx<'_>,
+fn step_finished_in(
+    c: &Connection,
     build: BuildId,
     idx: i64,
     result: &str,
     exit_code: Option<i32>,
     now: Ts,
 ) -> Result<()> {
-    sqlx::query(
+    exec(
+        c,
         "UPDATE steps SET state = ?, exit_code = ?, finished_at = ?,
          started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?
          AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
-    )
-    .bind(result)
-    .bind(exit_code)
-    .bind(ts_string(now))
-    .bind(if result == "skipped" { None } else { Some(ts_string(now)) })
-    .bind(build)
-    .bind(idx)
-    .execute(&mut **tx)
-    .await?;
+        rusqlite::params![
+            result,
+            exit_code,
+            ts_string(now),
+            if result == "skipped" { None } else { Some(ts_string(now)) },
+            build,
+            idx
+        ],
+    )?;
     Ok(())
 }
 
@@ -411,44 +563,44 @@ pub struct Decided {
     pub next: Option<BuildRow>,
 }
 
-/// State, attempt, machine, cancel asked, and the first open step's index and name.
-type FactsRow = (BuildState, i64, Option<MachineId>, bool, Option<i64>, Option<String>);
-
 /// What the lifecycle rules need of attempt `build`, as stored; `None` if there is none.
-async fn facts_in(tx: &mut Tx<'_>, build: BuildId) -> Result<Option<BuildFacts>> {
-    let row: Option<FactsRow> = sqlx::query_as(
+fn facts_in(c: &Connection, build: BuildId) -> Result<Option<BuildFacts>> {
+    opt(
+        c,
         "SELECT b.state, b.attempt, b.machine_id, b.cancelled_by IS NOT NULL, s.idx, s.name
          FROM builds b LEFT JOIN steps s ON s.build_id = b.id AND s.idx = (SELECT MIN(idx) FROM steps
            WHERE build_id = b.id AND state IN ('pending', 'running'))
          WHERE b.id = ?",
+        [build],
+        |r| {
+            let attempt: i64 = r.get(1)?;
+            let idx: Option<i64> = r.get(4)?;
+            let name: Option<String> = r.get(5)?;
+            Ok(BuildFacts {
+                id: build,
+                state: r.get(0)?,
+                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                machine: r.get(2)?,
+                cancel_asked: r.get(3)?,
+                open_step: idx.zip(name),
+            })
+        },
     )
-    .bind(build)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((state, attempt, machine, cancel_asked, idx, name)) = row else { return Ok(None) };
-    Ok(Some(BuildFacts {
-        id: build,
-        state,
-        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
-        machine,
-        cancel_asked,
-        open_step: idx.zip(name),
-    }))
 }
 
 /// Reads attempt `build`, lets the lifecycle decide what `event` does, and writes it.
-async fn event_in(
-    tx: &mut Tx<'_>,
+fn event_in(
+    c: &Connection,
     build: BuildId,
     event: &life::BuildEvent,
     now: Ts,
 ) -> Result<std::result::Result<Decided, Refused>> {
-    let Some(facts) = facts_in(tx, build).await? else { return Ok(Err(Refused::NoSuchBuild(build))) };
+    let Some(facts) = facts_in(c, build)? else { return Ok(Err(Refused::NoSuchBuild(build))) };
     let transition = match decide(&facts, event) {
         Ok(t) => t,
         Err(refused) => return Ok(Err(refused)),
     };
-    let next = match apply_in(tx, build, &transition, now).await? {
+    let next = match apply_in(c, build, &transition, now)? {
         Some(next) => next,
         None => return Ok(Err(Refused::Raced(build))),
     };
@@ -458,78 +610,117 @@ async fn event_in(
 /// Writes what the lifecycle decided for `build`, guarded by the state it was decided from.
 /// `None` when the attempt had changed meanwhile (nothing written), else the new attempt, if
 /// one was queued.
-async fn apply_in(tx: &mut Tx<'_>, build: BuildId, t: &Transition, now: Ts) -> Result<Option<Option<BuildRow>>> {
+fn apply_in(c: &Connection, build: BuildId, t: &Transition, now: Ts) -> Result<Option<Option<BuildRow>>> {
     let now_s = ts_string(now);
-    let done = sqlx::query(
+    let done = exec(
+        c,
         "UPDATE builds SET state = ?1,
            finished_at = CASE WHEN ?1 IN ('queued', 'running') THEN finished_at ELSE ?2 END,
            reason = COALESCE(?3, reason),
            cancelled_by = CASE WHEN ?4 IS NOT NULL THEN ?4 WHEN ?5 THEN NULL ELSE cancelled_by END
          WHERE id = ?6 AND state = ?7",
-    )
-    .bind(t.to.as_str())
-    .bind(&now_s)
-    .bind(&t.reason)
-    .bind(&t.cancel_by)
-    .bind(t.forget_cancel)
-    .bind(build)
-    .bind(t.from.as_str())
-    .execute(&mut **tx)
-    .await?;
-    if done.rows_affected() == 0 {
+        rusqlite::params![t.to.as_str(), &now_s, &t.reason, &t.cancel_by, t.forget_cancel, build, t.from.as_str()],
+    )?;
+    if done == 0 {
         return Ok(None);
     }
     if let Some((idx, text)) = &t.note {
-        append_log_in(tx, build, *idx, text, now).await?;
+        append_log_in(c, build, *idx, text, now)?;
     }
     if let Some(steps) = t.open_steps {
-        close_open_steps(tx, build, steps.as_str()).await?;
+        close_open_steps(c, build, steps.as_str())?;
     }
     if let Some(machine) = t.meter_end {
-        insert_event(&mut **tx, machine, &now_s, "build_finished", &format!("{build} {}", t.to)).await?;
+        insert_event(c, machine, &now_s, "build_finished", &format!("{build} {}", t.to))?;
     }
     if t.news {
-        notify::outbox(tx, build, "finished", &now_s).await?;
+        notify::outbox(c, build, "finished", &now_s)?;
     }
     let Some(reason) = &t.requeue else { return Ok(Some(None)) };
-    let row = sqlx::query(&format!(
-        "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at, attempt)
-         SELECT request_id, builder, repo, branch, revision, ?, ?, attempt + 1 FROM builds WHERE id = ?
-         RETURNING {BUILD_COLUMNS}"
-    ))
-    .bind(reason)
-    .bind(&now_s)
-    .bind(build)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(Some(Some(build_row(&row)?)))
+    let row = one(
+        c,
+        &format!(
+            "INSERT INTO builds (request_id, builder, repo, branch, revision, reason, queued_at, attempt)
+             SELECT request_id, builder, repo, branch, revision, ?, ?, attempt + 1 FROM builds WHERE id = ?
+             RETURNING {BUILD_COLUMNS}"
+        ),
+        rusqlite::params![reason, &now_s, build],
+        build_row,
+    )?;
+    Ok(Some(Some(row)))
 }
 
-async fn close_open_steps(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, build: BuildId, state: &str) -> Result<()> {
-    sqlx::query("UPDATE steps SET state = ? WHERE build_id = ? AND state IN ('pending', 'running')")
-        .bind(state)
-        .bind(build)
-        .execute(&mut **tx)
-        .await?;
+fn close_open_steps(c: &Connection, build: BuildId, state: &str) -> Result<()> {
+    exec(
+        c,
+        "UPDATE steps SET state = ? WHERE build_id = ? AND state IN ('pending', 'running')",
+        rusqlite::params![state, build],
+    )?;
     Ok(())
 }
 
-async fn set_head<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
-    exec: E,
-    repo: &str,
-    branch: &str,
-    revision: &str,
-    now: &str,
-) -> Result<()> {
-    sqlx::query(
+fn set_head(c: &Connection, repo: &str, branch: &str, revision: &str, now: &str) -> Result<()> {
+    exec(
+        c,
         "INSERT INTO branch_heads (repo, branch, revision, updated_at) VALUES (?, ?, ?, ?)
          ON CONFLICT (repo, branch) DO UPDATE SET revision = excluded.revision, updated_at = excluded.updated_at",
-    )
-    .bind(repo)
-    .bind(branch)
-    .bind(revision)
-    .bind(now)
-    .execute(exec)
-    .await?;
+        rusqlite::params![repo, branch, revision, now],
+    )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_file_or_memory_and_unknown_options_are_refused() {
+        assert_eq!(parse_url("sqlite:///var/lib/p.db").expect("abs"), (Some(PathBuf::from("/var/lib/p.db")), false));
+        assert_eq!(parse_url("sqlite://p.db").expect("rel"), (Some(PathBuf::from("p.db")), false));
+        assert_eq!(parse_url("sqlite:p.db?mode=rwc").expect("mode"), (Some(PathBuf::from("p.db")), false));
+        assert_eq!(parse_url("sqlite:p.db?mode=ro").expect("ro"), (Some(PathBuf::from("p.db")), true));
+        assert_eq!(parse_url("sqlite::memory:").expect("memory"), (None, false));
+        let e = parse_url("sqlite://p.db?cache=shared").expect_err("unknown option").to_string();
+        assert!(e.contains("unknown option \"cache=shared\""), "{e}");
+        assert!(parse_url("sqlite://").is_err(), "no file");
+        assert!(matches!(parse_url("postgres://ci@db/ci"), Err(StoreError::Unsupported(_))));
+    }
+
+    #[tokio::test]
+    async fn readers_see_what_the_writer_committed_and_cannot_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let store = Store::open(&url).await.expect("open");
+        store.insert_machine(MachineId(1), "p", "local", "h", Ts(0)).await.expect("write");
+        // More readers than are kept idle, each asked at once while others are out.
+        let seen = store
+            .read(|a| {
+                store.read(|b| {
+                    let n = |c: &Connection| one(c, "SELECT COUNT(*) FROM machines", [], |r| r.get::<_, i64>(0));
+                    Ok((n(a)?, n(b)?))
+                })
+            })
+            .expect("read");
+        assert_eq!(seen, (1, 1));
+        let refused = store.read(|c| exec(c, "DELETE FROM machines", []));
+        assert!(refused.is_err(), "a reader refuses writes");
+        assert_eq!(store.max_machine_id().await.expect("max"), MachineId(1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_nothing_behind() {
+        let store = Store::open("sqlite::memory:").await.expect("open");
+        let failed: Result<()> = store.write(|c| {
+            exec(
+                c,
+                "INSERT INTO machines (id, pool, provisioner, state, token_hash, requested_at) VALUES (1, 'p', 'local', 'requested', 'h', 't')",
+                [],
+            )?;
+            insert_event(c, MachineId(1), "t", "requested", "")?;
+            Err(StoreError::Migrate("stop here".into()))
+        });
+        assert!(failed.is_err_and(|e| e.to_string().contains("stop here")), "the closure's own error");
+        assert_eq!(store.machine_event_count().await.expect("count"), 0, "rolled back");
+        assert_eq!(store.max_machine_id().await.expect("max"), MachineId(0), "rolled back");
+    }
 }

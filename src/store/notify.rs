@@ -1,9 +1,9 @@
 //! The notification outbox (`build_events`) and the deliveries made from it.
 
+use rusqlite::{params, Connection, Row};
 use serde::Serialize;
-use sqlx::Row;
 
-use super::{ts_string, Result, Store};
+use super::{all, exec, one, opt, ts_string, Result, Store};
 use crate::core::{BuildId, Ts};
 
 /// A build started or finished, waiting to be turned into deliveries.
@@ -52,41 +52,39 @@ pub struct Delivery {
     pub sent_at: Option<String>,
 }
 
-fn delivery(r: &sqlx::sqlite::SqliteRow) -> Delivery {
-    Delivery {
-        id: r.get("id"),
-        notifier: r.get("notifier"),
-        build: r.get("build_id"),
-        event: r.get("event"),
-        payload: r.get("payload"),
-        state: r.get("state"),
-        attempts: r.get("attempts"),
-        next_at: r.get("next_at"),
-        last_error: r.get("last_error"),
-        created_at: r.get("created_at"),
-        sent_at: r.get("sent_at"),
-    }
+fn delivery(r: &Row) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        id: r.get("id")?,
+        notifier: r.get("notifier")?,
+        build: r.get("build_id")?,
+        event: r.get("event")?,
+        payload: r.get("payload")?,
+        state: r.get("state")?,
+        attempts: r.get("attempts")?,
+        next_at: r.get("next_at")?,
+        last_error: r.get("last_error")?,
+        created_at: r.get("created_at")?,
+        sent_at: r.get("sent_at")?,
+    })
 }
 
 /// Writes a build's start or end to the outbox, inside the transaction that records it.
-pub(super) async fn outbox(tx: &mut sqlx::SqliteConnection, build: BuildId, kind: &str, at: &str) -> Result<()> {
-    sqlx::query("INSERT INTO build_events (build_id, kind, created_at) VALUES (?, ?, ?)")
-        .bind(build)
-        .bind(kind)
-        .bind(at)
-        .execute(tx)
-        .await?;
+pub(super) fn outbox(c: &Connection, build: BuildId, kind: &str, at: &str) -> Result<()> {
+    exec(c, "INSERT INTO build_events (build_id, kind, created_at) VALUES (?, ?, ?)", params![build, kind, at])?;
     Ok(())
 }
 
 impl Store {
     /// Outbox rows not yet turned into deliveries, oldest first.
     pub async fn pending_build_events(&self, limit: i64) -> Result<Vec<BuildEvent>> {
-        let rows = sqlx::query("SELECT id, build_id, kind FROM build_events WHERE processed = 0 ORDER BY id LIMIT ?")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(|r| BuildEvent { id: r.get("id"), build: r.get("build_id"), kind: r.get("kind") }).collect())
+        self.read(|c| {
+            all(
+                c,
+                "SELECT id, build_id, kind FROM build_events WHERE processed = 0 ORDER BY id LIMIT ?",
+                [limit],
+                |r| Ok(BuildEvent { id: r.get("id")?, build: r.get("build_id")?, kind: r.get("kind")? }),
+            )
+        })
     }
 
     /// Where a finished build stands on its builder and branch when it finished, in the order
@@ -100,22 +98,28 @@ impl Store {
         const LINE: &str = "p.state IN ('success', 'failure', 'exception')
                AND (p.finished_at < b.finished_at OR (p.finished_at = b.finished_at AND p.id < b.id))
                AND (SELECT r.scheduler FROM build_requests r WHERE r.id = p.request_id) NOT IN ('force', 'rebuild')";
-        let previous = sqlx::query_scalar(&format!(
-            "SELECT p.state FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
+        self.read(|c| {
+            let previous = opt(
+                c,
+                &format!(
+                    "SELECT p.state FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
              WHERE b.id = ? AND p.request_id < b.request_id AND {LINE}
              ORDER BY p.request_id DESC, p.attempt DESC LIMIT 1"
-        ))
-        .bind(build)
-        .fetch_optional(&self.pool)
-        .await?;
-        let superseded: bool = sqlx::query_scalar(&format!(
-            "SELECT EXISTS (SELECT 1 FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
+                ),
+                [build],
+                |r| r.get(0),
+            )?;
+            let superseded: bool = one(
+                c,
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
              WHERE b.id = ? AND p.request_id > b.request_id AND {LINE})"
-        ))
-        .bind(build)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Standing { previous, superseded })
+                ),
+                [build],
+                |r| r.get(0),
+            )?;
+            Ok(Standing { previous, superseded })
+        })
     }
 
     /// Marks outbox rows handled with nothing to deliver (no notifier is configured).
@@ -123,10 +127,10 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
-        sqlx::query("UPDATE build_events SET processed = 1 WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(serde_json::to_string(events).unwrap_or_else(|_| "[]".into()))
-            .execute(&self.pool)
-            .await?;
+        let ids = serde_json::to_string(events).unwrap_or_else(|_| "[]".into());
+        self.write(|c| {
+            exec(c, "UPDATE build_events SET processed = 1 WHERE id IN (SELECT value FROM json_each(?))", [ids])
+        })?;
         Ok(())
     }
 
@@ -134,25 +138,26 @@ impl Store {
     /// is) and marks the row done, in one transaction.
     pub async fn plan_deliveries(&self, event: i64, deliveries: &[NewDelivery], now: Ts) -> Result<()> {
         let now_s = ts_string(now);
-        let mut tx = self.pool.begin().await?;
-        for d in deliveries {
-            sqlx::query(
-                "INSERT INTO deliveries (notifier, build_id, event, dedup, payload, next_at, created_at)
+        self.write(|c| {
+            for d in deliveries {
+                exec(
+                    c,
+                    "INSERT INTO deliveries (notifier, build_id, event, dedup, payload, next_at, created_at)
                  VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dedup) DO NOTHING",
-            )
-            .bind(&d.notifier)
-            .bind(d.build)
-            .bind(&d.event)
-            .bind(format!("{}|{}|{}", d.notifier, d.build, d.event))
-            .bind(&d.payload)
-            .bind(&now_s)
-            .bind(&now_s)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query("UPDATE build_events SET processed = 1 WHERE id = ?").bind(event).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
+                    params![
+                        &d.notifier,
+                        d.build,
+                        &d.event,
+                        format!("{}|{}|{}", d.notifier, d.build, d.event),
+                        &d.payload,
+                        &now_s,
+                        &now_s
+                    ],
+                )?;
+            }
+            exec(c, "UPDATE build_events SET processed = 1 WHERE id = ?", [event])?;
+            Ok(())
+        })
     }
 
     /// Deliveries due now, oldest first. One waits while an earlier one of the same notifier
@@ -160,36 +165,36 @@ impl Store {
     /// about one line of work arrive in order (a channel never reads "passing" before
     /// "failing", a late `pending` never overwrites a newer attempt's status).
     pub async fn due_deliveries(&self, now: Ts, limit: i64) -> Result<Vec<Delivery>> {
-        let rows = sqlx::query(
-            "SELECT d.* FROM deliveries d JOIN builds b ON b.id = d.build_id
+        self.read(|c| {
+            all(
+                c,
+                "SELECT d.* FROM deliveries d JOIN builds b ON b.id = d.build_id
              WHERE d.state = 'pending' AND d.next_at <= ?
                AND NOT EXISTS (
                  SELECT 1 FROM deliveries e JOIN builds eb ON eb.id = e.build_id
                  WHERE e.notifier = d.notifier AND e.id < d.id AND e.state = 'pending'
                    AND ((eb.builder = b.builder AND eb.branch = b.branch) OR (eb.repo = b.repo AND eb.revision = b.revision)))
              ORDER BY d.id LIMIT ?",
-        )
-        .bind(ts_string(now))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(delivery).collect())
+                params![ts_string(now), limit],
+                delivery,
+            )
+        })
     }
 
     /// The earliest time a pending delivery is due, if any.
     pub async fn next_delivery_at(&self) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'")
-            .fetch_one(&self.pool)
-            .await?)
+        self.read(|c| one(c, "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'", [], |r| r.get(0)))
     }
 
     /// A delivery went out.
     pub async fn delivery_sent(&self, id: i64, now: Ts) -> Result<()> {
-        sqlx::query("UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL WHERE id = ?")
-            .bind(ts_string(now))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        self.write(|c| {
+            exec(
+                c,
+                "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL WHERE id = ?",
+                params![ts_string(now), id],
+            )
+        })?;
         Ok(())
     }
 
@@ -199,16 +204,14 @@ impl Store {
             Some(t) => ("pending", Some(ts_string(t))),
             None => ("failed", None),
         };
-        sqlx::query(
-            "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, next_at = COALESCE(?, next_at)
+        self.write(|c| {
+            exec(
+                c,
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, next_at = COALESCE(?, next_at)
              WHERE id = ?",
-        )
-        .bind(state)
-        .bind(error)
-        .bind(next)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+                params![state, error, next, id],
+            )
+        })?;
         Ok(())
     }
 
@@ -216,23 +219,17 @@ impl Store {
     /// `before` (pending ones are kept whatever their age). Returns how many rows went.
     pub async fn prune_notifications(&self, before: Ts) -> Result<u64> {
         let before = ts_string(before);
-        let mut tx = self.pool.begin().await?;
-        let events = sqlx::query("DELETE FROM build_events WHERE processed = 1 AND created_at < ?")
-            .bind(&before)
-            .execute(&mut *tx)
-            .await?;
-        let deliveries = sqlx::query("DELETE FROM deliveries WHERE state IN ('sent', 'failed') AND created_at < ?")
-            .bind(&before)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(events.rows_affected() + deliveries.rows_affected())
+        let gone = self.write(|c| {
+            let events = exec(c, "DELETE FROM build_events WHERE processed = 1 AND created_at < ?", [&before])?;
+            let deliveries =
+                exec(c, "DELETE FROM deliveries WHERE state IN ('sent', 'failed') AND created_at < ?", [&before])?;
+            Ok(events + deliveries)
+        })?;
+        Ok(gone as u64)
     }
 
     /// The newest deliveries, for the API.
     pub async fn deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
-        let rows =
-            sqlx::query("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?").bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(delivery).collect())
+        self.read(|c| all(c, "SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", [limit], delivery))
     }
 }

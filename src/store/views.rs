@@ -1,9 +1,9 @@
 //! Reads the pages need: the console's grid, builds of recent changes, log chunks after a
 //! point (for the live log), recent machines.
 
-use sqlx::Row;
+use rusqlite::params;
 
-use super::{build_row, machine_row, BuildRow, MachineRow, Result, Store, BUILD_COLUMNS, MACHINE_COLUMNS};
+use super::{all, build_row, machine_row, opt, BuildRow, MachineRow, Result, Store, BUILD_COLUMNS, MACHINE_COLUMNS};
 use crate::core::BuildId;
 
 /// A piece of a build's log: its id (to resume after), the step, the text.
@@ -20,8 +20,11 @@ impl Store {
         // A loose index scan of (builder, branch, id): the recursive part jumps from one pair to
         // the next, so the cost follows the number of pairs, not of builds (a GROUP BY would
         // read every build).
-        let rows = sqlx::query(&format!(
-            "WITH RECURSIVE pairs(builder, branch) AS (
+        self.read(|c| {
+            all(
+                c,
+                &format!(
+                    "WITH RECURSIVE pairs(builder, branch) AS (
                SELECT * FROM (SELECT builder, branch FROM builds ORDER BY builder, branch LIMIT 1)
                UNION ALL
                SELECT n.builder, n.branch FROM pairs p, builds n
@@ -33,10 +36,11 @@ impl Store {
              SELECT {BUILD_COLUMNS} FROM builds WHERE id IN
                (SELECT (SELECT MAX(b.id) FROM builds b WHERE b.builder = p.builder AND b.branch = p.branch) FROM pairs p)
              ORDER BY id DESC"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(build_row).collect()
+                ),
+                [],
+                build_row,
+            )
+        })
     }
 
     /// Builds of these (repo, revision) pairs, newest first.
@@ -45,76 +49,86 @@ impl Store {
             return Ok(Vec::new());
         }
         let pairs: Vec<[&str; 2]> = revisions.iter().map(|(r, v)| [r.as_str(), v.as_str()]).collect();
-        let rows = sqlx::query(&format!(
-            "SELECT {BUILD_COLUMNS} FROM builds WHERE (repo, revision) IN
+        let pairs = serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into());
+        self.read(|c| {
+            all(
+                c,
+                &format!(
+                    "SELECT {BUILD_COLUMNS} FROM builds WHERE (repo, revision) IN
              (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
              ORDER BY id DESC"
-        ))
-        .bind(serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into()))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(build_row).collect()
+                ),
+                [pairs],
+                build_row,
+            )
+        })
     }
 
     /// Log chunks of a build after chunk `after` (0: from the start), at most `limit`.
     pub async fn log_after(&self, build: BuildId, after: i64, limit: i64) -> Result<Vec<LogChunk>> {
-        let rows =
-            sqlx::query("SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? AND id > ? ORDER BY id LIMIT ?")
-                .bind(build)
-                .bind(after)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows.iter().map(|r| LogChunk { id: r.get("id"), step: r.get("step_idx"), text: r.get("text") }).collect())
+        self.read(|c| {
+            all(
+                c,
+                "SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? AND id > ? ORDER BY id LIMIT ?",
+                params![build, after, limit],
+                |r| Ok(LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text: r.get("text")? }),
+            )
+        })
     }
 
     /// The end of a build's log, at most about `max_bytes` of it, oldest chunk first; `true`
     /// when earlier chunks were left out.
     pub async fn log_tail(&self, build: BuildId, max_bytes: usize) -> Result<(Vec<LogChunk>, bool)> {
-        use futures_util::TryStreamExt;
         // Newest first, read one at a time, stopping once the size is reached: a 64 MiB log
         // costs a page view no more than `max_bytes`.
-        let mut rows = sqlx::query("SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC")
-            .bind(build)
-            .fetch(&self.pool);
-        let mut size = 0;
-        let mut out = Vec::new();
-        let mut cut = false;
-        while let Some(r) = rows.try_next().await? {
-            let text: String = r.get("text");
-            size += text.len();
-            if size > max_bytes && !out.is_empty() {
-                cut = true;
-                break;
+        self.read_long(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC")?;
+            let mut rows = stmt.query([build])?;
+            let mut size = 0;
+            let mut out = Vec::new();
+            let mut cut = false;
+            while let Some(r) = rows.next()? {
+                let text: String = r.get("text")?;
+                size += text.len();
+                if size > max_bytes && !out.is_empty() {
+                    cut = true;
+                    break;
+                }
+                out.push(LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text });
             }
-            out.push(LogChunk { id: r.get("id"), step: r.get("step_idx"), text });
-        }
-        out.reverse();
-        Ok((out, cut))
+            out.reverse();
+            Ok((out, cut))
+        })
     }
 
     /// The attempt that retried this build, if one did.
     pub async fn next_attempt(&self, build: BuildId) -> Result<Option<BuildId>> {
-        Ok(sqlx::query_scalar(
-            "SELECT n.id FROM builds b JOIN builds n ON n.request_id = b.request_id AND n.attempt = b.attempt + 1
+        self.read(|c| {
+            opt(
+                c,
+                "SELECT n.id FROM builds b JOIN builds n ON n.request_id = b.request_id AND n.attempt = b.attempt + 1
              WHERE b.id = ?",
-        )
-        .bind(build)
-        .fetch_optional(&self.pool)
-        .await?)
+                [build],
+                |r| r.get(0),
+            )
+        })
     }
 
     /// Machines not gone, then the most recent gone ones, up to `limit` in all; newest first.
     pub async fn recent_machines(&self, limit: i64) -> Result<Vec<MachineRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {MACHINE_COLUMNS} FROM machines WHERE state != 'gone'
+        self.read(|c| {
+            all(
+                c,
+                &format!(
+                    "SELECT {MACHINE_COLUMNS} FROM machines WHERE state != 'gone'
              UNION ALL
              SELECT * FROM (SELECT {MACHINE_COLUMNS} FROM machines WHERE state = 'gone' ORDER BY id DESC LIMIT ?)
              ORDER BY id DESC"
-        ))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(machine_row).collect())
+                ),
+                [limit],
+                machine_row,
+            )
+        })
     }
 }
