@@ -238,6 +238,9 @@ pub struct Mirror {
     url: String,
     /// Serialises fetches: two concurrent fetches into one repository fight over ref locks.
     lock: tokio::sync::Mutex<()>,
+    /// Whether this process has set the mirror's remote URL: once is enough, and a git command
+    /// per poll is most of what an idle master does.
+    configured: std::sync::atomic::AtomicBool,
 }
 
 /// The NUL-separated fields requested from `git log` for each commit; the message comes last
@@ -249,7 +252,7 @@ const LOG_FIELDS: usize = 6;
 impl Mirror {
     /// A mirror of `url` kept in `dir` (created by [`Mirror::ensure`]).
     pub fn new(dir: PathBuf, url: String) -> Self {
-        Mirror { dir, url, lock: tokio::sync::Mutex::new(()) }
+        Mirror { dir, url, lock: tokio::sync::Mutex::new(()), configured: Default::default() }
     }
 
     /// The mirror's directory.
@@ -288,7 +291,12 @@ impl Mirror {
     /// Create the bare repository if absent and point `origin` at the URL.
     pub async fn ensure(&self) -> Result<(), GitError> {
         check_arg("repository URL", &self.url)?;
-        if !self.dir.join("HEAD").exists() {
+        use std::sync::atomic::Ordering;
+        let exists = self.dir.join("HEAD").exists();
+        if exists && self.configured.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if !exists {
             tokio::fs::create_dir_all(&self.dir)
                 .await
                 .map_err(|source| GitError::Spawn { command: format!("mkdir -p {}", self.dir.display()), source })?;
@@ -300,6 +308,7 @@ impl Mirror {
         // `config` takes the value positionally; check_arg above ensures it is not an option.
         let args = self.args(["config", "remote.origin.url", self.url.as_str()]);
         run_git(&args, GIT_TIMEOUT).await?;
+        self.configured.store(true, Ordering::Relaxed);
         Ok(())
     }
 

@@ -178,10 +178,17 @@ impl Store {
         Ok(applied)
     }
 
+    /// The highest sequence number of the reports of `build` that is stored (0: none).
+    pub async fn applied_seq(&self, build: BuildId) -> Result<u64> {
+        let seq: Option<i64> =
+            self.read(|c| opt(c, "SELECT applied_seq FROM builds WHERE id = ?", [build], |r| r.get(0)))?;
+        Ok(seq.unwrap_or(0).max(0) as u64)
+    }
+
     /// How far the reports of `build` are stored: the highest sequence number, and the bytes of
-    /// log text (toward [`crate::agent::protocol::MAX_LOG_BYTES`]).
+    /// log text (toward [`crate::agent::protocol::MAX_LOG_BYTES`]). Reads the whole log's size.
     pub async fn report_position(&self, build: BuildId) -> Result<(u64, usize)> {
-        let row: Option<(i64, i64)> = self.read(|c| {
+        let row: Option<(i64, i64)> = self.read_long(|c| {
             opt(
                 c,
                 "SELECT b.applied_seq, COALESCE((SELECT SUM(LENGTH(CAST(text AS BLOB))) FROM log_chunks WHERE build_id = b.id), 0)

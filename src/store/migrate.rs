@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha384};
 
 use super::{Result, StoreError};
@@ -80,14 +80,32 @@ pub(super) fn run(conn: &mut Connection) -> Result<()> {
         }
     }
     for m in MIGRATIONS.iter().filter(|m| !applied.iter().any(|(v, _, _)| *v == m.version)) {
+        let context = |e: rusqlite::Error| fail(format!("migration {} ({}): {e}", m.version, m.description));
         let started = Instant::now();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(m.sql).map_err(|e| fail(format!("migration {} ({}): {e}", m.version, m.description)))?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(context)?;
+        // Another process (a CLI command started with the master) may have applied it while
+        // this one waited for the write lock.
+        let done: Option<Vec<u8>> = tx
+            .query_row("SELECT checksum FROM _sqlx_migrations WHERE version = ?", [m.version], |r| r.get(0))
+            .optional()
+            .map_err(context)?;
+        match done {
+            Some(sum) if sum == m.checksum() => continue,
+            Some(_) => {
+                return Err(fail(format!(
+                    "migration {} ({}) was changed after it was applied",
+                    m.version, m.description
+                )))
+            }
+            None => {}
+        }
+        tx.execute_batch(m.sql).map_err(context)?;
         tx.execute(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (?, ?, 1, ?, ?)",
             rusqlite::params![m.version, m.description, m.checksum(), started.elapsed().as_nanos() as i64],
-        )?;
-        tx.commit()?;
+        )
+        .map_err(context)?;
+        tx.commit().map_err(context)?;
     }
     Ok(())
 }

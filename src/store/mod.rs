@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
@@ -99,6 +99,10 @@ fn parse_url(url: &str) -> Result<(Option<PathBuf>, bool)> {
             other => return Err(bad(&format!("unknown option {other:?} (known: mode=ro, mode=rw, mode=rwc)"))),
         }
     }
+    if path.contains('%') {
+        // Percent-escapes are not decoded: `ci%2Dprod.db` would silently be another, new file.
+        return Err(bad("percent-escapes (%XX) are not decoded: write the file name as it is"));
+    }
     match path {
         "" => Err(bad("no file named")),
         ":memory:" => Ok((None, read_only)),
@@ -160,11 +164,23 @@ impl Store {
 
     /// Runs `f` in one write transaction, committed if `f` returns `Ok` (rolled back if not).
     /// The transaction takes the write lock at its start: one that read first and wrote later
-    /// would fail at once (not wait) if another process wrote in between.
+    /// would fail at once (not wait) if another process wrote in between. `f` must not call the
+    /// store (the writer is not re-entrant).
     fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         // A panic inside an earlier transaction rolled it back when it unwound (the
         // transaction's drop); the connection itself is sound.
-        let mut conn = self.db.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        match self.db.writer.try_lock() {
+            Ok(conn) => Self::transaction(conn, f),
+            Err(TryLockError::Poisoned(p)) => Self::transaction(p.into_inner(), f),
+            // Another task writes: waiting for it blocks this thread, so the worker first hands
+            // its other tasks on (the loop, the agents' sockets) instead of stalling them.
+            Err(TryLockError::WouldBlock) => {
+                blocking(|| Self::transaction(self.db.writer.lock().unwrap_or_else(PoisonError::into_inner), f))
+            }
+        }
+    }
+
+    fn transaction<T>(mut conn: MutexGuard<'_, Connection>, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
@@ -172,7 +188,8 @@ impl Store {
     }
 
     /// Runs `f` on a read connection (a consistent snapshot of committed data per statement,
-    /// or per transaction `f` opens). An in-memory database reads on its one connection.
+    /// or per transaction `f` opens). An in-memory database reads on its one connection, the
+    /// writer: there `f` must not call the store.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         if self.db.file.is_none() {
             let conn = self.db.writer.lock().unwrap_or_else(PoisonError::into_inner);
@@ -201,12 +218,7 @@ impl Store {
     /// loop and other requests do not wait behind it. Short reads skip that hand-off: it costs
     /// more than they do.
     fn read_long<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.read(f))
-            }
-            _ => self.read(f),
-        }
+        blocking(|| self.read(f))
     }
 
     /// What the notifier's planner waits on: raised after every transaction that may have
@@ -231,6 +243,15 @@ impl Store {
     /// Whether the database answers (for `/readyz`).
     pub async fn ping(&self) -> Result<()> {
         self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+}
+
+/// Runs `f`, which may block its thread for a while: on a worker of a multi-threaded runtime the
+/// worker's other tasks move to another thread first (elsewhere `f` just runs).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -683,6 +704,8 @@ mod tests {
         let e = parse_url("sqlite://p.db?cache=shared").expect_err("unknown option").to_string();
         assert!(e.contains("unknown option \"cache=shared\""), "{e}");
         assert!(parse_url("sqlite://").is_err(), "no file");
+        let e = parse_url("sqlite:///var/lib/ci%2Dprod.db").expect_err("escapes").to_string();
+        assert!(e.contains("percent-escapes"), "{e}");
         assert!(matches!(parse_url("postgres://ci@db/ci"), Err(StoreError::Unsupported(_))));
     }
 
@@ -722,5 +745,30 @@ mod tests {
         assert!(failed.is_err_and(|e| e.to_string().contains("stop here")), "the closure's own error");
         assert_eq!(store.machine_event_count().await.expect("count"), 0, "rolled back");
         assert_eq!(store.max_machine_id().await.expect("max"), MachineId(0), "rolled back");
+    }
+
+    /// Writers that meet at the lock wait their turn (off the async worker) and lose nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_all_land() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let store = Store::open(&url).await.expect("open");
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for i in 0..25 {
+                        let id = MachineId(t * 100 + i + 1);
+                        store.insert_machine(id, "p", "local", &format!("h{id}"), Ts(0)).await.expect("write");
+                        assert!(store.machine(id).await.expect("read").is_some(), "read after write");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(store.list_machines(None, None).await.expect("list").len(), 200);
+        assert_eq!(store.machine_event_count().await.expect("events"), 200);
     }
 }

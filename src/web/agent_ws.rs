@@ -221,8 +221,8 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     drop(stranger);
     // A resumed agent sends only what follows what is stored of the build it speaks of.
     let acked = match resumed {
-        Some(Some(build)) => match s.store.report_position(build).await {
-            Ok((seq, _)) => Some(Ack { build, seq }),
+        Some(Some(build)) => match s.store.applied_seq(build).await {
+            Ok(seq) => Some(Ack { build, seq }),
             Err(e) => {
                 tracing::error!(machine = machine.get(), "cannot read how far build {build} is stored: {e}");
                 None
