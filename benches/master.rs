@@ -55,6 +55,12 @@ builders = ["b*"]
     let filter = paddock::store::BuildFilter { limit: Some(1000), ..Default::default() };
     let builds = || rt.block_on(store.list_builds(&filter)).expect("builds");
     let pid = m.child.id();
+    // What the master costs with nothing to build (the 1 s poll, the agents' heartbeats): the
+    // part of the figure below that is not the builds' own.
+    let (idle0, _) = master::cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    let (idle1, _) = master::cpu_seconds(pid);
+    let idle_per_s = (idle1 - idle0) / 10.0;
     let (cpu0, _) = master::cpu_seconds(pid);
     let t0 = Instant::now();
     for n in 1..=PUSHES {
@@ -74,5 +80,10 @@ builders = ["b*"]
         "master: {total} builds on 4 warm machines in {wall:.1} s; master CPU {:.3} s = {:.2} ms per build",
         cpu1 - cpu0,
         1000.0 * (cpu1 - cpu0) / total as f64
+    );
+    println!(
+        "idle master (4 agents, 1 s poll): {:.1} ms CPU per second; over the {wall:.1} s above that is {:.2} ms per build",
+        1000.0 * idle_per_s,
+        1000.0 * idle_per_s * wall / total as f64
     );
 }
