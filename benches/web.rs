@@ -96,7 +96,7 @@ fn config(dir: &std::path::Path, db: &std::path::Path) -> String {
         "[master]\nurl = \"http://127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\nstate_dir = \"{state}\"\n\n\
          [web]\naccess = \"public\"\n\n\
          [[repo]]\nname = \"app\"\nurl = \"{repo}\"\nbranches = [\"main\", \"stable/*\"]\npoll = \"0s\"\n\n\
-         [pool.local]\nmax_instances = 2\n\n\
+         [pool.local]\nmax_instances = 2\nisolation = \"none\"\n\n\
          [[builder]]\nname = \"py{{py}}-db{{db}}\"\nrepo = \"app\"\npool = \"local\"\n\
          matrix = {{ py = [{pys}], db = [{dbs}] }}\nsteps = [\"make install\", \"make test\"]\n",
         db = db.display(),
@@ -200,7 +200,10 @@ fn main() {
     let master = rt.spawn(paddock::runtime::run(cfg, opts, async {
         let _ = stop_rx.await;
     }));
-    let addr = rt.block_on(ready_rx).expect("master ready");
+    let addr = match rt.block_on(ready_rx) {
+        Ok(a) => a,
+        Err(_) => panic!("the master did not start: {:?}", rt.block_on(master)),
+    };
     let base = format!("http://{addr}");
     let http = paddock::tls::http_client(None).expect("HTTP client");
     let newest: serde_json::Value = rt.block_on(async {
