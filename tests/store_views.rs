@@ -83,8 +83,16 @@ async fn builds_of_revisions_next_attempt_and_log_tail() {
     assert!(cut);
     assert_eq!(tail.len(), 10, "100-byte lines in 1000 bytes");
     assert!(tail[0].text.starts_with("line 090") && tail[9].text.starts_with("line 099"));
-    let after = store.log_after(two.id, tail[4].id, 3).await.expect("after");
+    let (after, more) = store.log_after(two.id, tail[4].id, 3, 1 << 20).await.expect("after");
     assert_eq!(after.iter().map(|c| c.text[..8].to_string()).collect::<Vec<_>>(), ["line 095", "line 096", "line 097"]);
+    assert!(more, "two more follow");
+    // A byte cap ends the slice early; a chunk larger than the cap still comes alone.
+    let (after, more) = store.log_after(two.id, tail[4].id, 1000, 250).await.expect("after");
+    assert_eq!((after.len(), more), (2, true), "two 100-byte lines in 250 bytes");
+    let (after, more) = store.log_after(two.id, tail[4].id, 1000, 10).await.expect("after");
+    assert_eq!((after.len(), more), (1, true));
+    let (after, more) = store.log_after(two.id, tail[8].id, 1000, 1 << 20).await.expect("after");
+    assert_eq!((after.len(), more), (1, false), "the last line, and nothing after it");
 }
 
 #[tokio::test]

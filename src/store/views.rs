@@ -64,15 +64,32 @@ impl Store {
         })
     }
 
-    /// Log chunks of a build after chunk `after` (0: from the start), at most `limit`.
-    pub async fn log_after(&self, build: BuildId, after: i64, limit: i64) -> Result<Vec<LogChunk>> {
+    /// Log chunks of a build after chunk `after` (0: from the start), at most `limit` of them
+    /// and about `max_bytes` of text (always at least one chunk); `true` when more follow.
+    /// A page catching up on a 64 MiB log reads it a slice per poll, not all at once.
+    pub async fn log_after(
+        &self,
+        build: BuildId,
+        after: i64,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<(Vec<LogChunk>, bool)> {
         self.read(|c| {
-            all(
-                c,
+            let mut stmt = c.prepare_cached(
                 "SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? AND id > ? ORDER BY id LIMIT ?",
-                params![build, after, limit],
-                |r| Ok(LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text: r.get("text")? }),
-            )
+            )?;
+            // One row past the limit says whether more follow.
+            let mut rows = stmt.query(params![build, after, limit.saturating_add(1)])?;
+            let (mut out, mut size) = (Vec::new(), 0);
+            while let Some(r) = rows.next()? {
+                let chunk = LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text: r.get("text")? };
+                if out.len() as i64 >= limit || (size + chunk.text.len() > max_bytes && !out.is_empty()) {
+                    return Ok((out, true));
+                }
+                size += chunk.text.len();
+                out.push(chunk);
+            }
+            Ok((out, false))
         })
     }
 

@@ -249,6 +249,8 @@ pub struct StreamQuery {
 
 /// How often the stream looks for new log text.
 const STREAM_POLL: Duration = Duration::from_millis(250);
+/// Log text sent per poll at most (about): a page opened on a long log catches up in slices.
+const LOG_POLL_BYTES: usize = 1 << 20;
 
 /// `GET /builds/{id}/log/stream?after=N` (server-sent events): `log` (new text, JSON string),
 /// `steps` (the steps table's HTML), `state` (when it changes) and `done` (the build ended).
@@ -276,7 +278,7 @@ pub async fn log_stream(
             tokio::time::sleep(STREAM_POLL).await;
         }
         let mut events = Vec::new();
-        let chunks = s.store.log_after(id, f.after, 1000).await.unwrap_or_default();
+        let (chunks, more) = s.store.log_after(id, f.after, 1000, LOG_POLL_BYTES).await.unwrap_or_default();
         if let Some(last) = chunks.last() {
             f.after = last.id;
             let text: String = chunks.iter().map(|c| c.text.as_str()).collect();
@@ -292,8 +294,8 @@ pub async fn log_stream(
                 events.push(Event::default().event("state").data(b.state.as_str()));
                 f.state = b.state.as_str().to_string();
             }
-            // Ended, and every line it wrote has been sent (a full batch means more may wait).
-            if !b.state.is_live() && chunks.len() < 1000 {
+            // Ended, and every line it wrote has been sent.
+            if !b.state.is_live() && !more {
                 events.push(Event::default().event("done").data(b.state.as_str()));
                 f.done = true;
             }
