@@ -7,7 +7,8 @@
 //!
 //! Every report about a build (step started, log, step finished, build finished) carries a
 //! sequence number, counted from 1 per build. The master stores each report once, in order, and
-//! answers [`MasterMsg::Ack`] with the highest number it has stored; the agent keeps every
+//! answers [`MasterMsg::Ack`] with the highest number it has stored (reports that arrived
+//! together are stored in one transaction and acknowledged once); the agent keeps every
 //! report until it is acknowledged and sends the unacknowledged ones again after a
 //! reconnection. What a master took off the socket but never stored (it died) is therefore sent
 //! again, and what it did store is never stored twice.

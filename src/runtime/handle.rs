@@ -6,11 +6,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{ActionError, Cancelled, Input, NewRequest};
 use crate::agent::protocol::MasterMsg;
-use crate::core::build::BuildState;
 use crate::core::fleet::FleetEvent;
 use crate::core::scheduler::{ChangeInfo, SchedEvent};
 use crate::core::{BuildId, MachineId};
-use crate::store::{Applied, BuildRow, StoreError};
+use crate::store::{Applied, BuildRow, Report, StoreError};
 
 /// A cheap, clonable way to reach the master's loop.
 #[derive(Clone, Debug)]
@@ -100,18 +99,16 @@ impl LoopHandle {
         let _ = self.ask(|reply| Input::Interrupted { machine, detail, reply }).await;
     }
 
-    /// An agent's numbered report that its build ended; the loop stores it and ends the
-    /// attempt. `None` if the loop stopped first (the report is not acknowledged).
-    #[allow(clippy::too_many_arguments)]
+    /// An agent's numbered reports that end with its build's end (the last one's effect is
+    /// `BuildFinished`); the loop stores them and ends the attempt. `None` if the loop stopped
+    /// first (the reports are not acknowledged).
     pub async fn finished(
         &self,
         machine: MachineId,
         build: BuildId,
         after: u64,
-        seq: u64,
-        log: Option<(i64, String)>,
-        result: BuildState,
+        reports: Vec<Report>,
     ) -> Option<Result<Applied, StoreError>> {
-        self.ask(|reply| Input::Finished { machine, build, after, seq, log, result, reply }).await
+        self.ask(|reply| Input::Finished { machine, build, after, reports, reply }).await
     }
 }

@@ -138,11 +138,16 @@ impl Master {
         match input {
             Input::Fleet(ev) => self.pending.push_back(ev),
             Input::Sched(ev) => self.apply_sched(ev).await?,
-            Input::Finished { machine, build, after, seq, log, result, reply } => {
+            Input::Finished { machine, build, after, reports, reply } => {
                 let now = self.shared.now();
-                let effect = crate::store::ReportEffect::BuildFinished { machine, result };
-                let log_text = log.as_ref().map(|(step, text)| (*step, text.as_str()));
-                let stored = self.shared.store.apply_report(build, after, seq, log_text, effect, now).await;
+                let result = match reports.last().map(|r| r.effect) {
+                    Some(crate::store::ReportEffect::BuildFinished { result, .. }) => result,
+                    _ => {
+                        tracing::error!(build = build.get(), "reports of a build's end without its end; not stored");
+                        return Ok(());
+                    }
+                };
+                let stored = self.shared.store.apply_reports(build, after, &reports, now).await;
                 if let Ok(crate::store::Applied::Stored { ended }) = &stored {
                     self.shared.running.end(build);
                     match ended {

@@ -91,16 +91,14 @@ pub(crate) enum Input {
     LateInstance { machine: MachineId, launched: Launched, stopped_at: Ts },
     /// A spend check's answer: which caps are reached and which pools they hold.
     SpendChecked(Result<crate::cost::caps::Caps, String>),
-    /// An agent's report that its build ended (report `seq`, following `after`, with the log
-    /// text it carries): the loop stores it, ends the attempt as the lifecycle decides, and
-    /// frees the machine.
+    /// An agent's reports that end with its build's end (the first follows report `after`;
+    /// the last one's effect is `BuildFinished`): the loop stores them, ends the attempt as
+    /// the lifecycle decides, and frees the machine.
     Finished {
         machine: MachineId,
         build: BuildId,
         after: u64,
-        seq: u64,
-        log: Option<(i64, String)>,
-        result: crate::core::build::BuildState,
+        reports: Vec<crate::store::Report>,
         reply: tokio::sync::oneshot::Sender<Result<crate::store::Applied, StoreError>>,
     },
     /// An agent said its machine is being taken away (a spot notice, a shutdown): `detail` is

@@ -128,48 +128,42 @@ impl Store {
         Ok(self.build_event(build, &life::BuildEvent::Reported { machine, result }, now).await?.is_ok())
     }
 
-    /// Stores one numbered report of an agent about `build`, with the log text it carries: only
-    /// if the build's stored sequence is at `after` (the report before it), and then moves it to
-    /// `seq`, all in one transaction. A report already stored (or overtaken) changes nothing.
-    pub async fn apply_report(
-        &self,
-        build: BuildId,
-        after: u64,
-        seq: u64,
-        log: Option<(i64, &str)>,
-        effect: ReportEffect<'_>,
-        now: Ts,
-    ) -> Result<Applied> {
+    /// Stores numbered reports of an agent about `build` that follow one another, with the
+    /// log text they carry, in one transaction: only if the build's stored sequence is at
+    /// `after` (the report before the first), and then moves it to the last one's number.
+    /// Reports already stored (or overtaken) change nothing. A `BuildFinished` effect may only
+    /// be the last report's: nothing of a build follows its end.
+    pub async fn apply_reports(&self, build: BuildId, after: u64, reports: &[Report], now: Ts) -> Result<Applied> {
+        let Some(last) = reports.last() else { return Ok(Applied::Stale { applied: after }) };
         let applied = self.write(|c| {
             let moved = exec(
                 c,
                 "UPDATE builds SET applied_seq = ? WHERE id = ? AND applied_seq = ?",
-                params![seq as i64, build, after as i64],
+                params![last.seq as i64, build, after as i64],
             )?;
             if moved == 0 {
                 let applied: Option<i64> =
                     opt(c, "SELECT applied_seq FROM builds WHERE id = ?", [build], |r| r.get(0))?;
                 return Ok(Applied::Stale { applied: applied.unwrap_or(0).max(0) as u64 });
             }
-            if let Some((step, text)) = log.filter(|(_, t)| !t.is_empty()) {
-                append_log_in(c, build, step, text, now)?;
+            let mut ended = None;
+            for report in reports {
+                if let Some((step, text)) = report.log.as_ref().filter(|(_, t)| !t.is_empty()) {
+                    append_log_in(c, build, *step, text, now)?;
+                }
+                match report.effect {
+                    ReportEffect::None => {}
+                    ReportEffect::StepStarted { step } => step_started_in(c, build, step, now)?,
+                    ReportEffect::StepFinished { step, result, exit_code } => {
+                        step_finished_in(c, build, step, result, exit_code, now)?
+                    }
+                    // A report about an attempt retried meanwhile is stored as text only: the
+                    // new attempt owns the build.
+                    ReportEffect::BuildFinished { machine, result } => {
+                        ended = event_in(c, build, &life::BuildEvent::Reported { machine, result }, now)?.ok();
+                    }
+                }
             }
-            let ended = match effect {
-                ReportEffect::None => None,
-                ReportEffect::StepStarted { step } => {
-                    step_started_in(c, build, step, now)?;
-                    None
-                }
-                ReportEffect::StepFinished { step, result, exit_code } => {
-                    step_finished_in(c, build, step, result, exit_code, now)?;
-                    None
-                }
-                // A report about an attempt retried meanwhile is stored as text only: the new
-                // attempt owns the build.
-                ReportEffect::BuildFinished { machine, result } => {
-                    event_in(c, build, &life::BuildEvent::Reported { machine, result }, now)?.ok()
-                }
-            };
             Ok(Applied::Stored { ended: ended.map(|d| d.transition) })
         })?;
         if matches!(applied, Applied::Stored { ended: Some(_) }) {

@@ -508,9 +508,20 @@ fn insert_event(c: &Connection, machine: MachineId, at: &str, kind: &str, detail
     Ok(())
 }
 
-/// What an agent's report does besides its log text (see [`Store::apply_report`]).
+/// One numbered report of an agent's about a build, as the store keeps it (see
+/// [`Store::apply_reports`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Its place in the build's sequence.
+    pub seq: u64,
+    /// Log text it carries (already redacted), and the step it belongs to.
+    pub log: Option<(i64, String)>,
+    pub effect: ReportEffect,
+}
+
+/// What an agent's report does besides its log text.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ReportEffect<'a> {
+pub enum ReportEffect {
     /// Nothing: a report of log text only.
     None,
     StepStarted {
@@ -518,7 +529,7 @@ pub enum ReportEffect<'a> {
     },
     StepFinished {
         step: i64,
-        result: &'a str,
+        result: &'static str,
         exit_code: Option<i32>,
     },
     BuildFinished {
@@ -527,7 +538,7 @@ pub enum ReportEffect<'a> {
     },
 }
 
-/// How [`Store::apply_report`] went.
+/// How [`Store::apply_reports`] went.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
     /// Stored; `ended` says what became of the build when the report ended it (a

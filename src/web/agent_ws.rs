@@ -19,7 +19,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -36,7 +36,7 @@ use crate::agent::protocol::{Ack, AgentMsg, MasterMsg, Secret};
 use crate::agent::reports::{Next, ReportStream};
 use crate::core::{BuildId, MachineId};
 use crate::runtime::{new_token, token_hash, Shared};
-use crate::store::{Applied, ReportEffect};
+use crate::store::{Applied, Report, ReportEffect};
 
 /// An agent's socket, once upgraded.
 type WebSocket = WebSocketStream<TokioIo<Upgraded>>;
@@ -57,6 +57,8 @@ static REFUSALS: WarnEvery = WarnEvery::new(Duration::from_secs(10));
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 /// Most characters of an interruption notice stored in the machine's event log.
 const MAX_NOTICE_DETAIL: usize = 300;
+/// Most messages of an agent's handled together (their reports stored in one transaction).
+const BATCH_MESSAGES: usize = 64;
 
 /// A place among the sockets that have not authenticated; given back when dropped.
 struct Stranger;
@@ -280,32 +282,52 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
     // Interruption notices already handled on this connection (agents repeat them).
     let mut notices = HashSet::new();
     let mut heard = false;
-    while let Some(frame) = stream.next().await {
-        if frame.is_ok() && last_alive.elapsed() >= Duration::from_secs(1) {
-            last_alive = tokio::time::Instant::now();
-            s.master.heartbeat(machine).await;
-        }
-        let text = match frame {
-            Ok(Message::Text(text)) => text,
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => continue,
-        };
-        if !heard {
-            heard = true;
-            // The agent speaks only once it has the Welcome: its resume token is now in use,
-            // and the one it came back with must never work again.
-            if let Err(e) = s.store.confirm_resume(machine, &new_hash).await {
-                tracing::error!(machine = machine.get(), "cannot retire the previous resume token: {e}");
+    let mut closed = false;
+    while !closed {
+        let Some(frame) = stream.next().await else { break };
+        // What else has already arrived is handled with it: the reports among it are stored
+        // in one transaction and acknowledged once (an agent sends a step's end, the next
+        // step's start and a quick step's whole life back to back).
+        let mut batch = Vec::new();
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            if frame.is_ok() && last_alive.elapsed() >= Duration::from_secs(1) {
+                last_alive = tokio::time::Instant::now();
+                s.master.heartbeat(machine).await;
+            }
+            let text = match frame {
+                Ok(Message::Text(text)) => Some(text),
+                Ok(Message::Close(_)) | Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => None,
+            };
+            if let Some(text) = text {
+                if !heard {
+                    heard = true;
+                    // The agent speaks only once it has the Welcome: its resume token is now
+                    // in use, and the one it came back with must never work again.
+                    if let Err(e) = s.store.confirm_resume(machine, &new_hash).await {
+                        tracing::error!(machine = machine.get(), "cannot retire the previous resume token: {e}");
+                    }
+                }
+                match serde_json::from_str::<AgentMsg>(&text) {
+                    Ok(msg) => batch.push(msg),
+                    Err(e) => tracing::warn!(machine = machine.get(), "unreadable message from agent: {e}"),
+                }
+            }
+            if batch.len() >= BATCH_MESSAGES {
+                break;
+            }
+            match stream.next().now_or_never() {
+                Some(Some(frame)) => next = Some(frame),
+                Some(None) => closed = true,
+                None => {}
             }
         }
-        let keep_going = match serde_json::from_str::<AgentMsg>(&text) {
-            Ok(msg) => handle(&s, machine, msg, &mut notices, &acks).await,
-            Err(e) => {
-                tracing::warn!(machine = machine.get(), "unreadable message from agent: {e}");
-                true
-            }
-        };
-        if !keep_going {
+        // Reports read before the connection ended are still stored.
+        if !handle_all(&s, machine, batch, &mut notices, &acks).await {
             break;
         }
     }
@@ -337,86 +359,131 @@ async fn interrupted(s: &Shared, machine: MachineId, kind: &str, detail: &str, s
     s.master.interrupted(machine, detail).await;
 }
 
-/// Handles one message of an agent; `false` when the connection must end (it broke the
-/// report sequence: the agent sends everything again on a new connection).
-async fn handle(
+/// Handles messages of an agent, in order; `false` when the connection must end (it broke
+/// the report sequence: the agent sends everything again on a new connection).
+async fn handle_all(
     s: &Shared,
     machine: MachineId,
-    msg: AgentMsg,
+    msgs: Vec<AgentMsg>,
     notices: &mut HashSet<String>,
     acks: &mpsc::UnboundedSender<MasterMsg>,
 ) -> bool {
-    match msg {
-        AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => true,
-        // Counted as a sign of life when it arrived (see `serve`).
-        AgentMsg::Heartbeat => true,
-        AgentMsg::Interrupted { kind, detail } => {
-            interrupted(s, machine, &kind, &detail, notices).await;
-            true
+    let mut msgs = msgs.into_iter().peekable();
+    while let Some(msg) = msgs.next() {
+        let build = match msg {
+            AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => continue,
+            // Counted as a sign of life when it arrived (see `serve`).
+            AgentMsg::Heartbeat => continue,
+            AgentMsg::Interrupted { kind, detail } => {
+                interrupted(s, machine, &kind, &detail, notices).await;
+                continue;
+            }
+            AgentMsg::StepStarted { build, .. }
+            | AgentMsg::Log { build, .. }
+            | AgentMsg::StepFinished { build, .. }
+            | AgentMsg::BuildFinished { build, .. } => build,
+        };
+        // This report and those right after it about the same build, up to its end.
+        let mut run = vec![msg];
+        while !matches!(run.last(), Some(AgentMsg::BuildFinished { .. })) {
+            match msgs.next_if(|m| m.sequenced().is_some_and(|(b, _)| b == build)) {
+                Some(m) => run.push(m),
+                None => break,
+            }
         }
-        report => match stored_report(s, machine, &report).await {
-            Ok(Some(ack)) => {
-                let _ = acks.send(MasterMsg::Ack(ack));
-                true
-            }
-            Ok(None) => true,
-            Err(Broken(why)) => {
-                tracing::warn!(
-                    machine = machine.get(),
-                    "{why}; closing the connection, the agent will send its reports again"
-                );
-                false
-            }
-        },
+        let (ack, broken) = stored_reports(s, machine, build, &run).await;
+        if let Some(ack) = ack {
+            let _ = acks.send(MasterMsg::Ack(ack));
+        }
+        if let Some(Broken(why)) = broken {
+            tracing::warn!(
+                machine = machine.get(),
+                "{why}; closing the connection, the agent will send its reports again"
+            );
+            return false;
+        }
     }
+    true
 }
 
 /// A report sequence the agent broke.
 struct Broken(String);
 
-/// Stores one numbered report (once, in order); returns what to acknowledge, if anything.
-async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Result<Option<Ack>, Broken> {
-    let Some((build, seq)) = report.sequenced() else { return Ok(None) };
+/// What a report does besides its log text (the build's end apart: see `stored_reports`).
+fn effect_of(report: &AgentMsg) -> ReportEffect {
+    match report {
+        AgentMsg::StepStarted { step, .. } => ReportEffect::StepStarted { step: *step as i64 },
+        AgentMsg::StepFinished { step, result, exit_code, .. } => {
+            ReportEffect::StepFinished { step: *step as i64, result: result.as_str(), exit_code: *exit_code }
+        }
+        _ => ReportEffect::None,
+    }
+}
+
+/// Stores numbered reports about `build`, in order and each once, in one transaction; says
+/// what to acknowledge, if anything, and whether the agent broke the sequence (what came
+/// before the break is stored and acknowledged).
+async fn stored_reports(
+    s: &Shared,
+    machine: MachineId,
+    build: BuildId,
+    reports: &[AgentMsg],
+) -> (Option<Ack>, Option<Broken>) {
+    let last_seq = reports.iter().filter_map(AgentMsg::sequenced).map(|(_, seq)| seq).max().unwrap_or(0);
     let Some(stream) = reports_of(s, machine, build) else {
-        if matches!(report, AgentMsg::BuildFinished { .. }) {
+        if reports.iter().any(|r| matches!(r, AgentMsg::BuildFinished { .. })) {
             tracing::warn!(
                 machine = machine.get(),
                 build = build.get(),
                 "agent reported a build it does not run; ignored"
             );
         }
-        return Ok(Some(Ack { build, seq }));
+        return (Some(Ack { build, seq: last_seq }), None);
     };
     let mut stream = stream.lock().await;
-    let (after, log) = match stream.accept(report) {
-        Next::Repeat { ack } => return Ok(Some(Ack { build, seq: ack })),
-        Next::OutOfOrder { expected } => {
-            return Err(Broken(format!("report {seq} of build {build} arrived where {expected} was due")))
-        }
-        Next::Hold => return Ok(None),
-        Next::Store { after, log } => (after, log),
-    };
-    let log = log.map(|(step, text)| (step as i64, text));
-    let stored = match report {
-        // The build's end is the loop's to decide and carry out (the fleet frees the machine
-        // in the same turn): it stores this report and answers.
-        AgentMsg::BuildFinished { result, .. } => {
-            match s.master.finished(machine, build, after, seq, log, result.state()).await {
-                Some(stored) => stored,
-                None => return Err(Broken(format!("report {seq} of build {build}: the master is stopping"))),
+    // Nothing is stored until the end of this call: every report taken follows `after`.
+    let after = stream.applied();
+    let mut taken = Vec::new();
+    let mut finished = None;
+    let mut answered = false;
+    let mut broken = None;
+    for report in reports {
+        let Some((_, seq)) = report.sequenced() else { continue };
+        match stream.accept(report) {
+            Next::Repeat { .. } => answered = true,
+            Next::OutOfOrder { expected } => {
+                broken = Some(Broken(format!("report {seq} of build {build} arrived where {expected} was due")));
+                break;
+            }
+            Next::Hold => {}
+            Next::Store { log, .. } => {
+                answered = true;
+                let log = log.map(|(step, text)| (step as i64, text));
+                let effect = match report {
+                    AgentMsg::BuildFinished { result, .. } => {
+                        finished = Some(seq);
+                        ReportEffect::BuildFinished { machine, result: result.state() }
+                    }
+                    _ => effect_of(report),
+                };
+                taken.push(Report { seq, log, effect });
             }
         }
-        _ => {
-            let effect = match report {
-                AgentMsg::StepStarted { step, .. } => ReportEffect::StepStarted { step: *step as i64 },
-                AgentMsg::StepFinished { step, result, exit_code, .. } => {
-                    ReportEffect::StepFinished { step: *step as i64, result: result.as_str(), exit_code: *exit_code }
-                }
-                _ => ReportEffect::None,
-            };
-            let log = log.as_ref().map(|(step, text)| (*step, text.as_str()));
-            s.store.apply_report(build, after, seq, log, effect, s.now()).await
-        }
+    }
+    let (stored, seq) = match finished {
+        // The build's end is the loop's to decide and carry out (the fleet frees the machine
+        // in the same turn): it stores these reports and answers.
+        Some(seq) => match s.master.finished(machine, build, after, taken).await {
+            Some(stored) => (stored, seq),
+            None => return (None, Some(Broken(format!("report {seq} of build {build}: the master is stopping")))),
+        },
+        None => match taken.last() {
+            Some(last) => {
+                let seq = last.seq;
+                (s.store.apply_reports(build, after, &taken, s.now()).await, seq)
+            }
+            None => return (answered.then(|| Ack { build, seq: stream.applied() }), broken),
+        },
     };
     match stored {
         Ok(Applied::Stored { .. }) => stream.stored(seq),
@@ -426,18 +493,17 @@ async fn stored_report(s: &Shared, machine: MachineId, report: &AgentMsg) -> Res
                 build = build.get(),
                 seq,
                 applied,
-                "report already stored by another connection"
+                "reports already stored by another connection"
             );
             stream.resync(applied);
-            return Ok(Some(Ack { build, seq: applied }));
         }
         Err(e) => {
-            // Not acknowledged: the agent keeps it and sends it again after a reconnection.
-            tracing::error!(machine = machine.get(), build = build.get(), seq, "cannot store agent report: {e}");
-            return Err(Broken(format!("report {seq} of build {build} could not be stored")));
+            // Not acknowledged: the agent keeps them and sends them again after a reconnection.
+            tracing::error!(machine = machine.get(), build = build.get(), seq, "cannot store agent reports: {e}");
+            return (None, Some(Broken(format!("reports up to {seq} of build {build} could not be stored"))));
         }
     }
-    Ok(Some(Ack { build, seq }))
+    (Some(Ack { build, seq: stream.applied() }), broken)
 }
 
 #[cfg(test)]
@@ -464,10 +530,8 @@ mod tests {
         tokio::spawn(async move {
             while let Some(input) = rx.recv().await {
                 match input {
-                    Input::Finished { machine, build, after, seq, log, result, reply } => {
-                        let effect = ReportEffect::BuildFinished { machine, result };
-                        let log = log.as_ref().map(|(step, text)| (*step, text.as_str()));
-                        let stored = store.apply_report(build, after, seq, log, effect, Ts(0)).await;
+                    Input::Finished { build, after, reports, reply, .. } => {
+                        let stored = store.apply_reports(build, after, &reports, Ts(0)).await;
                         let ended = match &stored {
                             Ok(Applied::Stored { ended }) => ended.as_ref().map(|t| t.to),
                             _ => None,
@@ -531,13 +595,26 @@ mod tests {
         b.id
     }
 
-    /// Feeds `msgs` through one connection's handler; returns the acknowledgements sent.
+    /// Feeds `msgs` through one connection's handler, one at a time as from a slow agent;
+    /// returns the acknowledgements sent.
     async fn feed(s: &Shared, msgs: &[AgentMsg]) -> Vec<u64> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut seen = HashSet::new();
         for m in msgs {
-            assert!(handle(s, MachineId(7), m.clone(), &mut seen, &tx).await, "connection kept");
+            assert!(handle_all(s, MachineId(7), vec![m.clone()], &mut seen, &tx).await, "connection kept");
         }
+        acks_sent(&mut rx)
+    }
+
+    /// Feeds `msgs` through one connection's handler all at once, as when they arrived
+    /// together; returns the acknowledgements sent, and whether the connection is kept.
+    async fn feed_together(s: &Shared, msgs: &[AgentMsg]) -> (Vec<u64>, bool) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let kept = handle_all(s, MachineId(7), msgs.to_vec(), &mut HashSet::new(), &tx).await;
+        (acks_sent(&mut rx), kept)
+    }
+
+    fn acks_sent(rx: &mut mpsc::UnboundedReceiver<MasterMsg>) -> Vec<u64> {
         let mut acks = Vec::new();
         while let Ok(MasterMsg::Ack(a)) = rx.try_recv() {
             acks.push(a.seq);
@@ -615,10 +692,57 @@ mod tests {
         let b = running_build(&s).await;
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut seen = HashSet::new();
-        assert!(handle(&s, MachineId(7), AgentMsg::StepStarted { build: b, seq: 1, step: 0 }, &mut seen, &tx).await);
-        assert!(!handle(&s, MachineId(7), log(b, 3, 0, "skipped two\n"), &mut seen, &tx).await, "connection dropped");
+        let first = vec![AgentMsg::StepStarted { build: b, seq: 1, step: 0 }];
+        assert!(handle_all(&s, MachineId(7), first, &mut seen, &tx).await);
+        let gap = vec![log(b, 3, 0, "skipped two\n")];
+        assert!(!handle_all(&s, MachineId(7), gap, &mut seen, &tx).await, "connection dropped");
         assert_eq!(s.store.log(b).await.expect("log"), "");
         assert_eq!(s.store.report_position(b).await.expect("position").0, 1);
+    }
+
+    #[tokio::test]
+    async fn reports_that_arrive_together_are_stored_together_and_acknowledged_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, mut asked, _db) = master(dir.path()).await;
+        let b = running_build(&s).await;
+        // A whole quick build, with a secret split over two reports and, first, the end of a
+        // build this machine no longer runs (sent again after a reconnection).
+        let all = [
+            AgentMsg::BuildFinished { build: BuildId(99), seq: 5, result: BuildResult::Success },
+            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
+            log(b, 2, 0, "cloned\n"),
+            step_done(b, 3, 0),
+            AgentMsg::StepStarted { build: b, seq: 4, step: 1 },
+            log(b, 5, 1, "token hunter2"),
+            log(b, 6, 1, "-secret ok\n"),
+            step_done(b, 7, 1),
+            AgentMsg::BuildFinished { build: b, seq: 8, result: BuildResult::Success },
+        ];
+        assert_eq!(feed_together(&s, &all).await, (vec![5, 8], true), "one acknowledgement per build");
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: Some(BuildState::Success) }));
+        assert!(asked.try_recv().is_err(), "the other build's end was not the loop's business");
+        assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
+        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
+        assert_eq!(steps, ["success", "success"]);
+        assert_eq!(s.store.report_position(b).await.expect("position").0, 8);
+    }
+
+    #[tokio::test]
+    async fn reports_before_a_gap_in_what_arrived_together_are_stored_and_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, _inbox, _db) = master(dir.path()).await;
+        let b = running_build(&s).await;
+        let all = [
+            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
+            log(b, 2, 0, "cloned\n"),
+            log(b, 4, 0, "after a gap\n"),
+            step_done(b, 5, 0),
+        ];
+        assert_eq!(feed_together(&s, &all).await, (vec![2], false), "connection dropped after the gap");
+        assert_eq!(s.store.log(b).await.expect("log"), "cloned\n");
+        assert_eq!(s.store.report_position(b).await.expect("position").0, 2);
+        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
+        assert_eq!(steps, ["running", "pending"]);
     }
 
     #[tokio::test]
