@@ -441,7 +441,10 @@ fn a_storm_of_builds_stays_within_max_instances_and_the_run_instances_bucket() {
         "",
         &cloud.pool(
             "instance_types = [\"t3.small\"]\nmax_instances = 50\nidle_timeout = \"20s\"\n",
-            "steps = [\"true\"]",
+            // Builds that take a second: the queue then outlasts the launches the bucket allows
+            // (5 at once, 2 a second), so the storm reaches many machines however fast the
+            // first ones boot and build. With `true` a quick master drained the queue on 9.
+            "steps = [\"sleep 1\"]",
         ),
     );
     start(&mut bed);
