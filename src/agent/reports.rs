@@ -11,9 +11,11 @@ use super::protocol::{AgentMsg, MAX_LOG_BYTES};
 use super::redact::Redactor;
 
 /// Where one build's report sequence stands on this master.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ReportStream {
     redactor: Redactor,
+    /// The redactor as it starts, for a stream that must start again (see `resync`).
+    fresh: Redactor,
     /// The last report taken in (stored, or held with its text below).
     received: u64,
     /// The last report stored.
@@ -44,8 +46,10 @@ impl ReportStream {
     /// The stream of a build whose reports are stored up to `applied`, with `log_bytes` of log
     /// text, redacting these `(name, value)` secrets.
     pub fn new(secrets: &[(String, String)], applied: u64, log_bytes: usize) -> ReportStream {
+        let redactor = Redactor::new(secrets.iter().cloned());
         ReportStream {
-            redactor: Redactor::new(secrets.iter().cloned()),
+            fresh: redactor.clone(),
+            redactor,
             received: applied,
             applied,
             held: None,
@@ -116,6 +120,8 @@ impl ReportStream {
         self.applied = applied;
         self.received = applied;
         self.held = None;
+        // What it held back belonged to reports now taken as never received.
+        self.redactor = self.fresh.clone();
     }
 
     /// Applies the log cap to text about to be stored: past it, one notice, then nothing.
@@ -177,6 +183,15 @@ mod tests {
             exit_code: Some(0),
         };
         assert_eq!(r.accept(&end), Next::Store { after: 6, log: Some((1, "hunter".into())) });
+    }
+
+    #[test]
+    fn a_stream_started_again_forgets_what_it_held_back() {
+        let mut r = ReportStream::new(&secrets(), 4, 0);
+        assert_eq!(r.accept(&log(5, "token hunter2")), Next::Hold);
+        // Another connection stored up to 5; this one starts again from there.
+        r.resync(5);
+        assert_eq!(r.accept(&log(6, "ok\n")), Next::Store { after: 5, log: Some((1, "ok\n".into())) });
     }
 
     #[test]

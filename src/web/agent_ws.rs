@@ -59,6 +59,9 @@ static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 const MAX_NOTICE_DETAIL: usize = 300;
 /// Most messages of an agent's handled together (their reports stored in one transaction).
 const BATCH_MESSAGES: usize = 64;
+/// Most text read into one batch: what arrived beyond it waits for the next one (an agent
+/// sends logs in reports of at most 64 KiB; a misbehaving one must not make a batch huge).
+const BATCH_BYTES: usize = 1024 * 1024;
 
 /// A place among the sockets that have not authenticated; given back when dropped.
 struct Stranger;
@@ -289,6 +292,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
         // in one transaction and acknowledged once (an agent sends a step's end, the next
         // step's start and a quick step's whole life back to back).
         let mut batch = Vec::new();
+        let mut bytes = 0;
         let mut next = Some(frame);
         while let Some(frame) = next.take() {
             if frame.is_ok() && last_alive.elapsed() >= Duration::from_secs(1) {
@@ -304,6 +308,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
                 Ok(_) => None,
             };
             if let Some(text) = text {
+                bytes += text.len();
                 if !heard {
                     heard = true;
                     // The agent speaks only once it has the Welcome: its resume token is now
@@ -317,7 +322,7 @@ async fn serve(mut io: TokioIo<Upgraded>, s: Arc<Shared>, peer: SocketAddr, stra
                     Err(e) => tracing::warn!(machine = machine.get(), "unreadable message from agent: {e}"),
                 }
             }
-            if batch.len() >= BATCH_MESSAGES {
+            if batch.len() >= BATCH_MESSAGES || bytes >= BATCH_BYTES {
                 break;
             }
             match stream.next().now_or_never() {
@@ -441,8 +446,11 @@ async fn stored_reports(
         return (Some(Ack { build, seq: last_seq }), None);
     };
     let mut stream = stream.lock().await;
-    // Nothing is stored until the end of this call: every report taken follows `after`.
+    // Nothing is stored until the end of this call: every report taken follows `after`. If
+    // nothing gets stored, the stream goes back to where it was: the agent sends these
+    // reports again, and they must then be new to it (not repeats of what was never stored).
     let after = stream.applied();
+    let before = stream.clone();
     let mut taken = Vec::new();
     let mut finished = None;
     let mut answered = false;
@@ -475,7 +483,10 @@ async fn stored_reports(
         // in the same turn): it stores these reports and answers.
         Some(seq) => match s.master.finished(machine, build, after, taken).await {
             Some(stored) => (stored, seq),
-            None => return (None, Some(Broken(format!("report {seq} of build {build}: the master is stopping")))),
+            None => {
+                *stream = before;
+                return (None, Some(Broken(format!("report {seq} of build {build}: the master is stopping"))));
+            }
         },
         None => match taken.last() {
             Some(last) => {
@@ -499,6 +510,7 @@ async fn stored_reports(
         }
         Err(e) => {
             // Not acknowledged: the agent keeps them and sends them again after a reconnection.
+            *stream = before;
             tracing::error!(machine = machine.get(), build = build.get(), seq, "cannot store agent reports: {e}");
             return (None, Some(Broken(format!("reports up to {seq} of build {build} could not be stored"))));
         }
@@ -725,6 +737,41 @@ mod tests {
         let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
         assert_eq!(steps, ["success", "success"]);
         assert_eq!(s.store.report_position(b).await.expect("position").0, 8);
+    }
+
+    #[tokio::test]
+    async fn reports_that_could_not_be_stored_are_taken_as_new_when_sent_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (s, mut asked, _db) = master(dir.path()).await;
+        let b = running_build(&s).await;
+        let all = [
+            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
+            log(b, 2, 0, "cloned\n"),
+            step_done(b, 3, 0),
+            AgentMsg::StepStarted { build: b, seq: 4, step: 1 },
+            log(b, 5, 1, "token hunter2"),
+            log(b, 6, 1, "-secret ok\n"),
+            step_done(b, 7, 1),
+            AgentMsg::BuildFinished { build: b, seq: 8, result: BuildResult::Success },
+        ];
+        // Another process takes the steps table away: every write of a step fails.
+        let other = rusqlite::Connection::open(dir.path().join("paddock.db")).expect("second connection");
+        let away = || other.execute_batch("ALTER TABLE steps RENAME TO steps_away").expect("rename");
+        let back = || other.execute_batch("ALTER TABLE steps_away RENAME TO steps").expect("rename back");
+        // Stored by the socket, then (with the build's end) by the loop: each fails once,
+        // unacknowledged, and the agent's second sending is stored whole, once.
+        for part in [&all[..3], &all[3..]] {
+            away();
+            assert_eq!(feed_together(&s, part).await, (vec![], false), "nothing acknowledged");
+            back();
+            let last = part.last().and_then(AgentMsg::sequenced).map(|(_, seq)| seq);
+            assert_eq!(feed_together(&s, part).await, (last.into_iter().collect(), true));
+        }
+        assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
+        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
+        assert_eq!(steps, ["success", "success"]);
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: None }), "the failed try");
+        assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: Some(BuildState::Success) }));
     }
 
     #[tokio::test]
