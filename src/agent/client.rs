@@ -406,13 +406,16 @@ async fn send_pending(sink: &mut SplitSink<Ws, Message>, state: &mut State) -> b
     if dropped > 0 {
         tracing::warn!(bytes = dropped, max = MAX_LOG_BYTES, "build output past the log limit dropped");
     }
+    // Written out together (one flush): the master reads what arrives together as one batch.
+    let mut fed = false;
     while let Some(text) = state.journal.next_unsent() {
-        if sink.send(Message::text(text.to_string())).await.is_err() {
+        if sink.feed(Message::text(text.to_string())).await.is_err() {
             return false;
         }
+        fed = true;
         state.journal.mark_sent();
     }
-    true
+    !fed || sink.flush().await.is_ok()
 }
 
 /// Sleeps until `at` (for ever when `None`).
@@ -456,9 +459,14 @@ async fn connected(
                 }
             }
             Some(msg) = job_rx.recv() => {
-                // Log text waits (see `LOG_LINGER`) for more of its step; the rest goes now.
-                let log = matches!(msg, AgentMsg::Log { .. });
+                // Log text waits (see `LOG_LINGER`) for more of its step; the rest goes now,
+                // with whatever else the job has reported meanwhile.
+                let mut log = matches!(msg, AgentMsg::Log { .. });
                 state.keep(msg);
+                while let Ok(more) = job_rx.try_recv() {
+                    log &= matches!(more, AgentMsg::Log { .. });
+                    state.keep(more);
+                }
                 if !log && !send_pending(sink, state).await {
                     return End::Lost;
                 }
