@@ -1,5 +1,6 @@
 //! The schema's migrations: applied in order to a fresh SQLite file with sample data after
-//! each one, re-applied as a no-op, and checked for columns that would break existing rows.
+//! each one, re-applied as a no-op, and checked for columns that would break existing rows;
+//! PostgreSQL's, on a real server, make the same tables, columns and indexes.
 
 use paddock::core::MachineId;
 use paddock::core::Ts;
@@ -58,4 +59,115 @@ async fn a_resume_token_works_once_and_its_predecessor_only_until_then() {
     // A machine that is gone cannot be resumed.
     store.set_machine_state(MachineId(7), "gone", Ts(2)).await.expect("gone");
     assert!(!store.claim_resume(MachineId(7), "d", "e").await.expect("claim"));
+}
+
+/// A fresh database on the test PostgreSQL server, dropped at the end. `.ci/test` starts the
+/// server and names it in `PADDOCK_TEST_POSTGRES` (a URL of its `postgres` database).
+struct PgDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    async fn new() -> PgDatabase {
+        let server = std::env::var("PADDOCK_TEST_POSTGRES").unwrap_or_else(|_| {
+            panic!(
+                "PADDOCK_TEST_POSTGRES is not set: run the tests with .ci/test, which starts a PostgreSQL \
+                 server (Debian's postgresql package), or set it to the URL of a server's postgres database"
+            )
+        });
+        let name = format!("paddock_test_{}_{}", std::process::id(), rand_suffix());
+        psql(&server, &format!("CREATE DATABASE {name}")).await;
+        let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        PgDatabase { server, name, url }
+    }
+
+    async fn drop_it(self) {
+        psql(&self.server, &format!("DROP DATABASE {} WITH (FORCE)", self.name)).await;
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64 % 1_000_000_007)
+}
+
+/// Runs `sql` on the database at `url`, returning the rows' text columns.
+async fn psql(url: &str, sql: &str) -> Vec<Vec<String>> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
+    let conn = tokio::spawn(conn);
+    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    drop(client);
+    let _ = conn.await;
+    rows.into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).unwrap_or("").to_string()).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn postgres_migrations_make_the_tables_columns_and_indexes_of_sqlite() {
+    let pg = PgDatabase::new().await;
+    // Three masters starting at once: one applies, the others then find nothing to do.
+    let (a, b, c) = tokio::join!(
+        paddock::store::postgres::migrate(&pg.url),
+        paddock::store::postgres::migrate(&pg.url),
+        paddock::store::postgres::migrate(&pg.url)
+    );
+    for r in [a, b, c] {
+        r.expect("migrate PostgreSQL");
+    }
+    paddock::store::postgres::migrate(&pg.url).await.expect("again: nothing to do");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("p.db");
+    drop(Store::open(&format!("sqlite://{}", file.display())).await.expect("migrate SQLite"));
+    let lite = rusqlite::Connection::open(&file).expect("open SQLite");
+    let lite_rows = |sql: &str| -> std::collections::BTreeSet<Vec<String>> {
+        let mut stmt = lite.prepare(sql).expect("prepare");
+        let n = stmt.column_count();
+        stmt.query_map([], |r| (0..n).map(|i| r.get::<_, String>(i)).collect::<rusqlite::Result<Vec<_>>>())
+            .expect("query")
+            .map(|r| r.expect("row"))
+            .collect()
+    };
+    let pg_rows = |rows: Vec<Vec<String>>| rows.into_iter().collect::<std::collections::BTreeSet<_>>();
+
+    let columns = lite_rows(
+        "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p
+         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+    );
+    let pg_columns = pg_rows(
+        psql(&pg.url, "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'")
+            .await,
+    );
+    assert!(columns.len() > 50, "{columns:?}");
+    assert_eq!(pg_columns, columns, "PostgreSQL's tables and columns are SQLite's");
+
+    // The indexes made by name (not those behind primary keys and UNIQUE constraints).
+    let indexes = lite_rows("SELECT tbl_name, name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL");
+    let pg_indexes = pg_rows(
+        psql(
+            &pg.url,
+            "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public'
+             AND indexname NOT IN (SELECT conname FROM pg_constraint)",
+        )
+        .await,
+    );
+    assert_eq!(pg_indexes, indexes, "PostgreSQL's indexes are SQLite's");
+
+    let record = "SELECT CAST(version AS TEXT), description FROM _sqlx_migrations";
+    assert_eq!(pg_rows(psql(&pg.url, record).await), lite_rows(record), "the same migrations recorded");
+
+    // A changed migration is refused, as on SQLite, and nothing is applied.
+    psql(&pg.url, "UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 2").await;
+    let err = paddock::store::postgres::migrate(&pg.url).await.expect_err("changed").to_string();
+    assert!(err.contains("migration 2 (cost) was changed"), "{err}");
+    pg.drop_it().await;
 }

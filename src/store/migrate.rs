@@ -22,13 +22,26 @@ pub struct Migration {
 }
 
 macro_rules! migrations {
-    ($($version:literal $file:literal $description:literal),* $(,)?) => {
-        &[$(Migration { version: $version, description: $description, sql: include_str!(concat!("../../migrations/", $file)) }),*]
+    ($dir:literal: $($version:literal $file:literal $description:literal),* $(,)?) => {
+        &[$(Migration { version: $version, description: $description, sql: include_str!(concat!("../../migrations/", $dir, $file)) }),*]
     };
 }
 
 /// Every migration, oldest first. A test checks this list against the folder.
-pub static MIGRATIONS: &[Migration] = migrations![
+pub static MIGRATIONS: &[Migration] = migrations!["":
+    1 "0001_initial.sql" "initial",
+    2 "0002_cost.sql" "cost",
+    3 "0003_metrics.sql" "metrics",
+    4 "0004_accounts.sql" "accounts",
+    5 "0005_build_requests.sql" "build requests",
+    6 "0006_notify.sql" "notify",
+    7 "0007_builds_line.sql" "builds line",
+    8 "0008_report_seq.sql" "report seq",
+];
+
+/// PostgreSQL's form of the same migrations (`migrations/postgres/`): the same versions, so
+/// both kinds of database say alike how far their schema is.
+pub static POSTGRES_MIGRATIONS: &[Migration] = migrations!["postgres/":
     1 "0001_initial.sql" "initial",
     2 "0002_cost.sql" "cost",
     3 "0003_metrics.sql" "metrics",
@@ -40,9 +53,33 @@ pub static MIGRATIONS: &[Migration] = migrations![
 ];
 
 impl Migration {
-    fn checksum(&self) -> Vec<u8> {
+    pub(super) fn checksum(&self) -> Vec<u8> {
         Sha384::digest(self.sql.as_bytes()).to_vec()
     }
+}
+
+/// Refuses a database whose record of applied migrations (`version, success, checksum`) this
+/// Paddock cannot go on from: a migration that failed part-way, one it does not know (a newer
+/// Paddock's), or one changed since it was applied.
+pub(super) fn check_applied(applied: &[(i64, bool, Vec<u8>)], known: &[Migration]) -> Result<()> {
+    let fail = |why: String| Err(StoreError::Migrate(why));
+    for (version, success, checksum) in applied {
+        if !success {
+            return fail(format!("migration {version} failed part-way earlier; restore a backup"));
+        }
+        match known.iter().find(|m| m.version == *version) {
+            None => {
+                return fail(format!(
+                    "the database has migration {version}, which this Paddock does not know: it was made by a newer version"
+                ))
+            }
+            Some(m) if m.checksum() != *checksum => {
+                return fail(format!("migration {version} ({}) was changed after it was applied", m.description))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Applies the migrations `conn`'s database lacks.
@@ -63,22 +100,7 @@ pub(super) fn run(conn: &mut Connection) -> Result<()> {
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
-    for (version, success, checksum) in &applied {
-        if !success {
-            return Err(fail(format!("migration {version} failed part-way earlier; restore a backup")));
-        }
-        match MIGRATIONS.iter().find(|m| m.version == *version) {
-            None => {
-                return Err(fail(format!(
-                    "the database has migration {version}, which this Paddock does not know: it was made by a newer version"
-                )))
-            }
-            Some(m) if m.checksum() != *checksum => {
-                return Err(fail(format!("migration {version} ({}) was changed after it was applied", m.description)))
-            }
-            Some(_) => {}
-        }
-    }
+    check_applied(&applied, MIGRATIONS)?;
     for m in MIGRATIONS.iter().filter(|m| !applied.iter().any(|(v, _, _)| *v == m.version)) {
         let context = |e: rusqlite::Error| fail(format!("migration {} ({}): {e}", m.version, m.description));
         let started = Instant::now();
@@ -126,6 +148,21 @@ mod tests {
         let listed: Vec<String> =
             MIGRATIONS.iter().map(|m| format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"))).collect();
         assert_eq!(listed, files, "src/store/migrate.rs must list every migration file");
+    }
+
+    #[test]
+    fn postgres_has_the_same_migrations_as_sqlite() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("the migrations/postgres folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let name = |m: &Migration| format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"));
+        let listed: Vec<String> = POSTGRES_MIGRATIONS.iter().map(name).collect();
+        assert_eq!(listed, files, "src/store/migrate.rs must list every PostgreSQL migration file");
+        assert_eq!(listed, MIGRATIONS.iter().map(name).collect::<Vec<_>>(), "one PostgreSQL migration per SQLite one");
     }
 
     #[test]

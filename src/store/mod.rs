@@ -27,10 +27,11 @@ mod machines;
 mod meter;
 mod migrate;
 mod notify;
+pub mod postgres;
 mod types;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
-pub use migrate::{Migration, MIGRATIONS};
+pub use migrate::{Migration, MIGRATIONS, POSTGRES_MIGRATIONS};
 pub use notify::{BuildEvent, Delivery, NewDelivery, Standing};
 pub use views::LogChunk;
 
@@ -39,6 +40,8 @@ pub use views::LogChunk;
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
     #[error("cannot apply migrations: {0}")]
     Migrate(String),
     #[error("unsupported database URL {0:?}: only sqlite:// is supported in this build")]
