@@ -1,7 +1,8 @@
 //! The fleet's rules as the real master loop carries them out, with an in-process fake
 //! provisioner (scripted launch outcomes, real agents) and a manual clock: launch backoff
-//! decided by the core and slept by the loop, a launch whose answer was lost found and used,
-//! and a stop decided while a launch is out carried out once it answers.
+//! decided by the core and slept by the loop, a launch whose answer was lost found and used
+//! (also by the next master, when the master died with the launch out), and a stop decided
+//! while a launch is out carried out once it answers.
 
 mod common;
 
@@ -37,6 +38,8 @@ struct State {
     script: VecDeque<Script>,
     /// (machine, the master's clock at the call).
     launches: Vec<(i64, Ts)>,
+    /// What each launch was asked for, tokens included.
+    specs: Vec<LaunchSpec>,
     terminated: Vec<(i64, String)>,
     agents: HashMap<i64, Child>,
     lost: HashMap<i64, Launched>,
@@ -110,6 +113,7 @@ impl Provisioner for Fake {
         Box::pin(async move {
             let step = self.with(|s| {
                 s.launches.push((spec.machine_id, self.clock.now()));
+                s.specs.push(spec.clone());
                 s.script.pop_front().unwrap_or(Script::Up)
             });
             match step {
@@ -253,5 +257,61 @@ fn a_stop_decided_while_the_launch_is_out_is_carried_out_when_it_answers() {
     let builds = bed.wait_builds_done(1);
     assert_eq!(builds[0]["state"], "success", "{builds:?}");
     assert_eq!(builds[0]["machine"], 2, "{builds:?}");
+    master.stop();
+}
+
+#[test]
+fn a_master_that_dies_while_a_launch_is_out_looks_for_it_after_the_restart_and_builds_once() {
+    let bed = Bed::new(&[]);
+    let clock = ManualClock::new(Ts(START));
+    let fake = Fake::new(&[Script::Held], &clock, bed.path().join("fake"));
+    let master = start(&bed, &fake, &clock);
+    bed.commit("main", "a.txt", "1\n", "one");
+    bed.wait("the launch to be out", || (!fake.launches().is_empty()).then_some(()));
+    // The master dies with the launch unanswered: its runtime goes, the call with it. What it
+    // recorded first (the machine, as requested) is all the next master has.
+    drop(master);
+    let again = Fake::new(&[], &clock, bed.path().join("fake2"));
+    let master = start(&bed, &again, &clock);
+    // The provider has no machine 1 (the launch never went through): it is given up, and the
+    // queued build gets a machine of its own, launched once. Time moves on meanwhile, in case
+    // the master waits for any of it.
+    let deadline = Instant::now() + common::DEADLINE;
+    while again.launches().is_empty() {
+        assert!(Instant::now() < deadline, "no new launch; machines: {:?}", bed.machines());
+        clock.advance(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let builds = bed.wait_builds_done(1);
+    assert_eq!(builds[0]["state"], "success", "{builds:?}");
+    assert_eq!(builds[0]["machine"], 2, "{builds:?}");
+    assert_eq!(again.launches().iter().map(|(m, _)| *m).collect::<Vec<_>>(), [2], "{:?}", again.launches());
+    let first = bed.machines().into_iter().find(|m| m["id"] == 1).expect("machine 1 is recorded");
+    assert_eq!(first["state"], "gone", "{first}");
+    let why = first["last_event"].as_str().unwrap_or("");
+    assert!(why.contains("restarted during the launch") && why.contains("none found by its id"), "{first}");
+    master.stop();
+}
+
+#[test]
+fn a_launch_that_went_through_while_the_master_was_dead_is_found_and_used_after_the_restart() {
+    let bed = Bed::new(&[]);
+    let clock = ManualClock::new(Ts(START));
+    let fake = Fake::new(&[Script::Held], &clock, bed.path().join("fake"));
+    let master = start(&bed, &fake, &clock);
+    bed.commit("main", "a.txt", "1\n", "one");
+    bed.wait("the launch to be out", || (!fake.launches().is_empty()).then_some(()));
+    drop(master);
+    // The provider did start machine 1 (its answer died with the master): the next master
+    // finds it by its id, and its agent builds. Nothing is launched again or stopped.
+    let spec = fake.with(|s| s.specs.pop()).expect("the launch's spec");
+    let again = Fake::new(&[], &clock, bed.path().join("fake2"));
+    let launched = again.start_agent(&spec);
+    again.with(|s| s.lost.insert(1, launched));
+    let master = start(&bed, &again, &clock);
+    let builds = bed.wait_builds_done(1);
+    assert_eq!((builds[0]["state"].as_str(), builds[0]["machine"].as_i64()), (Some("success"), Some(1)), "{builds:?}");
+    assert!(again.launches().is_empty(), "{:?}", again.launches());
+    assert!(again.terminated().is_empty(), "{:?}", again.terminated());
     master.stop();
 }
