@@ -1008,3 +1008,21 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn a_database_password_in_the_config_is_refused_without_being_repeated() {
+    for db in [
+        "postgres://ci:hunter2@db.example/ci",
+        "postgresql://ci:hunter2@db.example:5433/ci?sslmode=require",
+        "postgres://ci@db.example/ci?password=hunter2",
+        "host=db.example user=ci password=hunter2 dbname=ci",
+    ] {
+        let e = assert_err(&format!("[master]\ndatabase = \"{db}\"\n"), 2, 12, "`database` holds a password");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.hint.as_deref().is_some_and(|h| h.contains("PGPASSWORD") && h.contains(".pgpass")), "{e:?}");
+    }
+    for db in ["postgres://ci@db.example/ci", "postgresql://db.example/ci?sslmode=require", "host=db user=ci"] {
+        let cfg = parse(&format!("[master]\ndatabase = \"{db}\"\n{BASE}")).expect("no password: accepted");
+        assert_eq!(cfg.master.database, db);
+    }
+}

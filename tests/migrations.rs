@@ -94,9 +94,19 @@ fn rand_suffix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64 % 1_000_000_007)
 }
 
+/// The test server's password, as Paddock finds it in production: in PGPASSWORD.
+fn pg_env(name: &str) -> Option<String> {
+    let password = || {
+        std::env::var("PADDOCK_TEST_POSTGRES_PASSWORD")
+            .expect("PADDOCK_TEST_POSTGRES_PASSWORD is not set: .ci/test sets it with the server it starts")
+    };
+    (name == "PGPASSWORD").then(password)
+}
+
 /// Runs `sql` on the database at `url`, returning the rows' text columns.
 async fn psql(url: &str, sql: &str) -> Vec<Vec<String>> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
+    let config = paddock::store::postgres::connect_config(url, &pg_env).expect("connection string");
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
     let conn = tokio::spawn(conn);
     let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     drop(client);
@@ -116,14 +126,14 @@ async fn postgres_migrations_make_the_tables_columns_and_indexes_of_sqlite() {
     let pg = PgDatabase::new().await;
     // Three masters starting at once: one applies, the others then find nothing to do.
     let (a, b, c) = tokio::join!(
-        paddock::store::postgres::migrate(&pg.url),
-        paddock::store::postgres::migrate(&pg.url),
-        paddock::store::postgres::migrate(&pg.url)
+        paddock::store::postgres::migrate_with(&pg.url, &pg_env),
+        paddock::store::postgres::migrate_with(&pg.url, &pg_env),
+        paddock::store::postgres::migrate_with(&pg.url, &pg_env)
     );
     for r in [a, b, c] {
         r.expect("migrate PostgreSQL");
     }
-    paddock::store::postgres::migrate(&pg.url).await.expect("again: nothing to do");
+    paddock::store::postgres::migrate_with(&pg.url, &pg_env).await.expect("again: nothing to do");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("p.db");
@@ -167,7 +177,25 @@ async fn postgres_migrations_make_the_tables_columns_and_indexes_of_sqlite() {
 
     // A changed migration is refused, as on SQLite, and nothing is applied.
     psql(&pg.url, "UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 2").await;
-    let err = paddock::store::postgres::migrate(&pg.url).await.expect_err("changed").to_string();
+    let err = paddock::store::postgres::migrate_with(&pg.url, &pg_env).await.expect_err("changed").to_string();
     assert!(err.contains("migration 2 (cost) was changed"), "{err}");
+    pg.drop_it().await;
+}
+
+#[tokio::test]
+async fn the_postgres_password_comes_from_a_password_file_and_a_wrong_one_is_refused_by_the_server() {
+    let pg = PgDatabase::new().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("pgpass");
+    let password = pg_env("PGPASSWORD").unwrap_or_default();
+    std::fs::write(&file, format!("127.0.0.1:*:{}:paddock:{password}\n", pg.name)).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let from_file = |name: &str| (name == "PGPASSFILE").then(|| file.display().to_string());
+    paddock::store::postgres::migrate_with(&pg.url, &from_file).await.expect("migrate with the password file");
+    let wrong = |name: &str| (name == "PGPASSWORD").then(|| "not-the-password".to_string());
+    let err = paddock::store::postgres::migrate_with(&pg.url, &wrong).await.expect_err("wrong password").to_string();
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
     pg.drop_it().await;
 }

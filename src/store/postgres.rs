@@ -1,6 +1,9 @@
 //! PostgreSQL, the database several masters share: so far its schema. The store's queries
 //! run on SQLite only; this applies `migrations/postgres/` (the same versions as SQLite's)
 //! and records them in `_sqlx_migrations` as on SQLite.
+//!
+//! The password is never in the config: it comes from `PGPASSWORD` or a password file
+//! (`PGPASSFILE`, else `~/.pgpass`), read by libpq's rules, as `psql` and `pg_dump` read them.
 
 use std::time::Instant;
 
@@ -10,10 +13,24 @@ use super::{Result, StoreError};
 /// Any number, the same in every master: masters that start together take turns to migrate.
 const MIGRATION_LOCK: i64 = 0x7061_6464_6f63_6b00; // "paddock\0"
 
+/// Looks up an environment variable: the process's ([`process_env`]), or a test's own.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process's environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 /// Connects to the database at `url` (a libpq-style `postgres://` URL or key=value string)
 /// and applies the migrations it lacks, all in one transaction.
 pub async fn migrate(url: &str) -> Result<()> {
-    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(pg)?;
+    migrate_with(url, &process_env).await
+}
+
+/// [`migrate`], with the password looked up in `env`.
+pub async fn migrate_with(url: &str, env: Env<'_>) -> Result<()> {
+    let config = connect_config(url, env)?;
+    let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg)?;
     let conn = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!("PostgreSQL connection ended: {e}");
@@ -68,6 +85,79 @@ async fn run(client: &mut tokio_postgres::Client) -> Result<()> {
     Ok(())
 }
 
+/// The connection settings of `url`, with the password from `PGPASSWORD`, else from the first
+/// line of the password file that matches the host, port, database and user.
+pub fn connect_config(url: &str, env: Env<'_>) -> Result<tokio_postgres::Config> {
+    // The message of a parse error names the option, never the string (it may hold secrets).
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e| StoreError::Postgres(format!("cannot read the connection string: {e}")))?;
+    if config.get_password().is_some() {
+        return Ok(config);
+    }
+    if let Some(password) = env("PGPASSWORD").filter(|p| !p.is_empty()) {
+        config.password(password);
+        return Ok(config);
+    }
+    let file = match env("PGPASSFILE") {
+        Some(f) => std::path::PathBuf::from(f),
+        None => match env("HOME") {
+            Some(home) => std::path::Path::new(&home).join(".pgpass"),
+            None => return Ok(config),
+        },
+    };
+    let Ok(meta) = std::fs::metadata(&file) else { return Ok(config) };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            // libpq's rule: a file others may read is not trusted with passwords.
+            tracing::warn!(file = %file.display(), "password file ignored: others may read it (chmod 0600 it)");
+            return Ok(config);
+        }
+    }
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| StoreError::Postgres(format!("cannot read the password file {}: {e}", file.display())))?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        // libpq matches a socket connection as localhost.
+        _ => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432).to_string();
+    let user = config.get_user().map(str::to_string).or_else(|| env("USER")).unwrap_or_default();
+    let db = config.get_dbname().map_or_else(|| user.clone(), str::to_string);
+    if let Some(password) = pgpass_lookup(&text, [&host, &port, &db, &user]) {
+        config.password(password);
+    }
+    Ok(config)
+}
+
+/// The password of the first line of a `.pgpass` text whose fields (host, port, database,
+/// user; `*` matches anything) match `want`. Fields are `:`-separated; `\:` and `\\` escape.
+fn pgpass_lookup(text: &str, want: [&str; 4]) -> Option<String> {
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut field = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => field.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+                c => field.push(c),
+            }
+        }
+        fields.push(field);
+        if fields.len() != 5 {
+            continue;
+        }
+        if fields[..4].iter().zip(want).all(|(f, w)| f == "*" || f == w) {
+            return fields.pop();
+        }
+    }
+    None
+}
+
 fn pg(e: tokio_postgres::Error) -> StoreError {
     StoreError::Postgres(pg_text(&e))
 }
@@ -75,4 +165,45 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
 /// The server's own message when there is one (the client's `Display` says only "db error").
 fn pg_text(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_file_line_matches_field_by_field_with_wildcards_and_escapes() {
+        let text = "# comment\n\
+                    db.example:5432:ci:ci:first\n\
+                    *:5432:*:ci:second\n\
+                    db.example:*:ci:ro:has\\:colon\\\\and backslash\n\
+                    short:line\n";
+        assert_eq!(pgpass_lookup(text, ["db.example", "5432", "ci", "ci"]).as_deref(), Some("first"));
+        assert_eq!(pgpass_lookup(text, ["other", "5432", "x", "ci"]).as_deref(), Some("second"));
+        assert_eq!(
+            pgpass_lookup(text, ["db.example", "6543", "ci", "ro"]).as_deref(),
+            Some("has:colon\\and backslash")
+        );
+        assert_eq!(pgpass_lookup(text, ["db.example", "6543", "ci", "ci"]), None);
+    }
+
+    #[test]
+    fn the_password_comes_from_the_environment_then_the_password_file_and_never_from_a_loose_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pgpass");
+        std::fs::write(&file, "db.example:5433:ci:ci:from-file\n").expect("write");
+        let url = "postgres://ci@db.example:5433/ci";
+        let password = |vars: &[(&str, String)]| {
+            let env = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+            connect_config(url, &env).expect("config").get_password().map(|p| String::from_utf8_lossy(p).into_owned())
+        };
+        let passfile = ("PGPASSFILE", file.display().to_string());
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(password(&[("PGPASSWORD", "from-env".into()), passfile.clone()]).as_deref(), Some("from-env"));
+        assert_eq!(password(std::slice::from_ref(&passfile)).as_deref(), Some("from-file"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(password(&[passfile]), None, "a file others may read is ignored");
+        assert_eq!(password(&[]), None);
+    }
 }

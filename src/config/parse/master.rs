@@ -39,6 +39,12 @@ pub(super) fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
         m.listen = listen.v;
     }
     if let Some(db) = f.opt_str("database")? {
+        if postgres_password_given(&db.v) {
+            // Not echoed: the message must not spread the password further.
+            return Err(Diag::new(db.span, "`database` holds a password: the config file is no place for it").hint(
+                "leave it out of the URL and give it in PGPASSWORD or a .pgpass file (PGPASSFILE, else ~/.pgpass)",
+            ));
+        }
         m.database = resolve_db(base, &db.v);
     }
     if let Some(dir) = f.opt_str("state_dir")? {
@@ -165,6 +171,19 @@ pub(super) fn host_port(url: &str) -> Result<String, String> {
         None => default_port,
     };
     Ok(format!("{host}:{port}"))
+}
+
+/// Whether a PostgreSQL connection string carries a password: `postgres://user:PASSWORD@…`,
+/// a `password=` query parameter, or a `password=` key of the key=value form.
+fn postgres_password_given(db: &str) -> bool {
+    let lower = db.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("postgres://").or_else(|| lower.strip_prefix("postgresql://")) {
+        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = before_query.split('/').next().unwrap_or("");
+        let user_info = authority.rsplit_once('@').map_or("", |(u, _)| u);
+        return user_info.contains(':') || query.split('&').any(|kv| kv.starts_with("password="));
+    }
+    !lower.starts_with("sqlite:") && lower.split_whitespace().any(|kv| kv.trim_start().starts_with("password"))
 }
 
 /// A relative sqlite database file resolves against the config's folder; other URLs are kept.
