@@ -1016,12 +1016,23 @@ fn a_database_password_in_the_config_is_refused_without_being_repeated() {
         "postgresql://ci:hunter2@db.example:5433/ci?sslmode=require",
         "postgres://ci@db.example/ci?password=hunter2",
         "host=db.example user=ci password=hunter2 dbname=ci",
+        "host=db.example user=ci password = 'hunter2 x' dbname=ci",
+        "postgres://ci:hun/ter2@db.example/ci",
+        "postgres://ci:hun?ter2@db.example/ci",
+        "postgres://ci@db.example/ci?%70assword=hunter2",
     ] {
         let e = assert_err(&format!("[master]\ndatabase = \"{db}\"\n"), 2, 12, "`database` holds a password");
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(e.hint.as_deref().is_some_and(|h| h.contains("PGPASSWORD") && h.contains(".pgpass")), "{e:?}");
     }
-    for db in ["postgres://ci@db.example/ci", "postgresql://db.example/ci?sslmode=require", "host=db user=ci"] {
+    let e =
+        assert_err("[master]\ndatabase = \"mysql://ci:hunter2@db/ci\"\n", 2, 12, "not a sqlite: URL nor a PostgreSQL");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    for db in [
+        "postgres://ci@db.example/ci",
+        "postgresql://db.example/ci?sslmode=require",
+        "host=db user=password_admin application_name='no passwords here'",
+    ] {
         let cfg = parse(&format!("[master]\ndatabase = \"{db}\"\n{BASE}")).expect("no password: accepted");
         assert_eq!(cfg.master.database, db);
     }

@@ -44,7 +44,8 @@ pub enum StoreError {
     Postgres(String),
     #[error("cannot apply migrations: {0}")]
     Migrate(String),
-    #[error("unsupported database URL {0:?}: only sqlite:// is supported in this build")]
+    /// Says the URL's scheme only: the rest may hold a password.
+    #[error("unsupported database URL (scheme {0:?}): the store runs on sqlite:// only so far")]
     Unsupported(String),
     #[error("database URL {url:?}: {why}")]
     BadUrl { url: String, why: String },
@@ -92,7 +93,7 @@ fn parse_url(url: &str) -> Result<(Option<PathBuf>, bool)> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
-        .ok_or_else(|| StoreError::Unsupported(url.to_string()))?;
+        .ok_or_else(|| StoreError::Unsupported(url.split(':').next().unwrap_or("").to_string()))?;
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let mut read_only = false;
     for option in query.split('&').filter(|o| !o.is_empty()) {

@@ -91,6 +91,14 @@ pub fn connect_config(url: &str, env: Env<'_>) -> Result<tokio_postgres::Config>
     // The message of a parse error names the option, never the string (it may hold secrets).
     let mut config: tokio_postgres::Config =
         url.parse().map_err(|e| StoreError::Postgres(format!("cannot read the connection string: {e}")))?;
+    if config.get_user().is_none() {
+        // As the client would (the name of the user this process runs as), but said here so
+        // the password file is searched for the same user the connection logs in as.
+        let me = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten();
+        if let Some(me) = me {
+            config.user(me.name);
+        }
+    }
     if config.get_password().is_some() {
         return Ok(config);
     }
@@ -122,7 +130,7 @@ pub fn connect_config(url: &str, env: Env<'_>) -> Result<tokio_postgres::Config>
         _ => "localhost".to_string(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432).to_string();
-    let user = config.get_user().map(str::to_string).or_else(|| env("USER")).unwrap_or_default();
+    let user = config.get_user().unwrap_or_default().to_string();
     let db = config.get_dbname().map_or_else(|| user.clone(), str::to_string);
     if let Some(password) = pgpass_lookup(&text, [&host, &port, &db, &user]) {
         config.password(password);

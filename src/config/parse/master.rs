@@ -39,11 +39,21 @@ pub(super) fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
         m.listen = listen.v;
     }
     if let Some(db) = f.opt_str("database")? {
-        if postgres_password_given(&db.v) {
-            // Not echoed: the message must not spread the password further.
-            return Err(Diag::new(db.span, "`database` holds a password: the config file is no place for it").hint(
-                "leave it out of the URL and give it in PGPASSWORD or a .pgpass file (PGPASSFILE, else ~/.pgpass)",
-            ));
+        // Never echoed: the string may hold a password.
+        match postgres_password_given(&db.v) {
+            Ok(false) => {}
+            Ok(true) => {
+                return Err(Diag::new(db.span, "`database` holds a password: the config file is no place for it").hint(
+                    "leave it out of the URL and give it in PGPASSWORD or a .pgpass file (PGPASSFILE, else ~/.pgpass)",
+                ))
+            }
+            Err(why) => {
+                return Err(Diag::new(
+                    db.span,
+                    format!("`database` is not a sqlite: URL nor a PostgreSQL connection string ({why})"),
+                )
+                .hint("e.g. database = \"sqlite://paddock.db\" or \"postgres://paddock@db.example/paddock\""))
+            }
         }
         m.database = resolve_db(base, &db.v);
     }
@@ -173,17 +183,15 @@ pub(super) fn host_port(url: &str) -> Result<String, String> {
     Ok(format!("{host}:{port}"))
 }
 
-/// Whether a PostgreSQL connection string carries a password: `postgres://user:PASSWORD@…`,
-/// a `password=` query parameter, or a `password=` key of the key=value form.
-fn postgres_password_given(db: &str) -> bool {
-    let lower = db.to_ascii_lowercase();
-    if let Some(rest) = lower.strip_prefix("postgres://").or_else(|| lower.strip_prefix("postgresql://")) {
-        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let authority = before_query.split('/').next().unwrap_or("");
-        let user_info = authority.rsplit_once('@').map_or("", |(u, _)| u);
-        return user_info.contains(':') || query.split('&').any(|kv| kv.starts_with("password="));
+/// Whether a PostgreSQL connection string (any `database` that is not `sqlite:`) carries a
+/// password, read as the PostgreSQL client reads it (user info, query parameters, percent
+/// escapes, key=value); `Err` with the client's reason when it cannot read it (the reason
+/// names an option, never a value).
+fn postgres_password_given(db: &str) -> Result<bool, String> {
+    if db.starts_with("sqlite:") {
+        return Ok(false);
     }
-    !lower.starts_with("sqlite:") && lower.split_whitespace().any(|kv| kv.trim_start().starts_with("password"))
+    db.parse::<tokio_postgres::Config>().map(|c| c.get_password().is_some()).map_err(|e| e.to_string())
 }
 
 /// A relative sqlite database file resolves against the config's folder; other URLs are kept.
