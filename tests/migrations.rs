@@ -149,27 +149,61 @@ async fn postgres_migrations_make_the_tables_columns_and_indexes_of_sqlite() {
     };
     let pg_rows = |rows: Vec<Vec<String>>| rows.into_iter().collect::<std::collections::BTreeSet<_>>();
 
+    // Every column: its type, whether it may be NULL, its default. The migration record is
+    // each backend's own (its types differ by design); only its columns' names are compared.
     let columns = lite_rows(
-        "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p
+        "SELECT m.name, p.name,
+           CASE WHEN m.name = '_sqlx_migrations' THEN '' WHEN upper(p.type) IN ('INTEGER', 'BIGINT') THEN 'bigint'
+                WHEN upper(p.type) = 'REAL' THEN 'double precision' ELSE lower(p.type) END,
+           CASE WHEN m.name = '_sqlx_migrations' THEN '' WHEN p.\"notnull\" OR p.pk > 0 THEN 'NO' ELSE 'YES' END,
+           CASE WHEN m.name = '_sqlx_migrations' THEN '' ELSE COALESCE(p.dflt_value, '') END
+         FROM sqlite_master m JOIN pragma_table_info(m.name) p
          WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
     );
     let pg_columns = pg_rows(
-        psql(&pg.url, "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'")
-            .await,
-    );
-    assert!(columns.len() > 50, "{columns:?}");
-    assert_eq!(pg_columns, columns, "PostgreSQL's tables and columns are SQLite's");
-
-    // The indexes made by name (not those behind primary keys and UNIQUE constraints).
-    let indexes = lite_rows("SELECT tbl_name, name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL");
-    let pg_indexes = pg_rows(
         psql(
             &pg.url,
-            "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public'
-             AND indexname NOT IN (SELECT conname FROM pg_constraint)",
+            "SELECT table_name, column_name,
+               CASE WHEN table_name = '_sqlx_migrations' THEN '' ELSE data_type END,
+               CASE WHEN table_name = '_sqlx_migrations' THEN '' ELSE is_nullable END,
+               CASE WHEN table_name = '_sqlx_migrations' THEN ''
+                    ELSE replace(COALESCE(column_default, ''), '::text', '') END
+             FROM information_schema.columns WHERE table_schema = 'public'",
         )
         .await,
     );
+    assert!(columns.len() > 50, "{columns:?}");
+    assert_eq!(pg_columns, columns, "PostgreSQL's tables and columns are SQLite's");
+    let collations = psql(
+        &pg.url,
+        "SELECT DISTINCT COALESCE(collation_name, 'default') FROM information_schema.columns
+         WHERE table_schema = 'public' AND data_type = 'text' AND table_name <> '_sqlx_migrations'",
+    )
+    .await;
+    assert_eq!(collations, [["C".to_string()]], "text compares byte by byte, as in SQLite");
+
+    // The indexes made by name (not those behind primary keys and UNIQUE constraints): their
+    // table, columns in order, uniqueness and whether they are partial.
+    let indexes = lite_rows(
+        "SELECT m.name, l.name,
+           (SELECT group_concat(i.name, ',' ORDER BY i.seqno) FROM pragma_index_info(l.name) i),
+           CASE l.\"unique\" WHEN 1 THEN 'true' ELSE 'false' END, CASE l.partial WHEN 1 THEN 'true' ELSE 'false' END
+         FROM sqlite_master m JOIN pragma_index_list(m.name) l WHERE m.type = 'table' AND l.origin = 'c'",
+    );
+    let pg_indexes = pg_rows(
+        psql(
+            &pg.url,
+            "SELECT t.relname, i.relname,
+               (SELECT string_agg(a.attname, ',' ORDER BY k.ord) FROM unnest(x.indkey) WITH ORDINALITY k(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum),
+               x.indisunique::text, (x.indpred IS NOT NULL)::text
+             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+             WHERE n.nspname = 'public' AND i.relname NOT IN (SELECT conname FROM pg_constraint)",
+        )
+        .await,
+    );
+    assert!(indexes.len() > 15, "{indexes:?}");
     assert_eq!(pg_indexes, indexes, "PostgreSQL's indexes are SQLite's");
 
     let record = "SELECT CAST(version AS TEXT), description FROM _sqlx_migrations";

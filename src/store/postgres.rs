@@ -47,6 +47,9 @@ async fn run(client: &mut tokio_postgres::Client) -> Result<()> {
     // Held to the transaction's end: a master that starts meanwhile waits, then finds
     // everything applied (DDL is transactional here, so it sees all or nothing).
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
+    // A migration's ALTER TABLE waits for the tables' users, and everything after it waits
+    // for it: past this, the migration gives up (and says so) rather than stall the farm.
+    tx.batch_execute("SET LOCAL lock_timeout = '30s'").await.map_err(pg)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
              version BIGINT PRIMARY KEY,
