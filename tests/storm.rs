@@ -260,7 +260,17 @@ fn a_storm_of_master_crashes_under_cloud_faults_loses_no_build_no_log_and_no_mon
         per_machine.entry(i.tag("paddock:machine").expect("machine tag").to_string()).or_default().push(i);
     }
     assert!(per_machine.values().all(|v| v.len() == 1), "a machine with two instances: {per_machine:#?}");
-    assert!(per_machine.contains_key("1"), "the held launch was served");
+    // The held call is whichever launch reached the cloud first (the master launches its
+    // machines side by side): its machine tag says which.
+    let calls = cloud.proxy().calls();
+    let held = calls
+        .iter()
+        .find(|c| c.action == "RunInstances" && matches!(c.fault, Some(Fault::Latency(_))))
+        .expect("the held RunInstances was recorded");
+    let tag =
+        held.params.iter().find(|(_, v)| v.as_str() == "paddock:machine").map(|(k, _)| k.replace(".Key", ".Value"));
+    let held_machine = tag.and_then(|k| held.params.get(&k).cloned()).expect("the held launch names its machine");
+    assert!(per_machine.contains_key(&held_machine), "the held launch (machine {held_machine}) was served");
 
     // The cost report bills what the cloud ran: LaunchTime to termination, 60 s minimum.
     let report: Value =
