@@ -94,20 +94,22 @@ fn rand_suffix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64 % 1_000_000_007)
 }
 
-/// The test server's password, as Paddock finds it in production: in PGPASSWORD.
+/// The test server's password and CA, as Paddock finds them in production: in PGPASSWORD and
+/// PGSSLROOTCERT.
 fn pg_env(name: &str) -> Option<String> {
-    let password = || {
-        std::env::var("PADDOCK_TEST_POSTGRES_PASSWORD")
-            .expect("PADDOCK_TEST_POSTGRES_PASSWORD is not set: .ci/test sets it with the server it starts")
+    let from = |var: &str| {
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: .ci/test sets it with the server it starts"))
     };
-    (name == "PGPASSWORD").then(password)
+    match name {
+        "PGPASSWORD" => Some(from("PADDOCK_TEST_POSTGRES_PASSWORD")),
+        "PGSSLROOTCERT" => Some(from("PADDOCK_TEST_POSTGRES_CA")),
+        _ => None,
+    }
 }
 
 /// Runs `sql` on the database at `url`, returning the rows' text columns.
 async fn psql(url: &str, sql: &str) -> Vec<Vec<String>> {
-    let config = paddock::store::postgres::connect_config(url, &pg_env).expect("connection string");
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await.expect("connect to PostgreSQL");
-    let conn = tokio::spawn(conn);
+    let (client, conn) = paddock::store::postgres::connect(url, &pg_env).await.expect("connect to PostgreSQL");
     let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     drop(client);
     let _ = conn.await;
@@ -225,11 +227,41 @@ async fn the_postgres_password_comes_from_a_password_file_and_a_wrong_one_is_ref
     std::fs::write(&file, format!("127.0.0.1:*:{}:paddock:{password}\n", pg.name)).expect("write");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let from_file = |name: &str| (name == "PGPASSFILE").then(|| file.display().to_string());
+    let from_file = |name: &str| match name {
+        "PGPASSFILE" => Some(file.display().to_string()),
+        "PGSSLROOTCERT" => pg_env(name),
+        _ => None,
+    };
     paddock::store::postgres::migrate_with(&pg.url, &from_file).await.expect("migrate with the password file");
-    let wrong = |name: &str| (name == "PGPASSWORD").then(|| "not-the-password".to_string());
+    let wrong = |name: &str| match name {
+        "PGPASSWORD" => Some("not-the-password".to_string()),
+        _ => pg_env(name),
+    };
     let err = paddock::store::postgres::migrate_with(&pg.url, &wrong).await.expect_err("wrong password").to_string();
     assert!(err.contains("password authentication failed"), "{err}");
     assert!(!err.contains("not-the-password"), "{err}");
+    pg.drop_it().await;
+}
+
+#[tokio::test]
+async fn postgres_connections_use_tls_as_sslmode_asks_and_check_the_servers_certificate() {
+    let pg = PgDatabase::new().await;
+    let tls_in_use = |url: String| async move {
+        let (client, conn) = paddock::store::postgres::connect(&url, &pg_env).await.expect("connect");
+        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.expect("ask");
+        drop(client);
+        let _ = conn.await;
+        row.get::<_, bool>(0)
+    };
+    assert!(tls_in_use(pg.url.clone()).await, "the default (prefer) takes the TLS the server offers");
+    assert!(tls_in_use(format!("{}?sslmode=require", pg.url)).await);
+    assert!(!tls_in_use(format!("{}?sslmode=disable", pg.url)).await);
+    // A server whose certificate no trusted CA signed is refused, not used unchecked.
+    let system_cas_only = |name: &str| if name == "PGSSLROOTCERT" { None } else { pg_env(name) };
+    let err = paddock::store::postgres::migrate_with(&format!("{}?sslmode=require", pg.url), &system_cas_only)
+        .await
+        .expect_err("an unknown CA")
+        .to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
     pg.drop_it().await;
 }

@@ -4,6 +4,8 @@
 //!
 //! The password is never in the config: it comes from `PGPASSWORD` or a password file
 //! (`PGPASSFILE`, else `~/.pgpass`), read by libpq's rules, as `psql` and `pg_dump` read them.
+//! Connections use TLS as `sslmode` asks, checking the server against `PGSSLROOTCERT`'s CAs
+//! or the system's.
 
 use std::time::Instant;
 
@@ -27,19 +29,26 @@ pub async fn migrate(url: &str) -> Result<()> {
     migrate_with(url, &process_env).await
 }
 
-/// [`migrate`], with the password looked up in `env`.
+/// [`migrate`], with the password and the CAs looked up in `env`.
 pub async fn migrate_with(url: &str, env: Env<'_>) -> Result<()> {
+    let (mut client, connection) = connect(url, env).await?;
+    let out = run(&mut client).await;
+    drop(client);
+    let _ = connection.await;
+    out
+}
+
+/// One connection to the database at `url` (password and CAs from `env`, TLS as its
+/// `sslmode` asks); the task that carries it ends once the client is dropped.
+pub async fn connect(url: &str, env: Env<'_>) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
     let config = connect_config(url, env)?;
-    let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(pg)?;
-    let conn = tokio::spawn(async move {
+    let (client, connection) = config.connect(tls(env)?).await.map_err(pg)?;
+    let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!("PostgreSQL connection ended: {e}");
         }
     });
-    let out = run(&mut client).await;
-    drop(client);
-    let _ = conn.await;
-    out
+    Ok((client, task))
 }
 
 async fn run(client: &mut tokio_postgres::Client) -> Result<()> {
@@ -86,6 +95,22 @@ async fn run(client: &mut tokio_postgres::Client) -> Result<()> {
     }
     tx.commit().await.map_err(pg)?;
     Ok(())
+}
+
+/// TLS for the connection, as its `sslmode` asks (`prefer`, the default: when the server
+/// offers it; `require`: always; `disable`: never). The server's certificate and name are
+/// always checked (rustls checks nothing less), against the CAs of `PGSSLROOTCERT` when set,
+/// else the system's.
+fn tls(env: Env<'_>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    let ca = match env("PGSSLROOTCERT").filter(|f| !f.is_empty()) {
+        Some(file) => Some(
+            crate::tls::read_ca_file(std::path::Path::new(&file))
+                .map_err(|why| StoreError::Postgres(format!("PGSSLROOTCERT {file}: {why}")))?,
+        ),
+        None => None,
+    };
+    let config = crate::tls::client_config(ca.as_deref()).map_err(|e| StoreError::Postgres(e.to_string()))?;
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// The connection settings of `url`, with the password from `PGPASSWORD`, else from the first
@@ -175,7 +200,19 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
 
 /// The server's own message when there is one (the client's `Display` says only "db error").
 fn pg_text(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_string())
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    // The client's own errors say what failed; their sources say why (a TLS handshake: which
+    // certificate check).
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[cfg(test)]
