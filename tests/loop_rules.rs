@@ -260,17 +260,23 @@ fn a_stop_decided_while_the_launch_is_out_is_carried_out_when_it_answers() {
     master.stop();
 }
 
-#[test]
-fn a_master_that_dies_while_a_launch_is_out_looks_for_it_after_the_restart_and_builds_once() {
+/// A master whose first launch is out (held) when it dies: its runtime goes, the call with it.
+/// What it recorded first (the machine, as requested) is all the next master has. Returns the
+/// bed, the clock and the dead master's provisioner.
+fn a_master_dies_with_a_launch_out() -> (Bed, ManualClock, Arc<Fake>) {
     let bed = Bed::new(&[]);
     let clock = ManualClock::new(Ts(START));
     let fake = Fake::new(&[Script::Held], &clock, bed.path().join("fake"));
     let master = start(&bed, &fake, &clock);
     bed.commit("main", "a.txt", "1\n", "one");
     bed.wait("the launch to be out", || (!fake.launches().is_empty()).then_some(()));
-    // The master dies with the launch unanswered: its runtime goes, the call with it. What it
-    // recorded first (the machine, as requested) is all the next master has.
     drop(master);
+    (bed, clock, fake)
+}
+
+#[test]
+fn a_master_that_dies_while_a_launch_is_out_looks_for_it_after_the_restart_and_builds_once() {
+    let (bed, clock, _dead) = a_master_dies_with_a_launch_out();
     let again = Fake::new(&[], &clock, bed.path().join("fake2"));
     let master = start(&bed, &again, &clock);
     // The provider has no machine 1 (the launch never went through): it is given up, and the
@@ -295,13 +301,7 @@ fn a_master_that_dies_while_a_launch_is_out_looks_for_it_after_the_restart_and_b
 
 #[test]
 fn a_launch_that_went_through_while_the_master_was_dead_is_found_and_used_after_the_restart() {
-    let bed = Bed::new(&[]);
-    let clock = ManualClock::new(Ts(START));
-    let fake = Fake::new(&[Script::Held], &clock, bed.path().join("fake"));
-    let master = start(&bed, &fake, &clock);
-    bed.commit("main", "a.txt", "1\n", "one");
-    bed.wait("the launch to be out", || (!fake.launches().is_empty()).then_some(()));
-    drop(master);
+    let (bed, clock, fake) = a_master_dies_with_a_launch_out();
     // The provider did start machine 1 (its answer died with the master): the next master
     // finds it by its id, and its agent builds. Nothing is launched again or stopped.
     let spec = fake.with(|s| s.specs.pop()).expect("the launch's spec");

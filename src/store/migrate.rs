@@ -21,27 +21,27 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// Both lists from one: every migration exists for SQLite (`migrations/`) and for PostgreSQL
+/// (`migrations/postgres/`) under the same version, or the build fails.
 macro_rules! migrations {
-    ($dir:literal: $($version:literal $file:literal $description:literal),* $(,)?) => {
-        &[$(Migration { version: $version, description: $description, sql: include_str!(concat!("../../migrations/", $dir, $file)) }),*]
+    ($($version:literal $file:literal $description:literal),* $(,)?) => {
+        /// Every migration, oldest first. A test checks this list against the folder.
+        pub static MIGRATIONS: &[Migration] = &[$(Migration {
+            version: $version,
+            description: $description,
+            sql: include_str!(concat!("../../migrations/", $file)),
+        }),*];
+        /// PostgreSQL's form of the same migrations: the same versions, so both kinds of
+        /// database say alike how far their schema is.
+        pub static POSTGRES_MIGRATIONS: &[Migration] = &[$(Migration {
+            version: $version,
+            description: $description,
+            sql: include_str!(concat!("../../migrations/postgres/", $file)),
+        }),*];
     };
 }
 
-/// Every migration, oldest first. A test checks this list against the folder.
-pub static MIGRATIONS: &[Migration] = migrations!["":
-    1 "0001_initial.sql" "initial",
-    2 "0002_cost.sql" "cost",
-    3 "0003_metrics.sql" "metrics",
-    4 "0004_accounts.sql" "accounts",
-    5 "0005_build_requests.sql" "build requests",
-    6 "0006_notify.sql" "notify",
-    7 "0007_builds_line.sql" "builds line",
-    8 "0008_report_seq.sql" "report seq",
-];
-
-/// PostgreSQL's form of the same migrations (`migrations/postgres/`): the same versions, so
-/// both kinds of database say alike how far their schema is.
-pub static POSTGRES_MIGRATIONS: &[Migration] = migrations!["postgres/":
+migrations![
     1 "0001_initial.sql" "initial",
     2 "0002_cost.sql" "cost",
     3 "0003_metrics.sql" "metrics",
@@ -136,33 +136,35 @@ pub(super) fn run(conn: &mut Connection) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_list_names_every_file_of_the_migrations_folder_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .expect("the migrations folder")
+    /// The `.sql` files of `migrations/{folder}`, sorted.
+    fn sql_files(folder: &str) -> Vec<String> {
+        let dir = format!("{}/migrations/{folder}", env!("CARGO_MANIFEST_DIR"));
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".sql"))
             .collect();
         files.sort();
-        let listed: Vec<String> =
-            MIGRATIONS.iter().map(|m| format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"))).collect();
-        assert_eq!(listed, files, "src/store/migrate.rs must list every migration file");
+        files
+    }
+
+    /// The file name a migration is listed under.
+    fn file_name(m: &Migration) -> String {
+        format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"))
+    }
+
+    #[test]
+    fn the_list_names_every_file_of_the_migrations_folder_in_order() {
+        let listed: Vec<String> = MIGRATIONS.iter().map(file_name).collect();
+        assert_eq!(listed, sql_files(""), "src/store/migrate.rs must list every migration file");
     }
 
     #[test]
     fn postgres_has_the_same_migrations_as_sqlite() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .expect("the migrations/postgres folder")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        let name = |m: &Migration| format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"));
-        let listed: Vec<String> = POSTGRES_MIGRATIONS.iter().map(name).collect();
-        assert_eq!(listed, files, "src/store/migrate.rs must list every PostgreSQL migration file");
-        assert_eq!(listed, MIGRATIONS.iter().map(name).collect::<Vec<_>>(), "one PostgreSQL migration per SQLite one");
+        let listed: Vec<String> = POSTGRES_MIGRATIONS.iter().map(file_name).collect();
+        assert_eq!(listed, sql_files("postgres"), "src/store/migrate.rs must list every PostgreSQL migration file");
+        let sqlite: Vec<String> = MIGRATIONS.iter().map(file_name).collect();
+        assert_eq!(listed, sqlite, "one PostgreSQL migration per SQLite one");
     }
 
     #[test]

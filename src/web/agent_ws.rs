@@ -634,6 +634,26 @@ mod tests {
         acks
     }
 
+    /// Every report of a quick two-step build of `running_build`'s, with a secret split over
+    /// two log reports; stored, its log reads "cloned\ntoken <secret:TOKEN> ok\n".
+    fn whole_build(b: BuildId) -> Vec<AgentMsg> {
+        vec![
+            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
+            log(b, 2, 0, "cloned\n"),
+            step_done(b, 3, 0),
+            AgentMsg::StepStarted { build: b, seq: 4, step: 1 },
+            log(b, 5, 1, "token hunter2"),
+            log(b, 6, 1, "-secret ok\n"),
+            step_done(b, 7, 1),
+            AgentMsg::BuildFinished { build: b, seq: 8, result: BuildResult::Success },
+        ]
+    }
+
+    /// The states of build `b`'s steps, in order.
+    async fn step_states(s: &Shared, b: BuildId) -> Vec<String> {
+        s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect()
+    }
+
     fn log(build: BuildId, seq: u64, step: usize, text: &str) -> AgentMsg {
         AgentMsg::Log { build, seq, step, text: text.to_string() }
     }
@@ -687,8 +707,7 @@ mod tests {
         assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
         let row = s.store.build(b).await.expect("build").expect("row");
         assert_eq!(row.state.as_str(), "success");
-        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
-        assert_eq!(steps, ["success", "success"]);
+        assert_eq!(step_states(&s, b).await, ["success", "success"]);
         assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: Some(BuildState::Success) }));
         // After the end (the loop forgets the running build), a straggler of the build is
         // acknowledged and ignored.
@@ -719,23 +738,13 @@ mod tests {
         let b = running_build(&s).await;
         // A whole quick build, with a secret split over two reports and, first, the end of a
         // build this machine no longer runs (sent again after a reconnection).
-        let all = [
-            AgentMsg::BuildFinished { build: BuildId(99), seq: 5, result: BuildResult::Success },
-            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
-            log(b, 2, 0, "cloned\n"),
-            step_done(b, 3, 0),
-            AgentMsg::StepStarted { build: b, seq: 4, step: 1 },
-            log(b, 5, 1, "token hunter2"),
-            log(b, 6, 1, "-secret ok\n"),
-            step_done(b, 7, 1),
-            AgentMsg::BuildFinished { build: b, seq: 8, result: BuildResult::Success },
-        ];
+        let mut all = vec![AgentMsg::BuildFinished { build: BuildId(99), seq: 5, result: BuildResult::Success }];
+        all.extend(whole_build(b));
         assert_eq!(feed_together(&s, &all).await, (vec![5, 8], true), "one acknowledgement per build");
         assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: Some(BuildState::Success) }));
         assert!(asked.try_recv().is_err(), "the other build's end was not the loop's business");
         assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
-        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
-        assert_eq!(steps, ["success", "success"]);
+        assert_eq!(step_states(&s, b).await, ["success", "success"]);
         assert_eq!(s.store.report_position(b).await.expect("position").0, 8);
     }
 
@@ -744,16 +753,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (s, mut asked, _db) = master(dir.path()).await;
         let b = running_build(&s).await;
-        let all = [
-            AgentMsg::StepStarted { build: b, seq: 1, step: 0 },
-            log(b, 2, 0, "cloned\n"),
-            step_done(b, 3, 0),
-            AgentMsg::StepStarted { build: b, seq: 4, step: 1 },
-            log(b, 5, 1, "token hunter2"),
-            log(b, 6, 1, "-secret ok\n"),
-            step_done(b, 7, 1),
-            AgentMsg::BuildFinished { build: b, seq: 8, result: BuildResult::Success },
-        ];
+        let all = whole_build(b);
         // Another process takes the steps table away: every write of a step fails.
         let other = rusqlite::Connection::open(dir.path().join("paddock.db")).expect("second connection");
         let away = || other.execute_batch("ALTER TABLE steps RENAME TO steps_away").expect("rename");
@@ -768,8 +768,7 @@ mod tests {
             assert_eq!(feed_together(&s, part).await, (last.into_iter().collect(), true));
         }
         assert_eq!(s.store.log(b).await.expect("log"), "cloned\ntoken <secret:TOKEN> ok\n");
-        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
-        assert_eq!(steps, ["success", "success"]);
+        assert_eq!(step_states(&s, b).await, ["success", "success"]);
         assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: None }), "the failed try");
         assert_eq!(asked.try_recv().ok(), Some(Asked::Finished { build: b, ended: Some(BuildState::Success) }));
     }
@@ -788,8 +787,7 @@ mod tests {
         assert_eq!(feed_together(&s, &all).await, (vec![2], false), "connection dropped after the gap");
         assert_eq!(s.store.log(b).await.expect("log"), "cloned\n");
         assert_eq!(s.store.report_position(b).await.expect("position").0, 2);
-        let steps: Vec<String> = s.store.steps(b).await.expect("steps").into_iter().map(|st| st.state).collect();
-        assert_eq!(steps, ["running", "pending"]);
+        assert_eq!(step_states(&s, b).await, ["running", "pending"]);
     }
 
     #[tokio::test]
