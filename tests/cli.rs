@@ -101,7 +101,15 @@ fn client_commands_say_when_the_master_is_unreachable() {
 fn demo_builds_and_stops(dir: &std::path::Path, user: Option<(u32, u32)>, args: &[&str]) {
     use std::os::unix::process::CommandExt;
     let port = common::free_port();
-    let mut cmd = Command::new(paddock_bin());
+    let mut bin = paddock_bin();
+    if user.is_some() {
+        // Another user may not reach the build's own binary: a checkout in a private folder
+        // (mktemp -d makes them 0700) is closed to it. It runs a copy in its own folder.
+        let copy = dir.with_extension("bin");
+        std::fs::copy(&bin, &copy).expect("copy the paddock binary where the demo's user can run it");
+        bin = copy;
+    }
+    let mut cmd = Command::new(&bin);
     cmd.arg("demo").arg("--dir").arg(dir).args(["--port", &port.to_string()]).args(args);
     if let Some((uid, gid)) = user {
         cmd.uid(uid).gid(gid).env("HOME", dir);
