@@ -99,7 +99,7 @@ fn a_spent_resume_token_never_works_again_once_its_successor_is_in_use() {
     // The agent speaks on that connection: T3 is in use, T1 and T2 are dead.
     send(&mut live, &AgentMsg::Heartbeat);
     bed.wait("the earlier tokens to be retired", || {
-        (bed.sqlite_scalar(&format!("SELECT resume_prev IS NULL FROM machines WHERE id = {machine}")) == Some(1))
+        (bed.db_scalar(&format!("SELECT resume_prev IS NULL FROM machines WHERE id = {machine}")) == Some(1))
             .then_some(())
     });
     for (name, spent) in [("T1", &t1), ("T2", &t2)] {

@@ -1,5 +1,5 @@
 //! Cost accuracy: scripted machine lives on a virtual clock, written through the real store
-//! into a real SQLite file, reported by the real report code, and compared with costs worked
+//! into a real SQLite file and a real PostgreSQL database, reported by the real report code, and compared with costs worked
 //! out by hand (in the comments) — to the cent, and to the 4 decimals the report prints.
 
 use paddock::core::{BuildId, MachineId, Ts};
@@ -21,10 +21,25 @@ fn cents(x: f64) -> i64 {
     (x * 100.0).round() as i64
 }
 
+mod common;
+
+use common::db::TestDb;
+
+on_both_backends!(
+    the_60_second_minimum_is_charged_once_the_machine_ends,
+    partial_hours_split_into_boot_busy_and_idle,
+    spot_and_on_demand_are_priced_from_what_the_cloud_reported_and_the_table,
+    a_machine_still_running_costs_what_it_has_run_so_far,
+    a_window_that_cuts_a_life_in_two_charges_each_side_its_part,
+    a_day_report_cuts_at_midnight_and_the_minimum_lands_on_the_last_day,
+    the_root_volume_is_billed_per_gb_month_prorated,
+    a_machine_of_unknown_price_counts_against_caps_at_the_on_demand_price,
+    a_late_instance_of_a_machine_thought_never_launched_is_billed_for_its_whole_life,
+);
+
 /// A farm's database with a virtual clock: every call says when it happens.
 struct Farm {
     store: Store,
-    _dir: tempfile::TempDir,
 }
 
 /// A price fixed at launch, in USD per hour.
@@ -38,10 +53,8 @@ fn price(hourly: f64) -> MachinePrice {
 }
 
 impl Farm {
-    async fn new() -> Farm {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&format!("sqlite://{}", dir.path().join("cost.db").display())).await.expect("open");
-        Farm { store, _dir: dir }
+    async fn new(db: &TestDb) -> Farm {
+        Farm { store: db.open().await }
     }
 
     /// Machine `id` of `pool` is requested 10 s before `launched`, runs from `launched`,
@@ -106,9 +119,8 @@ fn row<'a>(r: &'a Report, key: &str) -> &'a Row {
     r.rows.iter().find(|x| x.key == key).unwrap_or_else(|| panic!("no row {key} in {:#?}", r.rows))
 }
 
-#[tokio::test]
-async fn the_60_second_minimum_is_charged_once_the_machine_ends() {
-    let farm = Farm::new().await;
+async fn the_60_second_minimum_is_charged_once_the_machine_ends(db: &TestDb) {
+    let farm = Farm::new(db).await;
     // EC2 at $3.60/h = $0.001 per second. Runs 20 s (5 s boot, 15 s idle), billed 60 s:
     // $0.06, of which boot $0.005 and idle 15 s + the 40 s top-up = $0.055.
     farm.machine(MachineId(1), "ec2pool", "ec2", &price(3.60), at(0)).await;
@@ -130,9 +142,8 @@ async fn the_60_second_minimum_is_charged_once_the_machine_ends() {
     assert_eq!(r.machines, 2);
 }
 
-#[tokio::test]
-async fn partial_hours_split_into_boot_busy_and_idle() {
-    let farm = Farm::new().await;
+async fn partial_hours_split_into_boot_busy_and_idle(db: &TestDb) {
+    let farm = Farm::new(db).await;
     // $1.53/h for 1 h 30 min 15 s = 5415 s: 5415 x 1.53 / 3600 = $2.301375 → $2.30.
     // Boot 92 s = $0.0391; one build of exactly 1 h = $1.53; idle 8 s before it and
     // 1715 s after it = 1723 s = $0.732275.
@@ -161,8 +172,7 @@ async fn partial_hours_split_into_boot_busy_and_idle() {
     assert_eq!(row(&r, "app:main").builds, 1);
 }
 
-#[tokio::test]
-async fn spot_and_on_demand_are_priced_from_what_the_cloud_reported_and_the_table() {
+async fn spot_and_on_demand_are_priced_from_what_the_cloud_reported_and_the_table(db: &TestDb) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paddock.toml");
     std::fs::write(
@@ -194,7 +204,7 @@ async fn spot_and_on_demand_are_priced_from_what_the_cloud_reported_and_the_tabl
     let unknown = paddock::cost::price_machine(pool, &launched("spot", None), table);
     assert_eq!(unknown.hourly_price, None);
 
-    let farm = Farm::new().await;
+    let farm = Farm::new(db).await;
     // Each runs exactly 2 h: on-demand 2 x 0.17 = $0.34; spot 2 x 0.0612 = $0.1224 → $0.12.
     for (id, p) in [(MachineId(1), &on_demand), (MachineId(2), &spot), (MachineId(3), &unknown)] {
         let p = MachinePrice { volume_hourly: Some(0.0), ..p.clone() };
@@ -215,9 +225,8 @@ async fn spot_and_on_demand_are_priced_from_what_the_cloud_reported_and_the_tabl
     assert!(table_text.contains("Unknown price: 1 machines"), "{table_text}");
 }
 
-#[tokio::test]
-async fn a_machine_still_running_costs_what_it_has_run_so_far() {
-    let farm = Farm::new().await;
+async fn a_machine_still_running_costs_what_it_has_run_so_far(db: &TestDb) {
+    let farm = Farm::new(db).await;
     // $2.00/h, running for 45 min at report time: $1.50 so far, in the totals and in the
     // "running now" list, with its current build.
     farm.machine(MachineId(1), "p", "ec2", &price(2.0), at(0)).await;
@@ -249,9 +258,8 @@ async fn a_machine_still_running_costs_what_it_has_run_so_far() {
     assert_eq!(cents(r.projected_30d), cents((1.5 + 0.03) / covered_hours * 720.0));
 }
 
-#[tokio::test]
-async fn a_window_that_cuts_a_life_in_two_charges_each_side_its_part() {
-    let farm = Farm::new().await;
+async fn a_window_that_cuts_a_life_in_two_charges_each_side_its_part(db: &TestDb) {
+    let farm = Farm::new(db).await;
     // $1.00/h from 10:00 to 13:00, a build 10:30–11:30.
     farm.machine(MachineId(1), "p", "ec2", &price(1.0), at(0)).await;
     farm.connect(MachineId(1), at(0)).await;
@@ -270,9 +278,8 @@ async fn a_window_that_cuts_a_life_in_two_charges_each_side_its_part() {
     assert_eq!((before.totals.builds, after.totals.builds, whole.totals.builds), (1, 1, 1));
 }
 
-#[tokio::test]
-async fn a_day_report_cuts_at_midnight_and_the_minimum_lands_on_the_last_day() {
-    let farm = Farm::new().await;
+async fn a_day_report_cuts_at_midnight_and_the_minimum_lands_on_the_last_day(db: &TestDb) {
+    let farm = Farm::new(db).await;
     // $2.40/h = $0.04/min, from 23:00 to 01:00 the next day: 1 h ($2.40) on each day.
     let ten_pm = at(13 * HOUR); // 23:00Z
     farm.machine(MachineId(1), "p", "ec2", &price(2.4), ten_pm).await;
@@ -287,8 +294,7 @@ async fn a_day_report_cuts_at_midnight_and_the_minimum_lands_on_the_last_day() {
     assert_eq!(r.rows.len(), 2);
 }
 
-#[tokio::test]
-async fn the_root_volume_is_billed_per_gb_month_prorated() {
+async fn the_root_volume_is_billed_per_gb_month_prorated(db: &TestDb) {
     let table = paddock::cost::prices::PriceTable::builtin();
     let gp3 = table.volume_gb_month("us-east-1", "gp3").expect("gp3 in the table");
     assert_eq!(gp3, 0.08);
@@ -313,7 +319,7 @@ async fn the_root_volume_is_billed_per_gb_month_prorated() {
     };
     let p = paddock::cost::price_machine(config.pool("ec2").expect("pool"), &launched, table);
     assert_eq!(p.hourly_price, Some(0.0104));
-    let farm = Farm::new().await;
+    let farm = Farm::new(db).await;
     // 73 h: t3.micro 73 x 0.0104 = $0.7592; 100 GB gp3 at $0.08/GB-month for 73/730 of a
     // month = $0.80. Total $1.5592 → $1.56.
     farm.machine(MachineId(1), "ec2", "ec2", &p, at(0)).await;
@@ -324,9 +330,8 @@ async fn the_root_volume_is_billed_per_gb_month_prorated() {
     assert_eq!(cents(r.totals.cost), 156);
 }
 
-#[tokio::test]
-async fn a_machine_of_unknown_price_counts_against_caps_at_the_on_demand_price() {
-    let farm = Farm::new().await;
+async fn a_machine_of_unknown_price_counts_against_caps_at_the_on_demand_price(db: &TestDb) {
+    let farm = Farm::new(db).await;
     // A spot machine whose price lookup failed: unknown in reports, but a cap counts it at the
     // table's on-demand price for c5.xlarge in us-east-1 ($0.17/h): 2 h = $0.34.
     let unknown = MachinePrice { zone: Some("us-east-1b".into()), volume_hourly: Some(0.0), ..Default::default() };
@@ -339,9 +344,8 @@ async fn a_machine_of_unknown_price_counts_against_caps_at_the_on_demand_price()
     assert_eq!(spend.by_pool.get("ec2"), Some(&0.34));
 }
 
-#[tokio::test]
-async fn a_late_instance_of_a_machine_thought_never_launched_is_billed_for_its_whole_life() {
-    let farm = Farm::new().await;
+async fn a_late_instance_of_a_machine_thought_never_launched_is_billed_for_its_whole_life(db: &TestDb) {
+    let farm = Farm::new(db).await;
     // The launch's outcome was unknown; when the answer became final nothing had been found,
     // so the machine ended with no launch (billed nothing)...
     farm.store.insert_machine(MachineId(1), "ec2pool", "ec2", "token-1", at(0)).await.expect("insert");

@@ -109,7 +109,7 @@ builders = [\"tests\"]
     assert_eq!(builds[0]["revision"], second.as_str());
     // Both changes were seen and fully scheduled, and still only one build exists.
     bed.wait("both changes scheduled", || {
-        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(())
+        (bed.db_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(())
     });
     assert_eq!(bed.builds().len(), 1);
 }
@@ -152,7 +152,7 @@ files = [\"docs/**\"]
     let builds = bed.wait_builds_done(1);
     assert_eq!(builds[0]["builder"], "docs");
     bed.wait("change scheduled", || {
-        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(1)).then_some(())
+        (bed.db_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(1)).then_some(())
     });
     assert_eq!(bed.builds().len(), 1);
 
@@ -160,7 +160,7 @@ files = [\"docs/**\"]
     let builds = bed.wait_builds_done(2);
     assert_eq!(builds[0]["builder"], "tests");
     bed.wait("both changes scheduled", || {
-        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(())
+        (bed.db_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(2)).then_some(())
     });
     assert_eq!(bed.builds().len(), 2);
 }
@@ -402,8 +402,8 @@ fn a_master_killed_mid_build_re_attaches_to_the_running_build() {
     wait_for_log(&bed, id, "finished");
     let log = bed.http.get(format!("{}/api/builds/{id}/log", bed.url())).send().expect("log").text().expect("text");
     assert_eq!(log.lines().filter(|l| *l == "started").count(), 1, "the step ran once:\n{log}");
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1), "no duplicate request");
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM changes"), Some(1), "the change was not recorded twice");
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM build_requests"), Some(1), "no duplicate request");
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM changes"), Some(1), "the change was not recorded twice");
     assert_eq!(bed.agent_pids(), agents, "the same agent, no other");
 }
 
@@ -428,7 +428,7 @@ fn an_agent_that_dies_while_the_master_is_down_has_its_build_retried() {
     bed.wait("every process of the lost machine gone", || {
         common::machine_processes(bed.path(), lost).is_empty().then_some(())
     });
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
 }
 
 #[test]
@@ -662,10 +662,7 @@ fn sigterm_lets_the_running_build_finish_then_stops_every_machine() {
     let log_before = bed.log().len();
     bed.term_master();
     bed.wait("the master to start shutting down", || bed.log()[log_before..].contains("shutting down").then_some(()));
-    assert_eq!(
-        bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM builds WHERE id = {id} AND state = 'running'")),
-        Some(1)
-    );
+    assert_eq!(bed.db_scalar(&format!("SELECT COUNT(*) FROM builds WHERE id = {id} AND state = 'running'")), Some(1));
     let refused = bed
         .http
         .post(format!("{}/api/builds", bed.url()))
@@ -676,11 +673,8 @@ fn sigterm_lets_the_running_build_finish_then_stops_every_machine() {
     std::fs::write(&go, "").expect("go");
     let status = bed.wait_master_exit();
     assert!(status.success(), "master exit: {status:?}");
-    assert_eq!(
-        bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM builds WHERE id = {id} AND state = 'success'")),
-        Some(1)
-    );
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM machines WHERE state != 'gone'"), Some(0));
+    assert_eq!(bed.db_scalar(&format!("SELECT COUNT(*) FROM builds WHERE id = {id} AND state = 'success'")), Some(1));
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM machines WHERE state != 'gone'"), Some(0));
     assert!(bed.agent_pids().is_empty());
 }
 
@@ -692,7 +686,7 @@ fn an_agent_silent_past_the_heartbeat_limit_is_lost_and_its_build_retried() {
     signal_agent(&bed, &machine, "-STOP");
     let lost = assert_retried_elsewhere(&bed, id);
     let events =
-        bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM machine_events WHERE machine_id = {lost} AND kind = 'lost'"));
+        bed.db_scalar(&format!("SELECT COUNT(*) FROM machine_events WHERE machine_id = {lost} AND kind = 'lost'"));
     assert_eq!(events, Some(1), "the machine was recorded as lost");
 }
 
@@ -751,17 +745,12 @@ fn a_change_replayed_after_a_crash_is_not_requested_twice() {
     bed.wait_builds_done(1);
     bed.kill_master();
     // As if the master had died after storing the request but before marking the change done.
-    let out = std::process::Command::new("sqlite3")
-        .arg(bed.path().join("paddock.db"))
-        .arg("UPDATE changes SET scheduled = 0")
-        .output()
-        .expect("sqlite3");
-    assert!(out.status.success());
+    bed.db_execute("UPDATE changes SET scheduled = 0");
     bed.start(&["main"]);
     bed.wait("the replayed change to be done", || {
-        (bed.sqlite_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(1)).then_some(())
+        (bed.db_scalar("SELECT COUNT(*) FROM changes WHERE scheduled = 1") == Some(1)).then_some(())
     });
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
     assert_eq!(bed.builds().len(), 1);
     assert!(bed.log().contains("already requested before the restart"));
 }
@@ -779,4 +768,29 @@ fn a_build_that_finishes_while_the_master_is_down_is_reported_when_it_returns() 
     assert_eq!(state(&builds[0]), "success", "{builds:?}");
     assert_eq!(builds[0]["machine"], machine["id"]);
     wait_for_log(&bed, id, "finished");
+}
+
+/// The master's main paths again with its database on PostgreSQL: builds, limits, a lost
+/// agent, a master killed mid-build and restarted, a replayed change, the CLI.
+mod on_postgres {
+    macro_rules! on_postgres {
+        ($($name:ident),+ $(,)?) => {$(
+            #[test]
+            fn $name() {
+                super::common::beds_on_postgres();
+                super::$name();
+            }
+        )+};
+    }
+    on_postgres!(
+        a_commit_builds_only_its_branchs_builders_and_the_matrix_expands,
+        six_builds_on_two_machines_never_exceed_the_limit_nor_share_a_machine,
+        an_idle_machine_stops_after_idle_timeout_and_min_idle_keeps_one_warm,
+        an_agent_killed_mid_build_is_retried_on_a_new_machine,
+        a_master_killed_mid_build_re_attaches_to_the_running_build,
+        a_machine_still_booting_when_the_master_dies_is_kept_and_runs_the_build,
+        force_builds_logs_and_the_builds_table_through_the_cli,
+        a_change_replayed_after_a_crash_is_not_requested_twice,
+        a_build_that_finishes_while_the_master_is_down_is_reported_when_it_returns,
+    );
 }

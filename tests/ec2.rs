@@ -80,7 +80,7 @@ fn a_commit_boots_an_instance_that_builds_and_is_terminated_when_idle() {
 
     // The machine booted from user-data alone: the agent came from the master.
     assert_eq!(cloud.boot.booted(), vec![instance_id.clone()]);
-    let events = bed.sqlite_scalar(&format!(
+    let events = bed.db_scalar(&format!(
         "SELECT COUNT(*) FROM machine_events WHERE machine_id = {} AND kind = 'agent_download'",
         m["id"]
     ));
@@ -353,7 +353,7 @@ fn a_master_killed_during_run_instances_leaks_nothing_after_restart() {
     start(&mut bed);
     bed.commit("main", "a.txt", "x\n", "first");
     cloud.proxy().wait_calls("RunInstances", 1);
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM machines WHERE provider_id IS NULL"), Some(1), "row first");
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM machines WHERE provider_id IS NULL"), Some(1), "row first");
     bed.kill_master();
     // The delayed call lands in the cloud after the master is gone.
     bed.wait("the orphaned launch served", || (!cloud.moto.cluster_instances(&cloud.cluster).is_empty()).then_some(()));
@@ -482,7 +482,7 @@ fn a_storm_of_builds_stays_within_max_instances_and_the_run_instances_bucket() {
     assert!(peak <= 50, "{peak} instances alive at once");
     assert!(peak >= 10, "the storm used many machines at once ({peak})");
     // The store agrees: never more than 50 machines between launch request and termination.
-    let most = bed.sqlite_scalar(
+    let most = bed.db_scalar(
         "SELECT MAX(n) FROM (SELECT (SELECT COUNT(*) FROM machines b WHERE b.requested_at <= a.requested_at \
          AND (b.terminated_at IS NULL OR b.terminated_at > a.requested_at)) AS n FROM machines a)",
     );
@@ -598,7 +598,7 @@ fn a_spot_interruption_notice_requeues_the_build_before_the_instance_goes() {
     });
     assert_eq!(retried["id"], first["id"]);
     let detail = bed.wait("the notice recorded", || {
-        bed.sqlite_scalar(&format!(
+        bed.db_scalar(&format!(
             "SELECT COUNT(*) FROM machine_events WHERE machine_id = {machine} AND kind = 'interrupted' AND detail LIKE 'spot-interruption%'"
         ))
         .filter(|n| *n >= 1)
@@ -613,7 +613,7 @@ fn a_spot_interruption_notice_requeues_the_build_before_the_instance_goes() {
     assert_ne!(second["machine"], machine);
     let inst = cloud.moto.instances().into_iter().find(|i| i.id == instance).expect("instance");
     assert!(!inst.alive(), "the interrupted instance was terminated: {inst:?}");
-    let order = bed.sqlite_scalar(&format!(
+    let order = bed.db_scalar(&format!(
         "SELECT (SELECT MIN(id) FROM machine_events WHERE machine_id = {machine} AND kind = 'interrupted') < \
                 (SELECT MIN(id) FROM machine_events WHERE machine_id = {machine} AND kind = 'stop_requested')"
     ));

@@ -118,6 +118,6 @@ fn readyz_says_not_ready_while_the_master_drains() {
     assert_eq!((status, body.as_str()), (503, "shutting down: no new builds\n"));
     std::fs::write(&release, "").expect("release the build");
     assert!(bed.wait_master_exit().success());
-    let done = bed.sqlite_scalar("SELECT COUNT(*) FROM builds WHERE state = 'success'");
+    let done = bed.db_scalar("SELECT COUNT(*) FROM builds WHERE state = 'success'");
     assert_eq!(done, Some(1), "the running build finished during the drain");
 }

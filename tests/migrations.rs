@@ -6,17 +6,23 @@ use paddock::core::MachineId;
 use paddock::core::Ts;
 use paddock::store::{Store, MIGRATIONS};
 
-#[tokio::test]
-async fn migrations_apply_to_a_fresh_database_and_keep_data_on_reopen() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("p.db").display());
-    let store = Store::open(&url).await.expect("open");
+mod common;
+
+use common::db::{pg_env, psql, PgDatabase, TestDb};
+
+on_both_backends!(
+    migrations_apply_to_a_fresh_database_and_keep_data_on_reopen,
+    a_resume_token_works_once_and_its_predecessor_only_until_then,
+);
+
+async fn migrations_apply_to_a_fresh_database_and_keep_data_on_reopen(db: &TestDb) {
+    let store = db.open().await;
     let build =
         store.create_request("b", "app", "main", "abc123", "force", "test", &[], Ts(1_000)).await.expect("request");
     store.insert_machine(MachineId(1), "local", "local", "hash", Ts(2_000)).await.expect("machine");
     drop(store);
     // Opening again applies nothing new and loses nothing.
-    let store = Store::open(&url).await.expect("reopen");
+    let store = db.open().await;
     let again = store.build(build.id).await.expect("read").expect("build kept");
     assert_eq!(again.state, paddock::core::build::BuildState::Queued);
     assert_eq!(again.queued_at, "1970-01-01T00:00:01.000Z");
@@ -39,11 +45,8 @@ fn later_migrations_never_add_a_not_null_column_without_a_default() {
     assert!(!MIGRATIONS.is_empty());
 }
 
-#[tokio::test]
-async fn a_resume_token_works_once_and_its_predecessor_only_until_then() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("p.db").display());
-    let store = Store::open(&url).await.expect("open");
+async fn a_resume_token_works_once_and_its_predecessor_only_until_then(db: &TestDb) {
+    let store = db.open().await;
     store.insert_machine(MachineId(7), "local", "local", "one-time", Ts(0)).await.expect("machine");
     store.set_machine_state(MachineId(7), "busy", Ts(1)).await.expect("busy");
     store.set_resume_hash(MachineId(7), "a").await.expect("first token");
@@ -59,68 +62,6 @@ async fn a_resume_token_works_once_and_its_predecessor_only_until_then() {
     // A machine that is gone cannot be resumed.
     store.set_machine_state(MachineId(7), "gone", Ts(2)).await.expect("gone");
     assert!(!store.claim_resume(MachineId(7), "d", "e").await.expect("claim"));
-}
-
-/// A fresh database on the test PostgreSQL server, dropped at the end. `.ci/test` starts the
-/// server and names it in `PADDOCK_TEST_POSTGRES` (a URL of its `postgres` database).
-struct PgDatabase {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl PgDatabase {
-    async fn new() -> PgDatabase {
-        let server = std::env::var("PADDOCK_TEST_POSTGRES").unwrap_or_else(|_| {
-            panic!(
-                "PADDOCK_TEST_POSTGRES is not set: run the tests with .ci/test, which starts a PostgreSQL \
-                 server (Debian's postgresql package), or set it to the URL of a server's postgres database"
-            )
-        });
-        let name = format!("paddock_test_{}_{}", std::process::id(), rand_suffix());
-        psql(&server, &format!("CREATE DATABASE {name}")).await;
-        let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
-        let url = format!("{base}/{name}");
-        PgDatabase { server, name, url }
-    }
-
-    async fn drop_it(self) {
-        psql(&self.server, &format!("DROP DATABASE {} WITH (FORCE)", self.name)).await;
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64 % 1_000_000_007)
-}
-
-/// The test server's password and CA, as Paddock finds them in production: in PGPASSWORD and
-/// PGSSLROOTCERT.
-fn pg_env(name: &str) -> Option<String> {
-    let from = |var: &str| {
-        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: .ci/test sets it with the server it starts"))
-    };
-    match name {
-        "PGPASSWORD" => Some(from("PADDOCK_TEST_POSTGRES_PASSWORD")),
-        "PGSSLROOTCERT" => Some(from("PADDOCK_TEST_POSTGRES_CA")),
-        _ => None,
-    }
-}
-
-/// Runs `sql` on the database at `url`, returning the rows' text columns.
-async fn psql(url: &str, sql: &str) -> Vec<Vec<String>> {
-    let (client, conn) = paddock::store::postgres::connect(url, &pg_env).await.expect("connect to PostgreSQL");
-    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-    drop(client);
-    let _ = conn.await;
-    rows.into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).unwrap_or("").to_string()).collect())
-            }
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -49,15 +49,14 @@ builders = [\"nightly-suite\"]
     clock.advance(day);
     let night2 = START + 90_000 + 86_400_000;
     bed.wait("the second nightly to run", || {
-        bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM scheduler_state WHERE last_fire >= {night2}"))
-            .filter(|n| *n == 1)
+        bed.db_scalar(&format!("SELECT COUNT(*) FROM scheduler_state WHERE last_fire >= {night2}")).filter(|n| *n == 1)
     });
     assert_eq!(bed.builds().len(), 1, "an unchanged branch is skipped");
 
     // A commit during the day; the third night builds it.
     let rev = bed.commit("main", "a.txt", "new\n", "daytime work");
     bed.wait("the commit to be recorded", || {
-        bed.sqlite_scalar(&format!("SELECT COUNT(*) FROM changes WHERE revision = '{rev}' AND scheduled = 1"))
+        bed.db_scalar(&format!("SELECT COUNT(*) FROM changes WHERE revision = '{rev}' AND scheduled = 1"))
             .filter(|n| *n == 1)
     });
     assert_eq!(bed.builds().len(), 1, "a nightly-only config does not build on commit");

@@ -168,7 +168,7 @@ fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
     assert_eq!(broken["state"], "failure");
     let id = broken["id"].as_i64().expect("id");
     bed.wait("a failed try of the transition's message", || {
-        bed.sqlite_scalar(&format!(
+        bed.db_scalar(&format!(
             "SELECT COUNT(*) FROM deliveries WHERE build_id = {id} AND notifier = 'news' AND attempts > 0"
         ))
         .filter(|n| *n > 0)
@@ -185,14 +185,14 @@ fn a_receiver_down_holds_nothing_up_and_a_restart_sends_each_message_once() {
     });
     // Give any duplicate every chance to show: wait until nothing is pending any more.
     bed.wait("no delivery pending", || {
-        bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0)
+        bed.db_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0)
     });
     let events: Vec<String> =
         receiver.all("/all").iter().filter(|r| r.json()["build"]["id"] == id).map(|r| r.event.clone()).collect();
     assert_eq!(events, ["started", "finished", "transition"], "exactly once each, in order");
     assert_eq!(news.iter().filter(|r| r.json()["build"]["id"] == id).count(), 1);
     assert!(all.len() >= 5);
-    let failed: Option<i64> = bed.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'failed'");
+    let failed: Option<i64> = bed.db_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'failed'");
     assert_eq!(failed, Some(0));
     // The admin API shows how each went: the build's transition took more than one try.
     let api = bed.get("/api/deliveries");

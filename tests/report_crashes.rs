@@ -135,5 +135,5 @@ fn kills_mid_output_and_between_a_steps_end_and_the_builds_end_lose_nothing() {
         [("success".into(), Some(0)), ("success".into(), Some(0)), ("failure".into(), Some(3))],
         "each step's own result, exit codes included"
     );
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM builds"), Some(1), "no retry");
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM builds"), Some(1), "no retry");
 }

@@ -147,7 +147,7 @@ fn hostile_build_reaches_nothing(mut bed: Bed) {
     assert!(log.contains("visible processes: "), "{log}");
     assert!(log.contains("scratch ok") && log.contains("shm ok"), "a build has a home, /tmp and /dev/shm:\n{log}");
     // Writes: the database row, the database file, the state folder, the other machine.
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM users WHERE name = 'eve' AND role = 'viewer'"), Some(1));
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM users WHERE name = 'eve' AND role = 'viewer'"), Some(1));
     let db = std::fs::read(bed.path().join("paddock.db")).expect("db");
     assert!(!String::from_utf8_lossy(&db).contains("junk-from-the-build"), "the build wrote into the database");
     assert!(!bed.path().join("paddock-state/pwned").exists(), "the build wrote into the state folder");

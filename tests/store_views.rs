@@ -1,4 +1,4 @@
-//! The store's reads behind the pages, on a real SQLite file, against answers computed the
+//! The store's reads behind the pages, on SQLite and on PostgreSQL, against answers computed the
 //! slow way: the console's latest build per (builder, branch), builds of revisions, the log's
 //! tail, the next attempt, and recent machines.
 
@@ -7,18 +7,24 @@ use std::collections::BTreeMap;
 use paddock::core::build::{BuildEvent, BuildState, Refused};
 use paddock::core::Ts;
 use paddock::core::{BuildId, MachineId};
-use paddock::store::{Standing, Store};
+use paddock::store::Standing;
 
-async fn open() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("p.db").display());
-    let store = Store::open(&url).await.expect("open");
-    (dir, store)
-}
+mod common;
 
-#[tokio::test]
-async fn latest_per_builder_branch_matches_a_full_scan() {
-    let (_dir, store) = open().await;
+use common::db::TestDb;
+
+on_both_backends!(
+    latest_per_builder_branch_matches_a_full_scan,
+    builds_of_revisions_next_attempt_and_log_tail,
+    recent_machines_lists_every_live_one_and_the_newest_gone,
+    a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried,
+    the_standing_skips_cancelled_and_retried_attempts_and_other_branches,
+    the_standing_of_builds_that_finish_out_of_order,
+    pruning_keeps_pending_work_and_recent_records,
+);
+
+async fn latest_per_builder_branch_matches_a_full_scan(db: &TestDb) {
+    let store = db.open().await;
     let builders = ["a", "b", "c-long-name"];
     let branches = ["main", "stable/1", "z"];
     let mut expected: BTreeMap<(String, String), BuildId> = BTreeMap::new();
@@ -46,13 +52,15 @@ async fn latest_per_builder_branch_matches_a_full_scan() {
     assert_eq!(got.len(), 8, "every pair but (b, z): {got:?}");
     assert_eq!(got, expected);
     assert!(!got.contains_key(&("b".to_string(), "z".to_string())));
-    let (_dir2, empty) = open().await;
+    let other = db.another().await;
+    let empty = other.open().await;
     assert!(empty.latest_per_builder_branch().await.expect("latest").is_empty());
+    drop(empty);
+    other.remove().await;
 }
 
-#[tokio::test]
-async fn builds_of_revisions_next_attempt_and_log_tail() {
-    let (_dir, store) = open().await;
+async fn builds_of_revisions_next_attempt_and_log_tail(db: &TestDb) {
+    let store = db.open().await;
     let one = store.create_request("a", "app", "main", "r1", "force", "t", &[], Ts(1)).await.expect("one");
     let other_repo = store.create_request("a", "lib", "main", "r1", "force", "t", &[], Ts(2)).await.expect("two");
     let two = store.create_request("b", "app", "main", "r2", "force", "t", &[], Ts(3)).await.expect("three");
@@ -95,9 +103,8 @@ async fn builds_of_revisions_next_attempt_and_log_tail() {
     assert_eq!((after.len(), more), (1, false), "the last line, and nothing after it");
 }
 
-#[tokio::test]
-async fn recent_machines_lists_every_live_one_and_the_newest_gone() {
-    let (_dir, store) = open().await;
+async fn recent_machines_lists_every_live_one_and_the_newest_gone(db: &TestDb) {
+    let store = db.open().await;
     for id in 1..=10 {
         store.insert_machine(MachineId(id), "local", "local", &format!("h{id}"), Ts(id)).await.expect("machine");
         if id != 2 && id != 9 {
@@ -109,9 +116,8 @@ async fn recent_machines_lists_every_live_one_and_the_newest_gone() {
     assert_eq!(ids, [10, 9, 8, 7, 2].map(MachineId));
 }
 
-#[tokio::test]
-async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
-    let (_dir, store) = open().await;
+async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried(db: &TestDb) {
+    let store = db.open().await;
     let b = store.create_request("a", "app", "main", "r1", "force", "t", &[], Ts(1)).await.expect("request");
     store.insert_machine(MachineId(1), "local", "local", "h", Ts(2)).await.expect("machine");
     assert!(store.start_build(b.id, MachineId(1), &["s".into()], Ts(3)).await.expect("start"));
@@ -133,9 +139,8 @@ async fn a_cancelled_build_whose_machine_dies_ends_cancelled_not_retried() {
     assert!(again.is_err(), "only once");
 }
 
-#[tokio::test]
-async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() {
-    let (_dir, store) = open().await;
+async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches(db: &TestDb) {
+    let store = db.open().await;
     store.insert_machine(MachineId(1), "local", "local", "h", Ts(0)).await.expect("machine");
     let mut t = 10;
     let mut run = |builder: &'static str, branch: &'static str, result: &'static str| {
@@ -178,9 +183,8 @@ async fn the_standing_skips_cancelled_and_retried_attempts_and_other_branches() 
 
 /// With two machines an older change can finish after a newer one: results are compared in
 /// the order the builds were asked for, and the late older one is old news.
-#[tokio::test]
-async fn the_standing_of_builds_that_finish_out_of_order() {
-    let (_dir, store) = open().await;
+async fn the_standing_of_builds_that_finish_out_of_order(db: &TestDb) {
+    let store = db.open().await;
     store.insert_machine(MachineId(1), "local", "local", "h", Ts(0)).await.expect("machine");
     store.insert_machine(MachineId(2), "local", "local", "h", Ts(0)).await.expect("machine");
     let request = |at: i64| {
@@ -251,10 +255,9 @@ async fn the_standing_of_builds_that_finish_out_of_order() {
     assert_eq!(standing(after.id).await, Standing { previous: success, superseded: false });
 }
 
-#[tokio::test]
-async fn pruning_keeps_pending_work_and_recent_records() {
+async fn pruning_keeps_pending_work_and_recent_records(db: &TestDb) {
     use paddock::store::NewDelivery;
-    let (_dir, store) = open().await;
+    let store = db.open().await;
     store.insert_machine(MachineId(1), "local", "local", "h", Ts(0)).await.expect("machine");
     let b = store.create_request("a", "app", "main", "r", "force", "t", &[], Ts(1)).await.expect("request");
     assert!(store.start_build(b.id, MachineId(1), &["s".into()], Ts(2)).await.expect("start"));

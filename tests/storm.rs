@@ -247,7 +247,7 @@ fn a_storm_of_master_crashes_under_cloud_faults_loses_no_build_no_log_and_no_mon
 
     // Never above the cap: sampled on moto, and in the store's own record.
     assert!(peak <= MAX_INSTANCES, "{peak} instances alive at once with max_instances = {MAX_INSTANCES}");
-    let most = bed.sqlite_scalar(
+    let most = bed.db_scalar(
         "SELECT MAX(n) FROM (SELECT (SELECT COUNT(*) FROM machines b WHERE b.requested_at <= a.requested_at \
          AND (b.terminated_at IS NULL OR b.terminated_at > a.requested_at)) AS n FROM machines a)",
     );

@@ -86,7 +86,7 @@ fn bad_webhooks_get_a_4xx_and_store_nothing_good_ones_build() {
     assert_eq!(status, 400);
     assert!(body.contains("unknown repository"), "{body}");
 
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM changes"), Some(0), "nothing stored");
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM changes"), Some(0), "nothing stored");
     assert_eq!(bed.builds().len(), 0);
     assert!(!bed.log().contains(SECRET), "the webhook secret is never logged");
 
@@ -106,8 +106,8 @@ fn bad_webhooks_get_a_4xx_and_store_nothing_good_ones_build() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = post_json(&format!("{{\"repo\": \"app\", \"branch\": \"main\", \"revision\": \"{rev}\"}}"));
     assert_eq!(status, 201, "{body}");
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM changes"), Some(1));
-    assert_eq!(bed.sqlite_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM changes"), Some(1));
+    assert_eq!(bed.db_scalar("SELECT COUNT(*) FROM build_requests"), Some(1));
 
     // The generic hook records a second change for a new commit, read from the repository.
     let rev2 = bed.commit("main", "src/new.txt", "more\n", "Second change");

@@ -1,6 +1,6 @@
 //! Users, browser sessions, API tokens and paused pools.
 
-use rusqlite::{params, Row};
+use super::{params, Row};
 use serde::Serialize;
 
 use super::{all, exec, opt, ts_string, Result, Store};
@@ -42,7 +42,7 @@ pub struct PauseRow {
     pub paused_at: String,
 }
 
-fn user_row(r: &Row) -> rusqlite::Result<UserRow> {
+fn user_row(r: &Row<'_>) -> Result<UserRow> {
     let role: String = r.get("role")?;
     Ok(UserRow {
         id: r.get("id")?,
@@ -53,7 +53,7 @@ fn user_row(r: &Row) -> rusqlite::Result<UserRow> {
     })
 }
 
-fn token_row(r: &Row) -> rusqlite::Result<TokenRow> {
+fn token_row(r: &Row<'_>) -> Result<TokenRow> {
     Ok(TokenRow {
         id: r.get("id")?,
         user: r.get("user")?,
@@ -78,13 +78,13 @@ impl Store {
 
     /// Every user, by name.
     pub async fn users(&self) -> Result<Vec<UserRow>> {
-        self.read(|c| all(c, "SELECT id, name, role, created_at FROM users ORDER BY name", [], user_row))
+        self.read(|c| all(c, "SELECT id, name, role, created_at FROM users ORDER BY name", params![], user_row))
     }
 
     /// A user and their password hash, by name.
     pub async fn user_with_hash(&self, name: &str) -> Result<Option<(UserRow, String)>> {
         self.read(|c| {
-            opt(c, "SELECT id, name, role, created_at, password_hash FROM users WHERE name = ?", [name], |r| {
+            opt(c, "SELECT id, name, role, created_at, password_hash FROM users WHERE name = ?", params![name], |r| {
                 Ok((user_row(r)?, r.get("password_hash")?))
             })
         })
@@ -92,7 +92,7 @@ impl Store {
 
     /// Removes a user with their sessions and tokens; `false` if there was none.
     pub async fn remove_user(&self, name: &str) -> Result<bool> {
-        let done = self.write(|c| exec(c, "DELETE FROM users WHERE name = ?", [name]))?;
+        let done = self.write(|c| exec(c, "DELETE FROM users WHERE name = ?", params![name]))?;
         Ok(done == 1)
     }
 
@@ -101,7 +101,7 @@ impl Store {
     pub async fn set_password(&self, name: &str, password_hash: &str) -> Result<bool> {
         let done = self.write(|c| {
             let done = exec(c, "UPDATE users SET password_hash = ? WHERE name = ?", params![password_hash, name])?;
-            exec(c, "DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE name = ?)", [name])?;
+            exec(c, "DELETE FROM sessions WHERE user_id = (SELECT id FROM users WHERE name = ?)", params![name])?;
             Ok(done)
         })?;
         Ok(done == 1)
@@ -145,7 +145,7 @@ impl Store {
     pub async fn create_session(&self, user: i64, token_hash: &str, csrf: &str, now: Ts, expires: Ts) -> Result<()> {
         self.write(|c| {
             // Expired sessions are swept at each login, so the table stays small without a timer.
-            exec(c, "DELETE FROM sessions WHERE expires_at <= ?", [ts_string(now)])?;
+            exec(c, "DELETE FROM sessions WHERE expires_at <= ?", params![ts_string(now)])?;
             exec(
                 c,
                 "INSERT INTO sessions (token_hash, user_id, csrf, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
@@ -174,7 +174,7 @@ impl Store {
     pub async fn set_password_of(&self, user: i64, password_hash: &str) -> Result<bool> {
         let done = self.write(|c| {
             let done = exec(c, "UPDATE users SET password_hash = ? WHERE id = ?", params![password_hash, user])?;
-            exec(c, "DELETE FROM sessions WHERE user_id = ?", [user])?;
+            exec(c, "DELETE FROM sessions WHERE user_id = ?", params![user])?;
             Ok(done)
         })?;
         Ok(done == 1)
@@ -187,7 +187,7 @@ impl Store {
                 c,
                 "SELECT t.id, u.name AS user, t.name, t.created_at, t.last_used_at
              FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.user_id = ? ORDER BY t.id DESC",
-                [user],
+                params![user],
                 token_row,
             )
         })
@@ -202,19 +202,19 @@ impl Store {
 
     /// Revokes every token of a user; how many there were.
     pub async fn revoke_tokens_of(&self, user: i64) -> Result<u64> {
-        let done = self.write(|c| exec(c, "DELETE FROM api_tokens WHERE user_id = ?", [user]))?;
+        let done = self.write(|c| exec(c, "DELETE FROM api_tokens WHERE user_id = ?", params![user]))?;
         Ok(done as u64)
     }
 
     /// Ends every session of a user; how many there were.
     pub async fn end_sessions(&self, user: i64) -> Result<u64> {
-        let done = self.write(|c| exec(c, "DELETE FROM sessions WHERE user_id = ?", [user]))?;
+        let done = self.write(|c| exec(c, "DELETE FROM sessions WHERE user_id = ?", params![user]))?;
         Ok(done as u64)
     }
 
     /// Ends a session (logout).
     pub async fn delete_session(&self, token_hash: &str) -> Result<()> {
-        self.write(|c| exec(c, "DELETE FROM sessions WHERE token_hash = ?", [token_hash]))?;
+        self.write(|c| exec(c, "DELETE FROM sessions WHERE token_hash = ?", params![token_hash]))?;
         Ok(())
     }
 
@@ -250,8 +250,8 @@ impl Store {
                 c,
                 "SELECT u.id, u.name, u.role, u.created_at, t.id AS token_id, t.last_used_at
              FROM api_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
-                [token_hash],
-                |r| Ok((user_row(r)?, r.get::<_, i64>("token_id")?, r.get::<_, Option<String>>("last_used_at")?)),
+                params![token_hash],
+                |r| Ok((user_row(r)?, r.get::<i64>("token_id")?, r.get::<Option<String>>("last_used_at")?)),
             )
         })?;
         let Some((user, token_id, last)) = row else {
@@ -273,7 +273,7 @@ impl Store {
                 c,
                 "SELECT t.id, u.name AS user, t.name, t.created_at, t.last_used_at
              FROM api_tokens t JOIN users u ON u.id = t.user_id ORDER BY t.id DESC",
-                [],
+                params![],
                 token_row,
             )
         })
@@ -281,7 +281,7 @@ impl Store {
 
     /// Revokes an API token; `false` if there was none with that id.
     pub async fn revoke_token(&self, id: i64) -> Result<bool> {
-        let done = self.write(|c| exec(c, "DELETE FROM api_tokens WHERE id = ?", [id]))?;
+        let done = self.write(|c| exec(c, "DELETE FROM api_tokens WHERE id = ?", params![id]))?;
         Ok(done == 1)
     }
 
@@ -299,14 +299,14 @@ impl Store {
 
     /// Resumes a pool.
     pub async fn resume_pool(&self, pool: &str) -> Result<()> {
-        self.write(|c| exec(c, "DELETE FROM pool_pauses WHERE pool = ?", [pool]))?;
+        self.write(|c| exec(c, "DELETE FROM pool_pauses WHERE pool = ?", params![pool]))?;
         Ok(())
     }
 
     /// The paused pools.
     pub async fn paused_pools(&self) -> Result<Vec<PauseRow>> {
         self.read(|c| {
-            all(c, "SELECT pool, paused_by, paused_at FROM pool_pauses ORDER BY pool", [], |r| {
+            all(c, "SELECT pool, paused_by, paused_at FROM pool_pauses ORDER BY pool", params![], |r| {
                 Ok(PauseRow { pool: r.get("pool")?, paused_by: r.get("paused_by")?, paused_at: r.get("paused_at")? })
             })
         })

@@ -1,7 +1,5 @@
 //! Build requests and attempts, their steps and logs: the build lifecycle as stored.
 
-use rusqlite::params;
-
 use super::*;
 
 impl Store {
@@ -43,13 +41,18 @@ impl Store {
     /// Builds in the given state, oldest first.
     pub async fn builds_in_state(&self, state: &str) -> Result<Vec<BuildRow>> {
         self.read(|c| {
-            all(c, &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE state = ? ORDER BY id"), [state], build_row)
+            all(
+                c,
+                &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE state = ? ORDER BY id"),
+                params![state],
+                build_row,
+            )
         })
     }
 
     /// One build attempt.
     pub async fn build(&self, id: BuildId) -> Result<Option<BuildRow>> {
-        self.read(|c| opt(c, &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?"), [id], build_row))
+        self.read(|c| opt(c, &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE id = ?"), params![id], build_row))
     }
 
     /// Build attempts, newest first.
@@ -58,8 +61,8 @@ impl Store {
             all(
                 c,
                 &format!(
-                    "SELECT {BUILD_COLUMNS} FROM builds WHERE (?1 IS NULL OR builder = ?1) AND (?2 IS NULL OR branch = ?2)
-                     AND (?3 IS NULL OR state = ?3) ORDER BY id DESC LIMIT ?4"
+                    "SELECT {BUILD_COLUMNS} FROM builds WHERE (CAST(?1 AS TEXT) IS NULL OR builder = ?1) AND (CAST(?2 AS TEXT) IS NULL OR branch = ?2)
+                     AND (CAST(?3 AS TEXT) IS NULL OR state = ?3) ORDER BY id DESC LIMIT ?4"
                 ),
                 params![f.builder, f.branch, f.state, f.limit.unwrap_or(100)],
                 build_row,
@@ -82,18 +85,24 @@ impl Store {
             for (i, name) in steps.iter().enumerate() {
                 exec(c, "INSERT INTO steps (build_id, idx, name) VALUES (?, ?, ?)", params![build, i as i64, name])?;
             }
-            exec(c, "UPDATE machines SET builds_run = builds_run + 1 WHERE id = ?", [machine])?;
+            exec(c, "UPDATE machines SET builds_run = builds_run + 1 WHERE id = ?", params![machine])?;
             // The meter's record of the build says what it was, so a report attributes busy time
             // from the events alone: id, builder, repository, branch and committer (the author of
             // the newest change), tab-separated.
+            let (tab, newline, newest) = match c {
+                Conn::Lite(_) => ("char(9)", "char(10)", "json_extract(r.changes, '$[#-1]')"),
+                Conn::Pg(_) => ("chr(9)", "chr(10)", "CAST(CAST(r.changes AS json)->>-1 AS BIGINT)"),
+            };
             exec(
                 c,
-                "INSERT INTO machine_events (machine_id, at, kind, detail)
-                 SELECT ?, ?, 'build_started', b.id || char(9) || b.builder || char(9) || b.repo || char(9) || b.branch
-                        || char(9) || REPLACE(REPLACE(COALESCE(c.author, ''), char(9), ' '), char(10), ' ')
+                &format!(
+                    "INSERT INTO machine_events (machine_id, at, kind, detail)
+                 SELECT ?, ?, 'build_started', b.id || {tab} || b.builder || {tab} || b.repo || {tab} || b.branch
+                        || {tab} || REPLACE(REPLACE(COALESCE(c.author, ''), {tab}, ' '), {newline}, ' ')
                  FROM builds b JOIN build_requests r ON r.id = b.request_id
-                 LEFT JOIN changes c ON c.id = json_extract(r.changes, '$[#-1]')
-                 WHERE b.id = ?",
+                 LEFT JOIN changes c ON c.id = {newest}
+                 WHERE b.id = ?"
+                ),
                 params![machine, &now_s, build],
             )?;
             notify::outbox(c, build, "started", &now_s)?;
@@ -143,7 +152,7 @@ impl Store {
             )?;
             if moved == 0 {
                 let applied: Option<i64> =
-                    opt(c, "SELECT applied_seq FROM builds WHERE id = ?", [build], |r| r.get(0))?;
+                    opt(c, "SELECT applied_seq FROM builds WHERE id = ?", params![build], |r| r.get(0))?;
                 return Ok(Applied::Stale { applied: applied.unwrap_or(0).max(0) as u64 });
             }
             let mut ended = None;
@@ -175,7 +184,7 @@ impl Store {
     /// The highest sequence number of the reports of `build` that is stored (0: none).
     pub async fn applied_seq(&self, build: BuildId) -> Result<u64> {
         let seq: Option<i64> =
-            self.read(|c| opt(c, "SELECT applied_seq FROM builds WHERE id = ?", [build], |r| r.get(0)))?;
+            self.read(|c| opt(c, "SELECT applied_seq FROM builds WHERE id = ?", params![build], |r| r.get(0)))?;
         Ok(seq.unwrap_or(0).max(0) as u64)
     }
 
@@ -185,9 +194,9 @@ impl Store {
         let row: Option<(i64, i64)> = self.read_long(|c| {
             opt(
                 c,
-                "SELECT b.applied_seq, COALESCE((SELECT SUM(LENGTH(CAST(text AS BLOB))) FROM log_chunks WHERE build_id = b.id), 0)
+                "SELECT b.applied_seq, COALESCE((SELECT CAST(SUM(octet_length(text)) AS BIGINT) FROM log_chunks WHERE build_id = b.id), 0)
                  FROM builds b WHERE b.id = ?",
-                [build],
+                params![build],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
         })?;
@@ -199,12 +208,12 @@ impl Store {
     pub async fn build_changes(&self, build: BuildId) -> Result<Vec<ChangeRow>> {
         self.read(|c| {
             // One snapshot: the request and its changes as of the same moment.
-            let tx = c.unchecked_transaction()?;
+            snapshot(c, |tx| {
             let Some((ids, repo, revision)) = opt(
-                &tx,
+                tx,
                 "SELECT r.changes, b.repo, b.revision FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
-                [build],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)),
+                params![build],
+                |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<String>(2)?)),
             )?
             else {
                 return Ok(Vec::new());
@@ -212,19 +221,20 @@ impl Store {
             let ids: Vec<ChangeId> = serde_json::from_str(&ids).unwrap_or_default();
             if ids.is_empty() {
                 all(
-                    &tx,
+                    tx,
                     "SELECT * FROM changes WHERE repo = ? AND revision = ? ORDER BY id DESC LIMIT 1",
-                    [repo, revision],
+                    params![repo, revision],
                     change_row,
                 )
             } else {
                 all(
-                    &tx,
-                    "SELECT * FROM changes WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id DESC",
-                    [serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into())],
+                    tx,
+                    &format!("SELECT * FROM changes WHERE id IN ({}) ORDER BY id DESC", json_ids(tx)),
+                    params![serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into())],
                     change_row,
                 )
             }
+            })
         })
     }
 
@@ -234,7 +244,7 @@ impl Store {
             opt(
                 c,
                 "SELECT r.changes FROM builds b JOIN build_requests r ON r.id = b.request_id WHERE b.id = ?",
-                [build],
+                params![build],
                 |r| r.get(0),
             )
         })?;
@@ -261,7 +271,7 @@ impl Store {
     /// Steps of a build, in order.
     pub async fn steps(&self, build: BuildId) -> Result<Vec<StepRow>> {
         self.read(|c| {
-            all(c, "SELECT * FROM steps WHERE build_id = ? ORDER BY idx", [build], |r| {
+            all(c, "SELECT * FROM steps WHERE build_id = ? ORDER BY idx", params![build], |r| {
                 Ok(StepRow {
                     index: r.get("idx")?,
                     name: r.get("name")?,
@@ -282,7 +292,7 @@ impl Store {
     /// The whole log of a build, chunks concatenated in arrival order.
     pub async fn log(&self, build: BuildId) -> Result<String> {
         let chunks: Vec<String> = self.read_long(|c| {
-            all(c, "SELECT text FROM log_chunks WHERE build_id = ? ORDER BY id", [build], |r| r.get(0))
+            all(c, "SELECT text FROM log_chunks WHERE build_id = ? ORDER BY id", params![build], |r| r.get(0))
         })?;
         Ok(chunks.concat())
     }

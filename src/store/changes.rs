@@ -1,7 +1,5 @@
 //! Changes, branch heads and nightly state: what the schedulers are fed and remember.
 
-use rusqlite::params;
-
 use super::*;
 
 impl Store {
@@ -42,7 +40,7 @@ impl Store {
             }
             let mut rows = Vec::with_capacity(ids.len());
             for id in ids {
-                if let Some(row) = opt(c, "SELECT * FROM changes WHERE id = ?", [id], change_row)? {
+                if let Some(row) = opt(c, "SELECT * FROM changes WHERE id = ?", params![id], change_row)? {
                     rows.push(row);
                 }
             }
@@ -59,7 +57,7 @@ impl Store {
     /// Forgets a branch that no longer exists.
     pub async fn delete_head(&self, repo: &str, branch: &str) -> Result<()> {
         self.write(|c| {
-            exec(c, "DELETE FROM branch_heads WHERE repo = ? AND branch = ?", [repo, branch])?;
+            exec(c, "DELETE FROM branch_heads WHERE repo = ? AND branch = ?", params![repo, branch])?;
             Ok(())
         })
     }
@@ -67,7 +65,7 @@ impl Store {
     /// The last known head of every branch of `repo`.
     pub async fn heads(&self, repo: &str) -> Result<BTreeMap<String, String>> {
         let rows: Vec<(String, String)> = self.read(|c| {
-            all(c, "SELECT branch, revision FROM branch_heads WHERE repo = ?", [repo], |r| {
+            all(c, "SELECT branch, revision FROM branch_heads WHERE repo = ?", params![repo], |r| {
                 Ok((r.get("branch")?, r.get("revision")?))
             })
         })?;
@@ -76,7 +74,7 @@ impl Store {
 
     /// One change by id.
     pub async fn change(&self, id: ChangeId) -> Result<Option<ChangeRow>> {
-        self.read(|c| opt(c, "SELECT * FROM changes WHERE id = ?", [id], change_row))
+        self.read(|c| opt(c, "SELECT * FROM changes WHERE id = ?", params![id], change_row))
     }
 
     /// Changes, newest first.
@@ -84,7 +82,7 @@ impl Store {
         self.read(|c| {
             all(
                 c,
-                "SELECT * FROM changes WHERE (?1 IS NULL OR repo = ?1) AND (?2 IS NULL OR branch = ?2) ORDER BY id DESC LIMIT ?3",
+                "SELECT * FROM changes WHERE (CAST(?1 AS TEXT) IS NULL OR repo = ?1) AND (CAST(?2 AS TEXT) IS NULL OR branch = ?2) ORDER BY id DESC LIMIT ?3",
                 params![repo, branch, limit],
                 change_row,
             )
@@ -93,7 +91,7 @@ impl Store {
 
     /// Changes the schedulers have not finished with (replayed after a restart), oldest first.
     pub async fn unscheduled_changes(&self) -> Result<Vec<ChangeRow>> {
-        self.read(|c| all(c, "SELECT * FROM changes WHERE scheduled = 0 ORDER BY id", [], change_row))
+        self.read(|c| all(c, "SELECT * FROM changes WHERE scheduled = 0 ORDER BY id", params![], change_row))
     }
 
     /// (scheduler, change) pairs already turned into build requests since `since`: a change
@@ -103,7 +101,7 @@ impl Store {
             all(
                 c,
                 "SELECT scheduler, changes FROM build_requests WHERE changes != '[]' AND submitted_at >= ?",
-                [since],
+                params![since],
                 |r| Ok((r.get("scheduler")?, r.get("changes")?)),
             )
         })?;
@@ -119,7 +117,7 @@ impl Store {
     pub async fn mark_scheduled(&self, ids: &[ChangeId]) -> Result<()> {
         self.write(|c| {
             for id in ids {
-                exec(c, "UPDATE changes SET scheduled = 1 WHERE id = ?", [id])?;
+                exec(c, "UPDATE changes SET scheduled = 1 WHERE id = ?", params![id])?;
             }
             Ok(())
         })
@@ -128,7 +126,7 @@ impl Store {
     /// Every nightly scheduler's saved state.
     pub async fn nightly_states(&self) -> Result<Vec<NightlyRow>> {
         self.read(|c| {
-            all(c, "SELECT name, last_fire, built FROM scheduler_state", [], |r| {
+            all(c, "SELECT name, last_fire, built FROM scheduler_state", params![], |r| {
                 let built: String = r.get("built")?;
                 Ok(NightlyRow {
                     name: r.get("name")?,

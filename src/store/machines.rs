@@ -1,13 +1,11 @@
 //! Machines: their rows, lifecycle events, tokens and what the pools hold.
 
-use rusqlite::params;
-
 use super::*;
 
 impl Store {
     /// The largest machine id ever used (ids are never reused: they are idempotency tokens).
     pub async fn max_machine_id(&self) -> Result<MachineId> {
-        let id: Option<MachineId> = self.read(|c| one(c, "SELECT MAX(id) FROM machines", [], |r| r.get(0)))?;
+        let id: Option<MachineId> = self.read(|c| one(c, "SELECT MAX(id) FROM machines", params![], |r| r.get(0)))?;
         Ok(id.unwrap_or_default())
     }
 
@@ -75,7 +73,7 @@ impl Store {
             let mut gone = std::collections::HashMap::new();
             for id in ids {
                 let row: Option<(MachineId, Option<String>)> =
-                    opt(c, "SELECT id, provider_id FROM machines WHERE id = ? AND state = 'gone'", [id], |r| {
+                    opt(c, "SELECT id, provider_id FROM machines WHERE id = ? AND state = 'gone'", params![id], |r| {
                         Ok((r.get(0)?, r.get(1)?))
                     })?;
                 gone.extend(row);
@@ -86,7 +84,7 @@ impl Store {
 
     /// One machine's row.
     pub async fn machine(&self, id: MachineId) -> Result<Option<MachineRow>> {
-        self.read(|c| opt(c, &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?"), [id], machine_row))
+        self.read(|c| opt(c, &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?"), params![id], machine_row))
     }
 
     /// Records the life of an instance the master learned of only after its machine was gone
@@ -162,7 +160,7 @@ impl Store {
                 c,
                 "SELECT id FROM machines
                  WHERE token_hash = ? AND token_used = 0 AND state IN ('requested', 'launching', 'booting')",
-                [token_hash],
+                params![token_hash],
                 |r| r.get(0),
             )
         })
@@ -232,7 +230,7 @@ impl Store {
             all(
                 c,
                 &format!(
-                    "SELECT {MACHINE_COLUMNS} FROM machines WHERE (?1 IS NULL OR pool = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY id DESC"
+                    "SELECT {MACHINE_COLUMNS} FROM machines WHERE (CAST(?1 AS TEXT) IS NULL OR pool = ?1) AND (CAST(?2 AS TEXT) IS NULL OR state = ?2) ORDER BY id DESC"
                 ),
                 params![pool, state],
                 machine_row,
@@ -246,7 +244,7 @@ impl Store {
             all(
                 c,
                 &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE state != 'gone' ORDER BY id"),
-                [],
+                params![],
                 machine_row,
             )
         })
@@ -256,23 +254,24 @@ impl Store {
     /// failure (time, reason) and when a machine of it last launched.
     pub async fn pool_status(&self, pool: &str) -> Result<PoolStatus> {
         self.read(|c| {
-            let tx = c.unchecked_transaction()?;
-            let machines: Vec<(String, i64)> = all(
-                &tx,
+            snapshot(c, |tx| {
+                let machines: Vec<(String, i64)> = all(
+                tx,
                 "SELECT state, COUNT(*) FROM machines WHERE pool = ? AND state != 'gone' GROUP BY state ORDER BY state",
-                [pool],
+                params![pool],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            let last_launch_failure: Option<(String, String)> = opt(
-                &tx,
-                "SELECT e.at, e.detail FROM machine_events e JOIN machines m ON m.id = e.machine_id
+                let last_launch_failure: Option<(String, String)> = opt(
+                    tx,
+                    "SELECT e.at, e.detail FROM machine_events e JOIN machines m ON m.id = e.machine_id
                  WHERE m.pool = ? AND e.kind = 'launch_failed' ORDER BY e.id DESC LIMIT 1",
-                [pool],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            let last_launched_at: Option<String> =
-                one(&tx, "SELECT MAX(launched_at) FROM machines WHERE pool = ?", [pool], |r| r.get(0))?;
-            Ok(PoolStatus { machines: machines.into_iter().collect(), last_launch_failure, last_launched_at })
+                    params![pool],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let last_launched_at: Option<String> =
+                    one(tx, "SELECT MAX(launched_at) FROM machines WHERE pool = ?", params![pool], |r| r.get(0))?;
+                Ok(PoolStatus { machines: machines.into_iter().collect(), last_launch_failure, last_launched_at })
+            })
         })
     }
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use serde::Serialize;
 
 use crate::core::build::{self as life, decide, BuildFacts, BuildState, Refused, Transition};
@@ -28,12 +28,23 @@ mod meter;
 mod migrate;
 mod notify;
 pub mod postgres;
+mod sql;
 mod types;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
 pub use migrate::{Migration, MIGRATIONS, POSTGRES_MIGRATIONS};
 pub use notify::{BuildEvent, Delivery, NewDelivery, Standing};
 pub use views::LogChunk;
+
+use sql::{all, each, exec, one, opt, params, snapshot, Conn, PgConn, Row};
+
+/// A query of the ids in a JSON array given as the one parameter (`[1, 2, 3]`), for `IN (…)`.
+fn json_ids(c: &Conn<'_>) -> &'static str {
+    match c {
+        Conn::Lite(_) => "SELECT value FROM json_each(?)",
+        Conn::Pg(_) => "SELECT CAST(value AS BIGINT) FROM json_array_elements_text(CAST(? AS json))",
+    }
+}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +53,13 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("PostgreSQL: {0}")]
     Postgres(String),
+    /// A stored value is not what the code reads (a schema newer than the code, a query bug).
+    #[error("cannot read a row: {0}")]
+    Column(String),
     #[error("cannot apply migrations: {0}")]
     Migrate(String),
     /// Says the URL's scheme only: the rest may hold a password.
-    #[error("unsupported database URL (scheme {0:?}): the store runs on sqlite:// only so far")]
+    #[error("unsupported database URL (scheme {0:?}): the store runs on sqlite: or PostgreSQL")]
     Unsupported(String),
     #[error("database URL {url:?}: {why}")]
     BadUrl { url: String, why: String },
@@ -67,8 +81,16 @@ pub struct Store {
     news: Arc<tokio::sync::Notify>,
 }
 
-/// The connections: one that writes, and idle ones that read.
-struct Db {
+/// The database, on one backend or the other.
+#[derive(Debug)]
+enum Db {
+    Lite(LiteDb),
+    // Boxed: its connection settings are large, and there is one per store.
+    Pg(Box<PgDb>),
+}
+
+/// SQLite's connections: one that writes, and idle ones that read.
+struct LiteDb {
     /// The database file; `None` for an in-memory database, which has one connection only.
     file: Option<PathBuf>,
     read_only: bool,
@@ -76,9 +98,69 @@ struct Db {
     readers: Mutex<Vec<Connection>>,
 }
 
-impl std::fmt::Debug for Db {
+impl std::fmt::Debug for LiteDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("file", &self.file).field("read_only", &self.read_only).finish_non_exhaustive()
+        f.debug_struct("LiteDb").field("file", &self.file).field("read_only", &self.read_only).finish_non_exhaustive()
+    }
+}
+
+/// PostgreSQL's connections, made again when one breaks (a server restart, a failover): one
+/// that writes, and idle ones that read. They run on a runtime of their own.
+struct PgDb {
+    /// The connection settings, password included (never shown).
+    config: tokio_postgres::Config,
+    tls: postgres::Tls,
+    read_only: bool,
+    runtime: PgRuntime,
+    writer: Mutex<Option<PgConn>>,
+    readers: Mutex<Vec<PgConn>>,
+}
+
+impl std::fmt::Debug for PgDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the config: it holds the password.
+        f.debug_struct("PgDb").field("read_only", &self.read_only).finish_non_exhaustive()
+    }
+}
+
+/// A thread running the runtime that carries the store's PostgreSQL connections, so a store
+/// call can wait for its answer on any thread (even the only thread of a runtime, which then
+/// could not carry the connection itself). It ends with the store.
+struct PgRuntime {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PgRuntime {
+    fn start() -> Result<PgRuntime> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Postgres(format!("cannot start the connections' runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("paddock-postgres".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .map_err(|e| StoreError::Postgres(format!("cannot start the connections' thread: {e}")))?;
+        Ok(PgRuntime { handle, _stop: stop })
+    }
+}
+
+impl PgDb {
+    /// A new connection (a reader's refuses writes).
+    fn connect(&self, reader: bool) -> Result<PgConn> {
+        let (config, tls) = (self.config.clone(), self.tls.clone());
+        let client = sql::wait(self.runtime.handle.spawn(async move { postgres::connect_with(&config, tls).await }))
+            .map_err(|e| StoreError::Postgres(format!("connecting: {e}")))??
+            .0;
+        let conn = PgConn::new(client);
+        if reader || self.read_only {
+            conn.batch("SET default_transaction_read_only = on")?;
+        }
+        Ok(conn)
     }
 }
 
@@ -86,6 +168,9 @@ impl std::fmt::Debug for Db {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle read connections kept open.
 const IDLE_READERS: usize = 4;
+/// The lock every write transaction on PostgreSQL holds, whichever master it comes from:
+/// writes are one at a time, as on SQLite, so every transaction sees the ones before it whole.
+const WRITE_LOCK: i64 = 0x7061_6464_6f63_6b01;
 
 /// Where a `sqlite:` URL points: a file (and whether it is to be read only), or memory.
 fn parse_url(url: &str) -> Result<(Option<PathBuf>, bool)> {
@@ -112,6 +197,11 @@ fn parse_url(url: &str) -> Result<(Option<PathBuf>, bool)> {
         ":memory:" => Ok((None, read_only)),
         file => Ok((Some(PathBuf::from(file)), read_only)),
     }
+}
+
+/// Whether `url` names a SQLite database (anything else is a PostgreSQL connection string).
+fn is_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:")
 }
 
 /// Opens one connection with the settings every connection has.
@@ -145,8 +235,13 @@ fn connect(file: Option<&PathBuf>, read_only: bool) -> Result<Connection> {
 }
 
 impl Store {
-    /// Opens (creating if absent) the database at `url` and applies the migrations.
+    /// Opens (creating if absent) the database at `url` and applies the migrations: a
+    /// `sqlite:` file, or the PostgreSQL database of a connection string (password and CAs
+    /// from the environment, see [`postgres`]).
     pub async fn open(url: &str) -> Result<Store> {
+        if !is_sqlite(url) {
+            return Store::open_postgres(url, &postgres::process_env, false).await;
+        }
         let (file, read_only) = parse_url(url)?;
         let mut writer = connect(file.as_ref(), read_only)?;
         if !read_only {
@@ -158,6 +253,9 @@ impl Store {
     /// Opens an existing database to read it only (no migrations, no writes): for tools that
     /// read an installation's history, such as `paddock simulate --from-db`.
     pub async fn open_read_only(url: &str) -> Result<Store> {
+        if !is_sqlite(url) {
+            return Store::open_postgres(url, &postgres::process_env, true).await;
+        }
         let (file, _) = parse_url(url)?;
         if let Some(f) = file.as_ref().filter(|f| !f.exists()) {
             return Err(StoreError::BadUrl { url: url.to_string(), why: format!("{} does not exist", f.display()) });
@@ -166,58 +264,133 @@ impl Store {
         Ok(Store::with(file, true, writer))
     }
 
+    /// Opens the PostgreSQL database of `url`, with the password and the CAs looked up in
+    /// `env` (the process's environment in production), migrating it unless `read_only`.
+    pub async fn open_postgres(url: &str, env: postgres::Env<'_>, read_only: bool) -> Result<Store> {
+        if !read_only {
+            postgres::migrate_with(url, env).await?;
+        }
+        let pg = PgDb {
+            config: postgres::connect_config(url, env)?,
+            tls: postgres::tls(env)?,
+            read_only,
+            runtime: PgRuntime::start()?,
+            writer: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
+        };
+        let store = Store { db: Arc::new(Db::Pg(Box::new(pg))), news: Arc::new(tokio::sync::Notify::new()) };
+        // Connects now, so a wrong password or an unreachable server is an error of the open.
+        store.ping().await?;
+        Ok(store)
+    }
+
     fn with(file: Option<PathBuf>, read_only: bool, writer: Connection) -> Store {
-        let db = Db { file, read_only, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) };
-        Store { db: Arc::new(db), news: Arc::new(tokio::sync::Notify::new()) }
+        let db = LiteDb { file, read_only, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) };
+        Store { db: Arc::new(Db::Lite(db)), news: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// Which backend this store runs on: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match *self.db {
+            Db::Lite(_) => "sqlite",
+            Db::Pg(_) => "postgres",
+        }
     }
 
     /// Runs `f` in one write transaction, committed if `f` returns `Ok` (rolled back if not).
     /// The transaction takes the write lock at its start: one that read first and wrote later
     /// would fail at once (not wait) if another process wrote in between. `f` must not call the
     /// store (the writer is not re-entrant).
-    fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    fn write<T>(&self, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
+        let lite = match &*self.db {
+            Db::Lite(lite) => lite,
+            Db::Pg(pg) => return blocking(|| Self::pg_write(pg, f)),
+        };
         // A panic inside an earlier transaction rolled it back when it unwound (the
         // transaction's drop); the connection itself is sound.
-        match self.db.writer.try_lock() {
+        match lite.writer.try_lock() {
             Ok(conn) => Self::transaction(conn, f),
             Err(TryLockError::Poisoned(p)) => Self::transaction(p.into_inner(), f),
             // Another task writes: waiting for it blocks this thread, so the worker first hands
             // its other tasks on (the loop, the agents' sockets) instead of stalling them.
             Err(TryLockError::WouldBlock) => {
-                blocking(|| Self::transaction(self.db.writer.lock().unwrap_or_else(PoisonError::into_inner), f))
+                blocking(|| Self::transaction(lite.writer.lock().unwrap_or_else(PoisonError::into_inner), f))
             }
         }
     }
 
-    fn transaction<T>(mut conn: MutexGuard<'_, Connection>, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    fn transaction<T>(mut conn: MutexGuard<'_, Connection>, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
+        let out = f(&Conn::Lite(&tx))?;
         tx.commit()?;
         Ok(out)
+    }
+
+    fn pg_write<T>(pg: &PgDb, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
+        if pg.read_only {
+            return Err(StoreError::Postgres("this store was opened to read only".into()));
+        }
+        let mut writer = pg.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        if writer.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *writer = Some(pg.connect(false)?);
+        }
+        let Some(conn) = writer.as_ref() else { unreachable!("connected just above") };
+        let out = conn
+            .batch(&format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
+            .and_then(|()| f(&Conn::Pg(conn)))
+            .and_then(|out| conn.batch("COMMIT").map(|()| out));
+        if out.is_err() {
+            // Nothing of it stays: the transaction is rolled back (or the connection is gone,
+            // and with it the transaction).
+            if conn.batch("ROLLBACK").is_err() {
+                *writer = None;
+            }
+        }
+        out
     }
 
     /// Runs `f` on a read connection (a consistent snapshot of committed data per statement,
     /// or per transaction `f` opens). An in-memory database reads on its one connection, the
     /// writer: there `f` must not call the store.
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        if self.db.file.is_none() {
-            let conn = self.db.writer.lock().unwrap_or_else(PoisonError::into_inner);
-            return f(&conn);
+    fn read<T>(&self, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
+        let lite = match &*self.db {
+            Db::Lite(lite) => lite,
+            Db::Pg(pg) => return blocking(|| Self::pg_read(pg, f)),
+        };
+        if lite.file.is_none() {
+            let conn = lite.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            return f(&Conn::Lite(&conn));
         }
-        let idle = self.db.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let idle = lite.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
         let conn = match idle {
             Some(conn) => conn,
             None => {
-                let conn = connect(self.db.file.as_ref(), self.db.read_only)?;
+                let conn = connect(lite.file.as_ref(), lite.read_only)?;
                 // Reads only: a write through a reader would bypass the writer lock.
                 conn.pragma_update(None, "query_only", true)?;
                 conn
             }
         };
-        let out = f(&conn);
-        let mut idle = self.db.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = f(&Conn::Lite(&conn));
+        let mut idle = lite.readers.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < IDLE_READERS {
             idle.push(conn);
+        }
+        out
+    }
+
+    fn pg_read<T>(pg: &PgDb, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
+        let idle = pg.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let conn = match idle.filter(|c| !c.client.is_closed()) {
+            Some(conn) => conn,
+            None => pg.connect(true)?,
+        };
+        let out = f(&Conn::Pg(&conn));
+        if !conn.client.is_closed() {
+            let mut idle = pg.readers.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
         }
         out
     }
@@ -226,7 +399,7 @@ impl Store {
     /// multi-threaded runtime the worker first hands its other tasks to another thread, so the
     /// loop and other requests do not wait behind it. Short reads skip that hand-off: it costs
     /// more than they do.
-    fn read_long<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    fn read_long<T>(&self, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
         blocking(|| self.read(f))
     }
 
@@ -239,11 +412,12 @@ impl Store {
     /// Folds the write-ahead log into the database file (what closing the last connection
     /// does, for a copy of the file taken while the store stays open).
     pub async fn close(&self) {
-        self.db.readers.lock().unwrap_or_else(PoisonError::into_inner).clear();
-        if self.db.read_only || self.db.file.is_none() {
+        let Db::Lite(lite) = &*self.db else { return };
+        lite.readers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        if lite.read_only || lite.file.is_none() {
             return;
         }
-        let conn = self.db.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let conn = lite.writer.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "cannot fold the write-ahead log into the database file");
         }
@@ -251,7 +425,7 @@ impl Store {
 
     /// Whether the database answers (for `/readyz`).
     pub async fn ping(&self) -> Result<()> {
-        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+        self.read(|c| one(c, "SELECT 1", params![], |_| Ok(())))
     }
 }
 
@@ -262,43 +436,6 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),
     }
-}
-
-/// Runs one statement (prepared once per connection) and says how many rows it changed.
-fn exec(c: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
-    Ok(c.prepare_cached(sql)?.execute(params)?)
-}
-
-/// The one row a statement returns, read by `f`.
-fn one<T>(
-    c: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    f: impl FnOnce(&Row) -> rusqlite::Result<T>,
-) -> Result<T> {
-    Ok(c.prepare_cached(sql)?.query_row(params, f)?)
-}
-
-/// The row a statement returns, if any, read by `f`.
-fn opt<T>(
-    c: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    f: impl FnOnce(&Row) -> rusqlite::Result<T>,
-) -> Result<Option<T>> {
-    Ok(c.prepare_cached(sql)?.query_row(params, f).optional()?)
-}
-
-/// Every row a statement returns, each read by `f`.
-fn all<T>(
-    c: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    f: impl FnMut(&Row) -> rusqlite::Result<T>,
-) -> Result<Vec<T>> {
-    let mut stmt = c.prepare_cached(sql)?;
-    let rows = stmt.query_map(params, f)?;
-    Ok(rows.collect::<rusqlite::Result<Vec<T>>>()?)
 }
 
 /// A change about to be stored.
@@ -444,7 +581,7 @@ const MACHINE_COLUMNS: &str = "id, pool, provisioner, provider_id, state, instan
      (SELECT e.kind || CASE WHEN e.detail = '' THEN '' ELSE ': ' || e.detail END FROM machine_events e \
       WHERE e.machine_id = machines.id ORDER BY e.id DESC LIMIT 1) AS last_event";
 
-fn build_row(r: &Row) -> rusqlite::Result<BuildRow> {
+fn build_row(r: &Row<'_>) -> Result<BuildRow> {
     Ok(BuildRow {
         id: r.get("id")?,
         request: r.get("request_id")?,
@@ -465,7 +602,7 @@ fn build_row(r: &Row) -> rusqlite::Result<BuildRow> {
     })
 }
 
-fn machine_row(r: &Row) -> rusqlite::Result<MachineRow> {
+fn machine_row(r: &Row<'_>) -> Result<MachineRow> {
     Ok(MachineRow {
         id: r.get("id")?,
         pool: r.get("pool")?,
@@ -486,7 +623,7 @@ fn machine_row(r: &Row) -> rusqlite::Result<MachineRow> {
     })
 }
 
-fn change_row(r: &Row) -> rusqlite::Result<ChangeRow> {
+fn change_row(r: &Row<'_>) -> Result<ChangeRow> {
     let files: String = r.get("files")?;
     Ok(ChangeRow {
         id: r.get("id")?,
@@ -503,11 +640,11 @@ fn change_row(r: &Row) -> rusqlite::Result<ChangeRow> {
 }
 
 /// Appends one machine event.
-fn insert_event(c: &Connection, machine: MachineId, at: &str, kind: &str, detail: &str) -> Result<()> {
+fn insert_event(c: &Conn<'_>, machine: MachineId, at: &str, kind: &str, detail: &str) -> Result<()> {
     exec(
         c,
         "INSERT INTO machine_events (machine_id, at, kind, detail) VALUES (?, ?, ?, ?)",
-        rusqlite::params![machine, at, kind, detail],
+        params![machine, at, kind, detail],
     )?;
     Ok(())
 }
@@ -552,27 +689,27 @@ pub enum Applied {
     Stale { applied: u64 },
 }
 
-fn append_log_in(c: &Connection, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
+fn append_log_in(c: &Conn<'_>, build: BuildId, idx: i64, text: &str, now: Ts) -> Result<()> {
     exec(
         c,
         "INSERT INTO log_chunks (build_id, step_idx, text, created_at) VALUES (?, ?, ?, ?)",
-        rusqlite::params![build, idx, text, ts_string(now)],
+        params![build, idx, text, ts_string(now)],
     )?;
     Ok(())
 }
 
-fn step_started_in(c: &Connection, build: BuildId, idx: i64, now: Ts) -> Result<()> {
+fn step_started_in(c: &Conn<'_>, build: BuildId, idx: i64, now: Ts) -> Result<()> {
     exec(
         c,
         "UPDATE steps SET state = 'running', started_at = ? WHERE build_id = ? AND idx = ?
          AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
-        rusqlite::params![ts_string(now), build, idx],
+        params![ts_string(now), build, idx],
     )?;
     Ok(())
 }
 
 fn step_finished_in(
-    c: &Connection,
+    c: &Conn<'_>,
     build: BuildId,
     idx: i64,
     result: &str,
@@ -584,7 +721,7 @@ fn step_finished_in(
         "UPDATE steps SET state = ?, exit_code = ?, finished_at = ?,
          started_at = COALESCE(started_at, ?) WHERE build_id = ? AND idx = ?
          AND EXISTS (SELECT 1 FROM builds WHERE id = steps.build_id AND state = 'running')",
-        rusqlite::params![
+        params![
             result,
             exit_code,
             ts_string(now),
@@ -605,14 +742,14 @@ pub struct Decided {
 }
 
 /// What the lifecycle rules need of attempt `build`, as stored; `None` if there is none.
-fn facts_in(c: &Connection, build: BuildId) -> Result<Option<BuildFacts>> {
+fn facts_in(c: &Conn<'_>, build: BuildId) -> Result<Option<BuildFacts>> {
     opt(
         c,
         "SELECT b.state, b.attempt, b.machine_id, b.cancelled_by IS NOT NULL, s.idx, s.name
          FROM builds b LEFT JOIN steps s ON s.build_id = b.id AND s.idx = (SELECT MIN(idx) FROM steps
            WHERE build_id = b.id AND state IN ('pending', 'running'))
          WHERE b.id = ?",
-        [build],
+        params![build],
         |r| {
             let attempt: i64 = r.get(1)?;
             let idx: Option<i64> = r.get(4)?;
@@ -631,7 +768,7 @@ fn facts_in(c: &Connection, build: BuildId) -> Result<Option<BuildFacts>> {
 
 /// Reads attempt `build`, lets the lifecycle decide what `event` does, and writes it.
 fn event_in(
-    c: &Connection,
+    c: &Conn<'_>,
     build: BuildId,
     event: &life::BuildEvent,
     now: Ts,
@@ -651,16 +788,16 @@ fn event_in(
 /// Writes what the lifecycle decided for `build`, guarded by the state it was decided from.
 /// `None` when the attempt had changed meanwhile (nothing written), else the new attempt, if
 /// one was queued.
-fn apply_in(c: &Connection, build: BuildId, t: &Transition, now: Ts) -> Result<Option<Option<BuildRow>>> {
+fn apply_in(c: &Conn<'_>, build: BuildId, t: &Transition, now: Ts) -> Result<Option<Option<BuildRow>>> {
     let now_s = ts_string(now);
     let done = exec(
         c,
         "UPDATE builds SET state = ?1,
            finished_at = CASE WHEN ?1 IN ('queued', 'running') THEN finished_at ELSE ?2 END,
            reason = COALESCE(?3, reason),
-           cancelled_by = CASE WHEN ?4 IS NOT NULL THEN ?4 WHEN ?5 THEN NULL ELSE cancelled_by END
+           cancelled_by = CASE WHEN CAST(?4 AS TEXT) IS NOT NULL THEN ?4 WHEN ?5 = 1 THEN NULL ELSE cancelled_by END
          WHERE id = ?6 AND state = ?7",
-        rusqlite::params![t.to.as_str(), &now_s, &t.reason, &t.cancel_by, t.forget_cancel, build, t.from.as_str()],
+        params![t.to.as_str(), &now_s, &t.reason, &t.cancel_by, t.forget_cancel, build, t.from.as_str()],
     )?;
     if done == 0 {
         return Ok(None);
@@ -685,27 +822,27 @@ fn apply_in(c: &Connection, build: BuildId, t: &Transition, now: Ts) -> Result<O
              SELECT request_id, builder, repo, branch, revision, ?, ?, attempt + 1 FROM builds WHERE id = ?
              RETURNING {BUILD_COLUMNS}"
         ),
-        rusqlite::params![reason, &now_s, build],
+        params![reason, &now_s, build],
         build_row,
     )?;
     Ok(Some(Some(row)))
 }
 
-fn close_open_steps(c: &Connection, build: BuildId, state: &str) -> Result<()> {
+fn close_open_steps(c: &Conn<'_>, build: BuildId, state: &str) -> Result<()> {
     exec(
         c,
         "UPDATE steps SET state = ? WHERE build_id = ? AND state IN ('pending', 'running')",
-        rusqlite::params![state, build],
+        params![state, build],
     )?;
     Ok(())
 }
 
-fn set_head(c: &Connection, repo: &str, branch: &str, revision: &str, now: &str) -> Result<()> {
+fn set_head(c: &Conn<'_>, repo: &str, branch: &str, revision: &str, now: &str) -> Result<()> {
     exec(
         c,
         "INSERT INTO branch_heads (repo, branch, revision, updated_at) VALUES (?, ?, ?, ?)
          ON CONFLICT (repo, branch) DO UPDATE SET revision = excluded.revision, updated_at = excluded.updated_at",
-        rusqlite::params![repo, branch, revision, now],
+        params![repo, branch, revision, now],
     )?;
     Ok(())
 }
@@ -743,72 +880,167 @@ mod tests {
         // looks at, and would compile the statement again for when it is rebound.
         let sql = "SELECT t.s, u.s FROM t LEFT JOIN u ON u.t_id = t.id WHERE t.id = ?1 AND u.idx = ?2";
         for n in 0..5 {
-            opt(&conn, sql, rusqlite::params![1, n], |r| r.get::<_, String>(0)).expect("select");
+            opt(&Conn::Lite(&conn), sql, params![1, n], |r| r.get::<String>(0)).expect("select");
         }
         let stmt = conn.prepare_cached(sql).expect("cached");
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0, "compiled again on reuse");
     }
 
-    #[tokio::test]
-    async fn readers_see_what_the_writer_committed_and_cannot_write() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("p.db").display());
-        let store = Store::open(&url).await.expect("open");
-        store.insert_machine(MachineId(1), "p", "local", "h", Ts(0)).await.expect("write");
-        // More readers than are kept idle, each asked at once while others are out.
-        let seen = store
-            .read(|a| {
-                store.read(|b| {
-                    let n = |c: &Connection| one(c, "SELECT COUNT(*) FROM machines", [], |r| r.get::<_, i64>(0));
-                    Ok((n(a)?, n(b)?))
-                })
+    /// A fresh database on the tests' PostgreSQL server (`.ci/test` starts it and names it in
+    /// `PADDOCK_TEST_POSTGRES`), opened as a store. It is left for the server's end: the
+    /// server is the test run's own.
+    async fn postgres_store() -> Store {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the tests with .ci/test, which starts a PostgreSQL server")
             })
-            .expect("read");
-        assert_eq!(seen, (1, 1));
-        let refused = store.read(|c| exec(c, "DELETE FROM machines", []));
-        assert!(refused.is_err(), "a reader refuses writes");
-        assert_eq!(store.max_machine_id().await.expect("max"), MachineId(1));
+        };
+        let server = var("PADDOCK_TEST_POSTGRES");
+        let env = |name: &str| match name {
+            "PGPASSWORD" => std::env::var("PADDOCK_TEST_POSTGRES_PASSWORD").ok(),
+            "PGSSLROOTCERT" => std::env::var("PADDOCK_TEST_POSTGRES_CA").ok(),
+            _ => None,
+        };
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "paddock_unit_{}_{}_{}",
+            std::process::id(),
+            crate::clock::Clock::now(&crate::clock::SystemClock).0,
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let (client, conn) = postgres::connect(&server, &env).await.expect("connect");
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        drop(client);
+        let _ = conn.await;
+        let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+        Store::open_postgres(&format!("{base}/{name}"), &env, false).await.expect("open")
     }
 
-    #[tokio::test]
-    async fn a_failed_write_leaves_nothing_behind() {
-        let store = Store::open("sqlite::memory:").await.expect("open");
-        let failed: Result<()> = store.write(|c| {
-            exec(
-                c,
-                "INSERT INTO machines (id, pool, provisioner, state, token_hash, requested_at) VALUES (1, 'p', 'local', 'requested', 'h', 't')",
-                [],
-            )?;
-            insert_event(c, MachineId(1), "t", "requested", "")?;
-            Err(StoreError::Migrate("stop here".into()))
-        });
-        assert!(failed.is_err_and(|e| e.to_string().contains("stop here")), "the closure's own error");
-        assert_eq!(store.machine_event_count().await.expect("count"), 0, "rolled back");
-        assert_eq!(store.max_machine_id().await.expect("max"), MachineId(0), "rolled back");
+    /// Each backend's store for a test: a SQLite file (in `dir`) and a PostgreSQL database.
+    async fn both(dir: &tempfile::TempDir) -> [Store; 2] {
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        [Store::open(&url).await.expect("open"), postgres_store().await]
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_see_what_the_writer_committed_and_cannot_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for store in both(&dir).await {
+            let backend = store.backend();
+            store.insert_machine(MachineId(1), "p", "local", "h", Ts(0)).await.expect("write");
+            // More readers than are kept idle, each asked at once while others are out.
+            let seen = store
+                .read(|a| {
+                    store.read(|b| {
+                        let n = |c: &Conn<'_>| one(c, "SELECT COUNT(*) FROM machines", params![], |r| r.get::<i64>(0));
+                        Ok((n(a)?, n(b)?))
+                    })
+                })
+                .expect("read");
+            assert_eq!(seen, (1, 1), "{backend}");
+            let refused = store.read(|c| exec(c, "DELETE FROM machines", params![]));
+            assert!(refused.is_err(), "{backend}: a reader refuses writes");
+            assert_eq!(store.max_machine_id().await.expect("max"), MachineId(1), "{backend}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_leaves_nothing_behind_and_the_next_one_works() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let [lite, pg] = both(&dir).await;
+        for store in [Store::open("sqlite::memory:").await.expect("open"), lite, pg] {
+            let backend = store.backend();
+            let insert = "INSERT INTO machines (id, pool, provisioner, state, token_hash, requested_at) VALUES (1, 'p', 'local', 'requested', 'h', 't')";
+            let failed: Result<()> = store.write(|c| {
+                exec(c, insert, params![])?;
+                insert_event(c, MachineId(1), "t", "requested", "")?;
+                Err(StoreError::Migrate("stop here".into()))
+            });
+            assert!(failed.is_err_and(|e| e.to_string().contains("stop here")), "{backend}: the closure's own error");
+            assert_eq!(store.machine_event_count().await.expect("count"), 0, "{backend}: rolled back");
+            assert_eq!(store.max_machine_id().await.expect("max"), MachineId(0), "{backend}: rolled back");
+            // A statement the database refuses (the same id twice) fails its transaction whole.
+            let refused = store.write(|c| {
+                exec(c, insert, params![])?;
+                exec(c, insert, params![])
+            });
+            assert!(refused.is_err(), "{backend}: a duplicate id is refused");
+            assert_eq!(store.max_machine_id().await.expect("max"), MachineId(0), "{backend}: rolled back");
+            store.insert_machine(MachineId(2), "p", "local", "h", Ts(0)).await.expect("the next write works");
+            assert_eq!(store.max_machine_id().await.expect("max"), MachineId(2), "{backend}");
+        }
+    }
+
+    /// A connection the server ends (a restart, an administrator) is made again: at most the
+    /// call that met the break fails, and the one after it works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgres_connection_that_breaks_is_made_again() {
+        let store = postgres_store().await;
+        store.insert_machine(MachineId(1), "p", "local", "h1", Ts(0)).await.expect("write");
+        assert!(store.machine(MachineId(1)).await.expect("read").is_some());
+        for round in 0..3 {
+            // From the writer itself: every other connection of the store's database ends.
+            let ended: i64 = store
+                .write(|c| {
+                    one(
+                        c,
+                        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                        params![],
+                        |r| r.get(0),
+                    )
+                })
+                .expect("end the readers");
+            assert!(ended >= 1, "round {round}: the readers were ended");
+            let first = store.machine(MachineId(1)).await;
+            let second = store.machine(MachineId(1)).await.expect("the read after a break works");
+            assert!(second.is_some(), "round {round}");
+            if let Err(e) = first {
+                assert!(e.to_string().contains("PostgreSQL"), "{e}");
+            }
+        }
+        // The writer's own connection, ended from a reader's.
+        let ended: i64 = store
+            .read(|c| {
+                one(
+                    c,
+                    "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    params![],
+                    |r| r.get(0),
+                )
+            })
+            .expect("end the writer");
+        assert!(ended >= 1, "the writer was ended");
+        let first = store.insert_machine(MachineId(2), "p", "local", "h2", Ts(0)).await;
+        store.insert_machine(MachineId(3), "p", "local", "h3", Ts(0)).await.expect("the write after a break works");
+        let expected = if first.is_ok() { 3 } else { 2 };
+        assert_eq!(store.list_machines(None, None).await.expect("list").len(), expected);
     }
 
     /// Writers that meet at the lock wait their turn (off the async worker) and lose nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_all_land() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("p.db").display());
-        let store = Store::open(&url).await.expect("open");
-        let tasks: Vec<_> = (0..8)
-            .map(|t| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    for i in 0..25 {
-                        let id = MachineId(t * 100 + i + 1);
-                        store.insert_machine(id, "p", "local", &format!("h{id}"), Ts(0)).await.expect("write");
-                        assert!(store.machine(id).await.expect("read").is_some(), "read after write");
-                    }
+        for store in both(&dir).await {
+            let backend = store.backend();
+            let tasks: Vec<_> = (0..8)
+                .map(|t| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        for i in 0..25 {
+                            let id = MachineId(t * 100 + i + 1);
+                            store.insert_machine(id, "p", "local", &format!("h{id}"), Ts(0)).await.expect("write");
+                            assert!(store.machine(id).await.expect("read").is_some(), "read after write");
+                        }
+                    })
                 })
-            })
-            .collect();
-        for t in tasks {
-            t.await.expect("task");
+                .collect();
+            for t in tasks {
+                t.await.expect("task");
+            }
+            assert_eq!(store.list_machines(None, None).await.expect("list").len(), 200, "{backend}");
+            assert_eq!(store.machine_event_count().await.expect("events"), 200, "{backend}");
         }
-        assert_eq!(store.list_machines(None, None).await.expect("list").len(), 200);
-        assert_eq!(store.machine_event_count().await.expect("events"), 200);
     }
 }

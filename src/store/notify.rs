@@ -1,6 +1,6 @@
 //! The notification outbox (`build_events`) and the deliveries made from it.
 
-use rusqlite::{params, Connection, Row};
+use super::{params, Conn, Row};
 use serde::Serialize;
 
 use super::{all, exec, one, opt, ts_string, Result, Store};
@@ -52,7 +52,7 @@ pub struct Delivery {
     pub sent_at: Option<String>,
 }
 
-fn delivery(r: &Row) -> rusqlite::Result<Delivery> {
+fn delivery(r: &Row<'_>) -> Result<Delivery> {
     Ok(Delivery {
         id: r.get("id")?,
         notifier: r.get("notifier")?,
@@ -69,7 +69,7 @@ fn delivery(r: &Row) -> rusqlite::Result<Delivery> {
 }
 
 /// Writes a build's start or end to the outbox, inside the transaction that records it.
-pub(super) fn outbox(c: &Connection, build: BuildId, kind: &str, at: &str) -> Result<()> {
+pub(super) fn outbox(c: &Conn<'_>, build: BuildId, kind: &str, at: &str) -> Result<()> {
     exec(c, "INSERT INTO build_events (build_id, kind, created_at) VALUES (?, ?, ?)", params![build, kind, at])?;
     Ok(())
 }
@@ -81,7 +81,7 @@ impl Store {
             all(
                 c,
                 "SELECT id, build_id, kind FROM build_events WHERE processed = 0 ORDER BY id LIMIT ?",
-                [limit],
+                params![limit],
                 |r| Ok(BuildEvent { id: r.get("id")?, build: r.get("build_id")?, kind: r.get("kind")? }),
             )
         })
@@ -106,7 +106,7 @@ impl Store {
              WHERE b.id = ? AND p.request_id < b.request_id AND {LINE}
              ORDER BY p.request_id DESC, p.attempt DESC LIMIT 1"
                 ),
-                [build],
+                params![build],
                 |r| r.get(0),
             )?;
             let superseded: bool = one(
@@ -115,7 +115,7 @@ impl Store {
                     "SELECT EXISTS (SELECT 1 FROM builds b JOIN builds p ON p.builder = b.builder AND p.branch = b.branch
              WHERE b.id = ? AND p.request_id > b.request_id AND {LINE})"
                 ),
-                [build],
+                params![build],
                 |r| r.get(0),
             )?;
             Ok(Standing { previous, superseded })
@@ -129,7 +129,11 @@ impl Store {
         }
         let ids = serde_json::to_string(events).unwrap_or_else(|_| "[]".into());
         self.write(|c| {
-            exec(c, "UPDATE build_events SET processed = 1 WHERE id IN (SELECT value FROM json_each(?))", [ids])
+            exec(
+                c,
+                &format!("UPDATE build_events SET processed = 1 WHERE id IN ({})", super::json_ids(c)),
+                params![ids],
+            )
         })?;
         Ok(())
     }
@@ -155,7 +159,7 @@ impl Store {
                     ],
                 )?;
             }
-            exec(c, "UPDATE build_events SET processed = 1 WHERE id = ?", [event])?;
+            exec(c, "UPDATE build_events SET processed = 1 WHERE id = ?", params![event])?;
             Ok(())
         })
     }
@@ -183,7 +187,7 @@ impl Store {
 
     /// The earliest time a pending delivery is due, if any.
     pub async fn next_delivery_at(&self) -> Result<Option<String>> {
-        self.read(|c| one(c, "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'", [], |r| r.get(0)))
+        self.read(|c| one(c, "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'", params![], |r| r.get(0)))
     }
 
     /// A delivery went out.
@@ -220,9 +224,12 @@ impl Store {
     pub async fn prune_notifications(&self, before: Ts) -> Result<u64> {
         let before = ts_string(before);
         let gone = self.write(|c| {
-            let events = exec(c, "DELETE FROM build_events WHERE processed = 1 AND created_at < ?", [&before])?;
-            let deliveries =
-                exec(c, "DELETE FROM deliveries WHERE state IN ('sent', 'failed') AND created_at < ?", [&before])?;
+            let events = exec(c, "DELETE FROM build_events WHERE processed = 1 AND created_at < ?", params![&before])?;
+            let deliveries = exec(
+                c,
+                "DELETE FROM deliveries WHERE state IN ('sent', 'failed') AND created_at < ?",
+                params![&before],
+            )?;
             Ok(events + deliveries)
         })?;
         Ok(gone as u64)
@@ -230,6 +237,6 @@ impl Store {
 
     /// The newest deliveries, for the API.
     pub async fn deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
-        self.read(|c| all(c, "SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", [limit], delivery))
+        self.read(|c| all(c, "SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", params![limit], delivery))
     }
 }

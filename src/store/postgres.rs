@@ -1,6 +1,6 @@
-//! PostgreSQL, the database several masters share: so far its schema. The store's queries
-//! run on SQLite only; this applies `migrations/postgres/` (the same versions as SQLite's)
-//! and records them in `_sqlx_migrations` as on SQLite.
+//! PostgreSQL, the database several masters share: connecting to it, and its schema. This
+//! applies `migrations/postgres/` (the same versions as SQLite's) and records them in
+//! `_sqlx_migrations` as on SQLite; the store's queries run on it through [`super::sql`].
 //!
 //! The password is never in the config: it comes from `PGPASSWORD` or a password file
 //! (`PGPASSFILE`, else `~/.pgpass`), read by libpq's rules, as `psql` and `pg_dump` read them.
@@ -12,11 +12,14 @@ use std::time::Instant;
 use super::migrate::{check_applied, POSTGRES_MIGRATIONS};
 use super::{Result, StoreError};
 
+/// How connections make TLS (or not), as `sslmode` asks.
+pub(super) type Tls = tokio_postgres_rustls::MakeRustlsConnect;
+
 /// Any number, the same in every master: masters that start together take turns to migrate.
 const MIGRATION_LOCK: i64 = 0x7061_6464_6f63_6b00; // "paddock\0"
 
 /// Looks up an environment variable: the process's ([`process_env`]), or a test's own.
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub type Env<'a> = &'a (dyn Fn(&str) -> Option<String> + Sync);
 
 /// The process's environment.
 pub fn process_env(name: &str) -> Option<String> {
@@ -41,8 +44,16 @@ pub async fn migrate_with(url: &str, env: Env<'_>) -> Result<()> {
 /// One connection to the database at `url` (password and CAs from `env`, TLS as its
 /// `sslmode` asks); the task that carries it ends once the client is dropped.
 pub async fn connect(url: &str, env: Env<'_>) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
-    let config = connect_config(url, env)?;
-    let (client, connection) = config.connect(tls(env)?).await.map_err(pg)?;
+    connect_with(&connect_config(url, env)?, tls(env)?).await
+}
+
+/// One connection as `config` says, over `tls`; the task that carries it runs on the current
+/// runtime and ends once the client is dropped.
+pub(super) async fn connect_with(
+    config: &tokio_postgres::Config,
+    tls: Tls,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let (client, connection) = config.connect(tls).await.map_err(pg)?;
     let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!("PostgreSQL connection ended: {e}");
@@ -58,7 +69,8 @@ async fn run(client: &mut tokio_postgres::Client) -> Result<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(pg)?;
     // A migration's ALTER TABLE waits for the tables' users, and everything after it waits
     // for it: past this, the migration gives up (and says so) rather than stall the farm.
-    tx.batch_execute("SET LOCAL lock_timeout = '30s'").await.map_err(pg)?;
+    // The server's notices ("already exists, skipping") are not news for the master's log.
+    tx.batch_execute("SET LOCAL lock_timeout = '30s'; SET LOCAL client_min_messages = warning").await.map_err(pg)?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
              version BIGINT PRIMARY KEY,
@@ -101,7 +113,7 @@ async fn run(client: &mut tokio_postgres::Client) -> Result<()> {
 /// offers it; `require`: always; `disable`: never). The server's certificate and name are
 /// always checked (rustls checks nothing less), against the CAs of `PGSSLROOTCERT` when set,
 /// else the system's.
-fn tls(env: Env<'_>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+pub(super) fn tls(env: Env<'_>) -> Result<Tls> {
     let ca = match env("PGSSLROOTCERT").filter(|f| !f.is_empty()) {
         Some(file) => Some(
             crate::tls::read_ca_file(std::path::Path::new(&file))
@@ -199,7 +211,7 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
 }
 
 /// The server's own message when there is one (the client's `Display` says only "db error").
-fn pg_text(e: &tokio_postgres::Error) -> String {
+pub(super) fn pg_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return db.message().to_string();
     }

@@ -1,9 +1,9 @@
 //! Reads the pages need: the console's grid, builds of recent changes, log chunks after a
 //! point (for the live log), recent machines.
 
-use rusqlite::params;
-
-use super::{all, build_row, machine_row, opt, BuildRow, MachineRow, Result, Store, BUILD_COLUMNS, MACHINE_COLUMNS};
+use super::{
+    all, build_row, each, machine_row, opt, params, BuildRow, MachineRow, Result, Store, BUILD_COLUMNS, MACHINE_COLUMNS,
+};
 use crate::core::BuildId;
 
 /// A piece of a build's log: its id (to resume after), the step, the text.
@@ -25,19 +25,19 @@ impl Store {
                 c,
                 &format!(
                     "WITH RECURSIVE pairs(builder, branch) AS (
-               SELECT * FROM (SELECT builder, branch FROM builds ORDER BY builder, branch LIMIT 1)
+               SELECT * FROM (SELECT builder, branch FROM builds ORDER BY builder, branch LIMIT 1) AS first
                UNION ALL
                SELECT n.builder, n.branch FROM pairs p, builds n
-               WHERE n.rowid = COALESCE(
-                 (SELECT b.rowid FROM builds b WHERE b.builder = p.builder AND b.branch > p.branch
+               WHERE n.id = COALESCE(
+                 (SELECT b.id FROM builds b WHERE b.builder = p.builder AND b.branch > p.branch
                   ORDER BY b.builder, b.branch LIMIT 1),
-                 (SELECT b.rowid FROM builds b WHERE b.builder > p.builder ORDER BY b.builder, b.branch LIMIT 1))
+                 (SELECT b.id FROM builds b WHERE b.builder > p.builder ORDER BY b.builder, b.branch LIMIT 1))
              )
              SELECT {BUILD_COLUMNS} FROM builds WHERE id IN
                (SELECT (SELECT MAX(b.id) FROM builds b WHERE b.builder = p.builder AND b.branch = p.branch) FROM pairs p)
              ORDER BY id DESC"
                 ),
-                [],
+                params![],
                 build_row,
             )
         })
@@ -54,11 +54,13 @@ impl Store {
             all(
                 c,
                 &format!(
-                    "SELECT {BUILD_COLUMNS} FROM builds WHERE (repo, revision) IN
-             (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))
-             ORDER BY id DESC"
+                    "SELECT {BUILD_COLUMNS} FROM builds WHERE (repo, revision) IN ({}) ORDER BY id DESC",
+                    c.pick(
+                        "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)",
+                        "SELECT p->>0, p->>1 FROM json_array_elements(CAST(? AS json)) AS p"
+                    )
                 ),
-                [pairs],
+                params![pairs],
                 build_row,
             )
         })
@@ -75,21 +77,24 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<LogChunk>, bool)> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? AND id > ? ORDER BY id LIMIT ?",
-            )?;
+            let (mut out, mut size, mut more) = (Vec::new(), 0, false);
             // One row past the limit says whether more follow.
-            let mut rows = stmt.query(params![build, after, limit.saturating_add(1)])?;
-            let (mut out, mut size) = (Vec::new(), 0);
-            while let Some(r) = rows.next()? {
-                let chunk = LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text: r.get("text")? };
-                if out.len() as i64 >= limit || (size + chunk.text.len() > max_bytes && !out.is_empty()) {
-                    return Ok((out, true));
-                }
-                size += chunk.text.len();
-                out.push(chunk);
-            }
-            Ok((out, false))
+            each(
+                c,
+                "SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? AND id > ? ORDER BY id LIMIT ?",
+                params![build, after, limit.saturating_add(1)],
+                |r| {
+                    let chunk = LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text: r.get("text")? };
+                    if out.len() as i64 >= limit || (size + chunk.text.len() > max_bytes && !out.is_empty()) {
+                        more = true;
+                        return Ok(false);
+                    }
+                    size += chunk.text.len();
+                    out.push(chunk);
+                    Ok(true)
+                },
+            )?;
+            Ok((out, more))
         })
     }
 
@@ -99,21 +104,24 @@ impl Store {
         // Newest first, read one at a time, stopping once the size is reached: a 64 MiB log
         // costs a page view no more than `max_bytes`.
         self.read_long(|c| {
-            let mut stmt =
-                c.prepare_cached("SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC")?;
-            let mut rows = stmt.query([build])?;
             let mut size = 0;
             let mut out = Vec::new();
             let mut cut = false;
-            while let Some(r) = rows.next()? {
-                let text: String = r.get("text")?;
-                size += text.len();
-                if size > max_bytes && !out.is_empty() {
-                    cut = true;
-                    break;
-                }
-                out.push(LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text });
-            }
+            each(
+                c,
+                "SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC",
+                params![build],
+                |r| {
+                    let text: String = r.get("text")?;
+                    size += text.len();
+                    if size > max_bytes && !out.is_empty() {
+                        cut = true;
+                        return Ok(false);
+                    }
+                    out.push(LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text });
+                    Ok(true)
+                },
+            )?;
             out.reverse();
             Ok((out, cut))
         })
@@ -126,7 +134,7 @@ impl Store {
                 c,
                 "SELECT n.id FROM builds b JOIN builds n ON n.request_id = b.request_id AND n.attempt = b.attempt + 1
              WHERE b.id = ?",
-                [build],
+                params![build],
                 |r| r.get(0),
             )
         })
@@ -140,10 +148,10 @@ impl Store {
                 &format!(
                     "SELECT {MACHINE_COLUMNS} FROM machines WHERE state != 'gone'
              UNION ALL
-             SELECT * FROM (SELECT {MACHINE_COLUMNS} FROM machines WHERE state = 'gone' ORDER BY id DESC LIMIT ?)
+             SELECT * FROM (SELECT {MACHINE_COLUMNS} FROM machines WHERE state = 'gone' ORDER BY id DESC LIMIT ?) AS gone
              ORDER BY id DESC"
                 ),
-                [limit],
+                params![limit],
                 machine_row,
             )
         })

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod cloud;
+pub mod db;
 pub mod faultproxy;
 pub mod moto;
 pub mod tls;
@@ -111,6 +112,19 @@ pub struct Bed {
     /// Who the master and every command of the bed run as: `None` for the test's own user,
     /// or (uid, gid) of an unprivileged one (a root test playing a non-root installation).
     user: Option<(u32, u32)>,
+    /// The bed's PostgreSQL database, when its master runs on one (see [`beds_on_postgres`]);
+    /// else the master's database is `paddock.db` in the bed.
+    pub pg: Option<db::PgBlocking>,
+}
+
+thread_local! {
+    static ON_POSTGRES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the beds this test (its thread) creates from now on run their master on a fresh
+/// database of the test PostgreSQL server instead of a SQLite file.
+pub fn beds_on_postgres() {
+    ON_POSTGRES.with(|on| on.set(true));
 }
 
 /// `cmd` run as `user` (uid, gid; no supplementary groups), with its home in `home`.
@@ -190,6 +204,7 @@ impl Bed {
             run_git_as(&repo, &["branch", b], user);
         }
         let master_log = dir.path().join("master.log");
+        let pg = ON_POSTGRES.with(|on| on.get()).then(db::PgBlocking::new);
         Bed {
             dir,
             repo,
@@ -201,6 +216,7 @@ impl Bed {
             token: None,
             ca: None,
             user,
+            pg,
         }
     }
 
@@ -216,6 +232,12 @@ impl Bed {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         as_user(&mut cmd, self.user, self.path());
+        if self.pg.is_some() {
+            // As an installation gives them: the password and the server's CA in the
+            // environment, never in the config.
+            cmd.env("PGPASSWORD", db::pg_env("PGPASSWORD").unwrap_or_default());
+            cmd.env("PGSSLROOTCERT", db::pg_env("PGSSLROOTCERT").unwrap_or_default());
+        }
         cmd
     }
 
@@ -366,10 +388,8 @@ impl Bed {
     /// Waits until every build event is planned and no notification is pending.
     pub fn notifications_settled(&self) {
         self.wait("notifications settled", || {
-            let unplanned =
-                self.sqlite_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
-            let pending =
-                self.sqlite_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
+            let unplanned = self.db_scalar("SELECT COUNT(*) FROM build_events WHERE processed = 0").filter(|n| *n == 0);
+            let pending = self.db_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").filter(|n| *n == 0);
             unplanned.and(pending)
         });
     }
@@ -390,8 +410,9 @@ impl Bed {
     pub fn config_with_master(&self, master_extra: &str, repo_extra: &str, rest: &str) -> PathBuf {
         let poll = if repo_extra.contains("poll =") { "" } else { "poll = \"300ms\"\n" };
         let heartbeat = if master_extra.contains("heartbeat_timeout") { "" } else { "heartbeat_timeout = \"6s\"\n" };
+        let database = self.pg.as_ref().map_or("sqlite://paddock.db", |pg| pg.url.as_str());
         let text = format!(
-            "[master]\nurl = \"{url}\"\ndatabase = \"sqlite://paddock.db\"\n{heartbeat}shutdown_grace = \"20s\"\n{master_extra}\n\n\
+            "[master]\nurl = \"{url}\"\ndatabase = \"{database}\"\n{heartbeat}shutdown_grace = \"20s\"\n{master_extra}\n\n\
              [[repo]]\nname = \"app\"\nurl = \"repo\"\n{poll}{repo_extra}\n\n{rest}\n",
             url = self.url()
         );
@@ -436,15 +457,35 @@ impl Bed {
         for b in branches {
             let b = b.to_string();
             self.wait(&format!("head of {b} recorded"), || {
-                self.sqlite_scalar(&format!("SELECT COUNT(*) FROM branch_heads WHERE branch = '{b}'"))
+                self.db_scalar(&format!("SELECT COUNT(*) FROM branch_heads WHERE branch = '{b}'"))
                     .filter(|n| *n > 0)
                     .map(|_| ())
             });
         }
     }
 
-    /// Reads one integer from the master's SQLite file with the `sqlite3` CLI (read-only use).
-    pub fn sqlite_scalar(&self, sql: &str) -> Option<i64> {
+    /// Runs `sql` on the master's database (a test playing a crash's leftovers), with the
+    /// `sqlite3` CLI or `psql`.
+    pub fn db_execute(&self, sql: &str) {
+        if let Some(pg) = &self.pg {
+            pg.query(sql);
+            return;
+        }
+        let out = self
+            .command("sqlite3")
+            .arg(self.path().join("paddock.db"))
+            .arg(sql)
+            .output()
+            .expect("sqlite3 must be installed to run these tests (apt-get install sqlite3)");
+        assert!(out.status.success(), "sqlite3 {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Reads one integer from the master's database with the `sqlite3` CLI (or `psql`, on
+    /// PostgreSQL), read-only use.
+    pub fn db_scalar(&self, sql: &str) -> Option<i64> {
+        if let Some(pg) = &self.pg {
+            return pg.query(sql).trim().parse().ok();
+        }
         let out = self
             .command("sqlite3")
             .arg(self.path().join("paddock.db"))
@@ -511,7 +552,17 @@ impl Bed {
     /// GET a JSON API path.
     pub fn get(&self, path: &str) -> Value {
         let resp = self.http.get(format!("{}{path}", self.url())).send().expect("GET");
-        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        let status = resp.status();
+        if !status.is_success() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "GET {path}: {status}: {}\n--- master log tail ---\n{}",
+                resp.text().unwrap_or_default(),
+                tail.join("\n")
+            );
+        }
         resp.json().expect("json")
     }
 
@@ -620,6 +671,15 @@ impl Bed {
 
     /// The stored log text of one step of a build, exactly (read with the `sqlite3` CLI).
     pub fn step_log(&self, build: i64, step: i64) -> String {
+        if let Some(pg) = &self.pg {
+            let hex = pg.query(&format!(
+                "SELECT encode(convert_to(text, 'UTF8'), 'hex') FROM log_chunks WHERE build_id = {build} AND step_idx = {step} ORDER BY id"
+            ));
+            let hex: String = hex.split_whitespace().collect();
+            let bytes: Vec<u8> =
+                (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()).collect();
+            return String::from_utf8(bytes).expect("the log is UTF-8");
+        }
         let out = Command::new("sqlite3")
             .arg(self.path().join("paddock.db"))
             .arg(format!("SELECT hex(text) FROM log_chunks WHERE build_id = {build} AND step_idx = {step} ORDER BY id"))
@@ -688,6 +748,9 @@ impl Drop for Bed {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(pg) = self.pg.take() {
+            pg.drop_it();
         }
     }
 }
@@ -840,7 +903,7 @@ impl InProcessMaster {
         }));
         rt.block_on(ready_rx).expect("master ready");
         bed.wait("head of main recorded", || {
-            bed.sqlite_scalar("SELECT COUNT(*) FROM branch_heads WHERE branch = 'main'").filter(|n| *n > 0)
+            bed.db_scalar("SELECT COUNT(*) FROM branch_heads WHERE branch = 'main'").filter(|n| *n > 0)
         });
         InProcessMaster { rt, stop: Some(stop_tx), master: Some(master) }
     }
