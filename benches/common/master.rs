@@ -77,11 +77,31 @@ pub fn new_repo(dir: &Path, file: &str) -> std::path::PathBuf {
 /// the repository at `repo` polled every `poll`.
 pub fn head(port: u16, dir: &Path, repo: &Path, poll: &str) -> String {
     format!(
-        "[master]\nurl = \"http://127.0.0.1:{port}\"\ndatabase = \"sqlite://{}\"\n\n\
+        "[master]\nurl = \"http://127.0.0.1:{port}\"\ndatabase = \"{}\"\n\n\
          [[repo]]\nname = \"app\"\nurl = \"{}\"\npoll = \"{poll}\"\n\n",
-        dir.join("paddock.db").display(),
+        database(dir),
         repo.display()
     )
+}
+
+/// The master's database: `paddock.db` in `dir`, or the (empty) PostgreSQL database named by
+/// `PADDOCK_BENCH_DATABASE` (its password and CA in `PGPASSWORD` and `PGSSLROOTCERT`).
+pub fn database(dir: &Path) -> String {
+    std::env::var("PADDOCK_BENCH_DATABASE").unwrap_or_else(|_| format!("sqlite://{}", dir.join("paddock.db").display()))
+}
+
+/// CPU seconds (user + system) of the PostgreSQL server processes serving database `name`
+/// (their titles say `postgres: USER NAME …`), for a master on PostgreSQL.
+pub fn postgres_cpu_seconds(name: &str) -> f64 {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(title) = std::fs::read_to_string(entry.path().join("cmdline")) else { continue };
+        let serves = title.starts_with("postgres: ") && title.split_whitespace().nth(2) == Some(name);
+        if let (true, Ok(pid)) = (serves, entry.file_name().to_string_lossy().parse::<u32>()) {
+            total += cpu_seconds(pid).0;
+        }
+    }
+    total
 }
 
 /// Starts the master on `config` (written into `dir` as paddock.toml) and waits for /healthz.

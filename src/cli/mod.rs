@@ -22,6 +22,7 @@ pub struct Cli {
 }
 
 mod accounts;
+mod db;
 mod simulate;
 
 /// Where client subcommands find the master, and how they prove who they are.
@@ -188,6 +189,11 @@ enum Command {
         #[command(subcommand)]
         action: accounts::UserCmd,
     },
+    /// Work on a database: copy an installation's into a new one (SQLite to PostgreSQL).
+    Db {
+        #[command(subcommand)]
+        action: db::DbCmd,
+    },
     /// Manage API tokens for scripts (sent as `Authorization: Bearer <token>`).
     Token {
         #[command(subcommand)]
@@ -353,6 +359,10 @@ async fn dispatch(command: Command, preloaded: Option<crate::config::Config>) ->
         Command::User { action } => {
             private_umask();
             return accounts::user(action).await;
+        }
+        Command::Db { action } => {
+            private_umask();
+            return db::db(action).await;
         }
         Command::Token { action } => {
             private_umask();

@@ -23,6 +23,7 @@ use crate::cost::report::MachineFacts;
 mod accounts;
 mod builds;
 mod changes;
+mod copy;
 mod machines;
 mod meter;
 mod migrate;
@@ -32,6 +33,7 @@ mod sql;
 mod types;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
+pub use copy::{Copied, TABLES};
 pub use migrate::{Migration, MIGRATIONS, POSTGRES_MIGRATIONS};
 pub use notify::{BuildEvent, Delivery, NewDelivery, Standing};
 pub use views::LogChunk;
@@ -58,6 +60,9 @@ pub enum StoreError {
     Column(String),
     #[error("cannot apply migrations: {0}")]
     Migrate(String),
+    /// A database copy that was refused or failed (nothing of it was committed).
+    #[error("cannot copy the database: {0}")]
+    Copy(String),
     /// Says the URL's scheme only: the rest may hold a password.
     #[error("unsupported database URL (scheme {0:?}): the store runs on sqlite: or PostgreSQL")]
     Unsupported(String),

@@ -125,6 +125,13 @@ pub(super) fn tls(env: Env<'_>) -> Result<Tls> {
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Whether a connection string carries a password, read as the client reads it (user info,
+/// query parameters, percent escapes, key=value); `Err` with the client's reason when it
+/// cannot read it (the reason names an option, never a value).
+pub fn password_given(url: &str) -> std::result::Result<bool, String> {
+    url.parse::<tokio_postgres::Config>().map(|c| c.get_password().is_some()).map_err(|e| e.to_string())
+}
+
 /// The connection settings of `url`, with the password from `PGPASSWORD`, else from the first
 /// line of the password file that matches the host, port, database and user.
 pub fn connect_config(url: &str, env: Env<'_>) -> Result<tokio_postgres::Config> {

@@ -42,6 +42,42 @@ impl Cell<'_> {
     }
 }
 
+/// A value owned: a row copied from one database to another.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Value {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl Param for Value {
+    fn cell(&self) -> Cell<'_> {
+        match self {
+            Value::Null => Cell::Null,
+            Value::Int(v) => Cell::Int(*v),
+            Value::Real(v) => Cell::Real(*v),
+            Value::Text(s) => Cell::Text(s),
+            Value::Blob(b) => Cell::Blob(b),
+        }
+    }
+}
+
+impl FromCell for Value {
+    fn from_cell(cell: Cell<'_>) -> std::result::Result<Self, CellError> {
+        Ok(match cell {
+            Cell::Null => Value::Null,
+            Cell::Int(v) => Value::Int(v),
+            Cell::Real(v) => Value::Real(v),
+            Cell::Text(s) => Value::Text(s.to_string()),
+            // Flags are 0/1 integers in both schemas.
+            Cell::Bool(b) => Value::Int(i64::from(b)),
+            Cell::Blob(b) => Value::Blob(b.to_vec()),
+        })
+    }
+}
+
 /// Why a column's value is not what the code reads it as.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -191,7 +191,7 @@ fn postgres_password_given(db: &str) -> Result<bool, String> {
     if db.starts_with("sqlite:") {
         return Ok(false);
     }
-    db.parse::<tokio_postgres::Config>().map(|c| c.get_password().is_some()).map_err(|e| e.to_string())
+    crate::store::postgres::password_given(db)
 }
 
 /// A relative sqlite database file resolves against the config's folder; other URLs are kept.
