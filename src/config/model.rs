@@ -48,6 +48,9 @@ pub struct Master {
     pub heartbeat_timeout: Duration,
     /// How long running builds may take to finish on SIGINT/SIGTERM. Default 60s.
     pub shutdown_grace: Duration,
+    /// On PostgreSQL: how long the farm's lease lasts unless renewed (renewed every fifth of
+    /// it); a standby master takes over within this of the active one's death. Default 15s.
+    pub lease_ttl: Duration,
     /// Tags every cloud machine this master owns (`paddock:cluster`); two masters sharing an
     /// account must differ. Default `paddock`.
     pub cluster: String,

@@ -6,6 +6,7 @@
 
 pub mod build;
 pub mod fleet;
+pub mod lease;
 pub mod reconcile;
 pub mod scheduler;
 

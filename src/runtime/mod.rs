@@ -10,6 +10,7 @@ pub mod handle;
 pub mod ingest;
 pub mod isolation;
 pub mod job;
+pub mod lease;
 mod lifecycle;
 mod main_loop;
 pub mod poller;
@@ -261,6 +262,24 @@ pub async fn run(
     let config = Arc::new(config);
     isolation::protect_files(&config)?;
     let store = Store::open(&config.master.database).await?;
+    // On PostgreSQL several masters may share the database: one acts for the farm, the others
+    // wait here as standbys (not listening yet) until its lease is theirs.
+    let lease = match store.backend() {
+        "postgres" => {
+            let me = lease::Identity::of_this_process();
+            let held = lease::acquire(&store, &me, &config.master.url, config.master.lease_ttl).await?;
+            store.set_fence(Some(held.fence.clone()));
+            let renewer = lease::spawn_renewer(
+                store.clone(),
+                me.clone(),
+                held.clone(),
+                config.master.lease_ttl,
+                config.master.url.clone(),
+            );
+            Some((me, held, renewer))
+        }
+        _ => None,
+    };
     let secrets = Secrets::load(config.master.secrets_file.as_deref())?;
     let notifiers = Arc::new(crate::notify::worker::Notifiers::from_config(&config)?);
     let tls = config.master.tls.as_ref().map(crate::web::tls::server_config).transpose()?;
@@ -331,6 +350,14 @@ pub async fn run(
     shared.web_closing.store(true, Ordering::SeqCst);
     // Open responses (a live log, a slow client) get a moment to end; then the server goes.
     server.shutdown(WEB_STOP_GRACE).await;
+    if let Some((me, held, renewer)) = lease {
+        // Handed over at once: a standby need not wait for the lease to expire.
+        renewer.abort();
+        if let Err(e) = store.release_lease(&held.fence).await {
+            tracing::warn!(error = %e, "cannot give the farm's lease up; a standby takes it when it expires");
+        }
+        let _ = store.master_stopped(&me.id).await;
+    }
     tracing::info!("master stopped");
     Ok(())
 }

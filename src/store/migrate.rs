@@ -50,6 +50,7 @@ migrations![
     6 "0006_notify.sql" "notify",
     7 "0007_builds_line.sql" "builds line",
     8 "0008_report_seq.sql" "report seq",
+    9 "0009_leases.sql" "leases",
 ];
 
 impl Migration {

@@ -24,6 +24,7 @@ mod accounts;
 mod builds;
 mod changes;
 mod copy;
+mod leases;
 mod machines;
 mod meter;
 mod migrate;
@@ -33,7 +34,8 @@ mod sql;
 mod types;
 mod views;
 pub use accounts::{PauseRow, SessionRow, TokenRow, UserRow};
-pub use copy::{Copied, TABLES};
+pub use copy::{Copied, NOT_COPIED, TABLES};
+pub use leases::{Fence, LeaseRow, MasterRow, FARM};
 pub use migrate::{Migration, MIGRATIONS, POSTGRES_MIGRATIONS};
 pub use notify::{BuildEvent, Delivery, NewDelivery, Standing};
 pub use views::LogChunk;
@@ -60,6 +62,10 @@ pub enum StoreError {
     Column(String),
     #[error("cannot apply migrations: {0}")]
     Migrate(String),
+    /// This master no longer holds the lease its writes are fenced with: another master
+    /// acts for the farm now, and nothing was written.
+    #[error("this master lost the lease of {0:?}: another master acts for it now")]
+    Fenced(String),
     /// A database copy that was refused or failed (nothing of it was committed).
     #[error("cannot copy the database: {0}")]
     Copy(String),
@@ -84,6 +90,9 @@ pub struct Store {
     /// Raised after a transaction that wrote a notification event, so the notifier's planner
     /// sleeps until there is news instead of polling.
     news: Arc<tokio::sync::Notify>,
+    /// The lease every write on PostgreSQL checks first, once this master holds one (see
+    /// [`Store::set_fence`]).
+    fence: Arc<Mutex<Option<Fence>>>,
 }
 
 /// The database, on one backend or the other.
@@ -283,7 +292,11 @@ impl Store {
             writer: Mutex::new(None),
             readers: Mutex::new(Vec::new()),
         };
-        let store = Store { db: Arc::new(Db::Pg(Box::new(pg))), news: Arc::new(tokio::sync::Notify::new()) };
+        let store = Store {
+            db: Arc::new(Db::Pg(Box::new(pg))),
+            news: Arc::new(tokio::sync::Notify::new()),
+            fence: Arc::default(),
+        };
         // Connects now, so a wrong password or an unreachable server is an error of the open.
         store.ping().await?;
         Ok(store)
@@ -291,7 +304,7 @@ impl Store {
 
     fn with(file: Option<PathBuf>, read_only: bool, writer: Connection) -> Store {
         let db = LiteDb { file, read_only, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) };
-        Store { db: Arc::new(Db::Lite(db)), news: Arc::new(tokio::sync::Notify::new()) }
+        Store { db: Arc::new(Db::Lite(db)), news: Arc::new(tokio::sync::Notify::new()), fence: Arc::default() }
     }
 
     /// Which backend this store runs on: `sqlite` or `postgres`.
@@ -309,7 +322,10 @@ impl Store {
     fn write<T>(&self, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
         let lite = match &*self.db {
             Db::Lite(lite) => lite,
-            Db::Pg(pg) => return blocking(|| Self::pg_write(pg, f)),
+            Db::Pg(pg) => {
+                let fence = self.fence.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                return blocking(|| Self::pg_write(pg, fence.as_ref(), f));
+            }
         };
         // A panic inside an earlier transaction rolled it back when it unwound (the
         // transaction's drop); the connection itself is sound.
@@ -331,23 +347,47 @@ impl Store {
         Ok(out)
     }
 
-    fn pg_write<T>(pg: &PgDb, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
+    /// [`Store::write`] without the lease check: for the lease's own renewal and the
+    /// masters' roll call, which a master does whether it holds the lease or not.
+    fn write_unfenced<T>(&self, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
+        match &*self.db {
+            Db::Lite(_) => self.write(f),
+            Db::Pg(pg) => blocking(|| Self::pg_write(pg, None, f)),
+        }
+    }
+
+    /// From now on, every write on PostgreSQL first checks that `fence` still holds (the
+    /// same holder and epoch, unexpired), and fails with [`StoreError::Fenced`] when it does
+    /// not, changing nothing. (SQLite has one master by nature: it ignores the fence.)
+    pub fn set_fence(&self, fence: Option<Fence>) {
+        *self.fence.lock().unwrap_or_else(PoisonError::into_inner) = fence;
+    }
+
+    fn pg_write<T>(pg: &PgDb, fence: Option<&Fence>, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
         if pg.read_only {
             return Err(StoreError::Postgres("this store was opened to read only".into()));
         }
         let mut writer = pg.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        if writer.as_ref().is_none_or(|c| c.client.is_closed()) {
+        if writer.as_ref().is_none_or(PgConn::is_broken) {
             *writer = Some(pg.connect(false)?);
         }
         let Some(conn) = writer.as_ref() else { unreachable!("connected just above") };
         let out = conn
             .batch(&format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
+            .and_then(|()| match fence {
+                // Checked under the write lock: a takeover is a write too, so it either
+                // committed before this check or waits until this transaction ends.
+                Some(fence) if !leases::fence_holds(&Conn::Pg(conn), fence)? => {
+                    Err(StoreError::Fenced(fence.scope.clone()))
+                }
+                _ => Ok(()),
+            })
             .and_then(|()| f(&Conn::Pg(conn)))
             .and_then(|out| conn.batch("COMMIT").map(|()| out));
         if out.is_err() {
             // Nothing of it stays: the transaction is rolled back (or the connection is gone,
             // and with it the transaction).
-            if conn.batch("ROLLBACK").is_err() {
+            if conn.is_broken() || conn.batch("ROLLBACK").is_err() {
                 *writer = None;
             }
         }
@@ -386,16 +426,21 @@ impl Store {
 
     fn pg_read<T>(pg: &PgDb, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
         let idle = pg.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let conn = match idle.filter(|c| !c.client.is_closed()) {
+        let conn = match idle.filter(|c| !c.is_broken()) {
             Some(conn) => conn,
             None => pg.connect(true)?,
         };
         let out = f(&Conn::Pg(&conn));
-        if !conn.client.is_closed() {
-            let mut idle = pg.readers.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < IDLE_READERS {
-                idle.push(conn);
-            }
+        if conn.is_broken() {
+            // The connection broke under this read. What broke it (a server restart, an
+            // administrator) most likely ended the idle ones too: they go, so the next read
+            // starts on a new connection instead of meeting the same break.
+            pg.readers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            return out;
+        }
+        let mut idle = pg.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
         }
         out
     }
@@ -984,19 +1029,8 @@ mod tests {
         store.insert_machine(MachineId(1), "p", "local", "h1", Ts(0)).await.expect("write");
         assert!(store.machine(MachineId(1)).await.expect("read").is_some());
         for round in 0..3 {
-            // From the writer itself: every other connection of the store's database ends.
-            let ended: i64 = store
-                .write(|c| {
-                    one(
-                        c,
-                        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
-                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                        params![],
-                        |r| r.get(0),
-                    )
-                })
-                .expect("end the readers");
-            assert!(ended >= 1, "round {round}: the readers were ended");
+            // From the writer: every other connection of the store's database (its readers).
+            end_others(&store, true).await;
             let first = store.machine(MachineId(1)).await;
             let second = store.machine(MachineId(1)).await.expect("the read after a break works");
             assert!(second.is_some(), "round {round}");
@@ -1004,23 +1038,39 @@ mod tests {
                 assert!(e.to_string().contains("PostgreSQL"), "{e}");
             }
         }
-        // The writer's own connection, ended from a reader's.
-        let ended: i64 = store
-            .read(|c| {
-                one(
-                    c,
-                    "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
-                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                    params![],
-                    |r| r.get(0),
-                )
-            })
-            .expect("end the writer");
-        assert!(ended >= 1, "the writer was ended");
+        // From a reader: the writer's connection.
+        end_others(&store, false).await;
         let first = store.insert_machine(MachineId(2), "p", "local", "h2", Ts(0)).await;
         store.insert_machine(MachineId(3), "p", "local", "h3", Ts(0)).await.expect("the write after a break works");
         let expected = if first.is_ok() { 3 } else { 2 };
         assert_eq!(store.list_machines(None, None).await.expect("list").len(), expected);
+    }
+
+    /// Ends every connection to the store's database but the one this runs on (the writer's
+    /// when `from_writer`, else a reader's), and waits until the server has ended them: its
+    /// `pg_terminate_backend` only asks.
+    async fn end_others(store: &Store, from_writer: bool) {
+        let others = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+        let run = |sql: String| {
+            let f = |c: &Conn<'_>| all(c, &sql, params![], |r| r.get::<i64>(0));
+            if from_writer {
+                store.write(f)
+            } else {
+                store.read(f)
+            }
+        };
+        let pids = run(others.to_string()).expect("the others");
+        assert!(!pids.is_empty(), "there are other connections to end");
+        let list = pids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        run(format!(
+            "SELECT pid FROM (SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid IN ({list})) AS t"
+        ))
+        .expect("end them");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !run(format!("SELECT pid FROM pg_stat_activity WHERE pid IN ({list})")).expect("ask").is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the server did not end the connections");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Writers that meet at the lock wait their turn (off the async worker) and lose nothing.

@@ -401,13 +401,32 @@ impl PgToSql for Pg<'_> {
 
 /// A PostgreSQL connection of the store's, with the statements it prepared.
 pub(super) struct PgConn {
-    pub(super) client: tokio_postgres::Client,
+    client: tokio_postgres::Client,
     statements: RefCell<HashMap<String, tokio_postgres::Statement>>,
+    /// Set when a call failed because the connection is gone or going (the server ended it):
+    /// the connection is not used again.
+    broken: std::cell::Cell<bool>,
 }
 
 impl PgConn {
     pub(super) fn new(client: tokio_postgres::Client) -> PgConn {
-        PgConn { client, statements: RefCell::new(HashMap::new()) }
+        PgConn { client, statements: RefCell::new(HashMap::new()), broken: std::cell::Cell::new(false) }
+    }
+
+    /// Whether the connection can no longer be used: closed, or a call found it ending.
+    pub(super) fn is_broken(&self) -> bool {
+        self.broken.get() || self.client.is_closed()
+    }
+
+    /// `e` as a store error, noting first whether it means the connection is gone: closed, or
+    /// a connection exception (class 08) or an operator intervention (class 57: the server
+    /// shutting down, the backend terminated).
+    fn failed(&self, e: &tokio_postgres::Error, sql: &str) -> StoreError {
+        let ending = e.code().is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57"));
+        if e.is_closed() || ending {
+            self.broken.set(true);
+        }
+        StoreError::Postgres(statement_error(e, sql))
     }
 
     /// `sql` (SQLite's placeholders) prepared on this connection, once.
@@ -416,28 +435,28 @@ impl PgConn {
             return Ok(s.clone());
         }
         let text = placeholders(sql);
-        let stmt = wait(self.client.prepare(&text)).map_err(|e| StoreError::Postgres(statement_error(&e, &text)))?;
+        let stmt = wait(self.client.prepare(&text)).map_err(|e| self.failed(&e, &text))?;
         self.statements.borrow_mut().insert(sql.to_string(), stmt.clone());
         Ok(stmt)
     }
 
     /// Runs statements that take no parameters (BEGIN, COMMIT, SET …).
     pub(super) fn batch(&self, sql: &str) -> Result<()> {
-        wait(self.client.batch_execute(sql)).map_err(|e| StoreError::Postgres(statement_error(&e, sql)))
+        wait(self.client.batch_execute(sql)).map_err(|e| self.failed(&e, sql))
     }
 
     fn query(&self, sql: &str, params: &[&dyn Param]) -> Result<Vec<tokio_postgres::Row>> {
         let stmt = self.statement(sql)?;
         let values: Vec<Pg<'_>> = params.iter().map(|p| Pg(p.cell())).collect();
         let refs: Vec<&(dyn PgToSql + Sync)> = values.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
-        wait(self.client.query(&stmt, &refs)).map_err(|e| StoreError::Postgres(statement_error(&e, sql)))
+        wait(self.client.query(&stmt, &refs)).map_err(|e| self.failed(&e, sql))
     }
 
     fn execute(&self, sql: &str, params: &[&dyn Param]) -> Result<u64> {
         let stmt = self.statement(sql)?;
         let values: Vec<Pg<'_>> = params.iter().map(|p| Pg(p.cell())).collect();
         let refs: Vec<&(dyn PgToSql + Sync)> = values.iter().map(|v| v as &(dyn PgToSql + Sync)).collect();
-        wait(self.client.execute(&stmt, &refs)).map_err(|e| StoreError::Postgres(statement_error(&e, sql)))
+        wait(self.client.execute(&stmt, &refs)).map_err(|e| self.failed(&e, sql))
     }
 }
 

@@ -120,6 +120,29 @@ pub async fn list_machines(
     Ok(Json(value))
 }
 
+/// `GET /api/masters`: every master heard from in the last ten minutes (newest first), which
+/// one is active (holds the farm's lease, on PostgreSQL), and the leases. On SQLite the one
+/// master is the farm and there are no leases.
+pub async fn list_masters(_: Viewer, State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
+    let leases = s.store.leases().await?;
+    let active = leases.iter().find(|l| l.scope == crate::store::FARM && l.held).map(|l| l.holder.clone());
+    let masters: Vec<serde_json::Value> = s
+        .store
+        .masters(crate::runtime::lease::SHOWN_FOR.as_secs_f64())
+        .await?
+        .into_iter()
+        .map(|m| {
+            let is_active = active.as_deref() == Some(m.id.as_str());
+            let mut v = json!(m);
+            v["active"] = json!(is_active);
+            v["leases"] =
+                json!(leases.iter().filter(|l| l.holder == m.id && l.held).map(|l| &l.scope).collect::<Vec<_>>());
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "backend": s.store.backend(), "masters": masters, "leases": leases })))
+}
+
 /// `GET /api/pools`: each pool's machines by state, its queued builds, and why they wait when
 /// the pool cannot launch (its latest launch failure, if no launch succeeded since).
 pub async fn list_pools(Viewer(caller): Viewer, State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {

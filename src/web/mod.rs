@@ -33,6 +33,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/machines", get(api::list_machines))
         .route("/api/machines/{id}/terminate", post(api::terminate_machine))
         .route("/api/pools", get(api::list_pools))
+        .route("/api/masters", get(api::list_masters))
         .route("/api/pools/{name}/pause", post(api::pause_pool))
         .route("/api/pools/{name}/resume", post(api::resume_pool))
         .route("/api/cost", get(api::cost))

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cloud;
 pub mod db;
 pub mod faultproxy;
+pub mod lb;
 pub mod moto;
 pub mod tls;
 
@@ -204,7 +205,10 @@ impl Bed {
             run_git_as(&repo, &["branch", b], user);
         }
         let master_log = dir.path().join("master.log");
-        let pg = ON_POSTGRES.with(|on| on.get()).then(db::PgBlocking::new);
+        // PADDOCK_TEST_BEDS=postgres puts every bed on PostgreSQL: the whole suite once more
+        // on the other backend (tests that read the SQLite file itself then fail, as they should).
+        let everywhere = std::env::var("PADDOCK_TEST_BEDS").is_ok_and(|b| b == "postgres");
+        let pg = (everywhere || ON_POSTGRES.with(|on| on.get())).then(db::PgBlocking::new);
         Bed {
             dir,
             repo,

@@ -16,6 +16,7 @@ pub(super) fn default_master(base: &Path) -> Result<Master, Diag> {
         orphan_grace: Duration::from_secs(120),
         heartbeat_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(60),
+        lease_ttl: Duration::from_secs(15),
         log_format: crate::logging::LogFormat::Text,
     })
 }
@@ -75,6 +76,14 @@ pub(super) fn parse_master(node: &Node, base: &Path) -> Result<Master, Diag> {
     }
     if let Some(d) = f.opt_duration("shutdown_grace")? {
         m.shutdown_grace = d;
+    }
+    if let Some(d) = f.opt_duration("lease_ttl")? {
+        if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+            let span = f.opt_str("lease_ttl")?.map_or(0..0, |s| s.span);
+            return Err(Diag::new(span, "`lease_ttl` must be between 1s and 300s")
+                .hint("a standby master takes over within it; renewals come every fifth of it"));
+        }
+        m.lease_ttl = d;
     }
     if let Some(c) = f.opt_str("cluster")? {
         let ok = !c.v.is_empty()

@@ -63,6 +63,7 @@ const COST_KEYS: &[&str] = &["max_hourly_spend", "max_daily_spend"];
 const WEB_KEYS: &[&str] = &["access", "session_lifetime"];
 const MASTER_KEYS: &[&str] = &[
     "url",
+    "lease_ttl",
     "listen",
     "database",
     "state_dir",
