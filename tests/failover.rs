@@ -186,3 +186,18 @@ fn a_frozen_master_loses_the_farm_to_the_standby_and_stops_when_it_wakes() {
     assert!(log.contains("this master stops now"), "{log}");
     both_builds_end_once(&farm, first, &running["machine"]);
 }
+
+#[test]
+fn a_standby_stops_at_once_when_asked_and_says_so() {
+    let (mut farm, _, _) = farm();
+    let b_pid = farm.standby.child.id();
+    let status = std::process::Command::new("kill").args(["-TERM", &b_pid.to_string()]).status().expect("kill");
+    assert!(status.success());
+    let exited = farm.bed.wait("the standby to exit", || farm.standby.child.try_wait().ok().flatten());
+    assert!(exited.success(), "{exited:?}");
+    let masters = farm.bed.get("/api/masters");
+    let b = masters["masters"].as_array().expect("masters").iter().find(|m| m["pid"] == b_pid).cloned().expect("b");
+    assert!(b["stopped_at"].is_string() && b["active"] == false, "{b}");
+    let log = std::fs::read_to_string(farm.bed.path().join("master-b.log")).unwrap_or_default();
+    assert!(log.contains("standby master stopped"), "{log}");
+}

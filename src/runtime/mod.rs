@@ -264,10 +264,19 @@ pub async fn run(
     let store = Store::open(&config.master.database).await?;
     // On PostgreSQL several masters may share the database: one acts for the farm, the others
     // wait here as standbys (not listening yet) until its lease is theirs.
+    let mut shutdown = Box::pin(shutdown);
     let lease = match store.backend() {
         "postgres" => {
             let me = lease::Identity::of_this_process();
-            let held = lease::acquire(&store, &me, &config.master.url, config.master.lease_ttl).await?;
+            let held = tokio::select! {
+                held = lease::acquire(&store, &me, &config.master.url, config.master.lease_ttl) => held?,
+                // A standby asked to stop has nothing to hand over.
+                () = &mut shutdown => {
+                    let _ = store.master_stopped(&me.id).await;
+                    tracing::info!("standby master stopped");
+                    return Ok(());
+                }
+            };
             store.set_fence(Some(held.fence.clone()));
             let renewer = lease::spawn_renewer(
                 store.clone(),
