@@ -78,6 +78,13 @@ fn a_sqlite_farm_copied_into_postgres_serves_the_same_history_and_carries_on() {
     assert!(why.contains("the destination is not empty"), "{why}");
     assert_eq!(pg.query("SELECT COUNT(*) FROM log_chunks"), chunks);
 
+    // A mistyped source is refused, not created and copied as nothing.
+    let typo = format!("sqlite://{}", bed.path().join("paddokc.db").display());
+    let refused = db_copy(&bed, &typo, &pg.url);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && why.contains("does not exist"), "{why}");
+    assert!(!bed.path().join("paddokc.db").exists());
+
     // A URL with the password in it is refused before anything is opened, and not echoed.
     let with_password = pg.url.replacen("postgres://paddock@", "postgres://paddock:hunter2@", 1);
     let refused = db_copy(&bed, &sqlite, &with_password);
@@ -120,18 +127,22 @@ async fn many_rows_copy_both_ways_in_batches() {
     use paddock::core::{MachineId, Ts};
     let lite = common::db::TestDb::sqlite();
     let source = lite.open().await;
+    let empty = common::db::TestDb::sqlite();
+    let refused = source.copy_into(&empty.open().await, false).await.expect_err("an empty source");
+    assert!(refused.to_string().contains("holds no rows"), "{refused}");
+    source.copy_into(&empty.open().await, true).await.expect("unless asked");
     for i in 1..=450 {
         source.insert_machine(MachineId(i), "p", "local", &format!("token-{i}"), Ts(i * 1_000)).await.expect("machine");
     }
     let pg = common::db::TestDb::postgres().await;
     let middle = pg.open().await;
-    let copied = source.copy_into(&middle).await.expect("into PostgreSQL");
+    let copied = source.copy_into(&middle, false).await.expect("into PostgreSQL");
     let count = |c: &paddock::store::Copied, t: &str| c.tables.iter().find(|(n, _)| n == t).map(|(_, n)| *n);
     assert_eq!(count(&copied, "machines"), Some(450));
     assert_eq!(count(&copied, "machine_events"), Some(450));
     let back = common::db::TestDb::sqlite();
     let last = back.open().await;
-    let again = middle.copy_into(&last).await.expect("back into SQLite");
+    let again = middle.copy_into(&last, false).await.expect("back into SQLite");
     assert_eq!(again, copied);
     let m = last.machine(MachineId(321)).await.expect("read").expect("copied");
     assert_eq!((m.pool.as_str(), m.requested_at.as_str()), ("p", "1970-01-01T00:05:21.000Z"));

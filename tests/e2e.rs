@@ -770,6 +770,17 @@ fn a_build_that_finishes_while_the_master_is_down_is_reported_when_it_returns() 
     wait_for_log(&bed, id, "finished");
 }
 
+#[test]
+fn a_step_that_prints_a_nul_byte_finishes_with_its_log() {
+    let mut bed = Bed::new(&[]);
+    bed.config("", &one_builder(POOL, "steps = [\"printf 'before\\\\000after\\\\n'\"]"));
+    bed.start(&["main"]);
+    bed.commit("main", "a.txt", "1\n", "go");
+    let builds = bed.wait_builds_done(1);
+    assert_eq!(state(&builds[0]), "success", "{builds:?}");
+    wait_for_log(&bed, builds[0]["id"].as_i64().expect("id"), "before\u{2400}after");
+}
+
 /// The master's main paths again with its database on PostgreSQL: builds, limits, a lost
 /// agent, a master killed mid-build and restarted, a replayed change, the CLI.
 mod on_postgres {
@@ -792,5 +803,6 @@ mod on_postgres {
         force_builds_logs_and_the_builds_table_through_the_cli,
         a_change_replayed_after_a_crash_is_not_requested_twice,
         a_build_that_finishes_while_the_master_is_down_is_reported_when_it_returns,
+        a_step_that_prints_a_nul_byte_finishes_with_its_log,
     );
 }

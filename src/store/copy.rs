@@ -63,10 +63,19 @@ fn count(c: &Conn<'_>, table: &str) -> Result<i64> {
 
 impl Store {
     /// Copies every table of `self` into `to`, which must be empty (its schema made, by
-    /// opening it): all of it in one transaction of `to`, committed only once every table has
+    /// opening it); `self` must hold rows unless `allow_empty`: all of it in one transaction of `to`, committed only once every table has
     /// as many rows there as here. Ids are kept; PostgreSQL's id sequences then continue
     /// after the highest.
-    pub async fn copy_into(&self, to: &Store) -> Result<Copied> {
+    pub async fn copy_into(&self, to: &Store, allow_empty: bool) -> Result<Copied> {
+        if !allow_empty {
+            let rows: i64 = self.read_long(|src| TABLES.iter().map(|t| count(src, t)).sum::<Result<i64>>())?;
+            if rows == 0 {
+                return Err(StoreError::Copy(
+                    "the source holds no rows at all: is it the right database? (--allow-empty copies it anyway)"
+                        .into(),
+                ));
+            }
+        }
         let out = to.write(|dst| {
             for table in TABLES {
                 let n = count(dst, table)?;

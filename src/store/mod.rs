@@ -128,6 +128,9 @@ struct PgDb {
     runtime: PgRuntime,
     writer: Mutex<Option<PgConn>>,
     readers: Mutex<Vec<PgConn>>,
+    /// Reads under way, at most [`PG_READERS`]: a burst waits for a connection instead of
+    /// opening one each until the server refuses more.
+    reading: (Mutex<usize>, std::sync::Condvar),
 }
 
 impl std::fmt::Debug for PgDb {
@@ -182,6 +185,8 @@ impl PgDb {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle read connections kept open.
 const IDLE_READERS: usize = 4;
+/// Read connections open at once on PostgreSQL, at most (each is a server process).
+const PG_READERS: usize = 16;
 /// The lock every write transaction on PostgreSQL holds, whichever master it comes from:
 /// writes are one at a time, as on SQLite, so every transaction sees the ones before it whole.
 const WRITE_LOCK: i64 = 0x7061_6464_6f63_6b01;
@@ -291,6 +296,7 @@ impl Store {
             runtime: PgRuntime::start()?,
             writer: Mutex::new(None),
             readers: Mutex::new(Vec::new()),
+            reading: (Mutex::new(0), std::sync::Condvar::new()),
         };
         let store = Store {
             db: Arc::new(Db::Pg(Box::new(pg))),
@@ -372,8 +378,20 @@ impl Store {
             *writer = Some(pg.connect(false)?);
         }
         let Some(conn) = writer.as_ref() else { unreachable!("connected just above") };
+        // Rolls the transaction back unless it committed: also when `f` panics, so the next
+        // write never commits what the panicking one left (SQLite's transaction does this on
+        // its drop). A connection that cannot roll back is not used again.
+        struct Open<'c>(&'c PgConn, bool);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                if !self.1 && (self.0.is_broken() || self.0.batch("ROLLBACK").is_err()) {
+                    self.0.discard();
+                }
+            }
+        }
+        let mut open = Open(conn, false);
         let out = conn
-            .batch(&format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
+            .begin(&format!("SELECT pg_advisory_xact_lock({WRITE_LOCK})"))
             .and_then(|()| match fence {
                 // Checked under the write lock: a takeover is a write too, so it either
                 // committed before this check or waits until this transaction ends.
@@ -382,14 +400,18 @@ impl Store {
                 }
                 _ => Ok(()),
             })
-            .and_then(|()| f(&Conn::Pg(conn)))
-            .and_then(|out| conn.batch("COMMIT").map(|()| out));
-        if out.is_err() {
-            // Nothing of it stays: the transaction is rolled back (or the connection is gone,
-            // and with it the transaction).
-            if conn.is_broken() || conn.batch("ROLLBACK").is_err() {
-                *writer = None;
+            .and_then(|()| f(&Conn::Pg(conn)));
+        let out = match out {
+            Ok(v) => {
+                // Whatever COMMIT says, the transaction is over (committed or rolled back).
+                open.1 = true;
+                conn.commit().map(|()| v)
             }
+            Err(e) => Err(e),
+        };
+        drop(open);
+        if conn.is_broken() {
+            *writer = None;
         }
         out
     }
@@ -425,6 +447,24 @@ impl Store {
     }
 
     fn pg_read<T>(pg: &PgDb, f: impl FnOnce(&Conn<'_>) -> Result<T>) -> Result<T> {
+        /// A read's place among the [`PG_READERS`], given back when it ends (even by a panic).
+        struct Slot<'p>(&'p PgDb);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                let (count, freed) = &self.0.reading;
+                *count.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+                freed.notify_one();
+            }
+        }
+        {
+            let (count, freed) = &pg.reading;
+            let mut n = count.lock().unwrap_or_else(PoisonError::into_inner);
+            while *n >= PG_READERS {
+                n = freed.wait(n).unwrap_or_else(PoisonError::into_inner);
+            }
+            *n += 1;
+        }
+        let _slot = Slot(pg);
         let idle = pg.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
         let conn = match idle.filter(|c| !c.is_broken()) {
             Some(conn) => conn,
@@ -966,6 +1006,21 @@ mod tests {
         Store::open_postgres(&format!("{base}/{name}"), &env, false).await.expect("open")
     }
 
+    /// Another store on the same PostgreSQL database as `store` (another master's).
+    async fn postgres_store_on(store: &Store) -> Store {
+        let Db::Pg(pg) = &*store.db else { panic!("a PostgreSQL store") };
+        let other = PgDb {
+            config: pg.config.clone(),
+            tls: pg.tls.clone(),
+            read_only: false,
+            runtime: PgRuntime::start().expect("runtime"),
+            writer: Mutex::new(None),
+            readers: Mutex::new(Vec::new()),
+            reading: (Mutex::new(0), std::sync::Condvar::new()),
+        };
+        Store { db: Arc::new(Db::Pg(Box::new(other))), news: Arc::default(), fence: Arc::default() }
+    }
+
     /// Each backend's store for a test: a SQLite file (in `dir`) and a PostgreSQL database.
     async fn both(dir: &tempfile::TempDir) -> [Store; 2] {
         let url = format!("sqlite://{}", dir.path().join("p.db").display());
@@ -1071,6 +1126,128 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the server did not end the connections");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    fn change(message: &str) -> NewChange {
+        NewChange {
+            repo: "app".into(),
+            branch: "main".into(),
+            revision: format!("{:040x}", message.len()),
+            author: "Ada".into(),
+            committed_at: None,
+            message: message.into(),
+            files: vec![],
+            source: "webhook".into(),
+        }
+    }
+
+    /// A NUL in text (a build's output, a commit message) is kept as U+2400 on both backends:
+    /// PostgreSQL refuses NUL in text, and a refused report would be sent again forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nul_in_text_is_stored_as_its_sign_on_both_backends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for store in both(&dir).await {
+            let backend = store.backend();
+            store.record_changes(&[change("before\0after")], None, Ts(0)).await.expect("stored");
+            let got = store.list_changes(None, None, 10).await.expect("list");
+            assert_eq!(got[0].message, "before\u{2400}after", "{backend}");
+        }
+    }
+
+    /// A write whose closure panics leaves nothing, and the next write works, on both backends
+    /// (on PostgreSQL its transaction, and the write lock, must not outlive it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_panics_leaves_nothing_and_releases_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for store in both(&dir).await {
+            let backend = store.backend();
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _: Result<()> = store.write(|c| {
+                    insert_event(c, MachineId(1), "t", "x", "")?;
+                    panic!("a bug in a write");
+                });
+            }));
+            assert!(panicked.is_err());
+            store.insert_machine(MachineId(2), "p", "local", "h", Ts(0)).await.expect("the next write works");
+            assert_eq!(
+                store.machine_event_count().await.expect("count"),
+                1,
+                "{backend}: only the second write's event"
+            );
+        }
+        // On PostgreSQL, another session can take the write lock at once.
+        let store = postgres_store().await;
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _: Result<()> = store.write(|_| panic!("a bug in a write"));
+        }));
+        let other = postgres_store_on(&store).await;
+        other
+            .read(|c| {
+                exec(c, "SET lock_timeout = '2s'", params![])?;
+                one(c, &format!("SELECT pg_try_advisory_xact_lock({WRITE_LOCK})"), params![], |r| r.get::<bool>(0))
+            })
+            .map(|free| assert!(free, "the write lock is free"))
+            .expect("ask for the lock");
+    }
+
+    /// On PostgreSQL a statement that failed spoils its transaction: a closure that carries on
+    /// after it gets an error at the commit, not a silent rollback reported as success.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_statement_caught_inside_a_write_is_an_error_at_commit_on_postgres() {
+        let store = postgres_store().await;
+        let out = store.write(|c| {
+            insert_event(c, MachineId(1), "t", "x", "")?;
+            let _ = exec(c, "INSERT INTO no_such_table VALUES (1)", params![]);
+            Ok(())
+        });
+        let e = out.expect_err("the commit says it did not commit");
+        assert!(e.to_string().contains("nothing of it was committed"), "{e}");
+        assert_eq!(store.machine_event_count().await.expect("count"), 0);
+        store.insert_machine(MachineId(2), "p", "local", "h", Ts(0)).await.expect("the next write works");
+    }
+
+    /// A table changed by another process (a newer master's migration) under a prepared
+    /// statement fails that statement once; then it is prepared again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn statements_are_prepared_again_after_a_table_changed_under_them() {
+        let store = postgres_store().await;
+        store.record_changes(&[change("one")], None, Ts(0)).await.expect("stored");
+        assert_eq!(store.list_changes(None, None, 10).await.expect("list").len(), 1);
+        let other = postgres_store_on(&store).await;
+        other.write(|c| exec(c, "ALTER TABLE changes ADD COLUMN extra BIGINT", params![])).expect("alter");
+        let mut failures = 0;
+        for _ in 0..4 {
+            match store.list_changes(None, None, 10).await {
+                Ok(rows) => assert_eq!(rows.len(), 1),
+                Err(_) => failures += 1,
+            }
+        }
+        assert!(failures <= 1, "{failures} reads failed");
+    }
+
+    /// A burst of reads waits for the capped connections instead of opening one each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_burst_of_reads_shares_a_capped_number_of_connections() {
+        let store = postgres_store().await;
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store.read(|c| one(c, "SELECT COUNT(*) FROM pg_sleep(0.05)", params![], |r| r.get::<i64>(0)))
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("every read is served");
+        }
+        let open: i64 = store
+            .write(|c| {
+                one(c, "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()", params![], |r| {
+                    r.get(0)
+                })
+            })
+            .expect("count");
+        assert!(open as usize <= PG_READERS + 1, "{open} connections");
     }
 
     /// Writers that meet at the lock wait their turn (off the async worker) and lose nothing.

@@ -138,6 +138,19 @@ pub fn connect_config(url: &str, env: Env<'_>) -> Result<tokio_postgres::Config>
     // The message of a parse error names the option, never the string (it may hold secrets).
     let mut config: tokio_postgres::Config =
         url.parse().map_err(|e| StoreError::Postgres(format!("cannot read the connection string: {e}")))?;
+    // A server that stops answering (a host gone, a network cut) is noticed in seconds, not
+    // after TCP's two-hour keepalive: the store's calls wait on it, and so would the farm.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(std::time::Duration::from_secs(30));
+    }
+    if config.get_keepalives_idle() == std::time::Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(std::time::Duration::from_secs(15));
+        config.keepalives_interval(std::time::Duration::from_secs(5));
+        config.keepalives_retries(3);
+    }
     if config.get_user().is_none() {
         // As the client would (the name of the user this process runs as), but said here so
         // the password file is searched for the same user the connection logs in as.

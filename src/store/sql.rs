@@ -329,10 +329,19 @@ impl<'a> Conn<'a> {
     }
 }
 
+/// What stands for a NUL character in stored text: PostgreSQL refuses NUL in text, so both
+/// backends store this instead (a build printing one, a commit message holding one).
+const NUL_SIGN: &str = "\u{2400}";
+
 struct Lite<'a>(&'a dyn Param);
 
 impl rusqlite::ToSql for Lite<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        if let Cell::Text(s) = self.0.cell() {
+            if s.contains('\0') {
+                return Ok(ToSqlOutput::Owned(rusqlite::types::Value::Text(s.replace('\0', NUL_SIGN))));
+            }
+        }
         Ok(ToSqlOutput::Borrowed(match self.0.cell() {
             Cell::Null => ValueRef::Null,
             Cell::Int(v) => ValueRef::Integer(v),
@@ -371,6 +380,7 @@ impl PgToSql for Pg<'_> {
                 Type::FLOAT4 => (v as f32).to_sql(ty, out),
                 _ => Err(format!("a real given for a parameter of type {ty}").into()),
             },
+            Cell::Text(s) if s.contains('\0') => Pg(Cell::Text(&s.replace('\0', NUL_SIGN))).to_sql(ty, out),
             Cell::Text(s) => match *ty {
                 _ if text => s.to_sql(ty, out),
                 // JSON's binary form is its text (JSONB's after a version byte).
@@ -406,11 +416,42 @@ pub(super) struct PgConn {
     /// Set when a call failed because the connection is gone or going (the server ended it):
     /// the connection is not used again.
     broken: std::cell::Cell<bool>,
+    /// Set when a statement failed since the transaction began: PostgreSQL then answers COMMIT
+    /// with a rollback, which must not pass for a commit (SQLite would have committed the
+    /// statements that worked).
+    failed_in_tx: std::cell::Cell<bool>,
 }
 
 impl PgConn {
     pub(super) fn new(client: tokio_postgres::Client) -> PgConn {
-        PgConn { client, statements: RefCell::new(HashMap::new()), broken: std::cell::Cell::new(false) }
+        PgConn {
+            client,
+            statements: RefCell::new(HashMap::new()),
+            broken: std::cell::Cell::new(false),
+            failed_in_tx: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Begins a transaction (`BEGIN` followed by `then`, both without parameters).
+    pub(super) fn begin(&self, then: &str) -> Result<()> {
+        self.failed_in_tx.set(false);
+        self.batch(&format!("BEGIN; {then}"))
+    }
+
+    /// Commits the transaction; an error, and a rollback, if any of its statements failed.
+    pub(super) fn commit(&self) -> Result<()> {
+        if self.failed_in_tx.get() {
+            let _ = self.batch("ROLLBACK");
+            return Err(StoreError::Postgres(
+                "a statement of this transaction failed, so nothing of it was committed".into(),
+            ));
+        }
+        self.batch("COMMIT")
+    }
+
+    /// Marks the connection unusable (its transaction's state is unknown).
+    pub(super) fn discard(&self) {
+        self.broken.set(true);
     }
 
     /// Whether the connection can no longer be used: closed, or a call found it ending.
@@ -426,6 +467,12 @@ impl PgConn {
         if e.is_closed() || ending {
             self.broken.set(true);
         }
+        if e.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED) {
+            // "cached plan must not change result type": a table changed under a prepared
+            // statement (a newer master migrated). Every statement is prepared again.
+            self.statements.borrow_mut().clear();
+        }
+        self.failed_in_tx.set(true);
         StoreError::Postgres(statement_error(e, sql))
     }
 
@@ -561,8 +608,10 @@ pub(super) fn snapshot<T>(c: &Conn<'_>, f: impl FnOnce(&Conn<'_>) -> Result<T>) 
         Conn::Pg(pg) => {
             pg.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
             let out = f(c);
-            let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
-            pg.batch(end)?;
+            if pg.batch(if out.is_ok() { "COMMIT" } else { "ROLLBACK" }).is_err() {
+                // Left inside a transaction, the reader is not used again.
+                pg.discard();
+            }
             out
         }
     }
