@@ -101,27 +101,35 @@ impl Store {
     /// The end of a build's log, at most about `max_bytes` of it, oldest chunk first; `true`
     /// when earlier chunks were left out.
     pub async fn log_tail(&self, build: BuildId, max_bytes: usize) -> Result<(Vec<LogChunk>, bool)> {
-        // Newest first, read one at a time, stopping once the size is reached: a 64 MiB log
-        // costs a page view no more than `max_bytes`.
+        // Newest first, a page of chunks at a time, stopping once the size is reached: a
+        // 64 MiB log costs a page view no more than `max_bytes` (and a page), on PostgreSQL
+        // too, where a statement's rows all come at once.
+        const PAGE: i64 = 64;
         self.read_long(|c| {
             let mut size = 0;
             let mut out = Vec::new();
-            let mut cut = false;
-            each(
-                c,
-                "SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? ORDER BY id DESC",
-                params![build],
-                |r| {
-                    let text: String = r.get("text")?;
-                    size += text.len();
+            let (mut cut, mut before) = (false, i64::MAX);
+            'pages: loop {
+                let page = all(
+                    c,
+                    "SELECT id, step_idx, text FROM log_chunks WHERE build_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                    params![build, before, PAGE],
+                    |r| Ok(LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text: r.get("text")? }),
+                )?;
+                let last_page = (page.len() as i64) < PAGE;
+                for chunk in page {
+                    size += chunk.text.len();
                     if size > max_bytes && !out.is_empty() {
                         cut = true;
-                        return Ok(false);
+                        break 'pages;
                     }
-                    out.push(LogChunk { id: r.get("id")?, step: r.get("step_idx")?, text });
-                    Ok(true)
-                },
-            )?;
+                    before = chunk.id;
+                    out.push(chunk);
+                }
+                if last_page {
+                    break;
+                }
+            }
             out.reverse();
             Ok((out, cut))
         })
