@@ -443,7 +443,7 @@ fn a_machine_still_booting_when_the_master_dies_is_kept_and_runs_the_build() {
 while [ ! -e {go} ]; do sleep 0.05; done
 exec {bin} \"$@\"\n",
             go = go.display(),
-            bin = paddock_bin().display()
+            bin = bed.agent_binary().display()
         ),
     )
     .expect("script");
@@ -482,7 +482,7 @@ fn a_machine_that_never_connects_is_stopped_after_boot_timeout_and_its_build_ret
         &script,
         format!(
             "#!/bin/sh\nif [ \"$PADDOCK_MACHINE_ID\" = 1 ]; then exec sleep 300; fi\nexec {bin} \"$@\"\n",
-            bin = paddock_bin().display()
+            bin = bed.agent_binary().display()
         ),
     )
     .expect("script");
@@ -575,7 +575,7 @@ fn an_agent_with_a_wrong_or_reused_token_is_refused() {
     let script = bed.path().join("recording-agent.sh");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\necho \"token=$PADDOCK_AGENT_TOKEN\" >&2\nexec {} \"$@\"\n", paddock_bin().display()),
+        format!("#!/bin/sh\necho \"token=$PADDOCK_AGENT_TOKEN\" >&2\nexec {} \"$@\"\n", bed.agent_binary().display()),
     )
     .expect("script");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");

@@ -251,6 +251,18 @@ impl Bed {
         self.repo.join(".git").join(format!("test-flag-{name}"))
     }
 
+    /// The `paddock` binary as an agent script of a test runs it inside a machine: a link to
+    /// (or copy of) the binary in the repository's `.git` folder, the one part of the bed a
+    /// sandboxed machine sees. The binary's own folder may not be reachable there: the build
+    /// user cannot enter a checkout in a private folder (`mktemp -d` makes it 0700).
+    pub fn agent_binary(&self) -> PathBuf {
+        let inside = self.repo.join(".git").join("paddock-agent");
+        if !inside.exists() && std::fs::hard_link(paddock_bin(), &inside).is_err() {
+            std::fs::copy(paddock_bin(), &inside).expect("copy the paddock binary into the repository");
+        }
+        inside
+    }
+
     /// Creates [`Bed::flag`] `name`.
     pub fn raise(&self, name: &str) {
         let path = self.flag(name);
